@@ -1,0 +1,1353 @@
+"""A classroom chat server: every line a student types goes to everyone else.
+
+Single file, standard library only, Python 3.9 or newer, on Linux, macOS and
+Windows.
+
+Run it:
+    python chat_server.py                  # listens on 127.0.0.1:1337
+    python chat_server.py --host 0.0.0.0   # opens the room to the lab network
+    python chat_server.py --help           # every flag, with its default
+
+Join it, from another terminal or another computer:
+    nc 127.0.0.1 1337                      # or: telnet 127.0.0.1 1337
+    python chat_server.py --connect 127.0.0.1
+
+How it works: three moving parts.
+  * The room (ChatServer, a socketserver.ThreadingTCPServer) owns the dict of
+    joined clients and the lock that protects it. It accepts connections and
+    turns each room event into one line queued for every client.
+  * One reader thread per client (ChatHandler, a StreamRequestHandler) reads
+    what that client types, line by line, and asks the room to act on it.
+  * One writer thread per client (Client) drains that client's outbox into its
+    socket. The room never sends on a socket itself: it only queues, so one
+    student who stops reading cannot slow anybody else down.
+
+The terminal running the server is the teacher's console: it shows the chat,
+and lines typed there are announcements or commands (type /help there).
+
+Licence: MIT (see LICENSE).
+"""
+
+# Glossary, the words used everywhere below:
+#   client      one TCP connection, from nc, telnet, PuTTY or --connect.
+#   name        what a client is called once it has joined; unique, compared
+#               after NFKC normalisation and case folding (its "key").
+#   line        one line of text, as typed; the server ends each it sends
+#               with CR LF.
+#   room event  a join, message, action, rename, announcement or leave: a line
+#               that every joined client sees, in the same order.
+#   outbox      a client's queue of bytes waiting to be sent, bounded by
+#               --sendq; its writer thread is the only code that sends them.
+
+import argparse
+import collections
+import dataclasses
+import errno
+import hmac
+import logging
+import logging.handlers
+import os
+import queue
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import unicodedata
+
+# --- Constants: each is the default of one command-line flag -----------------
+
+HOST = "127.0.0.1"  # only this computer can join; --host 0.0.0.0 opens the lab
+PORT = 1337  # the tutorial's port
+MAX_CLIENTS = 256  # a big lecture hall, with room to spare for reconnects
+MAX_LINE_BYTES = 1024  # a long paragraph; stops one paste filling screens
+FLOOD_RATE_LINES_PER_SECOND = 5.0  # faster than anyone types by hand
+FLOOD_BURST_LINES = 10  # a short pasted snippet goes through at once
+NICK_RATE_PER_MINUTE = 3  # enough to fix a typo; too few to confuse the class
+NAME_TIMEOUT_SECONDS = 60.0  # time to type the password and a name
+SENDQ_BYTES = 256 * 1024  # minutes of busy chat for a client that lags
+HISTORY_EVENTS = 20  # about one screen of context for a late joiner
+BAN_MINUTES = 5.0  # long enough to calm down, short enough to forgive
+
+# Fixed numbers that are not flags.
+MAX_NAME_CHARS = 20  # fits in a line prefix and a /who list
+RECV_BYTES = 4096  # one read; lines are framed by us, not by recv()
+LISTEN_BACKLOG = 128  # a whole class connecting in the same second (the
+#                       default of 5 drops SYNs: a 1-3 s retry per student)
+BROWSER_WAIT_SECONDS = 0.25  # a browser sends its request at once, a person
+#                              needs longer: see ChatHandler.greet()
+WRONG_PASSWORD_DELAY_SECONDS = 1.0  # makes guessing the password slow
+SHUTDOWN_GRACE_SECONDS = 1.0  # for the goodbye line to reach each client
+KEEPALIVE_IDLE_SECONDS = 60  # a silent peer is probed after this long...
+KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
+KEEPALIVE_PROBES = 6  # ...and given up after this many unanswered probes
+ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
+
+RESERVED_NAMES = frozenset(
+    ["admin", "administrator", "moderator", "root", "server", "system", "teacher"]
+)
+
+EXIT_OK = 0
+EXIT_STARTUP_ERROR = 2  # also argparse's status for a bad flag
+EXIT_CONNECT_FAILED = 1
+
+log = logging.getLogger("chat_server")
+
+
+@dataclasses.dataclass
+class Settings:
+    """The room's limits: one field per command-line flag."""
+
+    password: str = ""
+    max_clients: int = MAX_CLIENTS
+    max_line: int = MAX_LINE_BYTES
+    flood_rate: float = FLOOD_RATE_LINES_PER_SECOND
+    flood_burst: int = FLOOD_BURST_LINES
+    nick_rate: int = NICK_RATE_PER_MINUTE
+    name_timeout: float = NAME_TIMEOUT_SECONDS
+    sendq: int = SENDQ_BYTES
+    history: int = HISTORY_EVENTS
+    ban_minutes: float = BAN_MINUTES
+
+
+# --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
+
+# Telnet commands (RFC 854). A telnet client may send these glued to the
+# front of a line; we remove them and refuse every option.
+IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
+
+LINE_END = re.compile(rb"\r\n|\r\0|\r|\n")  # telnet, telnet char mode, Mac, nc
+
+# Whole escape sequences, so that no "[A" is left behind when an arrow key's
+# ESC is removed: CSI (cursor keys, colours, clear screen), then the string
+# sequences (OSC window titles, DCS, ...), then two-byte escapes (ESC c).
+ESCAPE_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]"
+)
+# C0, DEL and C1 controls, and the bidi overrides that make text run backwards.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+ERASE_CHARACTERS = "\b\x7f"  # backspace and DEL, as character-mode clients send
+
+HTTP_REQUEST = re.compile(r"^[A-Z]+ \S+ HTTP/\d\.\d$")
+
+TOO_LONG = object()  # stands in for a line longer than --max-line
+
+
+class TelnetFilter:
+    """Removes telnet commands from a byte stream and answers them with a refusal."""
+
+    def __init__(self):
+        self._state = "data"
+        self._verb = 0
+
+    def feed(self, data):
+        """Return (the data without telnet commands, the bytes to answer with)."""
+        if self._state == "data" and IAC not in data:
+            return data, b""  # the usual case: nothing to look at byte by byte
+        text, answer = bytearray(), bytearray()
+        for byte in data:
+            self._step(byte, text, answer)
+        return bytes(text), bytes(answer)
+
+    def _step(self, byte, text, answer):
+        state = self._state
+        if state == "data":
+            if byte == IAC:
+                self._state = "command"
+            else:
+                text.append(byte)
+        elif state == "command":
+            self._state = "data"
+            if byte == IAC:
+                text.append(IAC)  # IAC IAC is a literal 255 byte
+            elif byte in (DO, DONT, WILL, WONT):
+                self._verb, self._state = byte, "option"
+            elif byte == SB:
+                self._state = "subnegotiation"
+            # Anything else is a two-byte command (IP for Ctrl+C, NOP, ...).
+        elif state == "option":
+            self._state = "data"
+            # We refuse every option, and never answer a refusal (no loops).
+            if self._verb == DO:
+                answer += bytes([IAC, WONT, byte])
+            elif self._verb == WILL:
+                answer += bytes([IAC, DONT, byte])
+        elif state == "subnegotiation":
+            if byte == IAC:
+                self._state = "subnegotiation-iac"
+        else:  # "subnegotiation-iac"
+            self._state = "data" if byte == SE else "subnegotiation"
+
+
+class LineFramer:
+    """Cuts a byte stream into lines at LF, CR LF, CR NUL or a bare CR.
+
+    A line longer than max_bytes comes out once as TOO_LONG (as soon as it is
+    known, so a client cannot make us buffer a megabyte), and the rest of it,
+    up to its line end, is discarded.
+    """
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self._partial = bytearray()
+        self._discarding = False
+        self._after_cr = False  # a CR ended the last read: drop a LF or NUL next
+
+    def feed(self, data):
+        """Return the lines (bytes, without their ends) that data completes."""
+        if self._after_cr and data[:1] in (b"\n", b"\0"):
+            data = data[1:]  # the second half of a CR LF split across reads
+        if data:
+            self._after_cr = data.endswith(b"\r")
+        *complete, rest = LINE_END.split(data)
+        lines = []
+        for piece in complete:
+            lines.extend(self._end_line(piece))
+        lines.extend(self._add_partial(rest))
+        return lines
+
+    def _end_line(self, piece):
+        if self._discarding:
+            self._discarding = False  # the too-long line ends here
+            return []
+        line = bytes(self._partial + piece)
+        self._partial.clear()
+        return [TOO_LONG] if len(line) > self.max_bytes else [line]
+
+    def _add_partial(self, rest):
+        if self._discarding:
+            return []
+        self._partial += rest
+        if len(self._partial) <= self.max_bytes:
+            return []
+        self._partial.clear()
+        self._discarding = True
+        return [TOO_LONG]
+
+
+def erase_backspaces(text):
+    """Apply backspace and DEL: each erases the character (code point) before it."""
+    if not any(eraser in text for eraser in ERASE_CHARACTERS):
+        return text
+    kept = []
+    for character in text:
+        if character not in ERASE_CHARACTERS:
+            kept.append(character)
+        elif kept:
+            kept.pop()
+    return "".join(kept)
+
+
+def clean_line(raw):
+    """Decode one line from a client into text that is safe for any terminal.
+
+    Invalid UTF-8 becomes U+FFFD; escape sequences go whole; backspaces erase;
+    a tab becomes a space; every other control character is removed.
+    """
+    text = raw.decode("utf-8", errors="replace")
+    text = ESCAPE_SEQUENCE.sub("", text)
+    text = erase_backspaces(text)
+    text = text.replace("\t", " ")
+    return CONTROL_CHARACTERS.sub("", text)
+
+
+def encode_line(text):
+    """Encode one line for the wire: UTF-8, ended with CR LF for every terminal."""
+    return (text + "\r\n").encode("utf-8")
+
+
+def fold_name(name):
+    """Return the key that two names share when they look alike (Alice, ａｌｉｃｅ)."""
+    # NFKC folds width and compatibility forms; casefold then folds case
+    # (ß -> ss), which can undo normalisation, hence NFKC a second time.
+    return unicodedata.normalize(
+        "NFKC", unicodedata.normalize("NFKC", name).casefold()
+    )
+
+
+def is_name_character(character):
+    """A letter or combining mark of any script, a digit, or one of _ - ."""
+    category = unicodedata.category(character)
+    return category[0] in "LM" or category == "Nd" or character in "_-."
+
+
+def name_problem(name):
+    """Say what is wrong with a name, or return None if it may be used."""
+    if not name:
+        return "A name needs at least one character."
+    if len(name) > MAX_NAME_CHARS:
+        return "That name is too long: at most %d characters." % MAX_NAME_CHARS
+    if unicodedata.category(name[0])[0] == "M" or not all(
+        is_name_character(character) for character in name
+    ):
+        return "Names may use only letters, digits, _, - and . (no spaces)."
+    if fold_name(name) in RESERVED_NAMES:
+        return "The name %s is reserved." % name
+    return None
+
+
+class FloodLimiter:
+    """A token bucket: `burst` lines at once, then `rate` lines a second."""
+
+    def __init__(self, rate, burst, clock=time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+
+    def delay_for_next_line(self):
+        """Take one line's token; return how long to hold the line back (seconds)."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        elapsed = now - self._updated
+        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+        self._updated = now
+        self._tokens -= 1  # below zero, the line is waiting for a token
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class RateWindow:
+    """Allows at most `limit` events in any `seconds`-long window (0: no limit)."""
+
+    def __init__(self, limit, seconds, clock=time.monotonic):
+        self.limit = limit
+        self.seconds = seconds
+        self.clock = clock
+        self._times = collections.deque()
+
+    def allow(self):
+        """Record one event and return True, or return False if over the limit."""
+        if self.limit <= 0:
+            return True
+        now = self.clock()
+        while self._times and now - self._times[0] >= self.seconds:
+            self._times.popleft()
+        if len(self._times) >= self.limit:
+            return False
+        self._times.append(now)
+        return True
+
+
+# --- Client: one connection's outbox and writer thread ------------------------
+
+
+class Client:
+    """One connection: its name once joined, its outbox and its writer thread.
+
+    The writer is the only code that sends on this socket, and the reader
+    (ChatHandler) the only code that reads it. Anyone may queue bytes with
+    offer(), which never waits.
+    """
+
+    def __init__(self, sock, address, sendq_bytes):
+        self.sock = sock
+        self.address = address
+        self.name = None  # set by the room when the client joins or renames
+        self.key = None  # fold_name(name): the key in the room's dict
+        self.joined_at = None
+        self.leave_reason = ""  # shown to the others in the leave line
+        self.renames = None  # a RateWindow for /nick, set by the handler
+        self.muted = False  # set by the teacher; the room checks it
+        self.told_quiet = False  # told once per quiet period that it is on
+        self.sendq_bytes = sendq_bytes
+        self._outbox = collections.deque()
+        self._outbox_bytes = 0  # queued or being sent, not yet in the kernel
+        self._outbox_changed = threading.Condition()  # guards the outbox and _closing
+        self._closing = False  # no more data is taken; the writer flushes and stops
+        self.gone = threading.Event()  # set once the socket is shut down
+        self._writer = threading.Thread(
+            target=self._run_writer, name="writer %s" % format_address(address), daemon=True
+        )
+
+    def __str__(self):
+        where = format_address(self.address)
+        return "%s (%s)" % (self.name, where) if self.name else where
+
+    def start(self):
+        """Start the writer thread."""
+        self._writer.start()
+
+    def offer(self, data):
+        """Queue bytes for sending; return False if that made the outbox overflow.
+
+        An overflowing client is too slow: its outbox is emptied and closed, and
+        the caller must disconnect it (outside the room lock).
+        """
+        with self._outbox_changed:
+            if self._closing:
+                return True  # it is being disconnected: nothing more to send
+            if self._outbox_bytes + len(data) > self.sendq_bytes:
+                self._closing = True
+                self._outbox.clear()
+                return False
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
+            if len(self._outbox) == 1:
+                self._outbox_changed.notify()  # wake the writer only when it may be idle
+            return True
+
+    def send_line(self, text):
+        """Queue one line for this client; return False if it is too slow."""
+        return self.offer(encode_line(text))
+
+    def close_after_flush(self):
+        """Take no more data; the writer sends what is queued, then closes."""
+        with self._outbox_changed:
+            self._closing = True
+            self._outbox_changed.notify()
+
+    def abort(self):
+        """Close now, dropping the outbox: wakes both threads if they are blocked."""
+        with self._outbox_changed:
+            self._closing = True
+            self._outbox.clear()
+            self._outbox_changed.notify()
+        self._shut_down_socket()
+
+    def wait_gone(self, timeout):
+        """Wait until the writer has finished; return True if it has."""
+        self._writer.join(timeout)
+        return not self._writer.is_alive()
+
+    def _next_batch(self):
+        """Wait for data; return everything queued as one bytes, or None when done."""
+        with self._outbox_changed:
+            while not self._outbox and not self._closing:
+                self._outbox_changed.wait()
+            if not self._outbox:
+                return None
+            batch = b"".join(self._outbox)
+            self._outbox.clear()
+            return batch
+
+    def _run_writer(self):
+        # One sendall per batch, not per line: the busier the room, the fewer
+        # system calls each line costs.
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                self.sock.sendall(batch)
+                with self._outbox_changed:
+                    self._outbox_bytes -= len(batch)
+        except OSError:
+            pass  # the peer is gone; its reader sees that too and leaves the room
+        except Exception as error:  # a thread's top level: log it, never a traceback
+            log.error("Writer for %s failed: %r", self, error)
+        finally:
+            self._shut_down_socket()
+
+    def _shut_down_socket(self):
+        # shutdown() (not close()) wakes a thread blocked in recv or sendall on
+        # this socket; socketserver closes the socket when the handler is done.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already shut down, or the peer reset it
+        self.gone.set()
+
+
+def enable_keepalive(sock):
+    """Ask the OS to notice a peer that vanished (laptop asleep, Wi-Fi gone).
+
+    Probes start after KEEPALIVE_IDLE_SECONDS of silence, so a dead peer is
+    found within about two minutes, where the platform lets us set that.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    tunings = [
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),  # Linux, Windows 10+
+        ("TCP_KEEPALIVE", KEEPALIVE_IDLE_SECONDS),  # macOS's name for it
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        # Also give up on a peer that stops acknowledging what we send.
+        ("TCP_USER_TIMEOUT", 1000 * KEEPALIVE_INTERVAL_SECONDS * KEEPALIVE_PROBES * 2),
+    ]
+    for option_name, value in tunings:
+        option = getattr(socket, option_name, None)
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except OSError:
+            pass  # an older kernel: the OS default (about two hours) applies
+
+
+# --- The room: ChatServer ------------------------------------------------------
+
+TOO_SLOW = "too slow to keep up"
+
+
+class ChatServer(socketserver.ThreadingTCPServer):
+    """The room: admits clients and queues every room event for each of them."""
+
+    # Class attributes that socketserver reads.
+    daemon_threads = True  # a stuck client thread never keeps the process alive
+    request_queue_size = LISTEN_BACKLOG
+    # On Windows, SO_REUSEADDR would let a second server take our port.
+    allow_reuse_address = sys.platform != "win32"
+
+    def __init__(self, address, settings=None, recorder=None):
+        self.settings = settings or Settings()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self._clients = {}  # key (folded name) -> Client, for joined clients
+        self._lock = threading.Lock()  # guards _clients and every field below
+        self._everyone_gone = threading.Condition(self._lock)
+        self._connections = set()  # every Client with a thread, joined or not
+        self._admitted = 0  # connections admitted and not yet finished
+        self._history = collections.deque(maxlen=self.settings.history)
+        self._bans = {}  # IP address -> time.monotonic() when its ban ends
+        self._quiet = False  # only the teacher's announcements go out
+        self._closing = False
+        # Room events for the console and transcript, queued in room order.
+        self._records = queue.SimpleQueue()
+        self._recorder = recorder or log_room_event
+        self._recorder_thread = threading.Thread(
+            target=self._run_recorder, name="recorder", daemon=True
+        )
+        super().__init__(address, ChatHandler)
+        self._recorder_thread.start()
+
+    # -- Admitting connections (socketserver's main thread) --
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            # "--host ::" serves IPv4 clients too, where the OS allows it.
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: keep our port ours
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        super().server_bind()
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                log.warning("Too many open files: a newcomer waits. (%s)", error)
+                # The listening socket stays ready, so without a rest the
+                # accept loop would spin at full speed until a file is freed.
+                time.sleep(ACCEPT_BACKOFF_SECONDS)
+            raise  # socketserver drops this attempt and goes on serving
+
+    def verify_request(self, request, client_address):
+        """Admit a newcomer, or refuse it before any thread is spent on it."""
+        with self._lock:
+            refusal = self._refusal_for(client_address[0])
+            if refusal is None:
+                self._admitted += 1
+        if refusal is None:
+            return True
+        log.info("Refused %s: %s", format_address(client_address), refusal)
+        request.setblocking(False)  # this thread serves everyone: never wait
+        try:
+            request.send(encode_line("*** " + refusal))
+        except OSError:
+            pass
+        return False
+
+    def _refusal_for(self, host):
+        """Say why a new connection from host may not come in (lock held)."""
+        if self._closing:
+            return "The server is shutting down."
+        banned_until = self._bans.get(host, 0)
+        if banned_until > time.monotonic():
+            minutes = (banned_until - time.monotonic()) / 60
+            return "You were removed by the teacher. Try again in %d minute(s)." % (
+                int(minutes) + 1
+            )
+        if self._admitted >= self.settings.max_clients:
+            return "The room is full (%d people). Try again later." % self._admitted
+        return None
+
+    def process_request(self, request, client_address):
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except RuntimeError:  # no thread could be started: give the place back
+            with self._lock:
+                self._admitted -= 1
+            raise
+
+    def handle_error(self, request, client_address):
+        # One line, not socketserver's traceback on the teacher's console.
+        error = sys.exc_info()[1]
+        log.error("Error with %s: %r", format_address(client_address), error)
+
+    # -- Connections (each client's reader thread) --
+
+    def register(self, client):
+        """Count a connection as open (its thread has started)."""
+        with self._lock:
+            self._connections.add(client)
+
+    def unregister(self, client):
+        """Forget a finished connection and free its place."""
+        with self._lock:
+            self._connections.discard(client)
+            self._admitted -= 1
+            self._everyone_gone.notify_all()
+
+    def connection_count(self):
+        """How many connections are open, joined or not."""
+        with self._lock:
+            return len(self._connections)
+
+    # -- Room events --
+
+    def join(self, client, name):
+        """Add a client to the room as name; return why not, or None."""
+        problem = name_problem(name)
+        if problem:
+            return problem
+        name = unicodedata.normalize("NFC", name)
+        with self._lock:
+            holder = self._clients.get(fold_name(name))
+            if holder is not None:
+                return "The name %s is taken." % holder.name
+            client.name, client.key = name, fold_name(name)
+            client.joined_at = time.monotonic()
+            self._clients[client.key] = client
+            # Welcome, history and the join line are queued in one critical
+            # section: the newcomer sees each room event exactly once, either
+            # in the history or live.
+            greeting = self._welcome_lines(client)
+            slow = [] if all(map(client.send_line, greeting)) else [client]
+            slow += self._publish("%s joined the chat." % name, exclude=client)
+        self._drop_too_slow(slow)
+        return None
+
+    def _welcome_lines(self, client):
+        """The lines a newcomer sees first (lock held)."""
+        lines = ["*** Welcome, %s! Type a line and press Enter to send it to "
+                 "everyone. /help lists the commands." % client.name]
+        if self._history:
+            lines.append("*** What was said before you came:")
+            lines.extend(self._history)
+        lines.append(self._online_line())
+        return lines
+
+    def _online_line(self):
+        names = sorted((client.name for client in self._clients.values()), key=fold_name)
+        return "*** Online now (%d): %s" % (len(names), ", ".join(names))
+
+    def who(self):
+        """The line that lists who is online, in alphabetical order."""
+        with self._lock:
+            return self._online_line()
+
+    def say(self, client, text):
+        """Send a message from client to everyone else."""
+        self._speak(client, "%s says: %s" % (client.name, text))
+
+    def act(self, client, action):
+        """Send an action (/me) from client to everyone else."""
+        self._speak(client, "* %s %s" % (client.name, action))
+
+    def _speak(self, client, line):
+        with self._lock:
+            if self._clients.get(client.key) is not client:
+                return  # kicked, or dropped, while this line was on its way
+            notice = self._silencing_notice(client)
+            if notice is None:
+                slow = self._publish(line, exclude=client)
+            else:
+                self._records.put(("silenced", line))
+                slow = [] if notice == "" or client.send_line(notice) else [client]
+        self._drop_too_slow(slow)
+
+    def _silencing_notice(self, client):
+        """None if client may speak; else what to tell it ('' if told already)."""
+        if client.muted:
+            return ""  # told once, when the teacher muted them
+        if self._quiet:
+            if client.told_quiet:
+                return ""
+            client.told_quiet = True
+            return "*** Quiet mode: only the teacher can speak right now."
+        return None
+
+    def whisper(self, client, name, text):
+        """Send a private message to the client called name; return a problem or None."""
+        with self._lock:
+            target = self._clients.get(fold_name(name))
+            if target is None:
+                return "No one called %s is online. Type /who to see who is." % name
+            notice = self._silencing_notice(client)
+            if notice is not None:
+                slow = [] if notice == "" or client.send_line(notice) else [client]
+            else:
+                line = "%s whispers: %s" % (client.name, text)
+                slow = [] if target.send_line(line) else [target]
+                if not client.send_line("*** You whispered to %s: %s" % (target.name, text)):
+                    slow.append(client)
+                self._records.put(("private", "%s to %s" % (line, target.name)))
+        self._drop_too_slow(slow)
+        return None
+
+    def rename(self, client, new_name):
+        """Rename client and tell everyone; return why not, or None."""
+        problem = name_problem(new_name)
+        if problem:
+            return problem
+        new_name = unicodedata.normalize("NFC", new_name)
+        if new_name == client.name:
+            return "You are already called %s." % new_name
+        with self._lock:
+            holder = self._clients.get(fold_name(new_name))
+            if holder is not None and holder is not client:
+                return "The name %s is taken." % holder.name
+            if not client.renames.allow():
+                return "You can change your name at most %d times a minute." % (
+                    client.renames.limit
+                )
+            old_name = client.name
+            del self._clients[client.key]
+            client.name, client.key = new_name, fold_name(new_name)
+            self._clients[client.key] = client
+            slow = self._publish("%s is now %s." % (old_name, new_name))
+        self._drop_too_slow(slow)
+        return None
+
+    def leave(self, client):
+        """Take client out of the room and tell the others, once, whatever the cause."""
+        with self._lock:
+            if client.key is None or self._clients.get(client.key) is not client:
+                return  # never joined, or has left already
+            del self._clients[client.key]
+            line = "%s left the chat." % client.name
+            if client.leave_reason:
+                line += " (%s)" % client.leave_reason
+            slow = [] if self._closing else self._publish(line, exclude=client)
+        self._drop_too_slow(slow)
+
+    def drop(self, client, reason):
+        """Disconnect one client now, for a reason the others are told."""
+        client.leave_reason = client.leave_reason or reason
+        log.warning("Disconnecting %s: %s", client, reason)
+        self.leave(client)
+        client.abort()
+
+    def _drop_too_slow(self, clients):
+        # Called after the lock is released: abort() touches a socket.
+        for client in clients:
+            self.drop(client, TOO_SLOW)
+
+    def _publish(self, line, exclude=None):
+        """Queue a room event for every joined client but exclude (lock held).
+
+        Return the clients whose outbox overflowed: the caller drops them
+        once it has released the lock.
+        """
+        # Queuing for everyone while holding the lock is what gives every
+        # client the same order of events. offer() never blocks.
+        data = encode_line(line)
+        self._history.append(line)
+        self._records.put(("room", line))
+        return [
+            client
+            for client in self._clients.values()
+            if client is not exclude and not client.offer(data)
+        ]
+
+    # -- The console and the transcript --
+
+    def _run_recorder(self):
+        # One thread writes room events to the console and the transcript,
+        # so a paused console (a click in a Windows console window) never
+        # holds up the room, and the record keeps the room's order.
+        while True:
+            kind, line = self._records.get()
+            if kind == "stop":
+                return
+            try:
+                self._recorder(kind, line)
+            except Exception as error:  # a thread's top level: log and go on
+                log.error("Could not record a room event: %r", error)
+
+    # -- Shutting down --
+
+    def close_room(self):
+        """Tell everyone the server is shutting down and close every connection.
+
+        Returns within about two seconds, even if a client has stalled.
+        """
+        with self._lock:
+            self._closing = True
+            everyone = list(self._connections)
+            for client in everyone:
+                client.send_line("*** Server is shutting down.")
+                client.close_after_flush()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        for client in everyone:
+            client.wait_gone(max(0.0, deadline - time.monotonic()))
+        for client in everyone:
+            client.abort()  # a stalled client's writer is still blocked: wake it
+        with self._lock:  # let the readers finish their goodbyes
+            self._everyone_gone.wait_for(
+                lambda: not self._connections, SHUTDOWN_GRACE_SECONDS
+            )
+
+    def server_close(self):
+        super().server_close()
+        self._records.put(("stop", ""))
+        if self._recorder_thread.is_alive():
+            self._recorder_thread.join(SHUTDOWN_GRACE_SECONDS)
+
+
+def log_room_event(kind, line):
+    """Show a room event on the console (the default recorder)."""
+    if kind == "room":
+        log.info("%s", line)
+    elif kind == "silenced":
+        log.info("(not sent) %s", line)
+
+
+def format_address(address):
+    """host:port, with brackets around an IPv6 host."""
+    host, port = address[:2]
+    return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
+
+
+# --- One reader thread per client: ChatHandler --------------------------------
+
+
+class ChatHandler(socketserver.StreamRequestHandler):
+    """One client's reader thread: its life from greeting to leaving.
+
+    NOTE: we read with recv() and frame lines ourselves instead of using
+    self.rfile.readline(): students' clients end lines with a bare CR or
+    CR NUL too, telnet mixes commands into the text, and a file reader cannot
+    be used again after a socket timeout (we need one for the name prompt).
+    """
+
+    disable_nagle_algorithm = True  # TCP_NODELAY: a line leaves at once
+
+    def setup(self):
+        super().setup()
+        settings = self.server.settings
+        self.client = Client(self.request, self.client_address, settings.sendq)
+        self.client.renames = RateWindow(settings.nick_rate, 60)
+        self.telnet = TelnetFilter()
+        self.framer = LineFramer(settings.max_line)
+        self.lines = collections.deque()  # received, not yet handled
+        self.flood = FloodLimiter(settings.flood_rate, settings.flood_burst)
+        self.told_flood = False
+        self.done = False  # set by /quit
+        enable_keepalive(self.request)
+        self.server.register(self.client)
+        self.client.start()
+
+    def handle(self):
+        """A client's life: greet, check the password, ask a name, join, chat."""
+        log.info("Accepted new client: %s", self.client)
+        timeout = self.server.settings.name_timeout
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        try:
+            if self.greet() and self.check_password(deadline) and self.ask_name(deadline):
+                self.chat()
+        except socket.timeout:  # before OSError: it is one, until 3.10 by name
+            self.reply("*** You did not give a name in time. Goodbye.")
+            log.info("Closed %s: no name in time", self.client)
+        except OSError:
+            pass  # reset, or shut down by the room: either way, the client leaves
+
+    def finish(self):
+        # Every way out comes through here: EOF, reset, /quit, too slow,
+        # kicked, shutdown. leave() says "left the chat." once, at most.
+        self.server.leave(self.client)
+        self.client.close_after_flush()  # e.g. "Bye." is still on its way
+        if not self.client.wait_gone(SHUTDOWN_GRACE_SECONDS):
+            self.client.abort()  # it stopped reading: stop waiting for it
+        self.server.unregister(self.client)
+        log.info("Closed connection: %s", self.client)
+        super().finish()
+
+    # -- Reading and writing --
+
+    def read_line(self, deadline=None):
+        """Return the client's next line (str or TOO_LONG), or None when it is gone."""
+        while not self.lines:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("no name in time")
+                self.request.settimeout(remaining)
+            data = self.request.recv(RECV_BYTES)
+            if not data:
+                return None
+            self.receive(data)
+        return self.lines.popleft()
+
+    def receive(self, data):
+        """Take raw bytes from the client: answer telnet, queue complete lines."""
+        text, answer = self.telnet.feed(data)
+        if answer:
+            self.client.offer(answer)  # refusals of telnet options
+        for line in self.framer.feed(text):
+            self.lines.append(line if line is TOO_LONG else clean_line(line))
+
+    def reply(self, *lines):
+        """Send lines to this client only."""
+        for line in lines:
+            if not self.client.send_line(line):
+                self.server.drop(self.client, TOO_SLOW)
+                return
+
+    # -- Before joining --
+
+    def greet(self):
+        """Answer a web browser in HTTP; welcome anyone else. False: hang up."""
+        # A browser sends its request as soon as it connects; a person takes
+        # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
+        # the first prompt lets a browser get a real HTTP answer.
+        self.request.settimeout(BROWSER_WAIT_SECONDS)
+        try:
+            data = self.request.recv(RECV_BYTES)
+        except socket.timeout:
+            data = None
+        if data == b"":
+            return False
+        if data:
+            self.receive(data)
+        first = self.lines[0] if self.lines else None
+        if isinstance(first, str) and HTTP_REQUEST.match(first):
+            self.answer_browser()
+            return False
+        self.reply("*** Welcome to the chat!")
+        return True
+
+    def answer_browser(self):
+        host, port = self.request.getsockname()[:2]
+        body = (
+            "This is a chat server, not a web page.\r\n"
+            "Join it from a terminal with:  nc %s %s\r\n"
+            "or:  telnet %s %s\r\n" % (host, port, host, port)
+        ).encode("utf-8")
+        header = (
+            "HTTP/1.0 200 OK\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Length: %d\r\n"
+            "Connection: close\r\n\r\n" % len(body)
+        ).encode("ascii")
+        self.client.offer(header + body)
+        log.info("Answered a web browser at %s", self.client)
+
+    def check_password(self, deadline):
+        """Ask for the room password if there is one; False: wrong, or gone."""
+        password = self.server.settings.password
+        if not password:
+            return True
+        self.reply("*** This room has a password. Password?")
+        answer = self.read_line(deadline)
+        if answer is None:
+            return False
+        if answer is not TOO_LONG and hmac.compare_digest(
+            answer.strip().encode("utf-8"), password.encode("utf-8")
+        ):
+            return True
+        log.warning("Wrong password from %s", self.client)
+        self.client.gone.wait(WRONG_PASSWORD_DELAY_SECONDS)  # ends early at shutdown
+        self.reply("*** Wrong password. Goodbye.")
+        return False
+
+    def ask_name(self, deadline):
+        """Ask for a name until one is free and valid, then join. False: gone."""
+        question = "What is your name?"
+        self.reply("*** " + question)
+        while True:
+            line = self.read_line(deadline)
+            if line is None:
+                return False
+            if line is TOO_LONG:
+                problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
+            elif not line.strip():
+                problem = ""
+            else:
+                problem = self.server.join(self.client, line.strip())
+                if problem is None:
+                    return True
+            self.reply("*** %s%s" % (problem + " " if problem else "", question))
+
+    # -- Joined --
+
+    def chat(self):
+        """Handle each line the client sends, until it leaves."""
+        self.request.settimeout(None)  # from now on, wait as long as it takes
+        while not self.done:
+            line = self.read_line()
+            if line is None or self.client.gone.is_set():
+                return
+            if line is TOO_LONG:
+                self.reply("*** That line was longer than %d bytes and was not sent."
+                           % self.server.settings.max_line)
+            elif line.strip():
+                self.hold_back_flood()
+                self.handle_line(line.rstrip())
+
+    def hold_back_flood(self):
+        """Delay this client's next line if it is sending too fast."""
+        delay = self.flood.delay_for_next_line()
+        if delay <= 0:
+            self.told_flood = False  # it slowed down: warn again next time
+            return
+        if not self.told_flood:
+            self.told_flood = True
+            self.reply("*** You are sending lines too fast: they will go out more "
+                       "slowly. Nothing is lost.")
+            log.info("Slowing down %s: flooding", self.client)
+        # Sleeping here holds back only this client: the rest of its lines
+        # wait, in order, in its socket. The wait ends early if it is dropped.
+        self.client.gone.wait(delay)
+
+    def handle_line(self, line):
+        """A message, or a command if the line starts with /."""
+        if line.startswith("//"):
+            self.server.say(self.client, line[1:])  # "//text" sends "/text"
+        elif line.startswith("/"):
+            self.run_command(line)
+        else:
+            self.server.say(self.client, line)
+
+    def run_command(self, line):
+        """Run a /command; its name is not case-sensitive."""
+        word, _, argument = line[1:].strip().partition(" ")
+        entry = self.COMMANDS.get(word.lower())
+        if entry is None:
+            self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
+        else:
+            entry[0](self, argument.strip())
+
+    # -- The commands: to add one, write a method and add it to COMMANDS --
+
+    def do_help(self, argument):
+        lines = ["*** Commands:"]
+        for word, (_, usage, description) in self.COMMANDS.items():
+            lines.append("***   %-20s %s" % (("/%s %s" % (word, usage)).strip(), description))
+        lines.append("***   %-20s %s" % ("//text", "send a line that starts with /"))
+        lines.append("*** The teacher sees the chat (not private messages) on the "
+                     "server's screen.")
+        self.reply(*lines)
+
+    def do_nick(self, argument):
+        if not argument:
+            self.reply("*** Usage: /nick NEWNAME")
+            return
+        problem = self.server.rename(self.client, argument)
+        if problem:
+            self.reply("*** " + problem)
+
+    def do_who(self, argument):
+        self.reply(self.server.who())
+
+    def do_me(self, argument):
+        if not argument:
+            self.reply("*** Usage: /me ACTION   (for example: /me waves)")
+            return
+        self.server.act(self.client, argument)
+
+    def do_msg(self, argument):
+        name, _, text = argument.partition(" ")
+        if not name or not text.strip():
+            self.reply("*** Usage: /msg NAME TEXT")
+            return
+        problem = self.server.whisper(self.client, name, text.strip())
+        if problem:
+            self.reply("*** " + problem)
+
+    def do_quit(self, argument):
+        self.reply("*** Bye.")
+        self.client.leave_reason = argument
+        self.server.leave(self.client)
+        self.done = True
+
+    # word -> (method, arguments, what it does), in the order /help lists them
+    COMMANDS = {
+        "help": (do_help, "", "list the commands"),
+        "nick": (do_nick, "NEWNAME", "change your name"),
+        "who": (do_who, "", "list who is online"),
+        "me": (do_me, "ACTION", "show an action: * you ACTION"),
+        "msg": (do_msg, "NAME TEXT", "send TEXT to NAME only"),
+        "quit": (do_quit, "[REASON]", "leave the chat"),
+    }
+
+
+# --- The line client: python chat_server.py --connect HOST[:PORT] -------------
+
+CONNECT_TIMEOUT_SECONDS = 10  # a lab network answers in well under a second
+CLIENT_EOF_GRACE_SECONDS = 5  # after stdin ends: time for the last answers
+POLL_SECONDS = 0.2  # short waits let Ctrl+C through on Windows too
+
+
+def split_host_port(text):
+    """Read 'host', 'host:port', '[ipv6]:port' or a bare IPv6 address."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""  # a name, an IPv4 address or a bare IPv6 one
+    if not host:
+        raise argparse.ArgumentTypeError("%r has no host" % text)
+    return host, port_flag(port) if port else PORT
+
+
+def run_line_client(address):
+    """Join a chat server: stdin goes to it, what it sends goes to stdout."""
+    for stream in (sys.stdin, sys.stdout):
+        if hasattr(stream, "reconfigure"):  # UTF-8 on every OS, pipes included
+            stream.reconfigure(encoding="utf-8", errors="replace")
+    try:
+        sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_SECONDS)
+    except OSError as error:
+        print("Cannot connect to %s: %s" % (format_address(address),
+                                            error.strerror or error), file=sys.stderr)
+        return EXIT_CONNECT_FAILED
+    sock.settimeout(None)
+    finished = threading.Event()
+    # NOTE: recv() and reading stdin run in helper threads because Ctrl+C
+    # does not interrupt a blocking recv() on Windows; the main thread only
+    # waits, in short steps, so Ctrl+C always reaches it.
+    for target in (print_from_server, send_from_stdin):
+        threading.Thread(target=target, args=(sock, finished), daemon=True).start()
+    try:
+        while not finished.wait(POLL_SECONDS):
+            pass
+    except KeyboardInterrupt:
+        pass
+    sock.close()
+    return EXIT_OK
+
+
+def print_from_server(sock, finished):
+    """Print each line the server sends until it closes the connection."""
+    pending = b""
+    try:
+        while True:
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                break
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                print(line.rstrip(b"\r").decode("utf-8", "replace"), flush=True)
+        if pending:
+            print(pending.decode("utf-8", "replace"), flush=True)
+    except (OSError, ValueError):
+        pass  # the connection broke, or stdout was closed
+    finally:
+        finished.set()
+
+
+def send_from_stdin(sock, finished):
+    """Send each line typed on stdin; at its end, let the server finish."""
+    try:
+        for line in sys.stdin:
+            sock.sendall(encode_line(line.rstrip("\r\n")))
+        sock.shutdown(socket.SHUT_WR)  # the server answers what is left, then closes
+    except (OSError, ValueError):
+        finished.set()  # the connection broke, or stdin was closed
+        return
+    finished.wait(CLIENT_EOF_GRACE_SECONDS)
+    finished.set()
+
+
+# --- Starting the server: logging, flags, banner, main() ---------------------
+
+LOG_QUEUE_RECORDS = 10000  # console lines held while the console is paused
+
+
+class NonBlockingQueueHandler(logging.handlers.QueueHandler):
+    """Hands log records to the console thread; never waits for it."""
+
+    def enqueue(self, record):
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            pass  # the console is paused (a click in a Windows console): skip
+
+
+def configure_logging():
+    """Log to stderr from one thread, with timestamps; return that thread's listener."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a Windows console may not be UTF-8
+            stream.reconfigure(errors="backslashreplace")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    records = queue.Queue(LOG_QUEUE_RECORDS)
+    listener = logging.handlers.QueueListener(records, console)
+    root = logging.getLogger()
+    root.addHandler(NonBlockingQueueHandler(records))
+    root.setLevel(logging.INFO)
+    listener.start()
+    return listener
+
+
+def count_flag(minimum):
+    """An argparse type: a whole number no smaller than minimum."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError("must be at least %d, not %d" % (minimum, value))
+        return value
+
+    return parse
+
+
+def seconds_flag(text):
+    """An argparse type: a number of seconds (or lines a second), 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError("must be 0 or more, not %s" % text)
+    return value
+
+
+def port_flag(text):
+    """An argparse type: a TCP port, 0 to 65535 (0: any free port)."""
+    value = count_flag(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("must be at most 65535, not %d" % value)
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one clear line instead of the whole usage."""
+
+    def error(self, message):
+        self.exit(EXIT_STARTUP_ERROR, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def parse_args(argv=None):
+    """Read the command line; each limit's flag defaults to its constant."""
+    parser = ArgumentParser(
+        prog="chat_server.py",
+        description="A classroom chat server. Students join with nc, telnet, "
+        "PuTTY (Raw) or python chat_server.py --connect HOST.",
+    )
+    add = parser.add_argument
+    add("--host", default=HOST, help="address to listen on; 0.0.0.0 opens the "
+        "room to the network, :: also for IPv6 (default: %(default)s)")
+    add("--port", type=port_flag, default=PORT, help="TCP port (default: %(default)s)")
+    add("--password", default="", help="room password students must type first "
+        "(default: none)")
+    add("--max-clients", type=count_flag(1), default=MAX_CLIENTS,
+        help="connections open at once (default: %(default)s)")
+    add("--max-line", type=count_flag(64), default=MAX_LINE_BYTES,
+        help="longest line a student may send, in bytes (default: %(default)s)")
+    add("--flood-rate", type=seconds_flag, default=FLOOD_RATE_LINES_PER_SECOND,
+        help="lines a second before a client is slowed down; 0: off (default: %(default)s)")
+    add("--flood-burst", type=count_flag(1), default=FLOOD_BURST_LINES,
+        help="lines a client may send at once (default: %(default)s)")
+    add("--nick-rate", type=count_flag(0), default=NICK_RATE_PER_MINUTE,
+        help="renames a minute per client; 0: no limit (default: %(default)s)")
+    add("--name-timeout", type=seconds_flag, default=NAME_TIMEOUT_SECONDS,
+        help="seconds to give the password and a name; 0: no limit (default: %(default)s)")
+    add("--sendq", type=count_flag(4096), default=SENDQ_BYTES,
+        help="bytes queued for a client before it is dropped as too slow "
+        "(default: %(default)s)")
+    add("--history", type=count_flag(0), default=HISTORY_EVENTS,
+        help="room events shown to a newcomer; 0: none (default: %(default)s)")
+    add("--ban-minutes", type=seconds_flag, default=BAN_MINUTES,
+        help="minutes a kicked address must wait to rejoin (default: %(default)s)")
+    add("--connect", metavar="HOST[:PORT]", type=split_host_port,
+        help="be a client instead: join the chat server at HOST (port %d unless given)" % PORT)
+    return parser.parse_args(argv)
+
+
+def settings_from(args):
+    """The room's Settings from parsed flags (they share their names)."""
+    return Settings(**{field.name: getattr(args, field.name)
+                       for field in dataclasses.fields(Settings)})
+
+
+def lan_addresses():
+    """This computer's IPv4 addresses other than loopback, as far as it knows."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        return []
+    return sorted({info[4][0] for info in infos if not info[4][0].startswith("127.")})
+
+
+def announce_address(server):
+    """Log where the server listens and how students join."""
+    host, port = server.server_address[:2]
+    log.info("Listening on %s (Ctrl+C to stop)", format_address((host, port)))
+    if host in ("0.0.0.0", "::"):
+        hosts = lan_addresses() or ["THIS-COMPUTER'S-ADDRESS"]
+    else:
+        hosts = [host]
+    for join_host in hosts:
+        log.info("Students join with:  nc %s %s   or   telnet %s %s   or   "
+                 "python chat_server.py --connect %s",
+                 join_host, port, join_host, port, format_address((join_host, port)))
+    if host.startswith("127.") or host == "::1":
+        log.info("Only this computer can join. To open the room to the lab: "
+                 "python chat_server.py --host 0.0.0.0")
+
+
+def describe_startup_error(error, host, port):
+    """One sentence saying why the server could not start listening."""
+    if error.errno == errno.EADDRINUSE:
+        return ("Port %d is already in use (is another chat server running?). "
+                "Stop it, or choose another port with --port." % port)
+    if error.errno == errno.EACCES:
+        return "Not allowed to listen on port %d; try a port above 1023." % port
+    return "Cannot listen on %s: %s." % (format_address((host, port)),
+                                         error.strerror or error)
+
+
+def main(argv=None):
+    """Run the chat server (or, with --connect, the line client); return the exit status."""
+    args = parse_args(argv)
+    if args.connect:
+        return run_line_client(args.connect)
+    listener = configure_logging()
+    try:
+        return serve(args)
+    finally:
+        listener.stop()
+
+
+def stop_serving(signum, frame):
+    """Treat SIGTERM like Ctrl+C: shut down in good order."""
+    raise KeyboardInterrupt
+
+
+def serve(args):
+    """Serve the room until Ctrl+C or /shutdown; return the exit status."""
+    try:
+        server = ChatServer((args.host, args.port), settings_from(args))
+    except OSError as error:  # socket.gaierror too: an unknown host name
+        log.error("%s", describe_startup_error(error, args.host, args.port))
+        return EXIT_STARTUP_ERROR
+    announce_address(server)
+    signal.signal(signal.SIGTERM, stop_serving)  # a service manager's "stop"
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("Shutting down: telling everyone and closing connections.")
+        server.close_room()
+        server.server_close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Shared test helpers: an in-process server, a line-based test client, polling.
+
+Every test talks to a real server over real sockets on 127.0.0.1, on a port
+the OS picks (port 0). Nothing sleeps: every wait polls against a deadline.
+"""
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import chat_server  # noqa: E402  (after the path is set)
+
+SERVER_SCRIPT = os.path.join(ROOT, "chat_server.py")
+TIMEOUT = 5.0  # seconds: long enough for a loaded CI machine, short enough to fail fast
+
+
+def pytest_configure(config):
+    # An exception escaping any thread (a writer, a reader) fails the test.
+    config.addinivalue_line(
+        "filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning"
+    )
+
+
+def wait_until(condition, timeout=TIMEOUT, message="condition"):
+    """Poll condition() until it is true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for %s" % message)
+        time.sleep(0.01)  # a polling interval, not a wait for an event
+
+
+class ChatClient:
+    """A test client with its own byte buffer; every read has a deadline."""
+
+    def __init__(self, address, timeout=TIMEOUT, rcvbuf=None):
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if rcvbuf:  # set before connecting, so the TCP window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+        self.timeout = timeout
+        self.buffer = b""
+        self.seen = []  # every line read so far, for failure messages
+
+    def send(self, line):
+        """Send one line, ended with CR LF as telnet does."""
+        self.send_raw(line.encode("utf-8") + b"\r\n")
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def _fill(self, deadline):
+        """Read more bytes into the buffer; return False at end of stream."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("deadline passed")
+        self.sock.settimeout(remaining)
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def read_raw_line(self, timeout=None):
+        """The next line as bytes, with its line end; b'' at end of stream."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while b"\n" not in self.buffer:
+            if not self._fill(deadline):
+                rest, self.buffer = self.buffer, b""
+                return rest
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+    def read_line(self, timeout=None):
+        """The next line as text without its line end; None at end of stream."""
+        raw = self.read_raw_line(timeout)
+        if not raw:
+            return None
+        line = raw.decode("utf-8").rstrip("\r\n")
+        self.seen.append(line)
+        return line
+
+    def expect(self, text, timeout=None):
+        """Read lines until one contains text; return it, or fail listing what came."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        start = len(self.seen)
+        try:
+            while True:
+                line = self.read_line(max(0.001, deadline - time.monotonic()))
+                if line is None:
+                    break
+                if text in line:
+                    return line
+        except (socket.timeout, ConnectionError):
+            pass
+        pytest.fail("expected %r, got %r" % (text, self.seen[start:]))
+
+    def expect_next(self, text, timeout=None):
+        """The very next line must contain text."""
+        line = self.read_line(timeout)
+        assert line is not None and text in line, "expected %r next, got %r" % (text, line)
+        return line
+
+    def expect_nothing_before(self, sentinel_sender, sentinel="sentinel"):
+        """Prove no other line arrived: a sentinel from another client comes next."""
+        sentinel_sender.send(sentinel)
+        self.expect_next(sentinel)
+
+    def expect_closed(self, timeout=None):
+        """Read until the server closes the connection; return the lines read."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        start = len(self.seen)
+        try:
+            while self.read_line(max(0.001, deadline - time.monotonic())) is not None:
+                pass
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            pytest.fail("connection still open; got %r" % self.seen[start:])
+        return self.seen[start:]
+
+    def reset(self):
+        """Close abruptly: the server sees a reset, not a clean end."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        self.sock.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def start_in_thread(server):
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def start_server():
+    """A factory: start_server(max_clients=2, ...) runs a ChatServer in-process."""
+    running = []
+
+    def start(recorder=None, **settings):
+        server = chat_server.ChatServer(
+            ("127.0.0.1", 0), chat_server.Settings(**settings), recorder=recorder
+        )
+        running.append((server, start_in_thread(server)))
+        return server
+
+    yield start
+    for server, thread in running:
+        server.close_room()
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def server(start_server):
+    """A server with the default settings."""
+    return start_server()
+
+
+@pytest.fixture
+def connect(server):
+    """A factory: connect() opens a ChatClient to the server; all are closed after."""
+    with contextlib.ExitStack() as stack:
+
+        def open_client(target=None, **options):
+            address = (target or server).server_address
+            client = ChatClient(address, **options)
+            stack.callback(client.close)
+            return client
+
+        yield open_client
+
+
+@pytest.fixture
+def joined(connect):
+    """A factory: joined("alice") connects and finishes the name prompt."""
+
+    def join(name, target=None, **options):
+        client = connect(target, **options)
+        client.expect("What is your name?")
+        client.send(name)
+        client.expect("*** Online now")
+        return client
+
+    return join
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged(caplog):
+    """No test may make the server log an error or a traceback."""
+    caplog.set_level(logging.INFO, logger="chat_server")
+    yield
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, "the server logged errors: %r" % [r.getMessage() for r in bad]
+
+
+@contextlib.contextmanager
+def server_process(*flags, stdin=subprocess.DEVNULL):
+    """Run chat_server.py as a real process on a free port; yield (process, port)."""
+    process = subprocess.Popen(
+        [sys.executable, "-u", SERVER_SCRIPT, "--port", "0", *flags],
+        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        port = read_port(process)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(TIMEOUT)
+        for stream in (process.stdout, process.stderr, process.stdin):
+            if stream:
+                stream.close()
+
+
+def read_port(process):
+    """Read the banner's 'Listening on HOST:PORT' line from the server's stderr."""
+    watchdog = threading.Timer(TIMEOUT, process.kill)  # a silent hang fails, not hangs
+    watchdog.start()
+    try:
+        line = process.stderr.readline().decode("utf-8", "replace")
+    finally:
+        watchdog.cancel()
+    assert "Listening on" in line, "no banner: %r" % line
+    return int(line.split("Listening on ")[1].split()[0].rsplit(":", 1)[1])

@@ -1,0 +1,215 @@
+"""The pure text helpers: framing, telnet, cleaning, names, rate limits. No sockets."""
+
+import pytest
+
+from chat_server import (
+    TOO_LONG,
+    FloodLimiter,
+    LineFramer,
+    RateWindow,
+    TelnetFilter,
+    clean_line,
+    fold_name,
+    name_problem,
+)
+
+IAC, DO, DONT, WILL, WONT, SB, SE, IP = 255, 253, 254, 251, 252, 250, 240, 244
+ECHO, TIMING_MARK, NAWS = 1, 6, 31
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def frame(*reads, max_bytes=1024):
+    framer = LineFramer(max_bytes)
+    lines = []
+    for data in reads:
+        lines.extend(framer.feed(data))
+    return lines
+
+
+# --- Framing ---
+
+@pytest.mark.parametrize(
+    "reads, lines",
+    [
+        ([b"hi\n"], [b"hi"]),
+        ([b"hi\r\n"], [b"hi"]),
+        ([b"hi\r\0"], [b"hi"]),
+        ([b"hi\r"], [b"hi"]),
+        ([b"one\rtwo\r"], [b"one", b"two"]),
+        ([b"hi\r", b"\nthere\n"], [b"hi", b"there"]),
+        ([b"hi\r", b"\0there\n"], [b"hi", b"there"]),
+        ([b"he", b"llo\n"], [b"hello"]),
+        ([b"\n\n"], [b"", b""]),
+        ([b"no end yet"], []),
+    ],
+    ids=["LF", "CR LF", "CR NUL", "bare CR", "two bare CRs", "CR LF split",
+         "CR NUL split", "line split", "empty lines", "partial line"],
+)
+def test_framer_ends_lines_the_way_clients_send_them(reads, lines):
+    assert frame(*reads) == lines
+
+
+def test_framer_keeps_a_line_of_exactly_the_limit():
+    assert frame(b"x" * 1024 + b"\n") == [b"x" * 1024]
+
+
+def test_framer_rejects_a_line_one_byte_over_the_limit():
+    assert frame(b"x" * 1025 + b"\nnext\n") == [TOO_LONG, b"next"]
+
+
+def test_framer_reports_a_long_line_before_it_ends_and_discards_the_rest():
+    framer = LineFramer(10)
+    assert framer.feed(b"x" * 11) == [TOO_LONG]
+    assert framer.feed(b"y" * 5000) == []
+    assert framer.feed(b"zz\r\nok\n") == [b"ok"]
+
+
+# --- Telnet ---
+
+def test_telnet_filter_passes_plain_text_untouched():
+    assert TelnetFilter().feed(b"hello\r\n") == (b"hello\r\n", b"")
+
+
+def test_telnet_filter_refuses_do_with_wont_and_will_with_dont():
+    text, answer = TelnetFilter().feed(bytes([IAC, DO, ECHO, IAC, WILL, NAWS]) + b"hi\r\n")
+    assert text == b"hi\r\n"
+    assert answer == bytes([IAC, WONT, ECHO, IAC, DONT, NAWS])
+
+
+def test_telnet_filter_never_answers_a_refusal():
+    assert TelnetFilter().feed(bytes([IAC, WONT, ECHO, IAC, DONT, ECHO])) == (b"", b"")
+
+
+def test_telnet_filter_answers_ctrl_c_timing_mark():
+    text, answer = TelnetFilter().feed(bytes([IAC, IP, IAC, DO, TIMING_MARK]))
+    assert (text, answer) == (b"", bytes([IAC, WONT, TIMING_MARK]))
+
+
+def test_telnet_filter_drops_subnegotiation():
+    data = bytes([IAC, SB, NAWS, 0, 80, 0, 24, IAC, SE]) + b"ok"
+    assert TelnetFilter().feed(data) == (b"ok", b"")
+
+
+def test_telnet_filter_handles_a_command_split_across_reads():
+    telnet = TelnetFilter()
+    assert telnet.feed(b"a" + bytes([IAC])) == (b"a", b"")
+    assert telnet.feed(bytes([DO])) == (b"", b"")
+    assert telnet.feed(bytes([ECHO]) + b"b") == (b"b", bytes([IAC, WONT, ECHO]))
+
+
+def test_telnet_filter_turns_doubled_iac_into_one_byte():
+    assert TelnetFilter().feed(bytes([IAC, IAC])) == (bytes([IAC]), b"")
+
+
+# --- Cleaning ---
+
+@pytest.mark.parametrize(
+    "raw, text",
+    [
+        (b"caf\xc3\xa9", "café"),
+        (b"bad \xff\xfe bytes", "bad \ufffd\ufffd bytes"),
+        ("naïve".encode() + b"\x7f\x7fve", "naïve"),
+        ("日本".encode() + b"\x08", "日"),
+        (b"\x08\x08x", "x"),
+        (b"up\x1b[Aarrow", "uparrow"),
+        (b"\x1b[2J\x1b[Hcleared", "cleared"),
+        (b"\x1b[1;31mred\x1b[0m", "red"),
+        (b"\x1b]0;pwned\x07title", "title"),
+        (b"\x1b]0;unterminated title", ""),
+        (b"\x1bcreset", "reset"),
+        (b"ding\x07", "ding"),
+        (b"a\tb", "a b"),
+        ("c1\u009b31m".encode(), "c1"),
+        ("\u202eevil".encode(), "evil"),
+        (b"nul\x00byte", "nulbyte"),
+    ],
+    ids=["utf-8", "invalid utf-8", "DEL over multibyte", "backspace over CJK",
+         "backspace at start", "arrow key", "clear screen", "colour", "OSC title",
+         "unterminated OSC", "ESC c reset", "bell", "tab", "C1 CSI", "bidi override",
+         "NUL"],
+)
+def test_clean_line_leaves_only_safe_text(raw, text):
+    assert clean_line(raw) == text
+
+
+# --- Names ---
+
+@pytest.mark.parametrize(
+    "name", ["alice", "Bob_2", "a.b-c", "Zoë", "Ж", "李小龙", "x" * 20, "é", "١٢٣"],
+)
+def test_valid_names_are_accepted(name):
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("", "at least one"),
+        ("x" * 21, "too long"),
+        ("two words", "only letters"),
+        ("semi;colon", "only letters"),
+        ("smile☺", "only letters"),
+        ("\u0301accent", "only letters"),
+        ("Teacher", "reserved"),
+        ("ＡＤＭＩＮ", "reserved"),
+    ],
+    ids=["empty", "21 characters", "space", "punctuation", "symbol",
+         "starts with a mark", "reserved", "reserved in full width"],
+)
+def test_invalid_names_are_refused_with_a_reason(name, reason):
+    assert reason in name_problem(name)
+
+
+def test_names_that_differ_in_case_or_width_fold_to_one_key():
+    assert fold_name("Alice") == fold_name("alice") == fold_name("ａｌｉｃｅ")
+
+
+def test_different_names_keep_different_keys():
+    assert fold_name("alice") != fold_name("alicia")
+
+
+# --- Rate limits ---
+
+def test_flood_limiter_lets_a_burst_through_then_spaces_lines_out():
+    clock = FakeClock()
+    limiter = FloodLimiter(rate=5, burst=10, clock=clock)
+    assert [limiter.delay_for_next_line() for _ in range(10)] == [0.0] * 10
+    assert limiter.delay_for_next_line() == pytest.approx(0.2)
+    assert limiter.delay_for_next_line() == pytest.approx(0.4)
+
+
+def test_flood_limiter_refills_with_time():
+    clock = FakeClock()
+    limiter = FloodLimiter(rate=5, burst=10, clock=clock)
+    for _ in range(10):
+        limiter.delay_for_next_line()
+    clock.now += 1.0
+    assert [limiter.delay_for_next_line() for _ in range(5)] == [0.0] * 5
+    assert limiter.delay_for_next_line() > 0
+
+
+def test_flood_limiter_with_rate_zero_never_delays():
+    limiter = FloodLimiter(rate=0, burst=1, clock=FakeClock())
+    assert all(limiter.delay_for_next_line() == 0 for _ in range(100))
+
+
+def test_rate_window_allows_the_limit_then_refuses_until_the_window_passes():
+    clock = FakeClock()
+    renames = RateWindow(3, 60, clock=clock)
+    assert [renames.allow() for _ in range(4)] == [True, True, True, False]
+    clock.now += 60
+    assert renames.allow()
+
+
+def test_rate_window_with_limit_zero_never_refuses():
+    renames = RateWindow(0, 60, clock=FakeClock())
+    assert all(renames.allow() for _ in range(100))
