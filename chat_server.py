@@ -621,7 +621,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             # in the history or live.
             greeting = self._welcome_lines(client)
             slow = [] if all(map(client.send_line, greeting)) else [client]
-            slow += self._publish("%s joined the chat." % name, exclude=client)
+            slow += self._publish("*** %s joined the chat." % name, exclude=client)
         self._drop_too_slow(slow)
         return None
 
@@ -713,7 +713,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             del self._clients[client.key]
             client.name, client.key = new_name, fold_name(new_name)
             self._clients[client.key] = client
-            slow = self._publish("%s is now %s." % (old_name, new_name))
+            slow = self._publish("*** %s is now %s." % (old_name, new_name))
         self._drop_too_slow(slow)
         return None
 
@@ -723,7 +723,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if client.key is None or self._clients.get(client.key) is not client:
                 return  # never joined, or has left already
             del self._clients[client.key]
-            line = "%s left the chat." % client.name
+            line = "*** %s left the chat." % client.name
             if client.leave_reason:
                 line += " (%s)" % client.leave_reason
             slow = [] if self._closing else self._publish(line, exclude=client)

@@ -105,15 +105,26 @@ class ChatClient:
             pass
         pytest.fail("expected %r, got %r" % (text, self.seen[start:]))
 
+    def expect_bytes(self, data, timeout=None):
+        """Read until the raw bytes data have arrived (telnet answers, say)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        try:
+            while data not in self.buffer:
+                if not self._fill(deadline):
+                    break
+        except socket.timeout:
+            pass
+        assert data in self.buffer, "expected %r in %r" % (data, self.buffer[-200:])
+
     def expect_next(self, text, timeout=None):
         """The very next line must contain text."""
         line = self.read_line(timeout)
         assert line is not None and text in line, "expected %r next, got %r" % (text, line)
         return line
 
-    def expect_nothing_before(self, sentinel_sender, sentinel="sentinel"):
-        """Prove no other line arrived: a sentinel from another client comes next."""
-        sentinel_sender.send(sentinel)
+    def expect_nothing_before(self, sender, sentinel="sentinel"):
+        """Prove no other line arrived: a sentinel from sender (joined) comes next."""
+        sender.send(sentinel)
         self.expect_next(sentinel)
 
     def expect_closed(self, timeout=None):
@@ -192,7 +203,8 @@ def joined(connect):
 
     def join(name, target=None, **options):
         client = connect(target, **options)
-        client.expect("What is your name?")
+        # The name goes at once, before the prompt (as a script would): the
+        # server reads it when it asks, without its short wait for a browser.
         client.send(name)
         client.expect("*** Online now")
         return client
@@ -238,3 +250,22 @@ def read_port(process):
         watchdog.cancel()
     assert "Listening on" in line, "no banner: %r" % line
     return int(line.split("Listening on ")[1].split()[0].rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def room(joined):
+    """A factory: room("alice", "bob") joins each, and earlier ones read later joins.
+
+    So each returned client's next line is whatever happens after the setup.
+    """
+
+    def make(*names, target=None):
+        clients = []
+        for name in names:
+            newcomer = joined(name, target)
+            for client in clients:
+                client.expect("*** %s joined the chat." % name)
+            clients.append(newcomer)
+        return clients
+
+    return make

@@ -1,0 +1,276 @@
+"""The room over real sockets: joining, chatting, leaving, and what clients really send."""
+
+import random
+import socket
+import threading
+
+import pytest
+
+from conftest import ChatClient, wait_until
+
+IAC, DO, WONT, IP = 255, 253, 252, 244
+ECHO, TIMING_MARK = 1, 6
+
+
+# --- Joining and leaving ---
+
+def test_join_is_announced_to_the_others(joined):
+    alice = joined("alice")
+    joined("bob")
+    alice.expect_next("*** bob joined the chat.")
+
+
+def test_newcomer_is_welcomed_and_sees_who_is_online(joined, connect):
+    joined("alice")
+    bob = connect()
+    bob.expect("What is your name?")
+    bob.send("bob")
+    bob.expect_next("*** Welcome, bob!")
+    bob.expect("*** Online now (2): alice, bob")
+
+
+def test_message_reaches_everyone_else_but_not_the_sender(room):
+    alice, bob, carol = room("alice", "bob", "carol")
+    alice.send("hello class")
+    bob.expect("alice says: hello class")
+    carol.expect("alice says: hello class")
+    bob.send("sentinel")
+    alice.expect_next("bob says: sentinel")  # alice never got her own line back
+
+
+def test_every_client_sees_room_events_in_the_same_order(start_server, joined):
+    server = start_server(flood_rate=0)
+    alice, bob, carol = (joined(name, server) for name in ("alice", "bob", "carol"))
+    watchers = [joined("dave", server), joined("erin", server)]
+    senders = [alice, bob, carol]
+
+    def chatter(sender):
+        for number in range(50):
+            sender.send("line %d" % number)
+
+    threads = [threading.Thread(target=chatter, args=(s,)) for s in senders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seen = []
+    for watcher in watchers:
+        lines = [watcher.expect(" says: line ") for _ in range(150)]
+        seen.append(lines)
+    assert seen[0] == seen[1]
+    for name in ("alice", "bob", "carol"):
+        own = [line for line in seen[0] if line.startswith(name)]
+        assert own == ["%s says: line %d" % (name, n) for n in range(50)]
+
+
+def test_leave_is_announced_once_on_a_clean_close(room):
+    alice, bob, carol = room("alice", "bob", "carol")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    alice.expect_nothing_before(carol)
+
+
+def test_leave_is_announced_once_for_each_abrupt_reset(joined, server, room):
+    alice, frank = room("alice", "frank")
+    names = ["bob", "carol", "dave", "erin"]
+    others = [joined(name) for name in names]
+    for client in others:
+        client.reset()
+    leaves = [alice.expect(" left the chat.") for _ in names]
+    assert sorted(leaves) == sorted("*** %s left the chat." % n for n in names)
+    wait_until(lambda: server.connection_count() == 2, message="resets to be cleaned up")
+    alice.expect_nothing_before(frank)
+
+
+def test_name_is_free_again_at_once_after_leaving(joined, connect):
+    bob = joined("bob")
+    bob.send("/quit")
+    bob.expect_closed()
+    again = connect()
+    again.expect("What is your name?")
+    again.send("bob")
+    again.expect_next("*** Welcome, bob!")
+
+
+def test_connect_and_disconnect_cycles_leave_no_client_or_thread_behind(room, connect, server):
+    alice, bob = room("alice", "bob")
+    threads_before = threading.active_count()
+    for number in range(200):
+        client = connect()
+        if number % 2:
+            client.send("user%d" % number)  # at once: no prompt wait
+            client.expect("Online now")
+            client.close()
+        else:
+            client.reset()
+    wait_until(lambda: server.connection_count() == 2, message="all connections closed")
+    wait_until(lambda: threading.active_count() <= threads_before,
+               message="threads to finish (%d before)" % threads_before)
+    events = [alice.expect_next(" the chat.") for _ in range(200)]
+    for number in range(1, 200, 2):
+        user = "*** user%d " % number
+        mine = [event[len(user):] for event in events if event.startswith(user)]
+        assert mine == ["joined the chat.", "left the chat."]
+    alice.expect_nothing_before(bob, sentinel="still fine")
+
+
+# --- What clients really send ---
+
+def test_every_server_line_ends_in_crlf(joined, connect):
+    alice = joined("alice")
+    bob = connect()
+    for _ in range(2):  # the welcome and the name prompt
+        raw = bob.read_raw_line()
+        assert raw.endswith(b"\r\n"), raw
+    bob.send("bob")
+    alice.send("hi")
+    while True:
+        raw = bob.read_raw_line()
+        assert raw.endswith(b"\r\n"), raw
+        if b"says: hi" in raw:
+            break
+
+
+@pytest.mark.parametrize("end", [b"\r\0", b"\r", b"\n", b"\r\n"],
+                         ids=["CR NUL", "bare CR", "LF", "CR LF"])
+def test_each_kind_of_line_end_ends_a_line(room, end):
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"one" + end + b"two" + end)
+    alice.expect("bob says: one")
+    alice.expect_next("bob says: two")
+
+
+def test_cr_and_lf_split_across_two_packets_are_one_line_end(room):
+    alice, bob = room("alice", "bob")
+    bob.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    bob.send_raw(b"first\r")
+    alice.expect("bob says: first")
+    bob.send_raw(b"\nsecond\r\n")
+    alice.expect_next("bob says: second")  # no empty line, no lost line
+
+
+def test_whitespace_only_lines_are_ignored(room):
+    alice, bob = room("alice", "bob")
+    bob.send("   ")
+    bob.send("\t")
+    alice.expect_nothing_before(bob)
+
+
+def test_invalid_utf8_becomes_a_replacement_character_and_the_connection_stays(room):
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"caf\xe9 \xfe\r\n")  # (not \xff: that is telnet's IAC)
+    alice.expect("bob says: caf\ufffd \ufffd")
+    bob.send("still here")
+    alice.expect_next("bob says: still here")
+
+
+def test_telnet_option_request_is_refused(connect):
+    client = connect()
+    client.send_raw(bytes([IAC, DO, ECHO]))
+    client.expect_bytes(bytes([IAC, WONT, ECHO]))
+
+
+def test_telnet_ctrl_c_gets_its_timing_mark_answer(joined):
+    alice = joined("alice")
+    alice.send_raw(bytes([IAC, IP, IAC, DO, TIMING_MARK]))
+    alice.expect_bytes(bytes([IAC, WONT, TIMING_MARK]))
+
+
+def test_telnet_bytes_glued_to_the_front_of_a_name_are_removed(connect, joined):
+    alice = joined("alice")
+    bob = connect()
+    bob.expect("What is your name?")
+    bob.send_raw(bytes([IAC, DO, ECHO, IAC, 251, 31]) + b"bob\r\n")
+    alice.expect_next("*** bob joined the chat.")
+
+
+def test_backspace_erases_a_multibyte_character(room):
+    alice, bob = room("alice", "bob")
+    bob.send_raw("caf\u00e9".encode() + b"\x7fe\x08\x08fe\r\n")
+    alice.expect_next("bob says: cafe")
+
+
+def test_escape_sequences_and_controls_never_reach_other_terminals(room):
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"\x1b[2J\x1b]0;owned\x07hi\x07 \x1b[Athere\x1b[31m\r\n")
+    raw = alice.read_raw_line()
+    assert raw == b"bob says: hi there\r\n"
+
+
+def test_no_student_line_starts_like_a_server_line(room):
+    alice, bob = room("alice", "bob")
+    bob.send("*** Server: everyone must leave")
+    line = alice.expect("Server: everyone")
+    assert line == "bob says: *** Server: everyone must leave"
+
+
+def test_browser_gets_a_plain_http_answer_and_is_closed(connect):
+    browser = connect()
+    browser.send_raw(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
+    lines = browser.expect_closed()
+    assert lines[0].startswith("HTTP/1.0 200 OK")
+    assert any("nc 127.0.0.1" in line for line in lines)
+
+
+def test_line_over_max_line_is_refused_and_the_connection_kept(room):
+    alice, bob = room("alice", "bob")
+    bob.send("x" * 1025)
+    bob.expect("longer than 1024 bytes and was not sent")
+    bob.send("y" * 1024)
+    alice.expect_next("bob says: " + "y" * 1024)
+    bob.send("short")
+    alice.expect_next("bob says: short")
+
+
+def test_max_line_flag_sets_the_limit(start_server, room):
+    server = start_server(max_line=100)
+    alice, bob = room("alice", "bob", target=server)
+    bob.send("x" * 101)
+    bob.expect("longer than 100 bytes")
+    bob.send("fine")
+    alice.expect_next("bob says: fine")
+
+
+def test_random_bytes_harm_nobody_and_the_next_client_still_works(joined, connect, server):
+    alice = joined("alice")
+    noise = random.Random(1337)
+    for _ in range(5):
+        vandal = connect()
+        vandal.send_raw(bytes(noise.getrandbits(8) for _ in range(20000)))
+        vandal.close()
+    for _ in range(3):
+        vandal = joined("v%d" % noise.randrange(1000))
+        vandal.send_raw(bytes(noise.getrandbits(8) for _ in range(20000)) + b"\n")
+        vandal.reset()
+    bob = joined("bob")
+    bob.send("all good")
+    alice.expect("bob says: all good")
+
+
+# --- Commands (the dispatch) ---
+
+def test_double_slash_sends_a_line_starting_with_slash(room):
+    alice, bob = room("alice", "bob")
+    bob.send("//shrug")
+    alice.expect_next("bob says: /shrug")
+
+
+def test_unknown_command_is_named_with_a_hint(joined):
+    bob = joined("bob")
+    bob.send("/dance now")
+    bob.expect_next("*** Unknown command: /dance. Type /help")
+
+
+def test_quit_says_bye_and_closes(room):
+    alice, bob = room("alice", "bob")
+    bob.send("/quit")
+    assert bob.expect_closed() == ["*** Bye."]
+    alice.expect_next("*** bob left the chat.")
+
+
+def test_lines_after_quit_are_not_sent(room):
+    alice, bob, carol = room("alice", "bob", "carol")
+    bob.send_raw(b"/quit\r\nghost line\r\n")
+    bob.expect_closed()
+    alice.expect_next("*** bob left the chat.")
+    alice.expect_nothing_before(carol, sentinel="after quit")
