@@ -1176,19 +1176,42 @@ class NonBlockingQueueHandler(logging.handlers.QueueHandler):
 
 
 def configure_logging():
-    """Log to stderr from one thread, with timestamps; return that thread's listener."""
+    """Log to stderr with timestamps, from one thread; return a function that stops it.
+
+    Every other thread only queues its records, so a console that stops
+    taking output (paused, or a full pipe) holds up nothing but that thread.
+    """
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a Windows console may not be UTF-8
             stream.reconfigure(errors="backslashreplace")
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     records = queue.Queue(LOG_QUEUE_RECORDS)
-    listener = logging.handlers.QueueListener(records, console)
     root = logging.getLogger()
     root.addHandler(NonBlockingQueueHandler(records))
     root.setLevel(logging.INFO)
-    listener.start()
-    return listener
+
+    # NOTE: not a logging.StreamHandler: at exit, logging waits for every
+    # handler's lock, and a stuck console would then hang the exit too.
+    def write_records():
+        for record in iter(records.get, None):
+            try:
+                sys.stderr.write(formatter.format(record) + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                pass  # no console at all (pythonw), or it was closed
+
+    writer = threading.Thread(target=write_records, name="console log", daemon=True)
+    writer.start()
+
+    def stop():
+        # Let the console catch up, but never wait long for a stuck one.
+        try:
+            records.put(None, timeout=SHUTDOWN_GRACE_SECONDS)
+        except queue.Full:
+            return
+        writer.join(SHUTDOWN_GRACE_SECONDS)
+
+    return stop
 
 
 def count_flag(minimum):
@@ -1317,11 +1340,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.connect:
         return run_line_client(args.connect)
-    listener = configure_logging()
+    stop_logging = configure_logging()
     try:
         return serve(args)
     finally:
-        listener.stop()
+        stop_logging()
 
 
 def stop_serving(signum, frame):

@@ -7,6 +7,7 @@ the OS picks (port 0). Nothing sleeps: every wait polls against a deadline.
 import contextlib
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -221,35 +222,72 @@ def no_errors_logged(caplog):
     assert not bad, "the server logged errors: %r" % [r.getMessage() for r in bad]
 
 
-@contextlib.contextmanager
-def server_process(*flags, stdin=subprocess.DEVNULL):
-    """Run chat_server.py as a real process on a free port; yield (process, port)."""
-    process = subprocess.Popen(
-        [sys.executable, "-u", SERVER_SCRIPT, "--port", "0", *flags],
-        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
-        port = read_port(process)
-        yield process, port
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        process.wait(TIMEOUT)
-        for stream in (process.stdout, process.stderr, process.stdin):
+class ServerProcess:
+    """chat_server.py running as a real process; its stderr is read as it comes."""
+
+    def __init__(self, *flags, stdin=subprocess.DEVNULL):
+        self.process = subprocess.Popen(
+            [sys.executable, "-u", SERVER_SCRIPT, "--port", "0", *flags],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.log = queue.Queue()  # stderr lines; a pipe that is never read fills up
+        self.log_seen = []
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        banner = self.expect_log("Listening on")
+        self.port = int(banner.split("Listening on ")[1].split()[0].rsplit(":", 1)[1])
+
+    def _read_stderr(self):
+        for raw in self.process.stderr:
+            self.log.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        self.log.put(None)
+
+    def expect_log(self, text, timeout=TIMEOUT):
+        """Read stderr lines until one contains text; fail after timeout."""
+        deadline = time.monotonic() + timeout
+        start = len(self.log_seen)
+        while True:
+            try:
+                line = self.log.get(timeout=max(0.001, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail("expected %r on stderr, got %r" % (text, self.log_seen[start:]))
+            self.log_seen.append(line)
+            if text in line:
+                return line
+
+    def stderr_text(self):
+        """Everything on stderr so far (call after the process has ended)."""
+        while True:
+            try:
+                line = self.log.get(timeout=TIMEOUT)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.log_seen.append(line)
+        return "\n".join(self.log_seen)
+
+    def client(self, **options):
+        return ChatClient(("127.0.0.1", self.port), **options)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(TIMEOUT)
+        for stream in (self.process.stdin, self.process.stdout):
             if stream:
                 stream.close()
 
 
-def read_port(process):
-    """Read the banner's 'Listening on HOST:PORT' line from the server's stderr."""
-    watchdog = threading.Timer(TIMEOUT, process.kill)  # a silent hang fails, not hangs
-    watchdog.start()
+@contextlib.contextmanager
+def server_process(*flags, stdin=subprocess.DEVNULL):
+    """Run chat_server.py as a real process on a free port; yield a ServerProcess."""
+    server = ServerProcess(*flags, stdin=stdin)
     try:
-        line = process.stderr.readline().decode("utf-8", "replace")
+        yield server
     finally:
-        watchdog.cancel()
-    assert "Listening on" in line, "no banner: %r" % line
-    return int(line.split("Listening on ")[1].split()[0].rsplit(":", 1)[1])
+        server.stop()
 
 
 @pytest.fixture

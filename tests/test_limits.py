@@ -1,0 +1,241 @@
+"""SPEC's limits over real sockets: names, password, timeouts, flood, slow readers, room size."""
+
+import socket
+import time
+
+import pytest
+
+from chat_server import Client
+from conftest import wait_until
+
+
+# --- Names ---
+
+@pytest.mark.parametrize(
+    "taken, asked",
+    [("alice", "Alice"), ("alice", "ALICE"), ("alice", "ａｌｉｃｅ")],
+    ids=["capitalised", "upper case", "full width"],
+)
+def test_taken_name_is_refused_ignoring_case_and_width(joined, connect, taken, asked):
+    joined(taken)
+    newcomer = connect()
+    newcomer.expect("What is your name?")
+    newcomer.send(asked)
+    newcomer.expect_next("*** The name alice is taken. What is your name?")
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("teacher", "reserved"),
+        ("two words", "only letters"),
+        ("x" * 21, "too long"),
+        ("x" * 2000, "too long"),
+    ],
+    ids=["reserved", "invalid", "21 characters", "longer than a line"],
+)
+def test_bad_name_gets_a_reason_and_a_new_prompt(connect, name, reason):
+    client = connect()
+    client.expect("What is your name?")
+    client.send(name)
+    line = client.expect_next(reason)
+    assert line.endswith("What is your name?")
+    client.send("fine_name")
+    client.expect("*** Welcome, fine_name!")
+
+
+def test_empty_name_just_asks_again(connect):
+    client = connect()
+    client.expect("What is your name?")
+    client.send("")
+    client.expect_next("*** What is your name?")
+
+
+def test_unicode_name_is_welcome(room):
+    alice, zoe = room("alice", "Zoë_李")
+    zoe.send("hi")
+    alice.expect_next("Zoë_李 says: hi")
+
+
+def test_name_timeout_closes_a_silent_connection(start_server, connect):
+    server = start_server(name_timeout=0.5)
+    client = connect(server)
+    lines = client.expect_closed()
+    assert lines[-1] == "*** You did not give a name in time. Goodbye."
+
+
+def test_name_timeout_zero_waits_for_a_name(start_server, connect):
+    server = start_server(name_timeout=0)
+    client = connect(server)
+    client.expect("What is your name?")
+    assert server.settings.name_timeout == 0
+    client.send("late")  # (we cannot wait 60 s here; the flag path is what matters)
+    client.expect("*** Welcome, late!")
+
+
+def test_name_timeout_does_not_close_a_joined_client(start_server, joined):
+    server = start_server(name_timeout=0.3)
+    alice, bob = joined("alice", server), joined("bob", server)
+    deadline = time.monotonic() + 0.6  # twice the timeout: the time passing is the test
+    wait_until(lambda: time.monotonic() > deadline, message="the name timeout to pass")
+    bob.send("still here")
+    alice.expect("bob says: still here")
+
+
+# --- Password ---
+
+def test_right_password_lets_a_client_in(start_server, connect):
+    server = start_server(password="s3cret")
+    client = connect(server)
+    client.expect("This room has a password. Password?")
+    client.send("s3cret")
+    client.expect("What is your name?")
+    client.send("alice")
+    client.expect("*** Welcome, alice!")
+
+
+def test_wrong_password_is_refused_and_closed(start_server, connect, joined):
+    server = start_server(password="s3cret")
+    client = connect(server)
+    client.expect("Password?")
+    client.send("guess")
+    lines = client.expect_closed()
+    assert lines == ["*** Wrong password. Goodbye."]
+
+
+# --- Flood ---
+
+def test_flood_is_delayed_in_order_with_nothing_lost(start_server, room):
+    server = start_server(flood_rate=20, flood_burst=5)
+    alice, bob = room("alice", "bob", target=server)
+    started = time.monotonic()
+    bob.send_raw(b"".join(b"line %d\r\n" % n for n in range(25)))
+    for n in range(25):
+        alice.expect_next("bob says: line %d" % n)
+    assert time.monotonic() - started >= (25 - 5) / 20 * 0.9  # held back, not dropped
+
+
+def test_flooder_is_told_once_to_slow_down(start_server, room):
+    server = start_server(flood_rate=50, flood_burst=2)
+    alice, bob = room("alice", "bob", target=server)
+    bob.send_raw(b"".join(b"line %d\r\n" % n for n in range(10)))
+    bob.expect_next("*** You are sending lines too fast")
+    for n in range(10):
+        alice.expect_next("bob says: line %d" % n)
+    alice.send("sentinel")
+    bob.expect_next("alice says: sentinel")  # no second notice
+
+
+def test_flooder_does_not_slow_the_others(start_server, room):
+    server = start_server(flood_rate=1, flood_burst=1)
+    alice, bob, carol = room("alice", "bob", "carol", target=server)
+    bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(30)))
+    alice.expect("bob says: flood 0")
+    carol.send("hello")
+    alice.expect("carol says: hello", timeout=1.5)  # long before bob's 30 s of lines
+
+
+# --- Slow readers ---
+
+SLOW_LEFT = "*** slow left the chat. (too slow to keep up)"
+
+
+def chat_until_slow_is_dropped(bob, alice, line, batch, most_bytes=20_000_000):
+    """bob sends batches of line that alice reads, until alice sees slow dropped.
+
+    Returns (lines said, lines alice received).
+    """
+    said = received = 0
+    while SLOW_LEFT not in alice.seen and said * len(line) < most_bytes:
+        bob.send_raw((line + "\r\n").encode() * batch)
+        said += batch
+        while received < said:
+            got = alice.read_line()
+            assert got is not None, "alice was disconnected"
+            received += got == "bob says: " + line
+    return said, received
+
+
+def test_slow_reader_is_dropped_and_the_others_still_chat(start_server, room, joined):
+    server = start_server(flood_rate=0, sendq=64 * 1024)
+    alice, bob = room("alice", "bob", target=server)
+    slow = joined("slow", server, rcvbuf=4096)  # joins, then never reads
+    alice.expect("slow joined")
+    bob.expect("slow joined")
+    said, received = chat_until_slow_is_dropped(bob, alice, "x" * 1000, batch=20)
+    assert alice.seen.count(SLOW_LEFT) == 1
+    assert received == said  # alice lost nothing while slow was dropped
+    bob.send("still chatting")
+    alice.expect_next("bob says: still chatting", timeout=1)
+
+
+def test_outbox_takes_up_to_sendq_bytes_then_overflows():
+    ends = socket.socketpair()
+    try:
+        client = Client(ends[0], ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
+        assert client.offer(b"x" * 60)
+        assert client.offer(b"x" * 40)
+        assert not client.offer(b"x")  # full: the caller must drop this client
+        assert client.offer(b"x" * 500)  # being dropped: quietly discarded
+    finally:
+        for end in ends:
+            end.close()
+
+
+def test_sendq_setting_reaches_each_client(start_server, joined):
+    server = start_server(sendq=8192)
+    joined("alice", server)
+    assert [client.sendq_bytes for client in server._connections] == [8192]
+
+
+# --- Room size ---
+
+def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, joined):
+    server = start_server(max_clients=2)
+    alice = joined("alice", server)
+    waiting = connect(server)  # a connection at the prompt counts too
+    extra = connect(server)
+    assert extra.expect_closed() == ["*** The room is full (2 people). Try again later."]
+    waiting.close()
+    wait_until(lambda: server.connection_count() == 1, message="the place to be freed")
+    joined("bob", server)
+    alice.expect("bob joined")
+
+
+# --- History ---
+
+def test_late_joiner_sees_recent_history(room, joined):
+    alice, bob = room("alice", "bob")
+    alice.send("first")
+    bob.expect("alice says: first")
+    carol = joined("carol")
+    assert "alice says: first" in carol.seen
+    assert "*** bob joined the chat." in carol.seen
+
+
+def test_history_keeps_only_the_last_events(start_server, room, joined):
+    server = start_server(history=2)
+    alice, bob = room("alice", "bob", target=server)
+    for word in ("one", "two", "three"):
+        alice.send(word)
+        bob.expect("says: " + word)
+    carol = joined("carol", server)
+    said = [line for line in carol.seen if " says: " in line]
+    assert said == ["alice says: two", "alice says: three"]
+
+
+def test_history_zero_replays_nothing(start_server, room, joined):
+    server = start_server(history=0)
+    alice, bob = room("alice", "bob", target=server)
+    alice.send("secret before you came")
+    bob.expect("secret")
+    carol = joined("carol", server)
+    assert not any("says:" in line for line in carol.seen)
+
+
+def test_history_never_holds_private_messages(room, joined):
+    alice, bob = room("alice", "bob")
+    alice.send("/msg bob psst")
+    bob.expect("alice whispers: psst")
+    carol = joined("carol")
+    assert not any("psst" in line for line in carol.seen)

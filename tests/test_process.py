@@ -1,0 +1,157 @@
+"""chat_server.py as a real process: banner, flags, start-up errors, Ctrl+C."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import chat_server
+from conftest import SERVER_SCRIPT, TIMEOUT, server_process
+
+POSIX_SIGNALS = pytest.mark.skipif(
+    sys.platform == "win32", reason="sending Ctrl+C to a child process is not portable"
+)
+
+
+def run_server(*flags):
+    """Run chat_server.py to completion; return (exit status, stderr text)."""
+    finished = subprocess.run(
+        [sys.executable, SERVER_SCRIPT, *flags], stdin=subprocess.DEVNULL,
+        capture_output=True, timeout=TIMEOUT,
+    )
+    return finished.returncode, finished.stderr.decode("utf-8", "replace")
+
+
+def test_banner_says_where_it_listens_and_how_to_join():
+    with server_process() as server:
+        join = server.expect_log("Students join with")
+        server.expect_log("Only this computer can join")
+    assert "nc 127.0.0.1 %d" % server.port in join
+    assert "--connect 127.0.0.1:%d" % server.port in join
+
+
+def test_port_in_use_is_one_clear_line_and_exit_status_2():
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        status, stderr = run_server("--port", str(port))
+    finally:
+        holder.close()
+    assert status == 2
+    assert stderr.count("\n") == 1, stderr
+    assert "Port %d is already in use" % port in stderr
+    assert "Traceback" not in stderr
+
+
+def test_unknown_host_is_one_clear_line_and_exit_status_2():
+    status, stderr = run_server("--port", "0", "--host", "no.such.host.invalid")
+    assert status == 2
+    assert stderr.count("\n") == 1 and "Cannot listen on" in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--port", "http"], ["--port", "70000"], ["--max-clients", "0"],
+     ["--flood-rate", "-1"], ["--sendq", "ten"], ["--history", "-3"],
+     ["--name-timeout", "nan"], ["--bogus"]],
+    ids=["port not a number", "port too big", "no clients", "negative rate",
+         "sendq not a number", "negative history", "nan timeout", "unknown flag"],
+)
+def test_bad_flag_value_is_one_clear_line_and_exit_status_2(flags):
+    status, stderr = run_server(*flags)
+    assert status == 2
+    assert stderr.count("\n") == 1 and "error:" in stderr, stderr
+
+
+SPEC_DEFAULTS = [
+    ("--max-line", "max_line", 1024),
+    ("--flood-rate", "flood_rate", 5),
+    ("--flood-burst", "flood_burst", 10),
+    ("--nick-rate", "nick_rate", 3),
+    ("--max-clients", "max_clients", 256),
+    ("--name-timeout", "name_timeout", 60),
+    ("--sendq", "sendq", 262144),
+    ("--history", "history", 20),
+    ("--ban-minutes", "ban_minutes", 5),
+]
+
+
+@pytest.mark.parametrize("flag, field, default", SPEC_DEFAULTS, ids=[f for f, _, _ in SPEC_DEFAULTS])
+def test_limit_flag_has_the_default_that_spec_gives(flag, field, default):
+    assert getattr(chat_server.settings_from(chat_server.parse_args([])), field) == default
+
+
+@pytest.mark.parametrize("flag, field, default", SPEC_DEFAULTS, ids=[f for f, _, _ in SPEC_DEFAULTS])
+def test_limit_flag_sets_the_room_setting(flag, field, default):
+    settings = chat_server.settings_from(chat_server.parse_args([flag, "4096"]))
+    assert getattr(settings, field) == 4096
+
+
+@pytest.mark.parametrize("flag", ["--flood-rate", "--nick-rate", "--name-timeout", "--history"])
+def test_zero_turns_a_limit_off_and_is_accepted(flag):
+    chat_server.parse_args([flag, "0"])
+
+
+def test_default_address_is_the_tutorials():
+    args = chat_server.parse_args([])
+    assert (args.host, args.port) == ("127.0.0.1", 1337)
+
+
+@POSIX_SIGNALS
+def test_ctrl_c_tells_everyone_and_exits_0_quickly_despite_a_stalled_client():
+    with server_process("--flood-rate", "0", "--sendq", "100000000") as server:
+        process = server.process
+        alice = server.client()
+        alice.send("alice")
+        alice.expect("Online now")
+        stalled = server.client(rcvbuf=4096)
+        stalled.send("stalled")  # joins, then never reads
+        alice.expect("stalled joined")
+        bob = server.client()
+        bob.send("bob")
+        bob.expect("Online now")
+        alice.expect("bob joined")
+        for _ in range(40):  # 8 MB: the stalled client's socket buffers fill up
+            bob.send_raw((b"z" * 1000 + b"\r\n") * 200)
+            for _ in range(200):
+                alice.expect_next("bob says: z")
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        status = process.wait(TIMEOUT)
+        took = time.monotonic() - started
+        stderr = server.stderr_text()
+        alice.expect("*** Server is shutting down.")
+        bob.expect("*** Server is shutting down.")
+        for client in (alice, bob, stalled):
+            client.close()
+    assert status == 0
+    assert took < 2.5, "took %.1f s" % took  # SPEC: about two seconds
+    assert "Traceback" not in stderr
+
+
+@POSIX_SIGNALS
+def test_sigterm_shuts_down_in_good_order():
+    with server_process() as server:
+        alice = server.client()
+        alice.send("alice")
+        alice.expect("Online now")
+        server.process.terminate()
+        status = server.process.wait(TIMEOUT)
+        alice.expect("*** Server is shutting down.")
+        alice.close()
+    assert status == 0
+
+
+def test_server_with_stdin_at_eof_keeps_serving():
+    with server_process() as server:  # stdin is /dev/null
+        alice = server.client()
+        alice.send("alice")
+        alice.expect("*** Welcome, alice!")
+        alice.close()
+        server.expect_log("Closed connection: alice")
+        assert server.process.poll() is None
