@@ -627,8 +627,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _welcome_lines(self, client):
         """The lines a newcomer sees first (lock held)."""
-        lines = ["*** Welcome, %s! Type a line and press Enter to send it to "
-                 "everyone. /help lists the commands." % client.name]
+        lines = ["*** Welcome, %s! Type to chat; /help lists the commands." % client.name]
         if self._history:
             lines.append("*** What was said before you came:")
             lines.extend(self._history)
@@ -1010,10 +1009,11 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
-        if line.startswith("//"):
-            self.server.say(self.client, line[1:])  # "//text" sends "/text"
-        elif line.startswith("/"):
-            self.run_command(line)
+        command = line.lstrip()
+        if command.startswith("//"):
+            self.server.say(self.client, command[1:])  # "//text" sends "/text"
+        elif command.startswith("/"):
+            self.run_command(command)
         else:
             self.server.say(self.client, line)
 
