@@ -110,6 +110,7 @@ class Settings:
     sendq: int = SENDQ_BYTES
     history: int = HISTORY_EVENTS
     ban_minutes: float = BAN_MINUTES
+    transcript_private: bool = False  # private messages on the console and transcript
 
 
 # --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
@@ -493,7 +494,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # On Windows, SO_REUSEADDR would let a second server take our port.
     allow_reuse_address = sys.platform != "win32"
 
-    def __init__(self, address, settings=None, recorder=None):
+    def __init__(self, address, settings=None, transcript=None):
         self.settings = settings or Settings()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -508,7 +509,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._closing = False
         # Room events for the console and transcript, queued in room order.
         self._records = queue.SimpleQueue()
-        self._recorder = recorder or log_room_event
+        self._transcript = transcript  # an open text file, or None
         self._recorder_thread = threading.Thread(
             target=self._run_recorder, name="recorder", daemon=True
         )
@@ -761,16 +762,102 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _run_recorder(self):
         # One thread writes room events to the console and the transcript,
-        # so a paused console (a click in a Windows console window) never
-        # holds up the room, and the record keeps the room's order.
+        # so a slow disk or a paused console never holds up the room, and
+        # both keep the room's order.
         while True:
             kind, line = self._records.get()
             if kind == "stop":
                 return
             try:
-                self._recorder(kind, line)
-            except Exception as error:  # a thread's top level: log and go on
-                log.error("Could not record a room event: %r", error)
+                self._record(kind, line)
+            except (OSError, ValueError) as error:  # a full disk, say: chat on
+                log.error("Could not write the transcript: %s", error)
+                self._transcript = None
+
+    def _record(self, kind, line):
+        """Show one room event on the console and append it to the transcript."""
+        private = kind == "private"
+        if private and not self.settings.transcript_private:
+            return
+        if kind == "silenced":
+            log.info("(held back) %s", line)
+            return
+        log.info("%s%s", "(private) " if private else "", line)
+        if self._transcript is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            self._transcript.write("%s %s%s\n" % (stamp, "(private) " if private else "", line))
+            self._transcript.flush()  # a killed server loses nothing
+
+    # -- The teacher's commands (called from the console thread) --
+
+    def announce(self, text):
+        """Send the teacher's announcement to everyone."""
+        with self._lock:
+            slow = self._publish("*** [teacher] %s" % text)
+        self._drop_too_slow(slow)
+
+    def kick(self, name, reason=""):
+        """Disconnect the client called name and ban its address; return a reply."""
+        with self._lock:
+            client = self._clients.get(fold_name(name))
+            if client is None:
+                return "No one called %s is online." % name
+            minutes = self.settings.ban_minutes
+            if minutes > 0:
+                self._bans[client.address[0]] = time.monotonic() + 60 * minutes
+        client.send_line("*** The teacher removed you from the chat%s"
+                         % (": " + reason if reason else "."))
+        client.leave_reason = "removed by the teacher" + (": " + reason if reason else "")
+        self.leave(client)
+        client.close_after_flush()
+        banned = " for %g minute(s)" % minutes if minutes > 0 else ""
+        return "Kicked %s; %s is banned%s." % (client.name, client.address[0], banned or " not")
+
+    def unban(self, address):
+        """Lift the ban on an address; return a reply."""
+        with self._lock:
+            if self._bans.pop(address, None) is None:
+                banned = ", ".join(sorted(self._bans)) or "none"
+                return "%s is not banned. Banned now: %s." % (address, banned)
+        return "%s may join again." % address
+
+    def set_muted(self, name, muted):
+        """Mute or unmute the client called name; return a reply."""
+        with self._lock:
+            client = self._clients.get(fold_name(name))
+            if client is None:
+                return "No one called %s is online." % name
+            if client.muted == muted:
+                return "%s is already %s." % (client.name, "muted" if muted else "not muted")
+            client.muted = muted
+            told = client.send_line(
+                "*** The teacher has muted you: your messages reach nobody for now."
+                if muted else "*** The teacher has unmuted you: you can chat again.")
+        if not told:
+            self.drop(client, TOO_SLOW)
+        return "%s is %s." % (client.name, "muted" if muted else "no longer muted")
+
+    def set_quiet(self, quiet):
+        """Turn quiet mode on or off, and tell everyone."""
+        with self._lock:
+            self._quiet = quiet
+            for client in self._clients.values():
+                client.told_quiet = False
+            slow = self._publish(
+                "*** [teacher] Quiet, please: only the teacher speaks for now."
+                if quiet else "*** [teacher] The chat is open again.")
+        self._drop_too_slow(slow)
+
+    def who_detail(self):
+        """Lines for the teacher: each name, its address and time online."""
+        now = time.monotonic()
+        with self._lock:
+            clients = sorted(self._clients.values(), key=lambda c: c.key)
+            lines = ["%-20s %-22s online %d min%s" % (
+                client.name, format_address(client.address),
+                (now - client.joined_at) // 60, ", muted" if client.muted else "")
+                for client in clients]
+        return ["%d online" % len(lines)] + lines
 
     # -- Shutting down --
 
@@ -800,14 +887,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._records.put(("stop", ""))
         if self._recorder_thread.is_alive():
             self._recorder_thread.join(SHUTDOWN_GRACE_SECONDS)
-
-
-def log_room_event(kind, line):
-    """Show a room event on the console (the default recorder)."""
-    if kind == "room":
-        log.info("%s", line)
-    elif kind == "silenced":
-        log.info("(not sent) %s", line)
 
 
 def format_address(address):
@@ -1033,8 +1112,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
         for word, (_, usage, description) in self.COMMANDS.items():
             lines.append("***   %-20s %s" % (("/%s %s" % (word, usage)).strip(), description))
         lines.append("***   %-20s %s" % ("//text", "send a line that starts with /"))
-        lines.append("*** The teacher sees the chat (not private messages) on the "
-                     "server's screen.")
+        private = "too" if self.server.settings.transcript_private else "not"
+        lines.append("*** The teacher sees the chat (private messages %s) on the "
+                     "server's screen." % private)
         self.reply(*lines)
 
     def do_nick(self, argument):
@@ -1078,6 +1158,117 @@ class ChatHandler(socketserver.StreamRequestHandler):
         "msg": (do_msg, "NAME TEXT", "send TEXT to NAME only"),
         "quit": (do_quit, "[REASON]", "leave the chat"),
     }
+
+
+# --- The teacher's console: the terminal running the server -------------------
+
+
+class TeacherConsole:
+    """Reads the teacher's lines from stdin in a thread and acts on them.
+
+    Being at the server's terminal is the authority: no password is asked.
+    Replies go to the log, so they appear on that same terminal.
+    """
+
+    def __init__(self, server, stream):
+        self.server = server
+        self.stream = stream
+
+    def start(self):
+        """Start reading in a daemon thread (it never keeps the process alive)."""
+        threading.Thread(target=self.run, name="console", daemon=True).start()
+
+    def run(self):
+        """Act on each line until stdin ends; the server goes on either way."""
+        try:
+            for line in self.stream:
+                self.handle_line(line)
+        except (OSError, ValueError):
+            # OSError (EIO): a background process may not read its terminal.
+            pass
+        except Exception as error:  # a thread's top level: log it, never a traceback
+            log.error("Console stopped: %r", error)
+        log.info("Console input has ended: the chat goes on. Ctrl+C stops the server.")
+
+    def handle_line(self, line):
+        """An announcement, or a /command."""
+        text = clean_line(line.encode("utf-8", "replace")).strip()
+        if not text:
+            return
+        if not text.startswith("/"):
+            self.server.announce(text)
+            return
+        word, _, argument = text[1:].partition(" ")
+        entry = self.COMMANDS.get(word.lower())
+        if entry is None:
+            log.info("Unknown console command: /%s. Type /help to see them.", word)
+        else:
+            entry[0](self, argument.strip())
+
+    def do_help(self, argument):
+        log.info("Console commands (any other line is announced to everyone):")
+        for word, (_, usage, description) in self.COMMANDS.items():
+            log.info("  %-22s %s", ("/%s %s" % (word, usage)).strip(), description)
+
+    def do_kick(self, argument):
+        name, _, reason = argument.partition(" ")
+        if not name:
+            log.info("Usage: /kick NAME [REASON]")
+            return
+        log.info("%s", self.server.kick(name, reason.strip()))
+
+    def do_unban(self, argument):
+        if not argument:
+            log.info("Usage: /unban ADDRESS")
+            return
+        log.info("%s", self.server.unban(argument))
+
+    def do_mute(self, argument):
+        log.info("%s", self.server.set_muted(argument, True) if argument else "Usage: /mute NAME")
+
+    def do_unmute(self, argument):
+        log.info("%s", self.server.set_muted(argument, False) if argument
+                 else "Usage: /unmute NAME")
+
+    def do_quiet(self, argument):
+        if argument.lower() not in ("on", "off"):
+            log.info("Usage: /quiet on|off")
+            return
+        self.server.set_quiet(argument.lower() == "on")
+
+    def do_who(self, argument):
+        for line in self.server.who_detail():
+            log.info("%s", line)
+
+    def do_shutdown(self, argument):
+        log.info("Shutting down at the teacher's request.")
+        self.server.shutdown()  # serve_forever() returns; main() closes the room
+
+    # word -> (method, arguments, what it does), in the order /help lists them
+    COMMANDS = {
+        "help": (do_help, "", "list these commands"),
+        "kick": (do_kick, "NAME [REASON]", "disconnect NAME and ban their address"),
+        "unban": (do_unban, "ADDRESS", "let a banned address join again"),
+        "mute": (do_mute, "NAME", "NAME's messages reach nobody"),
+        "unmute": (do_unmute, "NAME", "undo /mute"),
+        "quiet": (do_quiet, "on|off", "only your announcements go out"),
+        "who": (do_who, "", "names, addresses and time online"),
+        "shutdown": (do_shutdown, "", "tell everyone, then stop (as Ctrl+C)"),
+    }
+
+
+def console_input():
+    """stdin for the teacher's console, or None if there is none to read."""
+    if sys.stdin is None:  # pythonw, or a service
+        return None
+    if hasattr(signal, "SIGTTIN"):
+        # Started in a shell's background ("python chat_server.py &"), reading
+        # the terminal would stop the whole server. Ignoring SIGTTIN turns
+        # that read into an error instead, which just ends the console.
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
+    return sys.stdin
 
 
 # --- The line client: python chat_server.py --connect HOST[:PORT] -------------
@@ -1287,6 +1478,10 @@ def parse_args(argv=None):
         help="room events shown to a newcomer; 0: none (default: %(default)s)")
     add("--ban-minutes", type=seconds_flag, default=BAN_MINUTES,
         help="minutes a kicked address must wait to rejoin (default: %(default)s)")
+    add("--transcript", metavar="FILE", help="append every room event to FILE, "
+        "one timestamped line each (default: none)")
+    add("--transcript-private", action="store_true", help="also show private "
+        "messages on the console and in the transcript (default: off)")
     add("--connect", metavar="HOST[:PORT]", type=split_host_port,
         help="be a client instead: join the chat server at HOST (port %d unless given)" % PORT)
     return parser.parse_args(argv)
@@ -1355,11 +1550,20 @@ def stop_serving(signum, frame):
 def serve(args):
     """Serve the room until Ctrl+C or /shutdown; return the exit status."""
     try:
-        server = ChatServer((args.host, args.port), settings_from(args))
+        transcript = open(args.transcript, "a", encoding="utf-8") if args.transcript else None
+    except OSError as error:
+        log.error("Cannot open the transcript %s: %s.", args.transcript, error.strerror)
+        return EXIT_STARTUP_ERROR
+    try:
+        server = ChatServer((args.host, args.port), settings_from(args), transcript)
     except OSError as error:  # socket.gaierror too: an unknown host name
         log.error("%s", describe_startup_error(error, args.host, args.port))
         return EXIT_STARTUP_ERROR
     announce_address(server)
+    stdin = console_input()
+    if stdin is not None:
+        TeacherConsole(server, stdin).start()
+        log.info("Type here to announce to everyone; /help lists the teacher's commands.")
     signal.signal(signal.SIGTERM, stop_serving)  # a service manager's "stop"
     try:
         server.serve_forever()
@@ -1369,8 +1573,9 @@ def serve(args):
         log.info("Shutting down: telling everyone and closing connections.")
         server.close_room()
         server.server_close()
+        if transcript is not None:
+            transcript.close()
     return EXIT_OK
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -163,9 +163,9 @@ def start_server():
     """A factory: start_server(max_clients=2, ...) runs a ChatServer in-process."""
     running = []
 
-    def start(recorder=None, **settings):
+    def start(transcript=None, **settings):
         server = chat_server.ChatServer(
-            ("127.0.0.1", 0), chat_server.Settings(**settings), recorder=recorder
+            ("127.0.0.1", 0), chat_server.Settings(**settings), transcript
         )
         running.append((server, start_in_thread(server)))
         return server

@@ -1,0 +1,299 @@
+"""The teacher's console: announcements, kick, mute, quiet, who, shutdown, transcript."""
+
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+
+from chat_server import TeacherConsole
+from conftest import TIMEOUT, server_process, wait_until
+
+
+@pytest.fixture
+def console(server):
+    """The teacher's console of the in-process server, fed by the test."""
+    return TeacherConsole(server, stream=None)
+
+
+def console_lines(caplog):
+    return [record.getMessage() for record in caplog.records]
+
+
+# --- Announcements ---
+
+def test_console_text_is_announced_to_everyone(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("Eyes on the board, please\n")
+    alice.expect_next("*** [teacher] Eyes on the board, please")
+    bob.expect_next("*** [teacher] Eyes on the board, please")
+
+
+def test_announcement_enters_the_history(room, joined, console):
+    (alice,) = room("alice")
+    console.handle_line("Homework: chapter 3")
+    alice.expect("chapter 3")
+    carol = joined("carol")
+    assert "*** [teacher] Homework: chapter 3" in carol.seen
+
+
+def test_announcements_keep_the_room_order(room, console):
+    alice, bob = room("alice", "bob")
+    bob.send("before")
+    alice.expect_next("bob says: before")
+    console.handle_line("middle")
+    bob.send("after")
+    alice.expect_next("*** [teacher] middle")
+    alice.expect_next("bob says: after")
+
+
+# --- Kick and ban ---
+
+def test_kick_tells_the_reason_and_disconnects(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/kick bob spamming the chat")
+    assert bob.expect_closed() == ["*** The teacher removed you from the chat: spamming the chat"]
+    alice.expect_next("*** bob left the chat. (removed by the teacher: spamming the chat)")
+
+
+def test_kicked_address_is_refused_with_a_clear_line(room, connect, console):
+    (bob,) = room("bob")
+    console.handle_line("/kick bob")
+    bob.expect_closed()
+    again = connect()
+    lines = again.expect_closed()
+    assert lines == ["*** You were removed by the teacher. Try again in 5 minute(s)."]
+
+
+def test_unban_lets_the_address_back_in(room, joined, console, caplog):
+    (bob,) = room("bob")
+    console.handle_line("/kick bob")
+    bob.expect_closed()
+    console.handle_line("/unban 127.0.0.1")
+    assert "127.0.0.1 may join again." in console_lines(caplog)
+    joined("bob")
+
+
+def test_ban_minutes_zero_kicks_without_a_ban(start_server, room, joined):
+    server = start_server(ban_minutes=0)
+    (bob,) = room("bob", target=server)
+    TeacherConsole(server, None).handle_line("/kick bob")
+    bob.expect_closed()
+    joined("bob", server)
+
+
+def test_kick_of_an_unknown_name_says_so(console, caplog):
+    console.handle_line("/kick nobody")
+    assert "No one called nobody is online." in console_lines(caplog)
+
+
+# --- Mute and quiet ---
+
+def test_muted_student_reaches_nobody_and_is_told_once(room, console):
+    alice, bob, carol = room("alice", "bob", "carol")
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    bob.send("can anyone hear me")
+    bob.send("/me shouts")
+    bob.send("/msg alice psst")
+    alice.send("sentinel")
+    bob.expect_next("alice says: sentinel")  # told once, not on every line
+    alice.expect_nothing_before(carol)
+
+
+def test_unmute_tells_the_student_and_they_chat_again(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/mute bob")
+    console.handle_line("/unmute bob")
+    bob.expect("*** The teacher has unmuted you")
+    bob.send("back")
+    alice.expect_next("bob says: back")
+
+
+def test_quiet_lets_only_the_teacher_speak_and_tells_students_once(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/quiet on")
+    alice.expect_next("*** [teacher] Quiet, please")
+    bob.expect_next("*** [teacher] Quiet, please")
+    bob.send("psst")
+    bob.send("psst again")
+    bob.expect_next("*** Quiet mode: only the teacher can speak right now.")
+    console.handle_line("listen")
+    alice.expect_next("*** [teacher] listen")
+    bob.expect_next("*** [teacher] listen")  # no second notice
+    console.handle_line("/quiet off")
+    alice.expect_next("*** [teacher] The chat is open again.")
+    bob.send("hello again")
+    alice.expect_next("bob says: hello again")
+
+
+# --- Who, help, unknown ---
+
+def test_console_who_shows_names_addresses_and_time_online(room, console, caplog):
+    room("alice", "bob")
+    console.handle_line("/who")
+    lines = console_lines(caplog)
+    assert "2 online" in lines
+    assert any(re.match(r"alice +127\.0\.0\.1:\d+ +online 0 min", line) for line in lines)
+
+
+def test_console_help_lists_the_teachers_commands(console, caplog):
+    console.handle_line("/help")
+    text = "\n".join(console_lines(caplog))
+    for command in ("/kick NAME [REASON]", "/unban ADDRESS", "/mute NAME", "/unmute NAME",
+                    "/quiet on|off", "/who", "/shutdown"):
+        assert command in text
+
+
+def test_unknown_console_command_gets_a_clear_line(console, caplog):
+    console.handle_line("/dance")
+    assert "Unknown console command: /dance. Type /help to see them." in console_lines(caplog)
+
+
+# --- The console as the teacher uses it: a real process reading stdin ---
+
+def test_console_reads_a_pipe_and_announces(tmp_path):
+    with server_process(stdin=subprocess.PIPE) as server:
+        alice = server.client()
+        alice.send("alice")
+        alice.expect("Online now")
+        server.process.stdin.write(b"Hello from the front desk\n")
+        server.process.stdin.flush()
+        alice.expect("*** [teacher] Hello from the front desk")
+        alice.close()
+
+
+def test_console_shows_room_events_with_timestamps():
+    with server_process() as server:
+        alice, bob = server.client(), server.client()
+        alice.send("alice")
+        alice.expect("Online now")
+        bob.send("bob")
+        alice.expect("bob joined")
+        bob.send("/nick robert")
+        alice.expect("is now robert")
+        bob.send("hi")
+        alice.expect("robert says: hi")
+        bob.close()
+        alice.expect("robert left the chat.")
+        for event in ("alice joined the chat.", "bob joined the chat.", "bob is now robert.",
+                      "robert says: hi", "robert left the chat."):
+            line = server.expect_log(event)
+            assert re.match(r"\d\d:\d\d:\d\d ", line), line
+        alice.close()
+
+
+def test_console_shutdown_stops_the_server_like_ctrl_c():
+    with server_process(stdin=subprocess.PIPE) as server:
+        alice = server.client()
+        alice.send("alice")
+        alice.expect("Online now")
+        server.process.stdin.write(b"/shutdown\n")
+        server.process.stdin.flush()
+        alice.expect("*** Server is shutting down.")
+        assert server.process.wait(TIMEOUT) == 0
+        alice.close()
+
+
+def test_console_eof_leaves_the_server_running():
+    with server_process(stdin=subprocess.PIPE) as server:
+        server.process.stdin.close()
+        server.expect_log("Console input has ended: the chat goes on.")
+        alice = server.client()
+        alice.send("alice")
+        alice.expect("*** Welcome, alice!")
+        assert server.process.poll() is None
+        alice.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="job control is POSIX")
+def test_server_started_in_a_shells_background_keeps_serving():
+    pty = pytest.importorskip("pty")
+    import os
+    import select
+    import time
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: an interactive shell with job control on a terminal
+        os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+    try:
+        command = "%s -u %s --port 0 &\n" % (sys.executable, os.path.abspath("chat_server.py"))
+        os.write(terminal, command.encode())
+        output = b""
+        deadline = time.monotonic() + TIMEOUT
+        while b"Console input has ended" not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([terminal], [], [], 0.1)
+            if ready:
+                output += os.read(terminal, 65536)
+        assert b"Console input has ended" in output, output
+        port = int(re.search(rb"Listening on 127\.0\.0\.1:(\d+)", output).group(1))
+        from conftest import ChatClient
+        alice = ChatClient(("127.0.0.1", port))
+        alice.send("alice")
+        alice.expect("*** Welcome, alice!")  # not stopped by the terminal (SIGTTIN)
+        alice.close()
+    finally:
+        os.write(terminal, b"kill %1; exit\n")
+        os.waitpid(pid, 0)
+        os.close(terminal)
+
+
+# --- The transcript ---
+
+def test_transcript_holds_every_room_event_even_after_a_kill(tmp_path):
+    path = tmp_path / "class.log"
+    with server_process("--transcript", str(path), stdin=subprocess.PIPE) as server:
+        alice, bob = server.client(), server.client()
+        alice.send("alice")
+        alice.expect("Online now")
+        bob.send("bob")
+        alice.expect("bob joined")
+        bob.send("the answer is 42")
+        alice.expect("bob says: the answer is 42")
+        server.process.stdin.write(b"Well done\n")
+        server.process.stdin.flush()
+        alice.expect("[teacher] Well done")
+        wait_until(lambda: "Well done" in path.read_text(encoding="utf-8"),
+                   message="the transcript to be written")
+        server.process.kill()  # no chance to flush anything at exit
+        server.process.wait(TIMEOUT)
+        alice.close()
+        bob.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    events = [line[20:] for line in lines]
+    assert events == ["*** alice joined the chat.", "*** bob joined the chat.",
+                      "bob says: the answer is 42", "*** [teacher] Well done"]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines)
+
+
+@pytest.mark.parametrize("flags, written", [([], False), (["--transcript-private"], True)],
+                         ids=["by default", "with --transcript-private"])
+def test_transcript_has_private_messages_only_when_asked(tmp_path, flags, written):
+    path = tmp_path / "class.log"
+    with server_process("--transcript", str(path), *flags) as server:
+        alice, bob = server.client(), server.client()
+        alice.send("alice")
+        alice.expect("Online now")
+        bob.send("bob")
+        alice.expect("bob joined")
+        bob.send("/msg alice secret")
+        alice.expect("bob whispers: secret")
+        bob.send("public")
+        alice.expect("bob says: public")
+        wait_until(lambda: "public" in path.read_text(encoding="utf-8"),
+                   message="the transcript to be written")
+        alice.close()
+        bob.close()
+    assert ("secret" in path.read_text(encoding="utf-8")) == written
+
+
+def test_unwritable_transcript_is_one_clear_line_and_exit_status_2(tmp_path):
+    finished = subprocess.run(
+        [sys.executable, "chat_server.py", "--port", "0", "--transcript",
+         str(tmp_path / "no" / "such" / "dir.log")],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
+    )
+    assert finished.returncode == 2
+    assert finished.stderr.decode().count("\n") == 1
+    assert "Cannot open the transcript" in finished.stderr.decode()
