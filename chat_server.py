@@ -782,6 +782,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if kind == "silenced":
             log.info("(held back) %s", line)
             return
+        if kind == "console":
+            log.info("%s", line)
+            return
         log.info("%s%s", "(private) " if private else "", line)
         if self._transcript is not None:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -789,6 +792,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._transcript.flush()  # a killed server loses nothing
 
     # -- The teacher's commands (called from the console thread) --
+
+    def tell_console(self, text):
+        """Show text on the console after the room events already queued."""
+        self._records.put(("console", text))
 
     def announce(self, text):
         """Send the teacher's announcement to everyone."""
@@ -1167,7 +1174,7 @@ class TeacherConsole:
     """Reads the teacher's lines from stdin in a thread and acts on them.
 
     Being at the server's terminal is the authority: no password is asked.
-    Replies go to the log, so they appear on that same terminal.
+    Replies are logged, so they appear on that same terminal.
     """
 
     def __init__(self, server, stream):
@@ -1201,47 +1208,51 @@ class TeacherConsole:
         word, _, argument = text[1:].partition(" ")
         entry = self.COMMANDS.get(word.lower())
         if entry is None:
-            log.info("Unknown console command: /%s. Type /help to see them.", word)
+            self.tell("Unknown console command: /%s. Type /help to see them." % word)
         else:
             entry[0](self, argument.strip())
 
+    def tell(self, text):
+        """Answer the teacher, in order with the room events on the console."""
+        self.server.tell_console(text)
+
     def do_help(self, argument):
-        log.info("Console commands (any other line is announced to everyone):")
+        self.tell("Console commands (any other line is announced to everyone):")
         for word, (_, usage, description) in self.COMMANDS.items():
-            log.info("  %-22s %s", ("/%s %s" % (word, usage)).strip(), description)
+            self.tell("  %-22s %s" % (("/%s %s" % (word, usage)).strip(), description))
 
     def do_kick(self, argument):
         name, _, reason = argument.partition(" ")
         if not name:
-            log.info("Usage: /kick NAME [REASON]")
+            self.tell("Usage: /kick NAME [REASON]")
             return
-        log.info("%s", self.server.kick(name, reason.strip()))
+        self.tell(self.server.kick(name, reason.strip()))
 
     def do_unban(self, argument):
         if not argument:
-            log.info("Usage: /unban ADDRESS")
+            self.tell("Usage: /unban ADDRESS")
             return
-        log.info("%s", self.server.unban(argument))
+        self.tell(self.server.unban(argument))
 
     def do_mute(self, argument):
-        log.info("%s", self.server.set_muted(argument, True) if argument else "Usage: /mute NAME")
+        self.tell(self.server.set_muted(argument, True) if argument else "Usage: /mute NAME")
 
     def do_unmute(self, argument):
-        log.info("%s", self.server.set_muted(argument, False) if argument
-                 else "Usage: /unmute NAME")
+        self.tell(self.server.set_muted(argument, False) if argument
+                  else "Usage: /unmute NAME")
 
     def do_quiet(self, argument):
         if argument.lower() not in ("on", "off"):
-            log.info("Usage: /quiet on|off")
+            self.tell("Usage: /quiet on|off")
             return
         self.server.set_quiet(argument.lower() == "on")
 
     def do_who(self, argument):
         for line in self.server.who_detail():
-            log.info("%s", line)
+            self.tell(line)
 
     def do_shutdown(self, argument):
-        log.info("Shutting down at the teacher's request.")
+        self.tell("Shutting down at the teacher's request.")
         self.server.shutdown()  # serve_forever() returns; main() closes the room
 
     # word -> (method, arguments, what it does), in the order /help lists them

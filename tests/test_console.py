@@ -21,6 +21,12 @@ def console_lines(caplog):
     return [record.getMessage() for record in caplog.records]
 
 
+def expect_console(caplog, text):
+    """Wait until the console has shown a line containing text."""
+    wait_until(lambda: any(text in line for line in console_lines(caplog)),
+               message="%r on the console" % text)
+
+
 # --- Announcements ---
 
 def test_console_text_is_announced_to_everyone(room, console):
@@ -71,7 +77,7 @@ def test_unban_lets_the_address_back_in(room, joined, console, caplog):
     console.handle_line("/kick bob")
     bob.expect_closed()
     console.handle_line("/unban 127.0.0.1")
-    assert "127.0.0.1 may join again." in console_lines(caplog)
+    expect_console(caplog, "127.0.0.1 may join again.")
     joined("bob")
 
 
@@ -85,7 +91,7 @@ def test_ban_minutes_zero_kicks_without_a_ban(start_server, room, joined):
 
 def test_kick_of_an_unknown_name_says_so(console, caplog):
     console.handle_line("/kick nobody")
-    assert "No one called nobody is online." in console_lines(caplog)
+    expect_console(caplog, "No one called nobody is online.")
 
 
 # --- Mute and quiet ---
@@ -133,13 +139,15 @@ def test_quiet_lets_only_the_teacher_speak_and_tells_students_once(room, console
 def test_console_who_shows_names_addresses_and_time_online(room, console, caplog):
     room("alice", "bob")
     console.handle_line("/who")
-    lines = console_lines(caplog)
-    assert "2 online" in lines
-    assert any(re.match(r"alice +127\.0\.0\.1:\d+ +online 0 min", line) for line in lines)
+    who_line = re.compile(r"(alice|bob) +127\.0\.0\.1:\d+ +online 0 min$")
+    wait_until(lambda: len([l for l in console_lines(caplog) if who_line.match(l)]) == 2,
+               message="a /who line for alice and for bob")
+    assert "2 online" in console_lines(caplog)
 
 
 def test_console_help_lists_the_teachers_commands(console, caplog):
     console.handle_line("/help")
+    expect_console(caplog, "/shutdown")
     text = "\n".join(console_lines(caplog))
     for command in ("/kick NAME [REASON]", "/unban ADDRESS", "/mute NAME", "/unmute NAME",
                     "/quiet on|off", "/who", "/shutdown"):
@@ -148,7 +156,7 @@ def test_console_help_lists_the_teachers_commands(console, caplog):
 
 def test_unknown_console_command_gets_a_clear_line(console, caplog):
     console.handle_line("/dance")
-    assert "Unknown console command: /dance. Type /help to see them." in console_lines(caplog)
+    expect_console(caplog, "Unknown console command: /dance. Type /help to see them.")
 
 
 # --- The console as the teacher uses it: a real process reading stdin ---
