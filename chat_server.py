@@ -46,7 +46,6 @@ import errno
 import hmac
 import logging
 import logging.handlers
-import os
 import queue
 import re
 import signal
@@ -999,6 +998,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             data = self.request.recv(RECV_BYTES)
         except socket.timeout:
             data = None
+        self.request.settimeout(None)  # read_line() sets the name deadline, if any
         if data == b"":
             return False
         if data:

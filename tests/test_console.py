@@ -1,6 +1,5 @@
 """The teacher's console: announcements, kick, mute, quiet, who, shutdown, transcript."""
 
-import logging
 import re
 import subprocess
 import sys

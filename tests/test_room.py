@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from conftest import ChatClient, wait_until
+from conftest import wait_until
 
 IAC, DO, WONT, IP = 255, 253, 252, 244
 ECHO, TIMING_MARK = 1, 6

@@ -1,0 +1,434 @@
+"""Will chat_server.py hold my class? A load test you run on the server's computer.
+
+    python tests/benchmark.py            # about five minutes
+    python tests/benchmark.py --quick    # under a minute
+
+Standard library only; not collected by pytest. It starts chat_server.py as
+a subprocess on a free 127.0.0.1 port (flood limit off, connection and queue
+limits raised by flags), drives it with real sockets from one thread and one
+selector loop, and prints one table:
+
+  capacity    N clients join; time until a watcher has seen every join
+  fan-out     R receivers, S senders sending as fast as the server takes
+              lines; delivered lines a second over all receivers, and a
+              check that nothing was lost or reordered per sender
+  classroom   60 clients each send a line a second; latency from send to
+              receipt, p50 / p99 / max over all recipients
+  slow reader the classroom plus one client that joins and never reads (and
+              one bulk sender, so its buffers fill in seconds, not minutes);
+              the others' delivered share and p99, the server's RSS over
+              time, and when the slow client was dropped
+
+Every phase is bounded in count and time. Server RSS, threads and CPU come
+from /proc (Linux); elsewhere they show as "-". The generator's own CPU is
+printed too: near 100% means it, not the server, was the limit.
+"""
+
+import argparse
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+SERVER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "chat_server.py")
+PHASE_BOUND_SECONDS = 60  # no phase runs longer than this
+RECV_BYTES = 256 * 1024
+FANOUT_WINDOW_LINES = 256  # lines in flight per sender and receiver (closed loop)
+FANOUT_RE = re.compile(rb" says: ~F (\d+) (\d+) ")  # sender number, sequence number
+LATENCY_RE = re.compile(rb" says: ~L (\d+) ")  # send time, in ns
+JOINED = b" joined the chat."
+
+
+# --- The server under test ---
+
+class Server:
+    """chat_server.py as a subprocess; its output goes to a log file."""
+
+    def __init__(self, *flags):
+        self.log = open(os.devnull, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, SERVER, "--port", "0", "--flood-rate", "0", "--history", "0",
+             *flags],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.PIPE,
+        )
+        line = self.process.stderr.readline().decode()
+        match = re.search(r"Listening on 127\.0\.0\.1:(\d+)", line)
+        if not match:
+            raise SystemExit("the server did not start: %r" % line)
+        self.port = int(match.group(1))
+        # Keep reading its console, or a full pipe would stall its log thread.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for _ in self.process.stderr:
+            pass
+
+    def stats(self):
+        """(RSS in MB, threads, CPU seconds), or None where /proc is missing."""
+        try:
+            with open("/proc/%d/status" % self.process.pid) as status:
+                fields = dict(line.split(":", 1) for line in status)
+            with open("/proc/%d/stat" % self.process.pid) as stat:
+                ticks = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        cpu = (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"]), cpu
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # the Ctrl+C path
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+# --- The generator: many non-blocking clients in one selector loop ---
+
+class Peer:
+    """One client connection of the generator."""
+
+    def __init__(self, swarm, port, name, rcvbuf=None, reads=True):
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.name = name
+        self.pending = b""  # the unfinished last line of what arrived
+        self.outbox = bytearray()
+        self.closed = False
+        self.joined = False  # the server has welcomed it
+        self.on_data = None  # called with each chunk of complete lines
+        self.swarm = swarm
+        self.events = selectors.EVENT_READ if reads else 0
+        if reads:
+            swarm.selector.register(self.sock, self.events, self)
+        self.send(name.encode() + b"\r\n")
+
+    def send(self, data):
+        self.outbox += data
+        self._flush()
+
+    def _flush(self):
+        try:
+            sent = self.sock.send(self.outbox) if self.outbox else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.closed = True
+            return
+        del self.outbox[:sent]
+        self._want_write(bool(self.outbox))
+
+    def _want_write(self, wanted):
+        events = (self.events & selectors.EVENT_READ) | (selectors.EVENT_WRITE if wanted else 0)
+        if events == self.events:
+            return
+        if self.events and events:
+            self.swarm.selector.modify(self.sock, events, self)
+        elif events:
+            self.swarm.selector.register(self.sock, events, self)
+        else:
+            self.swarm.selector.unregister(self.sock)
+        self.events = events
+
+    def readable(self):
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.closed = True
+            self.swarm.selector.unregister(self.sock)
+            self.events = 0
+            return
+        data = self.pending + data
+        if not self.joined and b"*** Online now" in data:
+            self.joined = True
+        cut = data.rfind(b"\n") + 1
+        self.pending = data[cut:]
+        if cut and self.on_data:
+            self.on_data(self, data[:cut])
+
+    def close(self):
+        if self.events:
+            self.swarm.selector.unregister(self.sock)
+            self.events = 0
+        self.sock.close()
+
+
+class Swarm:
+    """Every Peer of a phase, served by one selector loop."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.peers = []
+
+    def add(self, port, name, **options):
+        peer = Peer(self, port, name, **options)
+        self.peers.append(peer)
+        return peer
+
+    def run_until(self, done, seconds, tick=None):
+        """Serve sockets until done() is true or seconds pass; True if done."""
+        deadline = time.monotonic() + seconds
+        while not done():
+            if time.monotonic() > deadline:
+                return False
+            for key, events in self.selector.select(0.05):
+                peer = key.data
+                if events & selectors.EVENT_WRITE:
+                    peer._flush()
+                if events & selectors.EVENT_READ:
+                    peer.readable()
+            if tick:
+                tick()
+        return True
+
+    def close(self):
+        for peer in self.peers:
+            peer.close()
+        self.selector.close()
+
+
+def cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class Measure:
+    """Server and generator CPU (as % of one core) and RSS over one phase."""
+
+    def __init__(self, server):
+        self.server = server
+        self.start = time.monotonic()
+        self.gen = cpu_seconds()
+        stats = server.stats()
+        self.srv = stats[2] if stats else None
+
+    def finish(self):
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        stats = self.server.stats()
+        gen = 100 * (cpu_seconds() - self.gen) / elapsed
+        srv = 100 * (stats[2] - self.srv) / elapsed if stats and self.srv is not None else None
+        return {"rss": stats[0] if stats else None, "threads": stats[1] if stats else None,
+                "srv_cpu": srv, "gen_cpu": gen}
+
+
+# --- The scenarios ---
+
+def capacity(clients):
+    """clients join in bursts of 64, as a class does; a watcher sees every join."""
+    server = Server("--max-clients", str(clients + 10))
+    swarm = Swarm()
+    try:
+        joins = [0]
+
+        def count_joins(peer, data):
+            joins[0] += data.count(JOINED)
+
+        watcher = swarm.add(server.port, "w")
+        watcher.on_data = count_joins
+        swarm.run_until(lambda: watcher.joined, PHASE_BOUND_SECONDS)
+        measure = Measure(server)
+        started = time.monotonic()
+        for number in range(clients):
+            swarm.add(server.port, "c%d" % number)  # the rest only drain their socket
+            if number % 64 == 63:
+                swarm.run_until(lambda: joins[0] > number - 64, PHASE_BOUND_SECONDS)
+        done = swarm.run_until(lambda: joins[0] >= clients, PHASE_BOUND_SECONDS)
+        took = time.monotonic() - started
+        result = measure.finish()
+        result["result"] = ("all joined in %.2f s" % took if done
+                            else "only %d of %d joined" % (joins[0], clients))
+        return result
+    finally:
+        swarm.close()
+        server.stop()
+
+
+def fanout(receivers, senders, lines):
+    """senders send lines each as fast as the server takes them, to receivers."""
+    server = Server("--max-clients", str(receivers + senders + 10), "--sendq", str(16 << 20))
+    swarm = Swarm()
+    try:
+        received = [[0] * senders for _ in range(receivers)]  # last sequence seen
+        delivered = [0]
+        out_of_order = [0]
+
+        def make_reader(index):
+            last = received[index]
+
+            def on_data(peer, data):
+                for sender, sequence in FANOUT_RE.findall(data):
+                    sender, sequence = int(sender), int(sequence)
+                    if sequence != last[sender] + 1:
+                        out_of_order[0] += 1
+                    last[sender] = sequence
+                    delivered[0] += 1
+            return on_data
+
+        readers = []
+        for index in range(receivers):
+            reader = swarm.add(server.port, "r%d" % index)
+            reader.on_data = make_reader(index)
+            readers.append(reader)
+        talkers = [swarm.add(server.port, "s%d" % index) for index in range(senders)]
+        swarm.run_until(lambda: all(peer.joined for peer in swarm.peers), PHASE_BOUND_SECONDS)
+        sent = [0] * senders
+        padding = b"x" * 40
+
+        def keep_sending():
+            # Closed loop: a sender is at most FANOUT_WINDOW_LINES ahead of
+            # the slowest receiver, so the server's outboxes stay small.
+            for index, talker in enumerate(talkers):
+                slowest = min(row[index] for row in received)
+                burst = min(lines - sent[index], FANOUT_WINDOW_LINES - (sent[index] - slowest))
+                if burst > 32 and len(talker.outbox) < 65536:
+                    start = sent[index] + 1
+                    talker.send(b"".join(b"~F %d %d %s\r\n" % (index, n, padding)
+                                         for n in range(start, start + burst)))
+                    sent[index] += burst
+
+        measure = Measure(server)
+        started = time.monotonic()
+        expected = receivers * senders * lines
+        done = swarm.run_until(lambda: delivered[0] >= expected, PHASE_BOUND_SECONDS,
+                               tick=keep_sending)
+        took = time.monotonic() - started
+        result = measure.finish()
+        verdict = "all in order" if done and not out_of_order[0] else (
+            "%d of %d, %d out of order" % (delivered[0], expected, out_of_order[0]))
+        result["result"] = "%.0f lines/s; %s" % (delivered[0] / took, verdict)
+        return result
+    finally:
+        swarm.close()
+        server.stop()
+
+
+def classroom(clients, seconds, slow_reader=False):
+    """clients each send one line a second; optionally a slow reader and a bulk sender."""
+    server = Server("--max-clients", str(clients + 10))
+    swarm = Swarm()
+    try:
+        latencies = []
+        slow_left_at = [None]
+
+        def on_data(peer, data):
+            now = time.monotonic_ns()
+            for sent_ns in LATENCY_RE.findall(data):
+                latencies.append((now - int(sent_ns)) / 1e6)
+            if slow_left_at[0] is None and b"slow left the chat." in data:
+                slow_left_at[0] = time.monotonic()
+
+        talkers = []
+        for index in range(clients):
+            talker = swarm.add(server.port, "t%d" % index)
+            talker.on_data = on_data
+            talkers.append(talker)
+        swarm.run_until(lambda: all(peer.joined for peer in swarm.peers), PHASE_BOUND_SECONDS)
+        bulk = None
+        if slow_reader:
+            bulk = swarm.add(server.port, "bulk")
+            swarm.add(server.port, "slow", rcvbuf=4096, reads=False)  # never reads
+        measure = Measure(server)
+        started = time.monotonic()
+        said = [0]
+        next_bulk = [started]
+        rss_timeline = []
+
+        def tick():
+            now = time.monotonic()
+            elapsed = now - started
+            for index, talker in enumerate(talkers):
+                # Staggered: talker i speaks at i/clients past each second.
+                offset = index / clients
+                due = 0 if elapsed < offset else min(seconds, int(elapsed - offset) + 1)
+                while talker.sent_lines < due:
+                    talker.send(b"~L %d hello\r\n" % time.monotonic_ns())
+                    talker.sent_lines += 1
+                    said[0] += 1
+            while bulk is not None and now >= next_bulk[0] and now - started < seconds:
+                bulk.send(b"bulk " + b"b" * 895 + b"\r\n")  # 500 lines/s of 900 bytes
+                next_bulk[0] += 0.002
+            if not rss_timeline or now - rss_timeline[-1][0] >= seconds / 5:
+                stats = server.stats()
+                rss_timeline.append((now, stats[0] if stats else None))
+
+        for talker in talkers:
+            talker.sent_lines = 0
+        swarm.run_until(lambda: time.monotonic() - started >= seconds + 1, seconds + 10, tick=tick)
+        expected = said[0] * (clients - 1)
+        result = measure.finish()
+        share = 100.0 * len(latencies) / expected if expected else 0
+        result["result"] = "delivered %.1f%%; p50 %.1f ms, p99 %.1f ms, max %.1f ms" % (
+            share, percentile(latencies, 0.5), percentile(latencies, 0.99),
+            max(latencies) if latencies else float("nan"))
+        if slow_reader:
+            left = ("dropped after %.1f s" % (slow_left_at[0] - started)
+                    if slow_left_at[0] else "NOT dropped")
+            rss = " ".join("%.0f" % mb for _, mb in rss_timeline if mb is not None)
+            result["result"] += "; slow client %s; RSS MB over time: %s" % (left, rss or "-")
+        return result
+    finally:
+        swarm.close()
+        server.stop()
+
+
+# --- The table ---
+
+def row(scenario, setting, measured):
+    def number(value, unit):
+        return "-" if value is None else "%.0f%s" % (value, unit)
+
+    print("%-12s %-26s %8s %8s %8s %8s  %s" % (
+        scenario, setting, number(measured["rss"], " MB"), number(measured["threads"], ""),
+        number(measured["srv_cpu"], "%"), number(measured["gen_cpu"], "%"),
+        measured["result"]), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    print("chat_server.py on %s, Python %s, %d cores" % (
+        sys.platform, sys.version.split()[0], os.cpu_count() or 0))
+    print("%-12s %-26s %8s %8s %8s %8s  %s" % (
+        "scenario", "setting", "srv RSS", "threads", "srv CPU", "gen CPU", "result"))
+    for clients in ((100, 300) if quick else (500, 2000)):
+        row("capacity", "%d clients" % clients, capacity(clients))
+    for receivers in ((10, 50) if quick else (50, 200)):
+        for senders in (1, 4):
+            lines = (20000 if quick else 400000) // (receivers * senders)
+            row("fan-out", "%d receivers, %d sender%s" % (receivers, senders, "s" * (senders > 1)),
+                fanout(receivers, senders, max(lines, 200)))
+    seconds = 5 if quick else 20
+    clients = 20 if quick else 60
+    row("classroom", "%d clients, %d s" % (clients, seconds), classroom(clients, seconds))
+    row("slow reader", "%d clients + slow + bulk" % clients,
+        classroom(clients, seconds if quick else 30, slow_reader=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
