@@ -56,6 +56,11 @@ import threading
 import time
 import unicodedata
 
+try:
+    import resource  # POSIX only: lets a big class past the open-file limit
+except ImportError:  # Windows has no such limit on sockets
+    resource = None
+
 # --- Constants: each is the default of one command-line flag -----------------
 
 HOST = "127.0.0.1"  # only this computer can join; --host 0.0.0.0 opens the lab
@@ -83,6 +88,7 @@ KEEPALIVE_IDLE_SECONDS = 60  # a silent peer is probed after this long...
 KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
 KEEPALIVE_PROBES = 6  # ...and given up after this many unanswered probes
 ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
+FILES_BESIDES_CLIENTS = 64  # the listening socket, the console, the transcript...
 
 RESERVED_NAMES = frozenset(
     ["admin", "administrator", "moderator", "root", "server", "system", "teacher"]
@@ -255,6 +261,11 @@ def clean_line(raw):
     return CONTROL_CHARACTERS.sub("", text)
 
 
+def is_plain_message(text):
+    """True for a line that is neither a /command nor a //escaped one."""
+    return not text.lstrip().startswith("/")
+
+
 def encode_line(text):
     """Encode one line for the wire: UTF-8, ended with CR LF for every terminal."""
     return (text + "\r\n").encode("utf-8")
@@ -304,12 +315,24 @@ class FloodLimiter:
         """Take one line's token; return how long to hold the line back (seconds)."""
         if self.rate <= 0:
             return 0.0
-        now = self.clock()
-        elapsed = now - self._updated
-        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
-        self._updated = now
+        self._refill()
         self._tokens -= 1  # below zero, the line is waiting for a token
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    def take_if_free(self):
+        """Take a token only if one is free now; True if it was."""
+        if self.rate <= 0:
+            return True
+        self._refill()
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _refill(self):
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
 
 
 class RateWindow:
@@ -351,14 +374,16 @@ class Client:
         self.name = None  # set by the room when the client joins or renames
         self.key = None  # fold_name(name): the key in the room's dict
         self.joined_at = None
-        self.leave_reason = ""  # shown to the others in the leave line
+        self.leave_reason = ""  # from /quit REASON: shown in the leave line
         self.renames = None  # a RateWindow for /nick, set by the handler
         self.muted = False  # set by the teacher; the room checks it
         self.told_quiet = False  # told once per quiet period that it is on
         self.sendq_bytes = sendq_bytes
         self._outbox = collections.deque()
         self._outbox_bytes = 0  # queued or being sent, not yet in the kernel
-        self._outbox_changed = threading.Condition()  # guards the outbox and _closing
+        # Guards the outbox and _closing. (A plain Lock: Condition's default
+        # RLock is slower, and offer() runs once per line per client.)
+        self._outbox_changed = threading.Condition(threading.Lock())
         self._closing = False  # no more data is taken; the writer flushes and stops
         self.gone = threading.Event()  # set once the socket is shut down
         self._writer = threading.Thread(
@@ -609,11 +634,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if problem:
             return problem
         name = unicodedata.normalize("NFC", name)
+        key = fold_name(name)
         with self._lock:
-            holder = self._clients.get(fold_name(name))
+            holder = self._clients.get(key)
             if holder is not None:
                 return "The name %s is taken." % holder.name
-            client.name, client.key = name, fold_name(name)
+            client.name, client.key = name, key
             client.joined_at = time.monotonic()
             self._clients[client.key] = client
             # Welcome, history and the join line are queued in one critical
@@ -635,7 +661,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return lines
 
     def _online_line(self):
-        names = sorted((client.name for client in self._clients.values()), key=fold_name)
+        names = [self._clients[key].name for key in sorted(self._clients)]
         return "*** Online now (%d): %s" % (len(names), ", ".join(names))
 
     def who(self):
@@ -643,23 +669,24 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self._lock:
             return self._online_line()
 
-    def say(self, client, text):
-        """Send a message from client to everyone else."""
-        self._speak(client, "%s says: %s" % (client.name, text))
+    def say(self, client, *texts):
+        """Send one or more messages from client to everyone else."""
+        self._speak(client, ["%s says: %s" % (client.name, text) for text in texts])
 
     def act(self, client, action):
         """Send an action (/me) from client to everyone else."""
-        self._speak(client, "* %s %s" % (client.name, action))
+        self._speak(client, ["* %s %s" % (client.name, action)])
 
-    def _speak(self, client, line):
+    def _speak(self, client, lines):
         with self._lock:
             if self._clients.get(client.key) is not client:
-                return  # kicked, or dropped, while this line was on its way
+                return  # kicked, or dropped, while these lines were on their way
             notice = self._silencing_notice(client)
             if notice is None:
-                slow = self._publish(line, exclude=client)
+                slow = self._publish(lines, exclude=client)
             else:
-                self._records.put(("silenced", line))
+                for line in lines:
+                    self._records.put(("silenced", line))
                 slow = [] if notice == "" or client.send_line(notice) else [client]
         self._drop_too_slow(slow)
 
@@ -729,8 +756,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._drop_too_slow(slow)
 
     def drop(self, client, reason):
-        """Disconnect one client now, for a reason the others are told."""
-        client.leave_reason = client.leave_reason or reason
+        """Disconnect one client now; the reason goes to the console only."""
         log.warning("Disconnecting %s: %s", client, reason)
         self.leave(client)
         client.abort()
@@ -740,17 +766,22 @@ class ChatServer(socketserver.ThreadingTCPServer):
         for client in clients:
             self.drop(client, TOO_SLOW)
 
-    def _publish(self, line, exclude=None):
-        """Queue a room event for every joined client but exclude (lock held).
+    def _publish(self, lines, exclude=None):
+        """Queue room events for every joined client but exclude (lock held).
 
+        lines is one line, or a list of lines from one sender, which are
+        queued together: one offer per client, whatever their number.
         Return the clients whose outbox overflowed: the caller drops them
         once it has released the lock.
         """
+        if isinstance(lines, str):
+            lines = [lines]
         # Queuing for everyone while holding the lock is what gives every
         # client the same order of events. offer() never blocks.
-        data = encode_line(line)
-        self._history.append(line)
-        self._records.put(("room", line))
+        data = b"".join(map(encode_line, lines))
+        self._history.extend(lines)
+        for line in lines:
+            self._records.put(("room", line))
         return [
             client
             for client in self._clients.values()
@@ -813,7 +844,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._bans[client.address[0]] = time.monotonic() + 60 * minutes
         client.send_line("*** The teacher removed you from the chat%s"
                          % (": " + reason if reason else "."))
-        client.leave_reason = "removed by the teacher" + (": " + reason if reason else "")
         self.leave(client)
         client.close_after_flush()
         banned = " for %g minute(s)" % minutes if minutes > 0 else ""
@@ -1078,6 +1108,25 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 self.hold_back_flood()
                 self.handle_line(line.rstrip())
 
+    def more_messages(self):
+        """Take the plain messages already received that may go out at once.
+
+        Sending them with the one before costs each recipient one queued item
+        and at most one writer wake-up, instead of one per line: that is
+        what keeps a busy room cheap.
+        """
+        texts = []
+        while self.lines:
+            line = self.lines[0]
+            if line is TOO_LONG or not is_plain_message(line):
+                break
+            if line.strip():
+                if not self.flood.take_if_free():
+                    break  # this one must wait: hold_back_flood() will pace it
+                texts.append(line.rstrip())
+            self.lines.popleft()
+        return texts
+
     def hold_back_flood(self):
         """Delay this client's next line if it is sending too fast."""
         delay = self.flood.delay_for_next_line()
@@ -1101,7 +1150,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         elif command.startswith("/"):
             self.run_command(command)
         else:
-            self.server.say(self.client, line)
+            self.server.say(self.client, line, *self.more_messages())
 
     def run_command(self, line):
         """Run a /command; its name is not case-sensitive."""
@@ -1530,6 +1579,27 @@ def announce_address(server):
                  "python chat_server.py --host 0.0.0.0")
 
 
+def raise_open_file_limit(clients):
+    """Allow one open file per client and some to spare, where the OS lets us.
+
+    macOS starts programs with a limit of 256 open files, which a big class
+    with --max-clients 300 would hit.
+    """
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = clients + FILES_BESIDES_CLIENTS
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft == resource.RLIM_INFINITY or wanted <= soft:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as error:
+        log.warning("Could not raise the limit of %d open files (%s): fewer than "
+                    "%d students may be able to join.", soft, error, clients)
+
+
 def describe_startup_error(error, host, port):
     """One sentence saying why the server could not start listening."""
     if error.errno == errno.EADDRINUSE:
@@ -1565,6 +1635,7 @@ def serve(args):
     except OSError as error:
         log.error("Cannot open the transcript %s: %s.", args.transcript, error.strerror)
         return EXIT_STARTUP_ERROR
+    raise_open_file_limit(args.max_clients)
     try:
         server = ChatServer((args.host, args.port), settings_from(args), transcript)
     except OSError as error:  # socket.gaierror too: an unknown host name
