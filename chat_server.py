@@ -48,6 +48,7 @@ import logging
 import logging.handlers
 import queue
 import re
+import selectors
 import signal
 import socket
 import socketserver
@@ -88,6 +89,7 @@ KEEPALIVE_IDLE_SECONDS = 60  # a silent peer is probed after this long...
 KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
 KEEPALIVE_PROBES = 6  # ...and given up after this many unanswered probes
 ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
+WRITER_CHECK_SECONDS = 0.5  # a waiting writer checks this often if it was aborted
 FILES_BESIDES_CLIENTS = 64  # the listening socket, the console, the transcript...
 
 RESERVED_NAMES = frozenset(
@@ -99,6 +101,11 @@ EXIT_STARTUP_ERROR = 2  # also argparse's status for a bad flag
 EXIT_CONNECT_FAILED = 1
 
 log = logging.getLogger("chat_server")
+
+# Waits on one socket without opening a file of its own: poll() where it
+# exists, else select() (Windows). select() elsewhere fails for sockets
+# numbered 1024 and up, which a big class reaches.
+OneSocketSelector = getattr(selectors, "PollSelector", selectors.SelectSelector)
 
 
 @dataclasses.dataclass
@@ -363,13 +370,16 @@ class RateWindow:
 class Client:
     """One connection: its name once joined, its outbox and its writer thread.
 
-    The writer is the only code that sends on this socket, and the reader
-    (ChatHandler) the only code that reads it. Anyone may queue bytes with
-    offer(), which never waits.
+    offer() is how anyone sends to this client, and it never waits: if
+    nothing is queued, it sends at once as far as the socket takes it (the
+    usual case, and the cheapest: no thread has to wake up). Whatever the
+    socket cannot take yet waits in the outbox, and the writer thread, which
+    is the only code that waits on this socket, sends it when there is room.
+    The reader (ChatHandler) is the only code that reads the socket.
     """
 
     def __init__(self, sock, address, sendq_bytes):
-        self.sock = sock
+        self.sock = sock  # non-blocking: see ChatHandler.setup()
         self.address = address
         self.name = None  # set by the room when the client joins or renames
         self.key = None  # fold_name(name): the key in the room's dict
@@ -379,11 +389,12 @@ class Client:
         self.muted = False  # set by the teacher; the room checks it
         self.told_quiet = False  # told once per quiet period that it is on
         self.sendq_bytes = sendq_bytes
-        self._outbox = collections.deque()
-        self._outbox_bytes = 0  # queued or being sent, not yet in the kernel
-        # Guards the outbox and _closing. (A plain Lock: Condition's default
-        # RLock is slower, and offer() runs once per line per client.)
+        self._outbox = collections.deque()  # bytes the socket could not take yet
+        self._outbox_bytes = 0  # queued, or in the writer's hands
+        # Guards the outbox and the flags below, and so the order of what is
+        # sent. (A plain Lock: Condition's default RLock is slower.)
         self._outbox_changed = threading.Condition(threading.Lock())
+        self._writer_busy = False  # the writer holds bytes it has not sent yet
         self._closing = False  # no more data is taken; the writer flushes and stops
         self.gone = threading.Event()  # set once the socket is shut down
         self._writer = threading.Thread(
@@ -399,14 +410,18 @@ class Client:
         self._writer.start()
 
     def offer(self, data):
-        """Queue bytes for sending; return False if that made the outbox overflow.
+        """Send bytes now or queue them, never waiting; False if the outbox overflowed.
 
-        An overflowing client is too slow: its outbox is emptied and closed, and
-        the caller must disconnect it (outside the room lock).
+        An overflowing client is too slow: its outbox is emptied and closed,
+        and the caller must disconnect it (outside the room lock).
         """
         with self._outbox_changed:
             if self._closing:
                 return True  # it is being disconnected: nothing more to send
+            if not self._outbox and not self._writer_busy:
+                data = data[self._send_now(data):]
+                if not data:
+                    return True
             if self._outbox_bytes + len(data) > self.sendq_bytes:
                 self._closing = True
                 self._outbox.clear()
@@ -414,11 +429,20 @@ class Client:
             self._outbox.append(data)
             self._outbox_bytes += len(data)
             if len(self._outbox) == 1:
-                self._outbox_changed.notify()  # wake the writer only when it may be idle
+                self._outbox_changed.notify()  # the socket is full: over to the writer
             return True
 
+    def _send_now(self, data):
+        """Send as much of data as the socket takes without waiting; return how much."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0  # the socket is full
+        except OSError:
+            return len(data)  # the peer is gone; its reader sees that and leaves
+
     def send_line(self, text):
-        """Queue one line for this client; return False if it is too slow."""
+        """Send one line to this client; return False if it is too slow."""
         return self.offer(encode_line(text))
 
     def close_after_flush(self):
@@ -428,7 +452,7 @@ class Client:
             self._outbox_changed.notify()
 
     def abort(self):
-        """Close now, dropping the outbox: wakes both threads if they are blocked."""
+        """Close now, dropping the outbox: wakes both threads if they are waiting."""
         with self._outbox_changed:
             self._closing = True
             self._outbox.clear()
@@ -441,7 +465,7 @@ class Client:
         return not self._writer.is_alive()
 
     def _next_batch(self):
-        """Wait for data; return everything queued as one bytes, or None when done."""
+        """Wait for queued data; return it all as one bytes, or None when done."""
         with self._outbox_changed:
             while not self._outbox and not self._closing:
                 self._outbox_changed.wait()
@@ -449,29 +473,36 @@ class Client:
                 return None
             batch = b"".join(self._outbox)
             self._outbox.clear()
+            self._writer_busy = True  # offer() must not send past these bytes
             return batch
 
     def _run_writer(self):
-        # One sendall per batch, not per line: the busier the room, the fewer
-        # system calls each line costs.
+        # One send per batch, not per line: the slower the client, the
+        # bigger the batches and the fewer the system calls.
+        writable = OneSocketSelector()
+        writable.register(self.sock, selectors.EVENT_WRITE)
         try:
             while True:
                 batch = self._next_batch()
                 if batch is None:
                     break
-                self.sock.sendall(batch)
+                rest = memoryview(batch)
+                rest = rest[self._send_now(rest):]
+                while rest and not self.gone.is_set():
+                    writable.select(WRITER_CHECK_SECONDS)  # wait for room in the socket
+                    rest = rest[self._send_now(rest):]
                 with self._outbox_changed:
+                    self._writer_busy = False
                     self._outbox_bytes -= len(batch)
-        except OSError:
-            pass  # the peer is gone; its reader sees that too and leaves the room
         except Exception as error:  # a thread's top level: log it, never a traceback
             log.error("Writer for %s failed: %r", self, error)
         finally:
+            writable.close()
             self._shut_down_socket()
 
     def _shut_down_socket(self):
-        # shutdown() (not close()) wakes a thread blocked in recv or sendall on
-        # this socket; socketserver closes the socket when the handler is done.
+        # shutdown() (not close()) wakes a thread waiting on this socket;
+        # socketserver closes the socket when the handler is done.
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -957,6 +988,11 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.told_flood = False
         self.done = False  # set by /quit
         enable_keepalive(self.request)
+        # Non-blocking, so that offer() can send without ever waiting. This
+        # thread waits for input with its own one-socket selector instead.
+        self.request.setblocking(False)
+        self.readable = OneSocketSelector()
+        self.readable.register(self.request, selectors.EVENT_READ)
         self.server.register(self.client)
         self.client.start()
 
@@ -982,24 +1018,37 @@ class ChatHandler(socketserver.StreamRequestHandler):
         if not self.client.wait_gone(SHUTDOWN_GRACE_SECONDS):
             self.client.abort()  # it stopped reading: stop waiting for it
         self.server.unregister(self.client)
+        self.readable.close()
         log.info("Closed connection: %s", self.client)
         super().finish()
 
     # -- Reading and writing --
 
     def read_line(self, deadline=None):
-        """Return the client's next line (str or TOO_LONG), or None when it is gone."""
+        """Return the client's next line (str or TOO_LONG), or None when it is gone.
+
+        Raises socket.timeout if deadline (a time.monotonic() value) passes.
+        """
         while not self.lines:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout("no name in time")
-                self.request.settimeout(remaining)
-            data = self.request.recv(RECV_BYTES)
+            data = self.recv(None if deadline is None else deadline - time.monotonic())
+            if data is None:
+                raise socket.timeout("no name in time")
             if not data:
                 return None
             self.receive(data)
         return self.lines.popleft()
+
+    def recv(self, timeout=None):
+        """Wait up to timeout seconds for bytes: b'' at the end, None if none came."""
+        while True:
+            if timeout is not None and timeout <= 0:
+                return None
+            if not self.readable.select(timeout) and timeout is not None:
+                return None
+            try:
+                return self.request.recv(RECV_BYTES)
+            except BlockingIOError:
+                continue  # woken without data after all: wait again
 
     def receive(self, data):
         """Take raw bytes from the client: answer telnet, queue complete lines."""
@@ -1023,12 +1072,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         # A browser sends its request as soon as it connects; a person takes
         # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
         # the first prompt lets a browser get a real HTTP answer.
-        self.request.settimeout(BROWSER_WAIT_SECONDS)
-        try:
-            data = self.request.recv(RECV_BYTES)
-        except socket.timeout:
-            data = None
-        self.request.settimeout(None)  # read_line() sets the name deadline, if any
+        data = self.recv(BROWSER_WAIT_SECONDS)
         if data == b"":
             return False
         if data:
@@ -1096,7 +1140,6 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def chat(self):
         """Handle each line the client sends, until it leaves."""
-        self.request.settimeout(None)  # from now on, wait as long as it takes
         while not self.done:
             line = self.read_line()
             if line is None or self.client.gone.is_set():

@@ -116,7 +116,7 @@ def test_unmute_tells_the_student_and_they_chat_again(room, console):
     alice.expect_next("bob says: back")
 
 
-def test_quiet_lets_only_the_teacher_speak_and_tells_students_once(room, console):
+def test_quiet_lets_only_the_teacher_speak_and_tells_students_once(room, console, caplog):
     alice, bob = room("alice", "bob")
     console.handle_line("/quiet on")
     alice.expect_next("*** [teacher] Quiet, please")
@@ -124,6 +124,7 @@ def test_quiet_lets_only_the_teacher_speak_and_tells_students_once(room, console
     bob.send("psst")
     bob.send("psst again")
     bob.expect_next("*** Quiet mode: only the teacher can speak right now.")
+    expect_console(caplog, "(held back) bob says: psst again")
     console.handle_line("listen")
     alice.expect_next("*** [teacher] listen")
     bob.expect_next("*** [teacher] listen")  # no second notice

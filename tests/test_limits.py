@@ -6,7 +6,7 @@ import time
 import pytest
 
 from chat_server import Client
-from conftest import wait_until
+from conftest import TIMEOUT, wait_until
 
 
 # --- Names ---
@@ -170,17 +170,42 @@ def test_slow_reader_is_dropped_and_the_others_still_chat(start_server, room, jo
     alice.expect_next("bob says: still chatting", timeout=1)
 
 
-def test_outbox_takes_up_to_sendq_bytes_then_overflows():
-    ends = socket.socketpair()
+def full_socket_pair():
+    """A connected pair whose first end cannot send: the other never reads."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
     try:
-        client = Client(ends[0], ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
+        while True:
+            ours.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    return ours, theirs
+
+
+def test_offer_sends_at_once_when_the_socket_has_room():
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
+        assert client.offer(b"hello\r\n")
+        theirs.settimeout(TIMEOUT)
+        assert theirs.recv(100) == b"hello\r\n"
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_outbox_takes_up_to_sendq_bytes_once_the_socket_is_full():
+    ours, theirs = full_socket_pair()
+    try:
+        client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
         assert client.offer(b"x" * 60)
         assert client.offer(b"x" * 40)
         assert not client.offer(b"x")  # full: the caller must drop this client
         assert client.offer(b"x" * 500)  # being dropped: quietly discarded
     finally:
-        for end in ends:
-            end.close()
+        ours.close()
+        theirs.close()
 
 
 def test_sendq_setting_reaches_each_client(start_server, joined):
