@@ -40,6 +40,7 @@ Licence: MIT (see LICENSE).
 #               --sendq; its writer thread is the only code that sends them.
 
 import argparse
+import bisect
 import collections
 import dataclasses
 import errno
@@ -555,6 +556,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self.address_family = socket.AF_INET6
         self._clients = {}  # key (folded name) -> Client, for joined clients
         self._lock = threading.Lock()  # guards _clients and every field below
+        self._keys_in_order = []  # the keys of _clients, sorted, for /who
         self._everyone_gone = threading.Condition(self._lock)
         self._connections = set()  # every Client with a thread, joined or not
         self._admitted = 0  # connections admitted and not yet finished
@@ -672,7 +674,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return "The name %s is taken." % holder.name
             client.name, client.key = name, key
             client.joined_at = time.monotonic()
-            self._clients[client.key] = client
+            self._add_client(client)
             # Welcome, history and the join line are queued in one critical
             # section: the newcomer sees each room event exactly once, either
             # in the history or live.
@@ -692,8 +694,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return lines
 
     def _online_line(self):
-        names = [self._clients[key].name for key in sorted(self._clients)]
+        names = [self._clients[key].name for key in self._keys_in_order]
         return "*** Online now (%d): %s" % (len(names), ", ".join(names))
+
+    def _add_client(self, client):
+        """Put a client in the room's dict under its key (lock held)."""
+        self._clients[client.key] = client
+        # Kept sorted as it changes: sorting at every join costs a big class dearly.
+        bisect.insort(self._keys_in_order, client.key)
+
+    def _remove_client(self, client):
+        """Take a client out of the room's dict (lock held)."""
+        del self._clients[client.key]
+        del self._keys_in_order[bisect.bisect_left(self._keys_in_order, client.key)]
 
     def who(self):
         """The line that lists who is online, in alphabetical order."""
@@ -767,9 +780,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     client.renames.limit
                 )
             old_name = client.name
-            del self._clients[client.key]
+            self._remove_client(client)
             client.name, client.key = new_name, fold_name(new_name)
-            self._clients[client.key] = client
+            self._add_client(client)
             slow = self._publish("*** %s is now %s." % (old_name, new_name))
         self._drop_too_slow(slow)
         return None
@@ -779,7 +792,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self._lock:
             if client.key is None or self._clients.get(client.key) is not client:
                 return  # never joined, or has left already
-            del self._clients[client.key]
+            self._remove_client(client)
             line = "*** %s left the chat." % client.name
             if client.leave_reason:
                 line += " (%s)" % client.leave_reason
