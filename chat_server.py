@@ -15,12 +15,15 @@ Join it, from another terminal or another computer:
 How it works: three moving parts.
   * The room (ChatServer, a socketserver.ThreadingTCPServer) owns the dict of
     joined clients and the lock that protects it. It accepts connections and
-    turns each room event into one line queued for every client.
+    hands each room event, as one line, to every client, in the same order.
   * One reader thread per client (ChatHandler, a StreamRequestHandler) reads
     what that client types, line by line, and asks the room to act on it.
-  * One writer thread per client (Client) drains that client's outbox into its
-    socket. The room never sends on a socket itself: it only queues, so one
-    student who stops reading cannot slow anybody else down.
+  * Each client (Client) has an outbox and a writer thread. Handing a line to
+    a client never waits: it goes out at once if the client's socket has
+    room, and into the outbox if not; the writer thread sends the outbox when
+    there is room again. So one student who stops reading cannot slow anybody
+    else down: only their own outbox fills up, and past --sendq they are
+    disconnected.
 
 The terminal running the server is the teacher's console: it shows the chat,
 and lines typed there are announcements or commands (type /help there).
@@ -36,8 +39,8 @@ Licence: MIT (see LICENSE).
 #               with CR LF.
 #   room event  a join, message, action, rename, announcement or leave: a line
 #               that every joined client sees, in the same order.
-#   outbox      a client's queue of bytes waiting to be sent, bounded by
-#               --sendq; its writer thread is the only code that sends them.
+#   outbox      a client's queue of bytes its socket could not take yet,
+#               bounded by --sendq; its writer thread sends them when it can.
 
 import argparse
 import bisect
@@ -820,8 +823,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """
         if isinstance(lines, str):
             lines = [lines]
-        # Queuing for everyone while holding the lock is what gives every
-        # client the same order of events. offer() never blocks.
+        # Handing the event to everyone while holding the lock is what gives
+        # every client the same order of events. offer() never waits: it
+        # sends only what a socket takes at once and queues the rest, so one
+        # stalled client cannot hold the lock, and in the usual case no
+        # thread has to wake up at all (waking one writer thread per client
+        # per line was what made a busy room slow).
         data = b"".join(map(encode_line, lines))
         self._history.extend(lines)
         for line in lines:
@@ -983,8 +990,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     NOTE: we read with recv() and frame lines ourselves instead of using
     self.rfile.readline(): students' clients end lines with a bare CR or
-    CR NUL too, telnet mixes commands into the text, and a file reader cannot
-    be used again after a socket timeout (we need one for the name prompt).
+    CR NUL too, telnet mixes commands into the text, and the socket is
+    non-blocking (so that sending to it never waits), which a file reader
+    does not handle.
     """
 
     disable_nagle_algorithm = True  # TCP_NODELAY: a line leaves at once

@@ -159,14 +159,12 @@ def start_in_thread(server):
 
 
 @pytest.fixture
-def start_server():
-    """A factory: start_server(max_clients=2, ...) runs a ChatServer in-process."""
+def start_server_at():
+    """A factory: start_server_at(host, max_clients=2, ...) runs a ChatServer in-process."""
     running = []
 
-    def start(transcript=None, **settings):
-        server = chat_server.ChatServer(
-            ("127.0.0.1", 0), chat_server.Settings(**settings), transcript
-        )
+    def start(host, transcript=None, **settings):
+        server = chat_server.ChatServer((host, 0), chat_server.Settings(**settings), transcript)
         running.append((server, start_in_thread(server)))
         return server
 
@@ -176,6 +174,12 @@ def start_server():
         server.shutdown()
         server.server_close()
         thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def start_server(start_server_at):
+    """A factory: start_server(max_clients=2, ...) runs a ChatServer on 127.0.0.1."""
+    return lambda **options: start_server_at("127.0.0.1", **options)
 
 
 @pytest.fixture
@@ -225,9 +229,11 @@ def no_errors_logged(caplog):
 class ServerProcess:
     """chat_server.py running as a real process; its stderr is read as it comes."""
 
-    def __init__(self, *flags, stdin=subprocess.DEVNULL):
+    def __init__(self, *flags, stdin=subprocess.DEVNULL, launcher=None):
+        # launcher: Python code (for -c) that prepares, then runs the script.
+        prefix = ["-c", launcher] if launcher else []
         self.process = subprocess.Popen(
-            [sys.executable, "-u", SERVER_SCRIPT, "--port", "0", *flags],
+            [sys.executable, "-u", *prefix, SERVER_SCRIPT, "--port", "0", *flags],
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.log = queue.Queue()  # stderr lines; a pipe that is never read fills up
@@ -281,9 +287,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_process(*flags, stdin=subprocess.DEVNULL):
+def server_process(*flags, stdin=subprocess.DEVNULL, launcher=None):
     """Run chat_server.py as a real process on a free port; yield a ServerProcess."""
-    server = ServerProcess(*flags, stdin=stdin)
+    server = ServerProcess(*flags, stdin=stdin, launcher=launcher)
     try:
         yield server
     finally:

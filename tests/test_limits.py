@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from chat_server import Client
-from conftest import TIMEOUT, wait_until
+from chat_server import Client, enable_keepalive
+from conftest import TIMEOUT, ChatClient, wait_until
 
 
 # --- Names ---
@@ -265,3 +265,45 @@ def test_history_never_holds_private_messages(room, joined):
     bob.expect("alice whispers: psst")
     carol = joined("carol")
     assert not any("psst" in line for line in carol.seen)
+
+
+# --- Connections ---
+
+def test_accepted_sockets_use_keepalive_to_find_vanished_peers():
+    sock = socket.socket()
+    try:
+        enable_keepalive(sock)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+            interval = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+            probes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+            assert idle + interval * probes <= 150  # SPEC: within about two minutes
+    finally:
+        sock.close()
+
+
+def test_a_whole_class_connecting_at_once_all_get_a_prompt(start_server, connect):
+    server = start_server(max_clients=300)
+    assert server.request_queue_size >= 100  # not socketserver's 5
+    students = [connect(server) for _ in range(100)]
+    for student in students:
+        student.expect("What is your name?")
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+def test_host_double_colon_serves_ipv6_and_ipv4(start_server_at):
+    try:
+        server = start_server_at("::")
+    except OSError as error:
+        pytest.skip("cannot listen on [::]: %s" % error)
+    port = server.server_address[1]
+    for address in (("::1", port), ("127.0.0.1", port)):
+        try:
+            client = ChatClient(address)
+        except OSError as error:
+            pytest.skip("cannot connect to %s: %s" % (address, error))
+        try:
+            client.expect("What is your name?")
+        finally:
+            client.close()

@@ -48,8 +48,10 @@ def test_port_in_use_is_one_clear_line_and_exit_status_2():
     assert "Traceback" not in stderr
 
 
-def test_unknown_host_is_one_clear_line_and_exit_status_2():
-    status, stderr = run_server("--port", "0", "--host", "no.such.host.invalid")
+@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1"],
+                         ids=["unknown name", "address not on this machine"])
+def test_host_it_cannot_listen_on_is_one_clear_line_and_exit_status_2(host):
+    status, stderr = run_server("--port", "0", "--host", host)
     assert status == 2
     assert stderr.count("\n") == 1 and "Cannot listen on" in stderr, stderr
 
@@ -155,3 +157,31 @@ def test_server_with_stdin_at_eof_keeps_serving():
         alice.close()
         server.expect_log("Closed connection: alice")
         assert server.process.poll() is None
+
+
+# Runs the server with at most 40 open files, as a stingy OS would.
+FEW_FILES_LAUNCHER = (
+    "import resource, runpy, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="open-file limits are POSIX")
+def test_too_many_open_files_is_logged_and_survived():
+    with server_process("--max-clients", "500", launcher=FEW_FILES_LAUNCHER) as server:
+        crowd = []
+        try:
+            for number in range(50):  # more than 40 files: the last ones wait
+                client = server.client()
+                client.send("s%d" % number)
+                crowd.append(client)
+            server.expect_log("Too many open files")
+            for client in crowd[:20]:
+                client.close()
+            crowd[-1].expect("*** Welcome, s49!")  # let in once files were freed
+        finally:
+            for client in crowd:
+                client.close()
+        assert server.process.poll() is None
+    assert "Traceback" not in server.stderr_text()
