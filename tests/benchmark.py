@@ -302,8 +302,10 @@ def fanout(receivers, senders, lines):
             # the slowest receiver, so the server's outboxes stay small.
             for index, talker in enumerate(talkers):
                 slowest = min(row[index] for row in received)
-                burst = min(lines - sent[index], FANOUT_WINDOW_LINES - (sent[index] - slowest))
-                if burst > 32 and len(talker.outbox) < 65536:
+                left = lines - sent[index]
+                burst = min(left, FANOUT_WINDOW_LINES - (sent[index] - slowest))
+                # Bursts of at least 32 lines (fewer, bigger sends), but the last few too.
+                if (burst >= 32 or burst == left > 0) and len(talker.outbox) < 65536:
                     start = sent[index] + 1
                     talker.send(b"".join(b"~F %d %d %s\r\n" % (index, n, padding)
                                          for n in range(start, start + burst)))
