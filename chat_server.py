@@ -282,6 +282,22 @@ def encode_line(text):
     return (text + "\r\n").encode("utf-8")
 
 
+def parse_command(line, commands):
+    """Split '/word argument' into (the word, its method or None, the argument).
+
+    commands maps each word to (method, usage, description); case is ignored.
+    """
+    word, _, argument = line.strip()[1:].partition(" ")
+    entry = commands.get(word.lower())
+    return word, entry[0] if entry else None, argument.strip()
+
+
+def describe_commands(commands):
+    """One '/word USAGE   what it does' line per command, for /help."""
+    return ["%-22s %s" % (("/%s %s" % (word, usage)).strip(), description)
+            for word, (_, usage, description) in commands.items()]
+
+
 def fold_name(name):
     """Return the key that two names share when they look alike (Alice, ａｌｉｃｅ)."""
     # NFKC folds width and compatibility forms; casefold then folds case
@@ -1218,20 +1234,18 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def run_command(self, line):
         """Run a /command; its name is not case-sensitive."""
-        word, _, argument = line[1:].strip().partition(" ")
-        entry = self.COMMANDS.get(word.lower())
-        if entry is None:
+        word, method, argument = parse_command(line, self.COMMANDS)
+        if method is None:
             self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
         else:
-            entry[0](self, argument.strip())
+            method(self, argument)
 
     # -- The commands: to add one, write a method and add it to COMMANDS --
 
     def do_help(self, argument):
         lines = ["*** Commands:"]
-        for word, (_, usage, description) in self.COMMANDS.items():
-            lines.append("***   %-20s %s" % (("/%s %s" % (word, usage)).strip(), description))
-        lines.append("***   %-20s %s" % ("//text", "send a line that starts with /"))
+        lines += ["***   " + line for line in describe_commands(self.COMMANDS)]
+        lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
         private = "too" if self.server.settings.transcript_private else "not"
         lines.append("*** The teacher sees the chat (private messages %s) on the "
                      "server's screen." % private)
@@ -1318,12 +1332,11 @@ class TeacherConsole:
         if not text.startswith("/"):
             self.server.announce(text)
             return
-        word, _, argument = text[1:].partition(" ")
-        entry = self.COMMANDS.get(word.lower())
-        if entry is None:
+        word, method, argument = parse_command(text, self.COMMANDS)
+        if method is None:
             self.tell("Unknown console command: /%s. Type /help to see them." % word)
         else:
-            entry[0](self, argument.strip())
+            method(self, argument)
 
     def tell(self, text):
         """Answer the teacher, in order with the room events on the console."""
@@ -1331,8 +1344,8 @@ class TeacherConsole:
 
     def do_help(self, argument):
         self.tell("Console commands (any other line is announced to everyone):")
-        for word, (_, usage, description) in self.COMMANDS.items():
-            self.tell("  %-22s %s" % (("/%s %s" % (word, usage)).strip(), description))
+        for line in describe_commands(self.COMMANDS):
+            self.tell("  " + line)
 
     def do_kick(self, argument):
         name, _, reason = argument.partition(" ")
