@@ -1246,9 +1246,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
         lines = ["*** Commands:"]
         lines += ["***   " + line for line in describe_commands(self.COMMANDS)]
         lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
-        private = "too" if self.server.settings.transcript_private else "not"
-        lines.append("*** The teacher sees the chat (private messages %s) on the "
-                     "server's screen." % private)
+        private = ("private messages too" if self.server.settings.transcript_private
+                   else "not private messages")
+        lines.append("*** The teacher sees the chat on the server's screen (%s)." % private)
         self.reply(*lines)
 
     def do_nick(self, argument):

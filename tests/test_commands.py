@@ -134,3 +134,13 @@ def test_quit_with_a_reason_shows_it_to_the_others(room):
     bob.send("/quit time for lunch")
     assert bob.expect_closed() == ["*** Bye."]
     alice.expect_next("*** bob left the chat. (time for lunch)")
+
+
+@pytest.mark.parametrize("shown, says", [(False, "(not private messages)"),
+                                         (True, "(private messages too)")],
+                         ids=["by default", "with --transcript-private"])
+def test_help_says_whether_the_teacher_sees_private_messages(start_server, joined, shown, says):
+    server = start_server(transcript_private=shown)
+    alice = joined("alice", server)
+    alice.send("/help")
+    assert alice.expect("teacher sees the chat").endswith(says)
