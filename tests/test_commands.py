@@ -143,4 +143,4 @@ def test_help_says_whether_the_teacher_sees_private_messages(start_server, joine
     server = start_server(transcript_private=shown)
     alice = joined("alice", server)
     alice.send("/help")
-    assert alice.expect("teacher sees the chat").endswith(says)
+    assert alice.expect("teacher sees the chat").endswith(says + ".")
