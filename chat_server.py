@@ -390,11 +390,12 @@ class RateWindow:
 class Client:
     """One connection: its name once joined, its outbox and its writer thread.
 
-    offer() is how anyone sends to this client, and it never waits: if
-    nothing is queued, it sends at once as far as the socket takes it (the
-    usual case, and the cheapest: no thread has to wake up). Whatever the
-    socket cannot take yet waits in the outbox, and the writer thread, which
-    is the only code that waits on this socket, sends it when there is room.
+    Sending to a client never waits. offer() only queues bytes in the outbox
+    (the room calls it while holding its lock); flush() then sends what is
+    queued, as far as the socket takes it at once (the usual case: no other
+    thread has to wake up). If the socket is full, the rest stays queued and
+    the writer thread, the only code that ever waits on this socket, sends it
+    when there is room. One thread at a time sends, so bytes never interleave.
     The reader (ChatHandler) is the only code that reads the socket.
     """
 
@@ -408,14 +409,17 @@ class Client:
         self.renames = None  # a RateWindow for /nick, set by the handler
         self.muted = False  # set by the teacher; the room checks it
         self.told_quiet = False  # told once per quiet period that it is on
+        self.too_slow = False  # its outbox overflowed: the room drops it
         self.sendq_bytes = sendq_bytes
-        self._outbox = collections.deque()  # bytes the socket could not take yet
-        self._outbox_bytes = 0  # queued, or in the writer's hands
-        # Guards the outbox and the flags below, and so the order of what is
-        # sent. (A plain Lock: Condition's default RLock is slower.)
+        self._outbox = collections.deque()  # bytes not yet sent
+        self._outbox_bytes = 0  # queued, or being sent
+        # Guards the outbox and the flags below. (A plain Lock: Condition's
+        # default RLock is slower, and this runs once per line per client.)
         self._outbox_changed = threading.Condition(threading.Lock())
-        self._writer_busy = False  # the writer holds bytes it has not sent yet
+        self._sending = False  # one thread has taken bytes out and is sending them
+        self._backlogged = False  # the socket was full: the writer sends until empty
         self._closing = False  # no more data is taken; the writer flushes and stops
+        self._dropped = False  # drop() has run for this client
         self.gone = threading.Event()  # set once the socket is shut down
         self._writer = threading.Thread(
             target=self._run_writer, name="writer %s" % format_address(address), daemon=True
@@ -430,27 +434,66 @@ class Client:
         self._writer.start()
 
     def offer(self, data):
-        """Send bytes now or queue them, never waiting; False if the outbox overflowed.
+        """Queue bytes for this client; False if that made the outbox overflow.
 
-        An overflowing client is too slow: its outbox is emptied and closed,
-        and the caller must disconnect it (outside the room lock).
+        Never waits and never touches the socket, so the room may call it
+        while holding its lock. An overflowing client is too slow: its outbox
+        is emptied and closed, and the room must drop it.
         """
         with self._outbox_changed:
             if self._closing:
                 return True  # it is being disconnected: nothing more to send
-            if not self._outbox and not self._writer_busy:
-                data = data[self._send_now(data):]
-                if not data:
-                    return True
             if self._outbox_bytes + len(data) > self.sendq_bytes:
-                self._closing = True
+                self._closing = self.too_slow = True
                 self._outbox.clear()
+                self._outbox_changed.notify()
                 return False
             self._outbox.append(data)
             self._outbox_bytes += len(data)
-            if len(self._outbox) == 1:
-                self._outbox_changed.notify()  # the socket is full: over to the writer
             return True
+
+    def queue_line(self, text):
+        """Queue one line (see offer())."""
+        return self.offer(encode_line(text))
+
+    def flush(self):
+        """Send what is queued, as far as the socket takes it now; never wait.
+
+        Never call this while holding the room's lock: it uses the socket.
+        """
+        while True:
+            with self._outbox_changed:
+                if self._sending or self._backlogged or not self._outbox:
+                    return  # nothing to do, or another thread is on it
+                batch = b"".join(self._outbox)  # lines queued meanwhile go in one send
+                self._outbox.clear()
+                self._sending = True
+            sent = self._send_now(batch)
+            with self._outbox_changed:
+                self._sending = False
+                self._outbox_bytes -= sent
+                if sent < len(batch):
+                    self._outbox.appendleft(batch[sent:])
+                    self._backlogged = True  # the socket is full: over to the writer
+                if self._backlogged or self._closing:
+                    self._outbox_changed.notify()
+                    return
+
+    def send(self, data):
+        """Queue bytes and send them now if the socket has room; False if too slow."""
+        queued = self.offer(data)
+        self.flush()
+        return queued
+
+    def send_line(self, text):
+        """Send one line now (see send()); never while holding the room's lock."""
+        return self.send(encode_line(text))
+
+    def claim_drop(self):
+        """True the first time only: so a client is dropped once."""
+        with self._outbox_changed:
+            first, self._dropped = not self._dropped, True
+            return first
 
     def _send_now(self, data):
         """Send as much of data as the socket takes without waiting; return how much."""
@@ -460,10 +503,6 @@ class Client:
             return 0  # the socket is full
         except OSError:
             return len(data)  # the peer is gone; its reader sees that and leaves
-
-    def send_line(self, text):
-        """Send one line to this client; return False if it is too slow."""
-        return self.offer(encode_line(text))
 
     def close_after_flush(self):
         """Take no more data; the writer sends what is queued, then closes."""
@@ -485,20 +524,21 @@ class Client:
         return not self._writer.is_alive()
 
     def _next_batch(self):
-        """Wait for queued data; return it all as one bytes, or None when done."""
+        """Wait until the writer is needed; return the bytes to send, or None to stop."""
         with self._outbox_changed:
-            while not self._outbox and not self._closing:
+            while self._sending or not (self._backlogged or self._closing):
                 self._outbox_changed.wait()
             if not self._outbox:
-                return None
+                self._backlogged = False
+                return None if self._closing else b""
             batch = b"".join(self._outbox)
             self._outbox.clear()
-            self._writer_busy = True  # offer() must not send past these bytes
+            self._sending = True
             return batch
 
     def _run_writer(self):
-        # One send per batch, not per line: the slower the client, the
-        # bigger the batches and the fewer the system calls.
+        # Woken only when the socket was full (or at the end): then it waits
+        # for room, and sends everything queued meanwhile in one go.
         writable = OneSocketSelector()
         writable.register(self.sock, selectors.EVENT_WRITE)
         try:
@@ -506,13 +546,15 @@ class Client:
                 batch = self._next_batch()
                 if batch is None:
                     break
+                if not batch:
+                    continue  # the backlog is gone: back to waiting
                 rest = memoryview(batch)
                 rest = rest[self._send_now(rest):]
                 while rest and not self.gone.is_set():
                     writable.select(WRITER_CHECK_SECONDS)  # wait for room in the socket
                     rest = rest[self._send_now(rest):]
                 with self._outbox_changed:
-                    self._writer_busy = False
+                    self._sending = False
                     self._outbox_bytes -= len(batch)
         except Exception as error:  # a thread's top level: log it, never a traceback
             log.error("Writer for %s failed: %r", self, error)
@@ -674,9 +716,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._everyone_gone.notify_all()
 
     def connection_count(self):
-        """How many connections are open, joined or not."""
+        """How many connections are open (admitted, not yet finished), joined or not."""
         with self._lock:
-            return len(self._connections)
+            return self._admitted
 
     # -- Room events --
 
@@ -697,10 +739,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             # Welcome, history and the join line are queued in one critical
             # section: the newcomer sees each room event exactly once, either
             # in the history or live.
-            greeting = self._welcome_lines(client)
-            slow = [] if all(map(client.send_line, greeting)) else [client]
-            slow += self._publish("*** %s joined the chat." % name, exclude=client)
-        self._drop_too_slow(slow)
+            for line in self._welcome_lines(client):
+                client.queue_line(line)
+            recipients = self._publish("*** %s joined the chat." % name, exclude=client)
+        self._deliver([client] + recipients)
         return None
 
     def _welcome_lines(self, client):
@@ -746,12 +788,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return  # kicked, or dropped, while these lines were on their way
             notice = self._silencing_notice(client)
             if notice is None:
-                slow = self._publish(lines, exclude=client)
+                recipients = self._publish(lines, exclude=client)
             else:
                 for line in lines:
                     self._records.put(("silenced", line))
-                slow = [] if notice == "" or client.send_line(notice) else [client]
-        self._drop_too_slow(slow)
+                if notice:
+                    client.queue_line(notice)
+                recipients = [client]
+        self._deliver(recipients)
 
     def _silencing_notice(self, client):
         """None if client may speak; else what to tell it ('' if told already)."""
@@ -772,14 +816,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return "No one called %s is online. Type /who to see who is." % name
             notice = self._silencing_notice(client)
             if notice is not None:
-                slow = [] if notice == "" or client.send_line(notice) else [client]
+                if notice:
+                    client.queue_line(notice)
+                recipients = [client]
             else:
                 line = "%s whispers: %s" % (client.name, text)
-                slow = [] if target.send_line(line) else [target]
-                if not client.send_line("*** You whispered to %s: %s" % (target.name, text)):
-                    slow.append(client)
+                target.queue_line(line)
+                client.queue_line("*** You whispered to %s: %s" % (target.name, text))
                 self._records.put(("private", "%s to %s" % (line, target.name)))
-        self._drop_too_slow(slow)
+                recipients = [target, client]
+        self._deliver(recipients)
         return None
 
     def rename(self, client, new_name):
@@ -802,8 +848,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._remove_client(client)
             client.name, client.key = new_name, fold_name(new_name)
             self._add_client(client)
-            slow = self._publish("*** %s is now %s." % (old_name, new_name))
-        self._drop_too_slow(slow)
+            recipients = self._publish("*** %s is now %s." % (old_name, new_name))
+        self._deliver(recipients)
         return None
 
     def leave(self, client):
@@ -815,45 +861,51 @@ class ChatServer(socketserver.ThreadingTCPServer):
             line = "*** %s left the chat." % client.name
             if client.leave_reason:
                 line += " (%s)" % client.leave_reason
-            slow = [] if self._closing else self._publish(line, exclude=client)
-        self._drop_too_slow(slow)
+            recipients = [] if self._closing else self._publish(line, exclude=client)
+        self._deliver(recipients)
 
     def drop(self, client, reason):
         """Disconnect one client now; the reason goes to the console only."""
+        if not client.claim_drop():
+            return  # dropped already
         log.warning("Disconnecting %s: %s", client, reason)
         self.leave(client)
         client.abort()
 
-    def _drop_too_slow(self, clients):
-        # Called after the lock is released: abort() touches a socket.
+    def _deliver(self, clients):
+        """Send what was queued for clients, and drop any that were too slow.
+
+        Called after the room's lock is released: this touches sockets. When
+        several threads publish at once, one send here often carries lines
+        that others queued meanwhile.
+        """
         for client in clients:
-            self.drop(client, TOO_SLOW)
+            if client.too_slow:
+                self.drop(client, TOO_SLOW)
+            else:
+                client.flush()
 
     def _publish(self, lines, exclude=None):
         """Queue room events for every joined client but exclude (lock held).
 
         lines is one line, or a list of lines from one sender, which are
         queued together: one offer per client, whatever their number.
-        Return the clients whose outbox overflowed: the caller drops them
-        once it has released the lock.
+        Return the clients they were queued for: the caller passes them to
+        _deliver() once it has released the lock.
         """
         if isinstance(lines, str):
             lines = [lines]
-        # Handing the event to everyone while holding the lock is what gives
-        # every client the same order of events. offer() never waits: it
-        # sends only what a socket takes at once and queues the rest, so one
-        # stalled client cannot hold the lock, and in the usual case no
-        # thread has to wake up at all (waking one writer thread per client
-        # per line was what made a busy room slow).
+        # Queuing for everyone while holding the lock is what gives every
+        # client the same order of events. offer() never waits and never
+        # touches a socket: the sending happens in _deliver(), after the lock.
         data = b"".join(map(encode_line, lines))
         self._history.extend(lines)
         for line in lines:
             self._records.put(("room", line))
-        return [
-            client
-            for client in self._clients.values()
-            if client is not exclude and not client.offer(data)
-        ]
+        recipients = [client for client in self._clients.values() if client is not exclude]
+        for client in recipients:
+            client.offer(data)
+        return recipients
 
     # -- The console and the transcript --
 
@@ -897,8 +949,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def announce(self, text):
         """Send the teacher's announcement to everyone."""
         with self._lock:
-            slow = self._publish("*** [teacher] %s" % text)
-        self._drop_too_slow(slow)
+            recipients = self._publish("*** [teacher] %s" % text)
+        self._deliver(recipients)
 
     def kick(self, name, reason=""):
         """Disconnect the client called name and ban its address; return a reply."""
@@ -933,11 +985,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if client.muted == muted:
                 return "%s is already %s." % (client.name, "muted" if muted else "not muted")
             client.muted = muted
-            told = client.send_line(
+            client.queue_line(
                 "*** The teacher has muted you: your messages reach nobody for now."
                 if muted else "*** The teacher has unmuted you: you can chat again.")
-        if not told:
-            self.drop(client, TOO_SLOW)
+        self._deliver([client])
         return "%s is %s." % (client.name, "muted" if muted else "no longer muted")
 
     def set_quiet(self, quiet):
@@ -946,10 +997,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._quiet = quiet
             for client in self._clients.values():
                 client.told_quiet = False
-            slow = self._publish(
+            recipients = self._publish(
                 "*** [teacher] Quiet, please: only the teacher speaks for now."
                 if quiet else "*** [teacher] The chat is open again.")
-        self._drop_too_slow(slow)
+        self._deliver(recipients)
 
     def who_detail(self):
         """Lines for the teacher: each name, its address and time online."""
@@ -973,8 +1024,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._closing = True
             everyone = list(self._connections)
             for client in everyone:
-                client.send_line("*** Server is shutting down.")
-                client.close_after_flush()
+                client.queue_line("*** Server is shutting down.")
+                client.close_after_flush()  # the writer sends it, then closes
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         for client in everyone:
             client.wait_gone(max(0.0, deadline - time.monotonic()))
@@ -1091,7 +1142,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         """Take raw bytes from the client: answer telnet, queue complete lines."""
         text, answer = self.telnet.feed(data)
         if answer:
-            self.client.offer(answer)  # refusals of telnet options
+            self.client.send(answer)  # refusals of telnet options
         for line in self.framer.feed(text):
             self.lines.append(line if line is TOO_LONG else clean_line(line))
 
@@ -1134,7 +1185,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             "Content-Length: %d\r\n"
             "Connection: close\r\n\r\n" % len(body)
         ).encode("ascii")
-        self.client.offer(header + body)
+        self.client.send(header + body)
         log.info("Answered a web browser at %s", self.client)
 
     def check_password(self, deadline):

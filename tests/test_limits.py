@@ -182,12 +182,16 @@ def full_socket_pair():
     return ours, theirs
 
 
-def test_offer_sends_at_once_when_the_socket_has_room():
+def test_offer_only_queues_and_flush_sends_at_once():
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     try:
         client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
-        assert client.offer(b"hello\r\n")
+        assert client.offer(b"hello\r\n")  # what the room does under its lock
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)  # nothing was sent yet
+        client.flush()  # what the room does after releasing it
         theirs.settimeout(TIMEOUT)
         assert theirs.recv(100) == b"hello\r\n"
     finally:
