@@ -421,17 +421,13 @@ class Client:
         self._closing = False  # no more data is taken; the writer flushes and stops
         self._dropped = False  # drop() has run for this client
         self.gone = threading.Event()  # set once the socket is shut down
-        self._writer = threading.Thread(
-            target=self._run_writer, name="writer %s" % format_address(address), daemon=True
-        )
+        # Started the first time it is needed (a full socket, or closing):
+        # most clients never need one, and a thread costs memory.
+        self._writer = None
 
     def __str__(self):
         where = format_address(self.address)
         return "%s (%s)" % (self.name, where) if self.name else where
-
-    def start(self):
-        """Start the writer thread."""
-        self._writer.start()
 
     def offer(self, data):
         """Queue bytes for this client; False if that made the outbox overflow.
@@ -475,9 +471,23 @@ class Client:
                 if sent < len(batch):
                     self._outbox.appendleft(batch[sent:])
                     self._backlogged = True  # the socket is full: over to the writer
-                if self._backlogged or self._closing:
-                    self._outbox_changed.notify()
-                    return
+                handing_over = self._backlogged or self._closing
+            if handing_over:
+                self._wake_writer()
+                return
+
+    def _wake_writer(self):
+        """Wake the writer thread, starting it the first time (never under a lock)."""
+        with self._outbox_changed:
+            writer, starting = self._writer, self._writer is None
+            if starting:
+                writer = self._writer = threading.Thread(
+                    target=self._run_writer, daemon=True,
+                    name="writer %s" % format_address(self.address))
+            else:
+                self._outbox_changed.notify()
+        if starting:
+            writer.start()
 
     def send(self, data):
         """Queue bytes and send them now if the socket has room; False if too slow."""
@@ -505,10 +515,16 @@ class Client:
             return len(data)  # the peer is gone; its reader sees that and leaves
 
     def close_after_flush(self):
-        """Take no more data; the writer sends what is queued, then closes."""
+        """Take no more data; send what is queued, then close (never under a lock)."""
         with self._outbox_changed:
             self._closing = True
-            self._outbox_changed.notify()
+        self.flush()
+        with self._outbox_changed:
+            done = not (self._outbox or self._sending or self._backlogged)
+        if done and self._writer is None:
+            self._shut_down_socket()  # all sent: no thread needed to close
+        else:
+            self._wake_writer()
 
     def abort(self):
         """Close now, dropping the outbox: wakes both threads if they are waiting."""
@@ -519,9 +535,8 @@ class Client:
         self._shut_down_socket()
 
     def wait_gone(self, timeout):
-        """Wait until the writer has finished; return True if it has."""
-        self._writer.join(timeout)
-        return not self._writer.is_alive()
+        """Wait until everything was sent and the socket shut down; True if so."""
+        return self.gone.wait(timeout)
 
     def _next_batch(self):
         """Wait until the writer is needed; return the bytes to send, or None to stop."""
@@ -1025,7 +1040,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             everyone = list(self._connections)
             for client in everyone:
                 client.queue_line("*** Server is shutting down.")
-                client.close_after_flush()  # the writer sends it, then closes
+        for client in everyone:
+            client.close_after_flush()
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         for client in everyone:
             client.wait_gone(max(0.0, deadline - time.monotonic()))
@@ -1082,7 +1098,6 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.readable = OneSocketSelector()
         self.readable.register(self.request, selectors.EVENT_READ)
         self.server.register(self.client)
-        self.client.start()
 
     def handle(self):
         """A client's life: greet, check the password, ask a name, join, chat."""
