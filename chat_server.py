@@ -18,12 +18,12 @@ How it works: three moving parts.
     hands each room event, as one line, to every client, in the same order.
   * One reader thread per client (ChatHandler, a StreamRequestHandler) reads
     what that client types, line by line, and asks the room to act on it.
-  * Each client (Client) has an outbox and a writer thread. Handing a line to
-    a client never waits: it goes out at once if the client's socket has
-    room, and into the outbox if not; the writer thread sends the outbox when
-    there is room again. So one student who stops reading cannot slow anybody
-    else down: only their own outbox fills up, and past --sendq they are
-    disconnected.
+  * Each client (Client) has an outbox. Under the room's lock a line is only
+    queued in every outbox (that fixes the order); after the lock, it is sent
+    to each socket without waiting. What a full socket cannot take stays
+    queued, and that client's writer thread sends it when there is room. So
+    one student who stops reading cannot slow anybody else down: only their
+    own outbox fills up, and past --sendq they are disconnected.
 
 The terminal running the server is the teacher's console: it shows the chat,
 and lines typed there are announcements or commands (type /help there).
@@ -39,8 +39,8 @@ Licence: MIT (see LICENSE).
 #               with CR LF.
 #   room event  a join, message, action, rename, announcement or leave: a line
 #               that every joined client sees, in the same order.
-#   outbox      a client's queue of bytes its socket could not take yet,
-#               bounded by --sendq; its writer thread sends them when it can.
+#   outbox      a client's queue of bytes not yet sent, bounded by --sendq;
+#               what a full socket cannot take, its writer thread sends later.
 
 import argparse
 import bisect
