@@ -199,6 +199,23 @@ def test_offer_only_queues_and_flush_sends_at_once():
         theirs.close()
 
 
+def test_writer_thread_sends_what_a_full_socket_could_not_take():
+    ours, theirs = full_socket_pair()
+    client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1 << 20)
+    try:
+        assert client.send(b"the end\r\n")  # the socket is full: this waits in the outbox
+        received = b""
+        theirs.settimeout(TIMEOUT)
+        while not received.endswith(b"the end\r\n"):  # the peer reads at last
+            data = theirs.recv(1 << 20)
+            assert data, "closed before the queued line came"
+            received += data
+    finally:
+        client.abort()
+        ours.close()
+        theirs.close()
+
+
 def test_outbox_takes_up_to_sendq_bytes_once_the_socket_is_full():
     ours, theirs = full_socket_pair()
     try:
