@@ -461,9 +461,7 @@ class Client:
             with self._outbox_changed:
                 if self._sending or self._backlogged or not self._outbox:
                     return  # nothing to do, or another thread is on it
-                batch = b"".join(self._outbox)  # lines queued meanwhile go in one send
-                self._outbox.clear()
-                self._sending = True
+                batch = self._take_batch()
             sent = self._send_now(batch)
             with self._outbox_changed:
                 self._sending = False
@@ -546,10 +544,17 @@ class Client:
             if not self._outbox:
                 self._backlogged = False
                 return None if self._closing else b""
-            batch = b"".join(self._outbox)
-            self._outbox.clear()
-            self._sending = True
-            return batch
+            return self._take_batch()
+
+    def _take_batch(self):
+        """Take all that is queued, as one bytes, and the turn to send it (lock held).
+
+        Lines queued while another thread was sending go out together here.
+        """
+        batch = b"".join(self._outbox)
+        self._outbox.clear()
+        self._sending = True
+        return batch
 
     def _run_writer(self):
         # Woken only when the socket was full (or at the end): then it waits
@@ -1258,8 +1263,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
         """Take the plain messages already received that may go out at once.
 
         Sending them with the one before costs each recipient one queued item
-        and at most one writer wake-up, instead of one per line: that is
-        what keeps a busy room cheap.
+        and one send, instead of one of each per line: that is what keeps a
+        busy room cheap.
         """
         texts = []
         while self.lines:
@@ -1290,13 +1295,12 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
-        command = line.lstrip()
-        if command.startswith("//"):
-            self.server.say(self.client, command[1:])  # "//text" sends "/text"
-        elif command.startswith("/"):
-            self.run_command(command)
-        else:
+        if is_plain_message(line):
             self.server.say(self.client, line, *self.more_messages())
+        elif line.lstrip().startswith("//"):
+            self.server.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
+        else:
+            self.run_command(line)
 
     def run_command(self, line):
         """Run a /command; its name is not case-sensitive."""
