@@ -55,6 +55,16 @@ class ChatClient:
         self.buffer = b""
         self.seen = []  # every line read so far, for failure messages
 
+    def join(self, name):
+        """Give a name at once (before the prompt, as a script would) and wait to be in.
+
+        The server reads the name when it asks, without its short wait for a
+        browser. Returns self.
+        """
+        self.send(name)
+        self.expect("*** Online now")
+        return self
+
     def send(self, line):
         """Send one line, ended with CR LF as telnet does."""
         self.send_raw(line.encode("utf-8") + b"\r\n")
@@ -207,12 +217,7 @@ def joined(connect):
     """A factory: joined("alice") connects and finishes the name prompt."""
 
     def join(name, target=None, **options):
-        client = connect(target, **options)
-        # The name goes at once, before the prompt (as a script would): the
-        # server reads it when it asks, without its short wait for a browser.
-        client.send(name)
-        client.expect("*** Online now")
-        return client
+        return connect(target, **options).join(name)
 
     return join
 
@@ -276,6 +281,15 @@ class ServerProcess:
 
     def client(self, **options):
         return ChatClient(("127.0.0.1", self.port), **options)
+
+    def join(self, name, **options):
+        """A client that has joined as name."""
+        return self.client(**options).join(name)
+
+    def type(self, line):
+        """Type a line at the server's console (started with stdin=PIPE)."""
+        self.process.stdin.write(line.encode("utf-8") + b"\n")
+        self.process.stdin.flush()
 
     def stop(self):
         if self.process.poll() is None:

@@ -163,21 +163,16 @@ def test_unknown_console_command_gets_a_clear_line(console, caplog):
 
 def test_console_reads_a_pipe_and_announces(tmp_path):
     with server_process(stdin=subprocess.PIPE) as server:
-        alice = server.client()
-        alice.send("alice")
-        alice.expect("Online now")
-        server.process.stdin.write(b"Hello from the front desk\n")
-        server.process.stdin.flush()
+        alice = server.join("alice")
+        server.type("Hello from the front desk")
         alice.expect("*** [teacher] Hello from the front desk")
         alice.close()
 
 
 def test_console_shows_room_events_with_timestamps():
     with server_process() as server:
-        alice, bob = server.client(), server.client()
-        alice.send("alice")
-        alice.expect("Online now")
-        bob.send("bob")
+        alice = server.join("alice")
+        bob = server.join("bob")
         alice.expect("bob joined")
         bob.send("/nick robert")
         alice.expect("is now robert")
@@ -194,11 +189,8 @@ def test_console_shows_room_events_with_timestamps():
 
 def test_console_shutdown_stops_the_server_like_ctrl_c():
     with server_process(stdin=subprocess.PIPE) as server:
-        alice = server.client()
-        alice.send("alice")
-        alice.expect("Online now")
-        server.process.stdin.write(b"/shutdown\n")
-        server.process.stdin.flush()
+        alice = server.join("alice")
+        server.type("/shutdown")
         alice.expect("*** Server is shutting down.")
         assert server.process.wait(TIMEOUT) == 0
         alice.close()
@@ -252,15 +244,12 @@ def test_server_started_in_a_shells_background_keeps_serving():
 def test_transcript_holds_every_room_event_even_after_a_kill(tmp_path):
     path = tmp_path / "class.log"
     with server_process("--transcript", str(path), stdin=subprocess.PIPE) as server:
-        alice, bob = server.client(), server.client()
-        alice.send("alice")
-        alice.expect("Online now")
-        bob.send("bob")
+        alice = server.join("alice")
+        bob = server.join("bob")
         alice.expect("bob joined")
         bob.send("the answer is 42")
         alice.expect("bob says: the answer is 42")
-        server.process.stdin.write(b"Well done\n")
-        server.process.stdin.flush()
+        server.type("Well done")
         alice.expect("[teacher] Well done")
         wait_until(lambda: "Well done" in path.read_text(encoding="utf-8"),
                    message="the transcript to be written")
@@ -280,10 +269,8 @@ def test_transcript_holds_every_room_event_even_after_a_kill(tmp_path):
 def test_transcript_has_private_messages_only_when_asked(tmp_path, flags, written):
     path = tmp_path / "class.log"
     with server_process("--transcript", str(path), *flags) as server:
-        alice, bob = server.client(), server.client()
-        alice.send("alice")
-        alice.expect("Online now")
-        bob.send("bob")
+        alice = server.join("alice")
+        bob = server.join("bob")
         alice.expect("bob joined")
         bob.send("/msg alice secret")
         alice.expect("bob whispers: secret")

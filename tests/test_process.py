@@ -108,15 +108,11 @@ def test_default_address_is_the_tutorials():
 def test_ctrl_c_tells_everyone_and_exits_0_quickly_despite_a_stalled_client():
     with server_process("--flood-rate", "0", "--sendq", "100000000") as server:
         process = server.process
-        alice = server.client()
-        alice.send("alice")
-        alice.expect("Online now")
+        alice = server.join("alice")
         stalled = server.client(rcvbuf=4096)
         stalled.send("stalled")  # joins, then never reads
         alice.expect("stalled joined")
-        bob = server.client()
-        bob.send("bob")
-        bob.expect("Online now")
+        bob = server.join("bob")
         alice.expect("bob joined")
         for _ in range(40):  # 8 MB: the stalled client's socket buffers fill up
             bob.send_raw((b"z" * 1000 + b"\r\n") * 200)
@@ -139,9 +135,7 @@ def test_ctrl_c_tells_everyone_and_exits_0_quickly_despite_a_stalled_client():
 @POSIX_SIGNALS
 def test_sigterm_shuts_down_in_good_order():
     with server_process() as server:
-        alice = server.client()
-        alice.send("alice")
-        alice.expect("Online now")
+        alice = server.join("alice")
         server.process.terminate()
         status = server.process.wait(TIMEOUT)
         alice.expect("*** Server is shutting down.")
