@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +31,23 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning"
     )
+
+
+# .ci/run sets CHAT_TESTS_REQUIRE (for example "chromium,redis-server") so that
+# tests needing those programs fail instead of skipping when they are missing.
+REQUIRED_TOOLS = {name.strip() for name in os.environ.get("CHAT_TESTS_REQUIRE", "").split(",")
+                  if name.strip()}
+
+
+def find_tool(name):
+    """The path of a program the tests need, or skip (fail under CI) without it."""
+    path = shutil.which(name)
+    if path is None:
+        message = "%s is not installed (apt-get install %s)" % (name, name)
+        if name in REQUIRED_TOOLS:
+            pytest.fail(message + ", and CHAT_TESTS_REQUIRE asks for it")
+        pytest.skip(message)
+    return path
 
 
 def wait_until(condition, timeout=TIMEOUT, message="condition"):
