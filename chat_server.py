@@ -48,6 +48,8 @@ import collections
 import dataclasses
 import errno
 import hmac
+import ipaddress
+import os
 import logging
 import logging.handlers
 import queue
@@ -79,6 +81,10 @@ NAME_TIMEOUT_SECONDS = 60.0  # time to type the password and a name
 SENDQ_BYTES = 256 * 1024  # minutes of busy chat for a client that lags
 HISTORY_EVENTS = 20  # about one screen of context for a late joiner
 BAN_MINUTES = 5.0  # long enough to calm down, short enough to forgive
+PER_ADDRESS = 8  # connections from one computer: a terminal, a browser and
+#                  a few reconnects, but not a script holding the room
+ROOM_BYTES_PER_SECOND = 32 * 1024  # all students' text together: half of what
+#                                    a slow school laptop reads (64 KiB/s)
 
 # Fixed numbers that are not flags.
 MAX_NAME_CHARS = 20  # fits in a line prefix and a /who list
@@ -87,7 +93,26 @@ LISTEN_BACKLOG = 128  # a whole class connecting in the same second (the
 #                       default of 5 drops SYNs: a 1-3 s retry per student)
 BROWSER_WAIT_SECONDS = 0.25  # a browser sends its request at once, a person
 #                              needs longer: see ChatHandler.greet()
-WRONG_PASSWORD_DELAY_SECONDS = 1.0  # makes guessing the password slow
+PASSWORD_ANSWER_SECONDS = 1.0  # every password answer, right or wrong, comes
+#                                 after this long: a guesser learns nothing sooner
+PASSWORD_FAILURES_FREE = 3  # wrong passwords an address may give (times
+#                             --per-address) before it must wait...
+PASSWORD_WAIT_SECONDS = 10.0  # ...this long, doubling with each failure after...
+PASSWORD_WAIT_MAX_SECONDS = 300.0  # ...up to this; never a lock-out for good
+JOINS_PER_MINUTE = 3  # joins from one address (times --per-address) in a
+#                        minute; the first ones are instant, so a student whose
+#                        Wi-Fi dropped is back at once
+INPUT_BYTES_PER_SECOND = 16 * 1024  # what one connection may send: ten times a
+INPUT_BURST_BYTES = 64 * 1024  # fast typist, and a pasted page at once
+MAX_QUIT_REASON_CHARS = 60  # a reason, not a speech
+MAX_MARKS_PER_LETTER = 3  # combining marks on one letter (Vietnamese needs 2)
+REFUSALS_AT_ONCE = 64  # refused connections being told why, at most
+REFUSAL_DRAIN_SECONDS = 2.0  # read what a refused client sent, so that closing
+#                              does not reset the connection and eat our line
+RECORD_QUEUE_EVENTS = 10000  # room events waiting for the console and transcript
+HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
+#                                  and shows the count this often
+TRANSCRIPT_QUEUE_LINES = 10000  # lines waiting for a slow transcript disk
 SHUTDOWN_GRACE_SECONDS = 1.0  # for the goodbye line to reach each client
 KEEPALIVE_IDLE_SECONDS = 60  # a silent peer is probed after this long...
 KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
@@ -103,6 +128,7 @@ RESERVED_NAMES = frozenset(
 EXIT_OK = 0
 EXIT_STARTUP_ERROR = 2  # also argparse's status for a bad flag
 EXIT_CONNECT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl+C
 
 log = logging.getLogger("chat_server")
 
@@ -126,6 +152,8 @@ class Settings:
     sendq: int = SENDQ_BYTES
     history: int = HISTORY_EVENTS
     ban_minutes: float = BAN_MINUTES
+    per_address: int = PER_ADDRESS  # 0: a shared machine, no per-address rules
+    room_rate: int = ROOM_BYTES_PER_SECOND  # 0: no room-wide budget
     transcript_private: bool = False  # private messages on the console and transcript
 
 
@@ -138,15 +166,19 @@ IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 LINE_END = re.compile(rb"\r\n|\r\0|\r|\n")  # telnet, telnet char mode, Mac, nc
 
 # Whole escape sequences, so that no "[A" is left behind when an arrow key's
-# ESC is removed: CSI (cursor keys, colours, clear screen), then the string
-# sequences (OSC window titles, DCS, ...), then two-byte escapes (ESC c).
+# ESC is removed: CSI (cursor keys, colours, clear screen), SS3 (F1 to F4 and
+# the keypad: ESC O P), then the string sequences (OSC window titles, DCS,
+# ...), then two-byte escapes (ESC c).
 ESCAPE_SEQUENCE = re.compile(
     r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1bO|\x8f)[0-?]*[@-~]"
     r"|(?:\x1b[]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
     r"|\x1b[ -/]*[0-~]"
 )
 # C0, DEL and C1 controls, and the bidi overrides that make text run backwards.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Three asterisks or more, counting the forms that NFKC turns into "*".
+SERVER_MARKER = re.compile("[*\ufe61\uff0a]{3,}")
 ERASE_CHARACTERS = "\b\x7f"  # backspace and DEL, as character-mode clients send
 
 HTTP_REQUEST = re.compile(r"^[A-Z]+ \S+ HTTP/\d\.\d$")
@@ -272,6 +304,17 @@ def clean_line(raw):
     return CONTROL_CHARACTERS.sub("", text)
 
 
+def defuse_server_marker(text):
+    """Make sure a student's text cannot show "***", the server's marker.
+
+    Spaces are kept (pasted code needs them), so a long line can wrap in a
+    terminal and start a row with whatever comes next; no row may look like
+    the server speaking. Any run of three or more asterisks (and their
+    full-width and small forms) becomes two.
+    """
+    return SERVER_MARKER.sub("**", text)
+
+
 def is_plain_message(text):
     """True for a line that is neither a /command nor a //escaped one."""
     return not text.lstrip().startswith("/")
@@ -313,19 +356,101 @@ def is_name_character(character):
     return category[0] in "LM" or category == "Nd" or character in "_-."
 
 
+# Characters that show nothing (joiners, variation selectors, Hangul fillers,
+# ...: Unicode's default-ignorable code points): "alice" with one added looks
+# exactly like alice.
+INVISIBLE_CHARACTERS = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+
+# Scripts that real names mix: Japanese (kanji with kana), Korean (hanja
+# with hangul). Any other name is written in one script.
+SCRIPT_MIXES = [{"CHINESE", "HIRAGANA", "KATAKANA"}, {"CHINESE", "HANGUL"}]
+
+# Letters that look like a Latin letter, and the letter they look like. The
+# standard library has no Unicode confusables table; this short one covers
+# the look-alikes of Latin, Greek and Cyrillic that a keyboard can type.
+LOOK_ALIKES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "ё": "e", "і": "i", "ј": "j", "к": "k", "м": "m",
+    "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s",
+    "ԁ": "d", "һ": "h", "ӏ": "l", "ԛ": "q", "ԝ": "w", "ь": "b",
+    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o",
+    "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ω": "w",
+    "ı": "i", "ȷ": "j", "ɑ": "a", "ɡ": "g", "ʟ": "l", "ɪ": "i", "ᴀ": "a", "ʙ": "b",
+    "ᴄ": "c", "ᴅ": "d", "ᴇ": "e", "ɢ": "g", "ʜ": "h", "ᴊ": "j", "ᴋ": "k", "ᴍ": "m",
+    "ɴ": "n", "ᴏ": "o", "ᴘ": "p", "ʀ": "r", "ꜱ": "s", "ᴛ": "t", "ᴜ": "u", "ᴠ": "v",
+    "ᴡ": "w", "ʏ": "y", "ᴢ": "z", "0": "o", "1": "l",
+})
+NAME_DECORATIONS = re.compile(r"[\d_.-]")  # what "teacher_2." adds to "teacher"
+
+
 def name_problem(name):
     """Say what is wrong with a name, or return None if it may be used."""
     if not name:
         return "A name needs at least one character."
     if len(name) > MAX_NAME_CHARS:
         return "That name is too long: at most %d characters." % MAX_NAME_CHARS
+    if INVISIBLE_CHARACTERS.search(name):
+        return "Names may not contain invisible characters."
     if unicodedata.category(name[0])[0] == "M" or not all(
         is_name_character(character) for character in name
     ):
         return "Names may use only letters, digits, _, - and . (no spaces)."
-    if fold_name(name) in RESERVED_NAMES:
+    if max_marks_in_a_row(name) > MAX_MARKS_PER_LETTER:
+        return "Too many accents on one letter (at most %d)." % MAX_MARKS_PER_LETTER
+    scripts = name_scripts(name)
+    if len(scripts) > 1 and not any(scripts <= mix for mix in SCRIPT_MIXES):
+        return "Write a name in one alphabet (this one mixes %s)." % " and ".join(
+            sorted(script.title() for script in scripts))
+    if NAME_DECORATIONS.sub("", skeleton(name)) in RESERVED_SKELETONS:
         return "The name %s is reserved." % name
     return None
+
+
+def max_marks_in_a_row(name):
+    """The most combining marks (accents) that follow one letter."""
+    most = run = 0
+    for character in name:
+        run = run + 1 if unicodedata.category(character)[0] == "M" else 0
+        most = max(most, run)
+    return most
+
+
+def name_scripts(name):
+    """The scripts of a name's letters (LATIN, CYRILLIC, CJK, ...), by Unicode name.
+
+    The standard library has no script property, but a letter's Unicode name
+    starts with its script: "CYRILLIC SMALL LETTER A". Digits, marks and _-.
+    belong to no script.
+    """
+    scripts = set()
+    for character in unicodedata.normalize("NFKC", name):
+        if unicodedata.category(character)[0] != "L":
+            continue
+        words = unicodedata.name(character, "UNKNOWN").split()
+        if words[0] in ("HALFWIDTH", "FULLWIDTH"):
+            words = words[1:]
+        if words[0] == "CJK":
+            words[0] = "CHINESE"
+        if words[0] not in ("MODIFIER", "KATAKANA-HIRAGANA"):  # shared by scripts
+            scripts.add(words[0])
+    return scripts
+
+
+def skeleton(name):
+    """What a name looks like: look-alike letters become the letter they mimic.
+
+    Two names with the same skeleton (alice, аlice with a Cyrillic а, alıce,
+    ᴀlice) cannot both be online. It is built from the folded name, so that
+    names that fold alike (Alice, alice) also share a skeleton.
+    """
+    text = fold_name(name).translate(LOOK_ALIKES)
+    return text.replace("rn", "m").replace("vv", "w")
+
+
+RESERVED_SKELETONS = frozenset(skeleton(name) for name in RESERVED_NAMES)
 
 
 class FloodLimiter:
@@ -338,12 +463,12 @@ class FloodLimiter:
         self._tokens = float(burst)
         self._updated = clock()
 
-    def delay_for_next_line(self):
-        """Take one line's token; return how long to hold the line back (seconds)."""
+    def delay_for_next_line(self, cost=1):
+        """Take one line's token (or cost tokens); return how long to hold it back (s)."""
         if self.rate <= 0:
             return 0.0
         self._refill()
-        self._tokens -= 1  # below zero, the line is waiting for a token
+        self._tokens -= cost  # below zero, the line is waiting for a token
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
     def take_if_free(self):
@@ -360,6 +485,19 @@ class FloodLimiter:
         now = self.clock()
         self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
         self._updated = now
+
+
+class ByteBudget:
+    """A FloodLimiter in bytes that many threads share (the room-wide budget)."""
+
+    def __init__(self, rate, burst):
+        self._bucket = FloodLimiter(rate, burst)
+        self._lock = threading.Lock()  # guards _bucket
+
+    def delay_for(self, size):
+        """Take size bytes; return how long the sender must wait first (seconds)."""
+        with self._lock:
+            return self._bucket.delay_for_next_line(size)
 
 
 class RateWindow:
@@ -384,6 +522,148 @@ class RateWindow:
         return True
 
 
+class Addresses:
+    """What the room knows about each computer (address): its connections,
+    joins, wrong passwords, ban and mute.
+
+    One student cannot take the room from one computer: connections past
+    --per-address are refused, joins and wrong passwords are paced. With
+    --per-address 0 (a lab where everyone shares one machine) those limits
+    are off; bans and mutes still apply, but the room makes them finer when
+    several students share an address (see ChatServer.kick and mute).
+    Its own lock guards it; it calls nothing outside, so it may be used
+    while the room's lock is held.
+    """
+
+    def __init__(self, settings, clock=time.monotonic):
+        self.per_address = settings.per_address
+        self.clock = clock
+        self._lock = threading.Lock()  # guards every field below
+        self._connections = collections.Counter()  # host -> open connections
+        self._joins = {}  # host -> FloodLimiter of joins
+        self._failures = {}  # host -> [wrong passwords, when it may try again]
+        self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
+        self._mutes = {}  # (host, key or None for everyone there) -> name muted
+
+    def connect(self, host):
+        """Count a new connection from host; False if host has too many."""
+        with self._lock:
+            if self.per_address and self._connections[host] >= self.per_address:
+                return False
+            self._connections[host] += 1
+            return True
+
+    def disconnect(self, host):
+        with self._lock:
+            self._connections[host] -= 1
+            if self._connections[host] <= 0:
+                del self._connections[host]
+
+    def join_delay(self, host):
+        """Take one join from host; return how many seconds it must wait first."""
+        if not self.per_address:
+            return 0.0
+        with self._lock:
+            joins = self._joins.get(host)
+            if joins is None:
+                allowed = JOINS_PER_MINUTE * self.per_address
+                joins = self._joins[host] = FloodLimiter(allowed / 60, allowed, self.clock)
+            return joins.delay_for_next_line()
+
+    def password_wait(self, host):
+        """Seconds before host may try a password again (0: it may now)."""
+        with self._lock:
+            failures = self._failures.get(host)
+            return max(0.0, failures[1] - self.clock()) if failures else 0.0
+
+    def password_failed(self, host):
+        """Count a wrong password; past the free ones, the wait doubles each time."""
+        if not self.per_address:
+            return
+        with self._lock:
+            failures = self._failures.setdefault(host, [0, 0.0])
+            failures[0] += 1
+            beyond = failures[0] - PASSWORD_FAILURES_FREE * self.per_address
+            if beyond > 0:
+                wait = min(PASSWORD_WAIT_MAX_SECONDS, PASSWORD_WAIT_SECONDS * 2 ** (beyond - 1))
+                failures[1] = self.clock() + wait
+
+    def password_passed(self, host):
+        with self._lock:
+            self._failures.pop(host, None)
+
+    def ban(self, host, name, minutes):
+        with self._lock:
+            self._bans[host] = [self.clock() + 60 * minutes, name]
+
+    def ban_left(self, host):
+        """Seconds left of host's ban (0: not banned)."""
+        with self._lock:
+            ban = self._bans.get(host)
+            if ban and ban[0] <= self.clock():
+                del self._bans[host]  # served
+                ban = None
+            return ban[0] - self.clock() if ban else 0.0
+
+    def unban(self, host_or_name):
+        """Lift the ban on an address, or on the address a name was kicked from.
+
+        Return the address, or None if nothing was banned by that.
+        """
+        key = fold_name(host_or_name)
+        with self._lock:
+            for host, (_, name) in list(self._bans.items()):
+                if host == normal_host(host_or_name) or fold_name(name) == key:
+                    del self._bans[host]
+                    return host
+        return None
+
+    def banned(self):
+        """The banned addresses, each with the name kicked from it."""
+        now = self.clock()
+        with self._lock:
+            return sorted("%s (%s)" % (host, name) for host, (end, name) in self._bans.items()
+                          if end > now)
+
+    def mute(self, host, key, name):
+        """Mute a name at host (key), or everyone at host (key None)."""
+        with self._lock:
+            self._mutes[(host, key)] = name
+
+    def unmute(self, name, host=None, key=None):
+        """Forget the mutes of that name (and of host, if given); True if there was one."""
+        folded = fold_name(name)
+        with self._lock:
+            found = [mute for mute, muted_name in self._mutes.items()
+                     if fold_name(muted_name) == folded or mute in ((host, key), (host, None))]
+            for mute in found:
+                del self._mutes[mute]
+        return bool(found)
+
+    def is_muted(self, host, key):
+        """True if the teacher muted this name at host, or everyone at host."""
+        with self._lock:
+            return (host, None) in self._mutes or (host, key) in self._mutes
+
+
+def normal_host(host):
+    """One spelling of a client's IP address, for limits, bans and mutes.
+
+    An IPv4-mapped IPv6 address (::ffff:10.0.0.5) is its IPv4 address, and
+    ::1 is 127.0.0.1, so that nobody escapes a ban by changing spelling.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host  # not an address (a name typed at the console): as it is
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if address.is_loopback:
+            return "127.0.0.1"
+    return str(address)
+
+
 # --- Client: one connection's outbox and writer thread ------------------------
 
 
@@ -402,13 +682,14 @@ class Client:
     def __init__(self, sock, address, sendq_bytes):
         self.sock = sock  # non-blocking: see ChatHandler.setup()
         self.address = address
+        self.host = normal_host(address[0])  # for limits, bans and mutes
         self.name = None  # set by the room when the client joins or renames
         self.key = None  # fold_name(name): the key in the room's dict
+        self.skeleton = None  # skeleton(name): no look-alike may join
         self.joined_at = None
         self.leave_reason = ""  # from /quit REASON: shown in the leave line
         self.renames = None  # a RateWindow for /nick, set by the handler
         self.muted = False  # set by the teacher; the room checks it
-        self.told_quiet = False  # told once per quiet period that it is on
         self.too_slow = False  # its outbox overflowed: the room drops it
         self.sendq_bytes = sendq_bytes
         self._outbox = collections.deque()  # bytes not yet sent
@@ -560,8 +841,10 @@ class Client:
         # Woken only when the socket was full (or at the end): then it waits
         # for room, and sends everything queued meanwhile in one go.
         writable = OneSocketSelector()
-        writable.register(self.sock, selectors.EVENT_WRITE)
         try:
+            # Inside the try: the socket may have been closed already (a
+            # kick during a burst), and register() then raises ValueError.
+            writable.register(self.sock, selectors.EVENT_WRITE)
             while True:
                 batch = self._next_batch()
                 if batch is None:
@@ -576,6 +859,8 @@ class Client:
                 with self._outbox_changed:
                     self._sending = False
                     self._outbox_bytes -= len(batch)
+        except (OSError, ValueError):
+            pass  # the socket is closed: nothing more can be sent
         except Exception as error:  # a thread's top level: log it, never a traceback
             log.error("Writer for %s failed: %r", self, error)
         finally:
@@ -620,6 +905,7 @@ def enable_keepalive(sock):
 # --- The room: ChatServer ------------------------------------------------------
 
 TOO_SLOW = "too slow to keep up"
+REMOVED = "You were removed by the teacher."
 
 
 class ChatServer(socketserver.ThreadingTCPServer):
@@ -638,16 +924,26 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._clients = {}  # key (folded name) -> Client, for joined clients
         self._lock = threading.Lock()  # guards _clients and every field below
         self._keys_in_order = []  # the keys of _clients, sorted, for /who
+        self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
         self._everyone_gone = threading.Condition(self._lock)
         self._connections = set()  # every Client with a thread, joined or not
         self._admitted = 0  # connections admitted and not yet finished
         self._history = collections.deque(maxlen=self.settings.history)
-        self._bans = {}  # IP address -> time.monotonic() when its ban ends
         self._quiet = False  # only the teacher's announcements go out
         self._closing = False
-        # Room events for the console and transcript, queued in room order.
-        self._records = queue.SimpleQueue()
-        self._transcript = transcript  # an open text file, or None
+        # Not guarded by _lock: each of these has a lock of its own.
+        self.addresses = Addresses(self.settings)
+        # --flood-rate 0 turns all pacing off, the room's budget too. The burst
+        # is half an outbox, so a burst never fills a reader's outbox by itself.
+        self._room_budget = ByteBudget(
+            self.settings.room_rate if self.settings.flood_rate > 0 else 0,
+            self.settings.sendq // 2)
+        self._refuser = Refuser()
+        # Room events for the console and transcript, queued in room order;
+        # put under _lock (so in order), taken by the recorder thread.
+        self._records = queue.Queue(RECORD_QUEUE_EVENTS)
+        self._records_dropped = 0  # guarded by _lock
+        self._transcript = transcript  # a Transcript, or None
         self._recorder_thread = threading.Thread(
             target=self._run_recorder, name="recorder", daemon=True
         )
@@ -678,43 +974,43 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 time.sleep(ACCEPT_BACKOFF_SECONDS)
             raise  # socketserver drops this attempt and goes on serving
 
-    def verify_request(self, request, client_address):
-        """Admit a newcomer, or refuse it before any thread is spent on it."""
+    def process_request(self, request, client_address):
+        """Admit a newcomer (start its thread), or refuse it before any thread."""
+        host = normal_host(client_address[0])
         with self._lock:
-            refusal = self._refusal_for(client_address[0])
+            refusal = self._refusal_for(host)
             if refusal is None:
                 self._admitted += 1
-        if refusal is None:
-            return True
-        log.info("Refused %s: %s", format_address(client_address), refusal)
-        request.setblocking(False)  # this thread serves everyone: never wait
-        try:
-            request.send(encode_line("*** " + refusal))
-        except OSError:
-            pass
-        return False
-
-    def _refusal_for(self, host):
-        """Say why a new connection from host may not come in (lock held)."""
-        if self._closing:
-            return "The server is shutting down."
-        banned_until = self._bans.get(host, 0)
-        if banned_until > time.monotonic():
-            minutes = (banned_until - time.monotonic()) / 60
-            return "You were removed by the teacher. Try again in %d minute(s)." % (
-                int(minutes) + 1
-            )
-        if self._admitted >= self.settings.max_clients:
-            return "The room is full (%d people). Try again later." % self._admitted
-        return None
-
-    def process_request(self, request, client_address):
+        if refusal is not None:
+            log.info("Refused %s: %s", format_address(client_address), refusal)
+            self._refuser.refuse(request, refusal)  # it closes the socket
+            return
         try:
             super().process_request(request, client_address)  # starts the thread
         except RuntimeError:  # no thread could be started: give the place back
-            with self._lock:
-                self._admitted -= 1
+            self._free_place(host)
             raise
+
+    def _refusal_for(self, host):
+        """Say why a new connection from host may not come in, or count it (lock held)."""
+        if self._closing:
+            return "The server is shutting down."
+        ban_left = self.addresses.ban_left(host)
+        if ban_left > 0:
+            return "You were removed by the teacher. Try again in %s." % (
+                describe_minutes(ban_left / 60))
+        if self._admitted >= self.settings.max_clients:
+            return "The room is full (%d people). Try again later." % self._admitted
+        if not self.addresses.connect(host):
+            return ("Too many connections from your computer (%d). Close one, "
+                    "then try again." % self.settings.per_address)
+        return None
+
+    def _free_place(self, host):
+        with self._lock:
+            self._admitted -= 1
+            self._everyone_gone.notify_all()
+        self.addresses.disconnect(host)
 
     def handle_error(self, request, client_address):
         # One line, not socketserver's traceback on the teacher's console.
@@ -732,8 +1028,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Forget a finished connection and free its place."""
         with self._lock:
             self._connections.discard(client)
-            self._admitted -= 1
-            self._everyone_gone.notify_all()
+        self._free_place(client.host)
 
     def connection_count(self):
         """How many connections are open (admitted, not yet finished), joined or not."""
@@ -748,13 +1043,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if problem:
             return problem
         name = unicodedata.normalize("NFC", name)
-        key = fold_name(name)
+        key, look = fold_name(name), skeleton(name)
         with self._lock:
-            holder = self._clients.get(key)
-            if holder is not None:
-                return "The name %s is taken." % holder.name
-            client.name, client.key = name, key
+            if self.addresses.ban_left(client.host) > 0:
+                return REMOVED  # kicked while this connection was asking a name
+            problem = self._name_taken(key, look, client)
+            if problem:
+                return problem
+            client.name, client.key, client.skeleton = name, key, look
             client.joined_at = time.monotonic()
+            client.muted = self.addresses.is_muted(client.host, key)
             self._add_client(client)
             # Welcome, history and the join line are queued in one critical
             # section: the newcomer sees each room event exactly once, either
@@ -778,15 +1076,26 @@ class ChatServer(socketserver.ThreadingTCPServer):
         names = [self._clients[key].name for key in self._keys_in_order]
         return "*** Online now (%d): %s" % (len(names), ", ".join(names))
 
+    def _name_taken(self, key, look, client):
+        """Why no one may take a name now (lock held), or None if it is free."""
+        holder = self._clients.get(key) or self._clients.get(self._skeletons.get(look))
+        if holder is None or holder is client:
+            return None
+        if holder.key == key:
+            return "The name %s is taken." % holder.name
+        return "That name looks too much like %s, who is online." % holder.name
+
     def _add_client(self, client):
         """Put a client in the room's dict under its key (lock held)."""
         self._clients[client.key] = client
+        self._skeletons[client.skeleton] = client.key
         # Kept sorted as it changes: sorting at every join costs a big class dearly.
         bisect.insort(self._keys_in_order, client.key)
 
     def _remove_client(self, client):
         """Take a client out of the room's dict (lock held)."""
         del self._clients[client.key]
+        del self._skeletons[client.skeleton]
         del self._keys_in_order[bisect.bisect_left(self._keys_in_order, client.key)]
 
     def who(self):
@@ -803,6 +1112,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._speak(client, ["* %s %s" % (client.name, action)])
 
     def _speak(self, client, lines):
+        self._wait_for_room_budget(client, lines)
         with self._lock:
             if self._clients.get(client.key) is not client:
                 return  # kicked, or dropped, while these lines were on their way
@@ -811,21 +1121,28 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 recipients = self._publish(lines, exclude=client)
             else:
                 for line in lines:
-                    self._records.put(("silenced", line))
-                if notice:
-                    client.queue_line(notice)
+                    self._note("silenced", line)
+                client.queue_line(notice)
                 recipients = [client]
         self._deliver(recipients)
 
+    def _wait_for_room_budget(self, client, lines):
+        """Hold a sender back while the room takes in more than --room-rate bytes a second.
+
+        Each reader gets everything everyone says, so without a room-wide
+        budget a hundred senders, each within their own flood limit, could
+        fill a slow reader's outbox in a second and get them dropped.
+        """
+        delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
+        if delay > 0:
+            client.gone.wait(delay)  # ends early if the sender is dropped
+
     def _silencing_notice(self, client):
-        """None if client may speak; else what to tell it ('' if told already)."""
+        """None if client may speak now; else what to tell it (lock held)."""
         if client.muted:
-            return ""  # told once, when the teacher muted them
+            return "*** Not sent: the teacher has muted you."
         if self._quiet:
-            if client.told_quiet:
-                return ""
-            client.told_quiet = True
-            return "*** Quiet mode: only the teacher can speak right now."
+            return "*** Not sent: the room is quiet, only the teacher can speak right now."
         return None
 
     def whisper(self, client, name, text):
@@ -836,14 +1153,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return "No one called %s is online. Type /who to see who is." % name
             notice = self._silencing_notice(client)
             if notice is not None:
-                if notice:
-                    client.queue_line(notice)
+                client.queue_line(notice)
                 recipients = [client]
             else:
                 line = "%s whispers: %s" % (client.name, text)
                 target.queue_line(line)
                 client.queue_line("*** You whispered to %s: %s" % (target.name, text))
-                self._records.put(("private", "%s to %s" % (line, target.name)))
+                self._note("private", "%s to %s" % (line, target.name))
                 recipients = [target, client]
         self._deliver(recipients)
         return None
@@ -856,17 +1172,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
         new_name = unicodedata.normalize("NFC", new_name)
         if new_name == client.name:
             return "You are already called %s." % new_name
+        key, look = fold_name(new_name), skeleton(new_name)
         with self._lock:
-            holder = self._clients.get(fold_name(new_name))
-            if holder is not None and holder is not client:
-                return "The name %s is taken." % holder.name
+            if client.muted or self._quiet:
+                return "You cannot change your name while %s." % (
+                    "the teacher has muted you" if client.muted else "the room is quiet")
+            problem = self._name_taken(key, look, client)
+            if problem:
+                return problem
             if not client.renames.allow():
-                return "You can change your name at most %d times a minute." % (
-                    client.renames.limit
-                )
+                return "You can change your name at most %s a minute." % (
+                    plural(client.renames.limit, "time"))
             old_name = client.name
             self._remove_client(client)
-            client.name, client.key = new_name, fold_name(new_name)
+            client.name, client.key, client.skeleton = new_name, key, look
             self._add_client(client)
             recipients = self._publish("*** %s is now %s." % (old_name, new_name))
         self._deliver(recipients)
@@ -879,7 +1198,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 return  # never joined, or has left already
             self._remove_client(client)
             line = "*** %s left the chat." % client.name
-            if client.leave_reason:
+            if client.leave_reason and not (client.muted or self._quiet):
                 line += " (%s)" % client.leave_reason
             recipients = [] if self._closing else self._publish(line, exclude=client)
         self._deliver(recipients)
@@ -921,7 +1240,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         data = b"".join(map(encode_line, lines))
         self._history.extend(lines)
         for line in lines:
-            self._records.put(("room", line))
+            self._note("room", line)
         recipients = [client for client in self._clients.values() if client is not exclude]
         for client in recipients:
             client.offer(data)
@@ -929,42 +1248,62 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     # -- The console and the transcript --
 
+    def _note(self, kind, line):
+        """Queue a room event for the console and the transcript (lock held).
+
+        Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
+        the event is counted instead, and the count reported.
+        """
+        try:
+            self._records.put_nowait((kind, line))
+        except queue.Full:
+            self._records_dropped += 1
+
     def _run_recorder(self):
-        # One thread writes room events to the console and the transcript,
-        # so a slow disk or a paused console never holds up the room, and
-        # both keep the room's order.
+        # One thread shows room events on the console and hands them to the
+        # transcript, so a paused console or a slow disk never holds up the
+        # room, and both keep the room's order. Neither call here can wait.
+        held_back = HeldBackLines()
         while True:
-            kind, line = self._records.get()
+            try:
+                kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
+            except queue.Empty:
+                kind, line = "", ""
             if kind == "stop":
                 return
-            try:
-                self._record(kind, line)
-            except (OSError, ValueError) as error:  # a full disk, say: chat on
-                log.error("Could not write the transcript: %s", error)
-                self._transcript = None
+            if kind:
+                self._record(kind, line, held_back)
+            held_back.report_if_due()
+            with self._lock:
+                dropped, self._records_dropped = self._records_dropped, 0
+            if dropped:
+                log.warning("%s not shown or written: the server was too busy.",
+                            plural(dropped, "room event"))
 
-    def _record(self, kind, line):
+    def _record(self, kind, line, held_back):
         """Show one room event on the console and append it to the transcript."""
         private = kind == "private"
         if private and not self.settings.transcript_private:
             return
         if kind == "silenced":
-            log.info("(held back) %s", line)
+            held_back.add(line)
             return
-        if kind == "console":
-            log.info("%s", line)
-            return
-        log.info("%s%s", "(private) " if private else "", line)
-        if self._transcript is not None:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            self._transcript.write("%s %s%s\n" % (stamp, "(private) " if private else "", line))
-            self._transcript.flush()  # a killed server loses nothing
+        if kind != "transcript":  # for the transcript only
+            log.info("%s%s", "(private) " if private else "", line)
+        if self._transcript is not None and kind != "console":
+            self._transcript.write(("(private) " if private else "") + line)
 
-    # -- The teacher's commands (called from the console thread) --
+    # -- The teacher's powers: the few room operations the console calls --
 
     def tell_console(self, text):
         """Show text on the console after the room events already queued."""
-        self._records.put(("console", text))
+        with self._lock:
+            self._note("console", text)
+
+    def note_teacher(self, text):
+        """Write what the teacher did to the transcript, in the room's order."""
+        with self._lock:
+            self._note("transcript", "[teacher] " + text)
 
     def announce(self, text):
         """Send the teacher's announcement to everyone."""
@@ -972,66 +1311,59 @@ class ChatServer(socketserver.ThreadingTCPServer):
             recipients = self._publish("*** [teacher] %s" % text)
         self._deliver(recipients)
 
-    def kick(self, name, reason=""):
-        """Disconnect the client called name and ban its address; return a reply."""
+    def find(self, name):
+        """The joined client called name (or a look-alike of it), or None."""
         with self._lock:
-            client = self._clients.get(fold_name(name))
-            if client is None:
-                return "No one called %s is online." % name
-            minutes = self.settings.ban_minutes
-            if minutes > 0:
-                self._bans[client.address[0]] = time.monotonic() + 60 * minutes
-        client.send_line("*** The teacher removed you from the chat%s"
-                         % (": " + reason if reason else "."))
+            return self._clients.get(fold_name(name)) or self._clients.get(
+                self._skeletons.get(skeleton(name)))
+
+    def connections_from(self, host):
+        """(joined clients, connections not joined yet) from one address."""
+        with self._lock:
+            everyone = [client for client in self._connections if client.host == host]
+        joined = [client for client in everyone if self.has_joined(client)]
+        return joined, [client for client in everyone if client not in joined]
+
+    def has_joined(self, client):
+        with self._lock:
+            return client.key is not None and self._clients.get(client.key) is client
+
+    def remove(self, client, line):
+        """Tell client line, take it out of the room, and close its connection."""
+        client.send_line(line)
         self.leave(client)
         client.close_after_flush()
-        banned = " for %g minute(s)" % minutes if minutes > 0 else ""
-        return "Kicked %s; %s is banned%s." % (client.name, client.address[0], banned or " not")
 
-    def unban(self, address):
-        """Lift the ban on an address; return a reply."""
+    def set_muted(self, client, muted):
+        """Mute or unmute a joined client, and tell it so; False if it already was."""
         with self._lock:
-            if self._bans.pop(address, None) is None:
-                banned = ", ".join(sorted(self._bans)) or "none"
-                return "%s is not banned. Banned now: %s." % (address, banned)
-        return "%s may join again." % address
-
-    def set_muted(self, name, muted):
-        """Mute or unmute the client called name; return a reply."""
-        with self._lock:
-            client = self._clients.get(fold_name(name))
-            if client is None:
-                return "No one called %s is online." % name
             if client.muted == muted:
-                return "%s is already %s." % (client.name, "muted" if muted else "not muted")
+                return False
             client.muted = muted
             client.queue_line(
                 "*** The teacher has muted you: your messages reach nobody for now."
                 if muted else "*** The teacher has unmuted you: you can chat again.")
         self._deliver([client])
-        return "%s is %s." % (client.name, "muted" if muted else "no longer muted")
+        return True
 
     def set_quiet(self, quiet):
-        """Turn quiet mode on or off, and tell everyone."""
+        """Turn quiet mode on or off and tell everyone; False if it already was."""
         with self._lock:
+            if self._quiet == quiet:
+                return False
             self._quiet = quiet
-            for client in self._clients.values():
-                client.told_quiet = False
             recipients = self._publish(
                 "*** [teacher] Quiet, please: only the teacher speaks for now."
                 if quiet else "*** [teacher] The chat is open again.")
         self._deliver(recipients)
+        return True
 
-    def who_detail(self):
-        """Lines for the teacher: each name, its address and time online."""
-        now = time.monotonic()
+    def snapshot(self):
+        """(joined clients in name order, connections that have not joined)."""
         with self._lock:
-            clients = sorted(self._clients.values(), key=lambda c: c.key)
-            lines = ["%-20s %-22s online %d min%s" % (
-                client.name, format_address(client.address),
-                (now - client.joined_at) // 60, ", muted" if client.muted else "")
-                for client in clients]
-        return ["%d online" % len(lines)] + lines
+            joined = [self._clients[key] for key in self._keys_in_order]
+            waiting = [client for client in self._connections if client.key is None]
+        return joined, waiting
 
     # -- Shutting down --
 
@@ -1042,6 +1374,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """
         with self._lock:
             self._closing = True
+            self._note("transcript", "=== The server is shutting down. ===")
             everyone = list(self._connections)
             for client in everyone:
                 client.queue_line("*** Server is shutting down.")
@@ -1059,9 +1392,148 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def server_close(self):
         super().server_close()
-        self._records.put(("stop", ""))
+        try:
+            self._records.put(("stop", ""), timeout=SHUTDOWN_GRACE_SECONDS)
+        except queue.Full:
+            pass  # the recorder is stuck: it is a daemon thread, leave it
         if self._recorder_thread.is_alive():
             self._recorder_thread.join(SHUTDOWN_GRACE_SECONDS)
+
+
+class Refuser:
+    """Tells refused connections why, from one thread, spending no thread on each.
+
+    Each refused socket gets up to BROWSER_WAIT_SECONDS to send a first
+    request (so a browser is answered in HTTP), then its answer; then it is
+    half-closed and read until it closes or REFUSAL_DRAIN_SECONDS pass.
+    Closing a socket with unread input resets it, and a reset can overtake
+    our line: the student would see nothing at all.
+    """
+
+    def __init__(self):
+        self._arrivals = queue.SimpleQueue()  # (socket, reason) to take on
+        self._thread = None
+        self._thread_lock = threading.Lock()  # guards _thread
+
+    def refuse(self, sock, reason):
+        """Take over sock (it will be closed): tell it reason."""
+        if self._arrivals.qsize() >= REFUSALS_AT_ONCE:  # a flood: no waiting
+            send_and_close(sock, encode_line("*** " + reason))
+            return
+        self._arrivals.put((sock, reason))
+        with self._thread_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="refuser",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self):
+        # Each pending socket: [reason, bytes it sent, time of the next step,
+        # answered yet]. The selector is only touched by this thread.
+        pending = {}
+        with selectors.DefaultSelector() as readable:
+            while True:
+                self._take_arrivals(pending, readable, block=not pending)
+                if not pending:
+                    continue  # the one that came was closed already
+                timeout = min(step for _, _, step, _ in pending.values()) - time.monotonic()
+                for key, _ in readable.select(max(0.0, min(timeout, 0.05))):
+                    self._read(key.fileobj, pending, readable)
+                now = time.monotonic()
+                for sock, state in list(pending.items()):
+                    if state[2] <= now:
+                        self._next_step(sock, pending, readable)
+
+    def _take_arrivals(self, pending, readable, block):
+        while True:
+            try:
+                sock, reason = self._arrivals.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            try:
+                sock.setblocking(False)
+                readable.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError):
+                sock.close()
+                continue
+            pending[sock] = [reason, b"", time.monotonic() + BROWSER_WAIT_SECONDS, False]
+            if len(pending) >= REFUSALS_AT_ONCE:
+                self._next_step(sock, pending, readable)  # no waiting for a browser
+
+    def _read(self, sock, pending, readable):
+        state = pending[sock]
+        try:
+            data = sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._forget(sock, pending, readable)
+        elif not state[3]:
+            state[1] = (state[1] + data)[:RECV_BYTES]
+            if b"\n\n" in state[1].replace(b"\r", b"") or not looks_like_http(state[1]):
+                self._next_step(sock, pending, readable)  # the request is complete
+
+    def _next_step(self, sock, pending, readable):
+        """Answer a socket that has waited enough; close one that has drained."""
+        state = pending[sock]
+        if state[3]:
+            self._forget(sock, pending, readable)
+            return
+        state[2], state[3] = time.monotonic() + REFUSAL_DRAIN_SECONDS, True
+        try:
+            sock.send(refusal_answer(state[1], state[0]))
+            sock.shutdown(socket.SHUT_WR)  # our side is done: the client sees EOF
+        except OSError:
+            self._forget(sock, pending, readable)
+
+    @staticmethod
+    def _forget(sock, pending, readable):
+        del pending[sock]
+        readable.unregister(sock)
+        sock.close()
+
+
+def send_and_close(sock, data):
+    """Send what fits without waiting, then close (the accept loop must not wait)."""
+    try:
+        sock.setblocking(False)
+        sock.send(data)
+    except OSError:
+        pass
+    sock.close()
+
+
+def looks_like_http(data):
+    """True if data starts like an HTTP request line (GET / HTTP/1.1)."""
+    first = data.split(b"\n", 1)[0].rstrip(b"\r")
+    return bool(HTTP_REQUEST.match(first.decode("latin-1"))) or (
+        b"\n" not in data and re.match(rb"^[A-Z]+ /", data) is not None)
+
+
+def refusal_answer(received, reason):
+    """The bytes that tell a refused client why: an HTTP page or a chat line."""
+    if looks_like_http(received):
+        body = ("This chat server cannot take you now: %s\r\n" % reason).encode("utf-8")
+        return (("HTTP/1.1 503 Service Unavailable\r\n"
+                 "Content-Type: text/plain; charset=utf-8\r\n"
+                 "Content-Length: %d\r\nCache-Control: no-store\r\n"
+                 "Connection: close\r\n\r\n" % len(body)).encode("ascii") + body)
+    return encode_line("*** " + reason)
+
+
+def describe_minutes(minutes):
+    """A wait as a person says it: '40 seconds', '1 minute', '5 minutes'."""
+    if minutes < 1:
+        return plural(max(1, round(minutes * 60)), "second")
+    return plural(int(minutes + 0.999), "minute")
+
+
+def plural(count, word):
+    """'1 minute', '2 minutes': no 'minute(s)' anywhere."""
+    return "%d %s%s" % (count, word, "" if count == 1 else "s")
 
 
 def format_address(address):
@@ -1094,6 +1566,10 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.framer = LineFramer(settings.max_line)
         self.lines = collections.deque()  # received, not yet handled
         self.flood = FloodLimiter(settings.flood_rate, settings.flood_burst)
+        # Every byte is paced too (telnet NOPs, blank lines, over-long
+        # lines): reading simply waits, and TCP makes the sender wait too.
+        self.input_pace = FloodLimiter(
+            INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
         self.told_flood = False
         self.done = False  # set by /quit
         enable_keepalive(self.request)
@@ -1154,9 +1630,11 @@ class ChatHandler(socketserver.StreamRequestHandler):
             if not self.readable.select(timeout) and timeout is not None:
                 return None
             try:
-                return self.request.recv(RECV_BYTES)
+                data = self.request.recv(RECV_BYTES)
             except BlockingIOError:
                 continue  # woken without data after all: wait again
+            self.client.gone.wait(self.input_pace.delay_for_next_line(len(data)))
+            return data
 
     def receive(self, data):
         """Take raw bytes from the client: answer telnet, queue complete lines."""
@@ -1213,16 +1691,26 @@ class ChatHandler(socketserver.StreamRequestHandler):
         password = self.server.settings.password
         if not password:
             return True
+        addresses = self.server.addresses
+        wait = addresses.password_wait(self.client.host)
+        if wait > 0:
+            self.reply("*** Too many wrong passwords from your computer. Try again in "
+                       "%s." % describe_minutes(wait / 60))
+            return False
         self.reply("*** This room has a password. Password?")
         answer = self.read_line(deadline)
         if answer is None:
             return False
-        if answer is not TOO_LONG and hmac.compare_digest(
-            answer.strip().encode("utf-8"), password.encode("utf-8")
-        ):
+        right = answer is not TOO_LONG and hmac.compare_digest(
+            answer.strip().encode("utf-8"), password.encode("utf-8"))
+        # Right or wrong, the answer comes after the same delay: a guesser
+        # cannot hang up early on a wrong guess and try the next one sooner.
+        self.client.gone.wait(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
+        if right:
+            addresses.password_passed(self.client.host)
             return True
         log.warning("Wrong password from %s", self.client)
-        self.client.gone.wait(WRONG_PASSWORD_DELAY_SECONDS)  # ends early at shutdown
+        addresses.password_failed(self.client.host)
         self.reply("*** Wrong password. Goodbye.")
         return False
 
@@ -1230,19 +1718,35 @@ class ChatHandler(socketserver.StreamRequestHandler):
         """Ask for a name until one is free and valid, then join. False: gone."""
         question = "What is your name?"
         self.reply("*** " + question)
+        paced = False
         while True:
             line = self.read_line(deadline)
             if line is None:
                 return False
+            self.hold_back_flood()
             if line is TOO_LONG:
                 problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
             elif not line.strip():
                 problem = ""
             else:
+                if not paced:
+                    paced = self.wait_to_join()
                 problem = self.server.join(self.client, line.strip())
                 if problem is None:
                     return True
+                if problem is REMOVED:
+                    self.reply("*** %s Goodbye." % REMOVED)
+                    return False
             self.reply("*** %s%s" % (problem + " " if problem else "", question))
+
+    def wait_to_join(self):
+        """Wait if many joined from this computer just now (join/leave spam)."""
+        delay = self.server.addresses.join_delay(self.client.host)
+        if delay > 0:
+            self.reply("*** Many people joined from your computer just now: you join "
+                       "in %s." % describe_minutes(delay / 60))
+            self.client.gone.wait(delay)
+        return True
 
     # -- Joined --
 
@@ -1252,12 +1756,12 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line()
             if line is None or self.client.gone.is_set():
                 return
+            self.hold_back_flood()  # every line, even blank or too long, is paced
             if line is TOO_LONG:
                 self.reply("*** That line was longer than %d bytes and was not sent."
                            % self.server.settings.max_line)
             elif line.strip():
-                self.hold_back_flood()
-                self.handle_line(line.rstrip())
+                self.handle_line(defuse_server_marker(line.rstrip()))
 
     def more_messages(self):
         """Take the plain messages already received that may go out at once.
@@ -1271,9 +1775,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.lines[0]
             if line is TOO_LONG or not is_plain_message(line):
                 break
+            if not self.flood.take_if_free():
+                break  # this one must wait: hold_back_flood() will pace it
             if line.strip():
-                if not self.flood.take_if_free():
-                    break  # this one must wait: hold_back_flood() will pace it
                 texts.append(line.rstrip())
             self.lines.popleft()
         return texts
@@ -1349,7 +1853,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def do_quit(self, argument):
         self.reply("*** Bye.")
-        self.client.leave_reason = argument
+        self.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
         self.server.leave(self.client)
         self.done = True
 
@@ -1399,8 +1903,8 @@ class TeacherConsole:
         text = clean_line(line.encode("utf-8", "replace")).strip()
         if not text:
             return
-        if not text.startswith("/"):
-            self.server.announce(text)
+        if not text.startswith("/") or text.startswith("//"):
+            self.server.announce(text[1:] if text.startswith("//") else text)
             return
         word, method, argument = parse_command(text, self.COMMANDS)
         if method is None:
@@ -1419,32 +1923,120 @@ class TeacherConsole:
 
     def do_kick(self, argument):
         name, _, reason = argument.partition(" ")
-        if not name:
-            self.tell("Usage: /kick NAME [REASON]")
+        client = self.server.find(name) if name else None
+        if client is None:
+            self.tell("No one called %s is online." % name if name
+                      else "Usage: /kick NAME [REASON]")
             return
-        self.tell(self.server.kick(name, reason.strip()))
+        others = [other for other in self.server.connections_from(client.host)[0]
+                  if other is not client]
+        # Ban first: a connection from there that is still asking for a name
+        # then cannot join after all (ChatServer.join checks).
+        ban = self.ban_after_kick(client, others)
+        self.server.remove(client, "*** The teacher removed you from the chat%s"
+                           % (": " + reason if reason else "."))
+        waiting = self.close_waiting(client.host, client)
+        if waiting:
+            ban += " Also closed %s from it that had not joined." % plural(
+                waiting, "connection")
+        self.tell("Kicked %s; %s" % (client.name, ban))
+        self.server.note_teacher("kicked %s%s" % (client.name, ": " + reason if reason else ""))
+
+    def ban_after_kick(self, client, others):
+        """Ban a kicked client's address unless others share it; say what was done."""
+        minutes = self.server.settings.ban_minutes
+        if others:
+            return ("%s is not banned: %s joined from it too. /ban %s disconnects "
+                    "everyone there and bans it." % (client.host, others[0].name, client.host))
+        if minutes <= 0:
+            return "no ban (--ban-minutes is 0)."
+        self.server.addresses.ban(client.host, client.name, minutes)
+        return "%s may not rejoin for %s (/unban %s lifts it)." % (
+            client.host, describe_minutes(minutes), client.name)
+
+    def close_waiting(self, host, kicked=None):
+        """Close the connections from host that have not joined; return how many."""
+        waiting = [client for client in self.server.connections_from(host)[1]
+                   if client is not kicked]
+        for client in waiting:
+            self.server.remove(client, "*** The teacher closed the connections from "
+                               "your computer.")
+        return len(waiting)
+
+    def do_ban(self, argument):
+        try:
+            host = normal_host(str(ipaddress.ip_address(argument)))
+        except ValueError:
+            self.tell("Usage: /ban ADDRESS   (an IP address, as /who shows it)")
+            return
+        minutes = self.server.settings.ban_minutes
+        joined = self.server.connections_from(host)[0]
+        if minutes > 0:
+            names = ", ".join(client.name for client in joined) or "by address"
+            self.server.addresses.ban(host, names, minutes)
+        for client in joined:
+            self.server.remove(client, "*** The teacher removed everyone at your "
+                               "computer from the chat.")
+        waiting = self.close_waiting(host)
+        self.tell("Disconnected %s and %s from %s; %s" % (
+            plural(len(joined), "student"), plural(waiting, "connection"), host,
+            "banned for %s." % describe_minutes(minutes) if minutes > 0
+            else "no ban (--ban-minutes is 0)."))
+        self.server.note_teacher("banned %s" % host)
 
     def do_unban(self, argument):
         if not argument:
-            self.tell("Usage: /unban ADDRESS")
+            self.tell("Usage: /unban NAME|ADDRESS")
             return
-        self.tell(self.server.unban(argument))
+        host = self.server.addresses.unban(argument)
+        if host is None:
+            banned = ", ".join(self.server.addresses.banned()) or "none"
+            self.tell("Nothing is banned by %s. Banned now: %s." % (argument, banned))
+            return
+        self.tell("%s may join again." % host)
+        self.server.note_teacher("unbanned %s" % host)
 
     def do_mute(self, argument):
-        self.tell(self.server.set_muted(argument, True) if argument else "Usage: /mute NAME")
+        client = self.server.find(argument) if argument else None
+        if client is None or client.muted:
+            self.tell("Usage: /mute NAME" if not argument else
+                      "No one called %s is online." % argument if client is None else
+                      "%s is muted already." % client.name)
+            return
+        # A mute follows the student: by address when they are alone on it
+        # (any name, any reconnection), by address and name when it is shared.
+        shared = len(self.server.connections_from(client.host)[0]) > 1
+        self.server.addresses.mute(client.host, client.key if shared else None, client.name)
+        self.server.set_muted(client, True)
+        self.tell("%s is muted, also after reconnecting from %s%s." % (
+            client.name, client.host, " under that name (others share the address)"
+            if shared else ", under any name"))
+        self.server.note_teacher("muted %s" % client.name)
 
     def do_unmute(self, argument):
-        self.tell(self.server.set_muted(argument, False) if argument
-                  else "Usage: /unmute NAME")
+        if not argument:
+            self.tell("Usage: /unmute NAME")
+            return
+        client = self.server.find(argument)
+        host, key = (client.host, client.key) if client else (None, None)
+        unmuted = self.server.addresses.unmute(argument, host, key)
+        if client is not None:
+            unmuted = self.server.set_muted(client, False) or unmuted
+        self.tell("%s is no longer muted." % argument if unmuted
+                  else "%s is not muted." % argument)
+        if unmuted:
+            self.server.note_teacher("unmuted %s" % argument)
 
     def do_quiet(self, argument):
         if argument.lower() not in ("on", "off"):
             self.tell("Usage: /quiet on|off")
             return
-        self.server.set_quiet(argument.lower() == "on")
+        quiet = argument.lower() == "on"
+        if not self.server.set_quiet(quiet):
+            self.tell("Quiet mode is already %s." % argument.lower())
 
     def do_who(self, argument):
-        for line in self.server.who_detail():
+        for line in describe_who(*self.server.snapshot()):
             self.tell(line)
 
     def do_shutdown(self, argument):
@@ -1454,14 +2046,163 @@ class TeacherConsole:
     # word -> (method, arguments, what it does), in the order /help lists them
     COMMANDS = {
         "help": (do_help, "", "list these commands"),
-        "kick": (do_kick, "NAME [REASON]", "disconnect NAME and ban their address"),
-        "unban": (do_unban, "ADDRESS", "let a banned address join again"),
+        "kick": (do_kick, "NAME [REASON]", "disconnect NAME (and ban their address "
+                 "unless others share it)"),
+        "ban": (do_ban, "ADDRESS", "disconnect everyone from ADDRESS and ban it"),
+        "unban": (do_unban, "NAME|ADDRESS", "let a banned address join again"),
         "mute": (do_mute, "NAME", "NAME's messages reach nobody"),
         "unmute": (do_unmute, "NAME", "undo /mute"),
         "quiet": (do_quiet, "on|off", "only your announcements go out"),
-        "who": (do_who, "", "names, addresses and time online"),
+        "who": (do_who, "", "names, addresses, time online, who has not joined"),
         "shutdown": (do_shutdown, "", "tell everyone, then stop (as Ctrl+C)"),
     }
+
+
+class HeldBackLines:
+    """What muted students and quiet mode held back, for the console: the
+    first line of a while in full, then only how many more came.
+
+    A muted student who pastes a thousand lines must not drown the console.
+    """
+
+    def __init__(self):
+        self._more = 0  # lines held back since the last one shown
+        self._next_report = 0.0  # time.monotonic() when a line may show again
+
+    def add(self, line):
+        if time.monotonic() >= self._next_report and not self._more:
+            log.info("(held back) %s", line)
+            self._next_report = time.monotonic() + HELD_BACK_REPORT_SECONDS
+        else:
+            self._more += 1
+
+    def report_if_due(self):
+        if self._more and time.monotonic() >= self._next_report:
+            log.info("(held back %s more)", plural(self._more, "line"))
+            self._more = 0
+            self._next_report = time.monotonic() + HELD_BACK_REPORT_SECONDS
+
+
+class Transcript:
+    """The --transcript file, appended to by a thread of its own.
+
+    A full disk or a hung network drive never holds up the room or the
+    console: lines wait in a bounded queue (past it they are counted), each
+    line is written whole or not at all, and writing starts again by itself
+    when the disk takes it; the console says what could not be written.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        # Unbuffered: each line is one write() to the OS, so a killed server
+        # loses nothing, and a short write is seen (and undone) at once.
+        self._file = open(path, "ab", buffering=0, opener=open_without_waiting)
+        self._lines = queue.Queue(TRANSCRIPT_QUEUE_LINES)
+        self._dropped = 0  # lines the queue had no room for; only write() counts
+        self._thread = threading.Thread(target=self._run, name="transcript", daemon=True)
+        self._thread.start()
+
+    def write(self, text):
+        """Append one line, with a timestamp, soon; never waits."""
+        line = "%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), text)
+        try:
+            self._lines.put_nowait(line.encode("utf-8"))
+        except queue.Full:
+            self._dropped += 1  # reported when the writer catches up
+
+    def close(self):
+        """Write what is queued and close, waiting a moment at most (the disk may hang)."""
+        try:
+            self._lines.put(None, timeout=SHUTDOWN_GRACE_SECONDS)
+        except queue.Full:
+            return
+        self._thread.join(SHUTDOWN_GRACE_SECONDS)
+
+    def _run(self):
+        unwritten = 0  # lines the disk refused since the last that it took
+        for data in iter(self._lines.get, None):
+            error = self._append_whole(data)
+            if error is None:
+                if unwritten or self._dropped:
+                    lost, self._dropped = unwritten + self._dropped, 0
+                    log.warning("The transcript is being written again; %s could "
+                                "not be written.", plural(lost, "line"))
+                unwritten = 0
+                continue
+            if not unwritten:
+                log.warning("Could not write the transcript %s (%s): lines are counted "
+                            "until the disk takes them again.", self.path, error)
+            unwritten += 1
+        try:
+            self._file.close()
+        except OSError:
+            pass  # what could not be written was reported already
+
+    def _append_whole(self, data):
+        """Append data to the file; None if it all went, else the error."""
+        descriptor = self._file.fileno()
+        try:
+            size = os.fstat(descriptor).st_size
+            written = self._file.write(data)
+        except OSError as error:
+            return error.strerror or error
+        if written == len(data):
+            return None
+        try:
+            os.ftruncate(descriptor, size)  # never leave half a line behind
+        except OSError:
+            pass
+        return "the disk is full"
+
+
+def open_without_waiting(path, flags):
+    """os.open for the transcript, which must never hang the server.
+
+    A named pipe that nobody reads would make open() wait for ever; with
+    O_NONBLOCK (POSIX only) it fails at once instead, with a clear error.
+    """
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
+
+
+def describe_who(joined, waiting):
+    """The console's /who: a table of the joined, then who has not joined yet."""
+    now = time.monotonic()
+    rows = [(client.name, "%s:%s" % (client.host, client.address[1]),
+             describe_duration(now - client.joined_at), "muted" if client.muted else "")
+            for client in joined]
+    lines = ["%s online, %s not joined yet." % (len(joined), len(waiting))]
+    if rows:
+        widths = [max(display_width(row[column]) for row in rows + [("NAME", "ADDRESS")])
+                  for column in (0, 1)]
+        for row in [("NAME", "ADDRESS", "ONLINE", "")] + rows:
+            lines.append("  ".join([pad(row[0], widths[0]), pad(row[1], widths[1]),
+                                    "%-8s" % row[2], row[3]]).rstrip())
+    if waiting:
+        hosts = collections.Counter(client.host for client in waiting)
+        lines.append("Not joined yet: " + ", ".join(
+            "%s (%d)" % (host, count) if count > 1 else host
+            for host, count in sorted(hosts.items())))
+    return lines
+
+
+def display_width(text):
+    """Columns text takes in a terminal: wide (CJK) characters take two, marks none."""
+    return sum(0 if unicodedata.combining(character) else
+               2 if unicodedata.east_asian_width(character) in "WF" else 1
+               for character in text)
+
+
+def pad(text, width):
+    return text + " " * (width - display_width(text))
+
+
+def describe_duration(seconds):
+    """'20 s', '3 min', '1 h 05 min': how long someone has been online."""
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min" % (seconds // 60)
+    return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
 
 
 def console_input():
@@ -1671,7 +2412,8 @@ def parse_args(argv=None):
     add("--max-line", type=count_flag(64), default=MAX_LINE_BYTES,
         help="longest line a student may send, in bytes (default: %(default)s)")
     add("--flood-rate", type=seconds_flag, default=FLOOD_RATE_LINES_PER_SECOND,
-        help="lines a second before a client is slowed down; 0: off (default: %(default)s)")
+        help="lines a second before a client is slowed down; 0: no pacing of any "
+        "kind (default: %(default)s)")
     add("--flood-burst", type=count_flag(1), default=FLOOD_BURST_LINES,
         help="lines a client may send at once (default: %(default)s)")
     add("--nick-rate", type=count_flag(0), default=NICK_RATE_PER_MINUTE,
@@ -1685,6 +2427,13 @@ def parse_args(argv=None):
         help="room events shown to a newcomer; 0: none (default: %(default)s)")
     add("--ban-minutes", type=seconds_flag, default=BAN_MINUTES,
         help="minutes a kicked address must wait to rejoin (default: %(default)s)")
+    add("--per-address", type=count_flag(0), default=PER_ADDRESS,
+        help="connections from one computer (joins and wrong passwords are paced "
+        "in proportion); 0: off, for a lab that shares one machine or one "
+        "address (default: %(default)s)")
+    add("--room-rate", type=count_flag(0), default=ROOM_BYTES_PER_SECOND,
+        help="bytes a second of students' text the whole room takes in; senders "
+        "past it wait; 0 (or --flood-rate 0): no limit (default: %(default)s)")
     add("--transcript", metavar="FILE", help="append every room event to FILE, "
         "one timestamped line each (default: none)")
     add("--transcript-private", action="store_true", help="also show private "
@@ -1775,10 +2524,16 @@ def stop_serving(signum, frame):
     raise KeyboardInterrupt
 
 
+def exit_at_once(signum, frame):
+    """A second Ctrl+C (or SIGTERM) during the shutdown: stop now, quietly."""
+    os.write(2, b"Stopped at once (a second interrupt during the shutdown).\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
 def serve(args):
     """Serve the room until Ctrl+C or /shutdown; return the exit status."""
     try:
-        transcript = open(args.transcript, "a", encoding="utf-8") if args.transcript else None
+        transcript = Transcript(args.transcript) if args.transcript else None
     except OSError as error:
         log.error("Cannot open the transcript %s: %s.", args.transcript, error.strerror)
         return EXIT_STARTUP_ERROR
@@ -1789,6 +2544,9 @@ def serve(args):
         log.error("%s", describe_startup_error(error, args.host, args.port))
         return EXIT_STARTUP_ERROR
     announce_address(server)
+    if transcript is not None:  # so that runs appending to one file stand apart
+        transcript.write("=== The chat server started on %s. ===" % format_address(
+            server.server_address))
     stdin = console_input()
     if stdin is not None:
         TeacherConsole(server, stdin).start()
@@ -1799,6 +2557,9 @@ def serve(args):
     except KeyboardInterrupt:
         pass
     finally:
+        # From here on, a second Ctrl+C means "stop now", not a traceback.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, exit_at_once)
         log.info("Shutting down: telling everyone and closing connections.")
         server.close_room()
         server.server_close()

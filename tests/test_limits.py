@@ -52,9 +52,11 @@ def test_empty_name_just_asks_again(connect):
 
 
 def test_unicode_name_is_welcome(room):
-    alice, zoe = room("alice", "Zoë_李")
+    alice, zoe, li = room("alice", "Zoë_Ångström", "李小龍")
     zoe.send("hi")
-    alice.expect_next("Zoë_李 says: hi")
+    alice.expect_next("Zoë_Ångström says: hi")
+    li.send("你好")
+    alice.expect_next("李小龍 says: 你好")
 
 
 def test_name_timeout_closes_a_silent_connection(start_server, connect):
@@ -305,7 +307,7 @@ def test_accepted_sockets_use_keepalive_to_find_vanished_peers():
 
 
 def test_a_whole_class_connecting_at_once_all_get_a_prompt(start_server, connect):
-    server = start_server(max_clients=300)
+    server = start_server(max_clients=300, per_address=0)  # all from 127.0.0.1
     assert server.request_queue_size >= 100  # not socketserver's 5
     students = [connect(server) for _ in range(100)]
     for student in students:

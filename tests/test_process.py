@@ -163,7 +163,8 @@ FEW_FILES_LAUNCHER = (
 
 @pytest.mark.skipif(sys.platform == "win32", reason="open-file limits are POSIX")
 def test_too_many_open_files_is_logged_and_survived():
-    with server_process("--max-clients", "500", launcher=FEW_FILES_LAUNCHER) as server:
+    with server_process("--max-clients", "500", "--per-address", "0",
+                        launcher=FEW_FILES_LAUNCHER) as server:
         crowd = []
         try:
             for number in range(50):  # more than 40 files: the last ones wait
