@@ -1504,6 +1504,7 @@ HTTP_HEAD_MAX_BYTES = 16 * 1024  # a real browser's request head is under 2 KiB
 HTTP_LINE_MAX_BYTES = 8 * 1024  # one header line (long cookies, say)
 HTTP_HEAD_MAX_LINES = 100  # header lines in one request
 HTTP_HEAD_TIMEOUT_SECONDS = 10.0  # fixed: --name-timeout 0 does not lift it
+HTTP_SEND_SECONDS = 30.0  # to send this file (100 KiB) over a poor Wi-Fi link
 WEBSOCKET_PATH = "/chat"  # where the page opens its WebSocket
 WEBSOCKET_MIN_MESSAGE_BYTES = 64 * 1024  # see websocket_message_limit()
 SOURCE_FILE_NAME = "chat_server.py"  # GET /chat_server.py downloads this file
@@ -1516,7 +1517,7 @@ CONTROL_PAYLOAD_MAX_BYTES = 125  # the protocol's own limit for control frames
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002  # an unmasked frame, a bad opcode or fragment
 CLOSE_UNSUPPORTED_DATA = 1003  # a binary message: the chat is text
-CLOSE_NO_STATUS = 1005  # a close frame without a code (never sent on the wire)
+CLOSE_NO_STATUS = 1005  # what a close frame without a code means (never sent)
 CLOSE_BAD_DATA = 1007  # text that is not UTF-8
 CLOSE_TOO_BIG = 1009  # a frame or message over websocket_message_limit()
 
@@ -1712,8 +1713,7 @@ class WebSocketLines:
         if kind == "ping":
             self.client.send(encode_frame(OPCODE_PONG, event[1]))
         elif kind == "close":
-            code = event[1] if event[1] != CLOSE_NO_STATUS else CLOSE_NORMAL
-            self.close(code, "")  # echo the close (RFC 6455, 5.5.1)
+            self.close(CLOSE_NORMAL, "")  # answer the close (RFC 6455, 5.5.1)
         elif kind == "text" and not self.closed:
             return message_lines(event[1], self.max_line)
         return []  # a pong, or text after the close
@@ -1818,6 +1818,8 @@ def read_request_head(handler, data):
     deadline = time.monotonic() + HTTP_HEAD_TIMEOUT_SECONDS
     data = bytes(data)
     while not HEAD_END.search(data):
+        if not looks_like_http(data):  # its first line turned out not to be a request
+            raise BadRequest(400, "not an HTTP request line")
         problem = head_problem(data)
         if problem:
             raise BadRequest(431, problem)
@@ -1921,11 +1923,12 @@ def answer_http(handler, data):
         log.info("Closed %s: %s", client, refusal.reason)
         if refusal.status:
             extra = [("Sec-WebSocket-Version", "13")] if refusal.status == 426 else []
-            client.send(text_response(refusal.status, refusal.reason, extra))
+            send_http_answer(client, text_response(refusal.status, refusal.reason, extra))
+        return False
+    if not upgraded:
+        send_http_answer(client, answer)
         return False
     client.send(answer)
-    if not upgraded:
-        return False
     client.via = "browser"
     client.encode_lines = encode_websocket_lines
     client.closing_bytes = close_frame(CLOSE_NORMAL)  # kicked, /quit, shutdown
@@ -1934,6 +1937,16 @@ def answer_http(handler, data):
     if request.rest:  # frames sent right behind the request
         handler.receive(request.rest)
     return True
+
+
+def send_http_answer(client, answer):
+    """Send a whole answer, then close; wait up to HTTP_SEND_SECONDS for a slow network."""
+    # The answer is ours and bounded (this file is the biggest): let it past
+    # --sendq, which is meant for chat lines piling up for a slow reader.
+    client.sendq_bytes = max(client.sendq_bytes, len(answer))
+    client.send(answer)
+    client.close_after_flush()
+    client.wait_gone(HTTP_SEND_SECONDS)  # ends early at shutdown
 
 
 def route_request(request, client):

@@ -160,14 +160,6 @@ def test_unfinished_head_is_closed_at_the_deadline_even_without_a_name_timeout(
     assert time.monotonic() - started < TIMEOUT
 
 
-def test_request_split_across_reads_is_still_answered(connect):
-    client = connect()
-    client.send_raw(b"GET / HT")
-    time.sleep(0.05)  # not a wait for an event: makes the request arrive in two reads
-    client.send_raw(b"TP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    assert client.read_line() == "HTTP/1.1 200 OK"
-
-
 def test_late_http_request_is_closed_and_never_taken_as_a_password(
         start_server, caplog):
     """A preconnected socket sends its request after the first prompt went out."""
@@ -554,3 +546,40 @@ def test_refusal_answer_for_an_upgrade_is_handshake_message_and_close():
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's example
     text = chat_server.encode_frame(TEXT, b"*** The room is full.\r\n")
     assert frames == text + chat_server.close_frame(1000)
+
+
+def test_source_file_downloads_whole_even_past_a_small_sendq(start_server):
+    server = start_server(sendq=4096)
+    status, _, body = get(server, "/chat_server.py")
+    assert status == "HTTP/1.1 200 OK"
+    assert len(body) == len(open(chat_server.__file__, "rb").read())
+
+
+class ChunkedReads:
+    """Stands in for ChatHandler in read_request_head(): recv() returns given chunks."""
+
+    def __init__(self, *chunks):
+        self.chunks = list(chunks)
+
+    def recv(self, timeout):
+        return self.chunks.pop(0) if self.chunks else None
+
+
+def test_request_head_split_across_reads_is_read_whole():
+    reads = ChunkedReads(b"HTTP/1.1\r\nHost: 127.0.0.1\r", b"\n\r\n")
+    request = chat_server.read_request_head(reads, b"GET /chat_server.py ")
+    assert (request.method, request.path, request.header("host")) == (
+        "GET", "/chat_server.py", "127.0.0.1")
+
+
+def test_first_line_that_is_not_a_request_ends_the_http_reading():
+    """Something that began like a request but is not one is refused at its line end."""
+    with pytest.raises(chat_server.BadRequest) as refused:
+        chat_server.read_request_head(ChunkedReads(b"there\r\n", b"more\r\n"), b"HELLO ")
+    assert refused.value.status == 400
+
+
+def test_silent_request_head_times_out_with_408():
+    with pytest.raises(chat_server.BadRequest) as refused:
+        chat_server.read_request_head(ChunkedReads(), b"GET / HTTP/1.1\r\n")
+    assert refused.value.status == 408

@@ -8,6 +8,7 @@ tests' own WebSocket client: no Python package beyond pytest.
 import base64
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -244,3 +245,15 @@ def test_log_follows_new_lines_unless_the_student_scrolled_up(start_server, open
     bob.send("one more")
     tab.wait_for_line("one more")
     assert tab.evaluate("document.getElementById('log').scrollTop") == 0
+
+
+def test_page_follows_the_systems_dark_setting(server, open_tab):
+    tab = open_tab(server)
+    background = "getComputedStyle(document.body).backgroundColor"
+    light = tab.evaluate(background)
+    tab.call("Emulation.setEmulatedMedia",
+             features=[{"name": "prefers-color-scheme", "value": "dark"}])
+    dark = tab.evaluate(background)
+    assert light != dark
+    assert sum(map(int, re.findall(r"\d+", dark))) < sum(map(int, re.findall(r"\d+", light)))
+    tab.screenshot("dark")
