@@ -1607,21 +1607,21 @@ class WebSocketDecoder:
         buffer = self._buffer
         if len(buffer) < 2:
             return None
-        fin, opcode, masked, size = buffer[0] & 0x80, buffer[0] & 0x0F, buffer[1] & 0x80, buffer[1] & 0x7F
-        start = 2
-        if size == 126:
-            start, size = 4, (struct.unpack_from("!H", buffer, 2)[0] if len(buffer) >= 4 else None)
-        elif size == 127:
-            start, size = 10, (struct.unpack_from("!Q", buffer, 2)[0] if len(buffer) >= 10 else None)
-        if size is None:
+        first, second = buffer[0], buffer[1]
+        size = second & 0x7F  # 126 and 127 mean: the size follows, in 2 or 8 bytes
+        start = {126: 4, 127: 10}.get(size, 2)  # where the masking key begins
+        if len(buffer) < start:
             return None
-        self._check_header(buffer[0], opcode, fin, masked, size)
+        if size >= 126:
+            size = int.from_bytes(buffer[2:start], "big")
+        opcode = first & 0x0F
+        self._check_header(first, opcode, first & 0x80, second & 0x80, size)
         end = start + 4 + size
         if len(buffer) < end:
             return None
         key, payload = bytes(buffer[start:start + 4]), bytes(buffer[start + 4:end])
         del buffer[:end]
-        return fin, opcode, unmask(payload, key)
+        return first & 0x80, opcode, unmask(payload, key)
 
     def _check_header(self, first_byte, opcode, fin, masked, size):
         """Refuse a frame from its header alone: before its body is read."""
@@ -1642,7 +1642,8 @@ class WebSocketDecoder:
         if (opcode == OPCODE_CONTINUATION) != (self._fragments is not None):
             raise WebSocketError(CLOSE_PROTOCOL_ERROR, "fragments out of order")
         if self._fragments_bytes + size > self.max_message_bytes:
-            raise WebSocketError(CLOSE_TOO_BIG, "message over %d bytes" % self.max_message_bytes)
+            raise WebSocketError(CLOSE_TOO_BIG,
+                                 "message over %d bytes" % self.max_message_bytes)
 
     def _on_frame(self, fin, opcode, payload):
         """Assemble messages from frames; return an event, or None."""
@@ -1825,7 +1826,8 @@ def read_request_head(handler, data):
             raise BadRequest(431, problem)
         more = handler.recv(deadline - time.monotonic())
         if more is None:
-            raise BadRequest(408, "request head not finished in %g s" % HTTP_HEAD_TIMEOUT_SECONDS)
+            raise BadRequest(408, "request head not finished in %g s"
+                             % HTTP_HEAD_TIMEOUT_SECONDS)
         if not more:
             raise BadRequest(0, "closed during the request head")  # 0: no answer
         data += more
@@ -1875,8 +1877,9 @@ def websocket_handshake(request):
         valid_key = len(base64.b64decode(key, validate=True)) == 16
     except (ValueError, binascii.Error):
         valid_key = False
-    if not (valid_key and request.version >= (1, 1) and request.has_token("connection", "upgrade")
-            and request.header("upgrade").lower() == "websocket"):
+    upgrade = (request.has_token("connection", "upgrade")
+               and request.header("upgrade").lower() == "websocket")
+    if not (valid_key and upgrade and request.version >= (1, 1)):
         raise BadRequest(400, "not a valid WebSocket upgrade")
     accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest())
     return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -2056,9 +2059,11 @@ form, #again { display: flex; gap: 0.5rem; padding: 0.5rem 0.75rem;
   border-top: 1px solid var(--line); align-items: center; }
 label { font-weight: bold; }
 input { flex: 1; min-width: 0; font: inherit; padding: 0.4rem 0.5rem;
-  border: 2px solid var(--line); border-radius: 0.3rem; background: var(--bg); color: var(--fg); }
+  border: 2px solid var(--line); border-radius: 0.3rem;
+  background: var(--bg); color: var(--fg); }
 button { font: inherit; padding: 0.4rem 0.9rem; border-radius: 0.3rem;
-  border: 2px solid var(--accent); background: var(--accent); color: var(--bg); cursor: pointer; }
+  border: 2px solid var(--accent); background: var(--accent); color: var(--bg);
+  cursor: pointer; }
 :focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
 #again p { margin: 0; flex: 1; color: var(--alert); font-weight: bold; }
 [hidden] { display: none !important; }
@@ -2161,7 +2166,8 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
 <main id="log" role="log" aria-live="polite" tabindex="-1"></main>
 <form id="send" autocomplete="off">
 <label id="label" for="line">Message</label>
-<input id="line" type="text" autofocus enterkeyhint="send" autocapitalize="off" spellcheck="false">
+<input id="line" type="text" autofocus enterkeyhint="send" autocapitalize="off"
+ spellcheck="false">
 <button type="submit">Send</button>
 </form>
 <div id="again" hidden>
