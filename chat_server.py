@@ -1936,7 +1936,7 @@ def answer_http(handler, data):
     client.encode_lines = encode_websocket_lines
     client.closing_bytes = close_frame(CLOSE_NORMAL)  # kicked, /quit, shutdown
     handler.websocket = WebSocketLines(client, handler.server.settings)
-    log.info("%s joined from a browser (WebSocket)", client)
+    log.info("Upgraded %s to a WebSocket: a browser student", client)
     if request.rest:  # frames sent right behind the request
         handler.receive(request.rest)
     return True
@@ -1993,7 +1993,8 @@ def refusal_answer(first_bytes, reason):
     """What to send a connection refused before a thread, given its first bytes.
 
     An HTTP request gets a 503 page, a WebSocket upgrade the handshake, the
-    reason as one text message and a close, anything else the line "*** REASON".
+    reason as one text message and a close, anything else (a request head not
+    yet complete too) the line "*** REASON".
     """
     line = "*** " + reason
     if not (first_bytes and looks_like_http(first_bytes) and HEAD_END.search(first_bytes)):
