@@ -583,3 +583,15 @@ def test_silent_request_head_times_out_with_408():
     with pytest.raises(chat_server.BadRequest) as refused:
         chat_server.read_request_head(ChunkedReads(), b"GET / HTTP/1.1\r\n")
     assert refused.value.status == 408
+
+
+def test_browser_student_who_stops_reading_is_dropped_as_too_slow(start_server, room, browser):
+    from test_limits import SLOW_LEFT, chat_until_slow_is_dropped
+    server = start_server(flood_rate=0, sendq=64 * 1024)
+    alice, bob = room("alice", "bob", target=server)
+    browser(server, rcvbuf=4096).join("slow")  # joins, then never reads
+    alice.expect("slow joined")
+    bob.expect("slow joined")
+    said, received = chat_until_slow_is_dropped(bob, alice, "x" * 1000, batch=20)
+    assert alice.seen.count(SLOW_LEFT) == 1
+    assert received == said

@@ -51,8 +51,13 @@ class WebSocketClient:
     """One WebSocket connection; recv_*() methods wait at most `timeout` seconds."""
 
     def __init__(self, host, port, path="/chat", headers=None, timeout=TIMEOUT,
-                 origin=True):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+                 origin=True, rcvbuf=None):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if rcvbuf:  # before connecting, so the TCP window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
         self.timeout = timeout
         self.buffer = b""
         self.closed_with = None  # (code, reason) of the server's close frame
