@@ -1809,12 +1809,13 @@ def parse_request_head(data):
     return HttpRequest(method, target, (int(major), int(minor)), headers, rest)
 
 
-def read_request_head(handler, data):
+def read_request_head(recv, data):
     """Read the rest of a request head that began with data; an HttpRequest.
 
-    Read on its own (not by LineFramer: its limits are for chat lines), with
-    the HTTP limits above and a fixed deadline, and without flood pacing.
-    Raises BadRequest when a limit is passed, or the client leaves or stalls.
+    recv(timeout) gives more bytes (see recv_unpaced()). The head is read on
+    its own (not by LineFramer: its limits are for chat lines), with the HTTP
+    limits above and a fixed deadline. Raises BadRequest when a limit is
+    passed, or the client leaves or stalls.
     """
     deadline = time.monotonic() + HTTP_HEAD_TIMEOUT_SECONDS
     data = bytes(data)
@@ -1824,7 +1825,7 @@ def read_request_head(handler, data):
         problem = head_problem(data)
         if problem:
             raise BadRequest(431, problem)
-        more = handler.recv(deadline - time.monotonic())
+        more = recv(deadline - time.monotonic())
         if more is None:
             raise BadRequest(408, "request head not finished in %g s"
                              % HTTP_HEAD_TIMEOUT_SECONDS)
@@ -1920,7 +1921,7 @@ def answer_http(handler, data):
     """Serve a browser whose request began with data; True if it became a WebSocket."""
     client = handler.client
     try:
-        request = read_request_head(handler, data)
+        request = read_request_head(lambda timeout: recv_unpaced(handler, timeout), data)
         answer, upgraded = route_request(request, client)
     except BadRequest as refusal:
         log.info("Closed %s: %s", client, refusal.reason)
@@ -1940,6 +1941,20 @@ def answer_http(handler, data):
     if request.rest:  # frames sent right behind the request
         handler.receive(request.rest)
     return True
+
+
+def recv_unpaced(handler, timeout):
+    """Wait up to timeout seconds for bytes: b'' at the end, None if none came.
+
+    Not ChatHandler.recv(): a request head is not chat, so it is never paced.
+    """
+    deadline = time.monotonic() + timeout
+    while timeout > 0 and handler.readable.select(timeout):
+        try:
+            return handler.request.recv(RECV_BYTES)
+        except BlockingIOError:  # woken without data after all: wait again
+            timeout = deadline - time.monotonic()
+    return None
 
 
 def send_http_answer(client, answer):

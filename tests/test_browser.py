@@ -556,7 +556,7 @@ def test_source_file_downloads_whole_even_past_a_small_sendq(start_server):
 
 
 class ChunkedReads:
-    """Stands in for ChatHandler in read_request_head(): recv() returns given chunks."""
+    """Feeds read_request_head(): recv() returns the given chunks, then None (a timeout)."""
 
     def __init__(self, *chunks):
         self.chunks = list(chunks)
@@ -567,7 +567,7 @@ class ChunkedReads:
 
 def test_request_head_split_across_reads_is_read_whole():
     reads = ChunkedReads(b"HTTP/1.1\r\nHost: 127.0.0.1\r", b"\n\r\n")
-    request = chat_server.read_request_head(reads, b"GET /chat_server.py ")
+    request = chat_server.read_request_head(reads.recv, b"GET /chat_server.py ")
     assert (request.method, request.path, request.header("host")) == (
         "GET", "/chat_server.py", "127.0.0.1")
 
@@ -575,13 +575,14 @@ def test_request_head_split_across_reads_is_read_whole():
 def test_first_line_that_is_not_a_request_ends_the_http_reading():
     """Something that began like a request but is not one is refused at its line end."""
     with pytest.raises(chat_server.BadRequest) as refused:
-        chat_server.read_request_head(ChunkedReads(b"there\r\n", b"more\r\n"), b"HELLO ")
+        chat_server.read_request_head(ChunkedReads(b"there\r\n", b"more\r\n").recv,
+                                       b"HELLO ")
     assert refused.value.status == 400
 
 
 def test_silent_request_head_times_out_with_408():
     with pytest.raises(chat_server.BadRequest) as refused:
-        chat_server.read_request_head(ChunkedReads(), b"GET / HTTP/1.1\r\n")
+        chat_server.read_request_head(ChunkedReads().recv, b"GET / HTTP/1.1\r\n")
     assert refused.value.status == 408
 
 
