@@ -63,6 +63,11 @@ def csp_source(text):
     return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
 
 
+def teacher(server, line):
+    """Type a line at the teacher's console (the console's commands, not their methods)."""
+    chat_server.TeacherConsole(server, None).handle_line(line)
+
+
 def warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -168,10 +173,7 @@ def test_late_http_request_is_closed_and_never_taken_as_a_password(
     try:
         client.expect("Password?")
         client.send_raw(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        started = time.monotonic()
-        lines = client.expect_closed()
-        assert time.monotonic() - started < chat_server.WRONG_PASSWORD_DELAY_SECONDS
-        assert lines == []
+        assert client.expect_closed() == []  # no "Wrong password" line either
     finally:
         client.close()
     assert any("after the first prompt" in r.getMessage() for r in caplog.records)
@@ -439,7 +441,7 @@ def test_kicked_browser_student_is_told_and_gets_a_close_frame(server, browser, 
     bob = joined("bob")
     alice = browser().join("alice")
     bob.expect("alice joined")
-    server.kick("alice", "be nice")
+    teacher(server, "/kick alice be nice")
     alice.expect("removed you from the chat: be nice")
     alice.expect_close_code(1000)
     bob.expect_next("*** alice left the chat.")
@@ -449,7 +451,7 @@ def test_muted_browser_student_reaches_nobody(server, browser, joined):
     bob = joined("bob")
     alice = browser().join("alice")
     bob.expect("alice joined")
-    server.set_muted("alice", True)
+    teacher(server, "/mute alice")
     alice.expect("muted you")
     alice.send("can anyone hear me")
     bob.expect_nothing_before(joined("carol"), sentinel="*** carol joined")
@@ -459,11 +461,11 @@ def test_quiet_mode_holds_browser_students_too(server, browser, joined):
     bob = joined("bob")
     alice = browser().join("alice")
     bob.expect("alice joined")
-    server.set_quiet(True)
-    alice.expect("Quiet, please")
+    teacher(server, "/quiet on")
+    alice.expect("[teacher]")
     alice.send("psst")
-    alice.expect("Quiet mode")
-    bob.expect("Quiet, please")
+    alice.expect("only the teacher can speak")
+    bob.expect("[teacher]")
     bob.expect_nothing_before(joined("carol"), sentinel="*** carol joined")
 
 

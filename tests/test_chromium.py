@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import chat_server
 from conftest import TIMEOUT, find_tool, wait_until
 from websocket_client import WebSocketClient
 
@@ -184,7 +185,7 @@ def test_kick_shows_disconnected_and_join_again_works_from_the_keyboard(
     tab = open_tab(server)
     tab.type_line("alice")
     tab.wait_for_line("Online now")
-    server.kick("alice", "time out")
+    chat_server.TeacherConsole(server, None).handle_line("/kick alice time out")
     wait_until(lambda: tab.status() == "Disconnected", message="the disconnected state")
     tab.wait_for_line("removed you from the chat: time out")
     assert tab.evaluate("document.getElementById('again').hidden") is False
