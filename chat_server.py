@@ -2179,7 +2179,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
 <p id="status" role="status">Connecting&hellip;</p>
 <a href="/%s" download>Download chat_server.py</a>
 </header>
-<main id="log" role="log" aria-live="polite" tabindex="-1"></main>
+<main id="log" role="log" aria-live="polite" tabindex="0"></main>
 <form id="send" autocomplete="off">
 <label id="label" for="line">Message</label>
 <input id="line" type="text" autofocus enterkeyhint="send" autocapitalize="off"
