@@ -43,21 +43,25 @@ Licence: MIT (see LICENSE).
 #               what a full socket cannot take, its writer thread sends later.
 
 import argparse
+import base64
+import binascii
 import bisect
 import collections
 import dataclasses
 import errno
+import hashlib
 import hmac
 import ipaddress
-import os
 import logging
 import logging.handlers
+import os
 import queue
 import re
 import selectors
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -323,6 +327,11 @@ def is_plain_message(text):
 def encode_line(text):
     """Encode one line for the wire: UTF-8, ended with CR LF for every terminal."""
     return (text + "\r\n").encode("utf-8")
+
+
+def encode_lines(lines):
+    """Encode lines for a TCP client (see Client.encode_lines)."""
+    return b"".join(map(encode_line, lines))
 
 
 def parse_command(line, commands):
@@ -692,6 +701,11 @@ class Client:
         self.muted = False  # set by the teacher; the room checks it
         self.too_slow = False  # its outbox overflowed: the room drops it
         self.sendq_bytes = sendq_bytes
+        # How this client's lines become bytes, and what it joined with: a
+        # browser's WebSocket changes both (see answer_http()).
+        self.encode_lines = encode_lines
+        self.via = "tcp"  # or "browser"
+        self.closing_bytes = b""  # sent last, before closing (a WebSocket close frame)
         self._outbox = collections.deque()  # bytes not yet sent
         self._outbox_bytes = 0  # queued, or being sent
         # Guards the outbox and the flags below. (A plain Lock: Condition's
@@ -731,7 +745,7 @@ class Client:
 
     def queue_line(self, text):
         """Queue one line (see offer())."""
-        return self.offer(encode_line(text))
+        return self.offer(self.encode_lines([text]))
 
     def flush(self):
         """Send what is queued, as far as the socket takes it now; never wait.
@@ -776,7 +790,7 @@ class Client:
 
     def send_line(self, text):
         """Send one line now (see send()); never while holding the room's lock."""
-        return self.send(encode_line(text))
+        return self.send(self.encode_lines([text]))
 
     def claim_drop(self):
         """True the first time only: so a client is dropped once."""
@@ -796,6 +810,9 @@ class Client:
     def close_after_flush(self):
         """Take no more data; send what is queued, then close (never under a lock)."""
         with self._outbox_changed:
+            if self.closing_bytes and not self._closing:
+                self._outbox.append(self.closing_bytes)
+                self._outbox_bytes += len(self.closing_bytes)
             self._closing = True
         self.flush()
         with self._outbox_changed:
@@ -1237,12 +1254,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
         # Queuing for everyone while holding the lock is what gives every
         # client the same order of events. offer() never waits and never
         # touches a socket: the sending happens in _deliver(), after the lock.
-        data = b"".join(map(encode_line, lines))
         self._history.extend(lines)
         for line in lines:
             self._note("room", line)
         recipients = [client for client in self._clients.values() if client is not exclude]
+        # The bytes are built once per kind of client (TCP lines, WebSocket
+        # frames), not once per client: a big room stays cheap.
+        encoded = {}  # client.encode_lines -> its bytes for these lines
         for client in recipients:
+            data = encoded.get(client.encode_lines)
+            if data is None:
+                data = encoded[client.encode_lines] = client.encode_lines(lines)
             client.offer(data)
         return recipients
 
@@ -1506,24 +1528,6 @@ def send_and_close(sock, data):
     sock.close()
 
 
-def looks_like_http(data):
-    """True if data starts like an HTTP request line (GET / HTTP/1.1)."""
-    first = data.split(b"\n", 1)[0].rstrip(b"\r")
-    return bool(HTTP_REQUEST.match(first.decode("latin-1"))) or (
-        b"\n" not in data and re.match(rb"^[A-Z]+ /", data) is not None)
-
-
-def refusal_answer(received, reason):
-    """The bytes that tell a refused client why: an HTTP page or a chat line."""
-    if looks_like_http(received):
-        body = ("This chat server cannot take you now: %s\r\n" % reason).encode("utf-8")
-        return (("HTTP/1.1 503 Service Unavailable\r\n"
-                 "Content-Type: text/plain; charset=utf-8\r\n"
-                 "Content-Length: %d\r\nCache-Control: no-store\r\n"
-                 "Connection: close\r\n\r\n" % len(body)).encode("ascii") + body)
-    return encode_line("*** " + reason)
-
-
 def describe_minutes(minutes):
     """A wait as a person says it: '40 seconds', '1 minute', '5 minutes'."""
     if minutes < 1:
@@ -1572,6 +1576,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
             INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
         self.told_flood = False
         self.done = False  # set by /quit
+        self.websocket = None  # a WebSocketLines once a browser has upgraded
+        self.lines_read = 0  # a late browser request can only be the first
         enable_keepalive(self.request)
         # Non-blocking, so that offer() can send without ever waiting. This
         # thread waits for input with its own one-socket selector instead.
@@ -1620,7 +1626,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
             if not data:
                 return None
             self.receive(data)
-        return self.lines.popleft()
+        self.lines_read += 1
+        line = self.lines.popleft()
+        return None if identify_late_request(self, line) else line
 
     def recv(self, timeout=None):
         """Wait up to timeout seconds for bytes: b'' at the end, None if none came."""
@@ -1638,6 +1646,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def receive(self, data):
         """Take raw bytes from the client: answer telnet, queue complete lines."""
+        if self.websocket is not None:  # a browser: frames, and no telnet filter
+            self.lines.extend(self.websocket.receive(data))
+            return
         text, answer = self.telnet.feed(data)
         if answer:
             self.client.send(answer)  # refusals of telnet options
@@ -1661,30 +1672,13 @@ class ChatHandler(socketserver.StreamRequestHandler):
         data = self.recv(BROWSER_WAIT_SECONDS)
         if data == b"":
             return False
-        if data:
+        if data and looks_like_http(data):
+            if not answer_http(self, data):  # see "The browser page" below
+                return False
+        elif data:
             self.receive(data)
-        first = self.lines[0] if self.lines else None
-        if isinstance(first, str) and HTTP_REQUEST.match(first):
-            self.answer_browser()
-            return False
         self.reply("*** Welcome to the chat!")
         return True
-
-    def answer_browser(self):
-        host, port = self.request.getsockname()[:2]
-        body = (
-            "This is a chat server, not a web page.\r\n"
-            "Join it from a terminal with:  nc %s %s\r\n"
-            "or:  telnet %s %s\r\n" % (host, port, host, port)
-        ).encode("utf-8")
-        header = (
-            "HTTP/1.0 200 OK\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n"
-            "Content-Length: %d\r\n"
-            "Connection: close\r\n\r\n" % len(body)
-        ).encode("ascii")
-        self.client.send(header + body)
-        log.info("Answered a web browser at %s", self.client)
 
     def check_password(self, deadline):
         """Ask for the room password if there is one; False: wrong, or gone."""
@@ -2217,6 +2211,725 @@ def console_input():
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")
     return sys.stdin
+
+
+# --- The browser page: HTTP and WebSocket on the chat port --------------------
+# Adds students who have only a browser. ChatHandler.greet() hands a
+# connection whose first bytes look like an HTTP request to answer_http(): it
+# reads the request head on its own, then answers with the page, this file,
+# or an error, or upgrades to a WebSocket (RFC 6455). A WebSocket student is
+# then a Client like any other: WebSocketLines turns frames into the same
+# lines ChatHandler.receive() gets from TCP, and the Client's encode_lines
+# turns the room's lines into text frames.
+
+HTTP_HEAD_MAX_BYTES = 16 * 1024  # a real browser's request head is under 2 KiB
+HTTP_LINE_MAX_BYTES = 8 * 1024  # one header line (long cookies, say)
+HTTP_HEAD_MAX_LINES = 100  # header lines in one request
+HTTP_HEAD_TIMEOUT_SECONDS = 10.0  # fixed: --name-timeout 0 does not lift it
+HTTP_SEND_SECONDS = 30.0  # to send this file (100 KiB) over a poor Wi-Fi link
+WEBSOCKET_PATH = "/chat"  # where the page opens its WebSocket
+WEBSOCKET_MIN_MESSAGE_BYTES = 64 * 1024  # see websocket_message_limit()
+SOURCE_FILE_NAME = "chat_server.py"  # GET /chat_server.py downloads this file
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
+
+# Frame opcodes (RFC 6455, section 5.2) and the close codes we send (7.4.1).
+OPCODE_CONTINUATION, OPCODE_TEXT, OPCODE_BINARY = 0x0, 0x1, 0x2
+OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG = 0x8, 0x9, 0xA
+CONTROL_PAYLOAD_MAX_BYTES = 125  # the protocol's own limit for control frames
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002  # an unmasked frame, a bad opcode or fragment
+CLOSE_UNSUPPORTED_DATA = 1003  # a binary message: the chat is text
+CLOSE_NO_STATUS = 1005  # what a close frame without a code means (never sent)
+CLOSE_BAD_DATA = 1007  # text that is not UTF-8
+CLOSE_TOO_BIG = 1009  # a frame or message over websocket_message_limit()
+
+HTTP_REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/(\d)\.(\d)$")
+HTTP_START = re.compile(rb"^[A-Z]+ \S")  # what a request looks like before its line end
+HEAD_END = re.compile(rb"\r?\n\r?\n")
+HOST_AND_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?$")
+
+
+class WebSocketError(Exception):
+    """A protocol error: the connection closes with this close code."""
+
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def websocket_message_limit(settings):
+    """The largest frame or message accepted: room for a long line, never megabytes."""
+    return max(4 * settings.max_line, WEBSOCKET_MIN_MESSAGE_BYTES)
+
+
+def encode_frame(opcode, payload):
+    """One whole, unmasked frame from the server (servers never mask, 5.1)."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x80 | opcode, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, size)
+    return header + payload
+
+
+def encode_websocket_lines(lines):
+    """The room's lines as ONE text message: whole lines, each ended with CR LF.
+
+    One message may carry several lines (a sender's batch, say); a line is
+    never split across messages, so the page splits each message at CR LF.
+    """
+    return encode_frame(OPCODE_TEXT, encode_lines(lines))
+
+
+def close_frame(code, reason=""):
+    """A close frame with its code and a short reason (at most 123 bytes)."""
+    return encode_frame(OPCODE_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+
+
+def unmask(payload, key):
+    """XOR the payload with the 4-byte masking key, as one big integer (fast)."""
+    size = len(payload)
+    keystream = (key * (size // 4 + 1))[:size]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(keystream, "big")).to_bytes(
+        size, "big")
+
+
+class WebSocketDecoder:
+    """Turns bytes from a browser into messages: no sockets here (sans-I/O).
+
+    feed() returns events: ("text", bytes) for a whole text message,
+    ("ping", bytes), ("pong", bytes), ("close", code, reason). It raises
+    WebSocketError for anything RFC 6455 forbids, and judges a frame's size
+    from its header, before its body has arrived.
+    """
+
+    def __init__(self, max_message_bytes):
+        self.max_message_bytes = max_message_bytes
+        self._buffer = bytearray()
+        self._fragments = None  # the parts of a text message still coming, or None
+        self._fragments_bytes = 0
+
+    def feed(self, data):
+        """Return the events that data completes (see the class docstring)."""
+        self._buffer += data
+        events = []
+        while True:
+            frame = self._take_frame()
+            if frame is None:
+                return events
+            event = self._on_frame(*frame)
+            if event is not None:
+                events.append(event)
+
+    def _take_frame(self):
+        """Cut one whole frame off the buffer: (fin, opcode, payload), or None if short."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        first, second = buffer[0], buffer[1]
+        size = second & 0x7F  # 126 and 127 mean: the size follows, in 2 or 8 bytes
+        start = {126: 4, 127: 10}.get(size, 2)  # where the masking key begins
+        if len(buffer) < start:
+            return None
+        if size >= 126:
+            size = int.from_bytes(buffer[2:start], "big")
+        opcode = first & 0x0F
+        self._check_header(first, opcode, first & 0x80, second & 0x80, size)
+        end = start + 4 + size
+        if len(buffer) < end:
+            return None
+        key, payload = bytes(buffer[start:start + 4]), bytes(buffer[start + 4:end])
+        del buffer[:end]
+        return first & 0x80, opcode, unmask(payload, key)
+
+    def _check_header(self, first_byte, opcode, fin, masked, size):
+        """Refuse a frame from its header alone: before its body is read."""
+        if first_byte & 0x70:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bits set")
+        if not masked:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unmasked frame from a client")
+        if opcode >= OPCODE_CLOSE:
+            if opcode not in (OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG):
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+            if not fin or size > CONTROL_PAYLOAD_MAX_BYTES:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "fragmented or long control frame")
+            return
+        if opcode == OPCODE_BINARY:
+            raise WebSocketError(CLOSE_UNSUPPORTED_DATA, "binary message")
+        if opcode not in (OPCODE_TEXT, OPCODE_CONTINUATION):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+        if (opcode == OPCODE_CONTINUATION) != (self._fragments is not None):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "fragments out of order")
+        if self._fragments_bytes + size > self.max_message_bytes:
+            raise WebSocketError(CLOSE_TOO_BIG,
+                                 "message over %d bytes" % self.max_message_bytes)
+
+    def _on_frame(self, fin, opcode, payload):
+        """Assemble messages from frames; return an event, or None."""
+        if opcode == OPCODE_CLOSE:
+            return ("close",) + parse_close_payload(payload)
+        if opcode in (OPCODE_PING, OPCODE_PONG):
+            return ("ping" if opcode == OPCODE_PING else "pong", payload)
+        if self._fragments is None:
+            self._fragments = []
+        self._fragments.append(payload)
+        self._fragments_bytes += len(payload)
+        if not fin:
+            return None
+        message = b"".join(self._fragments)
+        self._fragments, self._fragments_bytes = None, 0
+        try:
+            message.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WebSocketError(CLOSE_BAD_DATA, "text message is not UTF-8") from None
+        return ("text", message)
+
+
+def parse_close_payload(payload):
+    """(code, reason) from a close frame's payload; WebSocketError if malformed."""
+    if not payload:
+        return CLOSE_NO_STATUS, ""
+    if len(payload) == 1:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "close frame of one byte")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CLOSE_BAD_DATA, "close reason is not UTF-8") from None
+    return struct.unpack("!H", payload[:2])[0], reason
+
+
+class WebSocketLines:
+    """Makes a WebSocket look like a line stream to ChatHandler.
+
+    receive() takes bytes from the socket and returns the client's lines
+    (str, or TOO_LONG for a message over --max-line), exactly what the
+    telnet filter and LineFramer give for a TCP client. It answers pings,
+    and closes the connection on a close frame or a protocol error.
+    """
+
+    def __init__(self, client, settings):
+        self.client = client
+        self.max_line = settings.max_line
+        self.decoder = WebSocketDecoder(websocket_message_limit(settings))
+        self.closed = False  # a close frame went out: ignore the rest
+
+    def receive(self, data):
+        if self.closed:
+            return []
+        try:
+            events = self.decoder.feed(data)
+        except WebSocketError as error:
+            log.warning("Closed %s: WebSocket protocol error, %s (code %d)",
+                        self.client, error.reason, error.code)
+            self.close(error.code, error.reason)
+            return []
+        lines = []
+        for event in events:
+            lines.extend(self._on_event(event))
+        return lines
+
+    def _on_event(self, event):
+        kind = event[0]
+        if kind == "ping":
+            self.client.send(encode_frame(OPCODE_PONG, event[1]))
+        elif kind == "close":
+            self.close(CLOSE_NORMAL, "")  # answer the close (RFC 6455, 5.5.1)
+        elif kind == "text" and not self.closed:
+            return message_lines(event[1], self.max_line)
+        return []  # a pong, or text after the close
+
+    def close(self, code, reason):
+        """Send a close frame after what is queued, then shut the socket."""
+        self.closed = True
+        self.client.closing_bytes = close_frame(code, reason)
+        self.client.close_after_flush()
+
+
+def message_lines(message, max_line):
+    """The lines in one text message from the page (usually exactly one)."""
+    if len(message) > max_line:
+        return [TOO_LONG]  # the same notice as a long TCP line; the connection stays
+    pieces = LINE_END.split(message)
+    if len(pieces) > 1 and not pieces[-1]:
+        pieces.pop()  # "text\n" is one line, not a line and an empty one
+    return [clean_line(piece) for piece in pieces]
+
+
+# -- The HTTP side: read a request head, answer it --
+
+
+class HttpRequest:
+    """A parsed request head: method, path, version and headers (names in lower case)."""
+
+    def __init__(self, method, target, version, headers, rest):
+        self.method = method
+        self.target = target
+        self.path = target.split("?", 1)[0]
+        self.version = version
+        self.headers = headers
+        self.rest = rest  # bytes that came after the head
+
+    def header(self, name):
+        return self.headers.get(name, "")
+
+    def has_token(self, name, token):
+        """True if the comma-separated header name contains token (any case)."""
+        return token in [part.strip().lower() for part in self.header(name).split(",")]
+
+    def wants_websocket(self):
+        return self.header("upgrade").lower() == "websocket" or self.has_token(
+            "connection", "upgrade")
+
+
+class BadRequest(Exception):
+    """A request head we will not read further: carries the status to answer with."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def looks_like_http(data):
+    """True if the first bytes a client sent are an HTTP request (or its start)."""
+    first_line = LINE_END.split(data, 1)[0]
+    if len(first_line) < len(data):  # the first line is complete
+        return bool(HTTP_REQUEST_LINE.match(first_line))
+    return bool(HTTP_START.match(first_line))
+
+
+def head_problem(data):
+    """Say which limit a (partial) request head breaks, or None."""
+    if len(data) > HTTP_HEAD_MAX_BYTES:
+        return "request head over %d bytes" % HTTP_HEAD_MAX_BYTES
+    lines = LINE_END.split(data)
+    if len(lines) > HTTP_HEAD_MAX_LINES + 2:
+        return "more than %d header lines" % HTTP_HEAD_MAX_LINES
+    if any(len(line) > HTTP_LINE_MAX_BYTES for line in lines):
+        return "a header line over %d bytes" % HTTP_LINE_MAX_BYTES
+    return None
+
+
+def parse_request_head(data):
+    """An HttpRequest from bytes holding a whole head; BadRequest if malformed."""
+    head, rest = HEAD_END.split(data, 1)
+    first, *header_lines = LINE_END.split(head)
+    match = HTTP_REQUEST_LINE.match(first)
+    if not match:
+        raise BadRequest(400, "not an HTTP request line")
+    method, target, major, minor = (part.decode("latin-1") for part in match.groups())
+    headers = {}
+    for line in header_lines:
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or not name or name != name.strip():
+            raise BadRequest(400, "malformed header line")
+        name, value = name.lower(), value.strip()
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    return HttpRequest(method, target, (int(major), int(minor)), headers, rest)
+
+
+def read_request_head(recv, data):
+    """Read the rest of a request head that began with data; an HttpRequest.
+
+    recv(timeout) gives more bytes (see recv_unpaced()). The head is read on
+    its own (not by LineFramer: its limits are for chat lines), with the HTTP
+    limits above and a fixed deadline. Raises BadRequest when a limit is
+    passed, or the client leaves or stalls.
+    """
+    deadline = time.monotonic() + HTTP_HEAD_TIMEOUT_SECONDS
+    data = bytes(data)
+    while not HEAD_END.search(data):
+        if not looks_like_http(data):  # its first line turned out not to be a request
+            raise BadRequest(400, "not an HTTP request line")
+        problem = head_problem(data)
+        if problem:
+            raise BadRequest(431, problem)
+        more = recv(deadline - time.monotonic())
+        if more is None:
+            raise BadRequest(408, "request head not finished in %g s"
+                             % HTTP_HEAD_TIMEOUT_SECONDS)
+        if not more:
+            raise BadRequest(0, "closed during the request head")  # 0: no answer
+        data += more
+    problem = head_problem(HEAD_END.split(data, 1)[0])
+    if problem:
+        raise BadRequest(431, problem)
+    return parse_request_head(data)
+
+
+HTTP_REASONS = {
+    101: "Switching Protocols", 200: "OK", 400: "Bad Request", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    426: "Upgrade Required", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 503: "Service Unavailable",
+}
+# Sent with every answer: no caching, no guessing of types, no Referer to
+# other sites. The page adds its Content-Security-Policy.
+SAFE_HEADERS = [
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
+
+
+def http_response(status, body=b"", content_type="text/plain; charset=utf-8", headers=()):
+    """A whole HTTP/1.1 answer, closing the connection after it."""
+    lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS[status])]
+    lines += ["%s: %s" % pair for pair in SAFE_HEADERS + list(headers)]
+    lines += ["Content-Type: " + content_type, "Content-Length: %d" % len(body),
+              "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+def text_response(status, text, headers=()):
+    """A short plain-text answer: the status and one sentence."""
+    return http_response(status, ("%d %s: %s\r\n" % (status, HTTP_REASONS[status], text))
+                         .encode("utf-8"), headers=headers)
+
+
+def websocket_handshake(request):
+    """The 101 answer to a valid upgrade request; BadRequest if it is not one."""
+    if request.header("sec-websocket-version") != "13":
+        raise BadRequest(426, "WebSocket version %r, not 13"
+                         % request.header("sec-websocket-version"))
+    key = request.header("sec-websocket-key")
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except (ValueError, binascii.Error):
+        valid_key = False
+    upgrade = (request.has_token("connection", "upgrade")
+               and request.header("upgrade").lower() == "websocket")
+    if not (valid_key and upgrade and request.version >= (1, 1)):
+        raise BadRequest(400, "not a valid WebSocket upgrade")
+    accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest())
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Accept: %s\r\n\r\n" % accept.decode("ascii")).encode("ascii")
+
+
+def host_is_ours(host_header):
+    """True if a Host header names this machine: an IP address, localhost or our name.
+
+    Refusing other names stops DNS rebinding: a web page on evil.example
+    whose name is made to point at this machine cannot join the room.
+    """
+    match = HOST_AND_PORT.match(host_header)
+    if not match:
+        return False
+    host = match.group(1).strip("[]").rstrip(".").lower()
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    our_name = socket.gethostname().lower()
+    return host in ("localhost", our_name, our_name.split(".")[0], our_name + ".local")
+
+
+def origin_problem(request):
+    """Why an upgrade's Origin or Host is refused, or None (see host_is_ours())."""
+    host = request.header("host")
+    if not host_is_ours(host):
+        return "Host %r is not this machine" % host[:100]
+    origin = request.header("origin")
+    if origin and origin.lower() != "http://" + host.lower():
+        return "Origin %r is not this page" % origin[:100]
+    return None
+
+
+def answer_http(handler, data):
+    """Serve a browser whose request began with data; True if it became a WebSocket."""
+    client = handler.client
+    try:
+        request = read_request_head(lambda timeout: recv_unpaced(handler, timeout), data)
+        answer, upgraded = route_request(request, client)
+    except BadRequest as refusal:
+        log.info("Closed %s: %s", client, refusal.reason)
+        if refusal.status:
+            extra = [("Sec-WebSocket-Version", "13")] if refusal.status == 426 else []
+            send_http_answer(client, text_response(refusal.status, refusal.reason, extra))
+        return False
+    if not upgraded:
+        send_http_answer(client, answer)
+        return False
+    client.send(answer)
+    client.via = "browser"
+    client.encode_lines = encode_websocket_lines
+    client.closing_bytes = close_frame(CLOSE_NORMAL)  # kicked, /quit, shutdown
+    handler.websocket = WebSocketLines(client, handler.server.settings)
+    log.info("Upgraded %s to a WebSocket: a browser student", client)
+    if request.rest:  # frames sent right behind the request
+        handler.receive(request.rest)
+    return True
+
+
+def recv_unpaced(handler, timeout):
+    """Wait up to timeout seconds for bytes: b'' at the end, None if none came.
+
+    Not ChatHandler.recv(): a request head is not chat, so it is never paced.
+    """
+    deadline = time.monotonic() + timeout
+    while timeout > 0 and handler.readable.select(timeout):
+        try:
+            return handler.request.recv(RECV_BYTES)
+        except BlockingIOError:  # woken without data after all: wait again
+            timeout = deadline - time.monotonic()
+    return None
+
+
+def send_http_answer(client, answer):
+    """Send a whole answer, then close; wait up to HTTP_SEND_SECONDS for a slow network."""
+    # The answer is ours and bounded (this file is the biggest): let it past
+    # --sendq, which is meant for chat lines piling up for a slow reader.
+    client.sendq_bytes = max(client.sendq_bytes, len(answer))
+    client.send(answer)
+    client.close_after_flush()
+    client.wait_gone(HTTP_SEND_SECONDS)  # ends early at shutdown
+
+
+def route_request(request, client):
+    """The answer to a request: (bytes, True if they upgrade to a WebSocket)."""
+    if request.method != "GET":
+        raise BadRequest(405, "method %s" % request.method[:20])
+    if request.path == WEBSOCKET_PATH:
+        if not request.wants_websocket():
+            raise BadRequest(426, "a plain GET of the WebSocket path")
+        problem = origin_problem(request)
+        if problem:
+            raise BadRequest(403, problem)
+        return websocket_handshake(request), True
+    if request.path == "/":
+        log.info("Sent the chat page to %s", client)
+        return page_response(), False
+    if request.path == "/" + SOURCE_FILE_NAME:
+        log.info("Sent %s to %s", SOURCE_FILE_NAME, client)
+        return source_response(), False
+    raise BadRequest(404, "no page at %r" % request.path[:100])
+
+
+def page_response():
+    return http_response(200, PAGE_HTML, "text/html; charset=utf-8",
+                         [("Content-Security-Policy", PAGE_CSP)])
+
+
+
+def source_response():
+    """This very file, as a download: the --connect client for anyone with Python."""
+    try:
+        with open(__file__, "rb") as source:
+            body = source.read()
+    except OSError as error:  # run from a zip, say
+        raise BadRequest(404, "cannot read %s: %s" % (SOURCE_FILE_NAME, error)) from None
+    return http_response(200, body, "text/x-python; charset=utf-8", [
+        ("Content-Disposition", 'attachment; filename="%s"' % SOURCE_FILE_NAME)])
+
+
+def refusal_answer(first_bytes, reason):
+    """What to send a connection refused before a thread, given its first bytes.
+
+    An HTTP request gets a 503 page, a WebSocket upgrade the handshake, the
+    reason as one text message and a close, anything else (a request head not
+    yet complete too) the line "*** REASON".
+    """
+    line = "*** " + reason
+    if not (first_bytes and looks_like_http(first_bytes) and HEAD_END.search(first_bytes)):
+        return encode_line(line)
+    try:
+        request = parse_request_head(first_bytes)
+        if request.path == WEBSOCKET_PATH and request.wants_websocket():
+            return (websocket_handshake(request) + encode_websocket_lines([line])
+                    + close_frame(CLOSE_NORMAL))
+    except BadRequest:
+        pass  # not a valid upgrade: a plain answer will do
+    return text_response(503, reason)
+
+
+def identify_late_request(handler, line):
+    """True (and logged) if a client's first line is an HTTP request.
+
+    A browser's preconnected socket may send its request only after the
+    first prompt went out; it cannot be answered as HTTP any more, but it
+    must never be taken as a password or a name.
+    """
+    if handler.lines_read > 1 or handler.websocket is not None:
+        return False
+    if not isinstance(line, str) or not HTTP_REQUEST.match(line):
+        return False
+    log.info("Closed %s: a browser request that came after the first prompt (%r)",
+             handler.client, line[:100])
+    return True
+
+
+# -- The page: every byte of it is here (a lab may have no internet) --
+# It inserts text with textContent only, never as HTML, and makes no links
+# from text: nothing a student types can become markup on anyone's page.
+
+PAGE_STYLE = """
+:root { color-scheme: light dark; --bg: #fdfdfc; --fg: #1b1b1b; --muted: #595959;
+  --server: #5a4a00; --server-bg: #fff6d6; --me: #0b4f9c; --line: #c9c9c9;
+  --accent: #0b57d0; --alert: #a50e0e; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #16181c; --fg: #ececec; --muted: #b0b0b0; --server: #f3d67a;
+    --server-bg: #2a2614; --me: #8cc4ff; --line: #3c3f45; --accent: #8ab4f8;
+    --alert: #ff8a80; }
+}
+* { box-sizing: border-box; }
+html { font-size: clamp(16px, 0.6vw + 12px, 30px); }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  display: flex; flex-direction: column; height: 100vh; height: 100dvh; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 0.2rem 1rem;
+  padding: 0.5rem 0.75rem; border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.15rem; margin: 0; }
+#status { margin: 0; color: var(--muted); flex: 1; }
+#status.gone { color: var(--alert); font-weight: bold; }
+a { color: var(--accent); }
+#log { flex: 1; overflow-y: auto; padding: 0.5rem 0.75rem; line-height: 1.4;
+  overflow-wrap: anywhere; white-space: pre-wrap; }
+#log div { padding: 0.05rem 0; }
+#log .server { color: var(--server); background: var(--server-bg);
+  border-left: 0.25rem solid var(--server); padding-left: 0.4rem; margin: 0.1rem 0; }
+#log .mine { color: var(--me); }
+#log .mine::before { content: "you: "; font-weight: bold; }
+form, #again { display: flex; gap: 0.5rem; padding: 0.5rem 0.75rem;
+  border-top: 1px solid var(--line); align-items: center; }
+label { font-weight: bold; }
+input { flex: 1; min-width: 0; font: inherit; padding: 0.4rem 0.5rem;
+  border: 2px solid var(--line); border-radius: 0.3rem;
+  background: var(--bg); color: var(--fg); }
+button { font: inherit; padding: 0.4rem 0.9rem; border-radius: 0.3rem;
+  border: 2px solid var(--accent); background: var(--accent); color: var(--bg);
+  cursor: pointer; }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+#again p { margin: 0; flex: 1; color: var(--alert); font-weight: bold; }
+[hidden] { display: none !important; }
+"""
+
+PAGE_SCRIPT = """
+"use strict";
+const log = document.getElementById("log");
+const form = document.getElementById("send");
+const input = document.getElementById("line");
+const label = document.getElementById("label");
+const status = document.getElementById("status");
+const again = document.getElementById("again");
+let socket = null;
+
+function nearBottom() {
+  return log.scrollHeight - log.scrollTop - log.clientHeight < 48;
+}
+
+function show(text, kind) {
+  const follow = nearBottom();
+  const line = document.createElement("div");
+  line.className = kind;
+  line.textContent = text;  // text only: never parsed as HTML
+  log.appendChild(line);
+  if (follow) log.scrollTop = log.scrollHeight;  // unless the student scrolled up
+}
+
+function askingPassword(on) {
+  input.type = on ? "password" : "text";
+  label.textContent = on ? "Password" : "Message";
+}
+
+function received(event) {
+  // Each message carries one or more whole lines, each ended by CR LF.
+  const lines = String(event.data).split("\\r\\n");
+  lines.pop();
+  for (const text of lines) {
+    const fromServer = text.startsWith("*** ");
+    show(text, fromServer ? "server" : "said");
+    if (fromServer) askingPassword(/Password\\?$/.test(text));
+  }
+}
+
+function disconnected() {
+  if (socket === null) return;
+  socket = null;
+  status.textContent = "Disconnected";
+  status.className = "gone";
+  show("*** Disconnected from the chat.", "server");
+  form.hidden = true;
+  again.hidden = false;
+  document.getElementById("rejoin").focus();
+}
+
+function join() {
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  socket = new WebSocket(scheme + location.host + "WEBSOCKET_PATH");
+  status.textContent = "Connecting\\u2026";
+  status.className = "";
+  again.hidden = true;
+  form.hidden = false;
+  askingPassword(false);
+  socket.addEventListener("open", () => {
+    status.textContent = "Connected";
+    input.focus();
+  });
+  socket.addEventListener("message", received);
+  socket.addEventListener("close", disconnected);
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (socket === null || socket.readyState !== WebSocket.OPEN) return;
+  const text = input.value;
+  socket.send(text);
+  show(input.type === "password" ? "\\u2022".repeat(8) : text, "mine");
+  input.value = "";
+  askingPassword(false);
+});
+document.getElementById("rejoin").addEventListener("click", join);
+join();
+""".replace("WEBSOCKET_PATH", WEBSOCKET_PATH)
+
+PAGE_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>Classroom chat</title>
+<style>%s</style>
+</head>
+<body>
+<header>
+<h1>Classroom chat</h1>
+<p id="status" role="status">Connecting&hellip;</p>
+<a href="/%s" download>Download chat_server.py</a>
+</header>
+<main id="log" role="log" aria-live="polite" tabindex="0"></main>
+<form id="send" autocomplete="off">
+<label id="label" for="line">Message</label>
+<input id="line" type="text" autofocus enterkeyhint="send" autocapitalize="off"
+ spellcheck="false">
+<button type="submit">Send</button>
+</form>
+<div id="again" hidden>
+<p>Disconnected: the server closed the chat, or the network is gone.</p>
+<button id="rejoin" type="button">Join again</button>
+</div>
+<script>%s</script>
+</body>
+</html>
+"""
+
+
+def csp_hash(text):
+    """The Content-Security-Policy source for one inline script or style."""
+    return "'sha256-%s'" % base64.b64encode(
+        hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+
+
+PAGE_HTML = (PAGE_TEMPLATE % (PAGE_STYLE, SOURCE_FILE_NAME, PAGE_SCRIPT)).encode("utf-8")
+# Only the page's own script and style run, it may connect only to its own
+# server, and no other site may frame it.
+PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src 'self'; frame-ancestors 'none'" % (csp_hash(PAGE_SCRIPT),
+                                                         csp_hash(PAGE_STYLE)))
 
 
 # --- The line client: python chat_server.py --connect HOST[:PORT] -------------

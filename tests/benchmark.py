@@ -19,6 +19,12 @@ selector loop, and prints one table:
               the others' delivered share and p99, the server's RSS over
               time, and when the slow client was dropped
 
+Fan-out and classroom run twice: all clients on TCP, then half of the
+receivers (the classroom: half the clients) on WebSockets, as browser
+students are; the second row gives its figure as a multiple of the first
+(for latency: all-TCP's latency divided by this one's, so 1.00x is as fast).
+With few clients a p99 is one stall or two: compare p50s across runs.
+
 Every phase is bounded in count and time. Server RSS, threads and CPU come
 from /proc (Linux); elsewhere they show as "-". The generator's own CPU is
 printed too: near 100% means it, not the server, was the limit.
@@ -42,6 +48,21 @@ FANOUT_WINDOW_LINES = 256  # lines in flight per sender and receiver (closed loo
 FANOUT_RE = re.compile(rb" says: ~F (\d+) (\d+) ")  # sender number, sequence number
 LATENCY_RE = re.compile(rb" says: ~L (\d+) ")  # send time, in ns
 JOINED = b" joined the chat."
+UPGRADE = (b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           b"Sec-WebSocket-Version: 13\r\n\r\n")
+ZERO_MASK = b"\0\0\0\0"  # a valid mask that leaves the text as it is: cheap to send
+
+
+def websocket_frames(data):
+    """Lines (CR LF-ended bytes) as masked text frames, one frame per line."""
+    frames = []
+    for line in data.split(b"\r\n")[:-1]:
+        size = len(line)
+        header = (bytes([0x81, 0x80 | size]) if size < 126
+                  else bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big"))
+        frames.append(header + ZERO_MASK + line)
+    return b"".join(frames)
 
 
 # --- The server under test ---
@@ -99,7 +120,7 @@ class Server:
 class Peer:
     """One client connection of the generator."""
 
-    def __init__(self, swarm, port, name, rcvbuf=None, reads=True):
+    def __init__(self, swarm, port, name, rcvbuf=None, reads=True, websocket=False):
         self.sock = socket.socket()
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -116,11 +137,41 @@ class Peer:
         self.events = selectors.EVENT_READ if reads else 0
         if reads:
             swarm.selector.register(self.sock, self.events, self)
+        # A browser student: the upgrade, then frames (None: a TCP client).
+        self.frames = bytearray() if websocket else None
+        self.upgraded = not websocket
+        if websocket:
+            self.outbox += UPGRADE  # the name frame may follow at once
         self.send(name.encode() + b"\r\n")
 
     def send(self, data):
-        self.outbox += data
+        self.outbox += data if self.frames is None else websocket_frames(data)
         self._flush()
+
+    def _unframe(self, data):
+        """The text carried by whole frames received so far (after the 101 head)."""
+        self.frames += data
+        if not self.upgraded:
+            end = self.frames.find(b"\r\n\r\n")
+            if end < 0:
+                return b""
+            del self.frames[:end + 4]
+            self.upgraded = True
+        text, frames, at = [], self.frames, 0
+        while len(frames) - at >= 2:
+            size = frames[at + 1] & 0x7F
+            start = at + {126: 4, 127: 10}.get(size, 2)
+            if len(frames) < start:
+                break
+            if size >= 126:
+                size = int.from_bytes(frames[at + 2:start], "big")
+            if len(frames) < start + size:
+                break
+            if frames[at] & 0x0F == 0x1:  # text; a close frame just ends the stream
+                text.append(frames[start:start + size])
+            at = start + size
+        del frames[:at]
+        return b"".join(text)
 
     def _flush(self):
         try:
@@ -157,6 +208,8 @@ class Peer:
             self.swarm.selector.unregister(self.sock)
             self.events = 0
             return
+        if self.frames is not None:
+            data = self._unframe(data)
         data = self.pending + data
         if not self.joined and b"*** Online now" in data:
             self.joined = True
@@ -269,8 +322,11 @@ def capacity(clients):
         server.stop()
 
 
-def fanout(receivers, senders, lines):
-    """senders send lines each as fast as the server takes them, to receivers."""
+def fanout(receivers, senders, lines, browsers=False):
+    """senders send lines each as fast as the server takes them, to receivers.
+
+    browsers: every other receiver is on a WebSocket.
+    """
     server = Server("--max-clients", str(receivers + senders + 10), "--sendq", str(16 << 20))
     swarm = Swarm()
     try:
@@ -292,7 +348,8 @@ def fanout(receivers, senders, lines):
 
         readers = []
         for index in range(receivers):
-            reader = swarm.add(server.port, "r%d" % index)
+            reader = swarm.add(server.port, "r%d" % index,
+                               websocket=browsers and index % 2 == 1)
             reader.on_data = make_reader(index)
             readers.append(reader)
         talkers = [swarm.add(server.port, "s%d" % index) for index in range(senders)]
@@ -323,15 +380,19 @@ def fanout(receivers, senders, lines):
         result = measure.finish()
         verdict = "all in order" if done and not out_of_order[0] else (
             "%d of %d, %d out of order" % (delivered[0], expected, out_of_order[0]))
-        result["result"] = "%.0f lines/s; %s" % (delivered[0] / took, verdict)
+        result["rate"] = delivered[0] / took
+        result["result"] = "%.0f lines/s; %s" % (result["rate"], verdict)
         return result
     finally:
         swarm.close()
         server.stop()
 
 
-def classroom(clients, seconds, slow_reader=False):
-    """clients each send one line a second; optionally a slow reader and a bulk sender."""
+def classroom(clients, seconds, slow_reader=False, browsers=False):
+    """clients each send one line a second; optionally a slow reader and a bulk sender.
+
+    browsers: every other client is on a WebSocket.
+    """
     server = Server("--max-clients", str(clients + 10))
     swarm = Swarm()
     try:
@@ -347,7 +408,8 @@ def classroom(clients, seconds, slow_reader=False):
 
         talkers = []
         for index in range(clients):
-            talker = swarm.add(server.port, "t%d" % index)
+            talker = swarm.add(server.port, "t%d" % index,
+                               websocket=browsers and index % 2 == 1)
             talker.on_data = on_data
             talkers.append(talker)
         swarm.run_until(lambda: all(peer.joined for peer in swarm.peers), PHASE_BOUND_SECONDS)
@@ -385,6 +447,7 @@ def classroom(clients, seconds, slow_reader=False):
         expected = said[0] * (clients - 1)
         result = measure.finish()
         share = 100.0 * len(latencies) / expected if expected else 0
+        result["p50"], result["p99"] = percentile(latencies, 0.5), percentile(latencies, 0.99)
         result["result"] = "delivered %.1f%%; p50 %.1f ms, p99 %.1f ms, max %.1f ms" % (
             share, percentile(latencies, 0.5), percentile(latencies, 0.99),
             max(latencies) if latencies else float("nan"))
@@ -424,12 +487,22 @@ def main(argv=None):
         row("capacity", "%d clients" % clients, capacity(clients))
     for receivers in ((10, 50) if quick else (50, 200)):
         for senders in (1, 4):
-            lines = (20000 if quick else 400000) // (receivers * senders)
-            row("fan-out", "%d receivers, %d sender%s" % (receivers, senders, "s" * (senders > 1)),
-                fanout(receivers, senders, max(lines, 200)))
+            lines = (100000 if quick else 400000) // (receivers * senders)
+            setting = "%d receivers, %d sender%s" % (receivers, senders, "s" * (senders > 1))
+            tcp = fanout(receivers, senders, max(lines, 200))
+            row("fan-out", setting, tcp)
+            half = fanout(receivers, senders, max(lines, 200), browsers=True)
+            half["result"] += "; %.2fx all-TCP" % (half["rate"] / tcp["rate"])
+            row("fan-out", "  half on WebSockets", half)
     seconds = 5 if quick else 20
     clients = 20 if quick else 60
-    row("classroom", "%d clients, %d s" % (clients, seconds), classroom(clients, seconds))
+    tcp = classroom(clients, seconds)
+    row("classroom", "%d clients, %d s" % (clients, seconds), tcp)
+    half = classroom(clients, seconds, browsers=True)
+    # As a speed (all-TCP's latency / this one's): 1.00x is as fast, 0.80x a quarter slower.
+    half["result"] += "; %.2fx all-TCP (p50), %.2fx (p99)" % (
+        tcp["p50"] / half["p50"], tcp["p99"] / half["p99"])
+    row("classroom", "  half on WebSockets", half)
     # The slow client's socket buffers hold a few MB: at 450 kB/s of bulk
     # lines they fill in about ten seconds, then its outbox does.
     row("slow reader", "%d clients + slow + bulk" % clients,

@@ -31,6 +31,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning"
     )
+    config.addinivalue_line("markers", "browser: drives a real Chromium (tests/test_chromium.py)")
 
 
 # .ci/run sets CHAT_TESTS_REQUIRE (for example "chromium,redis-server") so that

@@ -206,12 +206,12 @@ def test_no_student_line_starts_like_a_server_line(room):
     assert line == "bob says: ** Server: everyone must leave"
 
 
-def test_browser_gets_a_plain_http_answer_and_is_closed(connect):
+def test_browser_gets_the_chat_page_and_is_closed(connect):
     browser = connect()
     browser.send_raw(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
     lines = browser.expect_closed()
-    assert lines[0].startswith("HTTP/1.0 200 OK")
-    assert any("nc 127.0.0.1" in line for line in lines)
+    assert lines[0] == "HTTP/1.1 200 OK"
+    assert "<!DOCTYPE html>" in lines
 
 
 def test_line_over_max_line_is_refused_and_the_connection_kept(room):

@@ -1,0 +1,260 @@
+"""The chat page in a real browser: Chromium, headless, driven over its DevTools protocol.
+
+The tests start Debian's chromium themselves (skipped when it is missing,
+failed when CHAT_TESTS_REQUIRE names it) and speak DevTools (CDP) with the
+tests' own WebSocket client: no Python package beyond pytest.
+"""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+import chat_server
+from conftest import TIMEOUT, find_tool, wait_until
+from websocket_client import WebSocketClient
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_START_SECONDS = 30  # a cold start on a loaded CI machine
+PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+DESKTOP = {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False}
+SCREENSHOT_DIR = os.environ.get("CHAT_SCREENSHOTS", "/tmp")
+
+
+class DevTools:
+    """One DevTools connection to the browser; call() waits for the answer."""
+
+    def __init__(self, port, path):
+        self.ws = WebSocketClient("127.0.0.1", port, path, origin=False, timeout=TIMEOUT)
+        self.last_id = 0
+
+    def call(self, method, session=None, **params):
+        self.last_id += 1
+        message = {"id": self.last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        self.ws.send_text(json.dumps(message))
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # events arrive in between: skip them
+            reply = json.loads(self.ws.recv_message(max(0.001, deadline - time.monotonic())))
+            if reply.get("id") == self.last_id:
+                if "error" in reply:
+                    raise AssertionError("%s failed: %r" % (method, reply["error"]))
+                return reply["result"]
+
+
+class Tab:
+    """A browser tab showing the chat page."""
+
+    def __init__(self, devtools, url, metrics=DESKTOP):
+        self.devtools = devtools
+        self.target = devtools.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = devtools.call("Target.attachToTarget", targetId=self.target,
+                                     flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", **metrics)
+        self.call("Page.navigate", url=url)
+
+    def call(self, method, **params):
+        return self.devtools.call(method, self.session, **params)
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("%s: %r" % (expression, result["exceptionDetails"]))
+        return result["result"].get("value")
+
+    def log_lines(self):
+        return self.evaluate("Array.from(document.querySelectorAll('#log div'),"
+                             " d => [d.className, d.textContent])") or []
+
+    def wait_for_line(self, text):
+        wait_until(lambda: any(text in line for _, line in self.log_lines()),
+                   message="%r on the page; it shows %r" % (text, self.log_lines()))
+
+    def type_line(self, text):
+        """Type text into the focused box and press Enter, as a student would."""
+        self.call("Input.insertText", text=text)
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
+                      windowsVirtualKeyCode=13, nativeVirtualKeyCode=13,
+                      **({"text": "\r"} if kind == "keyDown" else {}))
+
+    def status(self):
+        return self.evaluate("(document.getElementById('status') || {}).textContent")
+
+    def screenshot(self, name):
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path = os.path.join(SCREENSHOT_DIR, "chat-%s.png" % name)
+        with open(path, "wb") as image:
+            image.write(base64.b64decode(data))
+        return path
+
+    def close(self):
+        self.devtools.call("Target.closeTarget", targetId=self.target)
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    """A headless Chromium for this module; killed (by its PID) at the end."""
+    path = find_tool("chromium")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with open(profile / "stderr.txt", "wb") as stderr:
+        process = subprocess.Popen(
+            [path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--remote-debugging-port=0",
+             "--user-data-dir=%s" % profile, "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        wait_until(lambda: port_file.exists() and len(port_file.read_text().split()) == 2
+                   or process.poll() is not None,
+                   timeout=CHROMIUM_START_SECONDS, message="Chromium's DevToolsActivePort")
+        if process.poll() is not None:
+            pytest.fail("chromium exited: %s" % (profile / "stderr.txt").read_text()[-2000:])
+        port, browser_path = port_file.read_text().split()
+        devtools = DevTools(int(port), browser_path)
+        yield devtools
+        devtools.ws.shutdown()
+    finally:
+        process.terminate()
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(TIMEOUT)
+
+
+@pytest.fixture
+def open_tab(chromium):
+    """A factory: open_tab(server, metrics=DESKTOP) loads the chat page in a new tab."""
+    tabs = []
+
+    def make(server, metrics=DESKTOP, first_prompt="What is your name?"):
+        host, port = server.server_address[:2]
+        tab = Tab(chromium, "http://%s:%d/" % (host, port), metrics)
+        tabs.append(tab)
+        wait_until(lambda: tab.status() == "Connected", message="the page to connect")
+        tab.wait_for_line(first_prompt)
+        return tab
+
+    yield make
+    for tab in tabs:
+        tab.close()
+
+
+def test_page_joins_and_chats_with_an_nc_student(server, open_tab, joined):
+    bob = joined("bob")
+    tab = open_tab(server)
+    tab.type_line("alice")
+    bob.expect("*** alice joined the chat.")
+    tab.type_line("hello from chromium")
+    bob.expect_next("alice says: hello from chromium")
+    bob.send("hello, alice")
+    tab.wait_for_line("bob says: hello, alice")
+    lines = tab.log_lines()
+    assert ["mine", "hello from chromium"] in lines  # what the student sent
+    assert ["server", "*** alice joined the chat."] not in lines  # not sent to oneself
+    assert ["said", "bob says: hello, alice"] in lines
+    assert all(kind == "server" for kind, text in lines if text.startswith("*** "))
+    assert tab.evaluate("document.activeElement.id") == "line"
+    tab.screenshot("desktop")
+
+
+def test_another_students_script_is_shown_as_text(server, open_tab, joined):
+    bob = joined("bob")
+    tab = open_tab(server)
+    tab.type_line("alice")
+    bob.expect("alice joined")
+    attack = '<script>document.title="owned"</script><img src=x onerror=alert(1)><b>b</b>'
+    bob.send(attack)
+    tab.wait_for_line("bob says: <script>")
+    assert ["said", "bob says: " + attack] in tab.log_lines()
+    assert tab.evaluate("document.querySelectorAll('#log script, #log img, #log b').length") == 0
+    assert tab.evaluate("document.title") == "Classroom chat"
+
+
+def test_kick_shows_disconnected_and_join_again_works_from_the_keyboard(
+        start_server, open_tab):
+    server = start_server(ban_minutes=0)
+    tab = open_tab(server)
+    tab.type_line("alice")
+    tab.wait_for_line("Online now")
+    chat_server.TeacherConsole(server, None).handle_line("/kick alice time out")
+    wait_until(lambda: tab.status() == "Disconnected", message="the disconnected state")
+    tab.wait_for_line("removed you from the chat: time out")
+    assert tab.evaluate("document.getElementById('again').hidden") is False
+    assert tab.evaluate("document.activeElement.id") == "rejoin"
+    tab.screenshot("disconnected")
+    tab.call("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter",
+             windowsVirtualKeyCode=13, text="\r")
+    tab.call("Input.dispatchKeyEvent", type="keyUp", key="Enter", code="Enter",
+             windowsVirtualKeyCode=13)
+    wait_until(lambda: tab.status() == "Connected", message="joining again")
+    wait_until(lambda: [t for _, t in tab.log_lines()].count("*** What is your name?") == 2,
+               message="a second name prompt")
+
+
+def test_page_fits_a_phone_width(server, open_tab, joined):
+    bob = joined("bob")
+    tab = open_tab(server, PHONE)
+    tab.type_line("alice")
+    bob.expect("alice joined")
+    bob.send("a long line that a phone must wrap instead of scrolling sideways " * 3)
+    tab.wait_for_line("a long line")
+    assert tab.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert tab.evaluate("window.innerWidth") == PHONE["width"]
+    right = tab.evaluate("document.querySelector('#send button').getBoundingClientRect().right")
+    assert right <= PHONE["width"]
+    tab.screenshot("phone")
+
+
+def test_password_box_is_masked_only_while_asked(start_server, open_tab):
+    server = start_server(password="secret")
+    tab = open_tab(server, first_prompt="Password?")
+    assert tab.evaluate("document.getElementById('line').type") == "password"
+    tab.type_line("secret")
+    tab.wait_for_line("What is your name?")
+    assert tab.evaluate("document.getElementById('line').type") == "text"
+    assert "secret" not in [text for _, text in tab.log_lines()]
+
+
+def test_inline_script_and_style_pass_the_pages_own_csp(server, open_tab):
+    """The page connected (its script ran) and is styled: the CSP hashes match."""
+    tab = open_tab(server)
+    assert tab.evaluate("getComputedStyle(document.getElementById('log')).overflowY") == "auto"
+
+
+def test_log_follows_new_lines_unless_the_student_scrolled_up(start_server, open_tab, joined):
+    server = start_server(flood_rate=0)
+    bob = joined("bob", server)
+    tab = open_tab(server, PHONE)
+    tab.type_line("alice")
+    bob.expect("alice joined")
+    for number in range(40):
+        bob.send("line %d" % number)
+    tab.wait_for_line("line 39")
+    at_bottom = ("(l => l.scrollHeight - l.scrollTop - l.clientHeight < 2)"
+                 "(document.getElementById('log'))")
+    assert tab.evaluate(at_bottom)
+    tab.evaluate("document.getElementById('log').scrollTop = 0")
+    bob.send("one more")
+    tab.wait_for_line("one more")
+    assert tab.evaluate("document.getElementById('log').scrollTop") == 0
+
+
+def test_page_follows_the_systems_dark_setting(server, open_tab):
+    tab = open_tab(server)
+    background = "getComputedStyle(document.body).backgroundColor"
+    light = tab.evaluate(background)
+    tab.call("Emulation.setEmulatedMedia",
+             features=[{"name": "prefers-color-scheme", "value": "dark"}])
+    dark = tab.evaluate(background)
+    assert light != dark
+    assert sum(map(int, re.findall(r"\d+", dark))) < sum(map(int, re.findall(r"\d+", light)))
+    tab.screenshot("dark")
