@@ -113,6 +113,7 @@ MAX_MARKS_PER_LETTER = 3  # combining marks on one letter (Vietnamese needs 2)
 REFUSALS_AT_ONCE = 64  # refused connections being told why, at most
 REFUSAL_DRAIN_SECONDS = 2.0  # read what a refused client sent, so that closing
 #                              does not reset the connection and eat our line
+DROPPED_REMEMBERED = 1000  # addresses told, when they return, why they were dropped
 RECORD_QUEUE_EVENTS = 10000  # room events waiting for the console and transcript
 HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
 #                                  and shows the count this often
@@ -166,6 +167,7 @@ class Settings:
 # Telnet commands (RFC 854). A telnet client may send these glued to the
 # front of a line; we remove them and refuse every option.
 IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
+IP = 244  # "interrupt process": what telnet sends for Ctrl+C
 
 LINE_END = re.compile(rb"\r\n|\r\0|\r|\n")  # telnet, telnet char mode, Mac, nc
 
@@ -188,6 +190,7 @@ ERASE_CHARACTERS = "\b\x7f"  # backspace and DEL, as character-mode clients send
 HTTP_REQUEST = re.compile(r"^[A-Z]+ \S+ HTTP/\d\.\d$")
 
 TOO_LONG = object()  # stands in for a line longer than --max-line
+INTERRUPTED = object()  # stands in for telnet's Ctrl+C (IAC IP): goodbye
 
 
 class TelnetFilter:
@@ -196,6 +199,7 @@ class TelnetFilter:
     def __init__(self):
         self._state = "data"
         self._verb = 0
+        self.interrupted = False  # an IAC IP came: the user pressed Ctrl+C
 
     def feed(self, data):
         """Return (the data without telnet commands, the bytes to answer with)."""
@@ -221,7 +225,9 @@ class TelnetFilter:
                 self._verb, self._state = byte, "option"
             elif byte == SB:
                 self._state = "subnegotiation"
-            # Anything else is a two-byte command (IP for Ctrl+C, NOP, ...).
+            elif byte == IP:
+                self.interrupted = True
+            # Anything else is a two-byte command (NOP, break, ...): ignored.
         elif state == "option":
             self._state = "data"
             # We refuse every option, and never answer a refusal (no loops).
@@ -553,6 +559,7 @@ class Addresses:
         self._failures = {}  # host -> [wrong passwords, when it may try again]
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
         self._mutes = {}  # (host, key or None for everyone there) -> name muted
+        self._dropped = {}  # host -> the name dropped there as too slow, oldest first
 
     def connect(self, host):
         """Count a new connection from host; False if host has too many."""
@@ -600,6 +607,18 @@ class Addresses:
     def password_passed(self, host):
         with self._lock:
             self._failures.pop(host, None)
+
+    def note_dropped(self, host, name):
+        """Remember that name at host was dropped as too slow, to tell them later."""
+        with self._lock:
+            if len(self._dropped) >= DROPPED_REMEMBERED:
+                self._dropped.pop(next(iter(self._dropped)))  # the oldest
+            self._dropped[host] = name
+
+    def take_dropped(self, host):
+        """The name someone at host was dropped as too slow under, once; or None."""
+        with self._lock:
+            return self._dropped.pop(host, None)
 
     def ban(self, host, name, minutes):
         with self._lock:
@@ -1224,7 +1243,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Disconnect one client now; the reason goes to the console only."""
         if not client.claim_drop():
             return  # dropped already
-        log.warning("Disconnecting %s: %s", client, reason)
+        self.tell_console("Disconnecting %s: %s" % (client, reason), warning=True)
+        if reason == TOO_SLOW:
+            self.addresses.note_dropped(client.host, client.name)
         self.leave(client)
         client.abort()
 
@@ -1310,17 +1331,23 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if kind == "silenced":
             held_back.add(line)
             return
-        if kind != "transcript":  # for the transcript only
+        if kind == "warning":
+            log.warning("%s", line)
+        elif kind != "transcript":  # for the transcript only
             log.info("%s%s", "(private) " if private else "", line)
-        if self._transcript is not None and kind != "console":
+        if self._transcript is not None and kind not in ("console", "warning"):
             self._transcript.write(("(private) " if private else "") + line)
 
     # -- The teacher's powers: the few room operations the console calls --
 
-    def tell_console(self, text):
-        """Show text on the console after the room events already queued."""
+    def tell_console(self, text, warning=False):
+        """Show text on the console after the room events already queued.
+
+        Everything the console says about the room comes this way, so it
+        comes in the room's order ("left the chat." before "Closed").
+        """
         with self._lock:
-            self._note("console", text)
+            self._note("warning" if warning else "console", text)
 
     def note_teacher(self, text):
         """Write what the teacher did to the transcript, in the room's order."""
@@ -1576,6 +1603,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
         self.told_flood = False
         self.done = False  # set by /quit
+        self.waiting_for = "a name"  # what a timeout before joining was waiting for
         self.websocket = None  # a WebSocketLines once a browser has upgraded
         self.lines_read = 0  # a late browser request can only be the first
         enable_keepalive(self.request)
@@ -1588,15 +1616,16 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def handle(self):
         """A client's life: greet, check the password, ask a name, join, chat."""
-        log.info("Accepted new client: %s", self.client)
+        self.server.tell_console("Accepted new client: %s" % self.client)
         timeout = self.server.settings.name_timeout
         deadline = time.monotonic() + timeout if timeout > 0 else None
         try:
             if self.greet() and self.check_password(deadline) and self.ask_name(deadline):
                 self.chat()
         except socket.timeout:  # before OSError: it is one, until 3.10 by name
-            self.reply("*** You did not give a name in time. Goodbye.")
-            log.info("Closed %s: no name in time", self.client)
+            self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
+            self.server.tell_console("Closed %s: no %s in time" % (
+                self.client, self.waiting_for.split()[-1]))
         except OSError:
             pass  # reset, or shut down by the room: either way, the client leaves
 
@@ -1609,7 +1638,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.client.abort()  # it stopped reading: stop waiting for it
         self.server.unregister(self.client)
         self.readable.close()
-        log.info("Closed connection: %s", self.client)
+        self.server.tell_console("Closed connection: %s" % self.client)
         super().finish()
 
     # -- Reading and writing --
@@ -1628,6 +1657,10 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.receive(data)
         self.lines_read += 1
         line = self.lines.popleft()
+        if line is INTERRUPTED:
+            self.reply("*** Bye.")
+            self.lines.clear()
+            return None
         return None if identify_late_request(self, line) else line
 
     def recv(self, timeout=None):
@@ -1654,6 +1687,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.client.send(answer)  # refusals of telnet options
         for line in self.framer.feed(text):
             self.lines.append(line if line is TOO_LONG else clean_line(line))
+        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
+            self.lines.append(INTERRUPTED)
 
     def reply(self, *lines):
         """Send lines to this client only."""
@@ -1678,6 +1713,15 @@ class ChatHandler(socketserver.StreamRequestHandler):
         elif data:
             self.receive(data)
         self.reply("*** Welcome to the chat!")
+        timeout = self.server.settings.name_timeout
+        if timeout > 0:
+            self.reply("*** You have %s to give %syour name." % (
+                describe_minutes(timeout / 60),
+                "the password and " if self.server.settings.password else ""))
+        dropped_as = self.server.addresses.take_dropped(self.client.host)
+        if dropped_as:
+            self.reply("*** Last time (as %s) you were disconnected: your computer did "
+                       "not read the chat fast enough." % dropped_as)
         return True
 
     def check_password(self, deadline):
@@ -1691,6 +1735,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.reply("*** Too many wrong passwords from your computer. Try again in "
                        "%s." % describe_minutes(wait / 60))
             return False
+        self.waiting_for = "the password"
         self.reply("*** This room has a password. Password?")
         answer = self.read_line(deadline)
         if answer is None:
@@ -1703,7 +1748,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         if right:
             addresses.password_passed(self.client.host)
             return True
-        log.warning("Wrong password from %s", self.client)
+        self.server.tell_console("Wrong password from %s" % self.client, warning=True)
         addresses.password_failed(self.client.host)
         self.reply("*** Wrong password. Goodbye.")
         return False
@@ -1711,6 +1756,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def ask_name(self, deadline):
         """Ask for a name until one is free and valid, then join. False: gone."""
         question = "What is your name?"
+        self.waiting_for = "a name"
         self.reply("*** " + question)
         paced = False
         while True:
@@ -1786,7 +1832,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.told_flood = True
             self.reply("*** You are sending lines too fast: they will go out more "
                        "slowly. Nothing is lost.")
-            log.info("Slowing down %s: flooding", self.client)
+            self.server.tell_console("Slowing down %s: flooding" % self.client)
         # Sleeping here holds back only this client: the rest of its lines
         # wait, in order, in its socket. The wait ends early if it is dropped.
         self.client.gone.wait(delay)
