@@ -42,7 +42,13 @@ Licence: MIT (see LICENSE).
 #   outbox      a client's queue of bytes not yet sent, bounded by --sendq;
 #               what a full socket cannot take, its writer thread sends later.
 
-import argparse
+import sys
+
+if sys.version_info < (3, 9):  # checked first: older ones fail at the imports
+    sys.exit("chat_server.py needs Python 3.9 or newer; this is Python %d.%d."
+             % tuple(sys.version_info[:2]))
+
+import argparse  # noqa: E402  (after the version check)
 import base64
 import binascii
 import bisect
@@ -58,11 +64,12 @@ import os
 import queue
 import re
 import selectors
+import shlex
 import signal
 import socket
 import socketserver
 import struct
-import sys
+import subprocess  # only list2cmdline, to show a command line on Windows
 import threading
 import time
 import unicodedata
@@ -124,6 +131,8 @@ KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
 KEEPALIVE_PROBES = 6  # ...and given up after this many unanswered probes
 ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
 WRITER_CHECK_SECONDS = 0.5  # a waiting writer checks this often if it was aborted
+ROUTE_PROBE_ADDRESS = ("198.51.100.1", 9)  # a documentation address (RFC 5737):
+#                                           only asked how it would be routed
 FILES_BESIDES_CLIENTS = 64  # the listening socket, the console, the transcript...
 
 RESERVED_NAMES = frozenset(
@@ -134,6 +143,7 @@ EXIT_OK = 0
 EXIT_STARTUP_ERROR = 2  # also argparse's status for a bad flag
 EXIT_CONNECT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl+C
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl+C, a service manager's stop
 
 log = logging.getLogger("chat_server")
 
@@ -1927,16 +1937,44 @@ class TeacherConsole:
         threading.Thread(target=self.run, name="console", daemon=True).start()
 
     def run(self):
-        """Act on each line until stdin ends; the server goes on either way."""
+        """Act on each line the teacher types; the server goes on whatever happens."""
         try:
-            for line in self.stream:
-                self.handle_line(line)
-        except (OSError, ValueError):
-            # OSError (EIO): a background process may not read its terminal.
-            pass
+            self.read_lines()
         except Exception as error:  # a thread's top level: log it, never a traceback
             log.error("Console stopped: %r", error)
         log.info("Console input has ended: the chat goes on. Ctrl+C stops the server.")
+
+    def read_lines(self):
+        """Read until a pipe or file ends; at a terminal, Ctrl+D is not the end."""
+        told_ctrl_d = False
+        ends = RateWindow(CONSOLE_ENDS_PER_SECOND, 1)  # a terminal that is gone
+        while True:
+            try:
+                line = self.stream.readline()
+            except OSError:  # EIO: in a shell's background (SIGTTIN is ignored)
+                if not self.wait_for_foreground():
+                    return
+                continue
+            except ValueError:  # stdin was closed
+                return
+            if line:
+                self.handle_line(line)
+            elif not self.stream.isatty() or not ends.allow():
+                return
+            elif not told_ctrl_d:
+                told_ctrl_d = True
+                log.info("Ctrl+D does not stop the server (Ctrl+C does): type on.")
+
+    def wait_for_foreground(self):
+        """Wait until `fg` brings the server back (POSIX); False if it never can."""
+        if not in_background(self.stream):
+            return False  # no job control here, or the terminal is gone
+        log.info("The console is off while the server runs in the background; "
+                 "fg brings it back.")
+        while in_background(self.stream):
+            time.sleep(CONSOLE_FOREGROUND_CHECK_SECONDS)  # no event tells us
+        log.info("The console is back: type to announce, /help for commands.")
+        return True
 
     def handle_line(self, line):
         """An announcement, or a /command."""
@@ -2245,6 +2283,16 @@ def describe_duration(seconds):
     return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
 
 
+def in_background(stream):
+    """True if this process runs in its terminal's background (POSIX job control)."""
+    if not hasattr(os, "tcgetpgrp"):
+        return False
+    try:
+        return os.tcgetpgrp(stream.fileno()) != os.getpgrp()
+    except (OSError, ValueError):
+        return False  # not a terminal, or it is gone
+
+
 def console_input():
     """stdin for the teacher's console, or None if there is none to read."""
     if sys.stdin is None:  # pythonw, or a service
@@ -2252,7 +2300,7 @@ def console_input():
     if hasattr(signal, "SIGTTIN"):
         # Started in a shell's background ("python chat_server.py &"), reading
         # the terminal would stop the whole server. Ignoring SIGTTIN turns
-        # that read into an error instead, which just ends the console.
+        # that read into an error instead: the console waits for `fg`.
         signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")
@@ -3060,6 +3108,8 @@ def send_from_stdin(sock, finished):
 
 # --- Starting the server: logging, flags, banner, main() ---------------------
 
+CONSOLE_ENDS_PER_SECOND = 3  # more Ctrl+Ds than this: the terminal is gone
+CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
 LOG_QUEUE_RECORDS = 10000  # console lines held while the console is paused
 
 
@@ -3209,29 +3259,80 @@ def settings_from(args):
 
 
 def lan_addresses():
-    """This computer's IPv4 addresses other than loopback, as far as it knows."""
+    """The addresses other computers reach this one at, best first, or [].
+
+    First the way the OS routes: connect() on a UDP socket sends nothing,
+    but picks the source address for that destination. Then the host name's
+    addresses (on Debian-like systems that gives 127.0.1.1, hence first).
+    """
+    found = []
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(ROUTE_PROBE_ADDRESS)  # no packet leaves: UDP has no handshake
+        found.append(probe.getsockname()[0])
+    except OSError:
+        pass  # no network at all
+    finally:
+        probe.close()
     try:
         infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
     except OSError:
-        return []
-    return sorted({info[4][0] for info in infos if not info[4][0].startswith("127.")})
+        infos = []
+    found += sorted({info[4][0] for info in infos} - set(found))
+    return [address for address in found
+            if not address.startswith(("127.", "0.", "169.254."))]
 
 
-def announce_address(server):
-    """Log where the server listens and how students join."""
+def announce_address(server, transcript, argv):
+    """Log where the server listens, how students join, and what is on.
+
+    Every line fits an 80-column terminal with its timestamp.
+    """
     host, port = server.server_address[:2]
-    log.info("Listening on %s (Ctrl+C to stop)", format_address((host, port)))
+    settings = server.settings
+    log.info("Listening on %s (Ctrl+C stops the server).", format_address((host, port)))
     if host in ("0.0.0.0", "::"):
-        hosts = lan_addresses() or ["THIS-COMPUTER'S-ADDRESS"]
+        hosts = lan_addresses()
+        if not hosts:
+            log.info("Could not find this computer's address: see `ip addr` (Linux),")
+            log.info("`ipconfig` (Windows) or System Settings > Network (macOS).")
+            hosts = ["ADDRESS"]
     else:
         hosts = [host]
-    for join_host in hosts:
-        log.info("Students join with:  nc %s %s   or   telnet %s %s   or   "
-                 "python chat_server.py --connect %s",
-                 join_host, port, join_host, port, format_address((join_host, port)))
+    for join_host in hosts[:3]:
+        where = format_address((join_host, port))
+        log.info("Students join at %s with:", join_host)
+        log.info("  a browser:  http://%s/", where)
+        log.info("  nc %s %s   or   telnet %s %s", join_host, port, join_host, port)
+        log.info("  python chat_server.py --connect %s", where)
+    log.info("Password: %s", "on (students type it first)." if settings.password
+             else "off (--password sets one).")
+    log.info("Transcript: %s", transcript.path if transcript
+             else "off (--transcript FILE keeps one).")
     if host.startswith("127.") or host == "::1":
-        log.info("Only this computer can join. To open the room to the lab: "
-                 "python chat_server.py --host 0.0.0.0")
+        log.info("Only this computer can join. To open the room to the lab:")
+        log.info("  %s", command_line(["python", "chat_server.py"]
+                                     + with_flag(argv, "--host", "0.0.0.0")))
+
+
+def with_flag(argv, flag, value):
+    """argv with flag set to value (replaced if it was there, else added first)."""
+    result, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == flag:
+            skip = True
+        elif not word.startswith(flag + "="):
+            result.append(word)
+    return [flag, value] + result
+
+
+def command_line(words):
+    """A command as the teacher would type it in this computer's shell."""
+    if sys.platform == "win32":
+        return subprocess.list2cmdline(words)
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def raise_open_file_limit(clients):
@@ -3268,19 +3369,32 @@ def describe_startup_error(error, host, port):
 
 def main(argv=None):
     """Run the chat server (or, with --connect, the line client); return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.connect:
         return run_line_client(args.connect)
     stop_logging = configure_logging()
     try:
-        return serve(args)
+        return serve(args, argv)
     finally:
         stop_logging()
 
 
-def stop_serving(signum, frame):
-    """Treat SIGTERM like Ctrl+C: shut down in good order."""
-    raise KeyboardInterrupt
+def stop_on_signal(server):
+    """A handler for Ctrl+C and SIGTERM (a service manager's "stop"): shut down in order.
+
+    It only starts the shutdown, in a thread of its own: raising
+    KeyboardInterrupt instead would land wherever the main thread happens to
+    be, and in the middle of admitting a client socketserver closes that
+    client's connection. A second signal during the shutdown ends at once.
+    """
+
+    def handler(signum, frame):
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, exit_at_once)
+        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+
+    return handler
 
 
 def exit_at_once(signum, frame):
@@ -3289,7 +3403,7 @@ def exit_at_once(signum, frame):
     os._exit(EXIT_INTERRUPTED)
 
 
-def serve(args):
+def serve(args, argv):
     """Serve the room until Ctrl+C or /shutdown; return the exit status."""
     try:
         transcript = Transcript(args.transcript) if args.transcript else None
@@ -3302,23 +3416,27 @@ def serve(args):
     except OSError as error:  # socket.gaierror too: an unknown host name
         log.error("%s", describe_startup_error(error, args.host, args.port))
         return EXIT_STARTUP_ERROR
-    announce_address(server)
+    announce_address(server, transcript, argv)
     if transcript is not None:  # so that runs appending to one file stand apart
         transcript.write("=== The chat server started on %s. ===" % format_address(
             server.server_address))
     stdin = console_input()
     if stdin is not None:
+        if in_background(stdin):
+            log.info("Started in the background: fg brings the console here.")
+        elif stdin.isatty():  # a pipe or a file may end at once: say nothing yet
+            log.info("Type here to announce to everyone; /help lists your commands.")
         TeacherConsole(server, stdin).start()
-        log.info("Type here to announce to everyone; /help lists the teacher's commands.")
-    signal.signal(signal.SIGTERM, stop_serving)  # a service manager's "stop"
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, stop_on_signal(server))
     try:
-        server.serve_forever()
+        server.serve_forever()  # returns once server.shutdown() is called
     except KeyboardInterrupt:
-        pass
+        pass  # a Ctrl+C before the handler was in place
     finally:
         # From here on, a second Ctrl+C means "stop now", not a traceback.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, exit_at_once)
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, exit_at_once)
         log.info("Shutting down: telling everyone and closing connections.")
         server.close_room()
         server.server_close()

@@ -1,13 +1,16 @@
 """The teacher's console: announcements, kick, mute, quiet, who, shutdown, transcript."""
 
+import os
 import re
+import select
 import subprocess
 import sys
+import time
 
 import pytest
 
 from chat_server import TeacherConsole
-from conftest import TIMEOUT, server_process, wait_until
+from conftest import SERVER_SCRIPT, TIMEOUT, ChatClient, server_process, wait_until
 
 
 @pytest.fixture
@@ -209,36 +212,85 @@ def test_console_eof_leaves_the_server_running():
         alice.close()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="job control is POSIX")
-def test_server_started_in_a_shells_background_keeps_serving():
-    pty = pytest.importorskip("pty")
-    import os
-    import select
-    import time
+class Terminal:
+    """An interactive bash on a pseudo-terminal, as a teacher's terminal window."""
 
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: an interactive shell with job control on a terminal
-        os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
-    try:
-        command = "%s -u %s --port 0 &\n" % (sys.executable, os.path.abspath("chat_server.py"))
-        os.write(terminal, command.encode())
-        output = b""
-        deadline = time.monotonic() + TIMEOUT
-        while b"Console input has ended" not in output and time.monotonic() < deadline:
-            ready, _, _ = select.select([terminal], [], [], 0.1)
+    def __init__(self):
+        pty = pytest.importorskip("pty")
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: an interactive shell with job control
+            os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+        self.output = b""
+        self.foreground = False  # a server runs in the foreground
+
+    def type(self, text):
+        os.write(self.fd, text.encode())
+
+    def expect(self, text, since=0, timeout=TIMEOUT):
+        """Read the screen until text appears (after byte since); return all read."""
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.output[since:] and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
             if ready:
-                output += os.read(terminal, 65536)
-        assert b"Console input has ended" in output, output
-        port = int(re.search(rb"Listening on 127\.0\.0\.1:(\d+)", output).group(1))
-        from conftest import ChatClient
-        alice = ChatClient(("127.0.0.1", port))
-        alice.send("alice")
-        alice.expect("*** Welcome, alice!")  # not stopped by the terminal (SIGTTIN)
-        alice.close()
-    finally:
-        os.write(terminal, b"kill %1; exit\n")
-        os.waitpid(pid, 0)
-        os.close(terminal)
+                self.output += os.read(self.fd, 65536)
+        assert text.encode() in self.output[since:], self.output[-2000:]
+        return self.output
+
+    def close(self):
+        if self.foreground:  # Ctrl+C ends it; then the shell is back
+            mark = len(self.output)
+            self.type("\x03")
+            self.expect("bash-", since=mark)
+        self.type("kill %1 2>/dev/null; exit\n")
+        deadline = time.monotonic() + TIMEOUT
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(self.pid, 9)  # bash and what it started, all ours
+                os.waitpid(self.pid, 0)
+                break
+            time.sleep(0.05)  # polling the child's exit
+        os.close(self.fd)
+
+
+@pytest.fixture
+def terminal():
+    if sys.platform == "win32":
+        pytest.skip("job control is POSIX")
+    opened = Terminal()
+    yield opened
+    opened.close()
+
+
+def start_in_terminal(terminal, background):
+    """Start the server in terminal; return a client that joined it as alice."""
+    terminal.type("%s -u %s --port 0%s\n" % (sys.executable, SERVER_SCRIPT,
+                                             " &" if background else ""))
+    terminal.foreground = not background
+    output = terminal.expect("Listening on")
+    port = int(re.search(rb"Listening on 127\.0\.0\.1:(\d+)", output).group(1))
+    return ChatClient(("127.0.0.1", port)).join("alice")
+
+
+def test_server_started_in_a_shells_background_serves_and_gets_its_console_after_fg(
+        terminal):
+    alice = start_in_terminal(terminal, background=True)  # not stopped by SIGTTIN
+    terminal.expect("fg brings the console here.")
+    terminal.type("fg\n")
+    terminal.expect("The console is back")
+    terminal.type("hello after fg\n")
+    alice.expect("*** [teacher] hello after fg")
+    alice.close()
+
+
+def test_ctrl_d_at_a_terminal_does_not_end_the_console(terminal):
+    alice = start_in_terminal(terminal, background=False)
+    terminal.expect("Type here to announce")
+    terminal.type("\x04")  # Ctrl+D
+    terminal.expect("Ctrl+D does not stop the server (Ctrl+C does)")
+    terminal.type("still here\n")
+    alice.expect("*** [teacher] still here")
+    assert b"Console input has ended" not in terminal.output
+    alice.close()
 
 
 # --- The transcript ---

@@ -27,10 +27,38 @@ def run_server(*flags):
 
 def test_banner_says_where_it_listens_and_how_to_join():
     with server_process() as server:
-        join = server.expect_log("Students join with")
+        server.expect_log("Students join at 127.0.0.1 with:")
+        server.expect_log("  a browser:  http://127.0.0.1:%d/" % server.port)
+        server.expect_log("  nc 127.0.0.1 %d   or   telnet 127.0.0.1 %d" % (server.port,
+                                                                          server.port))
+        server.expect_log("  python chat_server.py --connect 127.0.0.1:%d" % server.port)
+        server.expect_log("Password: off")
+        server.expect_log("Transcript: off")
         server.expect_log("Only this computer can join")
-    assert "nc 127.0.0.1 %d" % server.port in join
-    assert "--connect 127.0.0.1:%d" % server.port in join
+
+
+def test_banner_fits_80_columns_and_keeps_the_teachers_flags_in_its_hint(tmp_path):
+    transcript = tmp_path / "class log.txt"
+    with server_process("--password", "fish", "--transcript", str(transcript)) as server:
+        server.expect_log("Password: on")
+        server.expect_log("Transcript: %s" % transcript)
+        hint = server.expect_log("python chat_server.py --host 0.0.0.0")
+        server.stop()
+    assert "--port 0 --password fish --transcript '%s'" % transcript in hint
+    banner = [line for line in server.stderr_text().split("Only this computer")[0].splitlines()
+              if str(transcript) not in line]  # only a long path may be longer
+    assert all(len(line) <= 80 for line in banner), banner
+
+
+def test_banner_on_all_interfaces_shows_an_address_other_computers_can_use():
+    with server_process("--host", "0.0.0.0") as server:
+        line = server.expect_log("Students join at ", timeout=TIMEOUT)
+        server.stop()
+    address = line.split("Students join at ")[1].split()[0]
+    if address == "ADDRESS":  # no network at all: then it says how to find it
+        assert "ip addr" in server.stderr_text()
+    else:
+        assert not address.startswith("127."), line  # not Debian's 127.0.1.1
 
 
 def test_port_in_use_is_one_clear_line_and_exit_status_2():
