@@ -1046,7 +1046,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return "You were removed by the teacher. Try again in %s." % (
                 describe_minutes(ban_left / 60))
         if self._admitted >= self.settings.max_clients:
-            return "The room is full (%d people). Try again later." % self._admitted
+            return "The room is full (%d connected). Try again later." % self._admitted
         if not self.addresses.connect(host):
             return ("Too many connections from your computer (%d). Close one, "
                     "then try again." % self.settings.per_address)
@@ -2156,7 +2156,7 @@ class HeldBackLines:
 
     def report_if_due(self):
         if self._more and time.monotonic() >= self._next_report:
-            log.info("(held back %s more)", plural(self._more, "line"))
+            log.info("(held back %s)", plural(self._more, "more line"))
             self._more = 0
             self._next_report = time.monotonic() + HELD_BACK_REPORT_SECONDS
 

@@ -244,7 +244,7 @@ def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, j
     alice = joined("alice", server)
     waiting = connect(server)  # a connection at the prompt counts too
     extra = connect(server)
-    assert extra.expect_closed() == ["*** The room is full (2 people). Try again later."]
+    assert extra.expect_closed() == ["*** The room is full (2 connected). Try again later."]
     waiting.close()
     wait_until(lambda: server.connection_count() == 1, message="the place to be freed")
     joined("bob", server)
