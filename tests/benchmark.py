@@ -73,8 +73,9 @@ class Server:
     def __init__(self, *flags):
         self.log = open(os.devnull, "wb")
         self.process = subprocess.Popen(
+            # Every client connects from 127.0.0.1: no per-address limits.
             [sys.executable, SERVER, "--port", "0", "--flood-rate", "0", "--history", "0",
-             *flags],
+             "--per-address", "0", *flags],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.PIPE,
         )
         line = self.process.stderr.readline().decode()
