@@ -117,7 +117,7 @@ INPUT_BYTES_PER_SECOND = 16 * 1024  # what one connection may send: ten times a
 INPUT_BURST_BYTES = 64 * 1024  # fast typist, and a pasted page at once
 MAX_QUIT_REASON_CHARS = 60  # a reason, not a speech
 MAX_MARKS_PER_LETTER = 3  # combining marks on one letter (Vietnamese needs 2)
-REFUSALS_AT_ONCE = 64  # refused connections being told why, at most
+REFUSALS_AT_ONCE = 256  # refused connections being told why at once, at most
 REFUSAL_DRAIN_SECONDS = 2.0  # read what a refused client sent, so that closing
 #                              does not reset the connection and eat our line
 DROPPED_REMEMBERED = 1000  # addresses told, when they return, why they were dropped
@@ -669,14 +669,14 @@ class Addresses:
             self._mutes[(host, key)] = name
 
     def unmute(self, name, host=None, key=None):
-        """Forget the mutes of that name (and of host, if given); True if there was one."""
+        """Forget the mutes of that name (and of host, if given); return their hosts."""
         folded = fold_name(name)
         with self._lock:
             found = [mute for mute, muted_name in self._mutes.items()
                      if fold_name(muted_name) == folded or mute in ((host, key), (host, None))]
             for mute in found:
                 del self._mutes[mute]
-        return bool(found)
+        return {mute_host for mute_host, _ in found}
 
     def is_muted(self, host, key):
         """True if the teacher muted this name at host, or everyone at host."""
@@ -1179,6 +1179,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         budget a hundred senders, each within their own flood limit, could
         fill a slow reader's outbox in a second and get them dropped.
         """
+        if client.muted or self._quiet:
+            # Read without the lock, as a hint only: what is silenced reaches
+            # nobody, so it costs the room nothing. (The lock decides later.)
+            return
         delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
         if delay > 0:
             client.gone.wait(delay)  # ends early if the sender is dropped
@@ -1193,6 +1197,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def whisper(self, client, name, text):
         """Send a private message to the client called name; return a problem or None."""
+        self._wait_for_room_budget(client, [text, client.name])  # whispers count too
         with self._lock:
             target = self._clients.get(fold_name(name))
             if target is None:
@@ -1556,12 +1561,19 @@ class Refuser:
 
 
 def send_and_close(sock, data):
-    """Send what fits without waiting, then close (the accept loop must not wait)."""
+    """Send what fits without waiting, then close (the accept loop must not wait).
+
+    What the client sent already is read first: closing with unread input
+    would reset the connection, and the reset can overtake our line.
+    """
     try:
         sock.setblocking(False)
         sock.send(data)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(RECV_BYTES):
+            pass
     except OSError:
-        pass
+        pass  # nothing more to read now (BlockingIOError), or the client is gone
     sock.close()
 
 
@@ -2013,7 +2025,7 @@ class TeacherConsole:
         ban = self.ban_after_kick(client, others)
         self.server.remove(client, "*** The teacher removed you from the chat%s"
                            % (": " + reason if reason else "."))
-        waiting = self.close_waiting(client.host, client)
+        waiting = self.close_waiting(client.host, [client])
         if waiting:
             ban += " Also closed %s from it that had not joined." % plural(
                 waiting, "connection")
@@ -2032,10 +2044,13 @@ class TeacherConsole:
         return "%s may not rejoin for %s (/unban %s lifts it)." % (
             client.host, describe_minutes(minutes), client.name)
 
-    def close_waiting(self, host, kicked=None):
-        """Close the connections from host that have not joined; return how many."""
+    def close_waiting(self, host, removed):
+        """Close the connections from host that have not joined; return how many.
+
+        removed: the joined clients just removed, which no longer count as joined.
+        """
         waiting = [client for client in self.server.connections_from(host)[1]
-                   if client is not kicked]
+                   if client not in removed]
         for client in waiting:
             self.server.remove(client, "*** The teacher closed the connections from "
                                "your computer.")
@@ -2055,7 +2070,7 @@ class TeacherConsole:
         for client in joined:
             self.server.remove(client, "*** The teacher removed everyone at your "
                                "computer from the chat.")
-        waiting = self.close_waiting(host)
+        waiting = self.close_waiting(host, joined)
         self.tell("Disconnected %s and %s from %s; %s" % (
             plural(len(joined), "student"), plural(waiting, "connection"), host,
             "banned for %s." % describe_minutes(minutes) if minutes > 0
@@ -2097,9 +2112,14 @@ class TeacherConsole:
             return
         client = self.server.find(argument)
         host, key = (client.host, client.key) if client else (None, None)
-        unmuted = self.server.addresses.unmute(argument, host, key)
-        if client is not None:
-            unmuted = self.server.set_muted(client, False) or unmuted
+        hosts = self.server.addresses.unmute(argument, host, key)
+        unmuted = bool(hosts)
+        # The student may be back under another name: unmute whoever was
+        # muted only by what was just forgotten.
+        for other in self.server.snapshot()[0]:
+            if other is client or (other.host in hosts and
+                                   not self.server.addresses.is_muted(other.host, other.key)):
+                unmuted = self.server.set_muted(other, False) or unmuted
         self.tell("%s is no longer muted." % argument if unmuted
                   else "%s is not muted." % argument)
         if unmuted:
