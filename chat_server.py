@@ -2009,8 +2009,8 @@ class RedisLink:
         try:
             self._outbox.put_nowait(("event", stamped))
         except queue.Full:  # Redis takes less than we send: as good as gone
-            log.warning("Redis is too slow: the queue to it is full")
-            self._outbox_full = True
+            # Split here, so that what is pending is shown before this event.
+            self._split_locked("Redis is too slow: the queue to it is full")
             return False
         self._pending[stamped["n"]] = (lines, exclude)
         return True
@@ -2038,14 +2038,13 @@ class RedisLink:
             claimed = answer.get(timeout=self.silence_seconds + 1)
         except queue.Empty:
             return None  # Redis is stuck: a split comes; the room decides alone
-        return None if claimed else "The name %s is taken." % name
+        return None if claimed is not False else "The name %s is taken." % name
 
     def _queue_work(self, item):
         try:
             self._outbox.put_nowait(item)
-        except queue.Full:
+        except queue.Full:  # dropped: a split is coming (takes() declares it)
             log.warning("Redis is too slow: the queue to it is full")
-            self._outbox_full = True
 
     def _stamp(self, event):
         """Add this server's id and the next sequence number (room's lock held)."""
@@ -2055,8 +2054,6 @@ class RedisLink:
     def _xadd(self, event):
         data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         return ("XADD", self.stream, "MAXLEN", "~", REDIS_STREAM_EVENTS, "*", "e", data)
-
-    _outbox_full = False
 
     # -- The writer thread: XADD, claims, heartbeat, reaping dead servers --
 
@@ -2069,9 +2066,9 @@ class RedisLink:
                     if not self.linked:
                         self._relink()
                     failing_since, delay = None, self.retry_first_seconds
-                if self._outbox_full:
-                    self._outbox_full = False
-                    raise socket.timeout("the queue to Redis overflowed")
+                if self._writer is not None and not self.linked:
+                    # Split by the reader, or by a full queue: start afresh.
+                    raise socket.timeout("the link was split")
                 if time.monotonic() >= next_beat:
                     self._beat()
                     next_beat = time.monotonic() + self.heartbeat_seconds
@@ -2196,22 +2193,26 @@ class RedisLink:
     def split(self, reason):
         """Go on alone: show pending events here (once), tell the students, forget the others."""
         with self.room._lock:
-            if not self.linked:
-                return
-            self.linked = False
-            log.warning("Lost the link to Redis (%s): this room goes on alone", reason)
-            for sequence, (lines, exclude) in sorted(self._pending.items()):
-                if lines:
-                    self.room._publish(lines, exclude)
-                self._shown_early.add(sequence)
-            self._pending.clear()
-            self.room._remote.clear()
-            for client in self.room._clients.values():
-                client.queue_line(SPLIT_LINE)
-            self.room._records.put(("console", SPLIT_LINE[4:]))
+            self._split_locked(reason)
             recipients = list(self.room._clients.values())
         self._drain_outbox()
         self.room._deliver(recipients)
+
+    def _split_locked(self, reason):
+        """The room's part of a split (room's lock held); the writer then reconnects."""
+        if not self.linked:
+            return
+        self.linked = False
+        log.warning("Lost the link to Redis (%s): this room goes on alone", reason)
+        for sequence, (lines, exclude) in sorted(self._pending.items()):
+            if lines:
+                self.room._publish(lines, exclude)
+            self._shown_early.add(sequence)
+        self._pending.clear()
+        self.room._remote.clear()
+        for client in self.room._clients.values():
+            client.queue_line(SPLIT_LINE)
+        self.room._records.put(("console", SPLIT_LINE[4:]))
 
     def _drain_outbox(self):
         """Forget queued work after a split: its events were shown here already."""
@@ -2221,13 +2222,13 @@ class RedisLink:
             except queue.Empty:
                 return
             if item[0] == "claim":
-                item[3].put(False)
+                item[3].put(None)  # no answer: the room decides alone
 
     def _forget_in_flight(self):
         """The writer's part of a split: what it had sent is no more its business."""
         for item in self._in_flight:
             if item[0] == "claim":
-                item[3].put(False)
+                item[3].put(None)  # no answer: the room decides alone
         self._in_flight = []
         self._drain_outbox()
 

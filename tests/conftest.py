@@ -31,6 +31,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning"
     )
+    config.addinivalue_line("markers", "redis: needs redis-server (tests/test_redis.py)")
 
 
 # .ci/run sets CHAT_TESTS_REQUIRE (for example "chromium,redis-server") so that
