@@ -1587,7 +1587,9 @@ REDIS_MAX_ARRAY_ITEMS = 100000  # the most items in one array from Redis
 REDIS_MAX_REPLY_BYTES = 8 * 1024 * 1024  # the longest reply we buffer
 REDIS_MAX_DEPTH = 8  # arrays in arrays; XREAD's reply is 5 deep
 REDIS_CLAIM_GRACE_SECONDS = 5.0  # a claimed name not joined by then is freed
-REDIS_MAX_EVENT_TEXTS = 64  # messages in one "say" event (one sender's batch)
+# Messages in one "say" event: a sender's batch is the lines of one read
+# (see more_messages()), and each line takes at least one byte.
+REDIS_MAX_EVENT_TEXTS = 2 * RECV_BYTES
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 SERVER_ID = re.compile(r"[0-9a-f]{8,32}")
 RESP_INTEGER = re.compile(rb"-?[0-9]{1,19}")
@@ -1717,6 +1719,7 @@ class RedisConnection:
         self.sock = socket.create_connection((url.host, url.port), timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.parser = RespParser()
+        self.last_heard = time.monotonic()  # when Redis last sent us anything
         try:
             if url.password:
                 credentials = [url.username, url.password] if url.username else [url.password]
@@ -1745,6 +1748,7 @@ class RedisConnection:
             data = self.sock.recv(65536)
             if not data:
                 raise ConnectionError("Redis closed the connection")
+            self.last_heard = time.monotonic()
             self.parser.feed(data)
 
     def pipeline(self, commands, timeout=REDIS_SILENCE_SECONDS):
@@ -1929,10 +1933,9 @@ class RedisLink:
         self.linked = True  # False during a split
         self._next_sequence = 0
         self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
-        self._shown_early = set()  # sequences shown locally at a split
         self._outbox = queue.Queue(self.outbox_items)  # work for the writer thread
+        self._last_seen = {}  # server id -> highest sequence shown or skipped
         # Owned by the reader thread:
-        self._last_seen = {}  # server id -> highest sequence applied
         self._last_id = "0"  # the last stream entry read
         self._resume_id = None  # set at a relink: where the reader goes on from
         # Owned by the writer thread:
@@ -2207,7 +2210,6 @@ class RedisLink:
         for sequence, (lines, exclude) in sorted(self._pending.items()):
             if lines:
                 self.room._publish(lines, exclude)
-            self._shown_early.add(sequence)
         self._pending.clear()
         self.room._remote.clear()
         for client in self.room._clients.values():
@@ -2244,6 +2246,8 @@ class RedisLink:
         newest = self._writer.call("XREVRANGE", self.stream, "+", "-", "COUNT", 1)
         with self.room._lock:
             self._resume_id = newest[0][0].decode("ascii") if newest else "0"
+            # Our events up to now were shown here at the split: never again.
+            self._last_seen[self.server_id] = self._next_sequence
             self.linked = True
             self.room._remote.clear()
             self.room._remote.update({key: student for key, student in remote.items()
@@ -2420,12 +2424,12 @@ class RedisLink:
     def apply(self, event):
         """Show one room event from the stream to this server's students."""
         server, sequence = event["s"], event["n"]
-        if sequence <= self._last_seen.get(server, 0):
-            return  # sent twice (after a reconnect): shown already
-        self._last_seen[server] = sequence
         with self.room._lock:
             if not self.linked or self._resume_id is not None:
                 return  # a split began while we read: the room is on its own
+            if sequence <= self._last_seen.get(server, 0):
+                return  # sent twice (after a reconnect): shown already
+            self._last_seen[server] = sequence
             if server == self.server_id:
                 recipients = self._apply_own(event)
             else:
@@ -2435,9 +2439,6 @@ class RedisLink:
     def _apply_own(self, event):
         """One of our own events is back: show it now (room's lock held)."""
         sequence = event["n"]
-        if sequence in self._shown_early:
-            self._shown_early.discard(sequence)
-            return []
         if sequence in self._pending:
             lines, exclude = self._pending.pop(sequence)
             if event["k"] == "quiet":
@@ -2507,6 +2508,8 @@ class RedisLink:
         try:
             message = connection.read(self.heartbeat_seconds)
         except socket.timeout:
+            if time.monotonic() - connection.last_heard > self.silence_seconds:
+                raise  # not even the PING's answer came back: reconnect
             connection.send([("PING",)], self.silence_seconds)
             return
         if isinstance(message, list) and len(message) == 3 and message[0] == b"message":

@@ -648,3 +648,54 @@ def test_a_killed_server_s_students_leave_everywhere_once(linked, join, redis_se
         for student, other in ((alice, amy), (carol, cleo)):
             student.expect_nothing_before(other, "after dave")
             assert sum("dave left" in line for line in student.seen) == 1
+    assert leaves_in_stream(redis_server, "dave") == 1  # announced by one server only
+
+
+def leaves_in_stream(redis_server, name):
+    """How many leave events for name the room's stream holds."""
+    connection = redis_server.connect()
+    try:
+        entries = connection.call("XRANGE", "class:events", "-", "+")
+    finally:
+        connection.close()
+    events = [json.loads(fields[1]) for _, fields in entries]
+    return sum(event["k"] == "leave" and event["name"] == name for event in events)
+
+
+@redis
+def test_an_event_read_twice_from_redis_is_shown_once(linked, join, redis_server):
+    a = linked()
+    alice = join(a, "alice")
+    connection = redis_server.connect()
+    try:
+        for sequence, fields in ((1, {"k": "join", "name": "mallory"}),
+                                 (2, {"k": "say", "name": "mallory", "texts": ["once"]}),
+                                 (2, {"k": "say", "name": "mallory", "texts": ["once"]}),
+                                 (3, {"k": "say", "name": "mallory", "texts": ["after"]})):
+            connection.call("XADD", "class:events", "*", "e", event(n=sequence, **fields))
+    finally:
+        connection.close()
+    alice.expect_next("*** mallory joined the chat.")
+    alice.expect_next("mallory says: once")
+    alice.expect_next("mallory says: after")
+
+
+@redis
+def test_a_local_message_is_shown_only_once_it_comes_back_through_redis(
+        linked, join, proxies, monkeypatch):
+    monkeypatch.setattr(chat_server.RedisLink, "silence_seconds", 30.0)  # no split by time
+    proxy = proxies()
+    a = linked(via=proxy)
+    alice, amy = join(a, "alice"), join(a, "amy")
+    alice.expect("amy joined")
+    proxy.freeze()
+    alice.send("held in Redis's queue")
+    amy.send("/who")
+    amy.expect_next("*** Online now (2): alice, amy")  # alice's line has not come back yet
+    proxy.thaw()  # the link is cut and comes back at once: sent again, shown once
+    amy.expect_next("alice says: held in Redis's queue", timeout=SPLIT_TIMEOUT)
+    alice.expect_nothing_before(amy)
+    amy.send("/who")
+    amy.expect_next("Online now")
+    assert amy.seen.count("alice says: held in Redis's queue") == 1
+    assert chat_server.SPLIT_LINE not in amy.seen
