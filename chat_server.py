@@ -2412,29 +2412,31 @@ class RedisLink:
                                 self.block_milliseconds, "STREAMS", self.stream,
                                 self._last_id,
                                 timeout=self.block_milliseconds / 1000 + self.silence_seconds)
+        events = []
         for entry_id, fields in (reply[0][1] if reply else []):
             self._last_id = entry_id.decode("ascii")
             try:
-                event = self._entry_event(fields)
+                events.append(self._entry_event(fields))
             except BadEvent as error:
                 log.warning("Dropped a bad event from Redis: %s", error)
-                continue
-            self.apply(event)
+        if events:
+            self.apply(events)
 
-    def apply(self, event):
-        """Show one room event from the stream to this server's students."""
-        server, sequence = event["s"], event["n"]
+    def apply(self, events):
+        """Show room events from the stream to this server's students, in its order."""
+        recipients = {}  # each client once, in order: one send carries all its lines
         with self.room._lock:
             if not self.linked or self._resume_id is not None:
                 return  # a split began while we read: the room is on its own
-            if sequence <= self._last_seen.get(server, 0):
-                return  # sent twice (after a reconnect): shown already
-            self._last_seen[server] = sequence
-            if server == self.server_id:
-                recipients = self._apply_own(event)
-            else:
-                recipients = self._apply_other(event)
-        self.room._deliver(recipients)
+            for event in events:
+                server, sequence = event["s"], event["n"]
+                if sequence <= self._last_seen.get(server, 0):
+                    continue  # sent twice (after a reconnect): shown already
+                self._last_seen[server] = sequence
+                shown = (self._apply_own(event) if server == self.server_id
+                         else self._apply_other(event))
+                recipients.update(dict.fromkeys(shown))
+        self.room._deliver(list(recipients))
 
     def _apply_own(self, event):
         """One of our own events is back: show it now (room's lock held)."""
