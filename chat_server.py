@@ -1568,10 +1568,12 @@ def console_input():
 #     server's room goes on with its own students until the link is back.
 #
 # Keys, for a room called ROOM: ROOM:events (the stream), ROOM:name:KEY (who
-# holds a name), ROOM:server:ID (a heartbeat), ROOM:to:ID (a pub/sub channel).
+# holds a name), ROOM:server:ID (a heartbeat), ROOM:quiet (set in quiet
+# mode), and the channels ROOM:to:ID (one per server).
 
-REDIS_PORT = 6379  # Redis's own default port
-REDIS_ROOM = "chat"  # the room name when the URL gives none
+# Fixed numbers of the link (tests shorten the timings: see RedisLink).
+REDIS_PORT = 6379  # Redis's own default port, when --redis gives none
+REDIS_ROOM = "chat"  # the room name when --redis gives none
 REDIS_SILENCE_SECONDS = 2.0  # no answer for this long: the link is down (a split)
 REDIS_BLOCK_MILLISECONDS = 500  # how long one XREAD waits for new events
 REDIS_RETRY_FIRST_SECONDS = 0.1  # the first wait before reconnecting...
@@ -1581,7 +1583,7 @@ REDIS_HEARTBEAT_TTL_SECONDS = 10  # a server silent this long is dead
 REDIS_NAME_TTL_SECONDS = 60  # longer than a heartbeat: the reaper, not expiry, frees names
 REDIS_STREAM_EVENTS = 10000  # events kept in the stream (XADD MAXLEN ~)
 REDIS_OUTBOX_ITEMS = 10000  # work queued for Redis; full means Redis is too slow
-REDIS_READ_EVENTS = 1000  # events taken in one XREAD
+REDIS_READ_EVENTS = 100  # events taken in one XREAD (each at most ~20 KB)
 REDIS_MAX_BULK_BYTES = 1024 * 1024  # the longest string we accept from Redis
 REDIS_MAX_ARRAY_ITEMS = 100000  # the most items in one array from Redis
 REDIS_MAX_REPLY_BYTES = 8 * 1024 * 1024  # the longest reply we buffer
@@ -1622,10 +1624,18 @@ def encode_command(*args):
     """
     parts = [b"*", str(len(args)).encode("ascii"), b"\r\n"]
     for arg in args:
-        data = arg.encode("utf-8") if isinstance(arg, str) else str(arg).encode("ascii") \
-            if isinstance(arg, int) else bytes(arg)
+        data = as_bytes(arg)
         parts += [b"$", str(len(data)).encode("ascii"), b"\r\n", data, b"\r\n"]
     return b"".join(parts)
+
+
+def as_bytes(arg):
+    """One command argument as bytes: text as UTF-8, a number in decimal."""
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, int):
+        return str(arg).encode("ascii")
+    return arg.encode("utf-8")
 
 
 class _Short(Exception):
@@ -1929,6 +1939,7 @@ class RedisLink:
         self.channel = prefix + "to:" + self.server_id
         self._name_prefix = prefix + "name:"
         self._server_prefix = prefix + "server:"
+        self._quiet_key = prefix + "quiet"
         # Guarded by the room's lock (the link is part of the room):
         self.linked = True  # False during a split
         self._next_sequence = 0
@@ -1952,8 +1963,12 @@ class RedisLink:
         where = format_address((self.url.host, self.url.port))
         try:
             self._writer = RedisConnection(self.url, self.silence_seconds)
-            remote = self._load_roster()
+            # The stream's end first, then the names: a student who joins in
+            # between is in the roster and in the stream; a join read twice
+            # is shown once, a join missed would leave them unknown.
             history, self._last_id = self._load_history()
+            remote = self._load_roster()
+            quiet = self._writer.call("EXISTS", self._quiet_key) == 1
             self._writer.call("SET", self._server_prefix + self.server_id, "1",
                               "EX", self.heartbeat_ttl_seconds)
         except RedisError as error:
@@ -1964,6 +1979,7 @@ class RedisLink:
         with self.room._lock:
             self.room._remote.update(remote)
             self.room._history.extend(history)
+            self.room._quiet = quiet
         log.info("Linked through Redis at %s, room %s (this server is %s)",
                  where, self.url.room, self.server_id)
 
@@ -2024,7 +2040,7 @@ class RedisLink:
             self._queue_work(("publish", self.url.room + ":to:" + student.server,
                               self._stamp(event)))
 
-    def claim_name(self, name, key, old_key=None):
+    def claim_name(self, name, key):
         """Claim a name in Redis before a join or rename; return why not, or None.
 
         Called without the room's lock: it waits for the writer's answer.
@@ -2086,7 +2102,7 @@ class RedisLink:
                         time.monotonic() - failing_since > self.silence_seconds:
                     self.split(error)
                     self._forget_in_flight()
-                if self._stopping.wait(delay if not self.linked else 0):
+                if self._stopping.wait(delay):
                     break
                 delay = min(delay * 2, self.retry_max_seconds)
             except Exception as error:  # a thread's top level: log it, go on
@@ -2135,6 +2151,9 @@ class RedisLink:
             if event["k"] in ("leave", "rename") and "of" not in event:
                 old = event.get("name") or event["old"]  # free the name after the XADD
                 commands.append(("DEL", self._name_prefix + fold_name(old)))
+            elif event["k"] == "quiet":  # for servers that start while it is on
+                commands.append(("SET", self._quiet_key, "1") if event["on"]
+                                else ("DEL", self._quiet_key))
             return commands
         if kind == "publish":
             return [("PUBLISH", item[1], json.dumps(item[2], ensure_ascii=False))]
@@ -2242,8 +2261,8 @@ class RedisLink:
         for key in sorted(set(self._claimed) - local):
             self._release_if_ours(key)  # they left during the split
         self._reclaim(sorted(local))
-        remote = self._load_roster()
         newest = self._writer.call("XREVRANGE", self.stream, "+", "-", "COUNT", 1)
+        remote = self._load_roster()  # after the stream's end: see connect()
         with self.room._lock:
             self._resume_id = newest[0][0].decode("ascii") if newest else "0"
             # Our events up to now were shown here at the split: never again.
@@ -2454,7 +2473,7 @@ class RedisLink:
         if kind in ("join", "leave", "say", "act"):
             key = fold_name(event["name"])
         if kind == "join":
-            if key in remote or key in self.room._clients:
+            if key in self.room._clients or remote.get(key) == (event["name"], event["s"]):
                 return []  # a rejoin after a split: known already
             remote[key] = RemoteStudent(event["name"], event["s"])
         elif kind == "leave":
@@ -2463,10 +2482,11 @@ class RedisLink:
                 return []  # not one of ours to lose (said already, or a stale name)
             del remote[key]
         elif kind == "rename":
-            student = remote.pop(fold_name(event["old"]), None)
+            student = remote.get(fold_name(event["old"]))
             if student is None or student.server != event["s"]:
                 log.warning("Dropped a rename of a student we do not know: %s", event["old"])
                 return []
+            del remote[fold_name(event["old"])]
             remote[fold_name(event["new"])] = RemoteStudent(event["new"], event["s"])
         elif kind in ("say", "act") and remote.get(key, RemoteStudent("", "")).server \
                 != event["s"]:

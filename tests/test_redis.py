@@ -699,3 +699,15 @@ def test_a_local_message_is_shown_only_once_it_comes_back_through_redis(
     amy.expect_next("Online now")
     assert amy.seen.count("alice says: held in Redis's queue") == 1
     assert chat_server.SPLIT_LINE not in amy.seen
+
+
+@redis
+def test_a_server_started_in_quiet_mode_is_quiet_too(linked, join):
+    a = linked()
+    alice = join(a, "alice")
+    a.set_quiet(True)
+    alice.expect("Quiet, please")
+    b = linked()
+    bob = join(b, "bob")
+    bob.send("hello?")
+    bob.expect_next("*** Quiet mode: only the teacher can speak right now.")
