@@ -31,19 +31,31 @@ class RedisServer:
     """redis-server on 127.0.0.1, nothing saved to disk; stop() kills it by PID."""
 
     def __init__(self, path, password=None):
+        self.path = path
         self.password = password
         for _ in range(5):  # the free port may be taken before Redis binds it
             self.port = free_port()
-            command = [path, "--save", "", "--appendonly", "no", "--port", str(self.port),
-                       "--bind", "127.0.0.1"]
-            if password:
-                command += ["--requirepass", password]
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
-            if self._wait_ready():
+            if self._start():
                 return
-            self.stop()
         raise RuntimeError("redis-server did not start")
+
+    def _start(self):
+        command = [self.path, "--save", "", "--appendonly", "no", "--port", str(self.port),
+                   "--bind", "127.0.0.1"]
+        if self.password:
+            command += ["--requirepass", self.password]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        if self._wait_ready():
+            return True
+        self.stop()
+        return False
+
+    def restart(self):
+        """Kill Redis and start it again on the same port, empty (nothing was saved)."""
+        self.stop()
+        if not self._start():
+            raise RuntimeError("redis-server did not start again on port %d" % self.port)
 
     def _wait_ready(self):
         deadline = time.monotonic() + TIMEOUT

@@ -711,3 +711,40 @@ def test_a_server_started_in_quiet_mode_is_quiet_too(linked, join):
     bob = join(b, "bob")
     bob.send("hello?")
     bob.expect_next("*** Quiet mode: only the teacher can speak right now.")
+
+
+@redis
+def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(linked, join, redis_server):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    redis_server.stop()  # killed: every server's link drops
+    for student in (alice, bob):
+        student.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    alice.send("alone in lab A")
+    redis_server.restart()  # empty: names and stream are gone
+    for student in (alice, bob):
+        student.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: "bob" in a.who() and "alice" in b.who(), timeout=SPLIT_TIMEOUT,
+               message="each server lists the other's student again")
+    bob.send("back together")
+    alice.expect("bob says: back together")
+    assert "alone in lab A" not in " ".join(bob.seen)
+
+
+@redis
+def test_the_console_of_one_server_kicks_a_student_on_another(linked, join, redis_server):
+    b = linked()
+    bob = join(b, "bob")
+    with server_process("--redis", redis_server.url(), stdin=subprocess.PIPE) as console:
+        alice = console.join("alice")
+        try:
+            assert alice.seen[-1] == "*** Online now (2): alice, bob"
+            console.type("/kick bob disrupting the class")
+            bob.expect("removed you from the chat: disrupting the class")
+            alice.expect("*** bob left the chat.")
+            console.type("/who")
+            console.expect_log("1 online")
+        finally:
+            alice.close()
