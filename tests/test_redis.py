@@ -688,6 +688,8 @@ def test_a_local_message_is_shown_only_once_it_comes_back_through_redis(
     a = linked(via=proxy)
     alice, amy = join(a, "alice"), join(a, "amy")
     alice.expect("amy joined")
+    alice.send("ready")
+    amy.expect("alice says: ready")  # all that came before is back from Redis
     proxy.freeze()
     alice.send("held in Redis's queue")
     amy.send("/who")
