@@ -1024,7 +1024,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             client = self._clients.get(fold_name(name))
             if client is None:
                 return self._ask_other_server(name, {"k": "kick", "name": name,
-                                                     "reason": reason})  # Redis link
+                                                     "reason": reason}, "kick")  # Redis link
             minutes = self.settings.ban_minutes
             if minutes > 0:
                 self._bans[client.address[0]] = time.monotonic() + 60 * minutes
@@ -1035,13 +1035,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
         banned = " for %g minute(s)" % minutes if minutes > 0 else ""
         return "Kicked %s; %s is banned%s." % (client.name, client.address[0], banned or " not")
 
-    def _ask_other_server(self, name, event):
+    def _ask_other_server(self, name, event, verb):
         """Redis link: pass /kick or /mute to the server of a student elsewhere (lock held)."""
         student = self._remote.get(fold_name(name))
         if student is None:
             return "No one called %s is online." % name
         self._link.send_private(student, dict(event, name=student.name))
-        return "Asked the server of %s to %s them." % (student.name, event["k"])
+        return "Asked the server of %s to %s them." % (student.name, verb)
 
     def unban(self, address):
         """Lift the ban on an address; return a reply."""
@@ -1056,8 +1056,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self._lock:
             client = self._clients.get(fold_name(name))
             if client is None:
-                return self._ask_other_server(name, {"k": "mute", "name": name,
-                                                     "on": muted})  # Redis link
+                return self._ask_other_server(name, {"k": "mute", "name": name, "on": muted},
+                                              "mute" if muted else "unmute")  # Redis link
             if client.muted == muted:
                 return "%s is already %s." % (client.name, "muted" if muted else "not muted")
             client.muted = muted

@@ -750,3 +750,14 @@ def test_the_console_of_one_server_kicks_a_student_on_another(linked, join, redi
             console.expect_log("1 online")
         finally:
             alice.close()
+
+
+@redis
+def test_a_server_that_shuts_down_shows_its_students_leaving_elsewhere(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    join(b, "bob")
+    alice.expect("bob joined")
+    b.close_room()
+    alice.expect_next("*** bob left the chat.")
+    assert "bob" not in a.who()
