@@ -1953,6 +1953,7 @@ class RedisLink:
         self._claimed = {}  # name key this server holds in Redis -> when claimed
         self._writer = None  # the writer's RedisConnection
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
+        self._listener = None  # the listener's first connection, made by connect()
         self._stopping = threading.Event()
         self._threads = []
 
@@ -1969,11 +1970,15 @@ class RedisLink:
             history, self._last_id = self._load_history()
             remote = self._load_roster()
             quiet = self._writer.call("EXISTS", self._quiet_key) == 1
+            # Subscribed before anyone can join: a whisper to them is heard.
+            self._listener = self._subscribe()
             self._writer.call("SET", self._server_prefix + self.server_id, "1",
                               "EX", self.heartbeat_ttl_seconds)
         except RedisError as error:
+            self._drop_writer()
             raise RedisStartError("Redis at %s refused us: %s" % (where, error))
         except OSError as error:
+            self._drop_writer()
             raise RedisStartError("Cannot reach Redis at %s: %s. Is redis-server running?"
                                   % (where, getattr(error, "strerror", None) or error))
         with self.room._lock:
@@ -2057,7 +2062,9 @@ class RedisLink:
             claimed = answer.get(timeout=self.silence_seconds + 1)
         except queue.Empty:
             return None  # Redis is stuck: a split comes; the room decides alone
-        return None if claimed is not False else "The name %s is taken." % name
+        if claimed is True or claimed is None:  # None: a split; the room decides alone
+            return None
+        return "The name %s is taken." % claimed  # as its holder wrote it
 
     def _queue_work(self, item):
         try:
@@ -2134,10 +2141,12 @@ class RedisLink:
         self._in_flight = []
         position = 0
         for item, commands in plan:
-            if item[0] == "claim":
-                if replies[position] is not None:
+            if item[0] == "claim":  # replies: SET's, then GET's (who holds it)
+                claimed = replies[position] is not None
+                if claimed:
                     self._claimed[item[1]] = time.monotonic()
-                item[3].put(replies[position] is not None)
+                item[3].put(True if claimed else self._holder_name(replies[position + 1],
+                                                                   item[2]))
             elif item[0] == "event" and item[1]["k"] in ("leave", "rename"):
                 self._claimed.pop(fold_name(item[1].get("name") or item[1]["old"]), None)
             position += len(commands)
@@ -2159,7 +2168,15 @@ class RedisLink:
             return [("PUBLISH", item[1], json.dumps(item[2], ensure_ascii=False))]
         # "claim": the value says which server holds the name
         return [("SET", self._name_prefix + item[1], self._name_value(item[2]),
-                 "NX", "EX", self.name_ttl_seconds)]
+                 "NX", "EX", self.name_ttl_seconds), ("GET", self._name_prefix + item[1])]
+
+    def _holder_name(self, value, asked):
+        """The name as its holder wrote it, from a name key's value (else as asked)."""
+        try:
+            name = json.loads(value.decode("utf-8"))["name"]
+        except (AttributeError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+            return asked
+        return name if isinstance(name, str) and name_problem(name) is None else asked
 
     def _name_value(self, name):
         return json.dumps({"name": name, "server": self.server_id}, ensure_ascii=False)
@@ -2503,13 +2520,22 @@ class RedisLink:
 
     # -- The listener thread: our own channel (whispers, /kick, /mute) --
 
+    def _subscribe(self):
+        """A connection listening on our channel (what is sent before is lost)."""
+        connection = RedisConnection(self.url, self.silence_seconds)
+        try:
+            connection.call("SUBSCRIBE", self.channel)
+        except (OSError, RedisError):
+            connection.close()
+            raise
+        return connection
+
     def _run_listener(self):
-        connection, delay = None, self.retry_first_seconds
+        connection, delay = self._listener, self.retry_first_seconds
         while not self._stopping.is_set():
             try:
                 if connection is None:
-                    connection = RedisConnection(self.url, self.silence_seconds)
-                    connection.call("SUBSCRIBE", self.channel)
+                    connection = self._subscribe()
                     delay = self.retry_first_seconds
                 self._listen(connection)
             except (OSError, RedisError) as error:

@@ -214,6 +214,12 @@ def join(clients):
     return make
 
 
+def wait_known(server, *names):
+    """Wait until server lists names (its roster follows the stream, a moment behind)."""
+    wait_until(lambda: all(name in server.who() for name in names),
+               message="%s known to the server" % ", ".join(names))
+
+
 def read_messages(client, count):
     """The next count 'NAME says: TEXT' lines client reads (other lines skipped)."""
     messages = []
@@ -301,6 +307,7 @@ def test_who_lists_the_students_of_every_server(linked, join):
     a, b = linked(), linked()
     join(a, "alice")
     bob = join(b, "bob")
+    wait_known(b, "alice")
     bob.send("/who")
     bob.expect_next("*** Online now (2): alice, bob")
 
@@ -332,6 +339,7 @@ def test_a_private_message_reaches_a_student_on_another_server(linked, join):
     a, b = linked(), linked()
     alice = join(a, "alice")
     bob = join(b, "bob")
+    wait_known(b, "alice")
     bob.send("/msg alice meet at the lab door")
     bob.expect_next("*** You whispered to alice: meet at the lab door")
     alice.expect("bob whispers: meet at the lab door")
@@ -342,6 +350,7 @@ def test_a_private_message_is_never_stored_in_redis(linked, join, redis_server):
     a, b = linked(), linked()
     alice = join(a, "alice")
     bob = join(b, "bob")
+    wait_known(b, "alice")
     bob.send("/msg alice the secret word")
     alice.expect("the secret word")
     connection = redis_server.connect()
