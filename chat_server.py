@@ -2539,8 +2539,8 @@ class RedisLink:
                     delay = self.retry_first_seconds
                 self._listen(connection)
             except (OSError, RedisError) as error:
-                log.info("Redis channel lost (%s): reconnecting", error)
-                if connection is not None:
+                if connection is not None:  # said once, not at every retry
+                    log.info("Redis channel lost (%s): reconnecting", error)
                     connection.close()
                     connection = None
                 self._stopping.wait(delay)
