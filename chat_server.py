@@ -2070,7 +2070,11 @@ class RedisLink:
         try:
             self._outbox.put_nowait(item)
         except queue.Full:  # dropped: a split is coming (takes() declares it)
-            log.warning("Redis is too slow: the queue to it is full")
+            self._note("Redis is too slow: the queue to it is full")
+
+    def _note(self, text):
+        """Tell the console, after the room events queued so far (safe under the lock)."""
+        self.room._records.put(("console", text))
 
     def _stamp(self, event):
         """Add this server's id and the next sequence number (room's lock held)."""
@@ -2223,7 +2227,7 @@ class RedisLink:
         with self.room._lock:
             for student, won in zip(orphans, deleted):
                 if won:  # only the server whose DEL freed the name tells everyone
-                    log.info("Server %s is gone: %s leaves", student.server, student.name)
+                    self._note("Server %s is gone: %s leaves" % (student.server, student.name))
                     self._queue_work(("event", self._stamp(
                         {"k": "leave", "name": student.name, "of": student.server})))
 
@@ -2242,7 +2246,7 @@ class RedisLink:
         if not self.linked:
             return
         self.linked = False
-        log.warning("Lost the link to Redis (%s): this room goes on alone", reason)
+        self._note("Lost the link to Redis (%s): this room goes on alone" % (reason,))
         for sequence, (lines, exclude) in sorted(self._pending.items()):
             if lines:
                 self.room._publish(lines, exclude)
@@ -2501,13 +2505,13 @@ class RedisLink:
         elif kind == "rename":
             student = remote.get(fold_name(event["old"]))
             if student is None or student.server != event["s"]:
-                log.warning("Dropped a rename of a student we do not know: %s", event["old"])
+                self._note("Dropped a rename of a student we do not know: %s" % event["old"])
                 return []
             del remote[fold_name(event["old"])]
             remote[fold_name(event["new"])] = RemoteStudent(event["new"], event["s"])
         elif kind in ("say", "act") and remote.get(key, RemoteStudent("", "")).server \
                 != event["s"]:
-            log.warning("Dropped a message from a student we do not know: %s", event["name"])
+            self._note("Dropped a message from a student we do not know: %s" % event["name"])
             return []
         elif kind == "quiet":
             self._set_quiet(event["on"])
