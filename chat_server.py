@@ -1595,6 +1595,7 @@ REDIS_MAX_EVENT_TEXTS = 2 * RECV_BYTES
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 SERVER_ID = re.compile(r"[0-9a-f]{8,32}")
 RESP_INTEGER = re.compile(rb"-?[0-9]{1,19}")
+STREAM_ID = re.compile(rb"[0-9]{1,20}-[0-9]{1,20}")
 
 
 class RedisError(Exception):
@@ -1779,6 +1780,29 @@ class RedisConnection:
             self.sock.close()
         except OSError:
             pass
+
+
+def stream_entries(reply):
+    """[(id, fields)] from an XRANGE-style reply, its shape checked; ids as str."""
+    if not isinstance(reply, list):
+        raise RedisProtocolError("a stream reply that is not a list")
+    entries = []
+    for entry in reply:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], bytes)
+                and STREAM_ID.fullmatch(entry[0])):
+            raise RedisProtocolError("a stream entry of the wrong shape")
+        entries.append((entry[0].decode("ascii"), entry[1]))
+    return entries
+
+
+def xread_entries(reply):
+    """The entries of an XREAD reply for one stream (None: nothing new)."""
+    if reply is None:
+        return []
+    if not (isinstance(reply, list) and len(reply) == 1 and isinstance(reply[0], list)
+            and len(reply[0]) == 2):
+        raise RedisProtocolError("an XREAD reply of the wrong shape")
+    return stream_entries(reply[0][1])
 
 
 RedisURL = collections.namedtuple("RedisURL", "host port username password room")
@@ -2282,10 +2306,11 @@ class RedisLink:
         for key in sorted(set(self._claimed) - local):
             self._release_if_ours(key)  # they left during the split
         self._reclaim(sorted(local))
-        newest = self._writer.call("XREVRANGE", self.stream, "+", "-", "COUNT", 1)
+        newest = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
+                                                  "COUNT", 1))
         remote = self._load_roster()  # after the stream's end: see connect()
         with self.room._lock:
-            self._resume_id = newest[0][0].decode("ascii") if newest else "0"
+            self._resume_id = newest[0][0] if newest else "0"
             # Our events up to now were shown here at the split: never again.
             self._last_seen[self.server_id] = self._next_sequence
             self.linked = True
@@ -2370,13 +2395,17 @@ class RedisLink:
 
     def _load_roster(self):
         """The students on other servers, from the name keys in Redis."""
-        keys, cursor = [], "0"
+        keys, cursor = [], b"0"
         while True:
-            cursor, found = self._writer.call("SCAN", cursor, "MATCH",
-                                              self._name_prefix + "*", "COUNT", 1000)
+            reply = self._writer.call("SCAN", cursor, "MATCH",
+                                      self._name_prefix + "*", "COUNT", 1000)
+            if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
+                    and all(isinstance(key, bytes) for key in reply[1])
+                    and isinstance(reply[0], bytes) and reply[0].isdigit()):
+                raise RedisProtocolError("a SCAN reply of the wrong shape")
+            cursor, found = reply
             keys += found
-            cursor = cursor.decode("ascii")
-            if cursor == "0":
+            if cursor == b"0":
                 break
         values = self._writer.call("MGET", *keys) if keys else []
         remote = {}
@@ -2384,8 +2413,8 @@ class RedisLink:
             try:
                 holder = json.loads(value.decode("utf-8")) if value else None
                 name, server = holder["name"], holder["server"]
-            except (UnicodeDecodeError, ValueError, TypeError, KeyError):
-                log.warning("A bad name key in Redis: %r", value[:80] if value else value)
+            except (AttributeError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+                log.warning("A bad name key in Redis: %s", repr(value)[:80])
                 continue
             if (isinstance(name, str) and isinstance(server, str) and server != self.server_id
                     and name_problem(name) is None and SERVER_ID.fullmatch(server)):
@@ -2395,8 +2424,9 @@ class RedisLink:
     def _load_history(self):
         """The last --history room events, oldest first, and the stream's newest id."""
         count = max(self.room.settings.history, 1)
-        entries = self._writer.call("XREVRANGE", self.stream, "+", "-", "COUNT", count)
-        newest = entries[0][0].decode("ascii") if entries else "0"
+        entries = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
+                                                   "COUNT", count))
+        newest = entries[0][0] if entries else "0"
         lines = []
         for _, fields in reversed(entries):
             try:
@@ -2453,8 +2483,8 @@ class RedisLink:
                                 self._last_id,
                                 timeout=self.block_milliseconds / 1000 + self.silence_seconds)
         events = []
-        for entry_id, fields in (reply[0][1] if reply else []):
-            self._last_id = entry_id.decode("ascii")
+        for entry_id, fields in xread_entries(reply):
+            self._last_id = entry_id
             try:
                 events.append(self._entry_event(fields))
             except BadEvent as error:

@@ -776,3 +776,29 @@ def test_a_redis_elsewhere_without_a_password_is_one_line_and_exit_2():
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "give its password" in lines[0], lines
+
+
+@redis
+def test_a_bad_name_key_in_redis_is_logged_and_ignored(linked, redis_server, join, caplog):
+    connection = redis_server.connect()
+    try:
+        connection.call("SET", "class:name:eve", b"\xff not json")
+        connection.call("SET", "class:name:bob", json.dumps({"name": "b o b", "server": "ab" * 8}))
+    finally:
+        connection.close()
+    a = linked()
+    alice = join(a, "alice")
+    assert alice.seen[-1] == "*** Online now (1): alice"
+    assert any("A bad name key" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("reply", [
+    b"*1\r\n*2\r\n$5\r\nclass\r\n*1\r\n*2\r\n$5\r\nnotid\r\n*0\r\n",
+    b"*1\r\n*2\r\n$5\r\nclass\r\n:5\r\n",
+    b"*2\r\n:1\r\n:2\r\n",
+], ids=["bad id", "entries not a list", "wrong shape"])
+def test_a_misshapen_xread_reply_is_a_protocol_error(reply):
+    parser = RespParser()
+    parser.feed(reply)
+    with pytest.raises(RedisProtocolError):
+        chat_server.xread_entries(parser.next_reply())
