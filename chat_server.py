@@ -2170,14 +2170,23 @@ class RedisLink:
         position = 0
         for item, commands in plan:
             if item[0] == "claim":  # replies: SET's, then GET's (who holds it)
-                claimed = replies[position] is not None
+                # Ours already: a claim sent again after a reconnect.
+                claimed = replies[position] is not None or self._holds(replies[position + 1])
                 if claimed:
                     self._claimed[item[1]] = time.monotonic()
                 item[3].put(True if claimed else self._holder_name(replies[position + 1],
                                                                    item[2]))
-            elif item[0] == "event" and item[1]["k"] in ("leave", "rename"):
-                self._claimed.pop(fold_name(item[1].get("name") or item[1]["old"]), None)
+            elif item[0] == "event" and self._freed_key(item[1]):
+                self._claimed.pop(self._freed_key(item[1]), None)
             position += len(commands)
+
+    def _freed_key(self, event):
+        """The name key an event of ours frees in Redis (a leave, a rename), or None."""
+        if event["k"] == "leave" and "of" not in event:
+            return fold_name(event["name"])
+        if event["k"] == "rename" and fold_name(event["old"]) != fold_name(event["new"]):
+            return fold_name(event["old"])  # not when only the case changed: same key
+        return None
 
     def _commands_for(self, item):
         """The Redis commands for one piece of queued work."""
@@ -2185,9 +2194,13 @@ class RedisLink:
         if kind == "event":
             event = item[1]
             commands = [self._xadd(event)]
-            if event["k"] in ("leave", "rename") and "of" not in event:
-                old = event.get("name") or event["old"]  # free the name after the XADD
-                commands.append(("DEL", self._name_prefix + fold_name(old)))
+            freed = self._freed_key(event)
+            if freed is not None:  # the name is free once the XADD is in
+                commands.append(("DEL", self._name_prefix + freed))
+            elif event["k"] == "rename":  # a new case, same key: show it as now written
+                commands.append(("SET", self._name_prefix + fold_name(event["new"]),
+                                 self._name_value(event["new"]), "XX",
+                                 "EX", self.name_ttl_seconds))
             elif event["k"] == "quiet":  # for servers that start while it is on
                 commands.append(("SET", self._quiet_key, "1") if event["on"]
                                 else ("DEL", self._quiet_key))

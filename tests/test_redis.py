@@ -802,3 +802,20 @@ def test_a_misshapen_xread_reply_is_a_protocol_error(reply):
     parser.feed(reply)
     with pytest.raises(RedisProtocolError):
         chat_server.xread_entries(parser.next_reply())
+
+
+@redis
+def test_a_rename_that_only_changes_case_keeps_the_name_claimed(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    alice.send("/nick Alice")
+    bob.expect_next("*** alice is now Alice.")
+    late = linked()  # knows only what Redis holds
+    newcomer = ChatClient(late.server_address)
+    try:
+        newcomer.send("ALICE")
+        newcomer.expect("The name Alice is taken.")
+    finally:
+        newcomer.close()
