@@ -176,13 +176,20 @@ def proxies(redis_server):
 
 
 @pytest.fixture
-def linked(redis_server, start_server, fast_link):
+def linked_servers():
+    """The servers linked() started in this test."""
+    return []
+
+
+@pytest.fixture
+def linked(redis_server, start_server, fast_link, linked_servers):
     """A factory: linked() starts a ChatServer linked to this test's Redis (or via a proxy)."""
 
     def start(via=None, **settings):
         settings.setdefault("flood_rate", 0)
         url = redis_server.settings_url(port=via.port if via else None)
-        return start_server(redis=url, **settings)
+        linked_servers.append(start_server(redis=url, **settings))
+        return linked_servers[-1]
 
     return start
 
@@ -202,11 +209,20 @@ def clients():
 
 
 @pytest.fixture
-def join(clients):
-    """A factory: join(server, "alice") joins and keeps the client for closing."""
+def join(clients, linked_servers):
+    """A factory: join(server, "alice") joins and keeps the client for closing.
 
-    def make(server, name):
+    It then waits until every linked server lists the newcomer (their rosters
+    follow the stream, a moment behind), so that whoever joins next sees
+    them in the history and the list of who is online, not as a late join.
+    settle=False skips that (during a split, the others never will).
+    """
+
+    def make(server, name, settle=True):
         clients.append(joined_on(server, name))
+        if settle:
+            for other in linked_servers:
+                wait_known(other, name)
         return clients[-1]
 
     return make
@@ -621,9 +637,9 @@ def test_a_name_taken_during_a_split_becomes_name_dot_2(linked, join, proxies):
     alice.expect("bob joined")
     proxy.freeze()
     alice.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
-    carol_a = join(a, "carol")  # this room is on its own: only it checks the name
+    carol_a = join(a, "carol", settle=False)  # this room is on its own
     alice.expect("*** carol joined the chat.")
-    carol_b = join(b, "carol")
+    carol_b = join(b, "carol", settle=False)
     proxy.thaw()
     carol_a.expect("took the name carol: you are now carol.2", timeout=SPLIT_TIMEOUT)
     alice.expect("*** carol is now carol.2.")
