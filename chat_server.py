@@ -58,6 +58,8 @@ import errno
 import hashlib
 import hmac
 import ipaddress
+import itertools
+import json
 import logging
 import logging.handlers
 import os
@@ -73,6 +75,7 @@ import subprocess  # only list2cmdline, to show a command line on Windows
 import threading
 import time
 import unicodedata
+import urllib.parse
 
 try:
     import resource  # POSIX only: lets a big class past the open-file limit
@@ -170,6 +173,7 @@ class Settings:
     per_address: int = PER_ADDRESS  # 0: a shared machine, no per-address rules
     room_rate: int = ROOM_BYTES_PER_SECOND  # 0: no room-wide budget
     transcript_private: bool = False  # private messages on the console and transcript
+    redis: object = None  # a RedisURL: link this room to others through Redis (--redis)
 
 
 # --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
@@ -969,6 +973,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self.address_family = socket.AF_INET6
         self._clients = {}  # key (folded name) -> Client, for joined clients
         self._lock = threading.Lock()  # guards _clients and every field below
+        self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
+        self._link = None  # Redis link: a RedisLink with --redis (see its section)
         self._keys_in_order = []  # the keys of _clients, sorted, for /who
         self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
         self._everyone_gone = threading.Condition(self._lock)
@@ -988,13 +994,23 @@ class ChatServer(socketserver.ThreadingTCPServer):
         # Room events for the console and transcript, queued in room order;
         # put under _lock (so in order), taken by the recorder thread.
         self._records = queue.Queue(RECORD_QUEUE_EVENTS)
-        self._records_dropped = 0  # guarded by _lock
+        self._records_dropped = 0  # guarded by _dropped_lock
+        self._dropped_lock = threading.Lock()
         self._transcript = transcript  # a Transcript, or None
         self._recorder_thread = threading.Thread(
             target=self._run_recorder, name="recorder", daemon=True
         )
         super().__init__(address, ChatHandler)
+        if self.settings.redis is not None:  # Redis link: linked before serving
+            self._link = RedisLink(self, self.settings.redis)
+            try:
+                self._link.connect()
+            except RedisStartError:
+                self.server_close()
+                raise
         self._recorder_thread.start()
+        if self._link is not None:
+            self._link.start()
 
     # -- Admitting connections (socketserver's main thread) --
 
@@ -1090,6 +1106,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return problem
         name = unicodedata.normalize("NFC", name)
         key, look = fold_name(name), skeleton(name)
+        with self._lock:  # before claiming it in Redis: a look-alike is refused here
+            problem = self._name_taken(key, look, client)
+        if problem:
+            return problem
+        if self._link is not None:  # Redis link: claim the name on every server
+            problem = self._link.claim_name(name, key)
+            if problem:
+                return problem
         with self._lock:
             if self.addresses.ban_left(client.host) > 0:
                 return REMOVED  # kicked while this connection was asking a name
@@ -1105,7 +1129,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             # in the history or live.
             for line in self._welcome_lines(client):
                 client.queue_line(line)
-            recipients = self._publish("*** %s joined the chat." % name, exclude=client)
+            recipients = self._publish("*** %s joined the chat." % name, exclude=client,
+                                       event={"k": "join", "name": name})
         self._deliver([client] + recipients)
         return None
 
@@ -1120,6 +1145,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _online_line(self):
         names = [self._clients[key].name for key in self._keys_in_order]
+        if self._remote:  # Redis link: students on other servers too
+            names = [name for _, name in sorted(
+                [(key, self._clients[key].name) for key in self._keys_in_order]
+                + [(key, student.name) for key, student in self._remote.items()])]
         return "*** Online now (%d): %s" % (len(names), ", ".join(names))
 
     def _name_taken(self, key, look, client):
@@ -1151,20 +1180,22 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def say(self, client, *texts):
         """Send one or more messages from client to everyone else."""
-        self._speak(client, ["%s says: %s" % (client.name, text) for text in texts])
+        self._speak(client, ["%s says: %s" % (client.name, text) for text in texts],
+                    {"k": "say", "name": client.name, "texts": list(texts)})
 
     def act(self, client, action):
         """Send an action (/me) from client to everyone else."""
-        self._speak(client, ["* %s %s" % (client.name, action)])
+        self._speak(client, ["* %s %s" % (client.name, action)],
+                    {"k": "act", "name": client.name, "text": action})
 
-    def _speak(self, client, lines):
+    def _speak(self, client, lines, event=None):
         self._wait_for_room_budget(client, lines)
         with self._lock:
             if self._clients.get(client.key) is not client:
                 return  # kicked, or dropped, while these lines were on their way
             notice = self._silencing_notice(client)
             if notice is None:
-                recipients = self._publish(lines, exclude=client)
+                recipients = self._publish(lines, exclude=client, event=event)
             else:
                 for line in lines:
                     self._note("silenced", line)
@@ -1200,7 +1231,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._wait_for_room_budget(client, [text, client.name])  # whispers count too
         with self._lock:
             target = self._clients.get(fold_name(name))
-            if target is None:
+            remote = self._remote.get(fold_name(name))  # Redis link: on another server?
+            if target is None and remote is None:
                 return "No one called %s is online. Type /who to see who is." % name
             notice = self._silencing_notice(client)
             if notice is not None:
@@ -1208,10 +1240,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 recipients = [client]
             else:
                 line = "%s whispers: %s" % (client.name, text)
-                target.queue_line(line)
+                if target is None:  # Redis link: over the other server's channel
+                    target = remote
+                    self._link.send_private(remote, {"k": "whisper", "name": client.name,
+                                                     "to": remote.name, "text": text})
+                else:
+                    target.queue_line(line)
                 client.queue_line("*** You whispered to %s: %s" % (target.name, text))
                 self._note("private", "%s to %s" % (line, target.name))
-                recipients = [target, client]
+                recipients = [client] if target is remote else [target, client]
         self._deliver(recipients)
         return None
 
@@ -1224,11 +1261,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if new_name == client.name:
             return "You are already called %s." % new_name
         key, look = fold_name(new_name), skeleton(new_name)
+        with self._lock:  # before claiming it in Redis: a look-alike is refused here
+            problem = self._rename_problem(key, look, client)
+        if problem:
+            return problem
+        if self._link is not None and key != client.key:
+            problem = self._link.claim_name(new_name, key)  # Redis link
+            if problem:
+                return problem
         with self._lock:
-            if client.muted or self._quiet:
-                return "You cannot change your name while %s." % (
-                    "the teacher has muted you" if client.muted else "the room is quiet")
-            problem = self._name_taken(key, look, client)
+            problem = self._rename_problem(key, look, client)
             if problem:
                 return problem
             if not client.renames.allow():
@@ -1238,9 +1280,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._remove_client(client)
             client.name, client.key, client.skeleton = new_name, key, look
             self._add_client(client)
-            recipients = self._publish("*** %s is now %s." % (old_name, new_name))
+            recipients = self._publish("*** %s is now %s." % (old_name, new_name),
+                                       event={"k": "rename", "old": old_name, "new": new_name})
         self._deliver(recipients)
         return None
+
+    def _rename_problem(self, key, look, client):
+        """Why client may not take a new name now (lock held), or None."""
+        if client.muted or self._quiet:
+            return "You cannot change your name while %s." % (
+                "the teacher has muted you" if client.muted else "the room is quiet")
+        return self._name_taken(key, look, client)
 
     def leave(self, client):
         """Take client out of the room and tell the others, once, whatever the cause."""
@@ -1248,10 +1298,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if client.key is None or self._clients.get(client.key) is not client:
                 return  # never joined, or has left already
             self._remove_client(client)
-            line = "*** %s left the chat." % client.name
-            if client.leave_reason and not (client.muted or self._quiet):
-                line += " (%s)" % client.leave_reason
-            recipients = [] if self._closing else self._publish(line, exclude=client)
+            # A muted student's reason, or anyone's in quiet mode, is not shown.
+            reason = "" if client.muted or self._quiet else client.leave_reason
+            line = "*** %s left the chat.%s" % (client.name, " (%s)" % reason if reason else "")
+            recipients = [] if self._closing else self._publish(
+                line, exclude=client,
+                event={"k": "leave", "name": client.name, "reason": reason})
         self._deliver(recipients)
 
     def drop(self, client, reason):
@@ -1277,16 +1329,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
             else:
                 client.flush()
 
-    def _publish(self, lines, exclude=None):
+    def _publish(self, lines, exclude=None, event=None):
         """Queue room events for every joined client but exclude (lock held).
 
         lines is one line, or a list of lines from one sender, which are
         queued together: one offer per client, whatever their number.
         Return the clients they were queued for: the caller passes them to
         _deliver() once it has released the lock.
+        event: the same, as data for the Redis link (see its section).
         """
         if isinstance(lines, str):
             lines = [lines]
+        if event is not None and self._link is not None and \
+                self._link.takes(event, lines, exclude):
+            return []  # Redis link: shown when it comes back, in the one order
         # Queuing for everyone while holding the lock is what gives every
         # client the same order of events. offer() never waits and never
         # touches a socket: the sending happens in _deliver(), after the lock.
@@ -1307,15 +1363,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # -- The console and the transcript --
 
     def _note(self, kind, line):
-        """Queue a room event for the console and the transcript (lock held).
+        """Queue a room event for the console and the transcript.
 
+        Called with the room's lock held, so events queue in the room's order.
         Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
         the event is counted instead, and the count reported.
         """
         try:
             self._records.put_nowait((kind, line))
         except queue.Full:
-            self._records_dropped += 1
+            with self._dropped_lock:
+                self._records_dropped += 1
 
     def _run_recorder(self):
         # One thread shows room events on the console and hands them to the
@@ -1332,7 +1390,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if kind:
                 self._record(kind, line, held_back)
             held_back.report_if_due()
-            with self._lock:
+            with self._dropped_lock:
                 dropped, self._records_dropped = self._records_dropped, 0
             if dropped:
                 log.warning("%s not shown or written: the server was too busy.",
@@ -1372,7 +1430,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def announce(self, text):
         """Send the teacher's announcement to everyone."""
         with self._lock:
-            recipients = self._publish("*** [teacher] %s" % text)
+            recipients = self._publish("*** [teacher] %s" % text,
+                                       event={"k": "announce", "text": text})
         self._deliver(recipients)
 
     def find(self, name):
@@ -1387,6 +1446,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
             everyone = [client for client in self._connections if client.host == host]
         joined = [client for client in everyone if self.has_joined(client)]
         return joined, [client for client in everyone if client not in joined]
+
+    def ask_other_server(self, name, event, verb):
+        """Redis link: pass /kick or /mute on to the server of a student elsewhere.
+
+        Return the reply for the teacher, or None if no such student is there.
+        """
+        with self._lock:
+            student = self._remote.get(fold_name(name))
+        if student is None or self._link is None:
+            return None
+        self._link.send_private(student, dict(event, name=student.name))
+        return "Asked the server of %s to %s them." % (student.name, verb)
 
     def has_joined(self, client):
         with self._lock:
@@ -1418,16 +1489,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._quiet = quiet
             recipients = self._publish(
                 "*** [teacher] Quiet, please: only the teacher speaks for now."
-                if quiet else "*** [teacher] The chat is open again.")
+                if quiet else "*** [teacher] The chat is open again.",
+                event={"k": "quiet", "on": quiet})
         self._deliver(recipients)
         return True
 
     def snapshot(self):
-        """(joined clients in name order, connections that have not joined)."""
+        """(joined clients in name order, connections that have not joined,
+        students on other servers: RemoteStudent tuples)."""
         with self._lock:
             joined = [self._clients[key] for key in self._keys_in_order]
             waiting = [client for client in self._connections if client.key is None]
-        return joined, waiting
+            elsewhere = sorted(self._remote.values())  # Redis link
+        return joined, waiting, elsewhere
 
     # -- Shutting down --
 
@@ -1436,6 +1510,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
         Returns within about two seconds, even if a client has stalled.
         """
+        if self._link is not None:  # Redis link: the others see our students leave
+            self._link.close()
         with self._lock:
             self._closing = True
             self._note("transcript", "=== The server is shutting down. ===")
@@ -1455,6 +1531,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             )
 
     def server_close(self):
+        if self._link is not None:
+            self._link.stop()
         super().server_close()
         try:
             self._records.put(("stop", ""), timeout=SHUTDOWN_GRACE_SECONDS)
@@ -2015,8 +2093,8 @@ class TeacherConsole:
         name, _, reason = argument.partition(" ")
         client = self.server.find(name) if name else None
         if client is None:
-            self.tell("No one called %s is online." % name if name
-                      else "Usage: /kick NAME [REASON]")
+            self.tell(self.not_here(name, {"k": "kick", "name": name, "reason": reason.strip()},
+                                    "kick") if name else "Usage: /kick NAME [REASON]")
             return
         others = [other for other in self.server.connections_from(client.host)[0]
                   if other is not client]
@@ -2031,6 +2109,11 @@ class TeacherConsole:
                 waiting, "connection")
         self.tell("Kicked %s; %s" % (client.name, ban))
         self.server.note_teacher("kicked %s%s" % (client.name, ": " + reason if reason else ""))
+
+    def not_here(self, name, event, verb):
+        """The reply for a name not online here: passed on if it is elsewhere (Redis)."""
+        return (self.server.ask_other_server(name, event, verb)
+                or "No one called %s is online." % name)
 
     def ban_after_kick(self, client, others):
         """Ban a kicked client's address unless others share it; say what was done."""
@@ -2093,7 +2176,8 @@ class TeacherConsole:
         client = self.server.find(argument) if argument else None
         if client is None or client.muted:
             self.tell("Usage: /mute NAME" if not argument else
-                      "No one called %s is online." % argument if client is None else
+                      self.not_here(argument, {"k": "mute", "name": argument, "on": True},
+                                    "mute") if client is None else
                       "%s is muted already." % client.name)
             return
         # A mute follows the student: by address when they are alone on it
@@ -2111,6 +2195,12 @@ class TeacherConsole:
             self.tell("Usage: /unmute NAME")
             return
         client = self.server.find(argument)
+        if client is None:
+            elsewhere = self.server.ask_other_server(
+                argument, {"k": "mute", "name": argument, "on": False}, "unmute")
+            if elsewhere:
+                self.tell(elsewhere)
+                return
         host, key = (client.host, client.key) if client else (None, None)
         hosts = self.server.addresses.unmute(argument, host, key)
         unmuted = bool(hosts)
@@ -2262,7 +2352,7 @@ def open_without_waiting(path, flags):
     return os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
 
 
-def describe_who(joined, waiting):
+def describe_who(joined, waiting, elsewhere=()):
     """The console's /who: a table of the joined, then who has not joined yet."""
     now = time.monotonic()
     rows = [(client.name, "%s:%s" % (client.host, client.address[1]),
@@ -2275,6 +2365,8 @@ def describe_who(joined, waiting):
         for row in [("NAME", "ADDRESS", "ONLINE", "")] + rows:
             lines.append("  ".join([pad(row[0], widths[0]), pad(row[1], widths[1]),
                                     "%-8s" % row[2], row[3]]).rstrip())
+    lines += ["%s  on another server (%s)" % (student.name, student.server)
+              for student in elsewhere]  # Redis link
     if waiting:
         hosts = collections.Counter(client.host for client in waiting)
         lines.append("Not joined yet: " + ", ".join(
@@ -3046,6 +3138,1104 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
                                                          csp_hash(PAGE_STYLE)))
 
 
+# --- Several servers, one room: the Redis link ---------------------------------
+#
+# With --redis, this server shares its room with every other server linked
+# to the same Redis and room name. It adds a RESP client (Redis's protocol,
+# spoken here with the standard library only) and a RedisLink; the room
+# hooks in at a few marked places ("Redis link:").
+#
+# How one room is kept across servers:
+#   * Room events go into one Redis stream (XADD). Each server reads that
+#     stream (XREAD BLOCK) and shows what it reads, its own events too, so
+#     every student on every server sees one order: the stream's.
+#   * Every event carries (server, sequence). A server's sequences rise, so
+#     an event read twice (sent again after a reconnect) is skipped.
+#   * Names are claimed in Redis (SET NX EX), refreshed while the student is
+#     here; each server also keeps a heartbeat key alive. A server whose
+#     heartbeat expired is dead: its students' names are deleted by the
+#     others, and only the server whose DEL returned 1 announces the leave.
+#   * Private messages and the teacher's /kick and /mute for a student on
+#     another server go over that server's own pub/sub channel: never stored.
+#   * Three connections, each owned by one thread: the writer (commands), the
+#     reader (XREAD) and the listener (SUBSCRIBE). None of them ever runs
+#     while the room's lock is held: the room only puts work in a bounded
+#     queue, like a client's outbox.
+#   * A link lost (or silent for REDIS_SILENCE_SECONDS) is a split: each
+#     server's room goes on with its own students until the link is back.
+#
+# Keys, for a room called ROOM: ROOM:events (the stream), ROOM:name:KEY (who
+# holds a name), ROOM:server:ID (a heartbeat), ROOM:quiet (set in quiet
+# mode), and the channels ROOM:to:ID (one per server).
+
+# Fixed numbers of the link (tests shorten the timings: see RedisLink).
+REDIS_PORT = 6379  # Redis's own default port, when --redis gives none
+REDIS_ROOM = "chat"  # the room name when --redis gives none
+REDIS_SILENCE_SECONDS = 2.0  # no answer for this long: the link is down (a split)
+REDIS_BLOCK_MILLISECONDS = 500  # how long one XREAD waits for new events
+REDIS_RETRY_FIRST_SECONDS = 0.1  # the first wait before reconnecting...
+REDIS_RETRY_MAX_SECONDS = 2.0  # ...doubling up to this: "a few seconds at most"
+REDIS_HEARTBEAT_SECONDS = 1.0  # heartbeat and name refresh, this often
+REDIS_HEARTBEAT_TTL_SECONDS = 10  # a server silent this long is dead
+REDIS_NAME_TTL_SECONDS = 60  # longer than a heartbeat: the reaper, not expiry, frees names
+REDIS_STREAM_EVENTS = 10000  # events kept in the stream (XADD MAXLEN ~)
+REDIS_OUTBOX_ITEMS = 10000  # work queued for Redis; full means Redis is too slow
+REDIS_READ_EVENTS = 100  # events taken in one XREAD (each at most ~20 KB)
+REDIS_MAX_BULK_BYTES = 1024 * 1024  # the longest string we accept from Redis
+REDIS_MAX_ARRAY_ITEMS = 100000  # the most items in one array from Redis
+REDIS_MAX_REPLY_BYTES = 8 * 1024 * 1024  # the longest reply we buffer
+REDIS_MAX_DEPTH = 8  # arrays in arrays; XREAD's reply is 5 deep
+REDIS_CLAIM_GRACE_SECONDS = 5.0  # a claimed name not joined by then is freed
+# Messages in one "say" event: a sender's batch is the lines of one read
+# (see more_messages()), and each line takes at least one byte.
+REDIS_MAX_EVENT_TEXTS = 2 * RECV_BYTES
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+SERVER_ID = re.compile(r"[0-9a-f]{8,32}")
+RESP_INTEGER = re.compile(rb"-?[0-9]{1,19}")
+STREAM_ID = re.compile(rb"[0-9]{1,20}-[0-9]{1,20}")
+
+
+class RedisError(Exception):
+    """An error reply from Redis; its message is Redis's own."""
+
+
+class RedisProtocolError(ConnectionError):
+    """Redis sent what is not RESP, or more than we accept: drop the connection."""
+
+
+class RedisStartError(Exception):
+    """The link could not be made at start: one line for the teacher, exit 2."""
+
+
+class BadEvent(ValueError):
+    """An event from Redis that fails a check: logged and dropped."""
+
+
+INCOMPLETE = object()  # RespParser: the buffer holds no whole reply yet
+
+
+def encode_command(*args):
+    """A Redis command as RESP: an array of bulk strings.
+
+    Each argument is sent as length-prefixed data, so nothing inside it (a
+    student's text full of CR LF and '*3') can ever be read as a command.
+    """
+    parts = [b"*", str(len(args)).encode("ascii"), b"\r\n"]
+    for arg in args:
+        data = as_bytes(arg)
+        parts += [b"$", str(len(data)).encode("ascii"), b"\r\n", data, b"\r\n"]
+    return b"".join(parts)
+
+
+def as_bytes(arg):
+    """One command argument as bytes: text as UTF-8, a number in decimal."""
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, int):
+        return str(arg).encode("ascii")
+    return arg.encode("utf-8")
+
+
+class _Short(Exception):
+    """Raised inside RespParser when the buffer ends in the middle of a reply."""
+
+
+class RespParser:
+    """Parses RESP replies from a byte buffer; asks for more bytes when short.
+
+    Simple strings and integers come out as str and int, bulk strings as
+    bytes (None for a null), arrays as lists, and error replies as
+    RedisError objects (the connection raises them). Every size is capped.
+    """
+
+    def __init__(self):
+        self._buffer = bytearray()
+
+    def feed(self, data):
+        """Add bytes read from the socket."""
+        self._buffer += data
+
+    def next_reply(self):
+        """Take one whole reply from the buffer, or return INCOMPLETE."""
+        try:
+            reply, end = self._parse(0, 0)
+        except _Short:
+            if len(self._buffer) > REDIS_MAX_REPLY_BYTES:
+                raise RedisProtocolError("a reply longer than %d bytes" % REDIS_MAX_REPLY_BYTES)
+            return INCOMPLETE
+        del self._buffer[:end]
+        return reply
+
+    def _line(self, start):
+        end = self._buffer.find(b"\r\n", start)
+        if end < 0:
+            if len(self._buffer) - start > MAX_LINE_BYTES:
+                raise RedisProtocolError("a reply line with no end")
+            raise _Short()
+        return bytes(self._buffer[start:end]), end + 2
+
+    def _count(self, line, limit):
+        if not RESP_INTEGER.fullmatch(line):
+            raise RedisProtocolError("not a number: %r" % line[:40])
+        count = int(line)
+        if count < -1 or count > limit:
+            raise RedisProtocolError("a size out of bounds: %d" % count)
+        return count
+
+    def _parse(self, start, depth):
+        if start >= len(self._buffer):
+            raise _Short()
+        kind = self._buffer[start:start + 1]
+        line, position = self._line(start + 1)
+        if kind == b"+":
+            return line.decode("utf-8", "replace"), position
+        if kind == b"-":
+            return RedisError(line.decode("utf-8", "replace")), position
+        if kind == b":":
+            if not RESP_INTEGER.fullmatch(line):
+                raise RedisProtocolError("not an integer: %r" % line[:40])
+            return int(line), position
+        if kind == b"$":
+            size = self._count(line, REDIS_MAX_BULK_BYTES)
+            if size == -1:
+                return None, position
+            if len(self._buffer) < position + size + 2:
+                raise _Short()
+            if self._buffer[position + size:position + size + 2] != b"\r\n":
+                raise RedisProtocolError("a bulk string without its CR LF")
+            return bytes(self._buffer[position:position + size]), position + size + 2
+        if kind == b"*":
+            count = self._count(line, REDIS_MAX_ARRAY_ITEMS)
+            if count == -1:
+                return None, position
+            if depth >= REDIS_MAX_DEPTH:
+                raise RedisProtocolError("arrays nested too deep")
+            items = []
+            for _ in range(count):
+                item, position = self._parse(position, depth + 1)
+                items.append(item)
+            return items, position
+        raise RedisProtocolError("an unknown reply type %r" % kind)
+
+
+class RedisConnection:
+    """One connection to Redis; every read has a deadline. Not thread-safe:
+    each of the link's threads owns its own."""
+
+    def __init__(self, url, timeout=REDIS_SILENCE_SECONDS):
+        self.url = url
+        self.sock = socket.create_connection((url.host, url.port), timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.parser = RespParser()
+        self.last_heard = time.monotonic()  # when Redis last sent us anything
+        try:
+            if url.password:
+                credentials = [url.username, url.password] if url.username else [url.password]
+                self.call("AUTH", *credentials)
+            self.call("PING")
+        except (OSError, RedisError):
+            self.close()
+            raise
+
+    def send(self, commands, timeout=REDIS_SILENCE_SECONDS):
+        """Send commands (tuples of arguments) in one write: a pipeline."""
+        self.sock.settimeout(timeout)  # a Redis that takes nothing is stuck too
+        self.sock.sendall(b"".join(encode_command(*command) for command in commands))
+
+    def read(self, timeout=REDIS_SILENCE_SECONDS):
+        """Read one reply; socket.timeout if none comes within timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.parser.next_reply()
+            if reply is not INCOMPLETE:
+                return reply
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("Redis did not answer within %.1f s" % timeout)
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            self.last_heard = time.monotonic()
+            self.parser.feed(data)
+
+    def pipeline(self, commands, timeout=REDIS_SILENCE_SECONDS):
+        """Send commands at once and return their replies; raise the first error reply."""
+        self.send(commands, timeout)
+        replies = [self.read(timeout) for _ in commands]
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise reply
+        return replies
+
+    def call(self, *args, timeout=REDIS_SILENCE_SECONDS):
+        """Run one command and return its reply."""
+        return self.pipeline([args], timeout)[0]
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def stream_entries(reply):
+    """[(id, fields)] from an XRANGE-style reply, its shape checked; ids as str."""
+    if not isinstance(reply, list):
+        raise RedisProtocolError("a stream reply that is not a list")
+    entries = []
+    for entry in reply:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], bytes)
+                and STREAM_ID.fullmatch(entry[0])):
+            raise RedisProtocolError("a stream entry of the wrong shape")
+        entries.append((entry[0].decode("ascii"), entry[1]))
+    return entries
+
+
+def xread_entries(reply):
+    """The entries of an XREAD reply for one stream (None: nothing new)."""
+    if reply is None:
+        return []
+    if not (isinstance(reply, list) and len(reply) == 1 and isinstance(reply[0], list)
+            and len(reply[0]) == 2):
+        raise RedisProtocolError("an XREAD reply of the wrong shape")
+    return stream_entries(reply[0][1])
+
+
+RedisURL = collections.namedtuple("RedisURL", "host port username password room")
+
+
+def redis_url_flag(text):
+    """An argparse type: redis://[:PASSWORD@]HOST[:PORT][/ROOM], checked."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise argparse.ArgumentTypeError("%r is not redis://[:PASSWORD@]HOST[:PORT][/ROOM]"
+                                         % text)
+    try:
+        port = parts.port or REDIS_PORT
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r has a bad port" % text)
+    room = parts.path.lstrip("/") or REDIS_ROOM
+    if not ROOM_NAME.fullmatch(room):
+        raise argparse.ArgumentTypeError("the room %r may use only letters, digits, _ . -"
+                                         % room)
+    password = urllib.parse.unquote(parts.password or "")
+    username = urllib.parse.unquote(parts.username or "")
+    if not password and not is_loopback_host(parts.hostname):
+        # Anyone on the network could read the room, or write into it.
+        raise argparse.ArgumentTypeError(
+            "Redis at %s is not on this computer: give its password "
+            "(redis://:PASSWORD@%s) or use one on 127.0.0.1" % (parts.hostname, parts.hostname))
+    return RedisURL(parts.hostname, port, username, password, room)
+
+
+def is_loopback_host(host):
+    """True for localhost and addresses of this computer's loopback (127.x, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it might resolve anywhere
+
+
+# Each event kind and its fields: field -> (check, required). The server,
+# sequence and kind ("s", "n", "k") are checked for every event.
+ROOM_EVENTS = {
+    "join": {"name": ("name", True), "again": ("flag", False)},
+    "leave": {"name": ("name", True), "reason": ("reason", False), "of": ("server", False)},
+    "rename": {"old": ("name", True), "new": ("name", True)},
+    "say": {"name": ("name", True), "texts": ("texts", True)},
+    "act": {"name": ("name", True), "text": ("text", True)},
+    "announce": {"text": ("text", True)},
+    "quiet": {"on": ("flag", True)},
+}
+PRIVATE_EVENTS = {  # on a server's own channel, never stored
+    "whisper": {"name": ("name", True), "to": ("name", True), "text": ("text", True)},
+    "kick": {"name": ("name", True), "reason": ("reason", False)},
+    "mute": {"name": ("name", True), "on": ("flag", True)},
+}
+
+
+def check_event(data, kinds, max_line):
+    """Decode one event (JSON bytes from Redis) and check every field; raise BadEvent."""
+    try:
+        event = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise BadEvent("not JSON: %s" % error)
+    if not isinstance(event, dict):
+        raise BadEvent("not a JSON object")
+    fields = kinds.get(event.get("k")) if isinstance(event.get("k"), str) else None
+    if fields is None:
+        raise BadEvent("an unknown kind of event: %r" % (event.get("k"),))
+    check_field(event, "s", "server", max_line)
+    sequence = event.get("n")
+    if type(sequence) is not int or sequence < 0:
+        raise BadEvent("a bad sequence number")
+    for field, (check, required) in fields.items():
+        if field in event:
+            check_field(event, field, check, max_line)
+        elif required:
+            raise BadEvent("%s has no %s" % (event["k"], field))
+    return event
+
+
+def check_field(event, field, check, max_line):
+    """Check one field of an event by its kind of value; raise BadEvent."""
+    value = event[field]
+    if check == "flag":
+        ok = isinstance(value, bool)
+    elif check == "server":
+        ok = isinstance(value, str) and SERVER_ID.fullmatch(value) is not None
+    elif check == "name":
+        ok = (isinstance(value, str) and name_problem(value) is None
+              and unicodedata.normalize("NFC", value) == value)
+    elif check == "texts":
+        ok = (isinstance(value, list) and 0 < len(value) <= REDIS_MAX_EVENT_TEXTS
+              and all(is_clean_text(text, max_line) for text in value))
+    else:  # "text", or "reason", which may be empty
+        ok = is_clean_text(value, max_line, may_be_empty=check == "reason")
+    if not ok:
+        raise BadEvent("a bad %s: %r" % (field, value if not isinstance(value, str)
+                                         else value[:60]))
+
+
+def is_clean_text(text, max_line, may_be_empty=False):
+    """True if text is what this server would itself let a student send."""
+    if not isinstance(text, str) or not (text.strip() or may_be_empty):
+        return False
+    data = text.encode("utf-8", "replace")
+    return len(data) <= max_line and clean_line(data) == text
+
+
+def event_lines(event):
+    """The lines a checked room event shows, as the room's own methods word them."""
+    kind = event["k"]
+    if kind == "join":
+        return ["*** %s joined the chat." % event["name"]]
+    if kind == "leave":
+        reason = event.get("reason")
+        return ["*** %s left the chat.%s" % (event["name"], " (%s)" % reason if reason else "")]
+    if kind == "rename":
+        return ["*** %s is now %s." % (event["old"], event["new"])]
+    if kind == "say":
+        return ["%s says: %s" % (event["name"], text) for text in event["texts"]]
+    if kind == "act":
+        return ["* %s %s" % (event["name"], event["text"])]
+    if kind == "announce":
+        return ["*** [teacher] %s" % event["text"]]
+    return [QUIET_ON_LINE if event["on"] else QUIET_OFF_LINE]  # "quiet"
+
+
+QUIET_ON_LINE = "*** [teacher] Quiet, please: only the teacher speaks for now."
+QUIET_OFF_LINE = "*** [teacher] The chat is open again."
+SPLIT_LINE = ("*** The other servers are out of reach: for now this room has only "
+              "the students on this server.")
+WHOLE_LINE = "*** The other servers are back: the room is whole again."
+
+RemoteStudent = collections.namedtuple("RemoteStudent", "name server")
+
+
+class RedisLink:
+    """Links this server's room to the others on one Redis: see the section's top.
+
+    The timings are class attributes, so that tests can shorten them.
+    """
+
+    silence_seconds = REDIS_SILENCE_SECONDS
+    block_milliseconds = REDIS_BLOCK_MILLISECONDS
+    retry_first_seconds = REDIS_RETRY_FIRST_SECONDS
+    retry_max_seconds = REDIS_RETRY_MAX_SECONDS
+    heartbeat_seconds = REDIS_HEARTBEAT_SECONDS
+    heartbeat_ttl_seconds = REDIS_HEARTBEAT_TTL_SECONDS
+    name_ttl_seconds = REDIS_NAME_TTL_SECONDS
+    outbox_items = REDIS_OUTBOX_ITEMS
+
+    def __init__(self, room, url):
+        self.room = room
+        self.url = url
+        self.server_id = os.urandom(8).hex()
+        prefix = url.room + ":"
+        self.stream = prefix + "events"
+        self.channel = prefix + "to:" + self.server_id
+        self._name_prefix = prefix + "name:"
+        self._server_prefix = prefix + "server:"
+        self._quiet_key = prefix + "quiet"
+        # Guarded by the room's lock (the link is part of the room):
+        self.linked = True  # False during a split
+        self._next_sequence = 0
+        self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
+        self._outbox = queue.Queue(self.outbox_items)  # work for the writer thread
+        self._last_seen = {}  # server id -> highest sequence shown or skipped
+        # Owned by the reader thread:
+        self._last_id = "0"  # the last stream entry read
+        self._resume_id = None  # set at a relink: where the reader goes on from
+        # Owned by the writer thread:
+        self._claimed = {}  # name key this server holds in Redis -> when claimed
+        self._writer = None  # the writer's RedisConnection
+        self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
+        self._listener = None  # the listener's first connection, made by connect()
+        self._stopping = threading.Event()
+        self._threads = []
+
+    # -- Starting and stopping --
+
+    def connect(self):
+        """Connect, load the others' students and recent history; raise RedisStartError."""
+        where = format_address((self.url.host, self.url.port))
+        try:
+            self._writer = RedisConnection(self.url, self.silence_seconds)
+            # The stream's end first, then the names: a student who joins in
+            # between is in the roster and in the stream; a join read twice
+            # is shown once, a join missed would leave them unknown.
+            history, self._last_id = self._load_history()
+            remote = self._load_roster()
+            quiet = self._writer.call("EXISTS", self._quiet_key) == 1
+            # Subscribed before anyone can join: a whisper to them is heard.
+            self._listener = self._subscribe()
+            self._writer.call("SET", self._server_prefix + self.server_id, "1",
+                              "EX", self.heartbeat_ttl_seconds)
+        except RedisError as error:
+            self._drop_writer()
+            raise RedisStartError("Redis at %s refused us: %s" % (where, error))
+        except OSError as error:
+            self._drop_writer()
+            raise RedisStartError("Cannot reach Redis at %s: %s. Is redis-server running?"
+                                  % (where, getattr(error, "strerror", None) or error))
+        with self.room._lock:
+            self.room._remote.update(remote)
+            self.room._history.extend(history)
+            self.room._quiet = quiet
+        log.info("Linked through Redis at %s, room %s (this server is %s)",
+                 where, self.url.room, self.server_id)
+
+    def start(self):
+        """Start the writer, reader and listener threads."""
+        for target in (self._run_writer, self._run_reader, self._run_listener):
+            thread = threading.Thread(target=target, daemon=True,
+                                      name="redis " + target.__name__[5:])
+            self._threads.append(thread)
+            thread.start()
+
+    def close(self):
+        """At shutdown: the other servers see this server's students leave."""
+        with self.room._lock:
+            names = [client.name for client in self.room._clients.values()]
+            linked, self.linked = self.linked, False
+        self.stop()
+        if not linked:
+            return
+        try:  # on a connection of its own: the writer's may be busy or stuck
+            connection = RedisConnection(self.url, SHUTDOWN_GRACE_SECONDS)
+            commands = [self._xadd(self._stamp({"k": "leave", "name": name}))
+                        for name in names]
+            commands += [("DEL", self._name_prefix + fold_name(name)) for name in names]
+            commands.append(("DEL", self._server_prefix + self.server_id))
+            connection.pipeline(commands, SHUTDOWN_GRACE_SECONDS)
+            connection.close()
+        except (OSError, RedisError) as error:
+            log.warning("Could not tell the other servers we are stopping: %s", error)
+
+    def stop(self):
+        """Stop the link's threads (they are daemons: nothing waits for them)."""
+        self._stopping.set()
+
+    # -- The room's hooks (called with the room's lock held: never wait) --
+
+    def takes(self, event, lines, exclude):
+        """Send a room event through Redis; False if the room must show it itself now.
+
+        The event is shown (to exclude's room too) when it comes back from the
+        stream, so every server shows it in the stream's one order.
+        """
+        if not self.linked:
+            return False
+        stamped = self._stamp(event)
+        try:
+            self._outbox.put_nowait(("event", stamped))
+        except queue.Full:  # Redis takes less than we send: as good as gone
+            # Split here, so that what is pending is shown before this event.
+            self._split_locked("Redis is too slow: the queue to it is full")
+            return False
+        self._pending[stamped["n"]] = (lines, exclude)
+        return True
+
+    def send_private(self, student, event):
+        """Send a whisper, /kick or /mute to the server of a student elsewhere."""
+        if self.linked:
+            self._queue_work(("publish", self.url.room + ":to:" + student.server,
+                              self._stamp(event)))
+
+    def claim_name(self, name, key):
+        """Claim a name in Redis before a join or rename; return why not, or None.
+
+        Called without the room's lock: it waits for the writer's answer.
+        """
+        with self.room._lock:
+            holder = self.room._remote.get(key)
+            if holder is not None:
+                return "The name %s is taken." % holder.name
+            if not self.linked or key in self.room._clients:
+                return None  # a split, or taken here: the room's own check says so
+        answer = queue.Queue(1)
+        self._queue_work(("claim", key, name, answer))
+        try:
+            claimed = answer.get(timeout=self.silence_seconds + 1)
+        except queue.Empty:
+            return None  # Redis is stuck: a split comes; the room decides alone
+        if claimed is True or claimed is None:  # None: a split; the room decides alone
+            return None
+        return "The name %s is taken." % claimed  # as its holder wrote it
+
+    def _queue_work(self, item):
+        try:
+            self._outbox.put_nowait(item)
+        except queue.Full:  # dropped: a split is coming (takes() declares it)
+            self._note("Redis is too slow: the queue to it is full")
+
+    def _note(self, text):
+        """Tell the console, after the room events queued so far (safe under the lock)."""
+        self.room._note("console", text)
+
+    def _stamp(self, event):
+        """Add this server's id and the next sequence number (room's lock held)."""
+        self._next_sequence += 1
+        return dict(event, s=self.server_id, n=self._next_sequence)
+
+    def _xadd(self, event):
+        data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        return ("XADD", self.stream, "MAXLEN", "~", REDIS_STREAM_EVENTS, "*", "e", data)
+
+    # -- The writer thread: XADD, claims, heartbeat, reaping dead servers --
+
+    def _run_writer(self):
+        next_beat, failing_since, delay = 0.0, None, self.retry_first_seconds
+        while not self._stopping.is_set():
+            try:
+                if self._writer is None:
+                    self._writer = RedisConnection(self.url, self.silence_seconds)
+                    if not self.linked:
+                        self._relink()
+                    failing_since, delay = None, self.retry_first_seconds
+                if self._writer is not None and not self.linked:
+                    # Split by the reader, or by a full queue: start afresh.
+                    raise socket.timeout("the link was split")
+                if time.monotonic() >= next_beat:
+                    self._beat()
+                    next_beat = time.monotonic() + self.heartbeat_seconds
+                self._send_work(max(0.0, next_beat - time.monotonic()))
+            except (OSError, RedisError) as error:
+                # A dropped connection that comes back at once is no split:
+                # what was in flight is sent again (read twice, shown once).
+                # Silence, or a link down for long, is.
+                failing_since = failing_since or time.monotonic()
+                self._drop_writer()
+                if isinstance(error, (socket.timeout, RedisError)) or \
+                        time.monotonic() - failing_since > self.silence_seconds:
+                    self.split(error)
+                    self._forget_in_flight()
+                if self._stopping.wait(delay):
+                    break
+                delay = min(delay * 2, self.retry_max_seconds)
+            except Exception as error:  # a thread's top level: log it, go on
+                log.error("Redis writer: %r", error)
+                self._drop_writer()
+                self.split(error)
+                self._forget_in_flight()
+
+    def _drop_writer(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _send_work(self, wait):
+        """Send what the room queued, in one pipeline; wait up to wait seconds for it."""
+        if not self._in_flight:
+            try:
+                self._in_flight = [self._outbox.get(timeout=wait)]
+            except queue.Empty:
+                return
+            while len(self._in_flight) < REDIS_READ_EVENTS:
+                try:
+                    self._in_flight.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+        plan = [(item, self._commands_for(item)) for item in self._in_flight]
+        replies = self._writer.pipeline([command for _, commands in plan
+                                         for command in commands], self.silence_seconds)
+        self._in_flight = []
+        position = 0
+        for item, commands in plan:
+            if item[0] == "claim":  # replies: SET's, then GET's (who holds it)
+                # Ours already: a claim sent again after a reconnect.
+                claimed = replies[position] is not None or self._holds(replies[position + 1])
+                if claimed:
+                    self._claimed[item[1]] = time.monotonic()
+                item[3].put(True if claimed else self._holder_name(replies[position + 1],
+                                                                   item[2]))
+            elif item[0] == "event" and self._freed_key(item[1]):
+                self._claimed.pop(self._freed_key(item[1]), None)
+            position += len(commands)
+
+    def _freed_key(self, event):
+        """The name key an event of ours frees in Redis (a leave, a rename), or None."""
+        if event["k"] == "leave" and "of" not in event:
+            return fold_name(event["name"])
+        if event["k"] == "rename" and fold_name(event["old"]) != fold_name(event["new"]):
+            return fold_name(event["old"])  # not when only the case changed: same key
+        return None
+
+    def _commands_for(self, item):
+        """The Redis commands for one piece of queued work."""
+        kind = item[0]
+        if kind == "event":
+            event = item[1]
+            commands = [self._xadd(event)]
+            freed = self._freed_key(event)
+            if freed is not None:  # the name is free once the XADD is in
+                commands.append(("DEL", self._name_prefix + freed))
+            elif event["k"] == "rename":  # a new case, same key: show it as now written
+                commands.append(("SET", self._name_prefix + fold_name(event["new"]),
+                                 self._name_value(event["new"]), "XX",
+                                 "EX", self.name_ttl_seconds))
+            elif event["k"] == "quiet":  # for servers that start while it is on
+                commands.append(("SET", self._quiet_key, "1") if event["on"]
+                                else ("DEL", self._quiet_key))
+            return commands
+        if kind == "publish":
+            return [("PUBLISH", item[1], json.dumps(item[2], ensure_ascii=False))]
+        # "claim": the value says which server holds the name
+        return [("SET", self._name_prefix + item[1], self._name_value(item[2]),
+                 "NX", "EX", self.name_ttl_seconds), ("GET", self._name_prefix + item[1])]
+
+    def _holder_name(self, value, asked):
+        """The name as its holder wrote it, from a name key's value (else as asked)."""
+        try:
+            name = json.loads(value.decode("utf-8"))["name"]
+        except (AttributeError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+            return asked
+        return name if isinstance(name, str) and name_problem(name) is None else asked
+
+    def _name_value(self, name):
+        return json.dumps({"name": name, "server": self.server_id}, ensure_ascii=False)
+
+    def _beat(self):
+        """Keep our heartbeat and names alive; free names no one here uses; reap."""
+        with self.room._lock:
+            local = set(self.room._clients)
+        now = time.monotonic()
+        # A claim that never became a join (the join failed after it) is freed
+        # after a grace that covers the time between a claim and its join.
+        stale = [key for key, since in self._claimed.items()
+                 if key not in local and now - since > REDIS_CLAIM_GRACE_SECONDS]
+        for key in stale:
+            self._release_if_ours(key)
+        keys = sorted(self._claimed)
+        commands = [("SET", self._server_prefix + self.server_id, "1",
+                     "EX", self.heartbeat_ttl_seconds)]
+        commands += [("EXPIRE", self._name_prefix + key, self.name_ttl_seconds) for key in keys]
+        replies = self._writer.pipeline(commands, self.silence_seconds)
+        lost = [key for key, kept in zip(keys, replies[1:]) if not kept]
+        if lost:  # another server thought we were dead and freed these
+            log.warning("Redis lost names of ours: claiming them again")
+            self._reclaim(lost, rejoin=True)
+        self._reap()
+
+    def _reap(self):
+        """Announce the leave of each student of a server whose heartbeat expired."""
+        with self.room._lock:
+            remote = list(self.room._remote.values())
+        servers = sorted({student.server for student in remote})
+        if not servers:
+            return
+        alive = self._writer.pipeline([("EXISTS", self._server_prefix + server)
+                                       for server in servers], self.silence_seconds)
+        dead = {server for server, exists in zip(servers, alive) if not exists}
+        orphans = [student for student in remote if student.server in dead]
+        if not orphans:
+            return
+        deleted = self._writer.pipeline([("DEL", self._name_prefix + fold_name(student.name))
+                                         for student in orphans], self.silence_seconds)
+        # NOTE: a name whose DEL returned 0 is another server's to announce;
+        # its leave comes through the stream like any other.
+        with self.room._lock:
+            for student, won in zip(orphans, deleted):
+                if won:  # only the server whose DEL freed the name tells everyone
+                    self._note("Server %s is gone: %s leaves" % (student.server, student.name))
+                    self._queue_work(("event", self._stamp(
+                        {"k": "leave", "name": student.name, "of": student.server})))
+
+    # -- Splits and relinking --
+
+    def split(self, reason):
+        """Go on alone: show pending events here (once), tell the students, forget the others."""
+        with self.room._lock:
+            self._split_locked(reason)
+            recipients = list(self.room._clients.values())
+        self._drain_outbox()
+        self.room._deliver(recipients)
+
+    def _split_locked(self, reason):
+        """The room's part of a split (room's lock held); the writer then reconnects."""
+        if not self.linked:
+            return
+        self.linked = False
+        self._note("Lost the link to Redis (%s): this room goes on alone" % (reason,))
+        for sequence, (lines, exclude) in sorted(self._pending.items()):
+            if lines:
+                self.room._publish(lines, exclude)
+        self._pending.clear()
+        self.room._remote.clear()
+        for client in self.room._clients.values():
+            client.queue_line(SPLIT_LINE)
+        self.room._note("console", SPLIT_LINE[4:])
+
+    def _drain_outbox(self):
+        """Forget queued work after a split: its events were shown here already."""
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "claim":
+                item[3].put(None)  # no answer: the room decides alone
+
+    def _forget_in_flight(self):
+        """The writer's part of a split: what it had sent is no more its business."""
+        for item in self._in_flight:
+            if item[0] == "claim":
+                item[3].put(None)  # no answer: the room decides alone
+        self._in_flight = []
+        self._drain_outbox()
+
+    def _relink(self):
+        """The writer is back after a split: reclaim names, reload the others, rejoin."""
+        self._forget_in_flight()
+        with self.room._lock:
+            local = set(self.room._clients)
+        for key in sorted(set(self._claimed) - local):
+            self._release_if_ours(key)  # they left during the split
+        self._reclaim(sorted(local))
+        newest = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
+                                                  "COUNT", 1))
+        remote = self._load_roster()  # after the stream's end: see connect()
+        with self.room._lock:
+            self._resume_id = newest[0][0] if newest else "0"
+            # Our events up to now were shown here at the split: never again.
+            self._last_seen[self.server_id] = self._next_sequence
+            self.linked = True
+            self.room._remote.clear()
+            self.room._remote.update({key: student for key, student in remote.items()
+                                      if key not in self.room._clients})
+            clients = list(self.room._clients.values())
+            for client in clients:
+                client.queue_line(WHOLE_LINE)
+                client.queue_line(self.room._online_line())
+                self._rejoin(client)
+            self.room._note("console", WHOLE_LINE[4:])
+        log.info("Linked through Redis again")
+        self.room._deliver(clients)
+
+    def _rejoin(self, client):
+        """Tell the other servers a student of ours is here (room's lock held).
+
+        Servers that still list the student ignore it; the others show a join.
+        """
+        self.takes({"k": "join", "name": client.name, "again": True}, [], client)
+
+    def _holds(self, value):
+        """True if a name key's value says this server holds the name."""
+        try:
+            return json.loads(value.decode("utf-8"))["server"] == self.server_id
+        except (AttributeError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+            return False
+
+    def _release_if_ours(self, key):
+        # NOTE: GET then DEL is not atomic; a name another server claims in
+        # between is lost to it. A Lua script would close that gap; we keep
+        # the protocol to plain commands a student can follow.
+        if self._holds(self._writer.call("GET", self._name_prefix + key)):
+            self._writer.call("DEL", self._name_prefix + key)
+        self._claimed.pop(key, None)
+
+    def _reclaim(self, keys, rejoin=False):
+        """Claim again the names of our students; rename those taken meanwhile."""
+        for key in keys:
+            with self.room._lock:
+                client = self.room._clients.get(key)
+            if client is None:
+                continue
+            if self._holds(self._writer.call("GET", self._name_prefix + key)) or \
+                    self._writer.call("SET", self._name_prefix + key,
+                                      self._name_value(client.name), "NX", "EX",
+                                      self.name_ttl_seconds) is not None:
+                self._claimed[key] = time.monotonic()
+            else:
+                self._rename_taken(client)
+            if rejoin:
+                with self.room._lock:
+                    self._rejoin(client)
+
+    def _rename_taken(self, client):
+        """Give a student whose name was taken during a split a free NAME.2, NAME.3 ..."""
+        old_name = client.name
+        for number in itertools.count(2):
+            suffix = ".%d" % number
+            new_name = old_name[:MAX_NAME_CHARS - len(suffix)] + suffix
+            key = fold_name(new_name)
+            with self.room._lock:
+                if key in self.room._clients:
+                    continue
+            if self._writer.call("SET", self._name_prefix + key, self._name_value(new_name),
+                                 "NX", "EX", self.name_ttl_seconds) is not None:
+                break
+        self._claimed[key] = time.monotonic()
+        with self.room._lock:
+            if self.room._clients.get(client.key) is not client:
+                return  # left meanwhile; the beat frees the name
+            self.room._remove_client(client)
+            client.name, client.key = new_name, key
+            self.room._add_client(client)
+            client.queue_line("*** While the servers were apart, a student on another "
+                              "server took the name %s: you are now %s." % (old_name, new_name))
+            recipients = self.room._publish("*** %s is now %s." % (old_name, new_name),
+                                            exclude=client)
+        log.info("%s was taken on another server: renamed %s", old_name, new_name)
+        self.room._deliver(recipients + [client])
+
+    def _load_roster(self):
+        """The students on other servers, from the name keys in Redis."""
+        keys, cursor = [], b"0"
+        while True:
+            reply = self._writer.call("SCAN", cursor, "MATCH",
+                                      self._name_prefix + "*", "COUNT", 1000)
+            if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
+                    and all(isinstance(key, bytes) for key in reply[1])
+                    and isinstance(reply[0], bytes) and reply[0].isdigit()):
+                raise RedisProtocolError("a SCAN reply of the wrong shape")
+            cursor, found = reply
+            keys += found
+            if cursor == b"0":
+                break
+        values = self._writer.call("MGET", *keys) if keys else []
+        remote = {}
+        for value in values:
+            try:
+                holder = json.loads(value.decode("utf-8")) if value else None
+                name, server = holder["name"], holder["server"]
+            except (AttributeError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+                log.warning("A bad name key in Redis: %s", repr(value)[:80])
+                continue
+            if (isinstance(name, str) and isinstance(server, str) and server != self.server_id
+                    and name_problem(name) is None and SERVER_ID.fullmatch(server)):
+                remote[fold_name(name)] = RemoteStudent(name, server)
+        return remote
+
+    def _load_history(self):
+        """The last --history room events, oldest first, and the stream's newest id."""
+        count = max(self.room.settings.history, 1)
+        entries = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
+                                                   "COUNT", count))
+        newest = entries[0][0] if entries else "0"
+        lines = []
+        for _, fields in reversed(entries):
+            try:
+                lines += event_lines(self._entry_event(fields))
+            except BadEvent as error:
+                log.warning("Dropped a bad event from Redis's history: %s", error)
+        return lines[-self.room.settings.history:] if self.room.settings.history else [], newest
+
+    def _entry_event(self, fields):
+        if not isinstance(fields, list) or len(fields) != 2 or fields[0] != b"e" \
+                or not isinstance(fields[1], bytes):
+            raise BadEvent("a stream entry of the wrong shape")
+        return check_event(fields[1], ROOM_EVENTS, self.room.settings.max_line)
+
+    # -- The reader thread: the stream's events into the room --
+
+    def _run_reader(self):
+        connection, failing_since, delay = None, None, self.retry_first_seconds
+        while not self._stopping.is_set():
+            try:
+                if connection is None:
+                    connection = RedisConnection(self.url, self.silence_seconds)
+                    failing_since, delay = None, self.retry_first_seconds
+                self._read_events(connection)
+            except (OSError, RedisError) as error:
+                if connection is not None:
+                    connection.close()
+                    connection = None
+                failing_since = failing_since or time.monotonic()
+                # A short gap is no split: the stream keeps what we missed.
+                if isinstance(error, socket.timeout) or \
+                        time.monotonic() - failing_since > self.silence_seconds:
+                    self.split(error)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self.retry_max_seconds)
+            except Exception as error:  # a thread's top level: log it, go on
+                log.error("Redis reader: %r", error)
+                self._stopping.wait(delay)
+        if connection is not None:
+            connection.close()
+
+    def _read_events(self, connection):
+        """Read the next events from the stream and show them (or wait for a relink)."""
+        with self.room._lock:
+            linked, resume, self._resume_id = self.linked, self._resume_id, None
+        if resume is not None:
+            self._last_id = resume  # after a split, go on from the relink
+        if not linked:
+            self._stopping.wait(self.block_milliseconds / 1000)
+            connection.call("PING", timeout=self.silence_seconds)
+            return
+        reply = connection.call("XREAD", "COUNT", REDIS_READ_EVENTS, "BLOCK",
+                                self.block_milliseconds, "STREAMS", self.stream,
+                                self._last_id,
+                                timeout=self.block_milliseconds / 1000 + self.silence_seconds)
+        events = []
+        for entry_id, fields in xread_entries(reply):
+            self._last_id = entry_id
+            try:
+                events.append(self._entry_event(fields))
+            except BadEvent as error:
+                log.warning("Dropped a bad event from Redis: %s", error)
+        if events:
+            self.apply(events)
+
+    def apply(self, events):
+        """Show room events from the stream to this server's students, in its order."""
+        recipients = {}  # each client once, in order: one send carries all its lines
+        with self.room._lock:
+            if not self.linked or self._resume_id is not None:
+                return  # a split began while we read: the room is on its own
+            for event in events:
+                server, sequence = event["s"], event["n"]
+                if sequence <= self._last_seen.get(server, 0):
+                    continue  # sent twice (after a reconnect): shown already
+                self._last_seen[server] = sequence
+                shown = (self._apply_own(event) if server == self.server_id
+                         else self._apply_other(event))
+                recipients.update(dict.fromkeys(shown))
+        self.room._deliver(list(recipients))
+
+    def _apply_own(self, event):
+        """One of our own events is back: show it now (room's lock held)."""
+        sequence = event["n"]
+        if sequence in self._pending:
+            lines, exclude = self._pending.pop(sequence)
+            if event["k"] == "quiet":
+                self._set_quiet(event["on"])
+            return self.room._publish(lines, exclude) if lines else []
+        return self._apply_other(event)  # a leave we announced for a dead server
+
+    def _apply_other(self, event):
+        """Another server's event: update the roster, then show it (room's lock held)."""
+        kind, remote = event["k"], self.room._remote
+        if kind in ("join", "leave", "say", "act"):
+            key = fold_name(event["name"])
+        if kind == "join":
+            if key in self.room._clients or remote.get(key) == (event["name"], event["s"]):
+                return []  # a rejoin after a split: known already
+            remote[key] = RemoteStudent(event["name"], event["s"])
+        elif kind == "leave":
+            student = remote.get(key)
+            if student is None or student.server != event.get("of", event["s"]):
+                return []  # not one of ours to lose (said already, or a stale name)
+            del remote[key]
+        elif kind == "rename":
+            student = remote.get(fold_name(event["old"]))
+            if student is None or student.server != event["s"]:
+                self._note("Dropped a rename of a student we do not know: %s" % event["old"])
+                return []
+            del remote[fold_name(event["old"])]
+            remote[fold_name(event["new"])] = RemoteStudent(event["new"], event["s"])
+        elif kind in ("say", "act") and remote.get(key, RemoteStudent("", "")).server \
+                != event["s"]:
+            self._note("Dropped a message from a student we do not know: %s" % event["name"])
+            return []
+        elif kind == "quiet":
+            self._set_quiet(event["on"])
+        return self.room._publish(event_lines(event))
+
+    def _set_quiet(self, quiet):
+        self.room._quiet = quiet
+
+    # -- The listener thread: our own channel (whispers, /kick, /mute) --
+
+    def _subscribe(self):
+        """A connection listening on our channel (what is sent before is lost)."""
+        connection = RedisConnection(self.url, self.silence_seconds)
+        try:
+            connection.call("SUBSCRIBE", self.channel)
+        except (OSError, RedisError):
+            connection.close()
+            raise
+        return connection
+
+    def _run_listener(self):
+        connection, delay = self._listener, self.retry_first_seconds
+        while not self._stopping.is_set():
+            try:
+                if connection is None:
+                    connection = self._subscribe()
+                    delay = self.retry_first_seconds
+                self._listen(connection)
+            except (OSError, RedisError) as error:
+                if connection is not None:  # said once, not at every retry
+                    log.info("Redis channel lost (%s): reconnecting", error)
+                    connection.close()
+                    connection = None
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self.retry_max_seconds)
+            except Exception as error:  # a thread's top level: log it, go on
+                log.error("Redis listener: %r", error)
+                self._stopping.wait(delay)
+        if connection is not None:
+            connection.close()
+
+    def _listen(self, connection):
+        """Wait for one message on our channel; a PING proves a quiet Redis alive."""
+        try:
+            message = connection.read(self.heartbeat_seconds)
+        except socket.timeout:
+            if time.monotonic() - connection.last_heard > self.silence_seconds:
+                raise  # not even the PING's answer came back: reconnect
+            connection.send([("PING",)], self.silence_seconds)
+            return
+        if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
+            try:
+                event = check_event(message[2], PRIVATE_EVENTS, self.room.settings.max_line)
+            except BadEvent as error:
+                log.warning("Dropped a bad message from Redis: %s", error)
+                return
+            self._act_on_private(event)
+        # else: the answers to SUBSCRIBE and PING
+
+    def _act_on_private(self, event):
+        """A whisper to one of our students, or the teacher's /kick or /mute from elsewhere."""
+        kind, name = event["k"], event["name"] if event["k"] != "whisper" else event["to"]
+        with self.room._lock:
+            client = self.room._clients.get(fold_name(name))
+            if client is not None and kind == "whisper":
+                line = "%s whispers: %s" % (event["name"], event["text"])
+                client.queue_line(line)
+                self.room._note("private", "%s to %s" % (line, client.name))
+        if client is None:
+            log.info("A %s for %s, who is not here (any more)", kind, name)
+        elif kind == "whisper":
+            self.room._deliver([client])
+        else:  # the teacher there acts here, as if at our console
+            self.room.tell_console("Another server's teacher: /%s %s" % (
+                "kick" if kind == "kick" else "mute" if event["on"] else "unmute", name))
+            console = TeacherConsole(self.room, None)
+            if kind == "kick":
+                console.do_kick(("%s %s" % (name, event.get("reason", ""))).strip())
+            elif event["on"]:
+                console.do_mute(name)
+            else:
+                console.do_unmute(name)
+
+
 # --- The line client: python chat_server.py --connect HOST[:PORT] -------------
 
 CONNECT_TIMEOUT_SECONDS = 10  # a lab network answers in well under a second
@@ -3234,8 +4424,9 @@ def parse_args(argv=None):
     add("--host", default=HOST, help="address to listen on; 0.0.0.0 opens the "
         "room to the network, :: also for IPv6 (default: %(default)s)")
     add("--port", type=port_flag, default=PORT, help="TCP port (default: %(default)s)")
-    add("--password", default="", help="room password students must type first "
-        "(default: none)")
+    add("--password", default=os.environ.get("CHAT_PASSWORD", ""),
+        help="room password students must type first; or set CHAT_PASSWORD, which "
+        "other users cannot see in ps (default: none)")
     add("--max-clients", type=count_flag(1), default=MAX_CLIENTS,
         help="connections open at once (default: %(default)s)")
     add("--max-line", type=count_flag(64), default=MAX_LINE_BYTES,
@@ -3267,6 +4458,10 @@ def parse_args(argv=None):
         "one timestamped line each (default: none)")
     add("--transcript-private", action="store_true", help="also show private "
         "messages on the console and in the transcript (default: off)")
+    add("--redis", metavar="redis://[:PASSWORD@]HOST[:PORT][/ROOM]", type=redis_url_flag,
+        default=os.environ.get("CHAT_REDIS") or None,
+        help="link this room to every other server on that Redis and room (port %d, room "
+        "%s unless given); or set CHAT_REDIS (default: not linked)" % (REDIS_PORT, REDIS_ROOM))
     add("--connect", metavar="HOST[:PORT]", type=split_host_port,
         help="be a client instead: join the chat server at HOST (port %d unless given)" % PORT)
     return parser.parse_args(argv)
@@ -3435,6 +4630,9 @@ def serve(args, argv):
         server = ChatServer((args.host, args.port), settings_from(args), transcript)
     except OSError as error:  # socket.gaierror too: an unknown host name
         log.error("%s", describe_startup_error(error, args.host, args.port))
+        return EXIT_STARTUP_ERROR
+    except RedisStartError as error:  # --redis: unreachable, or a wrong password
+        log.error("%s", error)
         return EXIT_STARTUP_ERROR
     announce_address(server, transcript, argv)
     if transcript is not None:  # so that runs appending to one file stand apart

@@ -2,6 +2,8 @@
 
     python tests/benchmark.py            # about three minutes
     python tests/benchmark.py --quick    # under a minute
+    python tests/benchmark.py --redis    # fan-out and classroom: one server
+                                         # alone, then two linked through Redis
 
 Standard library only; not collected by pytest. It starts chat_server.py as
 a subprocess on a free 127.0.0.1 port (flood limit off, connection and queue
@@ -25,6 +27,11 @@ students are; the second row gives its figure as a multiple of the first
 (for latency: all-TCP's latency divided by this one's, so 1.00x is as fast).
 With few clients a p99 is one stall or two: compare p50s across runs.
 
+With --redis (needs redis-server on the PATH; one is started on a free
+port and killed at the end), fan-out and classroom run twice: on one
+server alone, then on two servers linked through that Redis, with the
+clients split between them (even ones on the first, odd on the second).
+
 Every phase is bounded in count and time. Server RSS, threads and CPU come
 from /proc (Linux); elsewhere they show as "-". The generator's own CPU is
 printed too: near 100% means it, not the server, was the limit.
@@ -34,6 +41,7 @@ import argparse
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,8 +86,11 @@ class Server:
              "--per-address", "0", *flags],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.PIPE,
         )
-        line = self.process.stderr.readline().decode()
-        match = re.search(r"Listening on 127\.0\.0\.1:(\d+)", line)
+        for _ in range(5):  # "Linked through Redis" comes first with --redis
+            line = self.process.stderr.readline().decode()
+            match = re.search(r"Listening on 127\.0\.0\.1:(\d+)", line)
+            if match or not line:
+                break
         if not match:
             raise SystemExit("the server did not start: %r" % line)
         self.port = int(match.group(1))
@@ -273,13 +284,16 @@ def percentile(values, fraction):
 
 
 class Measure:
-    """Server and generator CPU (as % of one core) and RSS over one phase."""
+    """Server and generator CPU (as % of one core) and RSS over one phase.
+
+    For several linked servers, their RSS, threads and CPU are added up.
+    """
 
     def __init__(self, server):
-        self.server = server
+        self.server = server if isinstance(server, Server) else Together(server)
         self.start = time.monotonic()
         self.gen = cpu_seconds()
-        stats = server.stats()
+        stats = self.server.stats()
         self.srv = stats[2] if stats else None
 
     def finish(self):
@@ -289,6 +303,63 @@ class Measure:
         srv = 100 * (stats[2] - self.srv) / elapsed if stats and self.srv is not None else None
         return {"rss": stats[0] if stats else None, "threads": stats[1] if stats else None,
                 "srv_cpu": srv, "gen_cpu": gen}
+
+
+class Together:
+    """Several servers seen as one, for Measure."""
+
+    def __init__(self, servers):
+        self.servers = servers
+
+    def stats(self):
+        stats = [server.stats() for server in self.servers]
+        if None in stats:
+            return None
+        return tuple(sum(values) for values in zip(*stats))
+
+
+# --- Linked servers (--redis) ---
+
+REDIS = {"port": None, "rooms": 0}  # set by main() with --redis
+
+
+class RedisServer:
+    """redis-server on a free 127.0.0.1 port, nothing saved to disk."""
+
+    def __init__(self, path):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:  # polling for start-up, bounded
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise SystemExit("redis-server did not start")
+                time.sleep(0.05)
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+
+
+def start_servers(*flags):
+    """One server, or (with --redis) two servers linked in a fresh room."""
+    if REDIS["port"] is None:
+        return [Server(*flags)]
+    REDIS["rooms"] += 1
+    url = "redis://127.0.0.1:%d/bench%d" % (REDIS["port"], REDIS["rooms"])
+    return [Server("--redis", url, *flags) for _ in range(2)]
+
+
+def port_for(servers, index):
+    """Clients are split between the servers: even ones on the first."""
+    return servers[index % len(servers)].port
 
 
 # --- The scenarios ---
@@ -328,7 +399,8 @@ def fanout(receivers, senders, lines, browsers=False):
 
     browsers: every other receiver is on a WebSocket.
     """
-    server = Server("--max-clients", str(receivers + senders + 10), "--sendq", str(16 << 20))
+    servers = start_servers("--max-clients", str(receivers + senders + 10),
+                            "--sendq", str(16 << 20))
     swarm = Swarm()
     try:
         received = [[0] * senders for _ in range(receivers)]  # last sequence seen
@@ -349,11 +421,12 @@ def fanout(receivers, senders, lines, browsers=False):
 
         readers = []
         for index in range(receivers):
-            reader = swarm.add(server.port, "r%d" % index,
+            reader = swarm.add(port_for(servers, index), "r%d" % index,
                                websocket=browsers and index % 2 == 1)
             reader.on_data = make_reader(index)
             readers.append(reader)
-        talkers = [swarm.add(server.port, "s%d" % index) for index in range(senders)]
+        talkers = [swarm.add(port_for(servers, index), "s%d" % index)
+                   for index in range(senders)]
         swarm.run_until(lambda: all(peer.joined for peer in swarm.peers), PHASE_BOUND_SECONDS)
         sent = [0] * senders
         padding = b"x" * 40
@@ -372,7 +445,7 @@ def fanout(receivers, senders, lines, browsers=False):
                                          for n in range(start, start + burst)))
                     sent[index] += burst
 
-        measure = Measure(server)
+        measure = Measure(servers)
         started = time.monotonic()
         expected = receivers * senders * lines
         done = swarm.run_until(lambda: delivered[0] >= expected, PHASE_BOUND_SECONDS,
@@ -386,7 +459,8 @@ def fanout(receivers, senders, lines, browsers=False):
         return result
     finally:
         swarm.close()
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 def classroom(clients, seconds, slow_reader=False, browsers=False):
@@ -394,7 +468,8 @@ def classroom(clients, seconds, slow_reader=False, browsers=False):
 
     browsers: every other client is on a WebSocket.
     """
-    server = Server("--max-clients", str(clients + 10))
+    servers = start_servers("--max-clients", str(clients + 10))
+    server = servers[0]
     swarm = Swarm()
     try:
         latencies = []
@@ -409,7 +484,7 @@ def classroom(clients, seconds, slow_reader=False, browsers=False):
 
         talkers = []
         for index in range(clients):
-            talker = swarm.add(server.port, "t%d" % index,
+            talker = swarm.add(port_for(servers, index), "t%d" % index,
                                websocket=browsers and index % 2 == 1)
             talker.on_data = on_data
             talkers.append(talker)
@@ -418,7 +493,7 @@ def classroom(clients, seconds, slow_reader=False, browsers=False):
         if slow_reader:
             bulk = swarm.add(server.port, "bulk")
             swarm.add(server.port, "slow", rcvbuf=4096, reads=False)  # never reads
-        measure = Measure(server)
+        measure = Measure(servers)
         started = time.monotonic()
         said = [0]
         next_bulk = [started]
@@ -460,7 +535,8 @@ def classroom(clients, seconds, slow_reader=False, browsers=False):
         return result
     finally:
         swarm.close()
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 # --- The table ---
@@ -478,8 +554,12 @@ def row(scenario, setting, measured):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute")
+    parser.add_argument("--redis", action="store_true", help="fan-out and classroom on one "
+                        "server, then on two linked through a redis-server started here")
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.redis:
+        return compare_linked(quick)
     print("chat_server.py on %s, Python %s, %d cores" % (
         sys.platform, sys.version.split()[0], os.cpu_count() or 0))
     print("%-12s %-26s %8s %8s %8s %8s  %s" % (
@@ -508,6 +588,33 @@ def main(argv=None):
     # lines they fill in about ten seconds, then its outbox does.
     row("slow reader", "%d clients + slow + bulk" % clients,
         classroom(clients, 15 if quick else 30, slow_reader=True))
+    return 0
+
+
+def compare_linked(quick):
+    """Fan-out and classroom on one server alone, then on two linked through Redis."""
+    path = shutil.which("redis-server")
+    if path is None:
+        raise SystemExit("--redis needs redis-server on the PATH (apt-get install redis-server)")
+    redis = RedisServer(path)
+    print("chat_server.py on %s, Python %s, %d cores; %s" % (
+        sys.platform, sys.version.split()[0], os.cpu_count() or 0,
+        "one server, then two linked through Redis (clients split between them)"))
+    print("%-12s %-26s %8s %8s %8s %8s  %s" % (
+        "scenario", "setting", "srv RSS", "threads", "srv CPU", "gen CPU", "result"))
+    seconds = 5 if quick else 20
+    clients = 20 if quick else 60
+    receivers = 10 if quick else 50
+    lines = (20000 if quick else 200000) // (receivers * 4)
+    try:
+        for linked in (False, True):
+            REDIS["port"] = redis.port if linked else None
+            how = "two linked" if linked else "one alone"
+            row("classroom", "%d clients, %s" % (clients, how), classroom(clients, seconds))
+            row("fan-out", "%d recv, 4 send, %s" % (receivers, how),
+                fanout(receivers, 4, max(lines, 200)))
+    finally:
+        redis.stop()
     return 0
 
 

@@ -32,6 +32,7 @@ def pytest_configure(config):
         "filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning"
     )
     config.addinivalue_line("markers", "browser: drives a real Chromium (tests/test_chromium.py)")
+    config.addinivalue_line("markers", "redis: needs redis-server (tests/test_redis.py)")
 
 
 # .ci/run sets CHAT_TESTS_REQUIRE (for example "chromium,redis-server") so that

@@ -106,6 +106,10 @@ def test_a_muted_students_paste_is_counted_not_shown_line_by_line(start_server, 
     alice.send("sentinel")
     while bob.read_line() != "alice says: sentinel":
         assert bob.seen[-1].startswith("*** Not sent"), bob.seen[-1]
+    expect_console(caplog, "(held back) bob says: pasted line 0")
+    alice.send("sentinel 2")  # the recorder has shown everything before it too
+    bob.expect_next("alice says: sentinel 2")
+    expect_console(caplog, "alice says: sentinel 2")
     held = [line for line in console_lines(caplog) if line.startswith("(held back")]
     assert held == ["(held back) bob says: pasted line 0"]
 

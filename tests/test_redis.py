@@ -1,0 +1,857 @@
+"""Several servers, one room: servers linked through a real Redis.
+
+The RESP client and the event checks are tested on bytes, without Redis.
+The rest start redis-server (skipped, or failed under CI, when it is not
+installed) and two or three chat servers against it; LinkProxy plays the
+network between a server and Redis to freeze or cut the link.
+"""
+
+import argparse
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import chat_server
+from chat_server import RedisError, RedisProtocolError, RespParser, TeacherConsole
+from conftest import TIMEOUT, SERVER_SCRIPT, ChatClient, find_tool, server_process, wait_until
+from redis_helpers import LinkProxy, RedisServer, free_port, redis_env
+
+# Timings short enough for tests; each is a RedisLink class attribute.
+FAST_LINK = {
+    "silence_seconds": 1.0,
+    "block_milliseconds": 200,
+    "retry_first_seconds": 0.05,
+    "retry_max_seconds": 0.5,
+    "heartbeat_seconds": 0.2,
+    "heartbeat_ttl_seconds": 2,
+    "name_ttl_seconds": 10,
+}
+SPLIT_TIMEOUT = 10.0  # a split is declared after about 1 s of silence; relinks back off
+
+
+# --- RESP, without Redis ------------------------------------------------------
+
+
+def test_a_command_is_an_array_of_bulk_strings_whatever_the_text():
+    text = "*3\r\n$3\r\nDEL\r\n$4\r\nroom\r\n"
+    assert chat_server.encode_command("XADD", text, 7) == (
+        b"*3\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n7\r\n" % (len(text), text.encode()))
+
+
+def test_a_reply_split_anywhere_is_parsed_once_whole():
+    reply = b"*3\r\n$5\r\nhello\r\n:42\r\n*2\r\n+OK\r\n$-1\r\n"
+    parser = RespParser()
+    for byte in reply[:-1]:
+        parser.feed(bytes([byte]))
+        assert parser.next_reply() is chat_server.INCOMPLETE
+    parser.feed(reply[-1:])
+    assert parser.next_reply() == [b"hello", 42, ["OK", None]]
+    assert parser.next_reply() is chat_server.INCOMPLETE
+
+
+def test_an_error_reply_carries_redis_own_message():
+    parser = RespParser()
+    parser.feed(b"-WRONGPASS invalid username-password pair\r\n")
+    error = parser.next_reply()
+    assert isinstance(error, RedisError)
+    assert str(error) == "WRONGPASS invalid username-password pair"
+
+
+@pytest.mark.parametrize("reply", [
+    b"$%d\r\n" % (chat_server.REDIS_MAX_BULK_BYTES + 1),
+    b"*%d\r\n" % (chat_server.REDIS_MAX_ARRAY_ITEMS + 1),
+    b"$-2\r\n",
+    b":12a\r\n",
+    b"?what\r\n",
+    b"*1\r\n" * (chat_server.REDIS_MAX_DEPTH + 1),
+    b"$3\r\nabcde\r\n",
+    b"+" + b"x" * (chat_server.MAX_LINE_BYTES + 10),
+], ids=["huge bulk", "huge array", "negative size", "bad integer", "unknown type",
+        "too deep", "bulk without its end", "endless line"])
+def test_a_reply_out_of_bounds_is_a_protocol_error(reply):
+    parser = RespParser()
+    parser.feed(reply)
+    with pytest.raises(RedisProtocolError):
+        parser.next_reply()
+
+
+def test_a_redis_url_gives_host_port_password_and_room():
+    url = chat_server.redis_url_flag("redis://:s%40cret@127.0.0.1:7000/lab2")
+    assert (url.host, url.port, url.password, url.room) == ("127.0.0.1", 7000, "s@cret", "lab2")
+    url = chat_server.redis_url_flag("redis://localhost")
+    assert (url.port, url.room, url.password) == (6379, "chat", "")
+
+
+@pytest.mark.parametrize("text", [
+    "redis://192.0.2.7/lab", "redis://redis.example.org", "http://127.0.0.1", "redis://[::1]:x",
+    "redis://127.0.0.1/bad room",
+], ids=["remote address", "remote name", "not redis", "bad port", "bad room"])
+def test_a_bad_or_unprotected_redis_url_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        chat_server.redis_url_flag(text)
+
+
+def test_a_redis_elsewhere_is_accepted_with_a_password():
+    assert chat_server.redis_url_flag("redis://:pw@192.0.2.7/lab").password == "pw"
+
+
+def test_the_redis_url_and_room_password_may_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CHAT_REDIS", "redis://127.0.0.1:7001/lab")
+    monkeypatch.setenv("CHAT_PASSWORD", "owl")
+    args = chat_server.parse_args([])
+    assert (args.redis.port, args.redis.room, args.password) == (7001, "lab", "owl")
+
+
+def event(**fields):
+    return json.dumps(dict({"s": "0123456789abcdef", "n": 1}, **fields)).encode()
+
+
+@pytest.mark.parametrize("data", [
+    b"not json",
+    b"[1, 2]",
+    event(k="shell", text="rm -rf /"),
+    event(k="say", name="bob", texts=["hi"], n=-1),
+    event(k="say", name="bob", texts=["hi"], s="NOT-A-SERVER"),
+    event(k="say", name="bob smith", texts=["hi"]),
+    event(k="say", name="teacher", texts=["hi"]),
+    event(k="say", name="bob", texts=[]),
+    event(k="say", name="bob", texts=["\x1b[2Jcleared"]),
+    event(k="announce", text="x" * 2000),
+    event(k="announce", text="\x07bell"),
+    event(k="join"),
+    event(k="quiet", on="yes"),
+], ids=["not JSON", "not an object", "unknown kind", "negative sequence", "bad server",
+        "space in name", "reserved name", "no texts", "escape sequence", "too long",
+        "control character", "missing name", "flag not a bool"])
+def test_a_bad_event_from_redis_is_refused(data):
+    with pytest.raises(chat_server.BadEvent):
+        chat_server.check_event(data, chat_server.ROOM_EVENTS, 1024)
+
+
+def test_a_good_event_passes_every_check():
+    data = event(k="say", name="Zoë", texts=["hello", "  indented"])
+    assert chat_server.check_event(data, chat_server.ROOM_EVENTS, 1024)["texts"][1] == "  indented"
+
+
+def test_without_redis_no_redis_code_runs(server):
+    assert server._link is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("redis")]
+
+
+# --- Linked servers, against a real redis-server ------------------------------
+
+
+@pytest.fixture
+def redis_server():
+    """A redis-server of its own for this test, killed at the end."""
+    server = RedisServer(find_tool("redis-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fast_link(monkeypatch):
+    for name, value in FAST_LINK.items():
+        monkeypatch.setattr(chat_server.RedisLink, name, value)
+
+
+@pytest.fixture
+def proxies(redis_server):
+    """A factory: proxies() is a LinkProxy to this test's Redis; all are closed after."""
+    made = []
+
+    def make():
+        made.append(LinkProxy(redis_server.port))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.close()
+
+
+@pytest.fixture
+def linked_servers():
+    """The servers linked() started in this test."""
+    return []
+
+
+@pytest.fixture
+def linked(redis_server, start_server, fast_link, linked_servers):
+    """A factory: linked() starts a ChatServer linked to this test's Redis (or via a proxy)."""
+
+    def start(via=None, **settings):
+        settings.setdefault("flood_rate", 0)
+        url = redis_server.settings_url(port=via.port if via else None)
+        linked_servers.append(start_server(redis=url, **settings))
+        return linked_servers[-1]
+
+    return start
+
+
+def joined_on(server, name):
+    """A client joined as name on server; the caller closes it (or the test ends)."""
+    return ChatClient(server.server_address).join(name)
+
+
+@pytest.fixture
+def clients():
+    """A list to put clients in: all are closed after the test."""
+    made = []
+    yield made
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def join(clients, linked_servers):
+    """A factory: join(server, "alice") joins and keeps the client for closing.
+
+    It then waits until every linked server lists the newcomer (their rosters
+    follow the stream, a moment behind), so that whoever joins next sees
+    them in the history and the list of who is online, not as a late join.
+    settle=False skips that (during a split, the others never will).
+    """
+
+    def make(server, name, settle=True):
+        clients.append(joined_on(server, name))
+        if settle:
+            for other in linked_servers:
+                wait_known(other, name)
+        return clients[-1]
+
+    return make
+
+
+def wait_known(server, *names):
+    """Wait until server lists names (its roster follows the stream, a moment behind)."""
+    wait_until(lambda: all(name in server.who() for name in names),
+               message="%s known to the server" % ", ".join(names))
+
+
+def read_messages(client, count):
+    """The next count 'NAME says: TEXT' lines client reads (other lines skipped)."""
+    messages = []
+    while len(messages) < count:
+        line = client.read_line()
+        assert line is not None, "closed after %r" % messages
+        if " says: " in line:
+            messages.append(line)
+    return messages
+
+
+def lines_until(client, text):
+    """Every line client reads up to and including the one containing text."""
+    start = len(client.seen)
+    client.expect(text)
+    return client.seen[start:]
+
+
+redis = pytest.mark.redis  # on each test that needs redis-server
+
+
+@redis
+def test_a_message_reaches_students_on_the_other_server(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("*** bob joined the chat.")
+    alice.send("hello from lab A")
+    bob.expect_next("alice says: hello from lab A")
+
+
+@redis
+def test_three_servers_show_every_event_in_one_order(linked, join):
+    servers = [linked(), linked(), linked()]
+    watchers = [join(server, "watcher%d" % number) for number, server in enumerate(servers)]
+    alice, bob = join(servers[0], "alice"), join(servers[1], "bob")
+    for watcher in watchers:
+        watcher.expect("*** bob joined the chat.")
+    lines = 30
+    burst = {sender: b"".join(b"%s %d\r\n" % (sender.encode(), number)
+                              for number in range(lines)) for sender in ("alice", "bob")}
+    alice.send_raw(burst["alice"])  # both at once: the servers race to Redis
+    bob.send_raw(burst["bob"])
+    seen = [read_messages(watcher, 2 * lines) for watcher in watchers]
+    assert seen[0] == seen[1] == seen[2]
+    assert len(seen[0]) == 2 * lines
+
+
+@redis
+def test_a_name_is_unique_across_servers(linked, join):
+    a, b = linked(), linked()
+    join(a, "Alice")
+    newcomer = ChatClient(b.server_address)
+    try:
+        newcomer.send("alice")
+        newcomer.expect("The name Alice is taken.")
+    finally:
+        newcomer.close()
+
+
+@redis
+def test_a_name_is_free_on_every_server_once_its_student_leaves(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    alice.send("/quit")
+    bob.expect("*** alice left the chat.")
+    join(b, "alice")
+
+
+@redis
+def test_a_rename_is_seen_everywhere_and_frees_the_old_name(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    alice.send("/nick alicia")
+    bob.expect_next("*** alice is now alicia.")
+    join(b, "alice")
+
+
+@redis
+def test_who_lists_the_students_of_every_server(linked, join):
+    a, b = linked(), linked()
+    join(a, "alice")
+    bob = join(b, "bob")
+    wait_known(b, "alice")
+    bob.send("/who")
+    bob.expect_next("*** Online now (2): alice, bob")
+
+
+@redis
+def test_a_newcomer_sees_the_history_of_every_server(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    alice.send("from A")
+    bob.expect("from A")
+    bob.send("from B")
+    alice.expect("from B")
+    late = linked()  # a server started later loads the history from Redis
+    carol = ChatClient(late.server_address)
+    try:
+        carol.send("carol")
+        history = lines_until(carol, "Online now")
+        assert "alice says: from A" in history and "bob says: from B" in history
+        assert history.index("alice says: from A") < history.index("bob says: from B")
+        assert "*** Online now (3): alice, bob, carol" in history
+    finally:
+        carol.close()
+
+
+@redis
+def test_a_private_message_reaches_a_student_on_another_server(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    wait_known(b, "alice")
+    bob.send("/msg alice meet at the lab door")
+    bob.expect_next("*** You whispered to alice: meet at the lab door")
+    alice.expect("bob whispers: meet at the lab door")
+
+
+@redis
+def test_a_private_message_is_never_stored_in_redis(linked, join, redis_server):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    wait_known(b, "alice")
+    bob.send("/msg alice the secret word")
+    alice.expect("the secret word")
+    connection = redis_server.connect()
+    try:
+        keys = connection.call("KEYS", "*")
+        stored = b"".join(b"".join(map(repr_bytes, connection.call("XRANGE", key, "-", "+")))
+                          for key in keys if connection.call("TYPE", key) == "stream")
+    finally:
+        connection.close()
+    assert b"secret word" not in stored
+
+
+def repr_bytes(item):
+    return repr(item).encode()
+
+
+@redis
+def test_the_teacher_announces_from_any_server(linked, join):
+    a, b = linked(), linked()
+    join(a, "alice")
+    bob = join(b, "bob")
+    a.announce("Pens down, please.")
+    bob.expect_next("*** [teacher] Pens down, please.")
+
+
+@redis
+def console_says(caplog, text):
+    """Wait until the console has shown a line containing text."""
+    wait_until(lambda: any(text in record.getMessage() for record in caplog.records),
+               message="%r on the console" % text)
+
+
+def console_who(server, caplog):
+    """The lines of the console's /who on server."""
+    start = len(caplog.records)
+    TeacherConsole(server, None).handle_line("/who")
+    console_says(caplog, " online, ")
+    wait_until(lambda: len(caplog.records) > start + 1, message="the /who table")
+    return [record.getMessage() for record in caplog.records[start:]]
+
+
+@redis
+def test_the_teacher_kicks_a_student_on_another_server(linked, join, caplog):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    TeacherConsole(a, None).handle_line("/kick bob too loud")
+    console_says(caplog, "Asked the server of bob to kick them.")
+    bob.expect("removed you from the chat: too loud")
+    bob.expect_closed()
+    alice.expect("*** bob left the chat.")
+    again = ChatClient(b.server_address)  # the ban is on bob's own server
+    try:
+        again.expect("You were removed by the teacher")
+    finally:
+        again.close()
+
+
+@redis
+def test_the_teacher_mutes_a_student_on_another_server(linked, join, caplog):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob, bea = join(b, "bob"), join(b, "bea")
+    alice.expect("bea joined")
+    TeacherConsole(a, None).handle_line("/mute bob")
+    console_says(caplog, "Asked the server of bob to mute them.")
+    bob.expect("The teacher has muted you")
+    bob.send("can anyone hear me")
+    alice.expect_nothing_before(bea, "bea is not muted")
+
+
+@redis
+def test_quiet_mode_from_one_server_silences_students_on_another(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    a.set_quiet(True)
+    bob.expect("Quiet, please")
+    alice.expect("Quiet, please")
+    bob.send("psst")
+    bob.expect_next("*** Not sent: the room is quiet")
+    a.set_quiet(False)
+    bob.expect("The chat is open again.")
+    alice.expect("The chat is open again.")
+    bob.send("thanks")
+    alice.expect_next("bob says: thanks")
+
+
+@redis
+def test_the_teachers_who_lists_students_on_other_servers(linked, join, caplog):
+    a, b = linked(), linked()
+    join(a, "alice")
+    join(b, "bob")
+    wait_until(lambda: len(a.snapshot()[2]) == 1, message="bob in A's roster")
+    assert any(line.startswith("bob") and "on another server" in line
+               for line in console_who(a, caplog))
+
+
+@pytest.fixture
+def transcripts(tmp_path):
+    """Two open transcripts; closed after the servers (ask for this fixture first)."""
+    opened = [chat_server.Transcript(str(tmp_path / name)) for name in ("a.txt", "b.txt")]
+    yield opened
+    for transcript in opened:
+        transcript.close()
+
+
+@redis
+def test_each_servers_transcript_records_the_whole_room(transcripts, linked, join):
+    a, b = linked(transcript=transcripts[0]), linked(transcript=transcripts[1])
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    alice.send("from A")
+    bob.send("from B")
+    for transcript in transcripts:
+        wait_until(lambda: all(text in read_text(transcript.path)
+                               for text in ("alice says: from A", "bob says: from B")),
+                   message="both messages in %s" % transcript.path)
+
+
+def read_text(path):
+    with open(path, encoding="utf-8") as reader:
+        return reader.read()
+
+
+@redis
+def test_student_text_full_of_resp_is_just_text(linked, join, redis_server):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    alice.send_raw(b"*1\r\n$8\r\nFLUSHALL\r\n*3\r\n$3\r\nDEL\r\n$15\r\nclass:name:bob\r\n")
+    for line in ("*1", "$8", "FLUSHALL", "*3", "$3", "DEL", "$15", "class:name:bob"):
+        bob.expect_next("alice says: " + line)
+    connection = redis_server.connect()
+    try:
+        assert connection.call("EXISTS", "class:name:bob") == 1
+    finally:
+        connection.close()
+
+
+@redis
+def test_a_bad_event_in_redis_is_logged_and_dropped(linked, join, redis_server, caplog):
+    a = linked()
+    alice, amy = join(a, "alice"), join(a, "amy")
+    alice.expect("amy joined")
+    connection = redis_server.connect()
+    try:
+        for bad in (b"{", event(k="announce", text="\x1b]0;owned\x07"),
+                    event(k="say", name="mallory", texts=["I am not here"])):
+            connection.call("XADD", "class:events", "*", "e", bad)
+    finally:
+        connection.close()
+    alice.expect_nothing_before(amy)
+    wait_until(lambda: sum("Dropped a bad event" in r.getMessage() or
+                           "Dropped a message" in r.getMessage()
+                           for r in caplog.records) == 3, message="three drops logged")
+
+
+# --- Faults -------------------------------------------------------------------
+
+
+@redis
+def test_redis_unreachable_at_start_is_one_line_and_exit_2():
+    find_tool("redis-server")
+    url = "redis://127.0.0.1:%d/class" % free_port()
+    result = subprocess.run([sys.executable, SERVER_SCRIPT, "--port", "0", "--redis", url],
+                            stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "Cannot reach Redis at 127.0.0.1" in lines[0], lines
+
+
+@redis
+def test_a_wrong_redis_password_at_start_is_one_line_and_exit_2():
+    protected = RedisServer(find_tool("redis-server"), password="right")
+    try:
+        url = protected.url(password="wrong")
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--port", "0"],
+                                stdin=subprocess.DEVNULL, capture_output=True,
+                                timeout=TIMEOUT * 2, env=redis_env(url))
+    finally:
+        protected.stop()
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "refused us: WRONGPASS" in lines[0], lines
+
+
+@redis
+def test_a_linked_server_with_the_right_password_starts(redis_server):
+    protected = RedisServer(find_tool("redis-server"), password="right")
+    try:
+        with server_process("--redis", protected.url()) as process:
+            assert any("Linked through Redis" in line for line in process.log_seen)
+            process.join("alice")
+    finally:
+        protected.stop()
+
+
+@redis
+def test_a_silent_redis_splits_the_room_and_the_local_room_goes_on(linked, join, proxies):
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    alice, amy = join(a, "alice"), join(a, "amy")
+    bob = join(b, "bob")
+    for student in (alice, amy):
+        student.expect("bob joined")
+    proxy.freeze()
+    alice.send("anyone there?")
+    early = lines_until(amy, chat_server.SPLIT_LINE)  # pending events first, then the notice
+    assert early[-2:] == ["alice says: anyone there?", chat_server.SPLIT_LINE]
+    alice.send("still here")
+    amy.expect_next("alice says: still here")
+    amy.send("/who")
+    amy.expect_next("*** Online now (2): alice, amy")
+    assert alice.expect("out of reach") == chat_server.SPLIT_LINE
+    alice.expect_nothing_before(amy)  # told once, not once per line
+    bob.send("/who")
+    bob.expect("Online now")  # B's room goes on too
+    assert "anyone there?" not in " ".join(bob.seen)
+
+
+@redis
+def test_a_stuck_redis_never_stalls_the_local_room(linked, join, proxies, monkeypatch):
+    monkeypatch.setattr(chat_server.RedisLink, "silence_seconds", 30.0)  # no split by time
+    monkeypatch.setattr(chat_server.RedisLink, "outbox_items", 5)
+    proxy = proxies()
+    a = linked(via=proxy)
+    alice, amy = join(a, "alice"), join(a, "amy")
+    alice.expect("amy joined")
+    proxy.freeze()
+    started = time.monotonic()
+    # Each /me is an event of its own: more than the queue to Redis holds.
+    alice.send_raw(b"".join(b"/me waves %d\r\n" % number for number in range(20)))
+    seen = lines_until(amy, "* alice waves 19")  # the full queue splits the room
+    assert [line for line in seen if "waves" in line] == [
+        "* alice waves %d" % number for number in range(20)]  # nothing lost, in order
+    assert chat_server.SPLIT_LINE in seen
+    assert time.monotonic() - started < 3.0
+    amy.send("/who")
+    amy.expect("Online now (2)")
+
+
+@redis
+def test_the_room_is_whole_again_after_the_link_comes_back(linked, join, proxies):
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    proxy.freeze()
+    alice.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy.thaw()
+    alice.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    alice.expect_next("*** Online now (2): alice, bob")
+    bob.send("welcome back")
+    alice.expect("bob says: welcome back")
+    alice.send("thanks")
+    bob.expect("alice says: thanks")
+
+
+@redis
+def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    proxy.refusing = True
+    proxy.cut()
+    for number in range(5):
+        bob.send("during the cut %d" % number)
+    proxy.refusing = False  # back within the silence limit: no split
+    for number in range(5):
+        alice.expect_next("bob says: during the cut %d" % number)
+    alice.send("and after")
+    bob.expect_next("alice says: and after")
+    assert chat_server.SPLIT_LINE not in alice.seen
+
+
+@redis
+def test_a_name_taken_during_a_split_becomes_name_dot_2(linked, join, proxies):
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    proxy.freeze()
+    alice.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    carol_a = join(a, "carol", settle=False)  # this room is on its own
+    alice.expect("*** carol joined the chat.")
+    carol_b = join(b, "carol", settle=False)
+    proxy.thaw()
+    carol_a.expect("took the name carol: you are now carol.2", timeout=SPLIT_TIMEOUT)
+    alice.expect("*** carol is now carol.2.")
+    bob.expect("*** carol.2 joined the chat.", timeout=SPLIT_TIMEOUT)
+    carol_a.send("/who")
+    names = carol_a.expect("Online now").split(": ", 1)[1].split(", ")
+    assert sorted(names) == ["alice", "bob", "carol", "carol.2"]
+    carol_b.send("hi carol.2")
+    carol_a.expect("carol says: hi carol.2")
+
+
+@redis
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX")
+def test_a_killed_server_s_students_leave_everywhere_once(linked, join, redis_server):
+    a, c = linked(), linked()
+    alice, amy = join(a, "alice"), join(a, "amy")
+    carol, cleo = join(c, "carol"), join(c, "cleo")
+    with server_process("--redis", redis_server.url()) as doomed:
+        dave = doomed.join("dave")
+        for student in (alice, carol):
+            student.expect("*** dave joined the chat.")
+        started = time.monotonic()
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait(TIMEOUT)
+        dave.close()
+        for student in (alice, carol):
+            student.expect("*** dave left the chat.", timeout=30)
+        assert time.monotonic() - started < 30
+        for student, other in ((alice, amy), (carol, cleo)):
+            student.expect_nothing_before(other, "after dave")
+            assert sum("dave left" in line for line in student.seen) == 1
+    assert leaves_in_stream(redis_server, "dave") == 1  # announced by one server only
+
+
+def leaves_in_stream(redis_server, name):
+    """How many leave events for name the room's stream holds."""
+    connection = redis_server.connect()
+    try:
+        entries = connection.call("XRANGE", "class:events", "-", "+")
+    finally:
+        connection.close()
+    events = [json.loads(fields[1]) for _, fields in entries]
+    return sum(event["k"] == "leave" and event["name"] == name for event in events)
+
+
+@redis
+def test_an_event_read_twice_from_redis_is_shown_once(linked, join, redis_server):
+    a = linked()
+    alice = join(a, "alice")
+    connection = redis_server.connect()
+    try:
+        for sequence, fields in ((1, {"k": "join", "name": "mallory"}),
+                                 (2, {"k": "say", "name": "mallory", "texts": ["once"]}),
+                                 (2, {"k": "say", "name": "mallory", "texts": ["once"]}),
+                                 (3, {"k": "say", "name": "mallory", "texts": ["after"]})):
+            connection.call("XADD", "class:events", "*", "e", event(n=sequence, **fields))
+    finally:
+        connection.close()
+    alice.expect_next("*** mallory joined the chat.")
+    alice.expect_next("mallory says: once")
+    alice.expect_next("mallory says: after")
+
+
+@redis
+def test_a_local_message_is_shown_only_once_it_comes_back_through_redis(
+        linked, join, proxies, monkeypatch):
+    monkeypatch.setattr(chat_server.RedisLink, "silence_seconds", 30.0)  # no split by time
+    proxy = proxies()
+    a = linked(via=proxy)
+    alice, amy = join(a, "alice"), join(a, "amy")
+    alice.expect("amy joined")
+    alice.send("ready")
+    amy.expect("alice says: ready")  # all that came before is back from Redis
+    proxy.freeze()
+    alice.send("held in Redis's queue")
+    amy.send("/who")
+    amy.expect_next("*** Online now (2): alice, amy")  # alice's line has not come back yet
+    proxy.thaw()  # the link is cut and comes back at once: sent again, shown once
+    amy.expect_next("alice says: held in Redis's queue", timeout=SPLIT_TIMEOUT)
+    alice.expect_nothing_before(amy)
+    amy.send("/who")
+    amy.expect_next("Online now")
+    assert amy.seen.count("alice says: held in Redis's queue") == 1
+    assert chat_server.SPLIT_LINE not in amy.seen
+
+
+@redis
+def test_a_server_started_in_quiet_mode_is_quiet_too(linked, join):
+    a = linked()
+    alice = join(a, "alice")
+    a.set_quiet(True)
+    alice.expect("Quiet, please")
+    b = linked()
+    bob = join(b, "bob")
+    bob.send("hello?")
+    bob.expect_next("*** Not sent: the room is quiet")
+
+
+@redis
+def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(linked, join, redis_server):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    redis_server.stop()  # killed: every server's link drops
+    for student in (alice, bob):
+        student.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    alice.send("alone in lab A")
+    redis_server.restart()  # empty: names and stream are gone
+    for student in (alice, bob):
+        student.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: "bob" in a.who() and "alice" in b.who(), timeout=SPLIT_TIMEOUT,
+               message="each server lists the other's student again")
+    bob.send("back together")
+    alice.expect("bob says: back together")
+    assert "alone in lab A" not in " ".join(bob.seen)
+
+
+@redis
+def test_the_console_of_one_server_kicks_a_student_on_another(linked, join, redis_server):
+    b = linked()
+    bob = join(b, "bob")
+    with server_process("--redis", redis_server.url(), stdin=subprocess.PIPE) as console:
+        alice = console.join("alice")
+        try:
+            assert alice.seen[-1] == "*** Online now (2): alice, bob"
+            console.type("/kick bob disrupting the class")
+            bob.expect("removed you from the chat: disrupting the class")
+            alice.expect("*** bob left the chat.")
+            console.type("/who")
+            console.expect_log("1 online")
+        finally:
+            alice.close()
+
+
+@redis
+def test_a_server_that_shuts_down_shows_its_students_leaving_elsewhere(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    join(b, "bob")
+    alice.expect("bob joined")
+    b.close_room()
+    alice.expect_next("*** bob left the chat.")
+    assert "bob" not in a.who()
+
+
+def test_a_redis_elsewhere_without_a_password_is_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, SERVER_SCRIPT, "--redis", "redis://192.0.2.7/lab"],
+                            stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "give its password" in lines[0], lines
+
+
+@redis
+def test_a_bad_name_key_in_redis_is_logged_and_ignored(linked, redis_server, join, caplog):
+    connection = redis_server.connect()
+    try:
+        connection.call("SET", "class:name:eve", b"\xff not json")
+        connection.call("SET", "class:name:bob", json.dumps({"name": "b o b", "server": "ab" * 8}))
+    finally:
+        connection.close()
+    a = linked()
+    alice = join(a, "alice")
+    assert alice.seen[-1] == "*** Online now (1): alice"
+    assert any("A bad name key" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("reply", [
+    b"*1\r\n*2\r\n$5\r\nclass\r\n*1\r\n*2\r\n$5\r\nnotid\r\n*0\r\n",
+    b"*1\r\n*2\r\n$5\r\nclass\r\n:5\r\n",
+    b"*2\r\n:1\r\n:2\r\n",
+], ids=["bad id", "entries not a list", "wrong shape"])
+def test_a_misshapen_xread_reply_is_a_protocol_error(reply):
+    parser = RespParser()
+    parser.feed(reply)
+    with pytest.raises(RedisProtocolError):
+        chat_server.xread_entries(parser.next_reply())
+
+
+@redis
+def test_a_rename_that_only_changes_case_keeps_the_name_claimed(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    alice.send("/nick Alice")
+    bob.expect_next("*** alice is now Alice.")
+    late = linked()  # knows only what Redis holds
+    newcomer = ChatClient(late.server_address)
+    try:
+        newcomer.send("ALICE")
+        newcomer.expect("The name Alice is taken.")
+    finally:
+        newcomer.close()
