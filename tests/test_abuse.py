@@ -1,0 +1,380 @@
+"""One student cannot stop the lesson (tracker issue 8): limits per address,
+moderation that sticks, names nobody can fake, no traceback, hang or loss.
+
+Other computers are played by clients bound to 127.0.0.2, 127.0.0.3, ...
+(all of 127.0.0.0/8 is loopback); signals and files by a real process.
+"""
+
+import contextlib
+import errno
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import chat_server
+from chat_server import Addresses, Client, Settings, TeacherConsole, normal_host
+from conftest import SERVER_SCRIPT, TIMEOUT, ChatClient, server_process, wait_until
+from websocket_client import ChatSocket
+
+POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and files")
+
+
+# --- Helpers: other computers, the console, a slow reader ---------------------
+
+class ClientFrom(ChatClient):
+    """A ChatClient that connects from 127.0.0.N: a student on another computer."""
+
+    def __init__(self, address, source, timeout=TIMEOUT, rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:  # before connecting, so the TCP window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:
+            self.sock.bind((source, 0))
+        except OSError as error:  # macOS has only 127.0.0.1 unless told otherwise
+            self.sock.close()
+            pytest.skip("cannot bind to %s: %s" % (source, error))
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+        self.timeout = timeout
+        self.buffer = b""
+        self.seen = []
+
+
+@pytest.fixture
+def computer():
+    """A factory: computer(N, server) connects from 127.0.0.N; all closed after."""
+    with contextlib.ExitStack() as stack:
+
+        def open_client(number, target, **options):
+            client = ClientFrom(target.server_address, "127.0.0.%d" % number, **options)
+            stack.callback(client.close)
+            return client
+
+        yield open_client
+
+
+def console_lines(caplog):
+    return [record.getMessage() for record in caplog.records]
+
+
+def expect_console(caplog, text):
+    """Wait until the console has shown a line containing text; return it."""
+    found = []
+    wait_until(lambda: found.extend(l for l in console_lines(caplog) if text in l) or found,
+               message="%r on the console" % text)
+    return found[0]
+
+
+def read_until_closed(client, timeout=TIMEOUT):
+    """Every line until the server closes; a reset fails the test (unlike expect_closed)."""
+    deadline = time.monotonic() + timeout
+    start = len(client.seen)
+    while client.read_line(max(0.001, deadline - time.monotonic())) is not None:
+        pass
+    return client.seen[start:]
+
+
+class RateReader(threading.Thread):
+    """Reads a socket no faster than bytes_per_second, as a slow laptop does,
+    until it has seen `wanted` lines containing `marker`, or the end."""
+
+    def __init__(self, client, bytes_per_second, marker, wanted, timeout):
+        super().__init__(daemon=True)
+        self.client, self.rate = client, bytes_per_second
+        self.marker, self.wanted, self.timeout = marker, wanted, timeout
+        self.lines = []
+        self.closed = False
+
+    def run(self):
+        sock, started, received, rest = self.client.sock, time.monotonic(), 0, b""
+        deadline = started + self.timeout
+        found = 0
+        while found < self.wanted and time.monotonic() < deadline:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                data = sock.recv(4096)
+            except (socket.timeout, OSError):
+                return
+            if not data:
+                self.closed = True
+                return
+            received += len(data)
+            *lines, rest = (rest + data).split(b"\r\n")
+            self.lines += [line.decode("utf-8") for line in lines]
+            found += sum(self.marker in line.decode("utf-8") for line in lines)
+            # Pace the reading: never ahead of bytes_per_second.
+            ahead = received / self.rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+class Drain(threading.Thread):
+    """Reads and discards everything sent to some clients, until stopped."""
+
+    def __init__(self, clients):
+        super().__init__(daemon=True)
+        self.clients = clients
+        self.stopped = threading.Event()
+
+    def run(self):
+        with selectors.DefaultSelector() as selector:
+            for client in self.clients:
+                selector.register(client.sock, selectors.EVENT_READ)
+            while not self.stopped.is_set():
+                for key, _ in selector.select(0.05):
+                    try:
+                        if not key.fileobj.recv(65536):
+                            selector.unregister(key.fileobj)
+                    except OSError:
+                        selector.unregister(key.fileobj)
+
+    def stop(self):
+        self.stopped.set()
+        self.join(TIMEOUT)
+
+
+# --- One address cannot take the room -----------------------------------------
+
+def test_connections_past_per_address_are_refused_before_a_thread(start_server, computer,
+                                                                   caplog):
+    server = start_server(per_address=2, max_clients=10)
+    first, second = computer(2, server), computer(2, server)
+    first.expect("What is your name?")
+    second.expect("What is your name?")
+    third = computer(2, server)
+    assert read_until_closed(third) == [
+        "*** Too many connections from your computer (2). Close one, then try again."]
+    accepted = [line for line in console_lines(caplog)
+                if line.startswith("Accepted new client: 127.0.0.2")]
+    assert len(accepted) == 2  # the third never got a thread
+    computer(3, server).expect("What is your name?")  # another computer still comes in
+    first.close()
+    wait_until(lambda: server.connection_count() == 2, message="the first one to be gone")
+    computer(2, server).expect("What is your name?")  # a place is free again
+
+
+def test_shared_machine_mode_lets_one_address_open_many_connections(start_server, computer):
+    server = start_server(per_address=0, max_clients=20)
+    clients = [computer(2, server) for _ in range(12)]  # past the default of 8
+    for client in clients:
+        client.expect("What is your name?")
+
+
+def test_every_client_refused_from_a_full_room_reads_why(start_server, computer):
+    """45 clients send a name at once to a room of 5: the other 40 each read the reason."""
+    server = start_server(max_clients=5, per_address=0)
+    clients = []
+    for number in range(45):
+        client = computer(2, server)
+        client.send("s%d" % number)  # at once, before any prompt: as a script does
+        clients.append(client)
+    admitted = refused = 0
+    for client in clients:
+        first = client.read_line()
+        if first == "*** Welcome to the chat!":
+            admitted += 1
+            continue
+        assert first == "*** The room is full (5 people). Try again later."
+        assert read_until_closed(client) == []  # then a clean end, no reset
+        refused += 1
+    assert (admitted, refused) == (5, 40)
+
+
+def test_a_refused_browser_gets_a_503_page_with_the_reason(start_server, computer):
+    server = start_server(max_clients=1)
+    computer(2, server).expect("What is your name?")
+    browser = computer(3, server)
+    browser.send_raw(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    lines = read_until_closed(browser)
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "The room is full (1 people). Try again later." in lines[-1]
+
+
+def test_a_refused_websocket_gets_the_reason_as_a_message_and_a_close(start_server, computer):
+    server = start_server(max_clients=1)
+    computer(2, server).expect("What is your name?")
+    page = ChatSocket(*server.server_address[:2])
+    try:
+        assert page.expect_closed() == ["*** The room is full (1 people). Try again later."]
+        assert page.closed_with is not None and page.closed_with[0] == 1000
+    finally:
+        page.shutdown()
+
+
+# --- One computer, one spelling of its address ---------------------------------
+
+@pytest.mark.parametrize("spelling, normal", [
+    ("127.0.0.1", "127.0.0.1"), ("::1", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"),
+    ("::ffff:10.0.0.5", "10.0.0.5"), ("2001:DB8::1", "2001:db8::1"),
+    ("fe80::1%eth0", "fe80::1"),
+])
+def test_every_spelling_of_an_address_counts_as_one_computer(spelling, normal):
+    assert normal_host(spelling) == normal
+
+
+def ipv6_server(start_server_at, **settings):
+    """A server on [::] that IPv4 and ::1 clients both reach, or skip."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        server = start_server_at("::", **settings)
+        probe = socket.create_connection(("::1", server.server_address[1]), timeout=TIMEOUT)
+        probe.close()
+    except OSError as error:
+        pytest.skip("no IPv6 loopback here: %s" % error)
+    return server
+
+
+def test_kicked_over_ipv4_cannot_rejoin_over_ipv6_loopback(start_server_at):
+    server = ipv6_server(start_server_at)
+    port = server.server_address[1]
+    console = TeacherConsole(server, stream=None)
+    bob = ChatClient(("127.0.0.1", port)).join("bob")  # seen as ::ffff:127.0.0.1
+    try:
+        console.handle_line("/kick bob")
+        bob.expect_closed()
+        wait_until(lambda: server.connection_count() == 0, message="bob gone")
+        again = ChatClient(("::1", port))
+        assert read_until_closed(again) == [
+            "*** You were removed by the teacher. Try again in 5 minutes."]
+        again.close()
+        console.handle_line("/unban ::ffff:127.0.0.1")  # another spelling, same computer
+        back = ChatClient(("::1", port))
+        back.expect("What is your name?")
+        back.close()
+    finally:
+        bob.close()
+
+
+def test_per_address_limit_counts_ipv4_and_ipv6_loopback_as_one(start_server_at):
+    server = ipv6_server(start_server_at, per_address=1)
+    port = server.server_address[1]
+    first = ChatClient(("127.0.0.1", port))
+    try:
+        first.expect("What is your name?")
+        second = ChatClient(("::1", port))
+        assert read_until_closed(second) == [
+            "*** Too many connections from your computer (1). Close one, then try again."]
+        second.close()
+    finally:
+        first.close()
+
+
+# --- Join and leave spam --------------------------------------------------------
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_joins_from_one_address_are_instant_for_a_burst_then_paced():
+    clock = FakeClock()
+    addresses = Addresses(Settings(per_address=2), clock)
+    burst = chat_server.JOINS_PER_MINUTE * 2
+    assert [addresses.join_delay("10.0.0.2") for _ in range(burst)] == [0.0] * burst
+    assert addresses.join_delay("10.0.0.2") == pytest.approx(60 / burst)
+    assert addresses.join_delay("10.0.0.3") == 0.0  # another computer is not paced
+    clock.now += 60  # a minute later, the burst is back
+    assert addresses.join_delay("10.0.0.2") == 0.0
+
+
+def test_shared_machine_mode_never_paces_joins():
+    addresses = Addresses(Settings(per_address=0), FakeClock())
+    assert all(addresses.join_delay("10.0.0.2") == 0.0 for _ in range(1000))
+
+
+def test_join_spam_from_one_address_waits_and_is_told_so(start_server, computer, monkeypatch):
+    # 20 a minute x per_address 2: a burst of 40 joins, then one each 1.5 s.
+    monkeypatch.setattr(chat_server, "JOINS_PER_MINUTE", 20)
+    server = start_server(per_address=2)
+    started = time.monotonic()
+    for number in range(40):  # the burst: each joins at once, nothing said
+        bot = computer(2, server).join("bot%d" % number)
+        assert not any("Many people joined" in line for line in bot.seen)
+        bot.send("/quit")
+        bot.expect_closed()
+        wait_until(lambda: server.connection_count() == 0, message="the bot gone")
+    late = computer(2, server)
+    late.send("late")
+    told = late.expect("*** Many people joined")
+    assert re.match(r"\*\*\* Many people joined from your computer just now: you join in "
+                    r"\d+ seconds?\.$", told)
+    other = computer(3, server).join("other")  # another computer joins at once meanwhile
+    assert other.seen[-1] == "*** Online now (1): other"
+    late.expect("*** Welcome, late!")
+    # The 41st join came at least 1.5 s after the first: the pace, whatever the speed.
+    assert time.monotonic() - started >= 1.5 * 0.9
+
+
+# --- Quit reasons and renames under mute and quiet ------------------------------
+
+def test_quit_reason_is_cut_to_its_cap(room):
+    alice, bob = room("alice", "bob")
+    bob.send("/quit " + "x" * 500)
+    line = alice.expect_next("*** bob left the chat.")
+    assert line == "*** bob left the chat. (%s)" % ("x" * chat_server.MAX_QUIT_REASON_CHARS)
+
+
+@pytest.fixture
+def console(server):
+    """The teacher's console of the default in-process server, fed by the test."""
+    return TeacherConsole(server, stream=None)
+
+
+def test_quit_reason_of_a_muted_student_is_not_shown(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    bob.send("/quit buy cheap stuff at example.com")
+    assert alice.expect_next("*** bob left the chat") == "*** bob left the chat."
+
+
+def test_quit_reason_is_not_shown_in_quiet_mode(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/quiet on")
+    bob.expect_next("*** [teacher] Quiet, please")
+    alice.expect_next("*** [teacher] Quiet, please")
+    bob.send("/quit buy cheap stuff at example.com")
+    assert alice.expect_next("*** bob left the chat") == "*** bob left the chat."
+
+
+def test_muted_student_cannot_rename_and_is_told_why(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    bob.send("/nick bobby")
+    bob.expect_next("*** You cannot change your name while the teacher has muted you.")
+    console.handle_line("sentinel")
+    alice.expect_next("*** [teacher] sentinel")  # no rename line came before it
+
+
+def test_nobody_can_rename_in_quiet_mode(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/quiet on")
+    bob.expect_next("*** [teacher] Quiet, please")
+    alice.expect_next("*** [teacher] Quiet, please")
+    bob.send("/nick bobby")
+    bob.expect_next("*** You cannot change your name while the room is quiet.")
+    console.handle_line("sentinel")
+    alice.expect_next("*** [teacher] sentinel")  # no rename line came before it
+
+
+def test_joins_and_leaves_still_go_out_in_quiet_mode(room, joined, console):
+    (alice,) = room("alice")
+    console.handle_line("/quiet on")
+    alice.expect_next("*** [teacher] Quiet, please")
+    bob = joined("bob")
+    alice.expect_next("*** bob joined the chat.")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
