@@ -61,6 +61,23 @@ def computer():
         yield open_client
 
 
+@pytest.fixture
+def crowd(computer):
+    """A factory: crowd(server, (2, "bob"), (3, "alice")) joins each from 127.0.0.N,
+    and earlier ones read later joins: each one's next line is what comes after."""
+
+    def make(target, *students):
+        clients = []
+        for number, name in students:
+            newcomer = computer(number, target).join(name)
+            for client in clients:
+                client.expect("*** %s joined the chat." % name)
+            clients.append(newcomer)
+        return clients
+
+    return make
+
+
 def console_lines(caplog):
     return [record.getMessage() for record in caplog.records]
 
@@ -486,3 +503,235 @@ def test_worst_burst_of_whispers_never_drops_a_reader_at_64_kib_per_second(
         start_server, computer, caplog):
     burst_test(start_server, computer, caplog,
                lambda n, burst: ["/msg victim %s-%d" % (BURST_LINE, k) for k in range(burst)])
+
+
+# --- Password guessing -----------------------------------------------------------
+
+@pytest.fixture
+def quick_passwords(monkeypatch):
+    """Answers after 0.3 s, waits from 1 s: the same rules, in test time."""
+    monkeypatch.setattr(chat_server, "PASSWORD_ANSWER_SECONDS", 0.3)
+    monkeypatch.setattr(chat_server, "PASSWORD_WAIT_SECONDS", 1.0)
+
+
+@pytest.mark.parametrize("answer, reply", [("s3cret", "*** What is your name?"),
+                                           ("guess", "*** Wrong password. Goodbye.")])
+def test_right_and_wrong_passwords_are_answered_after_the_same_delay(
+        start_server, computer, quick_passwords, answer, reply):
+    server = start_server(password="s3cret")
+    client = computer(2, server)
+    client.expect("Password?")
+    started = time.monotonic()
+    client.send(answer)
+    client.expect_next(reply)
+    assert time.monotonic() - started >= 0.3 * 0.9
+
+
+def test_wrong_passwords_past_the_free_ones_make_the_address_wait(
+        start_server, computer, quick_passwords, monkeypatch):
+    monkeypatch.setattr(chat_server, "PASSWORD_FAILURES_FREE", 1)  # x per_address 2: 2 free
+    server = start_server(password="s3cret", per_address=2)
+    guessers = [computer(2, server), computer(2, server)]
+    for guesser in guessers:
+        guesser.expect("Password?")
+        guesser.send("guess")
+    for guesser in guessers:
+        assert read_until_closed(guesser) == ["*** Wrong password. Goodbye."]
+    assert server.addresses.password_wait("127.0.0.2") == 0  # two were free
+    third = computer(2, server)
+    third.expect("Password?")
+    third.send("guess")
+    third.expect("*** Wrong password. Goodbye.")
+    blocked = computer(2, server)
+    lines = read_until_closed(blocked)
+    assert lines[-1] == "*** Too many wrong passwords from your computer. Try again in 1 second."
+    assert not any("Password?" in line for line in lines)  # not even asked
+    computer(3, server).expect("Password?")  # another computer is not held up
+    wait_until(lambda: server.addresses.password_wait("127.0.0.2") == 0, timeout=TIMEOUT,
+               message="the wait to pass")
+    again = computer(2, server)
+    again.expect("Password?")  # asked again: slowed down, never locked out
+    again.send("guess")
+    again.expect("*** Wrong password. Goodbye.")
+    assert 1.5 < server.addresses.password_wait("127.0.0.2") <= 2.0  # the wait doubled
+
+
+def test_password_waits_double_up_to_a_maximum_and_a_right_one_clears_them():
+    clock = FakeClock()
+    addresses = Addresses(Settings(per_address=1), clock)
+    waits = []
+    for _ in range(chat_server.PASSWORD_FAILURES_FREE + 8):
+        addresses.password_failed("10.0.0.2")
+        waits.append(addresses.password_wait("10.0.0.2"))
+    free = chat_server.PASSWORD_FAILURES_FREE
+    first = chat_server.PASSWORD_WAIT_SECONDS
+    assert waits[:free] == [0.0] * free
+    assert waits[free:free + 3] == [first, 2 * first, 4 * first]
+    assert max(waits) == chat_server.PASSWORD_WAIT_MAX_SECONDS
+    assert addresses.password_wait("10.0.0.3") == 0.0
+    addresses.password_passed("10.0.0.2")
+    assert addresses.password_wait("10.0.0.2") == 0.0
+
+
+def test_shared_machine_mode_never_makes_an_address_wait_for_passwords():
+    addresses = Addresses(Settings(per_address=0), FakeClock())
+    for _ in range(100):
+        addresses.password_failed("10.0.0.2")
+    assert addresses.password_wait("10.0.0.2") == 0.0
+
+
+# --- The teacher's tools stick --------------------------------------------------
+
+def test_kick_disconnects_the_student_and_every_unjoined_connection_from_there(
+        server, computer, crowd, console, caplog):
+    alice, bob = crowd(server, (3, "alice"), (2, "bob"))
+    lurkers = [computer(2, server) for _ in range(3)]
+    for lurker in lurkers:
+        lurker.expect("What is your name?")
+    elsewhere = computer(4, server)
+    elsewhere.expect("What is your name?")
+    console.handle_line("/kick bob")
+    assert read_until_closed(bob) == ["*** The teacher removed you from the chat."]
+    for lurker in lurkers:
+        assert read_until_closed(lurker) == [
+            "*** The teacher closed the connections from your computer."]
+    alice.expect_next("*** bob left the chat.")
+    expect_console(caplog, "Kicked bob; 127.0.0.2 may not rejoin for 5 minutes "
+                   "(/unban bob lifts it). Also closed 3 connections from it")
+    assert read_until_closed(computer(2, server)) == [
+        "*** You were removed by the teacher. Try again in 5 minutes."]
+    elsewhere.send("carol")  # another computer's connection was left alone
+    elsewhere.expect("*** Welcome, carol!")
+
+
+def test_kick_does_not_ban_an_address_another_student_shares(server, computer, crowd,
+                                                              console, caplog):
+    bob, carol = crowd(server, (2, "bob"), (2, "carol"))
+    console.handle_line("/kick bob")
+    bob.expect_closed()
+    carol.expect_next("*** bob left the chat.")
+    expect_console(caplog, "127.0.0.2 is not banned: carol joined from it too. "
+                   "/ban 127.0.0.2 disconnects everyone there and bans it.")
+    computer(2, server).join("bob")  # not banned: bob may come back
+    carol.expect_next("*** bob joined the chat.")
+
+
+def test_a_connection_asking_a_name_when_the_ban_came_cannot_join(server, computer):
+    """A connection accepted just before the ban (a race /kick cannot see) stays out."""
+    late = computer(2, server)
+    late.expect("What is your name?")
+    server.addresses.ban("127.0.0.2", "bob", 5)  # what /kick and /ban do
+    late.send("bob")
+    assert read_until_closed(late) == ["*** You were removed by the teacher. Goodbye."]
+
+
+def test_ban_disconnects_everyone_at_an_address_and_bans_it(server, computer, crowd,
+                                                            console, caplog):
+    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
+    lurker = computer(2, server)
+    lurker.expect("What is your name?")
+    console.handle_line("/ban 127.0.0.2")
+    for student in (bob, carol):
+        assert read_until_closed(student)[-1] == (
+            "*** The teacher removed everyone at your computer from the chat.")
+    assert read_until_closed(lurker) == [
+        "*** The teacher closed the connections from your computer."]
+    line = expect_console(caplog, "Disconnected 2 students and")
+    assert line.endswith("from 127.0.0.2; banned for 5 minutes.")
+    assert read_until_closed(computer(2, server))[-1].startswith(
+        "*** You were removed by the teacher.")
+    alice.expect_next("*** bob left the chat.")
+    alice.expect_next("*** carol left the chat.")
+    dave = computer(4, server).join("dave")
+    alice.expect_next("*** dave joined the chat.")  # alice's computer was not touched
+    dave.send("hi")
+    alice.expect_next("dave says: hi")
+
+
+@pytest.mark.xfail(strict=True, reason="TeacherConsole.do_ban counts the students it has "
+                   "just removed again among the connections not joined (close_waiting "
+                   "runs after remove): '2 students and 3 connections' for 2 and 1")
+def test_ban_tells_the_teacher_how_many_it_disconnected(server, computer, crowd, console,
+                                                        caplog):
+    crowd(server, (2, "bob"), (2, "carol"))
+    computer(2, server).expect("What is your name?")
+    console.handle_line("/ban 127.0.0.2")
+    line = expect_console(caplog, "Disconnected 2 students and")
+    assert line == "Disconnected 2 students and 1 connection from 127.0.0.2; banned for " \
+        "5 minutes."
+
+
+@pytest.mark.parametrize("lift", ["bob", "BOB", "127.0.0.2", "::ffff:127.0.0.2"])
+def test_unban_takes_the_name_or_any_spelling_of_the_address(server, computer, console,
+                                                             caplog, lift):
+    bob = computer(2, server).join("bob")
+    console.handle_line("/kick bob")
+    bob.expect_closed()
+    assert read_until_closed(computer(2, server))[-1].startswith(
+        "*** You were removed by the teacher.")
+    console.handle_line("/unban " + lift)
+    expect_console(caplog, "127.0.0.2 may join again.")
+    computer(2, server).join("bob")
+
+
+def test_console_who_shows_connections_that_have_not_joined(server, computer, console,
+                                                            caplog):
+    computer(3, server).join("alice")
+    waiting = [computer(2, server), computer(2, server), computer(4, server)]
+    for client in waiting:
+        client.expect("What is your name?")
+    console.handle_line("/who")
+    expect_console(caplog, "1 online, 3 not joined yet.")
+    expect_console(caplog, "Not joined yet: 127.0.0.2 (2), 127.0.0.4")
+
+
+def muted_and_back_as_robert(server, crowd, console):
+    """bob, alone at 127.0.0.2, is muted, leaves, and comes back as robert."""
+    alice, bob = crowd(server, (3, "alice"), (2, "bob"))
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    robert = crowd(server, (2, "robert"))[0]
+    alice.expect_next("*** robert joined the chat.")
+    return alice, robert
+
+
+def test_mute_of_a_student_alone_on_an_address_follows_any_name(server, crowd, console):
+    alice, robert = muted_and_back_as_robert(server, crowd, console)
+    robert.send("I am new here")
+    robert.expect_next("*** Not sent: the teacher has muted you.")
+    console.handle_line("/unmute robert")
+    robert.expect_next("*** The teacher has unmuted you")
+    robert.send("thanks")
+    alice.expect_next("robert says: thanks")
+
+
+@pytest.mark.xfail(strict=True, reason="TeacherConsole.do_unmute: '/unmute bob' forgets "
+                   "the address's mute and says 'bob is no longer muted.', but the same "
+                   "student, online again as robert, stays muted (client.muted untouched)")
+def test_unmute_by_the_muted_name_reaches_the_student_under_a_new_name(server, crowd,
+                                                                       console, caplog):
+    alice, robert = muted_and_back_as_robert(server, crowd, console)
+    console.handle_line("/unmute bob")
+    expect_console(caplog, "bob is no longer muted.")
+    robert.send("thanks")
+    alice.expect_next("robert says: thanks", timeout=1.0)
+
+
+def test_mute_on_a_shared_address_follows_the_name_only(server, computer, crowd, console):
+    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    carol.send("I share bob's computer")
+    alice.expect_next("carol says: I share bob's computer")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    bob = computer(2, server).join("bob")
+    alice.expect_next("*** bob joined the chat.")
+    bob.send("me again")
+    bob.expect_next("*** Not sent: the teacher has muted you.")
+    dave = computer(2, server).join("dave")  # a new student at that computer
+    alice.expect_next("*** dave joined the chat.")
+    dave.send("hello")
+    alice.expect_next("dave says: hello")
