@@ -640,8 +640,8 @@ def test_ban_disconnects_everyone_at_an_address_and_bans_it(server, computer, cr
     assert line.endswith("from 127.0.0.2; banned for 5 minutes.")
     assert read_until_closed(computer(2, server))[-1].startswith(
         "*** You were removed by the teacher.")
-    alice.expect_next("*** bob left the chat.")
-    alice.expect_next("*** carol left the chat.")
+    assert sorted([alice.read_line(), alice.read_line()]) == [
+        "*** bob left the chat.", "*** carol left the chat."]
     dave = computer(4, server).join("dave")
     alice.expect_next("*** dave joined the chat.")  # alice's computer was not touched
     dave.send("hi")
