@@ -19,6 +19,11 @@ import time
 
 import pytest
 
+try:
+    import resource  # POSIX only: a full disk is played by a file-size limit
+except ImportError:
+    resource = None
+
 import chat_server
 from chat_server import Addresses, Client, Settings, TeacherConsole, normal_host
 from conftest import SERVER_SCRIPT, TIMEOUT, ChatClient, server_process, wait_until
@@ -735,3 +740,258 @@ def test_mute_on_a_shared_address_follows_the_name_only(server, computer, crowd,
     alice.expect_next("*** dave joined the chat.")
     dave.send("hello")
     alice.expect_next("dave says: hello")
+
+
+# --- Nobody can pass for someone else ---------------------------------------------
+
+INVISIBLE = "Names may not contain invisible characters."
+LOOKS_LIKE_ALICE = "That name looks too much like alice, who is online."
+ONE_ALPHABET = "Write a name in one alphabet"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("alice\u034f", INVISIBLE),  # combining grapheme joiner
+    ("alice\ufe0f", INVISIBLE),  # variation selector
+    ("alice\u180b", INVISIBLE),  # Mongolian free variation selector
+    ("alice\u17b4", INVISIBLE),  # Khmer inherent vowel
+    ("alice\u3164", INVISIBLE),  # Hangul filler
+    ("alice\uffa0", INVISIBLE),  # halfwidth Hangul filler
+    ("\u115falice", INVISIBLE),  # Hangul choseong filler
+    ("\u0430lice", ONE_ALPHABET),  # Cyrillic а
+    ("ali\u0441e", ONE_ALPHABET),  # Cyrillic с
+    ("al\u0131ce", LOOKS_LIKE_ALICE),  # Latin dotless ı
+    ("\u1d00lice", LOOKS_LIKE_ALICE),  # Latin small capital ᴀ
+    ("\u0430\u04cf\u0456\u0441\u0435", LOOKS_LIKE_ALICE),  # all Cyrillic: аӏісе
+    ("ALICE", "The name alice is taken."),
+    ("a" + "\u0301" * 19, "Too many accents on one letter"),
+], ids=lambda value: ascii(value))
+def test_a_name_that_looks_like_an_online_students_is_refused(room, connect, name, reason):
+    (alice,) = room("alice")
+    impostor = connect()
+    impostor.expect("What is your name?")
+    impostor.send(name)
+    line = impostor.expect_next("*** ")
+    assert line.startswith("*** " + reason), line
+    assert line.endswith("What is your name?")
+    impostor.send("mallory")  # asked again, and a real name gets in
+    impostor.expect("*** Welcome, mallory!")
+    alice.expect_next("*** mallory joined the chat.")  # nobody else joined meanwhile
+
+
+@pytest.mark.parametrize("name", ["t\u0435acher", "teacher.", "teacher_", "Teacher2",
+                                  "te\u0430cher", "\u1d1beacher"], ids=ascii)
+def test_decorated_forms_of_teacher_are_refused(connect, name):
+    client = connect()
+    client.expect("What is your name?")
+    client.send(name)
+    line = client.expect_next("*** ")
+    assert "reserved" in line or ONE_ALPHABET in line, line
+    assert line.endswith("What is your name?")
+
+
+def test_kick_alice_kicks_the_real_alice_after_impostors_tried(room, connect, console):
+    alice, bob = room("alice", "bob")
+    for name in ("alice\u034f", "al\u0131ce", "\u0430lice"):
+        impostor = connect()
+        impostor.send(name)
+        impostor.expect("What is your name?")
+    console.handle_line("/kick alice")
+    assert alice.expect_closed() == ["*** The teacher removed you from the chat."]
+    bob.expect_next("*** alice left the chat.")
+
+
+def test_a_rename_to_a_look_alike_is_refused(room):
+    alice, bob = room("alice", "bob")
+    bob.send("/nick al\u0131ce")
+    bob.expect_next("*** " + LOOKS_LIKE_ALICE)
+    bob.send("/nick alice\u200b")
+    bob.expect_next("*** " + INVISIBLE)
+    alice.expect_nothing_before(bob)
+
+
+@pytest.mark.parametrize("name", ["田中たろう", "ヤマダ太郎", "金민수", "김민수", "Ωμέγα",
+                                  "Зоя_2", "Zoë-Ångström"])
+def test_real_names_in_one_writing_system_join(joined, name):
+    joined(name)
+
+
+# --- No student text looks like the server ------------------------------------------
+
+@pytest.mark.parametrize("text, shown", [
+    ("look ***** here", "look ** here"),
+    ("＊＊＊ full width", "** full width"),
+    ("﹡﹡﹡ small", "** small"),
+    ("*＊﹡* mixed", "** mixed"),
+    ("two ** stay", "two ** stay"),
+])
+def test_three_asterisks_or_more_become_two(room, text, shown):
+    alice, bob = room("alice", "bob")
+    bob.send(text)
+    assert alice.expect_next("bob says:") == "bob says: " + shown
+
+
+def test_a_line_padded_to_wrap_cannot_show_a_server_line(room):
+    alice, bob = room("alice", "bob")
+    bob.send("brb" + " " * 77 + "*** [teacher] Class is over. Everyone log off now.")
+    line = alice.expect_next("bob says:")
+    assert "***" not in line
+    assert line.endswith("** [teacher] Class is over. Everyone log off now.")
+
+
+@pytest.mark.parametrize("keys", ["\x1bOP", "\x1bOQ", "\x1bOA", "\x8fP"], ids=ascii)
+def test_ss3_function_keys_are_removed_whole(room, keys):
+    alice, bob = room("alice", "bob")
+    bob.send("a" + keys + "b")
+    assert alice.expect_next("bob says:") == "bob says: ab"
+
+
+# --- No traceback, no hang, nothing lost ---------------------------------------------
+
+class SocketClosedUnderTheWriter:
+    """What a kick during a burst leaves: the socket was full a moment ago, and
+    is closed (fileno -1) by the time the writer thread starts."""
+
+    def send(self, data):
+        raise BlockingIOError(errno.EAGAIN, "full")
+
+    def fileno(self):
+        return -1
+
+    def shutdown(self, how):
+        raise OSError(errno.EBADF, "closed")
+
+
+def test_a_writer_started_after_its_socket_closed_ends_quietly():
+    client = Client(SocketClosedUnderTheWriter(), ("127.0.0.1", 9), 65536)
+    client.send_line("hello")  # the socket is "full": the writer thread starts
+    assert client.wait_gone(TIMEOUT), "the writer did not finish"
+    # An exception escaping the writer thread fails this test (see conftest).
+
+
+@POSIX_ONLY
+def test_a_second_ctrl_c_during_the_shutdown_stops_at_once_with_status_130():
+    with server_process("--flood-rate", "0", "--sendq", "100000000",
+                        "--max-line", "65536") as server:
+        stalled = server.client(rcvbuf=4096)
+        stalled.send("stalled")  # joins, then never reads: the shutdown waits for it
+        stalled.expect("*** Online now")
+        bob = server.join("bob")
+        bob.sock.settimeout(TIMEOUT)
+        # 12 MB for the stalled client, more than the socket buffers take: the
+        # rest stays in its outbox, and the shutdown waits about a second for it.
+        bob.send_raw((b"z" * 60000 + b"\r\n") * 200)
+        bob.send("/who")
+        bob.expect("*** Online now (2)")  # every line before it was handled
+        server.process.send_signal(signal.SIGINT)
+        server.expect_log("Shutting down")  # the shutdown has begun
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        status = server.process.wait(TIMEOUT)
+        took = time.monotonic() - started
+        stderr = server.stderr_text()
+        for client in (bob, stalled):
+            client.close()
+    assert status == chat_server.EXIT_INTERRUPTED == 130, stderr[-1500:]
+    assert "Stopped at once" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "Closed connection: stalled" not in stderr  # it came during the shutdown
+    assert took < 0.9, "took %.2f s" % took  # not the rest of the shutdown
+
+
+# Runs the server with SIGXFSZ ignored, so that a file-size limit (a full disk,
+# played by resource.prlimit) makes write() fail with EFBIG instead of killing it.
+NO_SIGXFSZ_LAUNCHER = (
+    "import runpy, signal, sys; "
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+needs_prlimit = pytest.mark.skipif(not hasattr(resource, "prlimit"),
+                                   reason="resource.prlimit is Linux only")
+
+
+def transcript_lines(path):
+    with open(path, "rb") as transcript:
+        data = transcript.read()
+    assert data.endswith(b"\n"), "a broken line at the end: %r" % data[-60:]
+    return [line[20:] for line in data.decode("utf-8").splitlines()]  # without the time
+
+
+@needs_prlimit
+def test_transcript_on_a_full_disk_loses_no_line_silently_and_resumes(tmp_path):
+    path = tmp_path / "chat.log"
+    with server_process("--transcript", str(path), launcher=NO_SIGXFSZ_LAUNCHER) as server:
+        pid = server.process.pid
+        alice, bob = server.join("alice"), server.join("bob")
+        alice.expect("bob joined")
+        bob.send("before")
+        alice.expect("bob says: before")
+        wait_until(lambda: "bob says: before" in path.read_text(), message="'before' written")
+        # The disk fills up: room for 10 more bytes, less than any line.
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (path.stat().st_size + 10,
+                                                      resource.RLIM_INFINITY))
+        for n in range(3):
+            bob.send("lost %d" % n)
+            alice.expect_next("bob says: lost %d" % n)  # the room goes on
+        server.expect_log("Could not write the transcript")
+        assert transcript_lines(path)[-1] == "bob says: before"  # no half line
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,
+                                                      resource.RLIM_INFINITY))
+        bob.send("after")
+        alice.expect_next("bob says: after")
+        line = server.expect_log("The transcript is being written again")
+        assert "3 lines could not be written" in line
+        wait_until(lambda: "bob says: after" in path.read_text(), message="'after' written")
+        # Full again at the shutdown: still a clean exit.
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (path.stat().st_size,
+                                                      resource.RLIM_INFINITY))
+        server.process.terminate()
+        status = server.process.wait(TIMEOUT)
+        stderr = server.stderr_text()
+        alice.close()
+        bob.close()
+    assert status == 0
+    assert "Traceback" not in stderr
+    events = transcript_lines(path)
+    assert events[-2:] == ["bob says: before", "bob says: after"]
+    assert not any("lost" in event for event in events)
+
+
+@POSIX_ONLY
+def test_transcript_fifo_with_no_reader_is_refused_at_start(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(str(fifo))
+    finished = subprocess.run(
+        [sys.executable, SERVER_SCRIPT, "--port", "0", "--transcript", str(fifo)],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
+    stderr = finished.stderr.decode("utf-8", "replace")
+    assert finished.returncode == 2
+    assert "Cannot open the transcript" in stderr and "Traceback" not in stderr
+
+
+@POSIX_ONLY
+def test_transcript_fifo_that_is_never_read_neither_stops_the_room_nor_sigterm(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(str(fifo))
+    reader = os.open(str(fifo), os.O_RDONLY | os.O_NONBLOCK)  # open, and never read
+    try:
+        with server_process("--transcript", str(fifo), "--flood-rate", "0") as server:
+            alice, bob = server.join("alice"), server.join("bob")
+            alice.expect("bob joined")
+            bob.sock.settimeout(TIMEOUT)
+            bob.send_raw(b"".join(b"line %d %s\r\n" % (n, b"y" * 500) for n in range(300)))
+            for n in range(300):  # 150 KB, more than a pipe holds
+                alice.expect_next("bob says: line %d " % n)
+            server.expect_log("Could not write the transcript")
+            started = time.monotonic()
+            server.process.terminate()
+            status = server.process.wait(TIMEOUT)
+            took = time.monotonic() - started
+            stderr = server.stderr_text()
+            alice.close()
+            bob.close()
+    finally:
+        os.close(reader)
+    assert status == 0
+    assert took < 4.0, "SIGTERM took %.1f s" % took
+    assert "Traceback" not in stderr
