@@ -5,6 +5,7 @@ Other computers are played by clients bound to 127.0.0.2, 127.0.0.3, ...
 (all of 127.0.0.0/8 is loopback); signals and files by a real process.
 """
 
+import collections
 import contextlib
 import errno
 import os
@@ -212,6 +213,31 @@ def test_every_client_refused_from_a_full_room_reads_why(start_server, computer)
     assert (admitted, refused) == (5, 40)
 
 
+@pytest.mark.xfail(strict=True, reason="Refuser.refuse(): past REFUSALS_AT_ONCE waiting "
+                   "refusals, send_and_close() closes with the client's name unread: a "
+                   "reset, which can eat the line (Windows drops unread data on a reset)")
+def test_every_client_refused_in_a_flood_reads_why_and_a_clean_end(start_server, computer):
+    """150 clients send a name at once to a room of 5: all 145 refused read the
+    reason, then the end of the stream, not a reset."""
+    server = start_server(max_clients=5, per_address=0)
+    clients = []
+    for number in range(150):
+        client = computer(2, server)
+        client.send("s%d" % number)
+        clients.append(client)
+    outcomes = collections.Counter()
+    for client in clients:
+        try:
+            lines = [client.read_line()]
+            if lines[0] != "*** Welcome to the chat!":
+                lines += read_until_closed(client)
+        except ConnectionResetError:
+            lines.append("(reset)")
+        outcomes[" / ".join(map(str, lines))] += 1
+    assert outcomes == {"*** Welcome to the chat!": 5,
+                        "*** The room is full (5 people). Try again later.": 145}
+
+
 def test_a_refused_browser_gets_a_503_page_with_the_reason(start_server, computer):
     server = start_server(max_clients=1)
     computer(2, server).expect("What is your name?")
@@ -373,6 +399,25 @@ def test_quit_reason_is_not_shown_in_quiet_mode(room, console):
     alice.expect_next("*** [teacher] Quiet, please")
     bob.send("/quit buy cheap stuff at example.com")
     assert alice.expect_next("*** bob left the chat") == "*** bob left the chat."
+
+
+@pytest.mark.xfail(strict=True, reason="ChatServer._speak() takes the room's budget before "
+                   "it checks mute and quiet: a muted student's text, which reaches nobody, "
+                   "holds back everyone else's")
+def test_a_muted_students_burst_costs_the_room_nothing(start_server, room):
+    # A room of 4000 bytes a second with a 2 KiB burst: 10 KB would cost 2 s.
+    server = start_server(room_rate=4000, sendq=4096)
+    alice, bob, carol = room("alice", "bob", "carol", target=server)
+    TeacherConsole(server, stream=None).handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    started = time.monotonic()
+    bob.send_raw(b"".join(b"spam %d %s\r\n" % (n, b"x" * 990) for n in range(10)))
+    bob.send("/who")
+    carol.send("hi")
+    alice.expect_next("carol says: hi")
+    bob.expect("*** Not sent: the teacher has muted you.")
+    bob.expect("*** Online now")  # all of bob's lines were handled
+    assert time.monotonic() - started < 1.0  # waiting for the budget: 2 s
 
 
 def test_muted_student_cannot_rename_and_is_told_why(room, console):
@@ -655,7 +700,9 @@ def test_ban_disconnects_everyone_at_an_address_and_bans_it(server, computer, cr
     alice.expect_next("dave says: hi")
 
 
-@pytest.mark.xfail(strict=True, reason="TeacherConsole.do_ban counts the students it has "
+# Not strict: whether the removed students are counted again depends on whether
+# their reader threads have finished (unregistered) before close_waiting() looks.
+@pytest.mark.xfail(strict=False, reason="TeacherConsole.do_ban counts the students it has "
                    "just removed again among the connections not joined (close_waiting "
                    "runs after remove): '2 students and 3 connections' for 2 and 1")
 def test_ban_tells_the_teacher_how_many_it_disconnected(server, computer, crowd, console,
@@ -724,7 +771,9 @@ def test_unmute_by_the_muted_name_reaches_the_student_under_a_new_name(server, c
     expect_console(caplog, "bob is no longer muted.")
     robert.send("thanks")
     robert.send("/who")
-    robert.expect_next("*** Online now")  # not "*** Not sent: the teacher has muted you."
+    start = len(robert.seen)
+    robert.expect("*** Online now")  # every line before it was handled
+    assert not any("Not sent" in line for line in robert.seen[start:]), robert.seen[start:]
     alice.expect_next("robert says: thanks")
 
 
