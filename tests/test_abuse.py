@@ -213,7 +213,9 @@ def test_every_client_refused_from_a_full_room_reads_why(start_server, computer)
     assert (admitted, refused) == (5, 40)
 
 
-@pytest.mark.xfail(strict=True, reason="Refuser.refuse(): past REFUSALS_AT_ONCE waiting "
+# Not strict: the resets come only when the accept loop gets REFUSALS_AT_ONCE
+# ahead of the refuser thread, which depends on how busy the machine is.
+@pytest.mark.xfail(strict=False, reason="Refuser.refuse(): past REFUSALS_AT_ONCE waiting "
                    "refusals, send_and_close() closes with the client's name unread: a "
                    "reset, which can eat the line (Windows drops unread data on a reset)")
 def test_every_client_refused_in_a_flood_reads_why_and_a_clean_end(start_server, computer):
