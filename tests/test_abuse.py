@@ -1,0 +1,1057 @@
+"""One student cannot stop the lesson (tracker issue 8): limits per address,
+moderation that sticks, names nobody can fake, no traceback, hang or loss.
+
+Other computers are played by clients bound to 127.0.0.2, 127.0.0.3, ...
+(all of 127.0.0.0/8 is loopback); signals and files by a real process.
+"""
+
+import collections
+import contextlib
+import errno
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+try:
+    import resource  # POSIX only: a full disk is played by a file-size limit
+except ImportError:
+    resource = None
+
+import chat_server
+from chat_server import Addresses, Client, Settings, TeacherConsole, normal_host
+from conftest import SERVER_SCRIPT, TIMEOUT, ChatClient, server_process, wait_until
+from websocket_client import ChatSocket
+
+POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and files")
+
+
+# --- Helpers: other computers, the console, a slow reader ---------------------
+
+class ClientFrom(ChatClient):
+    """A ChatClient that connects from 127.0.0.N: a student on another computer."""
+
+    def __init__(self, address, source, timeout=TIMEOUT, rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:  # before connecting, so the TCP window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:
+            self.sock.bind((source, 0))
+        except OSError as error:  # macOS has only 127.0.0.1 unless told otherwise
+            self.sock.close()
+            pytest.skip("cannot bind to %s: %s" % (source, error))
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+        self.timeout = timeout
+        self.buffer = b""
+        self.seen = []
+
+
+@pytest.fixture
+def computer():
+    """A factory: computer(N, server) connects from 127.0.0.N; all closed after."""
+    with contextlib.ExitStack() as stack:
+
+        def open_client(number, target, **options):
+            client = ClientFrom(target.server_address, "127.0.0.%d" % number, **options)
+            stack.callback(client.close)
+            return client
+
+        yield open_client
+
+
+@pytest.fixture
+def crowd(computer):
+    """A factory: crowd(server, (2, "bob"), (3, "alice")) joins each from 127.0.0.N,
+    and earlier ones read later joins: each one's next line is what comes after."""
+
+    def make(target, *students):
+        clients = []
+        for number, name in students:
+            newcomer = computer(number, target).join(name)
+            for client in clients:
+                client.expect("*** %s joined the chat." % name)
+            clients.append(newcomer)
+        return clients
+
+    return make
+
+
+def console_lines(caplog):
+    return [record.getMessage() for record in caplog.records]
+
+
+def expect_console(caplog, text):
+    """Wait until the console has shown a line containing text; return it."""
+    found = []
+    wait_until(lambda: found.extend(l for l in console_lines(caplog) if text in l) or found,
+               message="%r on the console" % text)
+    return found[0]
+
+
+def read_until_closed(client, timeout=TIMEOUT):
+    """Every line until the server closes; a reset fails the test (unlike expect_closed)."""
+    deadline = time.monotonic() + timeout
+    start = len(client.seen)
+    while client.read_line(max(0.001, deadline - time.monotonic())) is not None:
+        pass
+    return client.seen[start:]
+
+
+class RateReader(threading.Thread):
+    """Reads a socket no faster than bytes_per_second, as a slow laptop does,
+    until it has seen `wanted` lines containing `marker`, or the end."""
+
+    def __init__(self, client, bytes_per_second, marker, wanted, timeout):
+        super().__init__(daemon=True)
+        self.client, self.rate = client, bytes_per_second
+        self.marker, self.wanted, self.timeout = marker, wanted, timeout
+        self.lines = []
+        self.closed = False
+
+    def run(self):
+        sock, started, received, rest = self.client.sock, time.monotonic(), 0, b""
+        deadline = started + self.timeout
+        found = 0
+        while found < self.wanted and time.monotonic() < deadline:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                data = sock.recv(4096)
+            except socket.timeout:
+                return
+            except OSError:  # reset: dropped
+                data = b""
+            if not data:
+                self.closed = True
+                return
+            received += len(data)
+            *lines, rest = (rest + data).split(b"\r\n")
+            self.lines += [line.decode("utf-8") for line in lines]
+            found += sum(self.marker in line.decode("utf-8") for line in lines)
+            # Pace the reading: never ahead of bytes_per_second.
+            ahead = received / self.rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+class Drain(threading.Thread):
+    """Reads and discards everything sent to some clients, until stopped."""
+
+    def __init__(self, clients):
+        super().__init__(daemon=True)
+        self.clients = clients
+        self.stopped = threading.Event()
+
+    def run(self):
+        with selectors.DefaultSelector() as selector:
+            for client in self.clients:
+                selector.register(client.sock, selectors.EVENT_READ)
+            while not self.stopped.is_set():
+                for key, _ in selector.select(0.05):
+                    try:
+                        if not key.fileobj.recv(65536):
+                            selector.unregister(key.fileobj)
+                    except OSError:
+                        selector.unregister(key.fileobj)
+
+    def stop(self):
+        self.stopped.set()
+        self.join(TIMEOUT)
+
+
+# --- One address cannot take the room -----------------------------------------
+
+def test_connections_past_per_address_are_refused_before_a_thread(start_server, computer,
+                                                                   caplog):
+    server = start_server(per_address=2, max_clients=10)
+    first, second = computer(2, server), computer(2, server)
+    first.expect("What is your name?")
+    second.expect("What is your name?")
+    third = computer(2, server)
+    assert read_until_closed(third) == [
+        "*** Too many connections from your computer (2). Close one, then try again."]
+    accepted = [line for line in console_lines(caplog)
+                if line.startswith("Accepted new client: 127.0.0.2")]
+    assert len(accepted) == 2  # the third never got a thread
+    computer(3, server).expect("What is your name?")  # another computer still comes in
+    first.close()
+    wait_until(lambda: server.connection_count() == 2, message="the first one to be gone")
+    computer(2, server).expect("What is your name?")  # a place is free again
+
+
+def test_shared_machine_mode_lets_one_address_open_many_connections(start_server, computer):
+    server = start_server(per_address=0, max_clients=20)
+    clients = [computer(2, server) for _ in range(12)]  # past the default of 8
+    for client in clients:
+        client.expect("What is your name?")
+
+
+def test_every_client_refused_from_a_full_room_reads_why(start_server, computer):
+    """45 clients send a name at once to a room of 5: the other 40 each read the reason."""
+    server = start_server(max_clients=5, per_address=0)
+    clients = []
+    for number in range(45):
+        client = computer(2, server)
+        client.send("s%d" % number)  # at once, before any prompt: as a script does
+        clients.append(client)
+    admitted = refused = 0
+    for client in clients:
+        first = client.read_line()
+        if first == "*** Welcome to the chat!":
+            admitted += 1
+            continue
+        assert first == "*** The room is full (5 people). Try again later."
+        assert read_until_closed(client) == []  # then a clean end, no reset
+        refused += 1
+    assert (admitted, refused) == (5, 40)
+
+
+# Not strict: the resets come only when the accept loop gets REFUSALS_AT_ONCE
+# ahead of the refuser thread, which depends on how busy the machine is.
+@pytest.mark.xfail(strict=False, reason="Refuser.refuse(): past REFUSALS_AT_ONCE waiting "
+                   "refusals, send_and_close() closes with the client's name unread: a "
+                   "reset, which can eat the line (Windows drops unread data on a reset)")
+def test_every_client_refused_in_a_flood_reads_why_and_a_clean_end(start_server, computer):
+    """150 clients send a name at once to a room of 5: all 145 refused read the
+    reason, then the end of the stream, not a reset."""
+    server = start_server(max_clients=5, per_address=0)
+    clients = []
+    for number in range(150):
+        client = computer(2, server)
+        client.send("s%d" % number)
+        clients.append(client)
+    outcomes = collections.Counter()
+    for client in clients:
+        try:
+            lines = [client.read_line()]
+            if lines[0] != "*** Welcome to the chat!":
+                lines += read_until_closed(client)
+        except ConnectionResetError:
+            lines.append("(reset)")
+        outcomes[" / ".join(map(str, lines))] += 1
+    assert outcomes == {"*** Welcome to the chat!": 5,
+                        "*** The room is full (5 people). Try again later.": 145}
+
+
+def test_a_refused_browser_gets_a_503_page_with_the_reason(start_server, computer):
+    server = start_server(max_clients=1)
+    computer(2, server).expect("What is your name?")
+    browser = computer(3, server)
+    browser.send_raw(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    lines = read_until_closed(browser)
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "The room is full (1 people). Try again later." in lines[-1]
+
+
+def test_a_refused_websocket_gets_the_reason_as_a_message_and_a_close(start_server, computer):
+    server = start_server(max_clients=1)
+    computer(2, server).expect("What is your name?")
+    page = ChatSocket(*server.server_address[:2])
+    try:
+        assert page.expect_closed() == ["*** The room is full (1 people). Try again later."]
+        assert page.closed_with is not None and page.closed_with[0] == 1000
+    finally:
+        page.shutdown()
+
+
+# --- One computer, one spelling of its address ---------------------------------
+
+@pytest.mark.parametrize("spelling, normal", [
+    ("127.0.0.1", "127.0.0.1"), ("::1", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"),
+    ("::ffff:10.0.0.5", "10.0.0.5"), ("2001:DB8::1", "2001:db8::1"),
+    ("fe80::1%eth0", "fe80::1"),
+])
+def test_every_spelling_of_an_address_counts_as_one_computer(spelling, normal):
+    assert normal_host(spelling) == normal
+
+
+def ipv6_server(start_server_at, **settings):
+    """A server on [::] that IPv4 and ::1 clients both reach, or skip."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        server = start_server_at("::", **settings)
+        probe = ChatClient(("::1", server.server_address[1]))
+    except OSError as error:
+        pytest.skip("no IPv6 loopback here: %s" % error)
+    probe.expect("What is your name?")  # admitted, so counted until it is gone
+    probe.close()
+    wait_until(lambda: server.connection_count() == 0, message="the probe to be gone")
+    return server
+
+
+def test_kicked_over_ipv4_cannot_rejoin_over_ipv6_loopback(start_server_at):
+    server = ipv6_server(start_server_at)
+    port = server.server_address[1]
+    console = TeacherConsole(server, stream=None)
+    bob = ChatClient(("127.0.0.1", port)).join("bob")  # seen as ::ffff:127.0.0.1
+    try:
+        console.handle_line("/kick bob")
+        bob.expect_closed()
+        wait_until(lambda: server.connection_count() == 0, message="bob gone")
+        again = ChatClient(("::1", port))
+        assert read_until_closed(again) == [
+            "*** You were removed by the teacher. Try again in 5 minutes."]
+        again.close()
+        console.handle_line("/unban ::ffff:127.0.0.1")  # another spelling, same computer
+        back = ChatClient(("::1", port))
+        back.expect("What is your name?")
+        back.close()
+    finally:
+        bob.close()
+
+
+def test_per_address_limit_counts_ipv4_and_ipv6_loopback_as_one(start_server_at):
+    server = ipv6_server(start_server_at, per_address=1)
+    port = server.server_address[1]
+    first = ChatClient(("127.0.0.1", port))
+    try:
+        first.expect("What is your name?")
+        second = ChatClient(("::1", port))
+        assert read_until_closed(second) == [
+            "*** Too many connections from your computer (1). Close one, then try again."]
+        second.close()
+    finally:
+        first.close()
+
+
+# --- Join and leave spam --------------------------------------------------------
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_joins_from_one_address_are_instant_for_a_burst_then_paced():
+    clock = FakeClock()
+    addresses = Addresses(Settings(per_address=2), clock)
+    burst = chat_server.JOINS_PER_MINUTE * 2
+    assert [addresses.join_delay("10.0.0.2") for _ in range(burst)] == [0.0] * burst
+    assert addresses.join_delay("10.0.0.2") == pytest.approx(60 / burst)
+    assert addresses.join_delay("10.0.0.3") == 0.0  # another computer is not paced
+    clock.now += 60  # a minute later, the burst is back
+    assert addresses.join_delay("10.0.0.2") == 0.0
+
+
+def test_shared_machine_mode_never_paces_joins():
+    addresses = Addresses(Settings(per_address=0), FakeClock())
+    assert all(addresses.join_delay("10.0.0.2") == 0.0 for _ in range(1000))
+
+
+def test_join_spam_from_one_address_waits_and_is_told_so(start_server, computer, monkeypatch):
+    # 20 a minute x per_address 2: a burst of 40 joins, then one each 1.5 s.
+    monkeypatch.setattr(chat_server, "JOINS_PER_MINUTE", 20)
+    server = start_server(per_address=2)
+    started = time.monotonic()
+    for number in range(40):  # the burst: each joins at once, nothing said
+        bot = computer(2, server).join("bot%d" % number)
+        assert not any("Many people joined" in line for line in bot.seen)
+        bot.send("/quit")
+        bot.expect_closed()
+        wait_until(lambda: server.connection_count() == 0, message="the bot gone")
+    late = computer(2, server)
+    late.send("late")
+    told = late.expect("*** Many people joined")
+    assert re.match(r"\*\*\* Many people joined from your computer just now: you join in "
+                    r"\d+ seconds?\.$", told)
+    other = computer(3, server).join("other")  # another computer joins at once meanwhile
+    assert other.seen[-1] == "*** Online now (1): other"
+    late.expect("*** Welcome, late!")
+    # The 41st join came at least 1.5 s after the first: the pace, whatever the speed.
+    assert time.monotonic() - started >= 1.5 * 0.9
+
+
+# --- Quit reasons and renames under mute and quiet ------------------------------
+
+def test_quit_reason_is_cut_to_its_cap(room):
+    alice, bob = room("alice", "bob")
+    bob.send("/quit " + "x" * 500)
+    line = alice.expect_next("*** bob left the chat.")
+    assert line == "*** bob left the chat. (%s)" % ("x" * chat_server.MAX_QUIT_REASON_CHARS)
+
+
+@pytest.fixture
+def console(server):
+    """The teacher's console of the default in-process server, fed by the test."""
+    return TeacherConsole(server, stream=None)
+
+
+def test_quit_reason_of_a_muted_student_is_not_shown(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    bob.send("/quit buy cheap stuff at example.com")
+    assert alice.expect_next("*** bob left the chat") == "*** bob left the chat."
+
+
+def test_quit_reason_is_not_shown_in_quiet_mode(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/quiet on")
+    bob.expect_next("*** [teacher] Quiet, please")
+    alice.expect_next("*** [teacher] Quiet, please")
+    bob.send("/quit buy cheap stuff at example.com")
+    assert alice.expect_next("*** bob left the chat") == "*** bob left the chat."
+
+
+@pytest.mark.xfail(strict=True, reason="ChatServer._speak() takes the room's budget before "
+                   "it checks mute and quiet: a muted student's text, which reaches nobody, "
+                   "holds back everyone else's")
+def test_a_muted_students_burst_costs_the_room_nothing(start_server, room):
+    # A room of 4000 bytes a second with a 2 KiB burst: 10 KB would cost 2 s.
+    server = start_server(room_rate=4000, sendq=4096)
+    alice, bob, carol = room("alice", "bob", "carol", target=server)
+    TeacherConsole(server, stream=None).handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    started = time.monotonic()
+    bob.send_raw(b"".join(b"spam %d %s\r\n" % (n, b"x" * 990) for n in range(10)))
+    bob.send("/who")
+    carol.send("hi")
+    alice.expect_next("carol says: hi")
+    bob.expect("*** Not sent: the teacher has muted you.")
+    bob.expect("*** Online now")  # all of bob's lines were handled
+    assert time.monotonic() - started < 1.0  # waiting for the budget: 2 s
+
+
+def test_muted_student_cannot_rename_and_is_told_why(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    bob.send("/nick bobby")
+    bob.expect_next("*** You cannot change your name while the teacher has muted you.")
+    console.handle_line("sentinel")
+    alice.expect_next("*** [teacher] sentinel")  # no rename line came before it
+
+
+def test_nobody_can_rename_in_quiet_mode(room, console):
+    alice, bob = room("alice", "bob")
+    console.handle_line("/quiet on")
+    bob.expect_next("*** [teacher] Quiet, please")
+    alice.expect_next("*** [teacher] Quiet, please")
+    bob.send("/nick bobby")
+    bob.expect_next("*** You cannot change your name while the room is quiet.")
+    console.handle_line("sentinel")
+    alice.expect_next("*** [teacher] sentinel")  # no rename line came before it
+
+
+def test_joins_and_leaves_still_go_out_in_quiet_mode(room, joined, console):
+    (alice,) = room("alice")
+    console.handle_line("/quiet on")
+    alice.expect_next("*** [teacher] Quiet, please")
+    bob = joined("bob")
+    alice.expect_next("*** bob joined the chat.")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+
+
+# --- Everything a connection sends is paced -------------------------------------
+
+def test_telnet_nops_are_paced_by_the_input_budget(start_server, room):
+    """96 KiB that are no line at all (telnet NOPs) cost time like any input."""
+    server = start_server()
+    alice, bob, carol = room("alice", "bob", "carol", target=server)
+    nops = bytes([chat_server.IAC, 241]) * (48 * 1024)
+    bob.sock.settimeout(TIMEOUT)
+    started = time.monotonic()
+    bob.send_raw(nops + b"sentinel\r\n")
+    carol.send("meanwhile")  # another pair chats on, unhindered
+    alice.expect_next("carol says: meanwhile", timeout=1.0)
+    alice.expect_next("bob says: sentinel")
+    took = time.monotonic() - started
+    least = (len(nops) - chat_server.INPUT_BURST_BYTES) / chat_server.INPUT_BYTES_PER_SECOND
+    assert took >= least * 0.9, "the server read %d bytes in %.2f s" % (len(nops), took)
+
+
+def test_flood_rate_zero_turns_the_input_budget_off(start_server, room):
+    server = start_server(flood_rate=0)
+    alice, bob = room("alice", "bob", target=server)
+    bob.sock.settimeout(TIMEOUT)
+    started = time.monotonic()
+    bob.send_raw(bytes([chat_server.IAC, 241]) * (48 * 1024) + b"sentinel\r\n")
+    alice.expect_next("bob says: sentinel")
+    assert time.monotonic() - started < 1.5  # paced, it would take 2 s at least
+
+
+@pytest.mark.parametrize("junk", [b"\r\n", b" \t \r\n", b"y" * 100 + b"\r\n"],
+                         ids=["blank", "spaces", "too long"])
+def test_lines_that_say_nothing_are_paced_like_messages(start_server, room, junk):
+    server = start_server(flood_rate=50, flood_burst=5, max_line=64)
+    alice, bob = room("alice", "bob", target=server)
+    started = time.monotonic()
+    bob.send_raw(junk * 30 + b"sentinel\r\n")
+    alice.expect_next("bob says: sentinel")
+    assert time.monotonic() - started >= (31 - 5) / 50 * 0.9
+
+
+def test_names_sent_before_joining_are_paced(start_server, connect):
+    server = start_server(flood_rate=50, flood_burst=5)
+    bot = connect(server)
+    started = time.monotonic()
+    bot.send_raw(b"!\r\n" * 30 + b"bot\r\n")  # 30 names refused, then one taken
+    bot.expect("*** Welcome, bot!")
+    assert time.monotonic() - started >= (31 - 5) / 50 * 0.9
+
+
+# --- A room-wide budget: no reader is dropped by what others send ----------------
+
+READER_BYTES_PER_SECOND = 64 * 1024  # SPEC: a slow school laptop
+SENDERS = 10
+BURST_LINE = "z" * 990  # a 1 KB line, with the name and " says: "
+
+
+def burst_test(start_server, computer, caplog, make_lines, room_rate=None):
+    """SENDERS students on other computers each send one whole flood burst of
+    ~1 KB lines at the same moment; a victim reading at 64 KiB/s through a small
+    receive buffer must get every line and never be dropped."""
+    # A small outbox (16 KiB, of which the room's burst is half): the room's
+    # budget, not a big buffer, is what must keep the victim in.
+    settings = dict(sendq=16 * 1024, max_clients=SENDERS + 2, per_address=2)
+    if room_rate is not None:
+        settings["room_rate"] = room_rate
+    server = start_server(**settings)
+    burst = server.settings.flood_burst
+    victim = computer(2, server, rcvbuf=4096).join("victim")
+    senders = [computer(10 + n, server).join("s%d" % n) for n in range(SENDERS)]
+    drain = Drain(senders)  # the senders read what the others say, quickly
+    drain.start()
+    wanted = SENDERS * burst
+    reader = RateReader(victim, READER_BYTES_PER_SECOND, BURST_LINE[:20], wanted,
+                        timeout=12.0)
+    try:
+        data = [b"".join(line.encode("utf-8") + b"\r\n" for line in make_lines(n, burst))
+                for n in range(SENDERS)]
+        reader.start()
+        for sender, chunk in zip(senders, data):  # all at once
+            sender.send_raw(chunk)
+        reader.join(15.0)
+    finally:
+        drain.stop()
+    got = [line for line in reader.lines if BURST_LINE[:20] in line]
+    assert not reader.closed, "the victim was disconnected after %d lines" % len(got)
+    assert not [l for l in console_lines(caplog) if "Disconnecting victim" in l]
+    assert len(got) == wanted, "the victim got %d of %d lines" % (len(got), wanted)
+    for n in range(SENDERS):  # in each sender's order
+        mine = [line for line in got if line.startswith("s%d " % n)]
+        assert [line.split()[-1] for line in mine] == [
+            "%s-%d" % (BURST_LINE, k) for k in range(burst)]
+
+
+def test_worst_burst_of_messages_never_drops_a_reader_at_64_kib_per_second(
+        start_server, computer, caplog):
+    burst_test(start_server, computer, caplog,
+               lambda n, burst: ["%s-%d" % (BURST_LINE, k) for k in range(burst)])
+
+
+@pytest.mark.xfail(strict=True, reason="ChatServer.whisper() skips the room's budget: "
+                   "whispers aimed at one student get them dropped as too slow")
+def test_worst_burst_of_whispers_never_drops_a_reader_at_64_kib_per_second(
+        start_server, computer, caplog):
+    burst_test(start_server, computer, caplog,
+               lambda n, burst: ["/msg victim %s-%d" % (BURST_LINE, k) for k in range(burst)])
+
+
+# --- Password guessing -----------------------------------------------------------
+
+@pytest.fixture
+def quick_passwords(monkeypatch):
+    """Answers after 0.3 s, waits from 0.5 s: the same rules, in test time."""
+    monkeypatch.setattr(chat_server, "PASSWORD_ANSWER_SECONDS", 0.3)
+    monkeypatch.setattr(chat_server, "PASSWORD_WAIT_SECONDS", 0.5)
+
+
+@pytest.mark.parametrize("answer, reply", [("s3cret", "*** What is your name?"),
+                                           ("guess", "*** Wrong password. Goodbye.")])
+def test_right_and_wrong_passwords_are_answered_after_the_same_delay(
+        start_server, computer, quick_passwords, answer, reply):
+    server = start_server(password="s3cret")
+    client = computer(2, server)
+    client.expect("Password?")
+    started = time.monotonic()
+    client.send(answer)
+    client.expect_next(reply)
+    assert time.monotonic() - started >= 0.3 * 0.9
+
+
+def test_wrong_passwords_past_the_free_ones_make_the_address_wait(
+        start_server, computer, quick_passwords, monkeypatch):
+    monkeypatch.setattr(chat_server, "PASSWORD_FAILURES_FREE", 1)  # x per_address 2: 2 free
+    server = start_server(password="s3cret", per_address=2)
+    guessers = [computer(2, server), computer(2, server)]
+    for guesser in guessers:
+        guesser.expect("Password?")
+        guesser.send("guess")
+    for guesser in guessers:
+        assert read_until_closed(guesser) == ["*** Wrong password. Goodbye."]
+    assert server.addresses.password_wait("127.0.0.2") == 0  # two were free
+    third = computer(2, server)
+    third.expect("Password?")
+    third.send("guess")
+    third.expect("*** Wrong password. Goodbye.")
+    blocked = computer(2, server)
+    lines = read_until_closed(blocked)
+    assert lines[-1] == "*** Too many wrong passwords from your computer. Try again in 1 second."
+    assert not any("Password?" in line for line in lines)  # not even asked
+    computer(3, server).expect("Password?")  # another computer is not held up
+    wait_until(lambda: server.addresses.password_wait("127.0.0.2") == 0, timeout=TIMEOUT,
+               message="the wait to pass")
+    again = computer(2, server)
+    again.expect("Password?")  # asked again: slowed down, never locked out
+    again.send("guess")
+    again.expect("*** Wrong password. Goodbye.")
+    assert 0.75 < server.addresses.password_wait("127.0.0.2") <= 1.0  # the wait doubled
+
+
+def test_password_waits_double_up_to_a_maximum_and_a_right_one_clears_them():
+    clock = FakeClock()
+    addresses = Addresses(Settings(per_address=1), clock)
+    waits = []
+    for _ in range(chat_server.PASSWORD_FAILURES_FREE + 8):
+        addresses.password_failed("10.0.0.2")
+        waits.append(addresses.password_wait("10.0.0.2"))
+    free = chat_server.PASSWORD_FAILURES_FREE
+    first = chat_server.PASSWORD_WAIT_SECONDS
+    assert waits[:free] == [0.0] * free
+    assert waits[free:free + 3] == [first, 2 * first, 4 * first]
+    assert max(waits) == chat_server.PASSWORD_WAIT_MAX_SECONDS
+    assert addresses.password_wait("10.0.0.3") == 0.0
+    addresses.password_passed("10.0.0.2")
+    assert addresses.password_wait("10.0.0.2") == 0.0
+
+
+def test_shared_machine_mode_never_makes_an_address_wait_for_passwords():
+    addresses = Addresses(Settings(per_address=0), FakeClock())
+    for _ in range(100):
+        addresses.password_failed("10.0.0.2")
+    assert addresses.password_wait("10.0.0.2") == 0.0
+
+
+# --- The teacher's tools stick --------------------------------------------------
+
+def test_kick_disconnects_the_student_and_every_unjoined_connection_from_there(
+        server, computer, crowd, console, caplog):
+    alice, bob = crowd(server, (3, "alice"), (2, "bob"))
+    lurkers = [computer(2, server) for _ in range(3)]
+    for lurker in lurkers:
+        lurker.expect("What is your name?")
+    elsewhere = computer(4, server)
+    elsewhere.expect("What is your name?")
+    console.handle_line("/kick bob")
+    assert read_until_closed(bob) == ["*** The teacher removed you from the chat."]
+    for lurker in lurkers:
+        assert read_until_closed(lurker) == [
+            "*** The teacher closed the connections from your computer."]
+    alice.expect_next("*** bob left the chat.")
+    expect_console(caplog, "Kicked bob; 127.0.0.2 may not rejoin for 5 minutes "
+                   "(/unban bob lifts it). Also closed 3 connections from it")
+    assert read_until_closed(computer(2, server)) == [
+        "*** You were removed by the teacher. Try again in 5 minutes."]
+    elsewhere.send("carol")  # another computer's connection was left alone
+    elsewhere.expect("*** Welcome, carol!")
+
+
+def test_kick_does_not_ban_an_address_another_student_shares(server, computer, crowd,
+                                                              console, caplog):
+    bob, carol = crowd(server, (2, "bob"), (2, "carol"))
+    console.handle_line("/kick bob")
+    bob.expect_closed()
+    carol.expect_next("*** bob left the chat.")
+    expect_console(caplog, "127.0.0.2 is not banned: carol joined from it too. "
+                   "/ban 127.0.0.2 disconnects everyone there and bans it.")
+    computer(2, server).join("bob")  # not banned: bob may come back
+    carol.expect_next("*** bob joined the chat.")
+
+
+def test_a_connection_asking_a_name_when_the_ban_came_cannot_join(server, computer):
+    """A connection accepted just before the ban (a race /kick cannot see) stays out."""
+    late = computer(2, server)
+    late.expect("What is your name?")
+    server.addresses.ban("127.0.0.2", "bob", 5)  # what /kick and /ban do
+    late.send("bob")
+    assert read_until_closed(late) == ["*** You were removed by the teacher. Goodbye."]
+
+
+def test_ban_disconnects_everyone_at_an_address_and_bans_it(server, computer, crowd,
+                                                            console, caplog):
+    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
+    lurker = computer(2, server)
+    lurker.expect("What is your name?")
+    console.handle_line("/ban 127.0.0.2")
+    for student in (bob, carol):
+        assert read_until_closed(student)[-1] == (
+            "*** The teacher removed everyone at your computer from the chat.")
+    assert read_until_closed(lurker) == [
+        "*** The teacher closed the connections from your computer."]
+    line = expect_console(caplog, "Disconnected 2 students and")
+    assert line.endswith("from 127.0.0.2; banned for 5 minutes.")
+    assert read_until_closed(computer(2, server))[-1].startswith(
+        "*** You were removed by the teacher.")
+    assert sorted([alice.read_line(), alice.read_line()]) == [
+        "*** bob left the chat.", "*** carol left the chat."]
+    dave = computer(4, server).join("dave")
+    alice.expect_next("*** dave joined the chat.")  # alice's computer was not touched
+    dave.send("hi")
+    alice.expect_next("dave says: hi")
+
+
+# Not strict: whether the removed students are counted again depends on whether
+# their reader threads have finished (unregistered) before close_waiting() looks.
+@pytest.mark.xfail(strict=False, reason="TeacherConsole.do_ban counts the students it has "
+                   "just removed again among the connections not joined (close_waiting "
+                   "runs after remove): '2 students and 3 connections' for 2 and 1")
+def test_ban_tells_the_teacher_how_many_it_disconnected(server, computer, crowd, console,
+                                                        caplog):
+    crowd(server, (2, "bob"), (2, "carol"))
+    computer(2, server).expect("What is your name?")
+    console.handle_line("/ban 127.0.0.2")
+    line = expect_console(caplog, "Disconnected 2 students and")
+    assert line == "Disconnected 2 students and 1 connection from 127.0.0.2; banned for " \
+        "5 minutes."
+
+
+@pytest.mark.parametrize("lift", ["bob", "BOB", "127.0.0.2", "::ffff:127.0.0.2"])
+def test_unban_takes_the_name_or_any_spelling_of_the_address(server, computer, console,
+                                                             caplog, lift):
+    bob = computer(2, server).join("bob")
+    console.handle_line("/kick bob")
+    bob.expect_closed()
+    assert read_until_closed(computer(2, server))[-1].startswith(
+        "*** You were removed by the teacher.")
+    console.handle_line("/unban " + lift)
+    expect_console(caplog, "127.0.0.2 may join again.")
+    computer(2, server).join("bob")
+
+
+def test_console_who_shows_connections_that_have_not_joined(server, computer, console,
+                                                            caplog):
+    computer(3, server).join("alice")
+    waiting = [computer(2, server), computer(2, server), computer(4, server)]
+    for client in waiting:
+        client.expect("What is your name?")
+    console.handle_line("/who")
+    expect_console(caplog, "1 online, 3 not joined yet.")
+    expect_console(caplog, "Not joined yet: 127.0.0.2 (2), 127.0.0.4")
+
+
+def muted_and_back_as_robert(server, crowd, console):
+    """bob, alone at 127.0.0.2, is muted, leaves, and comes back as robert."""
+    alice, bob = crowd(server, (3, "alice"), (2, "bob"))
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    robert = crowd(server, (2, "robert"))[0]
+    alice.expect_next("*** robert joined the chat.")
+    return alice, robert
+
+
+def test_mute_of_a_student_alone_on_an_address_follows_any_name(server, crowd, console):
+    alice, robert = muted_and_back_as_robert(server, crowd, console)
+    robert.send("I am new here")
+    robert.expect_next("*** Not sent: the teacher has muted you.")
+    console.handle_line("/unmute robert")
+    robert.expect_next("*** The teacher has unmuted you")
+    robert.send("thanks")
+    alice.expect_next("robert says: thanks")
+
+
+@pytest.mark.xfail(strict=True, reason="TeacherConsole.do_unmute: '/unmute bob' forgets "
+                   "the address's mute and says 'bob is no longer muted.', but the same "
+                   "student, online again as robert, stays muted (client.muted untouched)")
+def test_unmute_by_the_muted_name_reaches_the_student_under_a_new_name(server, crowd,
+                                                                       console, caplog):
+    alice, robert = muted_and_back_as_robert(server, crowd, console)
+    console.handle_line("/unmute bob")
+    expect_console(caplog, "bob is no longer muted.")
+    robert.send("thanks")
+    robert.send("/who")
+    start = len(robert.seen)
+    robert.expect("*** Online now")  # every line before it was handled
+    assert not any("Not sent" in line for line in robert.seen[start:]), robert.seen[start:]
+    alice.expect_next("robert says: thanks")
+
+
+def test_mute_on_a_shared_address_follows_the_name_only(server, computer, crowd, console):
+    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
+    console.handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    carol.send("I share bob's computer")
+    alice.expect_next("carol says: I share bob's computer")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    bob = computer(2, server).join("bob")
+    alice.expect_next("*** bob joined the chat.")
+    bob.send("me again")
+    bob.expect_next("*** Not sent: the teacher has muted you.")
+    dave = computer(2, server).join("dave")  # a new student at that computer
+    alice.expect_next("*** dave joined the chat.")
+    dave.send("hello")
+    alice.expect_next("dave says: hello")
+
+
+# --- Nobody can pass for someone else ---------------------------------------------
+
+def ask_name(client, name):
+    """Send name at once (no wait for the prompt); return the server's answer to it."""
+    client.send(name)
+    client.expect_next("*** Welcome to the chat!")
+    client.expect_next("*** What is your name?")
+    return client.read_line()
+
+
+INVISIBLE = "Names may not contain invisible characters."
+LOOKS_LIKE_ALICE = "That name looks too much like alice, who is online."
+ONE_ALPHABET = "Write a name in one alphabet"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("alice\u034f", INVISIBLE),  # combining grapheme joiner
+    ("alice\ufe0f", INVISIBLE),  # variation selector
+    ("alice\u180b", INVISIBLE),  # Mongolian free variation selector
+    ("alice\u17b4", INVISIBLE),  # Khmer inherent vowel
+    ("alice\u3164", INVISIBLE),  # Hangul filler
+    ("alice\uffa0", INVISIBLE),  # halfwidth Hangul filler
+    ("\u115falice", INVISIBLE),  # Hangul choseong filler
+    ("\u0430lice", ONE_ALPHABET),  # Cyrillic а
+    ("ali\u0441e", ONE_ALPHABET),  # Cyrillic с
+    ("al\u0131ce", LOOKS_LIKE_ALICE),  # Latin dotless ı
+    ("\u1d00lice", LOOKS_LIKE_ALICE),  # Latin small capital ᴀ
+    ("\u0430\u04cf\u0456\u0441\u0435", LOOKS_LIKE_ALICE),  # all Cyrillic: аӏісе
+    ("ALICE", "The name alice is taken."),
+    ("a" + "\u0301" * 19, "Too many accents on one letter"),
+], ids=lambda value: ascii(value))
+def test_a_name_that_looks_like_an_online_students_is_refused(room, connect, name, reason):
+    (alice,) = room("alice")
+    impostor = connect()
+    line = ask_name(impostor, name)
+    assert line.startswith("*** " + reason), line
+    assert line.endswith("What is your name?")
+    impostor.send("mallory")  # asked again, and a real name gets in
+    impostor.expect("*** Welcome, mallory!")
+    alice.expect_next("*** mallory joined the chat.")  # nobody else joined meanwhile
+
+
+@pytest.mark.parametrize("name", ["t\u0435acher", "teacher.", "teacher_", "Teacher2",
+                                  "te\u0430cher", "\u1d1beacher"], ids=ascii)
+def test_decorated_forms_of_teacher_are_refused(connect, name):
+    line = ask_name(connect(), name)
+    assert "reserved" in line or ONE_ALPHABET in line, line
+    assert line.endswith("What is your name?")
+
+
+def test_kick_alice_kicks_the_real_alice_after_impostors_tried(room, connect, console):
+    alice, bob = room("alice", "bob")
+    for name in ("alice\u034f", "al\u0131ce", "\u0430lice"):
+        assert ask_name(connect(), name).endswith("What is your name?")  # refused
+    console.handle_line("/kick alice")
+    assert alice.expect_closed() == ["*** The teacher removed you from the chat."]
+    bob.expect_next("*** alice left the chat.")
+
+
+def test_a_rename_to_a_look_alike_is_refused(room):
+    alice, bob = room("alice", "bob")
+    bob.send("/nick al\u0131ce")
+    bob.expect_next("*** " + LOOKS_LIKE_ALICE)
+    bob.send("/nick alice\u200b")
+    bob.expect_next("*** " + INVISIBLE)
+    alice.expect_nothing_before(bob)
+
+
+@pytest.mark.parametrize("name", ["田中たろう", "ヤマダ太郎", "金민수", "김민수", "Ωμέγα",
+                                  "Зоя_2", "Zoë-Ångström"])
+def test_real_names_in_one_writing_system_join(joined, name):
+    joined(name)
+
+
+# --- No student text looks like the server ------------------------------------------
+
+@pytest.mark.parametrize("text, shown", [
+    ("look ***** here", "look ** here"),
+    ("＊＊＊ full width", "** full width"),
+    ("﹡﹡﹡ small", "** small"),
+    ("*＊﹡* mixed", "** mixed"),
+    ("two ** stay", "two ** stay"),
+])
+def test_three_asterisks_or_more_become_two(room, text, shown):
+    alice, bob = room("alice", "bob")
+    bob.send(text)
+    assert alice.expect_next("bob says:") == "bob says: " + shown
+
+
+def test_a_line_padded_to_wrap_cannot_show_a_server_line(room):
+    alice, bob = room("alice", "bob")
+    bob.send("brb" + " " * 77 + "*** [teacher] Class is over. Everyone log off now.")
+    line = alice.expect_next("bob says:")
+    assert "***" not in line
+    assert line.endswith("** [teacher] Class is over. Everyone log off now.")
+
+
+@pytest.mark.parametrize("keys", ["\x1bOP", "\x1bOQ", "\x1bOA", "\x8fP"], ids=ascii)
+def test_ss3_function_keys_are_removed_whole(room, keys):
+    alice, bob = room("alice", "bob")
+    bob.send("a" + keys + "b")
+    assert alice.expect_next("bob says:") == "bob says: ab"
+
+
+# --- No traceback, no hang, nothing lost ---------------------------------------------
+
+class SocketClosedUnderTheWriter:
+    """What a kick during a burst leaves: the socket was full a moment ago, and
+    is closed (fileno -1) by the time the writer thread starts."""
+
+    def send(self, data):
+        raise BlockingIOError(errno.EAGAIN, "full")
+
+    def fileno(self):
+        return -1
+
+    def shutdown(self, how):
+        raise OSError(errno.EBADF, "closed")
+
+
+def test_a_writer_started_after_its_socket_closed_ends_quietly():
+    client = Client(SocketClosedUnderTheWriter(), ("127.0.0.1", 9), 65536)
+    client.send_line("hello")  # the socket is "full": the writer thread starts
+    assert client.wait_gone(TIMEOUT), "the writer did not finish"
+    # An exception escaping the writer thread fails this test (see conftest).
+
+
+@POSIX_ONLY
+def test_a_second_ctrl_c_during_the_shutdown_stops_at_once_with_status_130():
+    with server_process("--flood-rate", "0", "--sendq", "100000000",
+                        "--max-line", "65536") as server:
+        stalled = server.client(rcvbuf=4096)
+        stalled.send("stalled")  # joins, then never reads: the shutdown waits for it
+        stalled.expect("*** Online now")
+        bob = server.join("bob")
+        bob.sock.settimeout(TIMEOUT)
+        # 12 MB for the stalled client, more than the socket buffers take: the
+        # rest stays in its outbox, and the shutdown waits about a second for it.
+        bob.send_raw((b"z" * 60000 + b"\r\n") * 200)
+        bob.send("/who")
+        bob.expect("*** Online now (2)")  # every line before it was handled
+        server.process.send_signal(signal.SIGINT)
+        server.expect_log("Shutting down")  # the shutdown has begun
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        status = server.process.wait(TIMEOUT)
+        took = time.monotonic() - started
+        stderr = server.stderr_text()
+        for client in (bob, stalled):
+            client.close()
+    assert status == chat_server.EXIT_INTERRUPTED == 130, stderr[-1500:]
+    assert "Stopped at once" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "Closed connection: stalled" not in stderr  # it came during the shutdown
+    assert took < 0.9, "took %.2f s" % took  # not the rest of the shutdown
+
+
+# Runs the server with SIGXFSZ ignored, so that a file-size limit (a full disk,
+# played by resource.prlimit) makes write() fail with EFBIG instead of killing it.
+NO_SIGXFSZ_LAUNCHER = (
+    "import runpy, signal, sys; "
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+needs_prlimit = pytest.mark.skipif(not hasattr(resource, "prlimit"),
+                                   reason="resource.prlimit is Linux only")
+
+
+def transcript_lines(path):
+    with open(path, "rb") as transcript:
+        data = transcript.read()
+    assert data.endswith(b"\n"), "a broken line at the end: %r" % data[-60:]
+    return [line[20:] for line in data.decode("utf-8").splitlines()]  # without the time
+
+
+@needs_prlimit
+def test_transcript_on_a_full_disk_loses_no_line_silently_and_resumes(tmp_path):
+    path = tmp_path / "chat.log"
+    with server_process("--transcript", str(path), launcher=NO_SIGXFSZ_LAUNCHER) as server:
+        pid = server.process.pid
+        alice, bob = server.join("alice"), server.join("bob")
+        alice.expect("bob joined")
+        bob.send("before")
+        alice.expect("bob says: before")
+        wait_until(lambda: "bob says: before" in path.read_text(), message="'before' written")
+        # The disk fills up: room for 10 more bytes, less than any line.
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (path.stat().st_size + 10,
+                                                      resource.RLIM_INFINITY))
+        for n in range(3):
+            bob.send("lost %d" % n)
+            alice.expect_next("bob says: lost %d" % n)  # the room goes on
+        server.expect_log("Could not write the transcript")
+        assert transcript_lines(path)[-1] == "bob says: before"  # no half line
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,
+                                                      resource.RLIM_INFINITY))
+        bob.send("after")
+        alice.expect_next("bob says: after")
+        line = server.expect_log("The transcript is being written again")
+        lost = int(re.search(r"(\d+) lines? could not be written", line).group(1))
+        wait_until(lambda: "bob says: after" in path.read_text(), message="'after' written")
+        # Full again at the shutdown: still a clean exit.
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (path.stat().st_size,
+                                                      resource.RLIM_INFINITY))
+        server.process.terminate()
+        status = server.process.wait(TIMEOUT)
+        stderr = server.stderr_text()
+        alice.close()
+        bob.close()
+    assert status == 0
+    assert "Traceback" not in stderr
+    # Every line is either in the transcript or counted as lost: the last one
+    # may have been written after the disk had room again.
+    events = transcript_lines(path)
+    written = ["bob says: lost %d" % n for n in range(lost, 3)]
+    assert 1 <= lost <= 3
+    assert events[events.index("bob says: before"):] == (
+        ["bob says: before"] + written + ["bob says: after"])
+
+
+@POSIX_ONLY
+def test_transcript_fifo_with_no_reader_is_refused_at_start(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(str(fifo))
+    finished = subprocess.run(
+        [sys.executable, SERVER_SCRIPT, "--port", "0", "--transcript", str(fifo)],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
+    stderr = finished.stderr.decode("utf-8", "replace")
+    assert finished.returncode == 2
+    assert "Cannot open the transcript" in stderr and "Traceback" not in stderr
+
+
+@POSIX_ONLY
+def test_transcript_fifo_that_is_never_read_neither_stops_the_room_nor_sigterm(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(str(fifo))
+    reader = os.open(str(fifo), os.O_RDONLY | os.O_NONBLOCK)  # open, and never read
+    try:
+        with server_process("--transcript", str(fifo), "--flood-rate", "0") as server:
+            alice, bob = server.join("alice"), server.join("bob")
+            alice.expect("bob joined")
+            bob.sock.settimeout(TIMEOUT)
+            bob.send_raw(b"".join(b"line %d %s\r\n" % (n, b"y" * 500) for n in range(300)))
+            for n in range(300):  # 150 KB, more than a pipe holds
+                alice.expect_next("bob says: line %d " % n)
+            server.expect_log("Could not write the transcript")
+            started = time.monotonic()
+            server.process.terminate()
+            status = server.process.wait(TIMEOUT)
+            took = time.monotonic() - started
+            stderr = server.stderr_text()
+            alice.close()
+            bob.close()
+    finally:
+        os.close(reader)
+    assert status == 0
+    assert took < 4.0, "SIGTERM took %.1f s" % took
+    assert "Traceback" not in stderr
