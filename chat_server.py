@@ -1687,6 +1687,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
     """
 
     disable_nagle_algorithm = True  # TCP_NODELAY: a line leaves at once
+    rbufsize = 0  # self.rfile is never read (see above): no 8 KiB buffer per client
 
     def setup(self):
         super().setup()
