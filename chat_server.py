@@ -9,6 +9,7 @@ Run it:
     python chat_server.py --help           # every flag, with its default
 
 Join it, from another terminal or another computer:
+    http://127.0.0.1:1337/                 # in a browser: the chat page
     nc 127.0.0.1 1337                      # or: telnet 127.0.0.1 1337
     python chat_server.py --connect 127.0.0.1
 
@@ -28,11 +29,19 @@ How it works: three moving parts.
 The terminal running the server is the teacher's console: it shows the chat,
 and lines typed there are announcements or commands (type /help there).
 
+Around that core, parts that each add one thing: what protects the room
+(text cleaning, limits per connection, per computer and for the whole room,
+names nobody can fake), the commands, the teacher's console and transcript,
+the browser page (HTTP and a WebSocket on the same port), the Redis link
+(several servers, one room), and the --connect line client.
+
 Licence: MIT (see LICENSE).
 """
 
 # Glossary, the words used everywhere below:
-#   client      one TCP connection, from nc, telnet, PuTTY or --connect.
+#   client      one connection, from nc, telnet, PuTTY, --connect or a browser.
+#   address     the computer a client connects from (its IP address, one
+#               spelling: see normal_host); limits, bans and mutes use it.
 #   name        what a client is called once it has joined; unique, compared
 #               after NFKC normalisation and case folding (its "key").
 #   line        one line of text, as typed; the server ends each it sends
