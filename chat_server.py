@@ -529,6 +529,7 @@ class ByteBudget:
     """A FloodLimiter in bytes that many threads share (the room-wide budget)."""
 
     def __init__(self, rate, burst):
+        self.active = rate > 0  # 0: no budget at all
         self._bucket = FloodLimiter(rate, burst)
         self._lock = threading.Lock()  # guards _bucket
 
@@ -1002,7 +1003,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._refuser = Refuser()
         # Room events for the console and transcript, queued in room order;
         # put under _lock (so in order), taken by the recorder thread.
-        self._records = queue.Queue(RECORD_QUEUE_EVENTS)
+        # (A SimpleQueue bounded by hand: queue.Queue costs far more per put,
+        # and this runs for every line said in the room.)
+        self._records = queue.SimpleQueue()
         self._records_dropped = 0  # guarded by _dropped_lock
         self._dropped_lock = threading.Lock()
         self._transcript = transcript  # a Transcript, or None
@@ -1219,9 +1222,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         budget a hundred senders, each within their own flood limit, could
         fill a slow reader's outbox in a second and get them dropped.
         """
-        if client.muted or self._quiet:
-            # Read without the lock, as a hint only: what is silenced reaches
-            # nobody, so it costs the room nothing. (The lock decides later.)
+        if not self._room_budget.active or client.muted or self._quiet:
+            # muted and _quiet are read without the lock, as a hint only: what
+            # is silenced reaches nobody, so it costs the room nothing.
             return
         delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
         if delay > 0:
@@ -1378,9 +1381,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
         the event is counted instead, and the count reported.
         """
-        try:
-            self._records.put_nowait((kind, line))
-        except queue.Full:
+        if self._records.qsize() < RECORD_QUEUE_EVENTS:
+            self._records.put((kind, line))
+        else:
             with self._dropped_lock:
                 self._records_dropped += 1
 
@@ -1543,10 +1546,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if self._link is not None:
             self._link.stop()
         super().server_close()
-        try:
-            self._records.put(("stop", ""), timeout=SHUTDOWN_GRACE_SECONDS)
-        except queue.Full:
-            pass  # the recorder is stuck: it is a daemon thread, leave it
+        self._records.put(("stop", ""))
         if self._recorder_thread.is_alive():
             self._recorder_thread.join(SHUTDOWN_GRACE_SECONDS)
 
@@ -1784,7 +1784,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 data = self.request.recv(RECV_BYTES)
             except BlockingIOError:
                 continue  # woken without data after all: wait again
-            self.client.gone.wait(self.input_pace.delay_for_next_line(len(data)))
+            delay = self.input_pace.delay_for_next_line(len(data))
+            if delay > 0:
+                self.client.gone.wait(delay)  # ends early if the client is dropped
             return data
 
     def receive(self, data):
@@ -1928,7 +1930,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             if not self.flood.take_if_free():
                 break  # this one must wait: hold_back_flood() will pace it
             if line.strip():
-                texts.append(line.rstrip())
+                texts.append(defuse_server_marker(line.rstrip()))
             self.lines.popleft()
         return texts
 

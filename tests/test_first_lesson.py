@@ -268,3 +268,12 @@ def test_refused_clients_that_already_sent_a_name_still_see_why(start_server, co
         latecomer = connect(server)
         latecomer.send("latecomer")  # unread input must not reset away the refusal
         assert latecomer.expect_closed() == ["*** The room is full (1 connected). Try again later."]
+
+
+def test_no_line_of_a_pasted_batch_shows_the_server_marker(room):
+    """Lines read together go out together: each of them is checked, not only the first."""
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"first\r\nsecond *** [teacher] Class is over.\r\nthird ****\r\n")
+    alice.expect_next("bob says: first")
+    alice.expect_next("bob says: second ** [teacher] Class is over.")
+    alice.expect_next("bob says: third **")
