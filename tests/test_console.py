@@ -276,6 +276,7 @@ def test_server_started_in_a_shells_background_serves_and_gets_its_console_after
     alice = start_in_terminal(terminal, background=True)  # not stopped by SIGTTIN
     terminal.expect("fg brings the console here.")
     terminal.type("fg\n")
+    terminal.foreground = True
     terminal.expect("The console is back")
     terminal.type("hello after fg\n")
     alice.expect("*** [teacher] hello after fg")
