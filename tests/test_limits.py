@@ -5,8 +5,10 @@ import time
 
 import pytest
 
-from chat_server import Client, enable_keepalive
-from conftest import TIMEOUT, ChatClient, wait_until
+import chat_server
+from chat_server import WRONG_PASSWORD_DELAY_SECONDS, Client, enable_keepalive
+from conftest import (BIG_LINE_BYTES, TIMEOUT, ChatClient, read_until_closed, server_side,
+                      stall, wait_until)
 
 
 # --- Names ---
@@ -65,22 +67,23 @@ def test_name_timeout_closes_a_silent_connection(start_server, connect):
 
 
 def test_name_timeout_zero_waits_for_a_name(start_server, connect):
-    server = start_server(name_timeout=0)
-    client = connect(server)
-    client.expect("What is your name?")
-    deadline = time.monotonic() + 1.0  # a slow typist; the time passing is the test
-    wait_until(lambda: time.monotonic() > deadline, message="a second to pass")
-    client.send("slowpoke")
-    client.expect("*** Welcome, slowpoke!")
+    """A room with a timeout closes its silent newcomer; one with 0 keeps its own."""
+    timed = start_server(name_timeout=0.5)
+    untimed = start_server(name_timeout=0)
+    waiting = connect(untimed)
+    waiting.expect("What is your name?")
+    connect(timed).expect_closed()  # proves the time has passed
+    waiting.send("slowpoke")
+    waiting.expect_next("*** Welcome, slowpoke!")
 
 
-def test_name_timeout_does_not_close_a_joined_client(start_server, joined):
+def test_name_timeout_does_not_close_a_joined_client(start_server, room, connect):
     server = start_server(name_timeout=0.3)
-    alice, bob = joined("alice", server), joined("bob", server)
-    deadline = time.monotonic() + 0.6  # twice the timeout: the time passing is the test
-    wait_until(lambda: time.monotonic() > deadline, message="the name timeout to pass")
+    alice, bob = room("alice", "bob", target=server)
+    latecomer = connect(server)  # connected after bob: its timeout ends after his would
+    assert latecomer.expect_closed()[-1] == "*** You did not give a name in time. Goodbye."
     bob.send("still here")
-    alice.expect("bob says: still here")
+    alice.expect_next("bob says: still here")
 
 
 # --- Password ---
@@ -95,13 +98,17 @@ def test_right_password_lets_a_client_in(start_server, connect):
     client.expect("*** Welcome, alice!")
 
 
-def test_wrong_password_is_refused_and_closed(start_server, connect, joined):
+def test_wrong_password_is_refused_after_a_delay_and_closed(start_server, connect):
     server = start_server(password="s3cret")
     client = connect(server)
     client.expect("Password?")
+    started = time.monotonic()
     client.send("guess")
     lines = client.expect_closed()
+    took = time.monotonic() - started
     assert lines == ["*** Wrong password. Goodbye."]
+    # A lower bound, so a loaded machine cannot make it fail: guessing is slow.
+    assert took >= 0.9 * WRONG_PASSWORD_DELAY_SECONDS, "refused after %.2f s" % took
 
 
 # --- Flood ---
@@ -161,13 +168,34 @@ def test_slow_reader_is_dropped_and_the_others_still_chat(start_server, room, jo
     server = start_server(flood_rate=0, sendq=64 * 1024)
     alice, bob = room("alice", "bob", target=server)
     joined("slow", server, rcvbuf=4096)  # joins, then never reads
-    alice.expect("slow joined")
-    bob.expect("slow joined")
+    alice.expect_next("slow joined")
+    bob.expect_next("slow joined")
     said, received = chat_until_slow_is_dropped(bob, alice, "x" * 1000, batch=20)
     assert alice.seen.count(SLOW_LEFT) == 1
     assert received == said  # alice lost nothing while slow was dropped
     bob.send("still chatting")
     alice.expect_next("bob says: still chatting", timeout=1)
+
+
+def test_slow_reader_whose_writer_is_stuck_is_dropped_at_once(start_server, room, joined, caplog):
+    """The drop comes while the slow client's writer waits on its full socket."""
+    server = start_server(flood_rate=0, sendq=64 * 1024, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    slow = joined("slow", server, rcvbuf=4096)  # joins, then never reads
+    alice.expect_next("slow joined")
+    bob.expect_next("slow joined")
+    stall(server, "slow", bob, alice)
+    bob.send("y" * BIG_LINE_BYTES)  # more than --sendq can hold on top of the first
+    alice.expect_next("bob says: yyy")
+    alice.expect_next(SLOW_LEFT)
+    # Closed by the server at once, although slow has not read a byte more.
+    wait_until(lambda: server.connection_count() == 2, message="the slow connection to close")
+    assert any(record.getMessage().startswith("Disconnecting slow (127.0.0.1:")
+               and record.getMessage().endswith(": too slow to keep up")
+               for record in caplog.records), "no 'too slow' line on the console"
+    read_until_closed(slow)
+    bob.send("still chatting")
+    alice.expect_next("bob says: still chatting")
 
 
 def full_socket_pair():
@@ -210,6 +238,36 @@ def test_writer_thread_sends_what_a_full_socket_could_not_take():
             data = theirs.recv(1 << 20)
             assert data, "closed before the queued line came"
             received += data
+    finally:
+        client.abort()
+        ours.close()
+        theirs.close()
+
+
+def read_until_it_ends_with(sock, ending):
+    received = b""
+    sock.settimeout(TIMEOUT)
+    while not received.endswith(ending):
+        data = sock.recv(1 << 20)
+        assert data, "closed before %r came" % ending
+        received += data
+    return received
+
+
+def test_writer_thread_wakes_again_for_a_second_backlog():
+    ours, theirs = full_socket_pair()
+    client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1 << 20)
+    try:
+        assert client.send(b"first\r\n")  # the writer starts, and sends it once there is room
+        read_until_it_ends_with(theirs, b"first\r\n")
+        wait_until(lambda: not client._backlogged, message="the writer to go idle")
+        try:
+            while True:  # full again, while the writer sleeps
+                ours.send(b"y" * 65536)
+        except BlockingIOError:
+            pass
+        assert client.send(b"second\r\n")
+        read_until_it_ends_with(theirs, b"second\r\n")
     finally:
         client.abort()
         ours.close()
@@ -302,6 +360,16 @@ def test_accepted_sockets_use_keepalive_to_find_vanished_peers():
             assert idle + interval * probes <= 150  # SPEC: within about two minutes
     finally:
         sock.close()
+
+
+def test_accepted_connection_sends_at_once_and_uses_keepalive(server, joined):
+    joined("alice")
+    sock = server_side(server, "alice").sock
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+                == chat_server.KEEPALIVE_IDLE_SECONDS)
 
 
 def test_a_whole_class_connecting_at_once_all_get_a_prompt(start_server, connect):

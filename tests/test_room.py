@@ -2,11 +2,12 @@
 
 import random
 import socket
+import sys
 import threading
 
 import pytest
 
-from conftest import wait_until
+from conftest import TIMEOUT, wait_until
 
 IAC, DO, WONT, IP = 255, 253, 252, 244
 ECHO, TIMING_MARK = 1, 6
@@ -38,29 +39,43 @@ def test_message_reaches_everyone_else_but_not_the_sender(room):
     alice.expect_next("bob says: sentinel")  # alice never got her own line back
 
 
-def test_every_client_sees_room_events_in_the_same_order(start_server, joined):
+@pytest.fixture
+def eager_thread_switching():
+    """Make threads switch as often as the interpreter can, so races show up."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_every_client_sees_room_events_in_the_same_order(
+        start_server, room, eager_thread_switching):
+    """Six senders at once, everyone watching: one order for all."""
     server = start_server(flood_rate=0)
-    alice, bob, carol = (joined(name, server) for name in ("alice", "bob", "carol"))
-    watchers = [joined("dave", server), joined("erin", server)]
-    senders = [alice, bob, carol]
-
-    def chatter(sender):
-        for number in range(50):
-            sender.send("line %d" % number)
-
-    threads = [threading.Thread(target=chatter, args=(s,)) for s in senders]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seen = []
-    for watcher in watchers:
-        lines = [watcher.expect(" says: line ") for _ in range(150)]
-        seen.append(lines)
-    assert seen[0] == seen[1]
-    for name in ("alice", "bob", "carol"):
-        own = [line for line in seen[0] if line.startswith(name)]
-        assert own == ["%s says: line %d" % (name, n) for n in range(50)]
+    names = ["s%d" % number for number in range(6)]
+    clients = room(*names, "w0", "w1", "w2", "w3", target=server)
+    senders, watchers = clients[:6], clients[6:]
+    lines_each = 300
+    # Each sender's lines arrive at once, so every reader thread has a backlog
+    # to work through at the same time as the others. An action is one room
+    # event per line (messages that arrive together go out as one event).
+    payload = b"".join(b"/me line %d\r\n" % n for n in range(lines_each))
+    for sender in senders:
+        sender.send_raw(payload)
+    everything = lines_each * len(senders)
+    seen = {}
+    for name, client in zip(names + ["w0", "w1", "w2", "w3"], clients):
+        count = everything - lines_each if client in senders else everything
+        seen[name] = [client.expect_next(" line ") for _ in range(count)]
+    order = seen["w0"]
+    for name in names:
+        own = [line for line in order if line.startswith("* %s " % name)]
+        assert own == ["* %s line %d" % (name, n) for n in range(lines_each)]
+    # A sender sees all but its own lines: a race shows wherever it splits the room.
+    for name, lines in seen.items():
+        got = set(lines)
+        assert [line for line in order if line in got] == lines, (
+            "%s saw the room in another order than w0" % name)
 
 
 def test_leave_is_announced_once_on_a_clean_close(room):
