@@ -198,6 +198,22 @@ def test_slow_reader_whose_writer_is_stuck_is_dropped_at_once(start_server, room
     alice.expect_next("bob says: still chatting")
 
 
+def test_shutdown_closes_a_stalled_connection_within_two_seconds(start_server, room, joined):
+    server = start_server(flood_rate=0, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    stalled = joined("stalled", server, rcvbuf=4096)  # joins, then never reads
+    alice.expect_next("stalled joined")
+    bob.expect_next("stalled joined")
+    stall(server, "stalled", bob, alice)
+    started = time.monotonic()
+    server.close_room()  # what Ctrl+C does, before the process exits
+    took = time.monotonic() - started
+    alice.expect_next("*** Server is shutting down.")
+    wait_until(lambda: server.connection_count() == 0, message="every connection to close")
+    read_until_closed(stalled)
+    assert took < 2 * chat_server.SHUTDOWN_GRACE_SECONDS + 0.5, "took %.1f s" % took
+
+
 def full_socket_pair():
     """A connected pair whose first end cannot send: the other never reads."""
     ours, theirs = socket.socketpair()

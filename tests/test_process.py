@@ -94,9 +94,19 @@ def test_limit_flag_sets_the_room_setting(flag, field, default):
     assert getattr(settings, field) == 4096
 
 
-@pytest.mark.parametrize("flag", ["--flood-rate", "--nick-rate", "--name-timeout", "--history"])
-def test_zero_turns_a_limit_off_and_is_accepted(flag):
-    chat_server.parse_args([flag, "0"])
+@pytest.mark.parametrize("flag, field", [
+    ("--flood-rate", "flood_rate"), ("--nick-rate", "nick_rate"),
+    ("--name-timeout", "name_timeout"), ("--history", "history"),
+    ("--ban-minutes", "ban_minutes"),
+])
+def test_zero_turns_a_limit_off_and_is_accepted(flag, field):
+    settings = chat_server.settings_from(chat_server.parse_args([flag, "0"]))
+    assert getattr(settings, field) == 0
+
+
+def test_fractional_ban_minutes_are_accepted():
+    settings = chat_server.settings_from(chat_server.parse_args(["--ban-minutes", "0.5"]))
+    assert settings.ban_minutes == 0.5
 
 
 def test_default_address_is_the_tutorials():
