@@ -37,7 +37,7 @@ def test_nick_renames_and_everyone_sees_it(room):
 def test_nick_frees_the_old_name_at_once(room, connect):
     alice, bob = room("alice", "bob")
     bob.send("/nick robert")
-    bob.expect("is now robert")
+    bob.expect_next("is now robert")
     newcomer = connect()
     newcomer.send("bob")
     newcomer.expect("*** Welcome, bob!")
@@ -86,10 +86,10 @@ def test_nick_is_limited_per_minute(start_server, room):
     bob.send("/nick b1")
     bob.send("/nick b2")
     bob.send("/nick b3")
-    bob.expect("is now b1")
+    bob.expect_next("is now b1")
     bob.expect_next("is now b2")
     bob.expect_next("*** You can change your name at most 2 times a minute.")
-    alice.expect("is now b1")
+    alice.expect_next("is now b1")
     alice.expect_next("is now b2")
     alice.expect_nothing_before(bob)
 

@@ -49,7 +49,7 @@ def test_console_text_is_announced_to_everyone(room, console):
 def test_announcement_enters_the_history(room, joined, console):
     (alice,) = room("alice")
     console.handle_line("Homework: chapter 3")
-    alice.expect("chapter 3")
+    alice.expect_next("chapter 3")
     carol = joined("carol")
     assert "*** [teacher] Homework: chapter 3" in carol.seen
 
@@ -162,7 +162,8 @@ def test_unmute_tells_the_student_and_they_chat_again(room, console):
     alice, bob = room("alice", "bob")
     console.handle_line("/mute bob")
     console.handle_line("/unmute bob")
-    bob.expect("*** The teacher has unmuted you")
+    bob.expect_next("*** The teacher has muted you")
+    bob.expect_next("*** The teacher has unmuted you")
     bob.send("back")
     alice.expect_next("bob says: back")
 
@@ -254,7 +255,7 @@ def test_console_reads_a_pipe_and_announces(tmp_path):
     with server_process(stdin=subprocess.PIPE) as server:
         alice = server.join("alice")
         server.type("Hello from the front desk")
-        alice.expect("*** [teacher] Hello from the front desk")
+        alice.expect_next("*** [teacher] Hello from the front desk")
         alice.close()
 
 
@@ -262,13 +263,13 @@ def test_console_shows_room_events_with_timestamps():
     with server_process() as server:
         alice = server.join("alice")
         bob = server.join("bob")
-        alice.expect("bob joined")
+        alice.expect_next("bob joined")
         bob.send("/nick robert")
-        alice.expect("is now robert")
+        alice.expect_next("is now robert")
         bob.send("hi")
-        alice.expect("robert says: hi")
+        alice.expect_next("robert says: hi")
         bob.close()
-        alice.expect("robert left the chat.")
+        alice.expect_next("robert left the chat.")
         for event in ("alice joined the chat.", "bob joined the chat.", "bob is now robert.",
                       "robert says: hi", "robert left the chat."):
             line = server.expect_log(event)
@@ -280,7 +281,7 @@ def test_console_shutdown_stops_the_server_like_ctrl_c():
     with server_process(stdin=subprocess.PIPE) as server:
         alice = server.join("alice")
         server.type("/shutdown")
-        alice.expect("*** Server is shutting down.")
+        alice.expect_next("*** Server is shutting down.")
         assert server.process.wait(TIMEOUT) == 0
         alice.close()
 
@@ -335,11 +336,11 @@ def test_transcript_holds_every_room_event_even_after_a_kill(tmp_path):
     with server_process("--transcript", str(path), stdin=subprocess.PIPE) as server:
         alice = server.join("alice")
         bob = server.join("bob")
-        alice.expect("bob joined")
+        alice.expect_next("bob joined")
         bob.send("the answer is 42")
-        alice.expect("bob says: the answer is 42")
+        alice.expect_next("bob says: the answer is 42")
         server.type("Well done")
-        alice.expect("[teacher] Well done")
+        alice.expect_next("[teacher] Well done")
         wait_until(lambda: "Well done" in path.read_text(encoding="utf-8"),
                    message="the transcript to be written")
         server.process.kill()  # no chance to flush anything at exit
@@ -360,11 +361,11 @@ def test_transcript_has_private_messages_only_when_asked(tmp_path, flags, writte
     with server_process("--transcript", str(path), *flags) as server:
         alice = server.join("alice")
         bob = server.join("bob")
-        alice.expect("bob joined")
+        alice.expect_next("bob joined")
         bob.send("/msg alice secret")
-        alice.expect("bob whispers: secret")
+        alice.expect_next("bob whispers: secret")
         bob.send("public")
-        alice.expect("bob says: public")
+        alice.expect_next("bob says: public")
         wait_until(lambda: "public" in path.read_text(encoding="utf-8"),
                    message="the transcript to be written")
         alice.close()

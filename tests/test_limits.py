@@ -138,7 +138,7 @@ def test_flooder_does_not_slow_the_others(start_server, room):
     server = start_server(flood_rate=1, flood_burst=1)
     alice, bob, carol = room("alice", "bob", "carol", target=server)
     bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(30)))
-    alice.expect("bob says: flood 0")
+    alice.expect_next("bob says: flood 0")
     carol.send("hello")
     alice.expect("carol says: hello", timeout=1.5)  # long before bob's 30 s of lines
 
@@ -320,7 +320,7 @@ def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, j
     waiting.close()
     wait_until(lambda: server.connection_count() == 1, message="the place to be freed")
     joined("bob", server)
-    alice.expect("bob joined")
+    alice.expect_next("bob joined")
 
 
 # --- History ---
@@ -328,7 +328,7 @@ def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, j
 def test_late_joiner_sees_recent_history(room, joined):
     alice, bob = room("alice", "bob")
     alice.send("first")
-    bob.expect("alice says: first")
+    bob.expect_next("alice says: first")
     carol = joined("carol")
     assert "alice says: first" in carol.seen
     assert "*** bob joined the chat." in carol.seen
@@ -339,7 +339,7 @@ def test_history_keeps_only_the_last_events(start_server, room, joined):
     alice, bob = room("alice", "bob", target=server)
     for word in ("one", "two", "three"):
         alice.send(word)
-        bob.expect("says: " + word)
+        bob.expect_next("says: " + word)
     carol = joined("carol", server)
     said = [line for line in carol.seen if " says: " in line]
     assert said == ["alice says: two", "alice says: three"]
@@ -349,7 +349,7 @@ def test_history_zero_replays_nothing(start_server, room, joined):
     server = start_server(history=0)
     alice, bob = room("alice", "bob", target=server)
     alice.send("secret before you came")
-    bob.expect("secret")
+    bob.expect_next("secret")
     carol = joined("carol", server)
     assert not any("says:" in line for line in carol.seen)
 
@@ -357,7 +357,7 @@ def test_history_zero_replays_nothing(start_server, room, joined):
 def test_history_never_holds_private_messages(room, joined):
     alice, bob = room("alice", "bob")
     alice.send("/msg bob psst")
-    bob.expect("alice whispers: psst")
+    bob.expect_next("alice whispers: psst")
     carol = joined("carol")
     assert not any("psst" in line for line in carol.seen)
 

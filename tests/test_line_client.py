@@ -41,7 +41,8 @@ def finish(process):
 def test_client_sends_stdin_and_prints_the_server_then_exits_0_at_eof(joined, server):
     bob = joined("bob")
     process = start_client(server, stdin_text="alice\nhello from a pipe\n")
-    bob.expect("alice says: hello from a pipe")
+    bob.expect_next("*** alice joined the chat.")
+    bob.expect_next("alice says: hello from a pipe")
     status, stdout, stderr = finish(process)
     assert status == 0 and stderr == ""
     assert "*** Welcome, alice!" in stdout
@@ -53,7 +54,8 @@ def test_client_speaks_utf8_both_ways_whatever_the_locale(joined, server):
     process = start_client(server)
     process.stdin.write("Zoë\ncafé ☕\n".encode("utf-8"))
     process.stdin.flush()
-    bob.expect("Zoë says: café ☕")
+    bob.expect_next("*** Zoë joined the chat.")
+    bob.expect_next("Zoë says: café ☕")
     bob.send("merci, Zoë ✓")
     bob.send("/quit")
     bob.expect_closed()
@@ -101,7 +103,7 @@ def test_client_ctrl_c_exits_0_without_a_traceback(joined, server):
     process = start_client(server)
     process.stdin.write(b"alice\n")
     process.stdin.flush()
-    bob.expect("alice joined")
+    bob.expect_next("alice joined")
     process.send_signal(signal.SIGINT)
     status, _, stderr = finish(process)
     assert status == 0 and "Traceback" not in stderr

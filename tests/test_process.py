@@ -121,9 +121,9 @@ def test_ctrl_c_tells_everyone_and_exits_0_quickly_despite_a_stalled_client():
         alice = server.join("alice")
         stalled = server.client(rcvbuf=4096)
         stalled.send("stalled")  # joins, then never reads
-        alice.expect("stalled joined")
+        alice.expect_next("stalled joined")
         bob = server.join("bob")
-        alice.expect("bob joined")
+        alice.expect_next("bob joined")
         for _ in range(40):  # 8 MB: the stalled client's socket buffers fill up
             bob.send_raw((b"z" * 1000 + b"\r\n") * 200)
             for _ in range(200):
@@ -133,8 +133,8 @@ def test_ctrl_c_tells_everyone_and_exits_0_quickly_despite_a_stalled_client():
         status = process.wait(TIMEOUT)
         took = time.monotonic() - started
         stderr = server.stderr_text()
-        alice.expect("*** Server is shutting down.")
-        bob.expect("*** Server is shutting down.")
+        alice.expect_next("*** Server is shutting down.")
+        bob.expect_next("*** Server is shutting down.")
         for client in (alice, bob, stalled):
             client.close()
     assert status == 0
@@ -148,7 +148,7 @@ def test_sigterm_shuts_down_in_good_order():
         alice = server.join("alice")
         server.process.terminate()
         status = server.process.wait(TIMEOUT)
-        alice.expect("*** Server is shutting down.")
+        alice.expect_next("*** Server is shutting down.")
         alice.close()
     assert status == 0
 

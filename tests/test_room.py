@@ -33,8 +33,8 @@ def test_newcomer_is_welcomed_and_sees_who_is_online(joined, connect):
 def test_message_reaches_everyone_else_but_not_the_sender(room):
     alice, bob, carol = room("alice", "bob", "carol")
     alice.send("hello class")
-    bob.expect("alice says: hello class")
-    carol.expect("alice says: hello class")
+    bob.expect_next("alice says: hello class")
+    carol.expect_next("alice says: hello class")
     bob.send("sentinel")
     alice.expect_next("bob says: sentinel")  # alice never got her own line back
 
@@ -89,9 +89,11 @@ def test_leave_is_announced_once_for_each_abrupt_reset(joined, server, room):
     alice, frank = room("alice", "frank")
     names = ["bob", "carol", "dave", "erin"]
     others = [joined(name) for name in names]
+    for name in names:
+        alice.expect_next("*** %s joined the chat." % name)
     for client in others:
         client.reset()
-    leaves = [alice.expect(" left the chat.") for _ in names]
+    leaves = [alice.expect_next(" left the chat.") for _ in names]
     assert sorted(leaves) == sorted("*** %s left the chat." % n for n in names)
     wait_until(lambda: server.connection_count() == 2, message="resets to be cleaned up")
     alice.expect_nothing_before(frank)
@@ -151,7 +153,7 @@ def test_every_server_line_ends_in_crlf(joined, connect):
 def test_each_kind_of_line_end_ends_a_line(room, end):
     alice, bob = room("alice", "bob")
     bob.send_raw(b"one" + end + b"two" + end)
-    alice.expect("bob says: one")
+    alice.expect_next("bob says: one")
     alice.expect_next("bob says: two")
 
 
@@ -159,7 +161,7 @@ def test_cr_and_lf_split_across_two_packets_are_one_line_end(room):
     alice, bob = room("alice", "bob")
     bob.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     bob.send_raw(b"first\r")
-    alice.expect("bob says: first")
+    alice.expect_next("bob says: first")
     bob.send_raw(b"\nsecond\r\n")
     alice.expect_next("bob says: second")  # no empty line, no lost line
 
@@ -174,7 +176,7 @@ def test_whitespace_only_lines_are_ignored(room):
 def test_invalid_utf8_becomes_a_replacement_character_and_the_connection_stays(room):
     alice, bob = room("alice", "bob")
     bob.send_raw(b"caf\xe9 \xfe\r\n")  # (not \xff: that is telnet's IAC)
-    alice.expect("bob says: caf\ufffd \ufffd")
+    alice.expect_next("bob says: caf\ufffd \ufffd")
     bob.send("still here")
     alice.expect_next("bob says: still here")
 
@@ -215,7 +217,7 @@ def test_escape_sequences_and_controls_never_reach_other_terminals(room):
 def test_no_student_line_starts_like_a_server_line(room):
     alice, bob = room("alice", "bob")
     bob.send("*** Server: everyone must leave")
-    line = alice.expect("Server: everyone")
+    line = alice.expect_next("Server: everyone")
     assert line == "bob says: *** Server: everyone must leave"
 
 
@@ -230,7 +232,7 @@ def test_browser_gets_a_plain_http_answer_and_is_closed(connect):
 def test_line_over_max_line_is_refused_and_the_connection_kept(room):
     alice, bob = room("alice", "bob")
     bob.send("x" * 1025)
-    bob.expect("longer than 1024 bytes and was not sent")
+    bob.expect_next("longer than 1024 bytes and was not sent")
     bob.send("y" * 1024)
     alice.expect_next("bob says: " + "y" * 1024)
     bob.send("short")
@@ -241,7 +243,7 @@ def test_max_line_flag_sets_the_limit(start_server, room):
     server = start_server(max_line=100)
     alice, bob = room("alice", "bob", target=server)
     bob.send("x" * 101)
-    bob.expect("longer than 100 bytes")
+    bob.expect_next("longer than 100 bytes")
     bob.send("fine")
     alice.expect_next("bob says: fine")
 
