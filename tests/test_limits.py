@@ -1,12 +1,13 @@
 """SPEC's limits over real sockets: names, password, timeouts, flood, slow readers, room size."""
 
+import functools
 import socket
 import time
 
 import pytest
 
 import chat_server
-from chat_server import WRONG_PASSWORD_DELAY_SECONDS, Client, enable_keepalive
+from chat_server import WRONG_PASSWORD_DELAY_SECONDS, Client, TeacherConsole, enable_keepalive
 from conftest import (BIG_LINE_BYTES, TIMEOUT, ChatClient, read_until_closed, server_side,
                       stall, wait_until)
 
@@ -132,6 +133,30 @@ def test_flooder_is_told_once_to_slow_down(start_server, room):
         alice.expect_next("bob says: line %d" % n)
     alice.send("sentinel")
     bob.expect_next("alice says: sentinel")  # no second notice
+
+
+def test_flooder_is_told_again_after_slowing_down(start_server, room, monkeypatch):
+    now = [100.0]  # the flood limiter's clock, moved by hand
+    monkeypatch.setattr(chat_server, "FloodLimiter",
+                        functools.partial(chat_server.FloodLimiter, clock=lambda: now[0]))
+    server = start_server(flood_rate=50, flood_burst=2)
+    alice, bob = room("alice", "bob", target=server)
+    for burst in range(2):
+        bob.send_raw(b"".join(b"burst %d line %d\r\n" % (burst, n) for n in range(5)))
+        bob.expect_next("*** You are sending lines too fast")
+        for n in range(5):
+            alice.expect_next("bob says: burst %d line %d" % (burst, n))
+        now[0] += 60  # a calm minute: the next burst is a new flood
+
+
+def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
+    server = start_server(flood_rate=0.5, flood_burst=1)  # 2 s between lines
+    alice, bob, carol = room("alice", "bob", "carol", target=server)
+    bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(5)))
+    alice.expect_next("bob says: flood 0")
+    TeacherConsole(server, None).handle_line("/kick bob")  # while "flood 1" waits
+    alice.expect("*** bob left the chat.")  # (a slow machine may let "flood 1" out first)
+    alice.expect_nothing_before(carol)
 
 
 def test_flooder_does_not_slow_the_others(start_server, room):
