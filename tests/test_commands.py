@@ -32,6 +32,8 @@ def test_nick_renames_and_everyone_sees_it(room):
     bob.expect_next("*** bob is now robert.")
     bob.send("hi")
     alice.expect_next("robert says: hi")
+    alice.send("/who")
+    alice.expect_next("*** Online now (2): alice, robert")
 
 
 def test_nick_frees_the_old_name_at_once(room, connect):
@@ -98,6 +100,16 @@ def test_who_lists_everyone_alphabetically_with_a_count(room):
     carol, alice, Bob = room("carol", "alice", "Bob")
     alice.send("/who")
     alice.expect_next("*** Online now (3): alice, Bob, carol")
+
+
+def test_who_no_longer_lists_those_who_left(room):
+    alice, bob, carol, dave = room("alice", "bob", "carol", "dave")
+    bob.send("/quit")
+    alice.expect_next("*** bob left the chat.")
+    carol.send("/quit")
+    alice.expect_next("*** carol left the chat.")
+    alice.send("/who")
+    alice.expect_next("*** Online now (2): alice, dave")
 
 
 def test_me_shows_an_action_to_the_others(room):

@@ -68,7 +68,7 @@ def test_announcements_keep_the_room_order(room, console):
 
 def test_kick_tells_the_reason_and_disconnects(room, console, caplog):
     alice, bob = room("alice", "bob")
-    console.handle_line("/kick bob spamming the chat")
+    console.handle_line("/kick BOB spamming the chat")  # names ignore case
     assert bob.expect_closed() == ["*** The teacher removed you from the chat: spamming the chat"]
     alice.expect_next("*** bob left the chat.")
     expect_console(caplog, KICK_REPLY.format(name="bob", address="127.0.0.1", minutes=5))
@@ -132,7 +132,7 @@ def test_kick_of_an_unknown_name_says_so(console, caplog):
 
 def test_muted_student_reaches_nobody_and_is_told_once(room, console):
     alice, bob, carol = room("alice", "bob", "carol")
-    console.handle_line("/mute bob")
+    console.handle_line("/mute Bob")  # names ignore case
     bob.expect_next("*** The teacher has muted you")
     bob.send("can anyone hear me")
     bob.send("/me shouts")

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+import chat_server
 from conftest import TIMEOUT, wait_until
 
 IAC, DO, WONT, IP = 255, 253, 252, 244
@@ -49,33 +50,56 @@ def eager_thread_switching():
 
 
 def test_every_client_sees_room_events_in_the_same_order(
-        start_server, room, eager_thread_switching):
-    """Six senders at once, everyone watching: one order for all."""
-    server = start_server(flood_rate=0)
-    names = ["s%d" % number for number in range(6)]
-    clients = room(*names, "w0", "w1", "w2", "w3", target=server)
-    senders, watchers = clients[:6], clients[6:]
-    lines_each = 300
+        start_server, room, connect, eager_thread_switching):
+    """Six senders, the teacher and two newcomers at once: one order for all.
+
+    A newcomer sees each room event exactly once: in the history or live.
+    """
+    server = start_server(flood_rate=0, history=10000)
+    names = ["s%d" % number for number in range(6)] + ["w0", "w1", "w2", "w3"]
+    clients = dict(zip(names, room(*names, target=server)))
+    lines_each, notes = 300, 100
     # Each sender's lines arrive at once, so every reader thread has a backlog
     # to work through at the same time as the others. An action is one room
     # event per line (messages that arrive together go out as one event).
     payload = b"".join(b"/me line %d\r\n" % n for n in range(lines_each))
-    for sender in senders:
-        sender.send_raw(payload)
-    everything = lines_each * len(senders)
-    seen = {}
-    for name, client in zip(names + ["w0", "w1", "w2", "w3"], clients):
-        count = everything - lines_each if client in senders else everything
-        seen[name] = [client.expect_next(" line ") for _ in range(count)]
+    for name in names[:6]:
+        clients[name].send_raw(payload)
+    console = chat_server.TeacherConsole(server, None)
+    teacher = threading.Thread(target=lambda: [console.handle_line("note %d" % n)
+                                               for n in range(notes)])
+    teacher.start()
+    newcomers = {name: connect(server) for name in ("n0", "n1")}
+    for name, newcomer in newcomers.items():
+        newcomer.send(name)  # joins in the middle of it all
+    teacher.join(TIMEOUT)
+    everything = lines_each * 6 + notes + len(newcomers)
+    seen = {name: [client.expect_next("") for _ in range(everything)]
+            for name, client in clients.items() if name.startswith("w")}
+    seen.update({name: [clients[name].expect_next("")
+                        for _ in range(everything - lines_each)]
+                 for name in names[:6]})  # a sender sees all but its own lines
     order = seen["w0"]
-    for name in names:
+    for name in names[:6]:
         own = [line for line in order if line.startswith("* %s " % name)]
         assert own == ["* %s line %d" % (name, n) for n in range(lines_each)]
-    # A sender sees all but its own lines: a race shows wherever it splits the room.
+    assert [line for line in order if "[teacher]" in line] == [
+        "*** [teacher] note %d" % n for n in range(notes)]
+    # A race shows wherever it splits the room.
     for name, lines in seen.items():
         got = set(lines)
         assert [line for line in order if line in got] == lines, (
             "%s saw the room in another order than w0" % name)
+    before = ["*** %s joined the chat." % name for name in names]
+    for name, newcomer in newcomers.items():
+        newcomer.expect("*** What was said before you came:")
+        history = []
+        while not history or not history[-1].startswith("*** Online now"):
+            history.append(newcomer.read_line())
+        own_join = order.index("*** %s joined the chat." % name)
+        live = [newcomer.expect_next("") for _ in range(everything - own_join - 1)]
+        assert history[:-1] + live == before + order[:own_join] + order[own_join + 1:], (
+            "%s missed or doubled an event" % name)
 
 
 def test_leave_is_announced_once_on_a_clean_close(room):
