@@ -263,6 +263,15 @@ def test_line_over_max_line_is_refused_and_the_connection_kept(room):
     alice.expect_next("bob says: short")
 
 
+def test_blank_and_too_long_lines_amid_messages_in_one_read(room):
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"one\r\n   \r\n" + b"x" * 1025 + b"\r\ntwo\r\n")
+    alice.expect_next("bob says: one")
+    alice.expect_next("bob says: two")
+    bob.expect_next("longer than 1024 bytes and was not sent")
+    alice.expect_nothing_before(bob)
+
+
 def test_max_line_flag_sets_the_limit(start_server, room):
     server = start_server(max_line=100)
     alice, bob = room("alice", "bob", target=server)
