@@ -9,8 +9,50 @@ import pytest
 
 import chat_server
 from chat_server import WRONG_PASSWORD_DELAY_SECONDS, Client, TeacherConsole, enable_keepalive
-from conftest import (BIG_LINE_BYTES, TIMEOUT, ChatClient, read_until_closed, server_side,
-                      stall, wait_until)
+from conftest import TIMEOUT, ChatClient, wait_until
+
+
+# --- Reaching into the in-process server ---
+
+def server_side(server, name):
+    """The server's Client object for the connection that joined as name."""
+    with server._lock:
+        found = [client for client in server._connections if client.name == name]
+    assert len(found) == 1, "no single connection called %s" % name
+    return found[0]
+
+
+# More than a stalled socket's buffers ever take (servers that send it need
+# max_line=BIG_LINE_BYTES).
+BIG_LINE_BYTES = 40_000
+
+
+def stall(server, name, sender, reader):
+    """Leave the server's writer for name (a client that never reads) stuck mid-line.
+
+    Shrinks the server's send buffer for that connection (the client is meant
+    to have a small receive buffer too), then sender says one line bigger
+    than both buffers together, which reader reads. Returns the server's Client.
+    """
+    slow = server_side(server, name)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    line = "x" * BIG_LINE_BYTES
+    sender.send(line)
+    reader.expect_next(line)
+    wait_until(lambda: slow._backlogged, message="the writer to wait on a full socket")
+    return slow
+
+
+def read_until_closed(client, timeout=TIMEOUT):
+    """Read (and throw away) all a client is sent until the server closes; fail if it does not."""
+    deadline = time.monotonic() + timeout
+    try:
+        while client._fill(deadline):
+            client.buffer = b""
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        pytest.fail("the server did not close the connection")
 
 
 # --- Names ---
