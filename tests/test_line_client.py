@@ -10,15 +10,19 @@ import pytest
 
 import chat_server
 from conftest import SERVER_SCRIPT, TIMEOUT, wait_until
+from test_process import CTRL_C_LAUNCHER
 
 
-def start_client(server, *, stdin_text=None):
-    """Start the line client against server, typing stdin_text; stdin stays open."""
+def start_client(server, *, stdin_text=None, prefix=()):
+    """Start the line client against server, typing stdin_text; stdin stays open.
+
+    prefix: Python flags, e.g. ("-c", launcher code that then runs the script).
+    """
     host, port = server.server_address[:2]
     env = dict(os.environ, LC_ALL="C", LANG="C")  # no UTF-8 locale: the client must cope
     env.pop("PYTHONIOENCODING", None)
     process = subprocess.Popen(
-        [sys.executable, SERVER_SCRIPT, "--connect", "%s:%d" % (host, port)],
+        [sys.executable, *prefix, SERVER_SCRIPT, "--connect", "%s:%d" % (host, port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     if stdin_text is not None:
@@ -100,7 +104,7 @@ def test_client_refused_address_is_one_clear_line_and_exit_1():
 @pytest.mark.skipif(sys.platform == "win32", reason="sending Ctrl+C is not portable")
 def test_client_ctrl_c_exits_0_without_a_traceback(joined, server):
     bob = joined("bob")
-    process = start_client(server)
+    process = start_client(server, prefix=("-c", CTRL_C_LAUNCHER))
     process.stdin.write(b"alice\n")
     process.stdin.flush()
     bob.expect_next("alice joined")

@@ -114,10 +114,19 @@ def test_default_address_is_the_tutorials():
     assert (args.host, args.port) == ("127.0.0.1", 1337)
 
 
+# A shell without job control starts background jobs with Ctrl+C ignored, and
+# Python leaves it ignored: a test run started that way gives the server the
+# handler it has in a terminal.
+CTRL_C_LAUNCHER = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 @POSIX_SIGNALS
 def test_ctrl_c_tells_everyone_and_exits_0_quickly_despite_a_stalled_client():
     with server_process("--flood-rate", "0", "--sendq", "100000000",
-                        "--max-line", "100000") as server:
+                        "--max-line", "100000", launcher=CTRL_C_LAUNCHER) as server:
         process = server.process
         alice = server.join("alice")
         stalled = server.client(rcvbuf=4096)
