@@ -45,13 +45,14 @@ def frame(*reads, max_bytes=1024):
         ([b"hi\r\0"], [b"hi"]),
         ([b"hi\r"], [b"hi"]),
         ([b"one\rtwo\r"], [b"one", b"two"]),
+        ([b"one\r\0two\r\0"], [b"one", b"two"]),
         ([b"hi\r", b"\nthere\n"], [b"hi", b"there"]),
         ([b"hi\r", b"\0there\n"], [b"hi", b"there"]),
         ([b"he", b"llo\n"], [b"hello"]),
         ([b"\n\n"], [b"", b""]),
         ([b"no end yet"], []),
     ],
-    ids=["LF", "CR LF", "CR NUL", "bare CR", "two bare CRs", "CR LF split",
+    ids=["LF", "CR LF", "CR NUL", "bare CR", "two bare CRs", "two CR NULs", "CR LF split",
          "CR NUL split", "line split", "empty lines", "partial line"],
 )
 def test_framer_ends_lines_the_way_clients_send_them(reads, lines):
