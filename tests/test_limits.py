@@ -203,6 +203,7 @@ def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
     alice.expect_next("bob says: flood 0")
     TeacherConsole(server, None).handle_line("/kick bob")  # while "flood 1" waits
     alice.expect("*** bob left the chat.")  # (a slow machine may let "flood 1" out first)
+    wait_until(lambda: server.connection_count() == 2, message="bob's reader to finish")
     alice.expect_nothing_before(carol)
 
 
