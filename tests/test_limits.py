@@ -201,7 +201,8 @@ def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
     alice, bob, carol = room("alice", "bob", "carol", target=server)
     bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(5)))
     alice.expect_next("bob says: flood 0")
-    TeacherConsole(server, None).handle_line("/kick bob")  # while "flood 1" waits
+    bob.expect_next("*** You are sending lines too fast")  # "flood 1" is held back now
+    TeacherConsole(server, None).handle_line("/kick bob")
     alice.expect("*** bob left the chat.")  # (a slow machine may let "flood 1" out first)
     wait_until(lambda: server.connection_count() == 2, message="bob's reader to finish")
     alice.expect_nothing_before(carol)
