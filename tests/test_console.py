@@ -199,6 +199,16 @@ def test_quiet_mode_tells_each_student_again_in_a_second_quiet_period(room, cons
         bob.expect_next("*** [teacher] The chat is open again.")
 
 
+def test_announcements_in_quiet_mode_enter_the_history(room, joined, console):
+    (alice,) = room("alice")
+    console.handle_line("/quiet on")
+    console.handle_line("listen")
+    alice.expect_next("*** [teacher] Quiet, please")
+    alice.expect_next("*** [teacher] listen")
+    carol = joined("carol")
+    assert "*** [teacher] listen" in carol.seen
+
+
 def test_private_messages_are_held_back_in_quiet_mode(room, console):
     alice, bob = room("alice", "bob")
     console.handle_line("/quiet on")

@@ -136,7 +136,7 @@ def test_right_password_lets_a_client_in(start_server, connect):
     server = start_server(password="s3cret")
     client = connect(server)
     client.expect("This room has a password. Password?")
-    client.send("s3cret")
+    client.send(" s3cret ")  # spaces around it, as people type them, do not count
     client.expect("What is your name?")
     client.send("alice")
     client.expect("*** Welcome, alice!")
@@ -442,6 +442,7 @@ def test_history_zero_replays_nothing(start_server, room, joined):
     bob.expect_next("secret")
     carol = joined("carol", server)
     assert not any("says:" in line for line in carol.seen)
+    assert not any("What was said before" in line for line in carol.seen)  # no empty header
 
 
 def test_history_never_holds_private_messages(room, joined):
