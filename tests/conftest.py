@@ -122,7 +122,11 @@ class ChatClient:
         return line
 
     def expect(self, text, timeout=None):
-        """Read lines until one contains text; return it, or fail listing what came."""
+        """Read lines until one contains text; return it, or fail listing what came.
+
+        It skips the lines before: where the test means the very next line,
+        use expect_next(), so that an extra or doubled line is noticed.
+        """
         deadline = time.monotonic() + (timeout or self.timeout)
         start = len(self.seen)
         try:
@@ -342,7 +346,7 @@ def room(joined):
         for name in names:
             newcomer = joined(name, target)
             for client in clients:
-                client.expect("*** %s joined the chat." % name)
+                client.expect_next("*** %s joined the chat." % name)
             clients.append(newcomer)
         return clients
 

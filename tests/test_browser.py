@@ -588,8 +588,26 @@ def test_silent_request_head_times_out_with_408():
     assert refused.value.status == 408
 
 
+SLOW_LEFT = "*** slow left the chat."
+
+
+def chat_until_slow_is_dropped(bob, alice, line, batch, most_bytes=20_000_000):
+    """bob sends batches of line that alice reads, until alice sees slow dropped.
+
+    Returns (lines said, lines alice received).
+    """
+    said = received = 0
+    while SLOW_LEFT not in alice.seen and said * len(line) < most_bytes:
+        bob.send_raw((line + "\r\n").encode() * batch)
+        said += batch
+        while received < said:
+            got = alice.read_line()
+            assert got is not None, "alice was disconnected"
+            received += got == "bob says: " + line
+    return said, received
+
+
 def test_browser_student_who_stops_reading_is_dropped_as_too_slow(start_server, room, browser):
-    from test_limits import SLOW_LEFT, chat_until_slow_is_dropped
     server = start_server(flood_rate=0, sendq=64 * 1024)
     alice, bob = room("alice", "bob", target=server)
     browser(server, rcvbuf=4096).join("slow")  # joins, then never reads

@@ -2,15 +2,20 @@
 
 import pytest
 
+from conftest import server_process
+
 
 def test_help_lists_every_command_and_who_can_see_the_chat(joined):
     alice = joined("alice")
     alice.send("/help")
-    alice.expect("teacher sees the chat")
-    text = "\n".join(alice.seen)
+    alice.expect_next("*** Commands:")
+    listed = []
+    while not listed or "teacher sees the chat" not in listed[-1]:
+        listed.append(alice.read_line())
+    text = "\n".join(listed)  # only what /help said, not the welcome before it
     for command in ("/help", "/nick NEWNAME", "/who", "/me ACTION", "/msg NAME TEXT",
                     "/quit [REASON]", "//text"):
-        assert command in text
+        assert "***   " + command in text
 
 
 @pytest.mark.parametrize("typed", ["/HELP", "/Help", "  /help  ", "/help   extra"])
@@ -27,12 +32,14 @@ def test_nick_renames_and_everyone_sees_it(room):
     bob.expect_next("*** bob is now robert.")
     bob.send("hi")
     alice.expect_next("robert says: hi")
+    alice.send("/who")
+    alice.expect_next("*** Online now (2): alice, robert")
 
 
 def test_nick_frees_the_old_name_at_once(room, connect):
     alice, bob = room("alice", "bob")
     bob.send("/nick robert")
-    bob.expect("is now robert")
+    bob.expect_next("is now robert")
     newcomer = connect()
     newcomer.send("bob")
     newcomer.expect("*** Welcome, bob!")
@@ -64,16 +71,27 @@ def test_nick_follows_the_name_rules(room, new_name, reason):
     bob.expect_next(reason)
 
 
+def test_nick_rate_zero_allows_any_number_of_renames():
+    with server_process("--nick-rate", "0") as server:
+        alice, bob = server.join("alice"), server.join("bob")
+        alice.expect_next("*** bob joined the chat.")
+        for number in range(6):
+            bob.send("/nick b%d" % number)
+            alice.expect_next("is now b%d." % number)
+        alice.close()
+        bob.close()
+
+
 def test_nick_is_limited_per_minute(start_server, room):
     server = start_server(nick_rate=2)
     alice, bob = room("alice", "bob", target=server)
     bob.send("/nick b1")
     bob.send("/nick b2")
     bob.send("/nick b3")
-    bob.expect("is now b1")
+    bob.expect_next("is now b1")
     bob.expect_next("is now b2")
     bob.expect_next("*** You can change your name at most 2 times a minute.")
-    alice.expect("is now b1")
+    alice.expect_next("is now b1")
     alice.expect_next("is now b2")
     alice.expect_nothing_before(bob)
 
@@ -82,6 +100,16 @@ def test_who_lists_everyone_alphabetically_with_a_count(room):
     carol, alice, Bob = room("carol", "alice", "Bob")
     alice.send("/who")
     alice.expect_next("*** Online now (3): alice, Bob, carol")
+
+
+def test_who_no_longer_lists_those_who_left(room):
+    alice, bob, carol, dave = room("alice", "bob", "carol", "dave")
+    bob.send("/quit")
+    alice.expect_next("*** bob left the chat.")
+    carol.send("/quit")
+    alice.expect_next("*** carol left the chat.")
+    alice.send("/who")
+    alice.expect_next("*** Online now (2): alice, dave")
 
 
 def test_me_shows_an_action_to_the_others(room):

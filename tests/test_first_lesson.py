@@ -136,30 +136,6 @@ def test_quiet_on_twice_announces_once_and_tells_the_teacher(room, console, capl
     alice.expect_next("*** [teacher] still quiet")  # no second "Quiet, please"
 
 
-def test_a_second_quiet_period_tells_students_again(room, console):
-    alice, bob = room("alice", "bob")
-    for period in range(2):
-        console.handle_line("/quiet on")
-        bob.expect_next("*** [teacher] Quiet, please")
-        bob.send("psst %d" % period)
-        bob.expect_next("*** Not sent: the room is quiet")
-        console.handle_line("/quiet off")
-        bob.expect_next("*** [teacher] The chat is open again.")
-        alice.expect_next("*** [teacher] Quiet, please")
-        alice.expect_next("*** [teacher] The chat is open again.")  # no psst
-
-
-def test_private_message_in_quiet_mode_tells_the_sender_it_was_not_sent(room, console):
-    alice, bob = room("alice", "bob")
-    console.handle_line("/quiet on")
-    bob.expect_next("*** [teacher] Quiet, please")
-    alice.expect_next("*** [teacher] Quiet, please")
-    bob.send("/msg alice psst")
-    bob.expect_next("*** Not sent: the room is quiet")
-    console.handle_line("/quiet off")
-    alice.expect_next("*** [teacher] The chat is open again.")  # no whisper before it
-
-
 def test_console_who_fits_wide_names_in_columns_and_counts_seconds(room, console, caplog):
     room("李小龍", "alice")
     console.handle_line("/who")

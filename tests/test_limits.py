@@ -1,12 +1,57 @@
 """SPEC's limits over real sockets: names, password, timeouts, flood, slow readers, room size."""
 
 import socket
+import threading
 import time
 
 import pytest
 
-from chat_server import Client, enable_keepalive
+import chat_server
+from chat_server import PASSWORD_ANSWER_SECONDS, Client, TeacherConsole, enable_keepalive
 from conftest import TIMEOUT, ChatClient, wait_until
+
+
+# --- Reaching into the in-process server ---
+
+def server_side(server, name):
+    """The server's Client object for the connection that joined as name."""
+    with server._lock:
+        found = [client for client in server._connections if client.name == name]
+    assert len(found) == 1, "no single connection called %s" % name
+    return found[0]
+
+
+# More than a stalled socket's buffers ever take (servers that send it need
+# max_line=BIG_LINE_BYTES).
+BIG_LINE_BYTES = 40_000
+
+
+def stall(server, name, sender, reader):
+    """Leave the server's writer for name (a client that never reads) stuck mid-line.
+
+    Shrinks the server's send buffer for that connection (the client is meant
+    to have a small receive buffer too), then sender says one line bigger
+    than both buffers together, which reader reads. Returns the server's Client.
+    """
+    slow = server_side(server, name)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    line = "x" * BIG_LINE_BYTES
+    sender.send(line)
+    reader.expect_next(line)
+    wait_until(lambda: slow._backlogged, message="the writer to wait on a full socket")
+    return slow
+
+
+def read_until_closed(client, timeout=TIMEOUT):
+    """Read (and throw away) all a client is sent until the server closes; fail if it does not."""
+    deadline = time.monotonic() + timeout
+    try:
+        while client._fill(deadline):
+            client.buffer = b""
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        pytest.fail("the server did not close the connection")
 
 
 # --- Names ---
@@ -67,22 +112,23 @@ def test_name_timeout_closes_a_silent_connection(start_server, connect):
 
 
 def test_name_timeout_zero_waits_for_a_name(start_server, connect):
-    server = start_server(name_timeout=0)
-    client = connect(server)
-    client.expect("What is your name?")
-    deadline = time.monotonic() + 1.0  # a slow typist; the time passing is the test
-    wait_until(lambda: time.monotonic() > deadline, message="a second to pass")
-    client.send("slowpoke")
-    client.expect("*** Welcome, slowpoke!")
+    """A room with a timeout closes its silent newcomer; one with 0 keeps its own."""
+    timed = start_server(name_timeout=0.2)
+    untimed = start_server(name_timeout=0)
+    waiting = connect(untimed)
+    waiting.expect("What is your name?")
+    connect(timed).expect_closed()  # proves the time has passed
+    waiting.send("slowpoke")
+    waiting.expect_next("*** Welcome, slowpoke!")
 
 
-def test_name_timeout_does_not_close_a_joined_client(start_server, joined):
+def test_name_timeout_does_not_close_a_joined_client(start_server, room, connect):
     server = start_server(name_timeout=0.3)
-    alice, bob = joined("alice", server), joined("bob", server)
-    deadline = time.monotonic() + 0.6  # twice the timeout: the time passing is the test
-    wait_until(lambda: time.monotonic() > deadline, message="the name timeout to pass")
+    alice, bob = room("alice", "bob", target=server)
+    latecomer = connect(server)  # connected after bob: its timeout ends after his would
+    assert latecomer.expect_closed()[-1] == "*** You did not give a name in time. Goodbye."
     bob.send("still here")
-    alice.expect("bob says: still here")
+    alice.expect_next("bob says: still here")
 
 
 # --- Password ---
@@ -91,19 +137,27 @@ def test_right_password_lets_a_client_in(start_server, connect):
     server = start_server(password="s3cret")
     client = connect(server)
     client.expect("This room has a password. Password?")
-    client.send("s3cret")
+    client.send(" s3cret ")  # spaces around it, as people type them, do not count
     client.expect("What is your name?")
     client.send("alice")
     client.expect("*** Welcome, alice!")
 
 
-def test_wrong_password_is_refused_and_closed(start_server, connect, joined):
+@pytest.mark.parametrize("guesses", [["guess", "", "s3cre", "S3CRET", "s3cret!"]],
+                         ids=["near misses"])
+def test_wrong_password_is_refused_after_a_delay_and_closed(start_server, connect, guesses):
     server = start_server(password="s3cret")
-    client = connect(server)
-    client.expect("Password?")
-    client.send("guess")
-    lines = client.expect_closed()
-    assert lines == ["*** Wrong password. Goodbye."]
+    clients = [connect(server) for _ in guesses]
+    for client in clients:
+        client.expect("Password?")
+    started = time.monotonic()
+    for client, guess in zip(clients, guesses):  # all at once: one delay for the test
+        client.send(guess)
+    for client, guess in zip(clients, guesses):
+        assert client.expect_closed() == ["*** Wrong password. Goodbye."], guess
+    took = time.monotonic() - started
+    # A lower bound, so a loaded machine cannot make it fail: guessing is slow.
+    assert took >= 0.9 * PASSWORD_ANSWER_SECONDS, "refused after %.2f s" % took
 
 
 # --- Flood ---
@@ -129,11 +183,40 @@ def test_flooder_is_told_once_to_slow_down(start_server, room):
     bob.expect_next("alice says: sentinel")  # no second notice
 
 
+def test_flooder_is_told_again_after_slowing_down(start_server, room, monkeypatch):
+    now = [100.0]  # the flood limiter's clock, moved by hand
+    class FloodLimiterOnHandClock(chat_server.FloodLimiter):
+        def __init__(self, rate, burst, clock=None):
+            super().__init__(rate, burst, clock=lambda: now[0])
+
+    monkeypatch.setattr(chat_server, "FloodLimiter", FloodLimiterOnHandClock)
+    server = start_server(flood_rate=50, flood_burst=2)
+    alice, bob = room("alice", "bob", target=server)
+    for burst in range(2):
+        bob.send_raw(b"".join(b"burst %d line %d\r\n" % (burst, n) for n in range(5)))
+        bob.expect_next("*** You are sending lines too fast")
+        for n in range(5):
+            alice.expect_next("bob says: burst %d line %d" % (burst, n))
+        now[0] += 60  # a calm minute: the next burst is a new flood
+
+
+def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
+    server = start_server(flood_rate=0.5, flood_burst=1)  # 2 s between lines
+    alice, bob, carol = room("alice", "bob", "carol", target=server)
+    bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(5)))
+    alice.expect_next("bob says: flood 0")
+    bob.expect_next("*** You are sending lines too fast")  # "flood 1" is held back now
+    TeacherConsole(server, None).handle_line("/kick bob")
+    alice.expect("*** bob left the chat.")  # (a slow machine may let "flood 1" out first)
+    wait_until(lambda: server.connection_count() == 2, message="bob's reader to finish")
+    alice.expect_nothing_before(carol)
+
+
 def test_flooder_does_not_slow_the_others(start_server, room):
     server = start_server(flood_rate=1, flood_burst=1)
     alice, bob, carol = room("alice", "bob", "carol", target=server)
     bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(30)))
-    alice.expect("bob says: flood 0")
+    alice.expect_next("bob says: flood 0")
     carol.send("hello")
     alice.expect("carol says: hello", timeout=1.5)  # long before bob's 30 s of lines
 
@@ -143,33 +226,41 @@ def test_flooder_does_not_slow_the_others(start_server, room):
 SLOW_LEFT = "*** slow left the chat."
 
 
-def chat_until_slow_is_dropped(bob, alice, line, batch, most_bytes=20_000_000):
-    """bob sends batches of line that alice reads, until alice sees slow dropped.
-
-    Returns (lines said, lines alice received).
-    """
-    said = received = 0
-    while SLOW_LEFT not in alice.seen and said * len(line) < most_bytes:
-        bob.send_raw((line + "\r\n").encode() * batch)
-        said += batch
-        while received < said:
-            got = alice.read_line()
-            assert got is not None, "alice was disconnected"
-            received += got == "bob says: " + line
-    return said, received
-
-
-def test_slow_reader_is_dropped_and_the_others_still_chat(start_server, room, joined):
-    server = start_server(flood_rate=0, sendq=64 * 1024)
+def test_slow_reader_whose_writer_is_stuck_is_dropped_at_once(start_server, room, joined, caplog):
+    """The drop comes while the slow client's writer waits on its full socket."""
+    server = start_server(flood_rate=0, sendq=64 * 1024, max_line=BIG_LINE_BYTES)
     alice, bob = room("alice", "bob", target=server)
-    joined("slow", server, rcvbuf=4096)  # joins, then never reads
-    alice.expect("slow joined")
-    bob.expect("slow joined")
-    said, received = chat_until_slow_is_dropped(bob, alice, "x" * 1000, batch=20)
-    assert alice.seen.count(SLOW_LEFT) == 1
-    assert received == said  # alice lost nothing while slow was dropped
+    slow = joined("slow", server, rcvbuf=4096)  # joins, then never reads
+    alice.expect_next("slow joined")
+    bob.expect_next("slow joined")
+    stall(server, "slow", bob, alice)
+    bob.send("y" * BIG_LINE_BYTES)  # more than --sendq can hold on top of the first
+    alice.expect_next("bob says: yyy")
+    alice.expect_next(SLOW_LEFT)
+    # Closed by the server at once, although slow has not read a byte more.
+    wait_until(lambda: server.connection_count() == 2, message="the slow connection to close")
+    assert any(record.getMessage().startswith("Disconnecting slow (127.0.0.1:")
+               and record.getMessage().endswith(": too slow to keep up")
+               for record in caplog.records), "no 'too slow' line on the console"
+    read_until_closed(slow)
     bob.send("still chatting")
-    alice.expect_next("bob says: still chatting", timeout=1)
+    alice.expect_next("bob says: still chatting")
+
+
+def test_shutdown_closes_a_stalled_connection_within_two_seconds(start_server, room, joined):
+    server = start_server(flood_rate=0, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    stalled = joined("stalled", server, rcvbuf=4096)  # joins, then never reads
+    alice.expect_next("stalled joined")
+    bob.expect_next("stalled joined")
+    stall(server, "stalled", bob, alice)
+    started = time.monotonic()
+    server.close_room()  # what Ctrl+C does, before the process exits
+    took = time.monotonic() - started
+    alice.expect_next("*** Server is shutting down.")
+    wait_until(lambda: server.connection_count() == 0, message="every connection to close")
+    read_until_closed(stalled)
+    assert took < 2 * chat_server.SHUTDOWN_GRACE_SECONDS + 0.5, "took %.1f s" % took
 
 
 def full_socket_pair():
@@ -218,6 +309,36 @@ def test_writer_thread_sends_what_a_full_socket_could_not_take():
         theirs.close()
 
 
+def read_until_it_ends_with(sock, ending):
+    received = b""
+    sock.settimeout(TIMEOUT)
+    while not received.endswith(ending):
+        data = sock.recv(1 << 20)
+        assert data, "closed before %r came" % ending
+        received += data
+    return received
+
+
+def test_writer_thread_wakes_again_for_a_second_backlog():
+    ours, theirs = full_socket_pair()
+    client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1 << 20)
+    try:
+        assert client.send(b"first\r\n")  # the writer starts, and sends it once there is room
+        read_until_it_ends_with(theirs, b"first\r\n")
+        wait_until(lambda: not client._backlogged, message="the writer to go idle")
+        try:
+            while True:  # full again, while the writer sleeps
+                ours.send(b"y" * 65536)
+        except BlockingIOError:
+            pass
+        assert client.send(b"second\r\n")
+        read_until_it_ends_with(theirs, b"second\r\n")
+    finally:
+        client.abort()
+        ours.close()
+        theirs.close()
+
+
 def test_outbox_takes_up_to_sendq_bytes_once_the_socket_is_full():
     ours, theirs = full_socket_pair()
     try:
@@ -227,6 +348,51 @@ def test_outbox_takes_up_to_sendq_bytes_once_the_socket_is_full():
         assert not client.offer(b"x")  # full: the caller must drop this client
         assert client.offer(b"x" * 500)  # being dropped: quietly discarded
     finally:
+        ours.close()
+        theirs.close()
+
+
+def test_client_that_reads_gets_far_more_than_sendq_and_stays(start_server, room):
+    server = start_server(flood_rate=0, sendq=4096)
+    alice, bob = room("alice", "bob", target=server)
+    for number in range(40):  # 40 KB in all, ten times --sendq
+        bob.send("%d %s" % (number, "z" * 1000))
+        alice.expect_next("bob says: %d z" % number)
+    bob.send("/who")
+    bob.expect_next("*** Online now (2): alice, bob")
+
+
+def test_lines_sent_in_pieces_arrive_whole_once_and_in_order():
+    """Small socket buffers and a slow reader: sends are cut short, often."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    theirs = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours, _ = listener.accept()
+    listener.close()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1 << 20)
+    lines = [b"line %d %s\r\n" % (number, b"q" * (number * 37 % 1500)) for number in range(100)]
+    expected = b"".join(lines)
+    received = bytearray()
+
+    def read_slowly():
+        while len(received) < len(expected):
+            data = theirs.recv(4096)
+            if not data:
+                break
+            received.extend(data)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    try:
+        for line in lines:
+            assert client.send(line)
+        reader.join(TIMEOUT)
+        assert bytes(received) == expected
+    finally:
+        client.abort()
+        reader.join(TIMEOUT)
         ours.close()
         theirs.close()
 
@@ -248,7 +414,7 @@ def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, j
     waiting.close()
     wait_until(lambda: server.connection_count() == 1, message="the place to be freed")
     joined("bob", server)
-    alice.expect("bob joined")
+    alice.expect_next("bob joined")
 
 
 # --- History ---
@@ -256,7 +422,7 @@ def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, j
 def test_late_joiner_sees_recent_history(room, joined):
     alice, bob = room("alice", "bob")
     alice.send("first")
-    bob.expect("alice says: first")
+    bob.expect_next("alice says: first")
     carol = joined("carol")
     assert "alice says: first" in carol.seen
     assert "*** bob joined the chat." in carol.seen
@@ -267,7 +433,7 @@ def test_history_keeps_only_the_last_events(start_server, room, joined):
     alice, bob = room("alice", "bob", target=server)
     for word in ("one", "two", "three"):
         alice.send(word)
-        bob.expect("says: " + word)
+        bob.expect_next("says: " + word)
     carol = joined("carol", server)
     said = [line for line in carol.seen if " says: " in line]
     assert said == ["alice says: two", "alice says: three"]
@@ -277,15 +443,16 @@ def test_history_zero_replays_nothing(start_server, room, joined):
     server = start_server(history=0)
     alice, bob = room("alice", "bob", target=server)
     alice.send("secret before you came")
-    bob.expect("secret")
+    bob.expect_next("secret")
     carol = joined("carol", server)
     assert not any("says:" in line for line in carol.seen)
+    assert not any("What was said before" in line for line in carol.seen)  # no empty header
 
 
 def test_history_never_holds_private_messages(room, joined):
     alice, bob = room("alice", "bob")
     alice.send("/msg bob psst")
-    bob.expect("alice whispers: psst")
+    bob.expect_next("alice whispers: psst")
     carol = joined("carol")
     assert not any("psst" in line for line in carol.seen)
 
@@ -304,6 +471,16 @@ def test_accepted_sockets_use_keepalive_to_find_vanished_peers():
             assert idle + interval * probes <= 150  # SPEC: within about two minutes
     finally:
         sock.close()
+
+
+def test_accepted_connection_sends_at_once_and_uses_keepalive(server, joined):
+    joined("alice")
+    sock = server_side(server, "alice").sock
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+                == chat_server.KEEPALIVE_IDLE_SECONDS)
 
 
 def test_a_whole_class_connecting_at_once_all_get_a_prompt(start_server, connect):

@@ -10,15 +10,19 @@ import pytest
 
 import chat_server
 from conftest import SERVER_SCRIPT, TIMEOUT, wait_until
+from test_process import CTRL_C_LAUNCHER
 
 
-def start_client(server, *, stdin_text=None):
-    """Start the line client against server, typing stdin_text; stdin stays open."""
+def start_client(server, *, stdin_text=None, prefix=()):
+    """Start the line client against server, typing stdin_text; stdin stays open.
+
+    prefix: Python flags, e.g. ("-c", launcher code that then runs the script).
+    """
     host, port = server.server_address[:2]
     env = dict(os.environ, LC_ALL="C", LANG="C")  # no UTF-8 locale: the client must cope
     env.pop("PYTHONIOENCODING", None)
     process = subprocess.Popen(
-        [sys.executable, SERVER_SCRIPT, "--connect", "%s:%d" % (host, port)],
+        [sys.executable, *prefix, SERVER_SCRIPT, "--connect", "%s:%d" % (host, port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     if stdin_text is not None:
@@ -41,7 +45,8 @@ def finish(process):
 def test_client_sends_stdin_and_prints_the_server_then_exits_0_at_eof(joined, server):
     bob = joined("bob")
     process = start_client(server, stdin_text="alice\nhello from a pipe\n")
-    bob.expect("alice says: hello from a pipe")
+    bob.expect_next("*** alice joined the chat.")
+    bob.expect_next("alice says: hello from a pipe")
     status, stdout, stderr = finish(process)
     assert status == 0 and stderr == ""
     assert "*** Welcome, alice!" in stdout
@@ -53,7 +58,8 @@ def test_client_speaks_utf8_both_ways_whatever_the_locale(joined, server):
     process = start_client(server)
     process.stdin.write("Zoë\ncafé ☕\n".encode("utf-8"))
     process.stdin.flush()
-    bob.expect("Zoë says: café ☕")
+    bob.expect_next("*** Zoë joined the chat.")
+    bob.expect_next("Zoë says: café ☕")
     bob.send("merci, Zoë ✓")
     bob.send("/quit")
     bob.expect_closed()
@@ -98,10 +104,10 @@ def test_client_refused_address_is_one_clear_line_and_exit_1():
 @pytest.mark.skipif(sys.platform == "win32", reason="sending Ctrl+C is not portable")
 def test_client_ctrl_c_exits_0_without_a_traceback(joined, server):
     bob = joined("bob")
-    process = start_client(server)
+    process = start_client(server, prefix=("-c", CTRL_C_LAUNCHER))
     process.stdin.write(b"alice\n")
     process.stdin.flush()
-    bob.expect("alice joined")
+    bob.expect_next("alice joined")
     process.send_signal(signal.SIGINT)
     status, _, stderr = finish(process)
     assert status == 0 and "Traceback" not in stderr

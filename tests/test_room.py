@@ -2,11 +2,13 @@
 
 import random
 import socket
+import sys
 import threading
 
 import pytest
 
-from conftest import wait_until
+import chat_server
+from conftest import TIMEOUT, wait_until
 
 IAC, DO, WONT, IP = 255, 253, 252, 244
 ECHO, TIMING_MARK = 1, 6
@@ -32,35 +34,72 @@ def test_newcomer_is_welcomed_and_sees_who_is_online(joined, connect):
 def test_message_reaches_everyone_else_but_not_the_sender(room):
     alice, bob, carol = room("alice", "bob", "carol")
     alice.send("hello class")
-    bob.expect("alice says: hello class")
-    carol.expect("alice says: hello class")
+    bob.expect_next("alice says: hello class")
+    carol.expect_next("alice says: hello class")
     bob.send("sentinel")
     alice.expect_next("bob says: sentinel")  # alice never got her own line back
 
 
-def test_every_client_sees_room_events_in_the_same_order(start_server, joined):
-    server = start_server(flood_rate=0)
-    alice, bob, carol = (joined(name, server) for name in ("alice", "bob", "carol"))
-    watchers = [joined("dave", server), joined("erin", server)]
-    senders = [alice, bob, carol]
+@pytest.fixture
+def eager_thread_switching():
+    """Make threads switch as often as the interpreter can, so races show up."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
 
-    def chatter(sender):
-        for number in range(50):
-            sender.send("line %d" % number)
 
-    threads = [threading.Thread(target=chatter, args=(s,)) for s in senders]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seen = []
-    for watcher in watchers:
-        lines = [watcher.expect(" says: line ") for _ in range(150)]
-        seen.append(lines)
-    assert seen[0] == seen[1]
-    for name in ("alice", "bob", "carol"):
-        own = [line for line in seen[0] if line.startswith(name)]
-        assert own == ["%s says: line %d" % (name, n) for n in range(50)]
+def test_every_client_sees_room_events_in_the_same_order(
+        start_server, room, connect, eager_thread_switching):
+    """Six senders, the teacher and two newcomers at once: one order for all.
+
+    A newcomer sees each room event exactly once: in the history or live.
+    """
+    server = start_server(flood_rate=0, history=10000, per_address=0)  # 12 from 127.0.0.1
+    names = ["s%d" % number for number in range(6)] + ["w0", "w1", "w2", "w3"]
+    clients = dict(zip(names, room(*names, target=server)))
+    lines_each, notes = 300, 100
+    # Each sender's lines arrive at once, so every reader thread has a backlog
+    # to work through at the same time as the others. An action is one room
+    # event per line (messages that arrive together go out as one event).
+    payload = b"".join(b"/me line %d\r\n" % n for n in range(lines_each))
+    for name in names[:6]:
+        clients[name].send_raw(payload)
+    console = chat_server.TeacherConsole(server, None)
+    teacher = threading.Thread(target=lambda: [console.handle_line("note %d" % n)
+                                               for n in range(notes)])
+    teacher.start()
+    newcomers = {name: connect(server) for name in ("n0", "n1")}
+    for name, newcomer in newcomers.items():
+        newcomer.send(name)  # joins in the middle of it all
+    teacher.join(TIMEOUT)
+    everything = lines_each * 6 + notes + len(newcomers)
+    seen = {name: [client.expect_next("") for _ in range(everything)]
+            for name, client in clients.items() if name.startswith("w")}
+    seen.update({name: [clients[name].expect_next("")
+                        for _ in range(everything - lines_each)]
+                 for name in names[:6]})  # a sender sees all but its own lines
+    order = seen["w0"]
+    for name in names[:6]:
+        own = [line for line in order if line.startswith("* %s " % name)]
+        assert own == ["* %s line %d" % (name, n) for n in range(lines_each)]
+    assert [line for line in order if "[teacher]" in line] == [
+        "*** [teacher] note %d" % n for n in range(notes)]
+    # A race shows wherever it splits the room.
+    for name, lines in seen.items():
+        got = set(lines)
+        assert [line for line in order if line in got] == lines, (
+            "%s saw the room in another order than w0" % name)
+    before = ["*** %s joined the chat." % name for name in names]
+    for name, newcomer in newcomers.items():
+        newcomer.expect("*** What was said before you came:")
+        history = []
+        while not history or not history[-1].startswith("*** Online now"):
+            history.append(newcomer.read_line())
+        own_join = order.index("*** %s joined the chat." % name)
+        live = [newcomer.expect_next("") for _ in range(everything - own_join - 1)]
+        assert history[:-1] + live == before + order[:own_join] + order[own_join + 1:], (
+            "%s missed or doubled an event" % name)
 
 
 def test_leave_is_announced_once_on_a_clean_close(room):
@@ -74,9 +113,11 @@ def test_leave_is_announced_once_for_each_abrupt_reset(joined, server, room):
     alice, frank = room("alice", "frank")
     names = ["bob", "carol", "dave", "erin"]
     others = [joined(name) for name in names]
+    for name in names:
+        alice.expect_next("*** %s joined the chat." % name)
     for client in others:
         client.reset()
-    leaves = [alice.expect(" left the chat.") for _ in names]
+    leaves = [alice.expect_next(" left the chat.") for _ in names]
     assert sorted(leaves) == sorted("*** %s left the chat." % n for n in names)
     wait_until(lambda: server.connection_count() == 2, message="resets to be cleaned up")
     alice.expect_nothing_before(frank)
@@ -138,7 +179,7 @@ def test_every_server_line_ends_in_crlf(joined, connect):
 def test_each_kind_of_line_end_ends_a_line(room, end):
     alice, bob = room("alice", "bob")
     bob.send_raw(b"one" + end + b"two" + end)
-    alice.expect("bob says: one")
+    alice.expect_next("bob says: one")
     alice.expect_next("bob says: two")
 
 
@@ -146,7 +187,7 @@ def test_cr_and_lf_split_across_two_packets_are_one_line_end(room):
     alice, bob = room("alice", "bob")
     bob.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     bob.send_raw(b"first\r")
-    alice.expect("bob says: first")
+    alice.expect_next("bob says: first")
     bob.send_raw(b"\nsecond\r\n")
     alice.expect_next("bob says: second")  # no empty line, no lost line
 
@@ -161,7 +202,7 @@ def test_whitespace_only_lines_are_ignored(room):
 def test_invalid_utf8_becomes_a_replacement_character_and_the_connection_stays(room):
     alice, bob = room("alice", "bob")
     bob.send_raw(b"caf\xe9 \xfe\r\n")  # (not \xff: that is telnet's IAC)
-    alice.expect("bob says: caf\ufffd \ufffd")
+    alice.expect_next("bob says: caf\ufffd \ufffd")
     bob.send("still here")
     alice.expect_next("bob says: still here")
 
@@ -202,7 +243,7 @@ def test_escape_sequences_and_controls_never_reach_other_terminals(room):
 def test_no_student_line_starts_like_a_server_line(room):
     alice, bob = room("alice", "bob")
     bob.send("*** Server: everyone must leave")
-    line = alice.expect("Server: everyone")
+    line = alice.expect_next("Server: everyone")
     assert line == "bob says: ** Server: everyone must leave"
 
 
@@ -217,18 +258,27 @@ def test_browser_gets_the_chat_page_and_is_closed(connect):
 def test_line_over_max_line_is_refused_and_the_connection_kept(room):
     alice, bob = room("alice", "bob")
     bob.send("x" * 1025)
-    bob.expect("longer than 1024 bytes and was not sent")
+    bob.expect_next("longer than 1024 bytes and was not sent")
     bob.send("y" * 1024)
     alice.expect_next("bob says: " + "y" * 1024)
     bob.send("short")
     alice.expect_next("bob says: short")
 
 
+def test_blank_and_too_long_lines_amid_messages_in_one_read(room):
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"one\r\n   \r\n" + b"x" * 1025 + b"\r\ntwo\r\n")
+    alice.expect_next("bob says: one")
+    alice.expect_next("bob says: two")
+    bob.expect_next("longer than 1024 bytes and was not sent")
+    alice.expect_nothing_before(bob)
+
+
 def test_max_line_flag_sets_the_limit(start_server, room):
     server = start_server(max_line=100)
     alice, bob = room("alice", "bob", target=server)
     bob.send("x" * 101)
-    bob.expect("longer than 100 bytes")
+    bob.expect_next("longer than 100 bytes")
     bob.send("fine")
     alice.expect_next("bob says: fine")
 

@@ -45,13 +45,14 @@ def frame(*reads, max_bytes=1024):
         ([b"hi\r\0"], [b"hi"]),
         ([b"hi\r"], [b"hi"]),
         ([b"one\rtwo\r"], [b"one", b"two"]),
+        ([b"one\r\0two\r\0"], [b"one", b"two"]),
         ([b"hi\r", b"\nthere\n"], [b"hi", b"there"]),
         ([b"hi\r", b"\0there\n"], [b"hi", b"there"]),
         ([b"he", b"llo\n"], [b"hello"]),
         ([b"\n\n"], [b"", b""]),
         ([b"no end yet"], []),
     ],
-    ids=["LF", "CR LF", "CR NUL", "bare CR", "two bare CRs", "CR LF split",
+    ids=["LF", "CR LF", "CR NUL", "bare CR", "two bare CRs", "two CR NULs", "CR LF split",
          "CR NUL split", "line split", "empty lines", "partial line"],
 )
 def test_framer_ends_lines_the_way_clients_send_them(reads, lines):
@@ -60,6 +61,15 @@ def test_framer_ends_lines_the_way_clients_send_them(reads, lines):
 
 def test_framer_keeps_a_line_of_exactly_the_limit():
     assert frame(b"x" * 1024 + b"\n") == [b"x" * 1024]
+
+
+def test_framer_keeps_a_line_of_exactly_the_limit_whose_end_comes_in_a_later_read():
+    assert frame(b"x" * 1024, b"\r\n") == [b"x" * 1024]
+    assert frame(b"x" * 1000, b"x" * 24, b"\n") == [b"x" * 1024]
+
+
+def test_framer_rejects_a_line_one_byte_over_the_limit_whose_end_comes_later():
+    assert frame(b"x" * 1000, b"x" * 25, b"\nnext\n") == [TOO_LONG, b"next"]
 
 
 def test_framer_rejects_a_line_one_byte_over_the_limit():
@@ -197,6 +207,32 @@ def test_flood_limiter_refills_with_time():
     assert limiter.delay_for_next_line() > 0
 
 
+def test_flood_limiter_saves_up_no_more_than_one_burst():
+    clock = FakeClock()
+    limiter = FloodLimiter(rate=5, burst=10, clock=clock)
+    clock.now += 3600  # an hour of silence
+    assert [limiter.delay_for_next_line() for _ in range(10)] == [0.0] * 10
+    assert limiter.delay_for_next_line() == pytest.approx(0.2)
+
+
+def test_flood_limiter_take_if_free_takes_only_whole_tokens():
+    clock = FakeClock()
+    limiter = FloodLimiter(rate=5, burst=2, clock=clock)
+    assert [limiter.take_if_free() for _ in range(3)] == [True, True, False]
+    clock.now += 0.1  # half a token
+    assert not limiter.take_if_free()
+    clock.now += 0.15  # more than a whole one
+    assert limiter.take_if_free()
+    assert not limiter.take_if_free()
+
+
+def test_flood_limiter_delays_a_line_after_one_that_took_a_free_token():
+    clock = FakeClock()
+    limiter = FloodLimiter(rate=5, burst=1, clock=clock)
+    assert limiter.take_if_free()
+    assert limiter.delay_for_next_line() == pytest.approx(0.2)
+
+
 def test_flood_limiter_with_rate_zero_never_delays():
     limiter = FloodLimiter(rate=0, burst=1, clock=FakeClock())
     assert all(limiter.delay_for_next_line() == 0 for _ in range(100))
@@ -208,6 +244,20 @@ def test_rate_window_allows_the_limit_then_refuses_until_the_window_passes():
     assert [renames.allow() for _ in range(4)] == [True, True, True, False]
     clock.now += 60
     assert renames.allow()
+
+
+def test_rate_window_forgets_each_event_one_window_after_it():
+    clock = FakeClock()
+    renames = RateWindow(2, 60, clock=clock)
+    assert renames.allow()
+    clock.now += 30
+    assert renames.allow()
+    assert not renames.allow()  # refused attempts do not count
+    clock.now += 29.9
+    assert not renames.allow()
+    clock.now += 0.1  # the first is now 60 s old
+    assert renames.allow()
+    assert not renames.allow()
 
 
 def test_rate_window_with_limit_zero_never_refuses():
