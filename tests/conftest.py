@@ -351,3 +351,24 @@ def room(joined):
         return clients
 
     return make
+
+
+# --- The teacher's console, for in-process servers ---
+
+@pytest.fixture
+def console(server):
+    """The teacher's console of the default in-process server, fed by the test."""
+    return chat_server.TeacherConsole(server, stream=None)
+
+
+def console_lines(caplog):
+    """Every line the server has shown on its console so far."""
+    return [record.getMessage() for record in caplog.records]
+
+
+def expect_console(caplog, text):
+    """Wait until the console has shown a line containing text; return that line."""
+    found = []
+    wait_until(lambda: found.extend(line for line in console_lines(caplog) if text in line)
+               or found, message="%r on the console" % text)
+    return found[0]

@@ -27,7 +27,8 @@ except ImportError:
 
 import chat_server
 from chat_server import Addresses, Client, Settings, TeacherConsole, normal_host
-from conftest import SERVER_SCRIPT, TIMEOUT, ChatClient, server_process, wait_until
+from conftest import (SERVER_SCRIPT, TIMEOUT, ChatClient, console_lines, expect_console,
+                      server_process, wait_until)
 from websocket_client import ChatSocket
 
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and files")
@@ -82,18 +83,6 @@ def crowd(computer):
         return clients
 
     return make
-
-
-def console_lines(caplog):
-    return [record.getMessage() for record in caplog.records]
-
-
-def expect_console(caplog, text):
-    """Wait until the console has shown a line containing text; return it."""
-    found = []
-    wait_until(lambda: found.extend(l for l in console_lines(caplog) if text in l) or found,
-               message="%r on the console" % text)
-    return found[0]
 
 
 def read_until_closed(client, timeout=TIMEOUT):
@@ -375,12 +364,6 @@ def test_quit_reason_is_cut_to_its_cap(room):
     bob.send("/quit " + "x" * 500)
     line = alice.expect_next("*** bob left the chat.")
     assert line == "*** bob left the chat. (%s)" % ("x" * chat_server.MAX_QUIT_REASON_CHARS)
-
-
-@pytest.fixture
-def console(server):
-    """The teacher's console of the default in-process server, fed by the test."""
-    return TeacherConsole(server, stream=None)
 
 
 def test_quit_reason_of_a_muted_student_is_not_shown(room, console):

@@ -351,7 +351,7 @@ def test_protocol_error_closes_with_its_code_and_one_console_line(
     problems = warnings(caplog)[before:]
     assert len(problems) == 1 and "WebSocket protocol error" in problems[0], problems
     bob.send("still here")  # nobody else was harmed
-    carol = joined("carol")
+    joined("carol")
     bob.expect("carol joined")
 
 

@@ -6,11 +6,13 @@ import select
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
 from chat_server import TeacherConsole
-from conftest import SERVER_SCRIPT, TIMEOUT, ChatClient, server_process, wait_until
+from conftest import (SERVER_SCRIPT, TIMEOUT, ChatClient, console_lines, expect_console,
+                      server_process, wait_until)
 
 
 # The console's replies word for word, in one place: the lead rewords some
@@ -23,22 +25,6 @@ UNBANNED = "{address} may join again."
 NO_ONE_CALLED = "No one called {name} is online."
 ALREADY_MUTED = "{name} is muted already."
 ALREADY_UNMUTED = "{name} is not muted."
-
-
-@pytest.fixture
-def console(server):
-    """The teacher's console of the in-process server, fed by the test."""
-    return TeacherConsole(server, stream=None)
-
-
-def console_lines(caplog):
-    return [record.getMessage() for record in caplog.records]
-
-
-def expect_console(caplog, text):
-    """Wait until the console has shown a line containing text."""
-    wait_until(lambda: any(text in line for line in console_lines(caplog)),
-               message="%r on the console" % text)
 
 
 # --- Announcements ---
@@ -320,7 +306,11 @@ class Terminal:
 
     def __init__(self):
         pty = pytest.importorskip("pty")
-        self.pid, self.fd = pty.fork()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() in a process with threads (earlier
+            # tests' servers); the child only execs bash at once, which is safe.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: an interactive shell with job control
             os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
         self.output = b""

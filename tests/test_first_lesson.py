@@ -10,25 +10,7 @@ import pytest
 
 import chat_server
 from chat_server import TeacherConsole
-from conftest import SERVER_SCRIPT, TIMEOUT, server_process, wait_until
-
-
-@pytest.fixture
-def console(server):
-    """The teacher's console of the in-process server, fed by the test."""
-    return TeacherConsole(server, stream=None)
-
-
-def console_lines(caplog):
-    return [record.getMessage() for record in caplog.records]
-
-
-def expect_console(caplog, text):
-    """Wait until the console has shown a line containing text; return it."""
-    found = []
-    wait_until(lambda: found.extend(line for line in console_lines(caplog) if text in line)
-               or found, message="%r on the console" % text)
-    return found[0]
+from conftest import SERVER_SCRIPT, TIMEOUT, console_lines, expect_console, server_process
 
 
 # --- Starting ---

@@ -7,7 +7,6 @@ network between a server and Redis to freeze or cut the link.
 """
 
 import argparse
-import contextlib
 import json
 import signal
 import subprocess
@@ -19,7 +18,8 @@ import pytest
 
 import chat_server
 from chat_server import RedisError, RedisProtocolError, RespParser, TeacherConsole
-from conftest import TIMEOUT, SERVER_SCRIPT, ChatClient, find_tool, server_process, wait_until
+from conftest import (TIMEOUT, SERVER_SCRIPT, ChatClient, expect_console, find_tool,
+                      server_process, wait_until)
 from redis_helpers import LinkProxy, RedisServer, free_port, redis_env
 
 # Timings short enough for tests; each is a RedisLink class attribute.
@@ -391,17 +391,11 @@ def test_the_teacher_announces_from_any_server(linked, join):
 
 
 @redis
-def console_says(caplog, text):
-    """Wait until the console has shown a line containing text."""
-    wait_until(lambda: any(text in record.getMessage() for record in caplog.records),
-               message="%r on the console" % text)
-
-
 def console_who(server, caplog):
     """The lines of the console's /who on server."""
     start = len(caplog.records)
     TeacherConsole(server, None).handle_line("/who")
-    console_says(caplog, " online, ")
+    expect_console(caplog, " online, ")
     wait_until(lambda: len(caplog.records) > start + 1, message="the /who table")
     return [record.getMessage() for record in caplog.records[start:]]
 
@@ -413,7 +407,7 @@ def test_the_teacher_kicks_a_student_on_another_server(linked, join, caplog):
     bob = join(b, "bob")
     alice.expect("bob joined")
     TeacherConsole(a, None).handle_line("/kick bob too loud")
-    console_says(caplog, "Asked the server of bob to kick them.")
+    expect_console(caplog, "Asked the server of bob to kick them.")
     bob.expect("removed you from the chat: too loud")
     bob.expect_closed()
     alice.expect("*** bob left the chat.")
@@ -431,7 +425,7 @@ def test_the_teacher_mutes_a_student_on_another_server(linked, join, caplog):
     bob, bea = join(b, "bob"), join(b, "bea")
     alice.expect("bea joined")
     TeacherConsole(a, None).handle_line("/mute bob")
-    console_says(caplog, "Asked the server of bob to mute them.")
+    expect_console(caplog, "Asked the server of bob to mute them.")
     bob.expect("The teacher has muted you")
     bob.send("can anyone hear me")
     alice.expect_nothing_before(bea, "bea is not muted")
