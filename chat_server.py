@@ -130,6 +130,7 @@ INPUT_BURST_BYTES = 64 * 1024  # fast typist, and a pasted page at once
 MAX_QUIT_REASON_CHARS = 60  # a reason, not a speech
 MAX_MARKS_PER_LETTER = 3  # combining marks on one letter (Vietnamese needs 2)
 REFUSALS_AT_ONCE = 256  # refused connections being told why at once, at most
+REFUSAL_DRAIN_READS = 4  # what a refused client sent with its first packets
 REFUSAL_DRAIN_SECONDS = 2.0  # read what a refused client sent, so that closing
 #                              does not reset the connection and eat our line
 DROPPED_REMEMBERED = 1000  # addresses told, when they return, why they were dropped
@@ -1657,8 +1658,9 @@ def send_and_close(sock, data):
         sock.setblocking(False)
         sock.send(data)
         sock.shutdown(socket.SHUT_WR)
-        while sock.recv(RECV_BYTES):
-            pass
+        for _ in range(REFUSAL_DRAIN_READS):  # bounded: the accept loop must go on
+            if not sock.recv(RECV_BYTES):
+                break
     except OSError:
         pass  # nothing more to read now (BlockingIOError), or the client is gone
     sock.close()
@@ -2298,7 +2300,8 @@ class Transcript:
         # loses nothing, and a short write is seen (and undone) at once.
         self._file = open(path, "ab", buffering=0, opener=open_without_waiting)
         self._lines = queue.Queue(TRANSCRIPT_QUEUE_LINES)
-        self._dropped = 0  # lines the queue had no room for; only write() counts
+        self._dropped = 0  # lines the queue had no room for
+        self._dropped_lock = threading.Lock()  # guards _dropped (two threads touch it)
         self._thread = threading.Thread(target=self._run, name="transcript", daemon=True)
         self._thread.start()
 
@@ -2308,7 +2311,8 @@ class Transcript:
         try:
             self._lines.put_nowait(line.encode("utf-8"))
         except queue.Full:
-            self._dropped += 1  # reported when the writer catches up
+            with self._dropped_lock:
+                self._dropped += 1  # reported when the writer catches up
 
     def close(self):
         """Write what is queued and close, waiting a moment at most (the disk may hang)."""
@@ -2323,8 +2327,10 @@ class Transcript:
         for data in iter(self._lines.get, None):
             error = self._append_whole(data)
             if error is None:
-                if unwritten or self._dropped:
-                    lost, self._dropped = unwritten + self._dropped, 0
+                with self._dropped_lock:
+                    dropped, self._dropped = self._dropped, 0
+                if unwritten or dropped:
+                    lost = unwritten + dropped
                     log.warning("The transcript is being written again; %s could "
                                 "not be written.", plural(lost, "line"))
                 unwritten = 0
