@@ -4632,7 +4632,10 @@ def stop_on_signal(server):
 
 def exit_at_once(signum, frame):
     """A second Ctrl+C (or SIGTERM) during the shutdown: stop now, quietly."""
-    os.write(2, b"Stopped at once (a second interrupt during the shutdown).\n")
+    try:
+        os.write(2, b"Stopped at once (a second interrupt during the shutdown).\n")
+    except OSError:
+        pass  # no console to write to (pythonw, a service)
     os._exit(EXIT_INTERRUPTED)
 
 
