@@ -983,7 +983,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self._clients = {}  # key (folded name) -> Client, for joined clients
-        self._lock = threading.Lock()  # guards _clients and every field below
+        self._lock = threading.Lock()  # guards _clients and the fields down to _closing
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
         self._keys_in_order = []  # the keys of _clients, sorted, for /who
@@ -994,7 +994,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._history = collections.deque(maxlen=self.settings.history)
         self._quiet = False  # only the teacher's announcements go out
         self._closing = False
-        # Not guarded by _lock: each of these has a lock of its own.
+        # Not guarded by _lock: each of these has a lock of its own (and none
+        # of them ever waits for the room's lock, so no deadlock is possible).
         self.addresses = Addresses(self.settings)
         # --flood-rate 0 turns all pacing off, the room's budget too. The burst
         # is half an outbox, so a burst never fills a reader's outbox by itself.
