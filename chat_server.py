@@ -3625,8 +3625,9 @@ class RedisLink:
             self.room._remote.update(remote)
             self.room._history.extend(history)
             self.room._quiet = quiet
-        log.info("Linked through Redis at %s, room %s (this server is %s)",
-                 where, self.url.room, self.server_id)
+        # Two lines, so that the banner fits an 80-column terminal.
+        log.info("Linked through Redis at %s, room %s.", where, self.url.room)
+        log.info("This server's name among the linked ones: %s.", self.server_id)
 
     def start(self):
         """Start the writer, reader and listener threads."""
