@@ -61,7 +61,55 @@ def wait_until(condition, timeout=TIMEOUT, message="condition"):
         time.sleep(0.01)  # a polling interval, not a wait for an event
 
 
-class ChatClient:
+class LineExpectations:
+    """join(), expect() and expect_next() for a test client whose read_line()
+    returns the server's next line (None at the end) and records it in seen.
+
+    ChatClient (TCP) and websocket_client.ChatSocket (a browser) share them.
+    """
+
+    def join(self, name):
+        """Give a name at once (before the prompt, as a script would) and wait to be in.
+
+        The server reads the name when it asks, without its short wait for a
+        browser. Returns self.
+        """
+        self.send(name)
+        self.expect("*** Online now")
+        return self
+
+    def expect(self, text, timeout=None):
+        """Read lines until one contains text; return it, or fail listing what came.
+
+        It skips the lines before: where the test means the very next line,
+        use expect_next(), so that an extra or doubled line is noticed.
+        """
+        deadline = time.monotonic() + (timeout or self.timeout)
+        start = len(self.seen)
+        try:
+            while True:
+                line = self.read_line(max(0.001, deadline - time.monotonic()))
+                if line is None:
+                    break
+                if text in line:
+                    return line
+        except (socket.timeout, ConnectionError):
+            pass
+        pytest.fail("expected %r, got %r" % (text, self.seen[start:]))
+
+    def expect_next(self, text, timeout=None):
+        """The very next line must contain text."""
+        line = self.read_line(timeout)
+        assert line is not None and text in line, "expected %r next, got %r" % (text, line)
+        return line
+
+    def expect_nothing_before(self, sender, sentinel="sentinel"):
+        """Prove no other line arrived: a sentinel from sender (joined) comes next."""
+        sender.send(sentinel)
+        self.expect_next(sentinel)
+
+
+class ChatClient(LineExpectations):
     """A test client with its own byte buffer; every read has a deadline."""
 
     def __init__(self, address, timeout=TIMEOUT, rcvbuf=None):
@@ -74,16 +122,6 @@ class ChatClient:
         self.timeout = timeout
         self.buffer = b""
         self.seen = []  # every line read so far, for failure messages
-
-    def join(self, name):
-        """Give a name at once (before the prompt, as a script would) and wait to be in.
-
-        The server reads the name when it asks, without its short wait for a
-        browser. Returns self.
-        """
-        self.send(name)
-        self.expect("*** Online now")
-        return self
 
     def send(self, line):
         """Send one line, ended with CR LF as telnet does."""
@@ -121,25 +159,6 @@ class ChatClient:
         self.seen.append(line)
         return line
 
-    def expect(self, text, timeout=None):
-        """Read lines until one contains text; return it, or fail listing what came.
-
-        It skips the lines before: where the test means the very next line,
-        use expect_next(), so that an extra or doubled line is noticed.
-        """
-        deadline = time.monotonic() + (timeout or self.timeout)
-        start = len(self.seen)
-        try:
-            while True:
-                line = self.read_line(max(0.001, deadline - time.monotonic()))
-                if line is None:
-                    break
-                if text in line:
-                    return line
-        except (socket.timeout, ConnectionError):
-            pass
-        pytest.fail("expected %r, got %r" % (text, self.seen[start:]))
-
     def expect_bytes(self, data, timeout=None):
         """Read until the raw bytes data have arrived (telnet answers, say)."""
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -150,17 +169,6 @@ class ChatClient:
         except socket.timeout:
             pass
         assert data in self.buffer, "expected %r in %r" % (data, self.buffer[-200:])
-
-    def expect_next(self, text, timeout=None):
-        """The very next line must contain text."""
-        line = self.read_line(timeout)
-        assert line is not None and text in line, "expected %r next, got %r" % (text, line)
-        return line
-
-    def expect_nothing_before(self, sender, sentinel="sentinel"):
-        """Prove no other line arrived: a sentinel from sender (joined) comes next."""
-        sender.send(sentinel)
-        self.expect_next(sentinel)
 
     def expect_closed(self, timeout=None):
         """Read until the server closes the connection; return the lines read."""

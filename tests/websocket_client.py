@@ -13,6 +13,8 @@ import socket
 import struct
 import time
 
+from conftest import LineExpectations
+
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 TIMEOUT = 5.0
@@ -162,7 +164,7 @@ class WebSocketClient:
                 return b"".join(parts).decode("utf-8")
 
 
-class ChatSocket(WebSocketClient):
+class ChatSocket(LineExpectations, WebSocketClient):
     """A browser student: WebSocketClient plus the line helpers of ChatClient."""
 
     def __init__(self, *args, **kwargs):
@@ -172,11 +174,6 @@ class ChatSocket(WebSocketClient):
 
     def send(self, line):
         self.send_text(line)
-
-    def join(self, name):
-        self.send(name)
-        self.expect("*** Online now")
-        return self
 
     def read_line(self, timeout=None):
         """The next line the server sent; None after its close frame."""
@@ -188,26 +185,6 @@ class ChatSocket(WebSocketClient):
             self.pending.extend(message[:-2].split("\r\n"))
         line = self.pending.pop(0)
         self.seen.append(line)
-        return line
-
-    def expect(self, text, timeout=None):
-        """Read lines until one contains text; return it."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        start = len(self.seen)
-        try:
-            while True:
-                line = self.read_line(max(0.001, deadline - time.monotonic()))
-                if line is None:
-                    break
-                if text in line:
-                    return line
-        except (socket.timeout, ConnectionError):
-            pass
-        raise AssertionError("expected %r, got %r" % (text, self.seen[start:]))
-
-    def expect_next(self, text, timeout=None):
-        line = self.read_line(timeout)
-        assert line is not None and text in line, "expected %r next, got %r" % (text, line)
         return line
 
     def expect_closed(self, timeout=None):
