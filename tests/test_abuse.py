@@ -166,10 +166,12 @@ def test_connections_past_per_address_are_refused_before_a_thread(start_server, 
     third = computer(2, server)
     assert read_until_closed(third) == [
         "*** Too many connections from your computer (2). Close one, then try again."]
+    computer(3, server).expect("What is your name?")  # another computer still comes in
+    # Console lines keep their order: once 127.0.0.3's is shown, so are the others.
+    expect_console(caplog, "Accepted new client: 127.0.0.3")
     accepted = [line for line in console_lines(caplog)
                 if line.startswith("Accepted new client: 127.0.0.2")]
     assert len(accepted) == 2  # the third never got a thread
-    computer(3, server).expect("What is your name?")  # another computer still comes in
     first.close()
     wait_until(lambda: server.connection_count() == 2, message="the first one to be gone")
     computer(2, server).expect("What is your name?")  # a place is free again

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, ChatClient
+from conftest import TIMEOUT, ChatClient, expect_console
 from websocket_client import (BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, ChatSocket,
                               HandshakeFailed, frame)
 
@@ -176,7 +176,7 @@ def test_late_http_request_is_closed_and_never_taken_as_a_password(
         assert client.expect_closed() == []  # no "Wrong password" line either
     finally:
         client.close()
-    assert any("after the first prompt" in r.getMessage() for r in caplog.records)
+    expect_console(caplog, "after the first prompt")  # logged by the recorder thread
     assert not any("Wrong password" in r.getMessage() for r in caplog.records)
 
 
