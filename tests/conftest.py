@@ -194,7 +194,8 @@ class ChatClient(LineExpectations):
 
 def start_in_thread(server):
     thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        # A short poll: shutdown() waits for it, at the end of every test.
+        target=server.serve_forever, kwargs={"poll_interval": 0.005}, daemon=True
     )
     thread.start()
     return thread
@@ -380,3 +381,25 @@ def expect_console(caplog, text):
     wait_until(lambda: found.extend(line for line in console_lines(caplog) if text in line)
                or found, message="%r on the console" % text)
     return found[0]
+
+
+# --- Shorter fixed delays for in-process servers ---
+
+QUICK_DELAYS = {
+    # Every password answer waits this long (tests that time it read the
+    # patched value, so they still prove that the delay is there).
+    "PASSWORD_ANSWER_SECONDS": 0.2,
+    # A test client that speaks first does so at once; one that waits for the
+    # welcome waits this long. (Not for Chromium: its spare sockets connect
+    # early and speak late.)
+    "BROWSER_WAIT_SECONDS": 0.05,
+}
+
+
+@pytest.fixture(autouse=True)
+def quick_delays(request, monkeypatch):
+    """Shorter fixed delays, so the suite is quick; each test can set its own."""
+    for name, seconds in QUICK_DELAYS.items():
+        if name == "BROWSER_WAIT_SECONDS" and request.node.get_closest_marker("browser"):
+            continue
+        monkeypatch.setattr(chat_server, name, seconds)

@@ -671,7 +671,7 @@ def test_a_killed_server_s_students_leave_everywhere_once(linked, join, redis_se
     a, c = linked(), linked()
     alice, amy = join(a, "alice"), join(a, "amy")
     carol, cleo = join(c, "carol"), join(c, "cleo")
-    with server_process("--redis", redis_server.url()) as doomed:
+    with server_process("--redis", redis_server.url(), launcher=FAST_LINK_LAUNCHER) as doomed:
         dave = doomed.join("dave")
         for student in (alice, carol):
             student.expect("*** dave joined the chat.")
@@ -686,6 +686,15 @@ def test_a_killed_server_s_students_leave_everywhere_once(linked, join, redis_se
             student.expect_nothing_before(other, "after dave")
             assert sum("dave left" in line for line in student.seen) == 1
     assert leaves_in_stream(redis_server, "dave") == 1  # announced by one server only
+
+
+# Runs the script with the link's timings of FAST_LINK, so that a killed
+# server's heartbeat expires in seconds rather than REDIS_HEARTBEAT_TTL_SECONDS.
+FAST_LINK_LAUNCHER = (
+    "import runpy, sys; sys.argv = sys.argv[1:]; script = runpy.run_path(sys.argv[0]); "
+    "[setattr(script['RedisLink'], name, value) for name, value in %r.items()]; "
+    "sys.exit(script['main']())" % FAST_LINK
+)
 
 
 def leaves_in_stream(redis_server, name):
