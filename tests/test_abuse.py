@@ -434,11 +434,12 @@ def test_joins_and_leaves_still_go_out_in_quiet_mode(room, joined, console):
 
 # --- Everything a connection sends is paced -------------------------------------
 
-def test_telnet_nops_are_paced_by_the_input_budget(start_server, room):
-    """96 KiB that are no line at all (telnet NOPs) cost time like any input."""
+def test_telnet_nops_are_paced_by_the_input_budget(start_server, room, monkeypatch):
+    """16 KiB that are no line at all (telnet NOPs) cost time like any input."""
+    monkeypatch.setattr(chat_server, "INPUT_BURST_BYTES", 8 * 1024)  # half a second's worth
     server = start_server()
     alice, bob, carol = room("alice", "bob", "carol", target=server)
-    nops = bytes([chat_server.IAC, 241]) * (48 * 1024)
+    nops = bytes([chat_server.IAC, 241]) * (8 * 1024)
     bob.sock.settimeout(TIMEOUT)
     started = time.monotonic()
     bob.send_raw(nops + b"sentinel\r\n")
@@ -483,7 +484,7 @@ def test_names_sent_before_joining_are_paced(start_server, connect):
 # --- A room-wide budget: no reader is dropped by what others send ----------------
 
 READER_BYTES_PER_SECOND = 64 * 1024  # SPEC: a slow school laptop
-SENDERS = 10
+SENDERS = 6  # 60 KB at once: nearly four outboxes of 16 KiB
 BURST_LINE = "z" * 990  # a 1 KB line, with the name and " says: "
 
 

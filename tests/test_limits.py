@@ -201,7 +201,7 @@ def test_flooder_is_told_again_after_slowing_down(start_server, room, monkeypatc
 
 
 def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
-    server = start_server(flood_rate=0.5, flood_burst=1)  # 2 s between lines
+    server = start_server(flood_rate=1, flood_burst=1)  # 1 s between lines
     alice, bob, carol = room("alice", "bob", "carol", target=server)
     bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(5)))
     alice.expect_next("bob says: flood 0")
