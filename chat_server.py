@@ -139,6 +139,7 @@ HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
 #                                  and shows the count this often
 TRANSCRIPT_QUEUE_LINES = 10000  # lines waiting for a slow transcript disk
 SHUTDOWN_GRACE_SECONDS = 1.0  # for the goodbye line to reach each client
+SHUTDOWN_POLL_SECONDS = 0.05  # how soon serve_forever() sees a shutdown begin
 KEEPALIVE_IDLE_SECONDS = 60  # a silent peer is probed after this long...
 KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
 KEEPALIVE_PROBES = 6  # ...and given up after this many unanswered probes
@@ -4671,7 +4672,7 @@ def serve(args, argv):
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, stop_on_signal(server))
     try:
-        server.serve_forever()  # returns once server.shutdown() is called
+        server.serve_forever(SHUTDOWN_POLL_SECONDS)  # returns once server.shutdown() is called
     except KeyboardInterrupt:
         pass  # a Ctrl+C before the handler was in place
     finally:
