@@ -163,13 +163,13 @@ def test_wrong_password_is_refused_after_a_delay_and_closed(start_server, connec
 # --- Flood ---
 
 def test_flood_is_delayed_in_order_with_nothing_lost(start_server, room):
-    server = start_server(flood_rate=20, flood_burst=5)
+    server = start_server(flood_rate=40, flood_burst=5)
     alice, bob = room("alice", "bob", target=server)
     started = time.monotonic()
     bob.send_raw(b"".join(b"line %d\r\n" % n for n in range(25)))
     for n in range(25):
         alice.expect_next("bob says: line %d" % n)
-    assert time.monotonic() - started >= (25 - 5) / 20 * 0.9  # held back, not dropped
+    assert time.monotonic() - started >= (25 - 5) / 40 * 0.9  # held back, not dropped
 
 
 def test_flooder_is_told_once_to_slow_down(start_server, room):
@@ -201,7 +201,8 @@ def test_flooder_is_told_again_after_slowing_down(start_server, room, monkeypatc
 
 
 def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
-    server = start_server(flood_rate=1, flood_burst=1)  # 1 s between lines
+    # 1 s between lines; a burst of 2: the name takes one, "flood 0" the other
+    server = start_server(flood_rate=1, flood_burst=2)
     alice, bob, carol = room("alice", "bob", "carol", target=server)
     bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(5)))
     alice.expect_next("bob says: flood 0")
@@ -213,7 +214,7 @@ def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
 
 
 def test_flooder_does_not_slow_the_others(start_server, room):
-    server = start_server(flood_rate=1, flood_burst=1)
+    server = start_server(flood_rate=1, flood_burst=2)  # the name, then "flood 0"
     alice, bob, carol = room("alice", "bob", "carol", target=server)
     bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(30)))
     alice.expect_next("bob says: flood 0")
@@ -247,7 +248,10 @@ def test_slow_reader_whose_writer_is_stuck_is_dropped_at_once(start_server, room
     alice.expect_next("bob says: still chatting")
 
 
-def test_shutdown_closes_a_stalled_connection_within_two_seconds(start_server, room, joined):
+def test_shutdown_closes_a_stalled_connection_within_two_seconds(
+        start_server, room, joined, monkeypatch):
+    """Within two grace periods (shortened here) although it never reads."""
+    monkeypatch.setattr(chat_server, "SHUTDOWN_GRACE_SECONDS", 0.3)
     server = start_server(flood_rate=0, max_line=BIG_LINE_BYTES)
     alice, bob = room("alice", "bob", target=server)
     stalled = joined("stalled", server, rcvbuf=4096)  # joins, then never reads
