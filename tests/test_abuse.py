@@ -464,21 +464,21 @@ def test_flood_rate_zero_turns_the_input_budget_off(start_server, room):
 @pytest.mark.parametrize("junk", [b"\r\n", b" \t \r\n", b"y" * 100 + b"\r\n"],
                          ids=["blank", "spaces", "too long"])
 def test_lines_that_say_nothing_are_paced_like_messages(start_server, room, junk):
-    server = start_server(flood_rate=50, flood_burst=5, max_line=64)
+    server = start_server(flood_rate=100, flood_burst=5, max_line=64)
     alice, bob = room("alice", "bob", target=server)
     started = time.monotonic()
     bob.send_raw(junk * 30 + b"sentinel\r\n")
     alice.expect_next("bob says: sentinel")
-    assert time.monotonic() - started >= (31 - 5) / 50 * 0.9
+    assert time.monotonic() - started >= (31 - 5) / 100 * 0.9
 
 
 def test_names_sent_before_joining_are_paced(start_server, connect):
-    server = start_server(flood_rate=50, flood_burst=5)
+    server = start_server(flood_rate=100, flood_burst=5)
     bot = connect(server)
     started = time.monotonic()
     bot.send_raw(b"!\r\n" * 30 + b"bot\r\n")  # 30 names refused, then one taken
     bot.expect("*** Welcome, bot!")
-    assert time.monotonic() - started >= (31 - 5) / 50 * 0.9
+    assert time.monotonic() - started >= (31 - 5) / 100 * 0.9
 
 
 # --- A room-wide budget: no reader is dropped by what others send ----------------
