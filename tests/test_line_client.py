@@ -125,9 +125,17 @@ def test_connect_address_takes_a_port_or_defaults_to_1337(text, address):
 
 
 @pytest.mark.parametrize("text", ["host:port", "host:99999", ":42"])
-def test_bad_connect_address_is_exit_status_2(text):
+def test_bad_connect_address_is_exit_status_2(text, capsys):
+    """Checked in-process; the test below runs one as a real process."""
+    with pytest.raises(SystemExit) as exited:
+        chat_server.parse_args(["--connect", text])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_bad_connect_address_ends_the_process_with_exit_status_2():
     finished = subprocess.run(
-        [sys.executable, SERVER_SCRIPT, "--connect", text],
+        [sys.executable, SERVER_SCRIPT, "--connect", "host:port"],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
     )
     assert finished.returncode == 2
