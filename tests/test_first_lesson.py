@@ -177,6 +177,10 @@ def test_transcript_marks_each_start_and_records_the_teachers_actions(tmp_path):
                    "*** [teacher] Quiet, please: only the teacher speaks for now.",
                    "=== The server is shutting down. ==="):
         assert events.count(action) == 2, (action, events)
+    # Students still in the room at the shutdown are not recorded as leaving
+    # one by one: the shutdown mark is the last line of each run.
+    ends = [n for n, event in enumerate(events) if event == "=== The server is shutting down. ==="]
+    assert [events[n + 1:n + 2] for n in ends] == [[starts[1]], []], events
 
 
 # --- Students ---

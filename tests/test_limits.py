@@ -201,14 +201,16 @@ def test_flooder_is_told_again_after_slowing_down(start_server, room, monkeypatc
 
 
 def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
-    # 1 s between lines; a burst of 2: the name takes one, "flood 0" the other
-    server = start_server(flood_rate=1, flood_burst=2)
+    """The kick ends the flooder's wait at once: its reader does not sleep it out."""
+    # 10 s between lines (longer than TIMEOUT); a burst of 2: the name takes
+    # one token, "flood 0" the other.
+    server = start_server(flood_rate=0.1, flood_burst=2)
     alice, bob, carol = room("alice", "bob", "carol", target=server)
     bob.send_raw(b"".join(b"flood %d\r\n" % n for n in range(5)))
     alice.expect_next("bob says: flood 0")
     bob.expect_next("*** You are sending lines too fast")  # "flood 1" is held back now
     TeacherConsole(server, None).handle_line("/kick bob")
-    alice.expect("*** bob left the chat.")  # (a slow machine may let "flood 1" out first)
+    alice.expect_next("*** bob left the chat.")
     wait_until(lambda: server.connection_count() == 2, message="bob's reader to finish")
     alice.expect_nothing_before(carol)
 
@@ -441,6 +443,17 @@ def test_history_keeps_only_the_last_events(start_server, room, joined):
     carol = joined("carol", server)
     said = [line for line in carol.seen if " says: " in line]
     assert said == ["alice says: two", "alice says: three"]
+
+
+def test_history_holds_every_line_of_lines_that_arrived_together(room, joined):
+    """Lines read at once go out as one room event; each is in the history."""
+    alice, bob = room("alice", "bob")
+    alice.send_raw(b"one\r\ntwo\r\nthree\r\n")  # one packet: one read
+    for word in ("one", "two", "three"):
+        bob.expect_next("alice says: " + word)
+    carol = joined("carol")
+    said = [line for line in carol.seen if " says: " in line]
+    assert said == ["alice says: one", "alice says: two", "alice says: three"]
 
 
 def test_history_zero_replays_nothing(start_server, room, joined):
