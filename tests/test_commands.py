@@ -96,6 +96,16 @@ def test_nick_is_limited_per_minute(start_server, room):
     alice.expect_nothing_before(bob)
 
 
+def test_a_refused_rename_does_not_count_against_the_limit(start_server, room):
+    server = start_server(nick_rate=1)
+    alice, bob = room("alice", "bob", target=server)
+    bob.send("/nick alice")  # taken: refused, so not a rename
+    bob.expect_next("*** ")
+    bob.send("/nick b1")
+    bob.expect_next("*** bob is now b1.")
+    alice.expect_next("*** bob is now b1.")
+
+
 def test_who_lists_everyone_alphabetically_with_a_count(room):
     carol, alice, Bob = room("carol", "alice", "Bob")
     alice.send("/who")

@@ -10,7 +10,8 @@ import pytest
 
 import chat_server
 from chat_server import TeacherConsole
-from conftest import SERVER_SCRIPT, TIMEOUT, console_lines, expect_console, server_process
+from conftest import (SERVER_SCRIPT, TIMEOUT, console_lines, expect_console, server_process,
+                      wait_until)
 
 
 # --- Starting ---
@@ -106,6 +107,13 @@ def test_held_back_count_is_shown_after_a_while(start_server, room, caplog, monk
         bob.send("line %d" % number)
         bob.expect_next("*** Not sent")
     expect_console(caplog, "(held back 2 more lines)")
+    # The count starts again: the next line is shown in full, or counted as
+    # one (if it comes within the same short while), never as three.
+    bob.send("line 3")
+    bob.expect_next("*** Not sent")
+    wait_until(lambda: any("(held back) bob says: line 3" in line or "(held back 1 more line)"
+                           in line for line in console_lines(caplog)),
+               message="line 3 shown, or counted as the only one since the count")
 
 
 def test_quiet_on_twice_announces_once_and_tells_the_teacher(room, console, caplog):

@@ -403,6 +403,23 @@ def test_lines_sent_in_pieces_arrive_whole_once_and_in_order():
         theirs.close()
 
 
+def test_shutdown_ends_as_soon_as_every_connection_has_closed(server, room, monkeypatch):
+    """Not at the end of the grace: the last connection to finish wakes it."""
+    monkeypatch.setattr(chat_server, "SHUTDOWN_GRACE_SECONDS", 3.0)
+    alice, bob = room("alice", "bob")
+    started = time.monotonic()
+    server.close_room()
+    took = time.monotonic() - started
+    assert server.connection_count() == 0
+    assert took < 1.5, "took %.2f s" % took
+    alice.expect_next("*** Server is shutting down.")
+
+
+def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(server, connect):
+    server.close_room()  # the server still accepts until it stops, a moment later
+    assert connect().expect_closed() == ["*** The server is shutting down."]
+
+
 def test_sendq_setting_reaches_each_client(start_server, joined):
     server = start_server(sendq=8192)
     joined("alice", server)
