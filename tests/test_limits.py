@@ -406,6 +406,13 @@ def test_lines_sent_in_pieces_arrive_whole_once_and_in_order():
 def test_shutdown_ends_as_soon_as_every_connection_has_closed(server, room, monkeypatch):
     """Not at the end of the grace: the last connection to finish wakes it."""
     monkeypatch.setattr(chat_server, "SHUTDOWN_GRACE_SECONDS", 3.0)
+    unregister = chat_server.ChatServer.unregister
+
+    def slow_unregister(self, client):  # readers that finish a moment after the rest
+        time.sleep(0.2)  # (a slow server thread, not a wait of the test)
+        unregister(self, client)
+
+    monkeypatch.setattr(chat_server.ChatServer, "unregister", slow_unregister)
     alice, bob = room("alice", "bob")
     started = time.monotonic()
     server.close_room()
