@@ -140,6 +140,8 @@ HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
 TRANSCRIPT_QUEUE_LINES = 10000  # lines waiting for a slow transcript disk
 SHUTDOWN_GRACE_SECONDS = 1.0  # for the goodbye line to reach each client
 SHUTDOWN_POLL_SECONDS = 0.05  # how soon serve_forever() sees a shutdown begin
+SIGNAL_CHECK_SECONDS = 0.05  # the main thread waits in slices this long, so a
+#                              second Ctrl+C during the shutdown acts at once
 KEEPALIVE_IDLE_SECONDS = 60  # a silent peer is probed after this long...
 KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
 KEEPALIVE_PROBES = 6  # ...and given up after this many unanswered probes
@@ -1537,21 +1539,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
             client.close_after_flush()
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         for client in everyone:
-            client.wait_gone(max(0.0, deadline - time.monotonic()))
+            wait_in_slices(client.wait_gone, max(0.0, deadline - time.monotonic()))
         for client in everyone:
             client.abort()  # a stalled client's writer is still blocked: wake it
         with self._lock:  # let the readers finish their goodbyes
-            self._everyone_gone.wait_for(
-                lambda: not self._connections, SHUTDOWN_GRACE_SECONDS
-            )
+            wait_in_slices(lambda timeout: self._everyone_gone.wait_for(
+                lambda: not self._connections, timeout), SHUTDOWN_GRACE_SECONDS)
 
     def server_close(self):
         if self._link is not None:
             self._link.stop()
         super().server_close()
         self._records.put(("stop", ""))
-        if self._recorder_thread.is_alive():
-            self._recorder_thread.join(SHUTDOWN_GRACE_SECONDS)
+        join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
 
 
 class Refuser:
@@ -2322,7 +2322,7 @@ class Transcript:
             self._lines.put(None, timeout=SHUTDOWN_GRACE_SECONDS)
         except queue.Full:
             return
-        self._thread.join(SHUTDOWN_GRACE_SECONDS)
+        join_in_slices(self._thread, SHUTDOWN_GRACE_SECONDS)
 
     def _run(self):
         unwritten = 0  # lines the disk refused since the last that it took
@@ -4388,7 +4388,7 @@ def configure_logging():
             records.put(None, timeout=SHUTDOWN_GRACE_SECONDS)
         except queue.Full:
             return
-        writer.join(SHUTDOWN_GRACE_SECONDS)
+        join_in_slices(writer, SHUTDOWN_GRACE_SECONDS)
 
     return stop
 
@@ -4640,6 +4640,29 @@ def exit_at_once(signum, frame):
     except OSError:
         pass  # no console to write to (pythonw, a service)
     os._exit(EXIT_INTERRUPTED)
+
+
+def wait_in_slices(wait, seconds):
+    """Call wait(timeout) in short slices until it returns true or seconds pass.
+
+    Python runs signal handlers in the main thread only, between two of its
+    steps. The OS may deliver a second Ctrl+C to another thread, and then a
+    long wait in the main thread would hold the handler back until the wait
+    ended; with short slices it runs at once.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if wait(max(0.0, min(left, SIGNAL_CHECK_SECONDS))):
+            return True
+        if left <= SIGNAL_CHECK_SECONDS:
+            return False
+
+
+def join_in_slices(thread, seconds):
+    """Wait up to seconds for a thread to end (see wait_in_slices())."""
+    if thread.ident is not None:  # started
+        wait_in_slices(lambda timeout: thread.join(timeout) or not thread.is_alive(), seconds)
 
 
 def serve(args, argv):

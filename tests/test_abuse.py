@@ -1028,3 +1028,29 @@ def test_transcript_fifo_that_is_never_read_neither_stops_the_room_nor_sigterm(t
     assert status == 0
     assert took < 4.0, "SIGTERM took %.1f s" % took
     assert "Traceback" not in stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill (POSIX)")
+def test_a_signal_taken_by_another_thread_still_ends_the_main_threads_wait_at_once():
+    """The OS may hand a second Ctrl+C to any thread: the shutdown's waits notice it."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    never = threading.Event()
+    other = threading.Thread(target=never.wait, args=(TIMEOUT,), daemon=True)
+    other.start()
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        started = time.monotonic()
+        threading.Timer(0.1, signal.pthread_kill, (other.ident, signal.SIGUSR1)).start()
+        with pytest.raises(Interrupted):
+            chat_server.wait_in_slices(never.wait, 3.0)
+        took = time.monotonic() - started
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        never.set()
+    assert took < 1.0, "the handler waited %.2f s for the main thread's wait" % took
