@@ -3779,6 +3779,8 @@ class RedisLink:
                     # Split by the reader, or by a full queue: start afresh.
                     raise socket.timeout("the link was split")
                 if time.monotonic() >= next_beat:
+                    # The replies to what a publishing thread sent come first.
+                    self._send_work()
                     self._beat()
                     next_beat = time.monotonic() + self.heartbeat_seconds
                 self._send_work()
