@@ -3210,6 +3210,17 @@ REDIS_CLAIM_GRACE_SECONDS = 5.0  # a claimed name not joined by then is freed
 # Messages in one "say" event: a sender's batch is the lines of one read
 # (see more_messages()), and each line takes at least one byte.
 REDIS_MAX_EVENT_TEXTS = 2 * RECV_BYTES
+# Deletes a name key only if this server holds it (ARGV[1]: our id); the
+# value is JSON (see RedisLink._name_value), and a bad one is left alone.
+RELEASE_IF_OURS_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+local ok, holder = pcall(cjson.decode, value)
+if ok and type(holder) == 'table' and holder.server == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 SERVER_ID = re.compile(r"[0-9a-f]{8,32}")
 RESP_INTEGER = re.compile(rb"-?[0-9]{1,19}")
@@ -4047,11 +4058,10 @@ class RedisLink:
             return False
 
     def _release_if_ours(self, key):
-        # NOTE: GET then DEL is not atomic; a name another server claims in
-        # between is lost to it. A Lua script would close that gap; we keep
-        # the protocol to plain commands a student can follow.
-        if self._holds(self._writer.call("GET", self._name_prefix + key)):
-            self._writer.call("DEL", self._name_prefix + key)
+        # Look and delete in one script, which Redis runs whole: with a GET
+        # then a DEL, a name another server claimed in between would be lost.
+        self._writer.call("EVAL", RELEASE_IF_OURS_SCRIPT, 1, self._name_prefix + key,
+                          self.server_id)
         self._claimed.pop(key, None)
 
     def _reclaim(self, keys, rejoin=False):
