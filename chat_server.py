@@ -1337,8 +1337,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         several threads publish at once, one send here often carries lines
         that others queued meanwhile.
         """
-        if self._link is not None:
-            self._link.flush()  # events for Redis first: theirs is the longer way
         for client in clients:
             if client.too_slow:
                 self.drop(client, TOO_SLOW)
@@ -3599,7 +3597,7 @@ class RedisLink:
         self.linked = True  # False during a split
         self._next_sequence = 0
         self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
-        self._outbox = queue.Queue(self.outbox_items)  # work for the writer connection
+        self._outbox = queue.Queue(self.outbox_items)  # work for the writer thread
         self._last_seen = {}  # server id -> highest sequence shown or skipped
         # Owned by the reader thread:
         self._last_id = "0"  # the last stream entry read
@@ -3609,14 +3607,6 @@ class RedisLink:
         self._unheard = []  # private messages no server heard: sent again at each beat
         self._writer = None  # the writer's RedisConnection
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
-        # Who may send on the writer's connection: the writer thread, which
-        # holds it whenever it is not idle, or a publishing thread that finds
-        # it free (see flush()). Guards _writer's sending side, _in_flight,
-        # _unsent and _sent_on. Only ever taken without waiting by others.
-        self._wire = threading.Lock()
-        self._unsent = b""  # the part of _in_flight's commands not yet sent
-        self._sent_on = None  # the connection _in_flight went out on
-        self._work = threading.Event()  # set when the writer thread has work
         self._listener = None  # the listener's first connection, made by connect()
         self._stopping = threading.Event()
         self._threads = []
@@ -3736,30 +3726,6 @@ class RedisLink:
             self._outbox.put_nowait(item)
         except queue.Full:  # dropped: a split is coming (takes() declares it)
             self._note("Redis is too slow: the queue to it is full")
-        self._work.set()
-
-    def flush(self):
-        """Send the room's queued events to Redis from this thread, if the wire is free.
-
-        Called by the room after it released its lock (see ChatServer._deliver()).
-        This saves the hop to the writer thread, a thread wake-up that on a
-        busy computer costs more than Redis's own round trip. It never waits:
-        if the writer thread is using the connection, or the socket is full,
-        the writer thread sends what is left. The replies are always the
-        writer thread's to read, so it is woken either way.
-        """
-        if self._outbox.empty():
-            return
-        if self._wire.acquire(blocking=False):
-            try:
-                if self._writer is not None and self.linked and not self._in_flight:
-                    self._take_work()
-                    self._send_some()
-            except OSError:
-                pass  # the writer thread meets the same error and handles it
-            finally:
-                self._wire.release()
-        self._work.set()
 
     def _note(self, text):
         """Tell the console, after the room events queued so far (safe under the lock)."""
@@ -3777,10 +3743,6 @@ class RedisLink:
     # -- The writer thread: XADD, claims, heartbeat, reaping dead servers --
 
     def _run_writer(self):
-        with self._wire:  # the writer thread's, but while it waits for work
-            self._write_until_stopped()
-
-    def _write_until_stopped(self):
         next_beat, failing_since, delay = 0.0, None, self.retry_first_seconds
         while not self._stopping.is_set():
             try:
@@ -3793,19 +3755,10 @@ class RedisLink:
                     # Split by the reader, or by a full queue: start afresh.
                     raise socket.timeout("the link was split")
                 if time.monotonic() >= next_beat:
-                    # The replies to what a publishing thread sent come first.
-                    self._send_work()
                     self._beat()
                     self._send_unheard_again()
                     next_beat = time.monotonic() + self.heartbeat_seconds
-                self._send_work()
-                if self._outbox.empty():
-                    self._wire.release()  # others may send while we wait
-                    try:
-                        self._work.wait(max(0.0, next_beat - time.monotonic()))
-                        self._work.clear()  # before looking for work: no wake-up is lost
-                    finally:
-                        self._wire.acquire()
+                self._send_work(max(0.0, next_beat - time.monotonic()))
             except (OSError, RedisError) as error:
                 # A dropped connection that comes back at once is no split:
                 # what was in flight is sent again (read twice, shown once).
@@ -3830,51 +3783,22 @@ class RedisLink:
             self._writer.close()
             self._writer = None
 
-    def _take_work(self):
-        """Take queued work into _in_flight, as one pipeline to send (_wire held)."""
-        while len(self._in_flight) < REDIS_READ_EVENTS:
-            try:
-                self._in_flight.append(self._outbox.get_nowait())
-            except queue.Empty:
-                break
-        self._unsent, self._sent_on = b"", None
-
-    def _send_some(self):
-        """Send _in_flight's commands as far as the socket takes them now (_wire held)."""
-        if self._sent_on is not self._writer:  # new work, or a new connection: all of it
-            self._unsent = b"".join(encode_command(*command) for item in self._in_flight
-                                    for command in self._commands_for(item))
-            self._sent_on = self._writer
-        sock = self._writer.sock
-        sock.settimeout(0)  # never wait: the writer thread sends what is left
-        try:
-            sent = sock.send(self._unsent)
-        except BlockingIOError:
-            sent = 0
-        self._unsent = self._unsent[sent:]
-
-    def _send_work(self):
-        """Send what the room queued, in one pipeline, and read the replies (_wire held).
-
-        A publishing thread may have sent it already (see flush()).
-        """
+    def _send_work(self, wait):
+        """Send what the room queued, in one pipeline; wait up to wait seconds for it."""
         if not self._in_flight:
-            self._take_work()
-            if not self._in_flight:
+            try:
+                self._in_flight = [self._outbox.get(timeout=wait)]
+            except queue.Empty:
                 return
-        if self._sent_on is not self._writer or self._unsent:
-            self._send_some()
-            if self._unsent:
-                self._writer.sock.settimeout(self.silence_seconds)  # stuck Redis: a split
-                self._writer.sock.sendall(self._unsent)
-                self._unsent = b""
+            while len(self._in_flight) < REDIS_READ_EVENTS:
+                try:
+                    self._in_flight.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
         plan = [(item, self._commands_for(item)) for item in self._in_flight]
-        replies = [self._writer.read(self.silence_seconds)
-                   for _, commands in plan for _ in commands]
-        for reply in replies:
-            if isinstance(reply, RedisError):
-                raise reply
-        self._in_flight, self._sent_on = [], None
+        replies = self._writer.pipeline([command for _, commands in plan
+                                         for command in commands], self.silence_seconds)
+        self._in_flight = []
         position = 0
         for item, commands in plan:
             if item[0] == "claim":  # replies: SET's, then GET's (who holds it)
@@ -4036,7 +3960,7 @@ class RedisLink:
         for item in self._in_flight:
             if item[0] == "claim":
                 item[3].put(None)  # no answer: the room decides alone
-        self._in_flight, self._sent_on = [], None
+        self._in_flight = []
         self._drain_outbox()
 
     def _relink(self):
