@@ -3206,9 +3206,22 @@ REDIS_MAX_ARRAY_ITEMS = 100000  # the most items in one array from Redis
 REDIS_MAX_REPLY_BYTES = 8 * 1024 * 1024  # the longest reply we buffer
 REDIS_MAX_DEPTH = 8  # arrays in arrays; XREAD's reply is 5 deep
 REDIS_CLAIM_GRACE_SECONDS = 5.0  # a claimed name not joined by then is freed
+REDIS_UNHEARD_SECONDS = 10.0  # a whisper no server heard is sent again this long: a
+# listener that reconnects (backing off up to REDIS_RETRY_MAX_SECONDS) hears it
 # Messages in one "say" event: a sender's batch is the lines of one read
 # (see more_messages()), and each line takes at least one byte.
 REDIS_MAX_EVENT_TEXTS = 2 * RECV_BYTES
+# Deletes a name key only if this server holds it (ARGV[1]: our id); the
+# value is JSON (see RedisLink._name_value), and a bad one is left alone.
+RELEASE_IF_OURS_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+local ok, holder = pcall(cjson.decode, value)
+if ok and type(holder) == 'table' and holder.server == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 SERVER_ID = re.compile(r"[0-9a-f]{8,32}")
 RESP_INTEGER = re.compile(rb"-?[0-9]{1,19}")
@@ -3592,6 +3605,7 @@ class RedisLink:
         self._resume_id = None  # set at a relink: where the reader goes on from
         # Owned by the writer thread:
         self._claimed = {}  # name key this server holds in Redis -> when claimed
+        self._unheard = []  # private messages no server heard: sent again at each beat
         self._writer = None  # the writer's RedisConnection
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
         self._listener = None  # the listener's first connection, made by connect()
@@ -3743,6 +3757,7 @@ class RedisLink:
                     raise socket.timeout("the link was split")
                 if time.monotonic() >= next_beat:
                     self._beat()
+                    self._send_unheard_again()
                     next_beat = time.monotonic() + self.heartbeat_seconds
                 self._send_work(max(0.0, next_beat - time.monotonic()))
             except (OSError, RedisError) as error:
@@ -3794,9 +3809,29 @@ class RedisLink:
                     self._claimed[item[1]] = time.monotonic()
                 item[3].put(True if claimed else self._holder_name(replies[position + 1],
                                                                    item[2]))
+            elif item[0] == "publish" and replies[position] == 0:
+                self._hold_unheard(item)
             elif item[0] == "event" and self._freed_key(item[1]):
                 self._claimed.pop(self._freed_key(item[1]), None)
             position += len(commands)
+
+    def _hold_unheard(self, item):
+        """A private message that no server was listening for: keep it for a while.
+
+        Pub/sub keeps nothing: the other server's listener may be between two
+        connections, so the message is sent again at each heartbeat.
+        """
+        deadline = item[3] if len(item) > 3 else time.monotonic() + REDIS_UNHEARD_SECONDS
+        if time.monotonic() < deadline:
+            self._unheard.append(item[:3] + (deadline,))
+        else:
+            log.warning("A %s for %s was not heard by its server: dropped",
+                        item[2]["k"], item[2].get("to", item[2]["name"]))
+
+    def _send_unheard_again(self):
+        unheard, self._unheard = self._unheard, []
+        for item in unheard:
+            self._queue_work(item)
 
     def _freed_key(self, event):
         """The name key an event of ours frees in Redis (a leave, a rename), or None."""
@@ -3972,11 +4007,10 @@ class RedisLink:
             return False
 
     def _release_if_ours(self, key):
-        # NOTE: GET then DEL is not atomic; a name another server claims in
-        # between is lost to it. A Lua script would close that gap; we keep
-        # the protocol to plain commands a student can follow.
-        if self._holds(self._writer.call("GET", self._name_prefix + key)):
-            self._writer.call("DEL", self._name_prefix + key)
+        # Look and delete in one script, which Redis runs whole: with a GET
+        # then a DEL, a name another server claimed in between would be lost.
+        self._writer.call("EVAL", RELEASE_IF_OURS_SCRIPT, 1, self._name_prefix + key,
+                          self.server_id)
         self._claimed.pop(key, None)
 
     def _reclaim(self, keys, rejoin=False):

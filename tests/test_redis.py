@@ -9,6 +9,7 @@ network between a server and Redis to freeze or cut the link.
 import argparse
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -858,3 +859,68 @@ def test_a_rename_that_only_changes_case_keeps_the_name_claimed(linked, join):
         newcomer.expect("The name Alice is taken.")
     finally:
         newcomer.close()
+
+
+# --- Races with another server ------------------------------------------------
+# Each test makes the other server's move at the worst moment, and shows that
+# nothing is lost for it.
+
+OTHER_SERVER = "ab" * 8  # a server id that is not ours
+
+
+def name_key(name):
+    return "class:name:" + name
+
+
+@redis
+def test_a_stale_claim_never_frees_a_name_another_server_claimed_meanwhile(
+        linked, redis_server, monkeypatch):
+    """Our claim of a name was never used; as we free it, another server takes it: it stays theirs."""
+    monkeypatch.setattr(chat_server, "REDIS_CLAIM_GRACE_SECONDS", 0.0)
+    link = linked()._link
+    ours = redis_server.connect()
+    theirs = json.dumps({"name": "zed", "server": OTHER_SERVER})
+    raced = []
+    real_call = chat_server.RedisConnection.call
+
+    def call_with_a_race(connection, *args, **options):
+        reply = real_call(connection, *args, **options)
+        if not raced and name_key("zed") in args:
+            # Right after the link's first command of the release, another
+            # server takes the name (as if ours had expired just before).
+            raced.append(real_call(ours, "SET", name_key("zed"), theirs))
+        return reply
+
+    try:
+        assert link.claim_name("zed", "zed") is None  # claimed, never joined: stale at once
+        monkeypatch.setattr(chat_server.RedisConnection, "call", call_with_a_race)
+        wait_until(lambda: "zed" not in link._claimed, message="the stale claim released")
+        assert raced, "the release never touched the name's key"
+        assert ours.call("GET", name_key("zed")) == theirs.encode()
+    finally:
+        ours.close()
+
+
+@redis
+def test_a_whisper_sent_while_the_other_server_resubscribes_still_arrives(
+        linked, join, monkeypatch, caplog):
+    """A PUBLISH that no server heard (its listener was reconnecting) is sent again."""
+    a, b = linked(), linked()
+    alice, bob = join(a, "alice"), join(b, "bob")
+    listening = threading.Event()  # cleared: b's listener cannot subscribe again yet
+    subscribe = b._link._subscribe
+
+    def subscribe_when_allowed():
+        if not listening.is_set():
+            raise ConnectionError("the test holds the listener back")
+        return subscribe()
+
+    monkeypatch.setattr(b._link, "_subscribe", subscribe_when_allowed)
+    b._link._listener.sock.shutdown(socket.SHUT_RDWR)  # b's channel is lost
+    wait_until(lambda: "Redis channel lost" in caplog.text, message="b's listener gone")
+    alice.send("/msg bob are you there?")
+    alice.expect("*** You whispered to bob: are you there?")
+    alice.send("sentinel")  # its XADD follows the PUBLISH on a's one connection
+    bob.expect("alice says: sentinel")  # so the PUBLISH was done, and no one heard it
+    listening.set()
+    bob.expect("alice whispers: are you there?")
