@@ -747,6 +747,7 @@ class Client:
         self.renames = None  # a RateWindow for /nick, set by the handler
         self.muted = False  # set by the teacher; the room checks it
         self.too_slow = False  # its outbox overflowed: the room drops it
+        self.notices_seen = 0  # the room's: see ChatServer._catch_up()
         self.sendq_bytes = sendq_bytes
         # How this client's lines become bytes, and what it joined with: a
         # browser's WebSocket changes both (see answer_http()).
@@ -760,6 +761,8 @@ class Client:
         self._outbox_changed = threading.Condition(threading.Lock())
         self._sending = False  # one thread has taken bytes out and is sending them
         self._backlogged = False  # the socket was full: the writer sends until empty
+        self._urgent = False  # more than notices are queued: see _take_batch()
+        self._nagle = False  # TCP_NODELAY is off for now: see _take_batch()
         self._closing = False  # no more data is taken; the writer flushes and stops
         self._dropped = False  # drop() has run for this client
         self.gone = threading.Event()  # set once the socket is shut down
@@ -771,12 +774,13 @@ class Client:
         where = format_address(self.address)
         return "%s (%s)" % (self.name, where) if self.name else where
 
-    def offer(self, data):
+    def offer(self, data, notice=False):
         """Queue bytes for this client; False if that made the outbox overflow.
 
         Never waits and never touches the socket, so the room may call it
         while holding its lock. An overflowing client is too slow: its outbox
-        is emptied and closed, and the room must drop it.
+        is emptied and closed, and the room must drop it. notice: join, leave
+        or rename lines only, which may leave a little later (_take_batch()).
         """
         with self._outbox_changed:
             if self._closing:
@@ -788,6 +792,7 @@ class Client:
                 return False
             self._outbox.append(data)
             self._outbox_bytes += len(data)
+            self._urgent = self._urgent or not notice
             return True
 
     def queue_line(self, text):
@@ -812,8 +817,11 @@ class Client:
                     self._outbox.appendleft(batch[sent:])
                     self._backlogged = True  # the socket is full: over to the writer
                 handing_over = self._backlogged or self._closing
+                more = bool(self._outbox)  # queued while we were sending
             if handing_over:
                 self._wake_writer()
+                return
+            if not more:
                 return
 
     def _wake_writer(self):
@@ -899,6 +907,19 @@ class Client:
         batch = b"".join(self._outbox)
         self._outbox.clear()
         self._sending = True
+        # A chat line leaves at once (TCP_NODELAY). Notices alone may wait:
+        # with Nagle's algorithm on, the OS holds a small send while what it
+        # sent before is not yet acknowledged, and merges them, so a class
+        # joining costs far fewer packets (a reader that keeps up acknowledges
+        # at once, and still gets them at once).
+        if self._nagle == self._urgent:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                     1 if self._urgent else 0)
+                self._nagle = not self._urgent
+            except OSError:
+                pass  # closed, or not TCP: this batch goes out as it is
+        self._urgent = False
         return batch
 
     def _run_writer(self):
@@ -1017,6 +1038,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._recorder_thread = threading.Thread(
             target=self._run_recorder, name="recorder", daemon=True
         )
+        # Join, leave and rename lines not yet queued for every client, in
+        # the room's order, as (line, the client not to tell); guarded by
+        # _lock. A client's notices_seen counts those it has been given, out
+        # of _notices_before + len(_notices). See _run_notices().
+        self._notices = []
+        self._notices_before = 0  # notices given to everyone and forgotten
+        self._notices_queued = threading.Event()  # set when _notices fills
+        self._notices_stopping = False  # set by server_close(): the thread ends
+        self._notices_thread = threading.Thread(
+            target=self._run_notices, name="notices", daemon=True)
         super().__init__(address, ChatHandler)
         if self.settings.redis is not None:  # Redis link: linked before serving
             self._link = RedisLink(self, self.settings.redis)
@@ -1026,6 +1057,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self.server_close()
                 raise
         self._recorder_thread.start()
+        self._notices_thread.start()
         if self._link is not None:
             self._link.start()
 
@@ -1140,15 +1172,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
             client.name, client.key, client.skeleton = name, key, look
             client.joined_at = time.monotonic()
             client.muted = self.addresses.is_muted(client.host, key)
+            # Notices so far are in its history and its list of who is online.
+            client.notices_seen = self._notices_before + len(self._notices)
             self._add_client(client)
             # Welcome, history and the join line are queued in one critical
             # section: the newcomer sees each room event exactly once, either
             # in the history or live.
             for line in self._welcome_lines(client):
                 client.queue_line(line)
-            recipients = self._publish("*** %s joined the chat." % name, exclude=client,
-                                       event={"k": "join", "name": name})
-        self._deliver([client] + recipients)
+            self._publish("*** %s joined the chat." % name, exclude=client,
+                          event={"k": "join", "name": name}, notice=True)
+        self._deliver([client])
         return None
 
     def _welcome_lines(self, client):
@@ -1216,6 +1250,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             else:
                 for line in lines:
                     self._note("silenced", line)
+                self._catch_up(client)
                 client.queue_line(notice)
                 recipients = [client]
         self._deliver(recipients)
@@ -1252,6 +1287,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if target is None and remote is None:
                 return "No one called %s is online. Type /who to see who is." % name
             notice = self._silencing_notice(client)
+            self._catch_up(client)
             if notice is not None:
                 client.queue_line(notice)
                 recipients = [client]
@@ -1262,6 +1298,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                     self._link.send_private(remote, {"k": "whisper", "name": client.name,
                                                      "to": remote.name, "text": text})
                 else:
+                    self._catch_up(target)
                     target.queue_line(line)
                 client.queue_line("*** You whispered to %s: %s" % (target.name, text))
                 self._note("private", "%s to %s" % (line, target.name))
@@ -1298,7 +1335,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             client.name, client.key, client.skeleton = new_name, key, look
             self._add_client(client)
             recipients = self._publish("*** %s is now %s." % (old_name, new_name),
-                                       event={"k": "rename", "old": old_name, "new": new_name})
+                                       event={"k": "rename", "old": old_name, "new": new_name},
+                                       notice=True)
         self._deliver(recipients)
         return None
 
@@ -1314,13 +1352,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self._lock:
             if client.key is None or self._clients.get(client.key) is not client:
                 return  # never joined, or has left already
+            self._catch_up(client)  # what it was told last is what happened last
             self._remove_client(client)
             # A muted student's reason, or anyone's in quiet mode, is not shown.
             reason = "" if client.muted or self._quiet else client.leave_reason
             line = "*** %s left the chat.%s" % (client.name, " (%s)" % reason if reason else "")
             recipients = [] if self._closing else self._publish(
                 line, exclude=client,
-                event={"k": "leave", "name": client.name, "reason": reason})
+                event={"k": "leave", "name": client.name, "reason": reason}, notice=True)
         self._deliver(recipients)
 
     def drop(self, client, reason):
@@ -1346,7 +1385,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             else:
                 client.flush()
 
-    def _publish(self, lines, exclude=None, event=None):
+    def _publish(self, lines, exclude=None, event=None, notice=False):
         """Queue room events for every joined client but exclude (lock held).
 
         lines is one line, or a list of lines from one sender, which are
@@ -1354,6 +1393,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         Return the clients they were queued for: the caller passes them to
         _deliver() once it has released the lock.
         event: the same, as data for the Redis link (see its section).
+        notice: a join, leave or rename line, sent a few milliseconds later
+        (see _run_notices()); nothing is queued now, and the list is empty.
         """
         if isinstance(lines, str):
             lines = [lines]
@@ -1366,6 +1407,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._history.extend(lines)
         for line in lines:
             self._note("room", line)
+        if notice:
+            self._notices.extend((line, exclude) for line in lines)
+            self._notices_queued.set()
+            return []
+        # Waiting notices go first (to the sender too, who is sent them now).
+        everyone = self._queue_notices() if self._notices else None
         recipients = [client for client in self._clients.values() if client is not exclude]
         # The bytes are built once per kind of client (TCP lines, WebSocket
         # frames), not once per client: a big room stays cheap.
@@ -1375,7 +1422,64 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if data is None:
                 data = encoded[client.encode_lines] = client.encode_lines(lines)
             client.offer(data)
-        return recipients
+        return recipients if everyone is None else everyone
+
+    def _run_notices(self):
+        # Why join, leave and rename lines wait: sent at once, a class of N
+        # joining would cost N sends for each join, N*N in all, a small packet
+        # each. They wait in the room's _notices instead, and this thread sends
+        # them: those that came while it was sending to everyone go out
+        # together next time, one send per client for a whole burst of joins.
+        # Order never changes: anything else queued for a client (a chat line,
+        # sent at once, above all) first queues the notices before it.
+        while True:
+            self._notices_queued.wait()
+            if self._notices_stopping:
+                return
+            with self._lock:
+                self._notices_queued.clear()
+                clients = self._queue_notices()
+            self._deliver(clients)
+
+    def _queue_notices(self):
+        """Queue the waiting notices for every joined client; return them all (lock held)."""
+        if not self._notices:
+            return []
+        clients = list(self._clients.values())
+        end = self._notices_before + len(self._notices)
+        skipped = {exclude for _, exclude in self._notices}
+        shared = {}  # encode_lines -> the bytes for a client that has seen none
+        for client in clients:
+            if client.notices_seen > self._notices_before or client in skipped:
+                self._catch_up(client)  # a newcomer, or told some already
+                continue
+            data = shared.get(client.encode_lines)
+            if data is None:
+                data = shared[client.encode_lines] = client.encode_lines(
+                    [line for line, _ in self._notices])
+            client.offer(data, notice=True)
+            client.notices_seen = end
+        self._notices_before, self._notices = end, []
+        return clients
+
+    def catch_up(self, client):
+        """Queue for client the notices it has not been given, before a reply."""
+        with self._lock:
+            self._catch_up(client)
+
+    def _catch_up(self, client):
+        """Queue for one joined client the notices it has not been given (lock held).
+
+        Called before anything else is queued for it, so it sees them first.
+        """
+        end = self._notices_before + len(self._notices)
+        if client.notices_seen >= end or self._clients.get(client.key) is not client:
+            return
+        first = max(0, client.notices_seen - self._notices_before)
+        lines = [line for line, exclude in self._notices[first:] if exclude is not client]
+        client.notices_seen = end
+        if lines:
+            client.offer(client.encode_lines(lines), notice=True)
 
     # -- The console and the transcript --
 
@@ -1482,6 +1586,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def remove(self, client, line):
         """Tell client line, take it out of the room, and close its connection."""
+        self.catch_up(client)
         client.send_line(line)
         self.leave(client)
         client.close_after_flush()
@@ -1492,6 +1597,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if client.muted == muted:
                 return False
             client.muted = muted
+            self._catch_up(client)
             client.queue_line(
                 "*** The teacher has muted you: your messages reach nobody for now."
                 if muted else "*** The teacher has unmuted you: you can chat again.")
@@ -1534,6 +1640,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._note("transcript", "=== The server is shutting down. ===")
             everyone = list(self._connections)
             for client in everyone:
+                self._catch_up(client)
                 client.queue_line("*** Server is shutting down.")
         for client in everyone:
             client.close_after_flush()
@@ -1551,6 +1658,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._link.stop()
         super().server_close()
         self._records.put(("stop", ""))
+        self._notices_stopping = True
+        self._notices_queued.set()
         join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
 
 
@@ -1807,7 +1916,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.lines.append(INTERRUPTED)
 
     def reply(self, *lines):
-        """Send lines to this client only."""
+        """Send lines to this client only (after the room's notices before them)."""
+        self.server.catch_up(self.client)
         for line in lines:
             if not self.client.send_line(line):
                 self.server.drop(self.client, TOO_SLOW)
@@ -3541,6 +3651,11 @@ def is_clean_text(text, max_line, may_be_empty=False):
     return len(data) <= max_line and clean_line(data) == text
 
 
+def is_notice(event):
+    """True for a join, leave or rename: lines the room may send a little later."""
+    return event["k"] in ("join", "leave", "rename")
+
+
 def event_lines(event):
     """The lines a checked room event shows, as the room's own methods word them."""
     kind = event["k"]
@@ -3943,6 +4058,7 @@ class RedisLink:
         self._pending.clear()
         self.room._remote.clear()
         for client in self.room._clients.values():
+            self.room._catch_up(client)
             client.queue_line(SPLIT_LINE)
         self.room._note("console", SPLIT_LINE[4:])
 
@@ -3985,6 +4101,7 @@ class RedisLink:
                                       if key not in self.room._clients})
             clients = list(self.room._clients.values())
             for client in clients:
+                self.room._catch_up(client)
                 client.queue_line(WHOLE_LINE)
                 client.queue_line(self.room._online_line())
                 self._rejoin(client)
@@ -4051,6 +4168,7 @@ class RedisLink:
             self.room._remove_client(client)
             client.name, client.key = new_name, key
             self.room._add_client(client)
+            self.room._catch_up(client)
             client.queue_line("*** While the servers were apart, a student on another "
                               "server took the name %s: you are now %s." % (old_name, new_name))
             recipients = self.room._publish("*** %s is now %s." % (old_name, new_name),
@@ -4180,7 +4298,8 @@ class RedisLink:
             lines, exclude = self._pending.pop(sequence)
             if event["k"] == "quiet":
                 self._set_quiet(event["on"])
-            return self.room._publish(lines, exclude) if lines else []
+            return self.room._publish(lines, exclude, notice=is_notice(event)) \
+                if lines else []
         return self._apply_other(event)  # a leave we announced for a dead server
 
     def _apply_other(self, event):
@@ -4210,7 +4329,7 @@ class RedisLink:
             return []
         elif kind == "quiet":
             self._set_quiet(event["on"])
-        return self.room._publish(event_lines(event))
+        return self.room._publish(event_lines(event), notice=is_notice(event))
 
     def _set_quiet(self, quiet):
         self.room._quiet = quiet
@@ -4273,6 +4392,7 @@ class RedisLink:
             client = self.room._clients.get(fold_name(name))
             if client is not None and kind == "whisper":
                 line = "%s whispers: %s" % (event["name"], event["text"])
+                self.room._catch_up(client)
                 client.queue_line(line)
                 self.room._note("private", "%s to %s" % (line, client.name))
         if client is None:

@@ -1,0 +1,173 @@
+"""Join, leave and rename lines (notices) wait to go out together: never out of order.
+
+The room sends notices from its own thread, a burst of them in one send per
+client; anything else queued for a client first queues the notices before
+it. Several tests here stall that thread, so that only the second path can
+deliver the notices: the order must hold all the same.
+"""
+
+import threading
+
+import pytest
+
+import chat_server
+from conftest import TIMEOUT, wait_until
+
+
+class Gate:
+    """Stands in for the room's _notices_queued event: its thread stops in wait()."""
+
+    def __init__(self):
+        self.entered = threading.Event()  # the notices thread is stopped here
+        self.opened = threading.Event()
+
+    def wait(self):
+        self.entered.set()
+        self.opened.wait(TIMEOUT * 4)
+
+    def set(self):
+        pass  # a notice was queued: the stopped thread does not hear of it
+
+    def clear(self):
+        pass
+
+
+@pytest.fixture
+def stall_notices(server):
+    """stall_notices() stops the room's notices thread until the test ends."""
+    stalled = []
+
+    def stall(target=server):
+        gate, waiting_on = Gate(), target._notices_queued
+        target._notices_queued = gate
+        waiting_on.set()  # one more round, if it was waiting; then it stops at the gate
+        assert gate.entered.wait(TIMEOUT), "the notices thread did not stop"
+        stalled.append((target, gate))
+
+    yield stall
+    for target, gate in stalled:
+        target._notices_queued = threading.Event()
+        target._notices_queued.set()  # it sends what is left, then waits as before
+        gate.opened.set()
+
+
+def test_joins_leaves_and_renames_in_a_burst_arrive_once_each_in_the_room_order(
+        start_server, room, joined):
+    server = start_server(flood_rate=0, per_address=0)
+    watcher, sender = room("watcher", "sender", target=server)
+    expected = []
+    for number in range(30):
+        newcomer = joined("n%d" % number, server)
+        sender.send("after n%d" % number)
+        newcomer.expect("sender says: after n%d" % number)  # in the room's order now
+        expected += ["*** n%d joined the chat." % number, "sender says: after n%d" % number]
+        if number % 3 == 0:
+            newcomer.send("/nick m%d" % number)
+            newcomer.expect("is now m%d." % number)  # its own rename line: done
+            expected.append("*** n%d is now m%d." % (number, number))
+        if number % 2 == 0:
+            newcomer.close()
+            name = "m%d" % number if number % 3 == 0 else "n%d" % number
+            expected.append("*** %s left the chat." % name)
+            # Wait for the leave to be in the room's order before the next join.
+            sender.expect("*** %s left the chat." % name)
+    seen = [watcher.expect_next("") for _ in expected]
+    assert seen == expected
+    watcher.expect_nothing_before(sender)
+
+
+def test_a_chat_line_brings_the_waiting_join_lines_ahead_of_it(stall_notices, room,
+                                                               joined):
+    alice, watcher = room("alice", "watcher")
+    stall_notices()
+    joined("bob")
+    joined("carol")
+    alice.send("hello")
+    watcher.expect_next("*** bob joined the chat.")
+    watcher.expect_next("*** carol joined the chat.")
+    watcher.expect_next("alice says: hello")
+
+
+def test_the_sender_of_a_chat_line_gets_the_waiting_join_lines_at_once(stall_notices,
+                                                                      room, joined):
+    alice, watcher = room("alice", "watcher")
+    stall_notices()
+    joined("bob")
+    alice.send("hello")
+    alice.expect_next("*** bob joined the chat.", timeout=TIMEOUT)
+
+
+def test_a_newcomer_sees_a_waiting_join_once_in_its_history(stall_notices, room, joined):
+    alice, = room("alice")
+    stall_notices()
+    joined("bob")
+    carol = joined("carol")
+    assert carol.seen.count("*** bob joined the chat.") == 1  # in the history
+    alice.send("hello")
+    carol.expect_next("alice says: hello")
+    alice.expect_next("*** bob joined the chat.")
+    alice.expect_next("*** carol joined the chat.")
+
+
+def test_a_reply_comes_after_the_join_lines_before_it(stall_notices, room, joined):
+    alice, = room("alice")
+    stall_notices()
+    joined("bob")
+    alice.send("/who")
+    alice.expect_next("*** bob joined the chat.")
+    alice.expect_next("*** Online now (2): alice, bob")
+
+
+def test_a_whisper_comes_after_the_join_lines_before_it(stall_notices, room, joined):
+    alice, bob = room("alice", "bob")
+    stall_notices()
+    joined("carol")
+    alice.send("/msg bob psst")
+    bob.expect_next("*** carol joined the chat.")
+    bob.expect_next("alice whispers: psst")
+
+
+def test_a_kicked_student_sees_the_join_lines_before_the_kick(stall_notices, room,
+                                                             joined, console):
+    alice, watcher = room("alice", "watcher")
+    stall_notices()
+    joined("bob")
+    console.handle_line("/kick alice")
+    assert alice.expect_closed() == ["*** bob joined the chat.",
+                                     "*** The teacher removed you from the chat."]
+
+
+def test_shutdown_comes_after_the_join_lines_before_it(server, stall_notices, room, joined):
+    watcher, = room("watcher")
+    stall_notices()
+    joined("bob")
+    server.close_room()
+    assert watcher.expect_closed() == ["*** bob joined the chat.",
+                                       "*** Server is shutting down."]
+
+
+@pytest.fixture
+def transcript(tmp_path):
+    """An open transcript, closed after the server (ask for this fixture first)."""
+    opened = chat_server.Transcript(str(tmp_path / "transcript.txt"))
+    yield opened
+    opened.close()
+
+
+def test_the_transcript_has_a_waiting_join_before_the_message_after_it(
+        transcript, start_server, stall_notices, room, joined):
+    server = start_server(transcript=transcript)
+    alice, watcher = room("alice", "watcher", target=server)
+    stall_notices(server)
+    joined("bob", server)
+    alice.send("hello")
+    watcher.expect_next("*** bob joined the chat.")
+    watcher.expect_next("alice says: hello")
+
+    def events():
+        with open(transcript.path, encoding="utf-8") as reader:
+            return [line for line in reader.read().splitlines()
+                    if line.endswith(("bob joined the chat.", "alice says: hello"))]
+
+    wait_until(lambda: len(events()) == 2, message="both lines in the transcript")
+    assert events()[0].endswith("bob joined the chat.")
