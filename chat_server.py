@@ -582,7 +582,7 @@ class Addresses:
         self.per_address = settings.per_address
         self.clock = clock
         self._lock = threading.Lock()  # guards every field below
-        self._connections = collections.Counter()  # host -> open connections
+        self._connected = collections.Counter()  # host -> open connections
         self._joins = {}  # host -> FloodLimiter of joins
         self._failures = {}  # host -> [wrong passwords, when it may try again]
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
@@ -592,16 +592,16 @@ class Addresses:
     def connect(self, host):
         """Count a new connection from host; False if host has too many."""
         with self._lock:
-            if self.per_address and self._connections[host] >= self.per_address:
+            if self.per_address and self._connected[host] >= self.per_address:
                 return False
-            self._connections[host] += 1
+            self._connected[host] += 1
             return True
 
     def disconnect(self, host):
         with self._lock:
-            self._connections[host] -= 1
-            if self._connections[host] <= 0:
-                del self._connections[host]
+            self._connected[host] -= 1
+            if self._connected[host] <= 0:
+                del self._connected[host]
 
     def join_delay(self, host):
         """Take one join from host; return how many seconds it must wait first."""
@@ -726,13 +726,18 @@ def normal_host(host):
 class Client:
     """One connection: its name once joined, its outbox and its writer thread.
 
-    Sending to a client never waits. offer() only queues bytes in the outbox
-    (the room calls it while holding its lock); flush() then sends what is
-    queued, as far as the socket takes it at once (the usual case: no other
-    thread has to wake up). If the socket is full, the rest stays queued and
+    Sending to a client never waits. queue_bytes() and queue_line() only put
+    bytes in the outbox (the room calls them while holding its lock); flush()
+    then sends what is queued, as far as the socket takes it at once (the
+    usual case: no other thread has to wake up); send_bytes() and
+    send_line() do both. If the socket is full, the rest stays queued and
     the writer thread, the only code that ever waits on this socket, sends it
     when there is room. One thread at a time sends, so bytes never interleave.
     The reader (ChatHandler) is the only code that reads the socket.
+
+    Closing: close_when_sent() lets the outbox drain first (a goodbye line);
+    close_now() drops it (a stalled client). Either way, the socket is shut
+    down once and closed is set.
     """
 
     def __init__(self, sock, address, sendq_bytes):
@@ -756,16 +761,18 @@ class Client:
         self.closing_bytes = b""  # sent last, before closing (a WebSocket close frame)
         self._outbox = collections.deque()  # bytes not yet sent
         self._outbox_bytes = 0  # queued, or being sent
-        # Guards the outbox and the flags below. (A plain Lock: Condition's
-        # default RLock is slower, and this runs once per line per client.)
-        self._outbox_changed = threading.Condition(threading.Lock())
+        # The client's own lock: it guards the outbox and the flags below.
+        # It is a Condition, so the writer thread can wait on it for work.
+        # (Over a plain Lock: the default RLock is slower, and this runs once
+        # per line per client.)
+        self._lock = threading.Condition(threading.Lock())
         self._sending = False  # one thread has taken bytes out and is sending them
         self._backlogged = False  # the socket was full: the writer sends until empty
         self._urgent = False  # more than notices are queued: see _take_batch()
         self._nagle = False  # TCP_NODELAY is off for now: see _take_batch()
-        self._closing = False  # no more data is taken; the writer flushes and stops
-        self._dropped = False  # drop() has run for this client
-        self.gone = threading.Event()  # set once the socket is shut down
+        self._finishing = False  # no more data is taken; the writer flushes and stops
+        self._dropped = False  # the room's drop() has run for this client
+        self.closed = threading.Event()  # set once the socket is shut down
         # Started the first time it is needed (a full socket, or closing):
         # most clients never need one, and a thread costs memory.
         self._writer = None
@@ -774,7 +781,7 @@ class Client:
         where = format_address(self.address)
         return "%s (%s)" % (self.name, where) if self.name else where
 
-    def offer(self, data, notice=False):
+    def queue_bytes(self, data, notice=False):
         """Queue bytes for this client; False if that made the outbox overflow.
 
         Never waits and never touches the socket, so the room may call it
@@ -782,13 +789,13 @@ class Client:
         is emptied and closed, and the room must drop it. notice: join, leave
         or rename lines only, which may leave a little later (_take_batch()).
         """
-        with self._outbox_changed:
-            if self._closing:
+        with self._lock:
+            if self._finishing:
                 return True  # it is being disconnected: nothing more to send
             if self._outbox_bytes + len(data) > self.sendq_bytes:
-                self._closing = self.too_slow = True
+                self._finishing = self.too_slow = True
                 self._outbox.clear()
-                self._outbox_changed.notify()
+                self._lock.notify()
                 return False
             self._outbox.append(data)
             self._outbox_bytes += len(data)
@@ -796,8 +803,8 @@ class Client:
             return True
 
     def queue_line(self, text):
-        """Queue one line (see offer())."""
-        return self.offer(self.encode_lines([text]))
+        """Queue one line (see queue_bytes())."""
+        return self.queue_bytes(self.encode_lines([text]))
 
     def flush(self):
         """Send what is queued, as far as the socket takes it now; never wait.
@@ -805,18 +812,18 @@ class Client:
         Never call this while holding the room's lock: it uses the socket.
         """
         while True:
-            with self._outbox_changed:
+            with self._lock:
                 if self._sending or self._backlogged or not self._outbox:
                     return  # nothing to do, or another thread is on it
                 batch = self._take_batch()
-            sent = self._send_now(batch)
-            with self._outbox_changed:
+            sent = self._send_what_fits(batch)
+            with self._lock:
                 self._sending = False
                 self._outbox_bytes -= sent
                 if sent < len(batch):
                     self._outbox.appendleft(batch[sent:])
                     self._backlogged = True  # the socket is full: over to the writer
-                handing_over = self._backlogged or self._closing
+                handing_over = self._backlogged or self._finishing
                 more = bool(self._outbox)  # queued while we were sending
             if handing_over:
                 self._wake_writer()
@@ -826,34 +833,37 @@ class Client:
 
     def _wake_writer(self):
         """Wake the writer thread, starting it the first time (never under a lock)."""
-        with self._outbox_changed:
+        with self._lock:
             writer, starting = self._writer, self._writer is None
             if starting:
                 writer = self._writer = threading.Thread(
                     target=self._run_writer, daemon=True,
                     name="writer %s" % format_address(self.address))
             else:
-                self._outbox_changed.notify()
+                self._lock.notify()
         if starting:
             writer.start()
 
-    def send(self, data):
-        """Queue bytes and send them now if the socket has room; False if too slow."""
-        queued = self.offer(data)
+    def send_bytes(self, data):
+        """queue_bytes(), then flush(): never waits; False if too slow.
+
+        Never call this while holding the room's lock: it uses the socket.
+        """
+        queued = self.queue_bytes(data)
         self.flush()
         return queued
 
     def send_line(self, text):
-        """Send one line now (see send()); never while holding the room's lock."""
-        return self.send(self.encode_lines([text]))
+        """queue_line(), then flush() (see send_bytes())."""
+        return self.send_bytes(self.encode_lines([text]))
 
     def claim_drop(self):
         """True the first time only: so a client is dropped once."""
-        with self._outbox_changed:
+        with self._lock:
             first, self._dropped = not self._dropped, True
             return first
 
-    def _send_now(self, data):
+    def _send_what_fits(self, data):
         """Send as much of data as the socket takes without waiting; return how much."""
         try:
             return self.sock.send(data)
@@ -862,41 +872,49 @@ class Client:
         except OSError:
             return len(data)  # the peer is gone; its reader sees that and leaves
 
-    def close_after_flush(self):
+    def close_when_sent(self):
         """Take no more data; send what is queued, then close (never under a lock)."""
-        with self._outbox_changed:
-            if self.closing_bytes and not self._closing:
+        with self._lock:
+            if self.closing_bytes and not self._finishing:
                 self._outbox.append(self.closing_bytes)
                 self._outbox_bytes += len(self.closing_bytes)
-            self._closing = True
+            self._finishing = True
         self.flush()
-        with self._outbox_changed:
+        with self._lock:
             done = not (self._outbox or self._sending or self._backlogged)
         if done and self._writer is None:
             self._shut_down_socket()  # all sent: no thread needed to close
         else:
             self._wake_writer()
 
-    def abort(self):
+    def close_now(self):
         """Close now, dropping the outbox: wakes both threads if they are waiting."""
-        with self._outbox_changed:
-            self._closing = True
+        with self._lock:
+            self._finishing = True
             self._outbox.clear()
-            self._outbox_changed.notify()
+            self._lock.notify()
         self._shut_down_socket()
 
-    def wait_gone(self, timeout):
+    def wait_closed(self, timeout):
         """Wait until everything was sent and the socket shut down; True if so."""
-        return self.gone.wait(timeout)
+        return self.closed.wait(timeout)
+
+    def sleep(self, seconds):
+        """Wait seconds, or less if this connection closes meanwhile.
+
+        Pacing and delays use it, so a client that is kicked, dropped or shut
+        down while it waits is not kept waiting for nothing.
+        """
+        self.closed.wait(seconds)
 
     def _next_batch(self):
         """Wait until the writer is needed; return the bytes to send, or None to stop."""
-        with self._outbox_changed:
-            while self._sending or not (self._backlogged or self._closing):
-                self._outbox_changed.wait()
+        with self._lock:
+            while self._sending or not (self._backlogged or self._finishing):
+                self._lock.wait()
             if not self._outbox:
                 self._backlogged = False
-                return None if self._closing else b""
+                return None if self._finishing else b""
             return self._take_batch()
 
     def _take_batch(self):
@@ -937,11 +955,11 @@ class Client:
                 if not batch:
                     continue  # the backlog is gone: back to waiting
                 rest = memoryview(batch)
-                rest = rest[self._send_now(rest):]
-                while rest and not self.gone.is_set():
+                rest = rest[self._send_what_fits(rest):]
+                while rest and not self.closed.is_set():
                     writable.select(WRITER_CHECK_SECONDS)  # wait for room in the socket
-                    rest = rest[self._send_now(rest):]
-                with self._outbox_changed:
+                    rest = rest[self._send_what_fits(rest):]
+                with self._lock:
                     self._sending = False
                     self._outbox_bytes -= len(batch)
         except (OSError, ValueError):
@@ -959,7 +977,7 @@ class Client:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # already shut down, or the peer reset it
-        self.gone.set()
+        self.closed.set()
 
 
 def enable_keepalive(sock):
@@ -1006,18 +1024,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.settings = settings or Settings()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        self._clients = {}  # key (folded name) -> Client, for joined clients
-        self._lock = threading.Lock()  # guards _clients and the fields down to _closing
+        self._joined = {}  # key (folded name) -> Client, for joined clients
+        # The room's lock. It guards _joined and every field from here down to
+        # _shutting_down, and _notices; the others below have locks of their own.
+        self._lock = threading.Lock()
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
-        self._keys_in_order = []  # the keys of _clients, sorted, for /who
+        self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
-        self._everyone_gone = threading.Condition(self._lock)
-        self._connections = set()  # every Client with a thread, joined or not
-        self._admitted = 0  # connections admitted and not yet finished
+        self._everyone_gone = threading.Condition(self._lock)  # for close_room()
+        self._connected = set()  # every Client with a reader thread, joined or not
+        self._places_taken = 0  # connections admitted, with a thread or about to be
         self._history = collections.deque(maxlen=self.settings.history)
         self._quiet = False  # only the teacher's announcements go out
-        self._closing = False
+        self._shutting_down = False
         # Not guarded by _lock: each of these has a lock of its own (and none
         # of them ever waits for the room's lock, so no deadlock is possible).
         self.addresses = Addresses(self.settings)
@@ -1091,7 +1111,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self._lock:
             refusal = self._refusal_for(host)
             if refusal is None:
-                self._admitted += 1
+                self._places_taken += 1
         if refusal is not None:
             log.info("Refused %s: %s", format_address(client_address), refusal)
             self._refuser.refuse(request, refusal)  # it closes the socket
@@ -1104,14 +1124,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _refusal_for(self, host):
         """Say why a new connection from host may not come in, or count it (lock held)."""
-        if self._closing:
+        if self._shutting_down:
             return "The server is shutting down."
         ban_left = self.addresses.ban_left(host)
         if ban_left > 0:
             return "You were removed by the teacher. Try again in %s." % (
                 describe_minutes(ban_left / 60))
-        if self._admitted >= self.settings.max_clients:
-            return "The room is full (%d connected). Try again later." % self._admitted
+        if self._places_taken >= self.settings.max_clients:
+            return "The room is full (%d connected). Try again later." % self._places_taken
         if not self.addresses.connect(host):
             return ("Too many connections from your computer (%d). Close one, "
                     "then try again." % self.settings.per_address)
@@ -1119,7 +1139,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _free_place(self, host):
         with self._lock:
-            self._admitted -= 1
+            self._places_taken -= 1
             self._everyone_gone.notify_all()
         self.addresses.disconnect(host)
 
@@ -1133,18 +1153,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def register(self, client):
         """Count a connection as open (its thread has started)."""
         with self._lock:
-            self._connections.add(client)
+            self._connected.add(client)
 
     def unregister(self, client):
         """Forget a finished connection and free its place."""
         with self._lock:
-            self._connections.discard(client)
+            self._connected.discard(client)
         self._free_place(client.host)
 
     def connection_count(self):
         """How many connections are open (admitted, not yet finished), joined or not."""
         with self._lock:
-            return self._admitted
+            return self._places_taken
 
     # -- Room events --
 
@@ -1180,9 +1200,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
             # in the history or live.
             for line in self._welcome_lines(client):
                 client.queue_line(line)
-            self._publish("*** %s joined the chat." % name, exclude=client,
+            self._broadcast("*** %s joined the chat." % name, exclude=client,
                           event={"k": "join", "name": name}, notice=True)
-        self._deliver([client])
+        self._send_queued([client])
         return None
 
     def _welcome_lines(self, client):
@@ -1195,16 +1215,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
         return lines
 
     def _online_line(self):
-        names = [self._clients[key].name for key in self._keys_in_order]
+        names = [self._joined[key].name for key in self._keys_in_order]
         if self._remote:  # Redis link: students on other servers too
             names = [name for _, name in sorted(
-                [(key, self._clients[key].name) for key in self._keys_in_order]
+                [(key, self._joined[key].name) for key in self._keys_in_order]
                 + [(key, student.name) for key, student in self._remote.items()])]
         return "*** Online now (%d): %s" % (len(names), ", ".join(names))
 
     def _name_taken(self, key, look, client):
         """Why no one may take a name now (lock held), or None if it is free."""
-        holder = self._clients.get(key) or self._clients.get(self._skeletons.get(look))
+        holder = self._joined.get(key) or self._joined.get(self._skeletons.get(look))
         if holder is None or holder is client:
             return None
         if holder.key == key:
@@ -1213,14 +1233,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def _add_client(self, client):
         """Put a client in the room's dict under its key (lock held)."""
-        self._clients[client.key] = client
+        self._joined[client.key] = client
         self._skeletons[client.skeleton] = client.key
         # Kept sorted as it changes: sorting at every join costs a big class dearly.
         bisect.insort(self._keys_in_order, client.key)
 
     def _remove_client(self, client):
         """Take a client out of the room's dict (lock held)."""
-        del self._clients[client.key]
+        del self._joined[client.key]
         del self._skeletons[client.skeleton]
         del self._keys_in_order[bisect.bisect_left(self._keys_in_order, client.key)]
 
@@ -1242,18 +1262,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def _speak(self, client, lines, event=None):
         self._wait_for_room_budget(client, lines)
         with self._lock:
-            if self._clients.get(client.key) is not client:
+            if self._joined.get(client.key) is not client:
                 return  # kicked, or dropped, while these lines were on their way
             notice = self._silencing_notice(client)
             if notice is None:
-                recipients = self._publish(lines, exclude=client, event=event)
+                recipients = self._broadcast(lines, exclude=client, event=event)
             else:
                 for line in lines:
                     self._note("silenced", line)
                 self._catch_up(client)
                 client.queue_line(notice)
                 recipients = [client]
-        self._deliver(recipients)
+        self._send_queued(recipients)
 
     def _wait_for_room_budget(self, client, lines):
         """Hold a sender back while the room takes in more than --room-rate bytes a second.
@@ -1268,7 +1288,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return
         delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
         if delay > 0:
-            client.gone.wait(delay)  # ends early if the sender is dropped
+            client.sleep(delay)  # ends early if the sender is dropped
 
     def _silencing_notice(self, client):
         """None if client may speak now; else what to tell it (lock held)."""
@@ -1282,7 +1302,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Send a private message to the client called name; return a problem or None."""
         self._wait_for_room_budget(client, [text, client.name])  # whispers count too
         with self._lock:
-            target = self._clients.get(fold_name(name))
+            target = self._joined.get(fold_name(name))
             remote = self._remote.get(fold_name(name))  # Redis link: on another server?
             if target is None and remote is None:
                 return "No one called %s is online. Type /who to see who is." % name
@@ -1303,7 +1323,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 client.queue_line("*** You whispered to %s: %s" % (target.name, text))
                 self._note("private", "%s to %s" % (line, target.name))
                 recipients = [client] if target is remote else [target, client]
-        self._deliver(recipients)
+        self._send_queued(recipients)
         return None
 
     def rename(self, client, new_name):
@@ -1334,10 +1354,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._remove_client(client)
             client.name, client.key, client.skeleton = new_name, key, look
             self._add_client(client)
-            recipients = self._publish("*** %s is now %s." % (old_name, new_name),
+            recipients = self._broadcast("*** %s is now %s." % (old_name, new_name),
                                        event={"k": "rename", "old": old_name, "new": new_name},
                                        notice=True)
-        self._deliver(recipients)
+        self._send_queued(recipients)
         return None
 
     def _rename_problem(self, key, look, client):
@@ -1350,17 +1370,17 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def leave(self, client):
         """Take client out of the room and tell the others, once, whatever the cause."""
         with self._lock:
-            if client.key is None or self._clients.get(client.key) is not client:
+            if client.key is None or self._joined.get(client.key) is not client:
                 return  # never joined, or has left already
             self._catch_up(client)  # what it was told last is what happened last
             self._remove_client(client)
             # A muted student's reason, or anyone's in quiet mode, is not shown.
             reason = "" if client.muted or self._quiet else client.leave_reason
             line = "*** %s left the chat.%s" % (client.name, " (%s)" % reason if reason else "")
-            recipients = [] if self._closing else self._publish(
+            recipients = [] if self._shutting_down else self._broadcast(
                 line, exclude=client,
                 event={"k": "leave", "name": client.name, "reason": reason}, notice=True)
-        self._deliver(recipients)
+        self._send_queued(recipients)
 
     def drop(self, client, reason):
         """Disconnect one client now; the reason goes to the console only."""
@@ -1370,9 +1390,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if reason == TOO_SLOW:
             self.addresses.note_dropped(client.host, client.name)
         self.leave(client)
-        client.abort()
+        client.close_now()
 
-    def _deliver(self, clients):
+    def _send_queued(self, clients):
         """Send what was queued for clients, and drop any that were too slow.
 
         Called after the room's lock is released: this touches sockets. When
@@ -1385,13 +1405,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
             else:
                 client.flush()
 
-    def _publish(self, lines, exclude=None, event=None, notice=False):
+    def _broadcast(self, lines, exclude=None, event=None, notice=False):
         """Queue room events for every joined client but exclude (lock held).
 
         lines is one line, or a list of lines from one sender, which are
         queued together: one offer per client, whatever their number.
         Return the clients they were queued for: the caller passes them to
-        _deliver() once it has released the lock.
+        _send_queued() once it has released the lock.
         event: the same, as data for the Redis link (see its section).
         notice: a join, leave or rename line, sent a few milliseconds later
         (see _run_notices()); nothing is queued now, and the list is empty.
@@ -1402,8 +1422,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 self._link.takes(event, lines, exclude):
             return []  # Redis link: shown when it comes back, in the one order
         # Queuing for everyone while holding the lock is what gives every
-        # client the same order of events. offer() never waits and never
-        # touches a socket: the sending happens in _deliver(), after the lock.
+        # client the same order of events. queue_bytes() never waits and never
+        # touches a socket: the sending happens in _send_queued(), after the lock.
         self._history.extend(lines)
         for line in lines:
             self._note("room", line)
@@ -1413,7 +1433,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             return []
         # Waiting notices go first (to the sender too, who is sent them now).
         everyone = self._queue_notices() if self._notices else None
-        recipients = [client for client in self._clients.values() if client is not exclude]
+        recipients = [client for client in self._joined.values() if client is not exclude]
         # The bytes are built once per kind of client (TCP lines, WebSocket
         # frames), not once per client: a big room stays cheap.
         encoded = {}  # client.encode_lines -> its bytes for these lines
@@ -1421,7 +1441,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             data = encoded.get(client.encode_lines)
             if data is None:
                 data = encoded[client.encode_lines] = client.encode_lines(lines)
-            client.offer(data)
+            client.queue_bytes(data)
         return recipients if everyone is None else everyone
 
     def _run_notices(self):
@@ -1439,13 +1459,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
             with self._lock:
                 self._notices_queued.clear()
                 clients = self._queue_notices()
-            self._deliver(clients)
+            self._send_queued(clients)
 
     def _queue_notices(self):
         """Queue the waiting notices for every joined client; return them all (lock held)."""
         if not self._notices:
             return []
-        clients = list(self._clients.values())
+        clients = list(self._joined.values())
         end = self._notices_before + len(self._notices)
         skipped = {exclude for _, exclude in self._notices}
         shared = {}  # encode_lines -> the bytes for a client that has seen none
@@ -1457,7 +1477,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if data is None:
                 data = shared[client.encode_lines] = client.encode_lines(
                     [line for line, _ in self._notices])
-            client.offer(data, notice=True)
+            client.queue_bytes(data, notice=True)
             client.notices_seen = end
         self._notices_before, self._notices = end, []
         return clients
@@ -1473,13 +1493,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
         Called before anything else is queued for it, so it sees them first.
         """
         end = self._notices_before + len(self._notices)
-        if client.notices_seen >= end or self._clients.get(client.key) is not client:
+        if client.notices_seen >= end or self._joined.get(client.key) is not client:
             return
         first = max(0, client.notices_seen - self._notices_before)
         lines = [line for line, exclude in self._notices[first:] if exclude is not client]
         client.notices_seen = end
         if lines:
-            client.offer(client.encode_lines(lines), notice=True)
+            client.queue_bytes(client.encode_lines(lines), notice=True)
 
     # -- The console and the transcript --
 
@@ -1551,20 +1571,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def announce(self, text):
         """Send the teacher's announcement to everyone."""
         with self._lock:
-            recipients = self._publish("*** [teacher] %s" % text,
+            recipients = self._broadcast("*** [teacher] %s" % text,
                                        event={"k": "announce", "text": text})
-        self._deliver(recipients)
+        self._send_queued(recipients)
 
     def find(self, name):
         """The joined client called name (or a look-alike of it), or None."""
         with self._lock:
-            return self._clients.get(fold_name(name)) or self._clients.get(
+            return self._joined.get(fold_name(name)) or self._joined.get(
                 self._skeletons.get(skeleton(name)))
 
     def connections_from(self, host):
         """(joined clients, connections not joined yet) from one address."""
         with self._lock:
-            everyone = [client for client in self._connections if client.host == host]
+            everyone = [client for client in self._connected if client.host == host]
         joined = [client for client in everyone if self.has_joined(client)]
         return joined, [client for client in everyone if client not in joined]
 
@@ -1582,14 +1602,14 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def has_joined(self, client):
         with self._lock:
-            return client.key is not None and self._clients.get(client.key) is client
+            return client.key is not None and self._joined.get(client.key) is client
 
     def remove(self, client, line):
         """Tell client line, take it out of the room, and close its connection."""
         self.catch_up(client)
         client.send_line(line)
         self.leave(client)
-        client.close_after_flush()
+        client.close_when_sent()
 
     def set_muted(self, client, muted):
         """Mute or unmute a joined client, and tell it so; False if it already was."""
@@ -1601,7 +1621,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             client.queue_line(
                 "*** The teacher has muted you: your messages reach nobody for now."
                 if muted else "*** The teacher has unmuted you: you can chat again.")
-        self._deliver([client])
+        self._send_queued([client])
         return True
 
     def set_quiet(self, quiet):
@@ -1610,19 +1630,19 @@ class ChatServer(socketserver.ThreadingTCPServer):
             if self._quiet == quiet:
                 return False
             self._quiet = quiet
-            recipients = self._publish(
+            recipients = self._broadcast(
                 "*** [teacher] Quiet, please: only the teacher speaks for now."
                 if quiet else "*** [teacher] The chat is open again.",
                 event={"k": "quiet", "on": quiet})
-        self._deliver(recipients)
+        self._send_queued(recipients)
         return True
 
     def snapshot(self):
         """(joined clients in name order, connections that have not joined,
         students on other servers: RemoteStudent tuples)."""
         with self._lock:
-            joined = [self._clients[key] for key in self._keys_in_order]
-            waiting = [client for client in self._connections if client.key is None]
+            joined = [self._joined[key] for key in self._keys_in_order]
+            waiting = [client for client in self._connected if client.key is None]
             elsewhere = sorted(self._remote.values())  # Redis link
         return joined, waiting, elsewhere
 
@@ -1636,22 +1656,22 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if self._link is not None:  # Redis link: the others see our students leave
             self._link.close()
         with self._lock:
-            self._closing = True
+            self._shutting_down = True
             self._note("transcript", "=== The server is shutting down. ===")
-            everyone = list(self._connections)
+            everyone = list(self._connected)
             for client in everyone:
                 self._catch_up(client)
                 client.queue_line("*** Server is shutting down.")
         for client in everyone:
-            client.close_after_flush()
+            client.close_when_sent()
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         for client in everyone:
-            wait_in_slices(client.wait_gone, max(0.0, deadline - time.monotonic()))
+            wait_in_slices(client.wait_closed, max(0.0, deadline - time.monotonic()))
         for client in everyone:
-            client.abort()  # a stalled client's writer is still blocked: wake it
+            client.close_now()  # a stalled client's writer is still blocked: wake it
         with self._lock:  # let the readers finish their goodbyes
             wait_in_slices(lambda timeout: self._everyone_gone.wait_for(
-                lambda: not self._connections, timeout), SHUTDOWN_GRACE_SECONDS)
+                lambda: not self._connected, timeout), SHUTDOWN_GRACE_SECONDS)
 
     def server_close(self):
         if self._link is not None:
@@ -1830,8 +1850,10 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.websocket = None  # a WebSocketLines once a browser has upgraded
         self.lines_read = 0  # a late browser request can only be the first
         enable_keepalive(self.request)
-        # Non-blocking, so that offer() can send without ever waiting. This
-        # thread waits for input with its own one-socket selector instead.
+        # Non-blocking, so that whichever thread flushes this client's outbox
+        # (often another student's reader: see ChatServer._send_queued()) sends
+        # what fits and never waits. This thread waits for input with its own
+        # one-socket selector instead.
         self.request.setblocking(False)
         self.readable = OneSocketSelector()
         self.readable.register(self.request, selectors.EVENT_READ)
@@ -1856,9 +1878,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
         # Every way out comes through here: EOF, reset, /quit, too slow,
         # kicked, shutdown. leave() says "left the chat." once, at most.
         self.server.leave(self.client)
-        self.client.close_after_flush()  # e.g. "Bye." is still on its way
-        if not self.client.wait_gone(SHUTDOWN_GRACE_SECONDS):
-            self.client.abort()  # it stopped reading: stop waiting for it
+        self.client.close_when_sent()  # e.g. "Bye." is still on its way
+        if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
+            self.client.close_now()  # it stopped reading: stop waiting for it
         self.server.unregister(self.client)
         self.readable.close()
         self.server.tell_console("Closed connection: %s" % self.client)
@@ -1872,12 +1894,12 @@ class ChatHandler(socketserver.StreamRequestHandler):
         Raises socket.timeout if deadline (a time.monotonic() value) passes.
         """
         while not self.lines:
-            data = self.recv(None if deadline is None else deadline - time.monotonic())
+            data = self.wait_for_bytes(None if deadline is None else deadline - time.monotonic())
             if data is None:
                 raise socket.timeout("no name in time")
             if not data:
                 return None
-            self.receive(data)
+            self.take_bytes(data)
         self.lines_read += 1
         line = self.lines.popleft()
         if line is INTERRUPTED:
@@ -1886,7 +1908,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             return None
         return None if identify_late_request(self, line) else line
 
-    def recv(self, timeout=None):
+    def wait_for_bytes(self, timeout=None):
         """Wait up to timeout seconds for bytes: b'' at the end, None if none came."""
         while True:
             if timeout is not None and timeout <= 0:
@@ -1899,17 +1921,17 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 continue  # woken without data after all: wait again
             delay = self.input_pace.delay_for_next_line(len(data))
             if delay > 0:
-                self.client.gone.wait(delay)  # ends early if the client is dropped
+                self.client.sleep(delay)  # ends early if the client is dropped
             return data
 
-    def receive(self, data):
+    def take_bytes(self, data):
         """Take raw bytes from the client: answer telnet, queue complete lines."""
         if self.websocket is not None:  # a browser: frames, and no telnet filter
             self.lines.extend(self.websocket.receive(data))
             return
         text, answer = self.telnet.feed(data)
         if answer:
-            self.client.send(answer)  # refusals of telnet options
+            self.client.send_bytes(answer)  # refusals of telnet options
         for line in self.framer.feed(text):
             self.lines.append(line if line is TOO_LONG else clean_line(line))
         if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
@@ -1930,14 +1952,14 @@ class ChatHandler(socketserver.StreamRequestHandler):
         # A browser sends its request as soon as it connects; a person takes
         # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
         # the first prompt lets a browser get a real HTTP answer.
-        data = self.recv(BROWSER_WAIT_SECONDS)
+        data = self.wait_for_bytes(BROWSER_WAIT_SECONDS)
         if data == b"":
             return False
         if data and looks_like_http(data):
             if not answer_http(self, data):  # see "The browser page" below
                 return False
         elif data:
-            self.receive(data)
+            self.take_bytes(data)
         self.reply("*** Welcome to the chat!")
         timeout = self.server.settings.name_timeout
         if timeout > 0:
@@ -1970,7 +1992,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             answer.strip().encode("utf-8"), password.encode("utf-8"))
         # Right or wrong, the answer comes after the same delay: a guesser
         # cannot hang up early on a wrong guess and try the next one sooner.
-        self.client.gone.wait(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
+        self.client.sleep(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
         if right:
             addresses.password_passed(self.client.host)
             return True
@@ -2011,7 +2033,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         if delay > 0:
             self.reply("*** Many people joined from your computer just now: you join "
                        "in %s." % describe_minutes(delay / 60))
-            self.client.gone.wait(delay)
+            self.client.sleep(delay)
         return True
 
     # -- Joined --
@@ -2020,7 +2042,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         """Handle each line the client sends, until it leaves."""
         while not self.done:
             line = self.read_line()
-            if line is None or self.client.gone.is_set():
+            if line is None or self.client.closed.is_set():
                 return
             self.hold_back_flood()  # every line, even blank or too long, is paced
             if line is TOO_LONG:
@@ -2061,7 +2083,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.server.tell_console("Slowing down %s: flooding" % self.client)
         # Sleeping here holds back only this client: the rest of its lines
         # wait, in order, in its socket. The wait ends early if it is dropped.
-        self.client.gone.wait(delay)
+        self.client.sleep(delay)
 
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
@@ -2555,7 +2577,7 @@ def console_input():
 # reads the request head on its own, then answers with the page, this file,
 # or an error, or upgrades to a WebSocket (RFC 6455). A WebSocket student is
 # then a Client like any other: WebSocketLines turns frames into the same
-# lines ChatHandler.receive() gets from TCP, and the Client's encode_lines
+# lines ChatHandler.take_bytes() gets from TCP, and the Client's encode_lines
 # turns the room's lines into text frames.
 
 HTTP_HEAD_MAX_BYTES = 16 * 1024  # a real browser's request head is under 2 KiB
@@ -2770,7 +2792,7 @@ class WebSocketLines:
     def _on_event(self, event):
         kind = event[0]
         if kind == "ping":
-            self.client.send(encode_frame(OPCODE_PONG, event[1]))
+            self.client.send_bytes(encode_frame(OPCODE_PONG, event[1]))
         elif kind == "close":
             self.close(CLOSE_NORMAL, "")  # answer the close (RFC 6455, 5.5.1)
         elif kind == "text" and not self.closed:
@@ -2781,7 +2803,7 @@ class WebSocketLines:
         """Send a close frame after what is queued, then shut the socket."""
         self.closed = True
         self.client.closing_bytes = close_frame(code, reason)
-        self.client.close_after_flush()
+        self.client.close_when_sent()
 
 
 def message_lines(message, max_line):
@@ -2990,14 +3012,14 @@ def answer_http(handler, data):
     if not upgraded:
         send_http_answer(client, answer)
         return False
-    client.send(answer)
+    client.send_bytes(answer)
     client.via = "browser"
     client.encode_lines = encode_websocket_lines
     client.closing_bytes = close_frame(CLOSE_NORMAL)  # kicked, /quit, shutdown
     handler.websocket = WebSocketLines(client, handler.server.settings)
     log.info("Upgraded %s to a WebSocket: a browser student", client)
     if request.rest:  # frames sent right behind the request
-        handler.receive(request.rest)
+        handler.take_bytes(request.rest)
     return True
 
 
@@ -3020,9 +3042,9 @@ def send_http_answer(client, answer):
     # The answer is ours and bounded (this file is the biggest): let it past
     # --sendq, which is meant for chat lines piling up for a slow reader.
     client.sendq_bytes = max(client.sendq_bytes, len(answer))
-    client.send(answer)
-    client.close_after_flush()
-    client.wait_gone(HTTP_SEND_SECONDS)  # ends early at shutdown
+    client.send_bytes(answer)
+    client.close_when_sent()
+    client.wait_closed(HTTP_SEND_SECONDS)  # ends early at shutdown
 
 
 def route_request(request, client):
@@ -3770,7 +3792,7 @@ class RedisLink:
     def close(self):
         """At shutdown: the other servers see this server's students leave."""
         with self.room._lock:
-            names = [client.name for client in self.room._clients.values()]
+            names = [client.name for client in self.room._joined.values()]
             linked, self.linked = self.linked, False
         self.stop()
         if not linked:
@@ -3825,7 +3847,7 @@ class RedisLink:
             holder = self.room._remote.get(key)
             if holder is not None:
                 return "The name %s is taken." % holder.name
-            if not self.linked or key in self.room._clients:
+            if not self.linked or key in self.room._joined:
                 return None  # a split, or taken here: the room's own check says so
         answer = queue.Queue(1)
         self._queue_work(("claim", key, name, answer))
@@ -3993,7 +4015,7 @@ class RedisLink:
     def _beat(self):
         """Keep our heartbeat and names alive; free names no one here uses; reap."""
         with self.room._lock:
-            local = set(self.room._clients)
+            local = set(self.room._joined)
         now = time.monotonic()
         # A claim that never became a join (the join failed after it) is freed
         # after a grace that covers the time between a claim and its join.
@@ -4042,9 +4064,9 @@ class RedisLink:
         """Go on alone: show pending events here (once), tell the students, forget the others."""
         with self.room._lock:
             self._split_locked(reason)
-            recipients = list(self.room._clients.values())
+            recipients = list(self.room._joined.values())
         self._drain_outbox()
-        self.room._deliver(recipients)
+        self.room._send_queued(recipients)
 
     def _split_locked(self, reason):
         """The room's part of a split (room's lock held); the writer then reconnects."""
@@ -4054,10 +4076,10 @@ class RedisLink:
         self._note("Lost the link to Redis (%s): this room goes on alone" % (reason,))
         for sequence, (lines, exclude) in sorted(self._pending.items()):
             if lines:
-                self.room._publish(lines, exclude)
+                self.room._broadcast(lines, exclude)
         self._pending.clear()
         self.room._remote.clear()
-        for client in self.room._clients.values():
+        for client in self.room._joined.values():
             self.room._catch_up(client)
             client.queue_line(SPLIT_LINE)
         self.room._note("console", SPLIT_LINE[4:])
@@ -4084,7 +4106,7 @@ class RedisLink:
         """The writer is back after a split: reclaim names, reload the others, rejoin."""
         self._forget_in_flight()
         with self.room._lock:
-            local = set(self.room._clients)
+            local = set(self.room._joined)
         for key in sorted(set(self._claimed) - local):
             self._release_if_ours(key)  # they left during the split
         self._reclaim(sorted(local))
@@ -4098,8 +4120,8 @@ class RedisLink:
             self.linked = True
             self.room._remote.clear()
             self.room._remote.update({key: student for key, student in remote.items()
-                                      if key not in self.room._clients})
-            clients = list(self.room._clients.values())
+                                      if key not in self.room._joined})
+            clients = list(self.room._joined.values())
             for client in clients:
                 self.room._catch_up(client)
                 client.queue_line(WHOLE_LINE)
@@ -4107,7 +4129,7 @@ class RedisLink:
                 self._rejoin(client)
             self.room._note("console", WHOLE_LINE[4:])
         log.info("Linked through Redis again")
-        self.room._deliver(clients)
+        self.room._send_queued(clients)
 
     def _rejoin(self, client):
         """Tell the other servers a student of ours is here (room's lock held).
@@ -4134,7 +4156,7 @@ class RedisLink:
         """Claim again the names of our students; rename those taken meanwhile."""
         for key in keys:
             with self.room._lock:
-                client = self.room._clients.get(key)
+                client = self.room._joined.get(key)
             if client is None:
                 continue
             if self._holds(self._writer.call("GET", self._name_prefix + key)) or \
@@ -4156,14 +4178,14 @@ class RedisLink:
             new_name = old_name[:MAX_NAME_CHARS - len(suffix)] + suffix
             key = fold_name(new_name)
             with self.room._lock:
-                if key in self.room._clients:
+                if key in self.room._joined:
                     continue
             if self._writer.call("SET", self._name_prefix + key, self._name_value(new_name),
                                  "NX", "EX", self.name_ttl_seconds) is not None:
                 break
         self._claimed[key] = time.monotonic()
         with self.room._lock:
-            if self.room._clients.get(client.key) is not client:
+            if self.room._joined.get(client.key) is not client:
                 return  # left meanwhile; the beat frees the name
             self.room._remove_client(client)
             client.name, client.key = new_name, key
@@ -4171,10 +4193,10 @@ class RedisLink:
             self.room._catch_up(client)
             client.queue_line("*** While the servers were apart, a student on another "
                               "server took the name %s: you are now %s." % (old_name, new_name))
-            recipients = self.room._publish("*** %s is now %s." % (old_name, new_name),
+            recipients = self.room._broadcast("*** %s is now %s." % (old_name, new_name),
                                             exclude=client)
         log.info("%s was taken on another server: renamed %s", old_name, new_name)
-        self.room._deliver(recipients + [client])
+        self.room._send_queued(recipients + [client])
 
     def _load_roster(self):
         """The students on other servers, from the name keys in Redis."""
@@ -4289,7 +4311,7 @@ class RedisLink:
                 shown = (self._apply_own(event) if server == self.server_id
                          else self._apply_other(event))
                 recipients.update(dict.fromkeys(shown))
-        self.room._deliver(list(recipients))
+        self.room._send_queued(list(recipients))
 
     def _apply_own(self, event):
         """One of our own events is back: show it now (room's lock held)."""
@@ -4298,7 +4320,7 @@ class RedisLink:
             lines, exclude = self._pending.pop(sequence)
             if event["k"] == "quiet":
                 self._set_quiet(event["on"])
-            return self.room._publish(lines, exclude, notice=is_notice(event)) \
+            return self.room._broadcast(lines, exclude, notice=is_notice(event)) \
                 if lines else []
         return self._apply_other(event)  # a leave we announced for a dead server
 
@@ -4308,7 +4330,7 @@ class RedisLink:
         if kind in ("join", "leave", "say", "act"):
             key = fold_name(event["name"])
         if kind == "join":
-            if key in self.room._clients or remote.get(key) == (event["name"], event["s"]):
+            if key in self.room._joined or remote.get(key) == (event["name"], event["s"]):
                 return []  # a rejoin after a split: known already
             remote[key] = RemoteStudent(event["name"], event["s"])
         elif kind == "leave":
@@ -4329,7 +4351,7 @@ class RedisLink:
             return []
         elif kind == "quiet":
             self._set_quiet(event["on"])
-        return self.room._publish(event_lines(event), notice=is_notice(event))
+        return self.room._broadcast(event_lines(event), notice=is_notice(event))
 
     def _set_quiet(self, quiet):
         self.room._quiet = quiet
@@ -4389,7 +4411,7 @@ class RedisLink:
         """A whisper to one of our students, or the teacher's /kick or /mute from elsewhere."""
         kind, name = event["k"], event["name"] if event["k"] != "whisper" else event["to"]
         with self.room._lock:
-            client = self.room._clients.get(fold_name(name))
+            client = self.room._joined.get(fold_name(name))
             if client is not None and kind == "whisper":
                 line = "%s whispers: %s" % (event["name"], event["text"])
                 self.room._catch_up(client)
@@ -4398,7 +4420,7 @@ class RedisLink:
         if client is None:
             log.info("A %s for %s, who is not here (any more)", kind, name)
         elif kind == "whisper":
-            self.room._deliver([client])
+            self.room._send_queued([client])
         else:  # the teacher there acts here, as if at our console
             self.room.tell_console("Another server's teacher: /%s %s" % (
                 "kick" if kind == "kick" else "mute" if event["on"] else "unmute", name))

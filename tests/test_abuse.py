@@ -893,7 +893,7 @@ class SocketClosedUnderTheWriter:
 def test_a_writer_started_after_its_socket_closed_ends_quietly():
     client = Client(SocketClosedUnderTheWriter(), ("127.0.0.1", 9), 65536)
     client.send_line("hello")  # the socket is "full": the writer thread starts
-    assert client.wait_gone(TIMEOUT), "the writer did not finish"
+    assert client.wait_closed(TIMEOUT), "the writer did not finish"
     # An exception escaping the writer thread fails this test (see conftest).
 
 

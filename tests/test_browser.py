@@ -256,7 +256,7 @@ def test_browser_and_nc_students_talk_both_ways(browser, joined):
 def test_browser_student_is_marked_as_such(server, browser, joined):
     browser().join("alice")
     joined("bob")
-    vias = {client.name: client.via for client in server._connections}
+    vias = {client.name: client.via for client in server._connected}
     assert vias == {"alice": "browser", "bob": "tcp"}
 
 

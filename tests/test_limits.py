@@ -16,7 +16,7 @@ from conftest import TIMEOUT, ChatClient, expect_console, wait_until
 def server_side(server, name):
     """The server's Client object for the connection that joined as name."""
     with server._lock:
-        found = [client for client in server._connections if client.name == name]
+        found = [client for client in server._connected if client.name == name]
     assert len(found) == 1, "no single connection called %s" % name
     return found[0]
 
@@ -286,7 +286,7 @@ def test_offer_only_queues_and_flush_sends_at_once():
     ours.setblocking(False)
     try:
         client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
-        assert client.offer(b"hello\r\n")  # what the room does under its lock
+        assert client.queue_bytes(b"hello\r\n")  # what the room does under its lock
         theirs.setblocking(False)
         with pytest.raises(BlockingIOError):
             theirs.recv(100)  # nothing was sent yet
@@ -302,7 +302,7 @@ def test_writer_thread_sends_what_a_full_socket_could_not_take():
     ours, theirs = full_socket_pair()
     client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1 << 20)
     try:
-        assert client.send(b"the end\r\n")  # the socket is full: this waits in the outbox
+        assert client.send_bytes(b"the end\r\n")  # the socket is full: this waits in the outbox
         received = b""
         theirs.settimeout(TIMEOUT)
         while not received.endswith(b"the end\r\n"):  # the peer reads at last
@@ -310,7 +310,7 @@ def test_writer_thread_sends_what_a_full_socket_could_not_take():
             assert data, "closed before the queued line came"
             received += data
     finally:
-        client.abort()
+        client.close_now()
         ours.close()
         theirs.close()
 
@@ -329,7 +329,7 @@ def test_writer_thread_wakes_again_for_a_second_backlog():
     ours, theirs = full_socket_pair()
     client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1 << 20)
     try:
-        assert client.send(b"first\r\n")  # the writer starts, and sends it once there is room
+        assert client.send_bytes(b"first\r\n")  # the writer starts, and sends it once there is room
         read_until_it_ends_with(theirs, b"first\r\n")
         wait_until(lambda: not client._backlogged, message="the writer to go idle")
         try:
@@ -337,10 +337,10 @@ def test_writer_thread_wakes_again_for_a_second_backlog():
                 ours.send(b"y" * 65536)
         except BlockingIOError:
             pass
-        assert client.send(b"second\r\n")
+        assert client.send_bytes(b"second\r\n")
         read_until_it_ends_with(theirs, b"second\r\n")
     finally:
-        client.abort()
+        client.close_now()
         ours.close()
         theirs.close()
 
@@ -349,10 +349,10 @@ def test_outbox_takes_up_to_sendq_bytes_once_the_socket_is_full():
     ours, theirs = full_socket_pair()
     try:
         client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
-        assert client.offer(b"x" * 60)
-        assert client.offer(b"x" * 40)
-        assert not client.offer(b"x")  # full: the caller must drop this client
-        assert client.offer(b"x" * 500)  # being dropped: quietly discarded
+        assert client.queue_bytes(b"x" * 60)
+        assert client.queue_bytes(b"x" * 40)
+        assert not client.queue_bytes(b"x")  # full: the caller must drop this client
+        assert client.queue_bytes(b"x" * 500)  # being dropped: quietly discarded
     finally:
         ours.close()
         theirs.close()
@@ -393,11 +393,11 @@ def test_lines_sent_in_pieces_arrive_whole_once_and_in_order():
     reader.start()
     try:
         for line in lines:
-            assert client.send(line)
+            assert client.send_bytes(line)
         reader.join(TIMEOUT)
         assert bytes(received) == expected
     finally:
-        client.abort()
+        client.close_now()
         reader.join(TIMEOUT)
         ours.close()
         theirs.close()
@@ -430,7 +430,7 @@ def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(serve
 def test_sendq_setting_reaches_each_client(start_server, joined):
     server = start_server(sendq=8192)
     joined("alice", server)
-    assert [client.sendq_bytes for client in server._connections] == [8192]
+    assert [client.sendq_bytes for client in server._connected] == [8192]
 
 
 # --- Room size ---
