@@ -189,6 +189,1316 @@ class Settings:
     redis: object = None  # a RedisURL: link this room to others through Redis (--redis)
 
 
+# --- The room: ChatServer ------------------------------------------------------
+
+TOO_SLOW = "too slow to keep up"
+REMOVED = "You were removed by the teacher."
+
+
+class ChatServer(socketserver.ThreadingTCPServer):
+    """The room: admits clients and queues every room event for each of them."""
+
+    # Class attributes that socketserver reads.
+    daemon_threads = True  # a stuck client thread never keeps the process alive
+    request_queue_size = LISTEN_BACKLOG
+    # On Windows, SO_REUSEADDR would let a second server take our port.
+    allow_reuse_address = sys.platform != "win32"
+
+    def __init__(self, address, settings=None, transcript=None):
+        self.settings = settings or Settings()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self._joined = {}  # key (folded name) -> Client, for joined clients
+        # The room's lock. It guards _joined and every field from here down to
+        # _shutting_down, and _notices; the others below have locks of their own.
+        self._lock = threading.Lock()
+        self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
+        self._link = None  # Redis link: a RedisLink with --redis (see its section)
+        self._keys_in_order = []  # the keys of _joined, sorted, for /who
+        self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
+        self._everyone_gone = threading.Condition(self._lock)  # for close_room()
+        self._connected = set()  # every Client with a reader thread, joined or not
+        self._places_taken = 0  # connections admitted, with a thread or about to be
+        self._history = collections.deque(maxlen=self.settings.history)
+        self._quiet = False  # only the teacher's announcements go out
+        self._shutting_down = False
+        # Not guarded by _lock: each of these has a lock of its own (and none
+        # of them ever waits for the room's lock, so no deadlock is possible).
+        self.addresses = Addresses(self.settings)
+        # --flood-rate 0 turns all pacing off, the room's budget too. The burst
+        # is half an outbox, so a burst never fills a reader's outbox by itself.
+        self._room_budget = ByteBudget(
+            self.settings.room_rate if self.settings.flood_rate > 0 else 0,
+            self.settings.sendq // 2)
+        self._refuser = Refuser()
+        # Room events for the console and transcript, queued in room order;
+        # put under _lock (so in order), taken by the recorder thread.
+        # (A SimpleQueue bounded by hand: queue.Queue costs far more per put,
+        # and this runs for every line said in the room.)
+        self._records = queue.SimpleQueue()
+        self._records_dropped = 0  # guarded by _dropped_lock
+        self._dropped_lock = threading.Lock()
+        self._transcript = transcript  # a Transcript, or None
+        self._recorder_thread = threading.Thread(
+            target=self._run_recorder, name="recorder", daemon=True
+        )
+        # Join, leave and rename lines not yet queued for every client, in
+        # the room's order, as (line, the client not to tell); guarded by
+        # _lock. A client's notices_seen counts those it has been given, out
+        # of _notices_before + len(_notices). See _run_notices().
+        self._notices = []
+        self._notices_before = 0  # notices given to everyone and forgotten
+        self._notices_queued = threading.Event()  # set when _notices fills
+        self._notices_stopping = False  # set by server_close(): the thread ends
+        self._notices_thread = threading.Thread(
+            target=self._run_notices, name="notices", daemon=True)
+        super().__init__(address, ChatHandler)
+        if self.settings.redis is not None:  # Redis link: linked before serving
+            self._link = RedisLink(self, self.settings.redis)
+            try:
+                self._link.connect()
+            except RedisStartError:
+                self.server_close()
+                raise
+        self._recorder_thread.start()
+        self._notices_thread.start()
+        if self._link is not None:
+            self._link.start()
+
+    # -- A line's way: queued for all under the lock, sent after it --
+
+    def say(self, client, *texts):
+        """Send one or more messages from client to everyone else."""
+        self._speak(client, ["%s says: %s" % (client.name, text) for text in texts],
+                    {"k": "say", "name": client.name, "texts": list(texts)})
+
+    def act(self, client, action):
+        """Send an action (/me) from client to everyone else."""
+        self._speak(client, ["* %s %s" % (client.name, action)],
+                    {"k": "act", "name": client.name, "text": action})
+
+    def _speak(self, client, lines, event=None):
+        self._wait_for_room_budget(client, lines)
+        with self._lock:
+            if self._joined.get(client.key) is not client:
+                return  # kicked, or dropped, while these lines were on their way
+            notice = self._silencing_notice(client)
+            if notice is None:
+                recipients = self._broadcast(lines, exclude=client, event=event)
+            else:
+                for line in lines:
+                    self._note("silenced", line)
+                self._catch_up(client)
+                client.queue_line(notice)
+                recipients = [client]
+        self._send_queued(recipients)
+
+    def _broadcast(self, lines, exclude=None, event=None, notice=False):
+        """Queue room events for every joined client but exclude (lock held).
+
+        lines is one line, or a list of lines from one sender, which are
+        queued together: one offer per client, whatever their number.
+        Return the clients they were queued for: the caller passes them to
+        _send_queued() once it has released the lock.
+        event: the same, as data for the Redis link (see its section).
+        notice: a join, leave or rename line, sent a few milliseconds later
+        (see _run_notices()); nothing is queued now, and the list is empty.
+        """
+        if isinstance(lines, str):
+            lines = [lines]
+        if event is not None and self._link is not None and \
+                self._link.takes(event, lines, exclude):
+            return []  # Redis link: shown when it comes back, in the one order
+        # Queuing for everyone while holding the lock is what gives every
+        # client the same order of events. queue_bytes() never waits and never
+        # touches a socket: the sending happens in _send_queued(), after the lock.
+        self._history.extend(lines)
+        for line in lines:
+            self._note("room", line)
+        if notice:
+            self._notices.extend((line, exclude) for line in lines)
+            self._notices_queued.set()
+            return []
+        # Waiting notices go first (to the sender too, who is sent them now).
+        everyone = self._queue_notices() if self._notices else None
+        recipients = [client for client in self._joined.values() if client is not exclude]
+        # The bytes are built once per kind of client (TCP lines, WebSocket
+        # frames), not once per client: a big room stays cheap.
+        encoded = {}  # client.encode_lines -> its bytes for these lines
+        for client in recipients:
+            data = encoded.get(client.encode_lines)
+            if data is None:
+                data = encoded[client.encode_lines] = client.encode_lines(lines)
+            client.queue_bytes(data)
+        return recipients if everyone is None else everyone
+
+    def _send_queued(self, clients):
+        """Send what was queued for clients, and drop any that were too slow.
+
+        Called after the room's lock is released: this touches sockets. When
+        several threads publish at once, one send here often carries lines
+        that others queued meanwhile.
+        """
+        for client in clients:
+            if client.too_slow:
+                self.drop(client, TOO_SLOW)
+            else:
+                client.flush()
+
+    # -- Joining and leaving --
+
+    def join(self, client, name):
+        """Add a client to the room as name; return why not, or None."""
+        problem = name_problem(name)
+        if problem:
+            return problem
+        name = unicodedata.normalize("NFC", name)
+        key, look = fold_name(name), skeleton(name)
+        with self._lock:  # before claiming it in Redis: a look-alike is refused here
+            problem = self._name_taken(key, look, client)
+        if problem:
+            return problem
+        if self._link is not None:  # Redis link: claim the name on every server
+            problem = self._link.claim_name(name, key)
+            if problem:
+                return problem
+        with self._lock:
+            if self.addresses.ban_left(client.host) > 0:
+                return REMOVED  # kicked while this connection was asking a name
+            problem = self._name_taken(key, look, client)
+            if problem:
+                return problem
+            client.name, client.key, client.skeleton = name, key, look
+            client.joined_at = time.monotonic()
+            client.muted = self.addresses.is_muted(client.host, key)
+            # Notices so far are in its history and its list of who is online.
+            client.notices_seen = self._notices_before + len(self._notices)
+            self._add_client(client)
+            # Welcome, history and the join line are queued in one critical
+            # section: the newcomer sees each room event exactly once, either
+            # in the history or live.
+            for line in self._welcome_lines(client):
+                client.queue_line(line)
+            self._broadcast("*** %s joined the chat." % name, exclude=client,
+                          event={"k": "join", "name": name}, notice=True)
+        self._send_queued([client])
+        return None
+
+    def _welcome_lines(self, client):
+        """The lines a newcomer sees first (lock held)."""
+        lines = ["*** Welcome, %s! Type to chat; /help lists the commands." % client.name]
+        if self._history:
+            lines.append("*** What was said before you came:")
+            lines.extend(self._history)
+        lines.append(self._online_line())
+        return lines
+
+    def _online_line(self):
+        names = [self._joined[key].name for key in self._keys_in_order]
+        if self._remote:  # Redis link: students on other servers too
+            names = [name for _, name in sorted(
+                [(key, self._joined[key].name) for key in self._keys_in_order]
+                + [(key, student.name) for key, student in self._remote.items()])]
+        return "*** Online now (%d): %s" % (len(names), ", ".join(names))
+
+    def _name_taken(self, key, look, client):
+        """Why no one may take a name now (lock held), or None if it is free."""
+        holder = self._joined.get(key) or self._joined.get(self._skeletons.get(look))
+        if holder is None or holder is client:
+            return None
+        if holder.key == key:
+            return "The name %s is taken." % holder.name
+        return "That name looks too much like %s, who is online." % holder.name
+
+    def _add_client(self, client):
+        """Put a client in the room's dict under its key (lock held)."""
+        self._joined[client.key] = client
+        self._skeletons[client.skeleton] = client.key
+        # Kept sorted as it changes: sorting at every join costs a big class dearly.
+        bisect.insort(self._keys_in_order, client.key)
+
+    def _remove_client(self, client):
+        """Take a client out of the room's dict (lock held)."""
+        del self._joined[client.key]
+        del self._skeletons[client.skeleton]
+        del self._keys_in_order[bisect.bisect_left(self._keys_in_order, client.key)]
+
+    def leave(self, client):
+        """Take client out of the room and tell the others, once, whatever the cause."""
+        with self._lock:
+            if client.key is None or self._joined.get(client.key) is not client:
+                return  # never joined, or has left already
+            self._catch_up(client)  # what it was told last is what happened last
+            self._remove_client(client)
+            # A muted student's reason, or anyone's in quiet mode, is not shown.
+            reason = "" if client.muted or self._quiet else client.leave_reason
+            line = "*** %s left the chat.%s" % (client.name, " (%s)" % reason if reason else "")
+            recipients = [] if self._shutting_down else self._broadcast(
+                line, exclude=client,
+                event={"k": "leave", "name": client.name, "reason": reason}, notice=True)
+        self._send_queued(recipients)
+
+    def drop(self, client, reason):
+        """Disconnect one client now; the reason goes to the console only."""
+        if not client.claim_drop():
+            return  # dropped already
+        self.tell_console("Disconnecting %s: %s" % (client, reason), warning=True)
+        if reason == TOO_SLOW:
+            self.addresses.note_dropped(client.host, client.name)
+        self.leave(client)
+        client.close_now()
+
+    # -- Join, leave and rename lines, sent in bulk by the notices thread --
+
+    def _run_notices(self):
+        # Why join, leave and rename lines wait: sent at once, a class of N
+        # joining would cost N sends for each join, N*N in all, a small packet
+        # each. They wait in the room's _notices instead, and this thread sends
+        # them: those that came while it was sending to everyone go out
+        # together next time, one send per client for a whole burst of joins.
+        # Order never changes: anything else queued for a client (a chat line,
+        # sent at once, above all) first queues the notices before it.
+        while True:
+            self._notices_queued.wait()
+            if self._notices_stopping:
+                return
+            with self._lock:
+                self._notices_queued.clear()
+                clients = self._queue_notices()
+            self._send_queued(clients)
+
+    def _queue_notices(self):
+        """Queue the waiting notices for every joined client; return them all (lock held)."""
+        if not self._notices:
+            return []
+        clients = list(self._joined.values())
+        end = self._notices_before + len(self._notices)
+        skipped = {exclude for _, exclude in self._notices}
+        shared = {}  # encode_lines -> the bytes for a client that has seen none
+        for client in clients:
+            if client.notices_seen > self._notices_before or client in skipped:
+                self._catch_up(client)  # a newcomer, or told some already
+                continue
+            data = shared.get(client.encode_lines)
+            if data is None:
+                data = shared[client.encode_lines] = client.encode_lines(
+                    [line for line, _ in self._notices])
+            client.queue_bytes(data, notice=True)
+            client.notices_seen = end
+        self._notices_before, self._notices = end, []
+        return clients
+
+    def catch_up(self, client):
+        """Queue for client the notices it has not been given, before a reply."""
+        with self._lock:
+            self._catch_up(client)
+
+    def _catch_up(self, client):
+        """Queue for one joined client the notices it has not been given (lock held).
+
+        Called before anything else is queued for it, so it sees them first.
+        """
+        end = self._notices_before + len(self._notices)
+        if client.notices_seen >= end or self._joined.get(client.key) is not client:
+            return
+        first = max(0, client.notices_seen - self._notices_before)
+        lines = [line for line, exclude in self._notices[first:] if exclude is not client]
+        client.notices_seen = end
+        if lines:
+            client.queue_bytes(client.encode_lines(lines), notice=True)
+
+    # -- The other room events --
+
+    def whisper(self, client, name, text):
+        """Send a private message to the client called name; return a problem or None."""
+        self._wait_for_room_budget(client, [text, client.name])  # whispers count too
+        with self._lock:
+            target = self._joined.get(fold_name(name))
+            remote = self._remote.get(fold_name(name))  # Redis link: on another server?
+            if target is None and remote is None:
+                return "No one called %s is online. Type /who to see who is." % name
+            notice = self._silencing_notice(client)
+            self._catch_up(client)
+            if notice is not None:
+                client.queue_line(notice)
+                recipients = [client]
+            else:
+                line = "%s whispers: %s" % (client.name, text)
+                if target is None:  # Redis link: over the other server's channel
+                    target = remote
+                    self._link.send_private(remote, {"k": "whisper", "name": client.name,
+                                                     "to": remote.name, "text": text})
+                else:
+                    self._catch_up(target)
+                    target.queue_line(line)
+                client.queue_line("*** You whispered to %s: %s" % (target.name, text))
+                self._note("private", "%s to %s" % (line, target.name))
+                recipients = [client] if target is remote else [target, client]
+        self._send_queued(recipients)
+        return None
+
+    def rename(self, client, new_name):
+        """Rename client and tell everyone; return why not, or None."""
+        problem = name_problem(new_name)
+        if problem:
+            return problem
+        new_name = unicodedata.normalize("NFC", new_name)
+        if new_name == client.name:
+            return "You are already called %s." % new_name
+        key, look = fold_name(new_name), skeleton(new_name)
+        with self._lock:  # before claiming it in Redis: a look-alike is refused here
+            problem = self._rename_problem(key, look, client)
+        if problem:
+            return problem
+        if self._link is not None and key != client.key:
+            problem = self._link.claim_name(new_name, key)  # Redis link
+            if problem:
+                return problem
+        with self._lock:
+            problem = self._rename_problem(key, look, client)
+            if problem:
+                return problem
+            if not client.renames.allow():
+                return "You can change your name at most %s a minute." % (
+                    plural(client.renames.limit, "time"))
+            old_name = client.name
+            self._remove_client(client)
+            client.name, client.key, client.skeleton = new_name, key, look
+            self._add_client(client)
+            recipients = self._broadcast("*** %s is now %s." % (old_name, new_name),
+                                       event={"k": "rename", "old": old_name, "new": new_name},
+                                       notice=True)
+        self._send_queued(recipients)
+        return None
+
+    def _rename_problem(self, key, look, client):
+        """Why client may not take a new name now (lock held), or None."""
+        if client.muted or self._quiet:
+            return "You cannot change your name while %s." % (
+                "the teacher has muted you" if client.muted else "the room is quiet")
+        return self._name_taken(key, look, client)
+
+    def who(self):
+        """The line that lists who is online, in alphabetical order."""
+        with self._lock:
+            return self._online_line()
+
+    def _wait_for_room_budget(self, client, lines):
+        """Hold a sender back while the room takes in more than --room-rate bytes a second.
+
+        Each reader gets everything everyone says, so without a room-wide
+        budget a hundred senders, each within their own flood limit, could
+        fill a slow reader's outbox in a second and get them dropped.
+        """
+        if not self._room_budget.active or client.muted or self._quiet:
+            # muted and _quiet are read without the lock, as a hint only: what
+            # is silenced reaches nobody, so it costs the room nothing.
+            return
+        delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
+        if delay > 0:
+            client.sleep(delay)  # ends early if the sender is dropped
+
+    def _silencing_notice(self, client):
+        """None if client may speak now; else what to tell it (lock held)."""
+        if client.muted:
+            return "*** Not sent: the teacher has muted you."
+        if self._quiet:
+            return "*** Not sent: the room is quiet, only the teacher can speak right now."
+        return None
+
+    # -- Admitting connections (socketserver's main thread) --
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            # "--host ::" serves IPv4 clients too, where the OS allows it.
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: keep our port ours
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        super().server_bind()
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                log.warning("Too many open files: a newcomer waits. (%s)", error)
+                # The listening socket stays ready, so without a rest the
+                # accept loop would spin at full speed until a file is freed.
+                time.sleep(ACCEPT_BACKOFF_SECONDS)
+            raise  # socketserver drops this attempt and goes on serving
+
+    def process_request(self, request, client_address):
+        """Admit a newcomer (start its thread), or refuse it before any thread."""
+        host = normal_host(client_address[0])
+        with self._lock:
+            refusal = self._refusal_for(host)
+            if refusal is None:
+                self._places_taken += 1
+        if refusal is not None:
+            log.info("Refused %s: %s", format_address(client_address), refusal)
+            self._refuser.refuse(request, refusal)  # it closes the socket
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except RuntimeError:  # no thread could be started: give the place back
+            self._free_place(host)
+            raise
+
+    def _refusal_for(self, host):
+        """Say why a new connection from host may not come in, or count it (lock held)."""
+        if self._shutting_down:
+            return "The server is shutting down."
+        ban_left = self.addresses.ban_left(host)
+        if ban_left > 0:
+            return "You were removed by the teacher. Try again in %s." % (
+                describe_minutes(ban_left / 60))
+        if self._places_taken >= self.settings.max_clients:
+            return "The room is full (%d connected). Try again later." % self._places_taken
+        if not self.addresses.connect(host):
+            return ("Too many connections from your computer (%d). Close one, "
+                    "then try again." % self.settings.per_address)
+        return None
+
+    def _free_place(self, host):
+        with self._lock:
+            self._places_taken -= 1
+            self._everyone_gone.notify_all()
+        self.addresses.disconnect(host)
+
+    def handle_error(self, request, client_address):
+        # One line, not socketserver's traceback on the teacher's console.
+        error = sys.exc_info()[1]
+        log.error("Error with %s: %r", format_address(client_address), error)
+
+    # -- Connections (each client's reader thread) --
+
+    def register(self, client):
+        """Count a connection as open (its thread has started)."""
+        with self._lock:
+            self._connected.add(client)
+
+    def unregister(self, client):
+        """Forget a finished connection and free its place."""
+        with self._lock:
+            self._connected.discard(client)
+        self._free_place(client.host)
+
+    def connection_count(self):
+        """How many connections are open (admitted, not yet finished), joined or not."""
+        with self._lock:
+            return self._places_taken
+
+    # -- The console and the transcript --
+
+    def _note(self, kind, line):
+        """Queue a room event for the console and the transcript.
+
+        Called with the room's lock held, so events queue in the room's order.
+        Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
+        the event is counted instead, and the count reported.
+        """
+        if self._records.qsize() < RECORD_QUEUE_EVENTS:
+            self._records.put((kind, line))
+        else:
+            with self._dropped_lock:
+                self._records_dropped += 1
+
+    def _run_recorder(self):
+        # One thread shows room events on the console and hands them to the
+        # transcript, so a paused console or a slow disk never holds up the
+        # room, and both keep the room's order. Neither call here can wait.
+        held_back = HeldBackLines()
+        while True:
+            try:
+                kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
+            except queue.Empty:
+                kind, line = "", ""
+            if kind == "stop":
+                return
+            if kind:
+                self._record(kind, line, held_back)
+            held_back.report_if_due()
+            with self._dropped_lock:
+                dropped, self._records_dropped = self._records_dropped, 0
+            if dropped:
+                log.warning("%s not shown or written: the server was too busy.",
+                            plural(dropped, "room event"))
+
+    def _record(self, kind, line, held_back):
+        """Show one room event on the console and append it to the transcript."""
+        private = kind == "private"
+        if private and not self.settings.transcript_private:
+            return
+        if kind == "silenced":
+            held_back.add(line)
+            return
+        if kind == "warning":
+            log.warning("%s", line)
+        elif kind != "transcript":  # for the transcript only
+            log.info("%s%s", "(private) " if private else "", line)
+        if self._transcript is not None and kind not in ("console", "warning"):
+            self._transcript.write(("(private) " if private else "") + line)
+
+    # -- The teacher's powers: the few room operations the console calls --
+
+    def tell_console(self, text, warning=False):
+        """Show text on the console after the room events already queued.
+
+        Everything the console says about the room comes this way, so it
+        comes in the room's order ("left the chat." before "Closed").
+        """
+        with self._lock:
+            self._note("warning" if warning else "console", text)
+
+    def note_teacher(self, text):
+        """Write what the teacher did to the transcript, in the room's order."""
+        with self._lock:
+            self._note("transcript", "[teacher] " + text)
+
+    def announce(self, text):
+        """Send the teacher's announcement to everyone."""
+        with self._lock:
+            recipients = self._broadcast("*** [teacher] %s" % text,
+                                       event={"k": "announce", "text": text})
+        self._send_queued(recipients)
+
+    def find(self, name):
+        """The joined client called name (or a look-alike of it), or None."""
+        with self._lock:
+            return self._joined.get(fold_name(name)) or self._joined.get(
+                self._skeletons.get(skeleton(name)))
+
+    def connections_from(self, host):
+        """(joined clients, connections not joined yet) from one address."""
+        with self._lock:
+            everyone = [client for client in self._connected if client.host == host]
+        joined = [client for client in everyone if self.has_joined(client)]
+        return joined, [client for client in everyone if client not in joined]
+
+    def ask_other_server(self, name, event, verb):
+        """Redis link: pass /kick or /mute on to the server of a student elsewhere.
+
+        Return the reply for the teacher, or None if no such student is there.
+        """
+        with self._lock:
+            student = self._remote.get(fold_name(name))
+        if student is None or self._link is None:
+            return None
+        self._link.send_private(student, dict(event, name=student.name))
+        return "Asked the server of %s to %s them." % (student.name, verb)
+
+    def has_joined(self, client):
+        with self._lock:
+            return client.key is not None and self._joined.get(client.key) is client
+
+    def remove(self, client, line):
+        """Tell client line, take it out of the room, and close its connection."""
+        self.catch_up(client)
+        client.send_line(line)
+        self.leave(client)
+        client.close_when_sent()
+
+    def set_muted(self, client, muted):
+        """Mute or unmute a joined client, and tell it so; False if it already was."""
+        with self._lock:
+            if client.muted == muted:
+                return False
+            client.muted = muted
+            self._catch_up(client)
+            client.queue_line(
+                "*** The teacher has muted you: your messages reach nobody for now."
+                if muted else "*** The teacher has unmuted you: you can chat again.")
+        self._send_queued([client])
+        return True
+
+    def set_quiet(self, quiet):
+        """Turn quiet mode on or off and tell everyone; False if it already was."""
+        with self._lock:
+            if self._quiet == quiet:
+                return False
+            self._quiet = quiet
+            recipients = self._broadcast(
+                "*** [teacher] Quiet, please: only the teacher speaks for now."
+                if quiet else "*** [teacher] The chat is open again.",
+                event={"k": "quiet", "on": quiet})
+        self._send_queued(recipients)
+        return True
+
+    def snapshot(self):
+        """(joined clients in name order, connections that have not joined,
+        students on other servers: RemoteStudent tuples)."""
+        with self._lock:
+            joined = [self._joined[key] for key in self._keys_in_order]
+            waiting = [client for client in self._connected if client.key is None]
+            elsewhere = sorted(self._remote.values())  # Redis link
+        return joined, waiting, elsewhere
+
+    # -- Shutting down --
+
+    def close_room(self):
+        """Tell everyone the server is shutting down and close every connection.
+
+        Returns within about two seconds, even if a client has stalled.
+        """
+        if self._link is not None:  # Redis link: the others see our students leave
+            self._link.close()
+        with self._lock:
+            self._shutting_down = True
+            self._note("transcript", "=== The server is shutting down. ===")
+            everyone = list(self._connected)
+            for client in everyone:
+                self._catch_up(client)
+                client.queue_line("*** Server is shutting down.")
+        for client in everyone:
+            client.close_when_sent()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        for client in everyone:
+            wait_in_slices(client.wait_closed, max(0.0, deadline - time.monotonic()))
+        for client in everyone:
+            client.close_now()  # a stalled client's writer is still blocked: wake it
+        with self._lock:  # let the readers finish their goodbyes
+            wait_in_slices(lambda timeout: self._everyone_gone.wait_for(
+                lambda: not self._connected, timeout), SHUTDOWN_GRACE_SECONDS)
+
+    def server_close(self):
+        if self._link is not None:
+            self._link.stop()
+        super().server_close()
+        self._records.put(("stop", ""))
+        self._notices_stopping = True
+        self._notices_queued.set()
+        join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
+
+
+# --- One reader thread per client: ChatHandler --------------------------------
+
+
+class ChatHandler(socketserver.StreamRequestHandler):
+    """One client's reader thread: its life from greeting to leaving.
+
+    NOTE: we read with recv() and frame lines ourselves instead of using
+    self.rfile.readline(): students' clients end lines with a bare CR or
+    CR NUL too, telnet mixes commands into the text, and the socket is
+    non-blocking (so that sending to it never waits), which a file reader
+    does not handle.
+    """
+
+    disable_nagle_algorithm = True  # TCP_NODELAY: a line leaves at once
+    rbufsize = 0  # self.rfile is never read (see above): no 8 KiB buffer per client
+
+    def setup(self):
+        super().setup()
+        settings = self.server.settings
+        self.client = Client(self.request, self.client_address, settings.sendq)
+        self.client.renames = RateWindow(settings.nick_rate, 60)
+        self.telnet = TelnetFilter()
+        self.framer = LineFramer(settings.max_line)
+        self.lines = collections.deque()  # received, not yet handled
+        self.flood = FloodLimiter(settings.flood_rate, settings.flood_burst)
+        # Every byte is paced too (telnet NOPs, blank lines, over-long
+        # lines): reading simply waits, and TCP makes the sender wait too.
+        self.input_pace = FloodLimiter(
+            INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
+        self.told_flood = False
+        self.done = False  # set by /quit
+        self.waiting_for = "a name"  # what a timeout before joining was waiting for
+        self.websocket = None  # a WebSocketLines once a browser has upgraded
+        self.lines_read = 0  # a late browser request can only be the first
+        enable_keepalive(self.request)
+        # Non-blocking, so that whichever thread flushes this client's outbox
+        # (often another student's reader: see ChatServer._send_queued()) sends
+        # what fits and never waits. This thread waits for input with its own
+        # one-socket selector instead.
+        self.request.setblocking(False)
+        self.readable = OneSocketSelector()
+        self.readable.register(self.request, selectors.EVENT_READ)
+        self.server.register(self.client)
+
+    def handle(self):
+        """A client's life: greet, check the password, ask a name, join, chat."""
+        self.server.tell_console("Accepted new client: %s" % self.client)
+        timeout = self.server.settings.name_timeout
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        try:
+            if self.greet() and self.check_password(deadline) and self.ask_name(deadline):
+                self.chat()
+        except socket.timeout:  # before OSError: it is one, until 3.10 by name
+            self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
+            self.server.tell_console("Closed %s: no %s in time" % (
+                self.client, self.waiting_for.split()[-1]))
+        except OSError:
+            pass  # reset, or shut down by the room: either way, the client leaves
+
+    def finish(self):
+        # Every way out comes through here: EOF, reset, /quit, too slow,
+        # kicked, shutdown. leave() says "left the chat." once, at most.
+        self.server.leave(self.client)
+        self.client.close_when_sent()  # e.g. "Bye." is still on its way
+        if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
+            self.client.close_now()  # it stopped reading: stop waiting for it
+        self.server.unregister(self.client)
+        self.readable.close()
+        self.server.tell_console("Closed connection: %s" % self.client)
+        super().finish()
+
+    # -- Reading and writing --
+
+    def read_line(self, deadline=None):
+        """Return the client's next line (str or TOO_LONG), or None when it is gone.
+
+        Raises socket.timeout if deadline (a time.monotonic() value) passes.
+        """
+        while not self.lines:
+            data = self.wait_for_bytes(None if deadline is None else deadline - time.monotonic())
+            if data is None:
+                raise socket.timeout("no name in time")
+            if not data:
+                return None
+            self.take_bytes(data)
+        self.lines_read += 1
+        line = self.lines.popleft()
+        if line is INTERRUPTED:
+            self.reply("*** Bye.")
+            self.lines.clear()
+            return None
+        return None if identify_late_request(self, line) else line
+
+    def wait_for_bytes(self, timeout=None):
+        """Wait up to timeout seconds for bytes: b'' at the end, None if none came."""
+        while True:
+            if timeout is not None and timeout <= 0:
+                return None
+            if not self.readable.select(timeout) and timeout is not None:
+                return None
+            try:
+                data = self.request.recv(RECV_BYTES)
+            except BlockingIOError:
+                continue  # woken without data after all: wait again
+            delay = self.input_pace.delay_for_next_line(len(data))
+            if delay > 0:
+                self.client.sleep(delay)  # ends early if the client is dropped
+            return data
+
+    def take_bytes(self, data):
+        """Take raw bytes from the client: answer telnet, queue complete lines."""
+        if self.websocket is not None:  # a browser: frames, and no telnet filter
+            self.lines.extend(self.websocket.receive(data))
+            return
+        text, answer = self.telnet.feed(data)
+        if answer:
+            self.client.send_bytes(answer)  # refusals of telnet options
+        for line in self.framer.feed(text):
+            self.lines.append(line if line is TOO_LONG else clean_line(line))
+        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
+            self.lines.append(INTERRUPTED)
+
+    def reply(self, *lines):
+        """Send lines to this client only (after the room's notices before them)."""
+        self.server.catch_up(self.client)
+        for line in lines:
+            if not self.client.send_line(line):
+                self.server.drop(self.client, TOO_SLOW)
+                return
+
+    # -- Before joining --
+
+    def greet(self):
+        """Answer a web browser in HTTP; welcome anyone else. False: hang up."""
+        # A browser sends its request as soon as it connects; a person takes
+        # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
+        # the first prompt lets a browser get a real HTTP answer.
+        data = self.wait_for_bytes(BROWSER_WAIT_SECONDS)
+        if data == b"":
+            return False
+        if data and looks_like_http(data):
+            if not answer_http(self, data):  # see "The browser page" below
+                return False
+        elif data:
+            self.take_bytes(data)
+        self.reply("*** Welcome to the chat!")
+        timeout = self.server.settings.name_timeout
+        if timeout > 0:
+            self.reply("*** You have %s to give %syour name." % (
+                describe_minutes(timeout / 60),
+                "the password and " if self.server.settings.password else ""))
+        dropped_as = self.server.addresses.take_dropped(self.client.host)
+        if dropped_as:
+            self.reply("*** Last time (as %s) you were disconnected: your computer did "
+                       "not read the chat fast enough." % dropped_as)
+        return True
+
+    def check_password(self, deadline):
+        """Ask for the room password if there is one; False: wrong, or gone."""
+        password = self.server.settings.password
+        if not password:
+            return True
+        addresses = self.server.addresses
+        wait = addresses.password_wait(self.client.host)
+        if wait > 0:
+            self.reply("*** Too many wrong passwords from your computer. Try again in "
+                       "%s." % describe_minutes(wait / 60))
+            return False
+        self.waiting_for = "the password"
+        self.reply("*** This room has a password. Password?")
+        answer = self.read_line(deadline)
+        if answer is None:
+            return False
+        right = answer is not TOO_LONG and hmac.compare_digest(
+            answer.strip().encode("utf-8"), password.encode("utf-8"))
+        # Right or wrong, the answer comes after the same delay: a guesser
+        # cannot hang up early on a wrong guess and try the next one sooner.
+        self.client.sleep(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
+        if right:
+            addresses.password_passed(self.client.host)
+            return True
+        self.server.tell_console("Wrong password from %s" % self.client, warning=True)
+        addresses.password_failed(self.client.host)
+        self.reply("*** Wrong password. Goodbye.")
+        return False
+
+    def ask_name(self, deadline):
+        """Ask for a name until one is free and valid, then join. False: gone."""
+        question = "What is your name?"
+        self.waiting_for = "a name"
+        self.reply("*** " + question)
+        paced = False
+        while True:
+            line = self.read_line(deadline)
+            if line is None:
+                return False
+            self.hold_back_flood()
+            if line is TOO_LONG:
+                problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
+            elif not line.strip():
+                problem = ""
+            else:
+                if not paced:
+                    paced = self.wait_to_join()
+                problem = self.server.join(self.client, line.strip())
+                if problem is None:
+                    return True
+                if problem is REMOVED:
+                    self.reply("*** %s Goodbye." % REMOVED)
+                    return False
+            self.reply("*** %s%s" % (problem + " " if problem else "", question))
+
+    def wait_to_join(self):
+        """Wait if many joined from this computer just now (join/leave spam)."""
+        delay = self.server.addresses.join_delay(self.client.host)
+        if delay > 0:
+            self.reply("*** Many people joined from your computer just now: you join "
+                       "in %s." % describe_minutes(delay / 60))
+            self.client.sleep(delay)
+        return True
+
+    # -- Joined --
+
+    def chat(self):
+        """Handle each line the client sends, until it leaves."""
+        while not self.done:
+            line = self.read_line()
+            if line is None or self.client.closed.is_set():
+                return
+            self.hold_back_flood()  # every line, even blank or too long, is paced
+            if line is TOO_LONG:
+                self.reply("*** That line was longer than %d bytes and was not sent."
+                           % self.server.settings.max_line)
+            elif line.strip():
+                self.handle_line(defuse_server_marker(line.rstrip()))
+
+    def more_messages(self):
+        """Take the plain messages already received that may go out at once.
+
+        Sending them with the one before costs each recipient one queued item
+        and one send, instead of one of each per line: that is what keeps a
+        busy room cheap.
+        """
+        texts = []
+        while self.lines:
+            line = self.lines[0]
+            if line is TOO_LONG or not is_plain_message(line):
+                break
+            if not self.flood.take_if_free():
+                break  # this one must wait: hold_back_flood() will pace it
+            if line.strip():
+                texts.append(defuse_server_marker(line.rstrip()))
+            self.lines.popleft()
+        return texts
+
+    def hold_back_flood(self):
+        """Delay this client's next line if it is sending too fast."""
+        delay = self.flood.delay_for_next_line()
+        if delay <= 0:
+            self.told_flood = False  # it slowed down: warn again next time
+            return
+        if not self.told_flood:
+            self.told_flood = True
+            self.reply("*** You are sending lines too fast: they will go out more "
+                       "slowly. Nothing is lost.")
+            self.server.tell_console("Slowing down %s: flooding" % self.client)
+        # Sleeping here holds back only this client: the rest of its lines
+        # wait, in order, in its socket. The wait ends early if it is dropped.
+        self.client.sleep(delay)
+
+    def handle_line(self, line):
+        """A message, or a command if the line starts with /."""
+        if is_plain_message(line):
+            self.server.say(self.client, line, *self.more_messages())
+        elif line.lstrip().startswith("//"):
+            self.server.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
+        else:
+            self.run_command(line)
+
+    def run_command(self, line):
+        """Run a /command; its name is not case-sensitive."""
+        word, method, argument = parse_command(line, self.COMMANDS)
+        if method is None:
+            self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
+        else:
+            method(self, argument)
+
+    # -- The commands: to add one, write a method and add it to COMMANDS --
+
+    def do_help(self, argument):
+        lines = ["*** Commands:"]
+        lines += ["***   " + line for line in describe_commands(self.COMMANDS)]
+        lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
+        private = ("private messages too" if self.server.settings.transcript_private
+                   else "not private messages")
+        lines.append("*** The teacher sees the chat on the server's screen (%s)." % private)
+        self.reply(*lines)
+
+    def do_nick(self, argument):
+        if not argument:
+            self.reply("*** Usage: /nick NEWNAME")
+            return
+        problem = self.server.rename(self.client, argument)
+        if problem:
+            self.reply("*** " + problem)
+
+    def do_who(self, argument):
+        self.reply(self.server.who())
+
+    def do_me(self, argument):
+        if not argument:
+            self.reply("*** Usage: /me ACTION   (for example: /me waves)")
+            return
+        self.server.act(self.client, argument)
+
+    def do_msg(self, argument):
+        name, _, text = argument.partition(" ")
+        if not name or not text.strip():
+            self.reply("*** Usage: /msg NAME TEXT")
+            return
+        problem = self.server.whisper(self.client, name, text.strip())
+        if problem:
+            self.reply("*** " + problem)
+
+    def do_quit(self, argument):
+        self.reply("*** Bye.")
+        self.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
+        self.server.leave(self.client)
+        self.done = True
+
+    # word -> (method, arguments, what it does), in the order /help lists them
+    COMMANDS = {
+        "help": (do_help, "", "list the commands"),
+        "nick": (do_nick, "NEWNAME", "change your name"),
+        "who": (do_who, "", "list who is online"),
+        "me": (do_me, "ACTION", "show an action: * you ACTION"),
+        "msg": (do_msg, "NAME TEXT", "send TEXT to NAME only"),
+        "quit": (do_quit, "[REASON]", "leave the chat"),
+    }
+
+
+# --- Client: one connection's outbox and writer thread ------------------------
+
+
+class Client:
+    """One connection: its name once joined, its outbox and its writer thread.
+
+    Sending to a client never waits. queue_bytes() and queue_line() only put
+    bytes in the outbox (the room calls them while holding its lock); flush()
+    then sends what is queued, as far as the socket takes it at once (the
+    usual case: no other thread has to wake up); send_bytes() and
+    send_line() do both. If the socket is full, the rest stays queued and
+    the writer thread, the only code that ever waits on this socket, sends it
+    when there is room. One thread at a time sends, so bytes never interleave.
+    The reader (ChatHandler) is the only code that reads the socket.
+
+    Closing: close_when_sent() lets the outbox drain first (a goodbye line);
+    close_now() drops it (a stalled client). Either way, the socket is shut
+    down once and closed is set.
+    """
+
+    def __init__(self, sock, address, sendq_bytes):
+        self.sock = sock  # non-blocking: see ChatHandler.setup()
+        self.address = address
+        self.host = normal_host(address[0])  # for limits, bans and mutes
+        self.name = None  # set by the room when the client joins or renames
+        self.key = None  # fold_name(name): the key in the room's dict
+        self.skeleton = None  # skeleton(name): no look-alike may join
+        self.joined_at = None
+        self.leave_reason = ""  # from /quit REASON: shown in the leave line
+        self.renames = None  # a RateWindow for /nick, set by the handler
+        self.muted = False  # set by the teacher; the room checks it
+        self.too_slow = False  # its outbox overflowed: the room drops it
+        self.notices_seen = 0  # the room's: see ChatServer._catch_up()
+        self.sendq_bytes = sendq_bytes
+        # How this client's lines become bytes, and what it joined with: a
+        # browser's WebSocket changes both (see answer_http()).
+        self.encode_lines = encode_lines
+        self.via = "tcp"  # or "browser"
+        self.closing_bytes = b""  # sent last, before closing (a WebSocket close frame)
+        self._outbox = collections.deque()  # bytes not yet sent
+        self._outbox_bytes = 0  # queued, or being sent
+        # The client's own lock: it guards the outbox and the flags below.
+        # It is a Condition, so the writer thread can wait on it for work.
+        # (Over a plain Lock: the default RLock is slower, and this runs once
+        # per line per client.)
+        self._lock = threading.Condition(threading.Lock())
+        self._sending = False  # one thread has taken bytes out and is sending them
+        self._backlogged = False  # the socket was full: the writer sends until empty
+        self._urgent = False  # more than notices are queued: see _take_batch()
+        self._nagle = False  # TCP_NODELAY is off for now: see _take_batch()
+        self._finishing = False  # no more data is taken; the writer flushes and stops
+        self._dropped = False  # the room's drop() has run for this client
+        self.closed = threading.Event()  # set once the socket is shut down
+        # Started the first time it is needed (a full socket, or closing):
+        # most clients never need one, and a thread costs memory.
+        self._writer = None
+
+    def __str__(self):
+        where = format_address(self.address)
+        return "%s (%s)" % (self.name, where) if self.name else where
+
+    def queue_bytes(self, data, notice=False):
+        """Queue bytes for this client; False if that made the outbox overflow.
+
+        Never waits and never touches the socket, so the room may call it
+        while holding its lock. An overflowing client is too slow: its outbox
+        is emptied and closed, and the room must drop it. notice: join, leave
+        or rename lines only, which may leave a little later (_take_batch()).
+        """
+        with self._lock:
+            if self._finishing:
+                return True  # it is being disconnected: nothing more to send
+            if self._outbox_bytes + len(data) > self.sendq_bytes:
+                self._finishing = self.too_slow = True
+                self._outbox.clear()
+                self._lock.notify()
+                return False
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
+            self._urgent = self._urgent or not notice
+            return True
+
+    def queue_line(self, text):
+        """Queue one line (see queue_bytes())."""
+        return self.queue_bytes(self.encode_lines([text]))
+
+    def flush(self):
+        """Send what is queued, as far as the socket takes it now; never wait.
+
+        Never call this while holding the room's lock: it uses the socket.
+        """
+        while True:
+            with self._lock:
+                if self._sending or self._backlogged or not self._outbox:
+                    return  # nothing to do, or another thread is on it
+                batch = self._take_batch()
+            sent = self._send_what_fits(batch)
+            with self._lock:
+                self._sending = False
+                self._outbox_bytes -= sent
+                if sent < len(batch):
+                    self._outbox.appendleft(batch[sent:])
+                    self._backlogged = True  # the socket is full: over to the writer
+                handing_over = self._backlogged or self._finishing
+                more = bool(self._outbox)  # queued while we were sending
+            if handing_over:
+                self._wake_writer()
+                return
+            if not more:
+                return
+
+    def _wake_writer(self):
+        """Wake the writer thread, starting it the first time (never under a lock)."""
+        with self._lock:
+            writer, starting = self._writer, self._writer is None
+            if starting:
+                writer = self._writer = threading.Thread(
+                    target=self._run_writer, daemon=True,
+                    name="writer %s" % format_address(self.address))
+            else:
+                self._lock.notify()
+        if starting:
+            writer.start()
+
+    def send_bytes(self, data):
+        """queue_bytes(), then flush(): never waits; False if too slow.
+
+        Never call this while holding the room's lock: it uses the socket.
+        """
+        queued = self.queue_bytes(data)
+        self.flush()
+        return queued
+
+    def send_line(self, text):
+        """queue_line(), then flush() (see send_bytes())."""
+        return self.send_bytes(self.encode_lines([text]))
+
+    def claim_drop(self):
+        """True the first time only: so a client is dropped once."""
+        with self._lock:
+            first, self._dropped = not self._dropped, True
+            return first
+
+    def _send_what_fits(self, data):
+        """Send as much of data as the socket takes without waiting; return how much."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0  # the socket is full
+        except OSError:
+            return len(data)  # the peer is gone; its reader sees that and leaves
+
+    def close_when_sent(self):
+        """Take no more data; send what is queued, then close (never under a lock)."""
+        with self._lock:
+            if self.closing_bytes and not self._finishing:
+                self._outbox.append(self.closing_bytes)
+                self._outbox_bytes += len(self.closing_bytes)
+            self._finishing = True
+        self.flush()
+        with self._lock:
+            done = not (self._outbox or self._sending or self._backlogged)
+        if done and self._writer is None:
+            self._shut_down_socket()  # all sent: no thread needed to close
+        else:
+            self._wake_writer()
+
+    def close_now(self):
+        """Close now, dropping the outbox: wakes both threads if they are waiting."""
+        with self._lock:
+            self._finishing = True
+            self._outbox.clear()
+            self._lock.notify()
+        self._shut_down_socket()
+
+    def wait_closed(self, timeout):
+        """Wait until everything was sent and the socket shut down; True if so."""
+        return self.closed.wait(timeout)
+
+    def sleep(self, seconds):
+        """Wait seconds, or less if this connection closes meanwhile.
+
+        Pacing and delays use it, so a client that is kicked, dropped or shut
+        down while it waits is not kept waiting for nothing.
+        """
+        self.closed.wait(seconds)
+
+    def _next_batch(self):
+        """Wait until the writer is needed; return the bytes to send, or None to stop."""
+        with self._lock:
+            while self._sending or not (self._backlogged or self._finishing):
+                self._lock.wait()
+            if not self._outbox:
+                self._backlogged = False
+                return None if self._finishing else b""
+            return self._take_batch()
+
+    def _take_batch(self):
+        """Take all that is queued, as one bytes, and the turn to send it (lock held).
+
+        Lines queued while another thread was sending go out together here.
+        """
+        batch = b"".join(self._outbox)
+        self._outbox.clear()
+        self._sending = True
+        # A chat line leaves at once (TCP_NODELAY). Notices alone may wait:
+        # with Nagle's algorithm on, the OS holds a small send while what it
+        # sent before is not yet acknowledged, and merges them, so a class
+        # joining costs far fewer packets (a reader that keeps up acknowledges
+        # at once, and still gets them at once).
+        if self._nagle == self._urgent:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                     1 if self._urgent else 0)
+                self._nagle = not self._urgent
+            except OSError:
+                pass  # closed, or not TCP: this batch goes out as it is
+        self._urgent = False
+        return batch
+
+    def _run_writer(self):
+        # Woken only when the socket was full (or at the end): then it waits
+        # for room, and sends everything queued meanwhile in one go.
+        writable = OneSocketSelector()
+        try:
+            # Inside the try: the socket may have been closed already (a
+            # kick during a burst), and register() then raises ValueError.
+            writable.register(self.sock, selectors.EVENT_WRITE)
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                if not batch:
+                    continue  # the backlog is gone: back to waiting
+                rest = memoryview(batch)
+                rest = rest[self._send_what_fits(rest):]
+                while rest and not self.closed.is_set():
+                    writable.select(WRITER_CHECK_SECONDS)  # wait for room in the socket
+                    rest = rest[self._send_what_fits(rest):]
+                with self._lock:
+                    self._sending = False
+                    self._outbox_bytes -= len(batch)
+        except (OSError, ValueError):
+            pass  # the socket is closed: nothing more can be sent
+        except Exception as error:  # a thread's top level: log it, never a traceback
+            log.error("Writer for %s failed: %r", self, error)
+        finally:
+            writable.close()
+            self._shut_down_socket()
+
+    def _shut_down_socket(self):
+        # shutdown() (not close()) wakes a thread waiting on this socket;
+        # socketserver closes the socket when the handler is done.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already shut down, or the peer reset it
+        self.closed.set()
+
+
+def enable_keepalive(sock):
+    """Ask the OS to notice a peer that vanished (laptop asleep, Wi-Fi gone).
+
+    Probes start after KEEPALIVE_IDLE_SECONDS of silence, so a dead peer is
+    found within about two minutes, where the platform lets us set that.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    tunings = [
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),  # Linux, Windows 10+
+        ("TCP_KEEPALIVE", KEEPALIVE_IDLE_SECONDS),  # macOS's name for it
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        # Also give up on a peer that stops acknowledging what we send.
+        ("TCP_USER_TIMEOUT", 1000 * KEEPALIVE_INTERVAL_SECONDS * KEEPALIVE_PROBES * 2),
+    ]
+    for option_name, value in tunings:
+        option = getattr(socket, option_name, None)
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except OSError:
+            pass  # an older kernel: the OS default (about two hours) applies
+
+
 # --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
 
 # Telnet commands (RFC 854). A telnet client may send these glued to the
@@ -720,969 +2030,6 @@ def normal_host(host):
     return str(address)
 
 
-# --- Client: one connection's outbox and writer thread ------------------------
-
-
-class Client:
-    """One connection: its name once joined, its outbox and its writer thread.
-
-    Sending to a client never waits. queue_bytes() and queue_line() only put
-    bytes in the outbox (the room calls them while holding its lock); flush()
-    then sends what is queued, as far as the socket takes it at once (the
-    usual case: no other thread has to wake up); send_bytes() and
-    send_line() do both. If the socket is full, the rest stays queued and
-    the writer thread, the only code that ever waits on this socket, sends it
-    when there is room. One thread at a time sends, so bytes never interleave.
-    The reader (ChatHandler) is the only code that reads the socket.
-
-    Closing: close_when_sent() lets the outbox drain first (a goodbye line);
-    close_now() drops it (a stalled client). Either way, the socket is shut
-    down once and closed is set.
-    """
-
-    def __init__(self, sock, address, sendq_bytes):
-        self.sock = sock  # non-blocking: see ChatHandler.setup()
-        self.address = address
-        self.host = normal_host(address[0])  # for limits, bans and mutes
-        self.name = None  # set by the room when the client joins or renames
-        self.key = None  # fold_name(name): the key in the room's dict
-        self.skeleton = None  # skeleton(name): no look-alike may join
-        self.joined_at = None
-        self.leave_reason = ""  # from /quit REASON: shown in the leave line
-        self.renames = None  # a RateWindow for /nick, set by the handler
-        self.muted = False  # set by the teacher; the room checks it
-        self.too_slow = False  # its outbox overflowed: the room drops it
-        self.notices_seen = 0  # the room's: see ChatServer._catch_up()
-        self.sendq_bytes = sendq_bytes
-        # How this client's lines become bytes, and what it joined with: a
-        # browser's WebSocket changes both (see answer_http()).
-        self.encode_lines = encode_lines
-        self.via = "tcp"  # or "browser"
-        self.closing_bytes = b""  # sent last, before closing (a WebSocket close frame)
-        self._outbox = collections.deque()  # bytes not yet sent
-        self._outbox_bytes = 0  # queued, or being sent
-        # The client's own lock: it guards the outbox and the flags below.
-        # It is a Condition, so the writer thread can wait on it for work.
-        # (Over a plain Lock: the default RLock is slower, and this runs once
-        # per line per client.)
-        self._lock = threading.Condition(threading.Lock())
-        self._sending = False  # one thread has taken bytes out and is sending them
-        self._backlogged = False  # the socket was full: the writer sends until empty
-        self._urgent = False  # more than notices are queued: see _take_batch()
-        self._nagle = False  # TCP_NODELAY is off for now: see _take_batch()
-        self._finishing = False  # no more data is taken; the writer flushes and stops
-        self._dropped = False  # the room's drop() has run for this client
-        self.closed = threading.Event()  # set once the socket is shut down
-        # Started the first time it is needed (a full socket, or closing):
-        # most clients never need one, and a thread costs memory.
-        self._writer = None
-
-    def __str__(self):
-        where = format_address(self.address)
-        return "%s (%s)" % (self.name, where) if self.name else where
-
-    def queue_bytes(self, data, notice=False):
-        """Queue bytes for this client; False if that made the outbox overflow.
-
-        Never waits and never touches the socket, so the room may call it
-        while holding its lock. An overflowing client is too slow: its outbox
-        is emptied and closed, and the room must drop it. notice: join, leave
-        or rename lines only, which may leave a little later (_take_batch()).
-        """
-        with self._lock:
-            if self._finishing:
-                return True  # it is being disconnected: nothing more to send
-            if self._outbox_bytes + len(data) > self.sendq_bytes:
-                self._finishing = self.too_slow = True
-                self._outbox.clear()
-                self._lock.notify()
-                return False
-            self._outbox.append(data)
-            self._outbox_bytes += len(data)
-            self._urgent = self._urgent or not notice
-            return True
-
-    def queue_line(self, text):
-        """Queue one line (see queue_bytes())."""
-        return self.queue_bytes(self.encode_lines([text]))
-
-    def flush(self):
-        """Send what is queued, as far as the socket takes it now; never wait.
-
-        Never call this while holding the room's lock: it uses the socket.
-        """
-        while True:
-            with self._lock:
-                if self._sending or self._backlogged or not self._outbox:
-                    return  # nothing to do, or another thread is on it
-                batch = self._take_batch()
-            sent = self._send_what_fits(batch)
-            with self._lock:
-                self._sending = False
-                self._outbox_bytes -= sent
-                if sent < len(batch):
-                    self._outbox.appendleft(batch[sent:])
-                    self._backlogged = True  # the socket is full: over to the writer
-                handing_over = self._backlogged or self._finishing
-                more = bool(self._outbox)  # queued while we were sending
-            if handing_over:
-                self._wake_writer()
-                return
-            if not more:
-                return
-
-    def _wake_writer(self):
-        """Wake the writer thread, starting it the first time (never under a lock)."""
-        with self._lock:
-            writer, starting = self._writer, self._writer is None
-            if starting:
-                writer = self._writer = threading.Thread(
-                    target=self._run_writer, daemon=True,
-                    name="writer %s" % format_address(self.address))
-            else:
-                self._lock.notify()
-        if starting:
-            writer.start()
-
-    def send_bytes(self, data):
-        """queue_bytes(), then flush(): never waits; False if too slow.
-
-        Never call this while holding the room's lock: it uses the socket.
-        """
-        queued = self.queue_bytes(data)
-        self.flush()
-        return queued
-
-    def send_line(self, text):
-        """queue_line(), then flush() (see send_bytes())."""
-        return self.send_bytes(self.encode_lines([text]))
-
-    def claim_drop(self):
-        """True the first time only: so a client is dropped once."""
-        with self._lock:
-            first, self._dropped = not self._dropped, True
-            return first
-
-    def _send_what_fits(self, data):
-        """Send as much of data as the socket takes without waiting; return how much."""
-        try:
-            return self.sock.send(data)
-        except BlockingIOError:
-            return 0  # the socket is full
-        except OSError:
-            return len(data)  # the peer is gone; its reader sees that and leaves
-
-    def close_when_sent(self):
-        """Take no more data; send what is queued, then close (never under a lock)."""
-        with self._lock:
-            if self.closing_bytes and not self._finishing:
-                self._outbox.append(self.closing_bytes)
-                self._outbox_bytes += len(self.closing_bytes)
-            self._finishing = True
-        self.flush()
-        with self._lock:
-            done = not (self._outbox or self._sending or self._backlogged)
-        if done and self._writer is None:
-            self._shut_down_socket()  # all sent: no thread needed to close
-        else:
-            self._wake_writer()
-
-    def close_now(self):
-        """Close now, dropping the outbox: wakes both threads if they are waiting."""
-        with self._lock:
-            self._finishing = True
-            self._outbox.clear()
-            self._lock.notify()
-        self._shut_down_socket()
-
-    def wait_closed(self, timeout):
-        """Wait until everything was sent and the socket shut down; True if so."""
-        return self.closed.wait(timeout)
-
-    def sleep(self, seconds):
-        """Wait seconds, or less if this connection closes meanwhile.
-
-        Pacing and delays use it, so a client that is kicked, dropped or shut
-        down while it waits is not kept waiting for nothing.
-        """
-        self.closed.wait(seconds)
-
-    def _next_batch(self):
-        """Wait until the writer is needed; return the bytes to send, or None to stop."""
-        with self._lock:
-            while self._sending or not (self._backlogged or self._finishing):
-                self._lock.wait()
-            if not self._outbox:
-                self._backlogged = False
-                return None if self._finishing else b""
-            return self._take_batch()
-
-    def _take_batch(self):
-        """Take all that is queued, as one bytes, and the turn to send it (lock held).
-
-        Lines queued while another thread was sending go out together here.
-        """
-        batch = b"".join(self._outbox)
-        self._outbox.clear()
-        self._sending = True
-        # A chat line leaves at once (TCP_NODELAY). Notices alone may wait:
-        # with Nagle's algorithm on, the OS holds a small send while what it
-        # sent before is not yet acknowledged, and merges them, so a class
-        # joining costs far fewer packets (a reader that keeps up acknowledges
-        # at once, and still gets them at once).
-        if self._nagle == self._urgent:
-            try:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
-                                     1 if self._urgent else 0)
-                self._nagle = not self._urgent
-            except OSError:
-                pass  # closed, or not TCP: this batch goes out as it is
-        self._urgent = False
-        return batch
-
-    def _run_writer(self):
-        # Woken only when the socket was full (or at the end): then it waits
-        # for room, and sends everything queued meanwhile in one go.
-        writable = OneSocketSelector()
-        try:
-            # Inside the try: the socket may have been closed already (a
-            # kick during a burst), and register() then raises ValueError.
-            writable.register(self.sock, selectors.EVENT_WRITE)
-            while True:
-                batch = self._next_batch()
-                if batch is None:
-                    break
-                if not batch:
-                    continue  # the backlog is gone: back to waiting
-                rest = memoryview(batch)
-                rest = rest[self._send_what_fits(rest):]
-                while rest and not self.closed.is_set():
-                    writable.select(WRITER_CHECK_SECONDS)  # wait for room in the socket
-                    rest = rest[self._send_what_fits(rest):]
-                with self._lock:
-                    self._sending = False
-                    self._outbox_bytes -= len(batch)
-        except (OSError, ValueError):
-            pass  # the socket is closed: nothing more can be sent
-        except Exception as error:  # a thread's top level: log it, never a traceback
-            log.error("Writer for %s failed: %r", self, error)
-        finally:
-            writable.close()
-            self._shut_down_socket()
-
-    def _shut_down_socket(self):
-        # shutdown() (not close()) wakes a thread waiting on this socket;
-        # socketserver closes the socket when the handler is done.
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already shut down, or the peer reset it
-        self.closed.set()
-
-
-def enable_keepalive(sock):
-    """Ask the OS to notice a peer that vanished (laptop asleep, Wi-Fi gone).
-
-    Probes start after KEEPALIVE_IDLE_SECONDS of silence, so a dead peer is
-    found within about two minutes, where the platform lets us set that.
-    """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    tunings = [
-        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),  # Linux, Windows 10+
-        ("TCP_KEEPALIVE", KEEPALIVE_IDLE_SECONDS),  # macOS's name for it
-        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
-        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
-        # Also give up on a peer that stops acknowledging what we send.
-        ("TCP_USER_TIMEOUT", 1000 * KEEPALIVE_INTERVAL_SECONDS * KEEPALIVE_PROBES * 2),
-    ]
-    for option_name, value in tunings:
-        option = getattr(socket, option_name, None)
-        if option is None:
-            continue
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
-        except OSError:
-            pass  # an older kernel: the OS default (about two hours) applies
-
-
-# --- The room: ChatServer ------------------------------------------------------
-
-TOO_SLOW = "too slow to keep up"
-REMOVED = "You were removed by the teacher."
-
-
-class ChatServer(socketserver.ThreadingTCPServer):
-    """The room: admits clients and queues every room event for each of them."""
-
-    # Class attributes that socketserver reads.
-    daemon_threads = True  # a stuck client thread never keeps the process alive
-    request_queue_size = LISTEN_BACKLOG
-    # On Windows, SO_REUSEADDR would let a second server take our port.
-    allow_reuse_address = sys.platform != "win32"
-
-    def __init__(self, address, settings=None, transcript=None):
-        self.settings = settings or Settings()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self._joined = {}  # key (folded name) -> Client, for joined clients
-        # The room's lock. It guards _joined and every field from here down to
-        # _shutting_down, and _notices; the others below have locks of their own.
-        self._lock = threading.Lock()
-        self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
-        self._link = None  # Redis link: a RedisLink with --redis (see its section)
-        self._keys_in_order = []  # the keys of _joined, sorted, for /who
-        self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
-        self._everyone_gone = threading.Condition(self._lock)  # for close_room()
-        self._connected = set()  # every Client with a reader thread, joined or not
-        self._places_taken = 0  # connections admitted, with a thread or about to be
-        self._history = collections.deque(maxlen=self.settings.history)
-        self._quiet = False  # only the teacher's announcements go out
-        self._shutting_down = False
-        # Not guarded by _lock: each of these has a lock of its own (and none
-        # of them ever waits for the room's lock, so no deadlock is possible).
-        self.addresses = Addresses(self.settings)
-        # --flood-rate 0 turns all pacing off, the room's budget too. The burst
-        # is half an outbox, so a burst never fills a reader's outbox by itself.
-        self._room_budget = ByteBudget(
-            self.settings.room_rate if self.settings.flood_rate > 0 else 0,
-            self.settings.sendq // 2)
-        self._refuser = Refuser()
-        # Room events for the console and transcript, queued in room order;
-        # put under _lock (so in order), taken by the recorder thread.
-        # (A SimpleQueue bounded by hand: queue.Queue costs far more per put,
-        # and this runs for every line said in the room.)
-        self._records = queue.SimpleQueue()
-        self._records_dropped = 0  # guarded by _dropped_lock
-        self._dropped_lock = threading.Lock()
-        self._transcript = transcript  # a Transcript, or None
-        self._recorder_thread = threading.Thread(
-            target=self._run_recorder, name="recorder", daemon=True
-        )
-        # Join, leave and rename lines not yet queued for every client, in
-        # the room's order, as (line, the client not to tell); guarded by
-        # _lock. A client's notices_seen counts those it has been given, out
-        # of _notices_before + len(_notices). See _run_notices().
-        self._notices = []
-        self._notices_before = 0  # notices given to everyone and forgotten
-        self._notices_queued = threading.Event()  # set when _notices fills
-        self._notices_stopping = False  # set by server_close(): the thread ends
-        self._notices_thread = threading.Thread(
-            target=self._run_notices, name="notices", daemon=True)
-        super().__init__(address, ChatHandler)
-        if self.settings.redis is not None:  # Redis link: linked before serving
-            self._link = RedisLink(self, self.settings.redis)
-            try:
-                self._link.connect()
-            except RedisStartError:
-                self.server_close()
-                raise
-        self._recorder_thread.start()
-        self._notices_thread.start()
-        if self._link is not None:
-            self._link.start()
-
-    # -- Admitting connections (socketserver's main thread) --
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
-            # "--host ::" serves IPv4 clients too, where the OS allows it.
-            try:
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except OSError:
-                pass
-        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: keep our port ours
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-        super().server_bind()
-
-    def get_request(self):
-        try:
-            return super().get_request()
-        except OSError as error:
-            if error.errno in (errno.EMFILE, errno.ENFILE):
-                log.warning("Too many open files: a newcomer waits. (%s)", error)
-                # The listening socket stays ready, so without a rest the
-                # accept loop would spin at full speed until a file is freed.
-                time.sleep(ACCEPT_BACKOFF_SECONDS)
-            raise  # socketserver drops this attempt and goes on serving
-
-    def process_request(self, request, client_address):
-        """Admit a newcomer (start its thread), or refuse it before any thread."""
-        host = normal_host(client_address[0])
-        with self._lock:
-            refusal = self._refusal_for(host)
-            if refusal is None:
-                self._places_taken += 1
-        if refusal is not None:
-            log.info("Refused %s: %s", format_address(client_address), refusal)
-            self._refuser.refuse(request, refusal)  # it closes the socket
-            return
-        try:
-            super().process_request(request, client_address)  # starts the thread
-        except RuntimeError:  # no thread could be started: give the place back
-            self._free_place(host)
-            raise
-
-    def _refusal_for(self, host):
-        """Say why a new connection from host may not come in, or count it (lock held)."""
-        if self._shutting_down:
-            return "The server is shutting down."
-        ban_left = self.addresses.ban_left(host)
-        if ban_left > 0:
-            return "You were removed by the teacher. Try again in %s." % (
-                describe_minutes(ban_left / 60))
-        if self._places_taken >= self.settings.max_clients:
-            return "The room is full (%d connected). Try again later." % self._places_taken
-        if not self.addresses.connect(host):
-            return ("Too many connections from your computer (%d). Close one, "
-                    "then try again." % self.settings.per_address)
-        return None
-
-    def _free_place(self, host):
-        with self._lock:
-            self._places_taken -= 1
-            self._everyone_gone.notify_all()
-        self.addresses.disconnect(host)
-
-    def handle_error(self, request, client_address):
-        # One line, not socketserver's traceback on the teacher's console.
-        error = sys.exc_info()[1]
-        log.error("Error with %s: %r", format_address(client_address), error)
-
-    # -- Connections (each client's reader thread) --
-
-    def register(self, client):
-        """Count a connection as open (its thread has started)."""
-        with self._lock:
-            self._connected.add(client)
-
-    def unregister(self, client):
-        """Forget a finished connection and free its place."""
-        with self._lock:
-            self._connected.discard(client)
-        self._free_place(client.host)
-
-    def connection_count(self):
-        """How many connections are open (admitted, not yet finished), joined or not."""
-        with self._lock:
-            return self._places_taken
-
-    # -- Room events --
-
-    def join(self, client, name):
-        """Add a client to the room as name; return why not, or None."""
-        problem = name_problem(name)
-        if problem:
-            return problem
-        name = unicodedata.normalize("NFC", name)
-        key, look = fold_name(name), skeleton(name)
-        with self._lock:  # before claiming it in Redis: a look-alike is refused here
-            problem = self._name_taken(key, look, client)
-        if problem:
-            return problem
-        if self._link is not None:  # Redis link: claim the name on every server
-            problem = self._link.claim_name(name, key)
-            if problem:
-                return problem
-        with self._lock:
-            if self.addresses.ban_left(client.host) > 0:
-                return REMOVED  # kicked while this connection was asking a name
-            problem = self._name_taken(key, look, client)
-            if problem:
-                return problem
-            client.name, client.key, client.skeleton = name, key, look
-            client.joined_at = time.monotonic()
-            client.muted = self.addresses.is_muted(client.host, key)
-            # Notices so far are in its history and its list of who is online.
-            client.notices_seen = self._notices_before + len(self._notices)
-            self._add_client(client)
-            # Welcome, history and the join line are queued in one critical
-            # section: the newcomer sees each room event exactly once, either
-            # in the history or live.
-            for line in self._welcome_lines(client):
-                client.queue_line(line)
-            self._broadcast("*** %s joined the chat." % name, exclude=client,
-                          event={"k": "join", "name": name}, notice=True)
-        self._send_queued([client])
-        return None
-
-    def _welcome_lines(self, client):
-        """The lines a newcomer sees first (lock held)."""
-        lines = ["*** Welcome, %s! Type to chat; /help lists the commands." % client.name]
-        if self._history:
-            lines.append("*** What was said before you came:")
-            lines.extend(self._history)
-        lines.append(self._online_line())
-        return lines
-
-    def _online_line(self):
-        names = [self._joined[key].name for key in self._keys_in_order]
-        if self._remote:  # Redis link: students on other servers too
-            names = [name for _, name in sorted(
-                [(key, self._joined[key].name) for key in self._keys_in_order]
-                + [(key, student.name) for key, student in self._remote.items()])]
-        return "*** Online now (%d): %s" % (len(names), ", ".join(names))
-
-    def _name_taken(self, key, look, client):
-        """Why no one may take a name now (lock held), or None if it is free."""
-        holder = self._joined.get(key) or self._joined.get(self._skeletons.get(look))
-        if holder is None or holder is client:
-            return None
-        if holder.key == key:
-            return "The name %s is taken." % holder.name
-        return "That name looks too much like %s, who is online." % holder.name
-
-    def _add_client(self, client):
-        """Put a client in the room's dict under its key (lock held)."""
-        self._joined[client.key] = client
-        self._skeletons[client.skeleton] = client.key
-        # Kept sorted as it changes: sorting at every join costs a big class dearly.
-        bisect.insort(self._keys_in_order, client.key)
-
-    def _remove_client(self, client):
-        """Take a client out of the room's dict (lock held)."""
-        del self._joined[client.key]
-        del self._skeletons[client.skeleton]
-        del self._keys_in_order[bisect.bisect_left(self._keys_in_order, client.key)]
-
-    def who(self):
-        """The line that lists who is online, in alphabetical order."""
-        with self._lock:
-            return self._online_line()
-
-    def say(self, client, *texts):
-        """Send one or more messages from client to everyone else."""
-        self._speak(client, ["%s says: %s" % (client.name, text) for text in texts],
-                    {"k": "say", "name": client.name, "texts": list(texts)})
-
-    def act(self, client, action):
-        """Send an action (/me) from client to everyone else."""
-        self._speak(client, ["* %s %s" % (client.name, action)],
-                    {"k": "act", "name": client.name, "text": action})
-
-    def _speak(self, client, lines, event=None):
-        self._wait_for_room_budget(client, lines)
-        with self._lock:
-            if self._joined.get(client.key) is not client:
-                return  # kicked, or dropped, while these lines were on their way
-            notice = self._silencing_notice(client)
-            if notice is None:
-                recipients = self._broadcast(lines, exclude=client, event=event)
-            else:
-                for line in lines:
-                    self._note("silenced", line)
-                self._catch_up(client)
-                client.queue_line(notice)
-                recipients = [client]
-        self._send_queued(recipients)
-
-    def _wait_for_room_budget(self, client, lines):
-        """Hold a sender back while the room takes in more than --room-rate bytes a second.
-
-        Each reader gets everything everyone says, so without a room-wide
-        budget a hundred senders, each within their own flood limit, could
-        fill a slow reader's outbox in a second and get them dropped.
-        """
-        if not self._room_budget.active or client.muted or self._quiet:
-            # muted and _quiet are read without the lock, as a hint only: what
-            # is silenced reaches nobody, so it costs the room nothing.
-            return
-        delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
-        if delay > 0:
-            client.sleep(delay)  # ends early if the sender is dropped
-
-    def _silencing_notice(self, client):
-        """None if client may speak now; else what to tell it (lock held)."""
-        if client.muted:
-            return "*** Not sent: the teacher has muted you."
-        if self._quiet:
-            return "*** Not sent: the room is quiet, only the teacher can speak right now."
-        return None
-
-    def whisper(self, client, name, text):
-        """Send a private message to the client called name; return a problem or None."""
-        self._wait_for_room_budget(client, [text, client.name])  # whispers count too
-        with self._lock:
-            target = self._joined.get(fold_name(name))
-            remote = self._remote.get(fold_name(name))  # Redis link: on another server?
-            if target is None and remote is None:
-                return "No one called %s is online. Type /who to see who is." % name
-            notice = self._silencing_notice(client)
-            self._catch_up(client)
-            if notice is not None:
-                client.queue_line(notice)
-                recipients = [client]
-            else:
-                line = "%s whispers: %s" % (client.name, text)
-                if target is None:  # Redis link: over the other server's channel
-                    target = remote
-                    self._link.send_private(remote, {"k": "whisper", "name": client.name,
-                                                     "to": remote.name, "text": text})
-                else:
-                    self._catch_up(target)
-                    target.queue_line(line)
-                client.queue_line("*** You whispered to %s: %s" % (target.name, text))
-                self._note("private", "%s to %s" % (line, target.name))
-                recipients = [client] if target is remote else [target, client]
-        self._send_queued(recipients)
-        return None
-
-    def rename(self, client, new_name):
-        """Rename client and tell everyone; return why not, or None."""
-        problem = name_problem(new_name)
-        if problem:
-            return problem
-        new_name = unicodedata.normalize("NFC", new_name)
-        if new_name == client.name:
-            return "You are already called %s." % new_name
-        key, look = fold_name(new_name), skeleton(new_name)
-        with self._lock:  # before claiming it in Redis: a look-alike is refused here
-            problem = self._rename_problem(key, look, client)
-        if problem:
-            return problem
-        if self._link is not None and key != client.key:
-            problem = self._link.claim_name(new_name, key)  # Redis link
-            if problem:
-                return problem
-        with self._lock:
-            problem = self._rename_problem(key, look, client)
-            if problem:
-                return problem
-            if not client.renames.allow():
-                return "You can change your name at most %s a minute." % (
-                    plural(client.renames.limit, "time"))
-            old_name = client.name
-            self._remove_client(client)
-            client.name, client.key, client.skeleton = new_name, key, look
-            self._add_client(client)
-            recipients = self._broadcast("*** %s is now %s." % (old_name, new_name),
-                                       event={"k": "rename", "old": old_name, "new": new_name},
-                                       notice=True)
-        self._send_queued(recipients)
-        return None
-
-    def _rename_problem(self, key, look, client):
-        """Why client may not take a new name now (lock held), or None."""
-        if client.muted or self._quiet:
-            return "You cannot change your name while %s." % (
-                "the teacher has muted you" if client.muted else "the room is quiet")
-        return self._name_taken(key, look, client)
-
-    def leave(self, client):
-        """Take client out of the room and tell the others, once, whatever the cause."""
-        with self._lock:
-            if client.key is None or self._joined.get(client.key) is not client:
-                return  # never joined, or has left already
-            self._catch_up(client)  # what it was told last is what happened last
-            self._remove_client(client)
-            # A muted student's reason, or anyone's in quiet mode, is not shown.
-            reason = "" if client.muted or self._quiet else client.leave_reason
-            line = "*** %s left the chat.%s" % (client.name, " (%s)" % reason if reason else "")
-            recipients = [] if self._shutting_down else self._broadcast(
-                line, exclude=client,
-                event={"k": "leave", "name": client.name, "reason": reason}, notice=True)
-        self._send_queued(recipients)
-
-    def drop(self, client, reason):
-        """Disconnect one client now; the reason goes to the console only."""
-        if not client.claim_drop():
-            return  # dropped already
-        self.tell_console("Disconnecting %s: %s" % (client, reason), warning=True)
-        if reason == TOO_SLOW:
-            self.addresses.note_dropped(client.host, client.name)
-        self.leave(client)
-        client.close_now()
-
-    def _send_queued(self, clients):
-        """Send what was queued for clients, and drop any that were too slow.
-
-        Called after the room's lock is released: this touches sockets. When
-        several threads publish at once, one send here often carries lines
-        that others queued meanwhile.
-        """
-        for client in clients:
-            if client.too_slow:
-                self.drop(client, TOO_SLOW)
-            else:
-                client.flush()
-
-    def _broadcast(self, lines, exclude=None, event=None, notice=False):
-        """Queue room events for every joined client but exclude (lock held).
-
-        lines is one line, or a list of lines from one sender, which are
-        queued together: one offer per client, whatever their number.
-        Return the clients they were queued for: the caller passes them to
-        _send_queued() once it has released the lock.
-        event: the same, as data for the Redis link (see its section).
-        notice: a join, leave or rename line, sent a few milliseconds later
-        (see _run_notices()); nothing is queued now, and the list is empty.
-        """
-        if isinstance(lines, str):
-            lines = [lines]
-        if event is not None and self._link is not None and \
-                self._link.takes(event, lines, exclude):
-            return []  # Redis link: shown when it comes back, in the one order
-        # Queuing for everyone while holding the lock is what gives every
-        # client the same order of events. queue_bytes() never waits and never
-        # touches a socket: the sending happens in _send_queued(), after the lock.
-        self._history.extend(lines)
-        for line in lines:
-            self._note("room", line)
-        if notice:
-            self._notices.extend((line, exclude) for line in lines)
-            self._notices_queued.set()
-            return []
-        # Waiting notices go first (to the sender too, who is sent them now).
-        everyone = self._queue_notices() if self._notices else None
-        recipients = [client for client in self._joined.values() if client is not exclude]
-        # The bytes are built once per kind of client (TCP lines, WebSocket
-        # frames), not once per client: a big room stays cheap.
-        encoded = {}  # client.encode_lines -> its bytes for these lines
-        for client in recipients:
-            data = encoded.get(client.encode_lines)
-            if data is None:
-                data = encoded[client.encode_lines] = client.encode_lines(lines)
-            client.queue_bytes(data)
-        return recipients if everyone is None else everyone
-
-    def _run_notices(self):
-        # Why join, leave and rename lines wait: sent at once, a class of N
-        # joining would cost N sends for each join, N*N in all, a small packet
-        # each. They wait in the room's _notices instead, and this thread sends
-        # them: those that came while it was sending to everyone go out
-        # together next time, one send per client for a whole burst of joins.
-        # Order never changes: anything else queued for a client (a chat line,
-        # sent at once, above all) first queues the notices before it.
-        while True:
-            self._notices_queued.wait()
-            if self._notices_stopping:
-                return
-            with self._lock:
-                self._notices_queued.clear()
-                clients = self._queue_notices()
-            self._send_queued(clients)
-
-    def _queue_notices(self):
-        """Queue the waiting notices for every joined client; return them all (lock held)."""
-        if not self._notices:
-            return []
-        clients = list(self._joined.values())
-        end = self._notices_before + len(self._notices)
-        skipped = {exclude for _, exclude in self._notices}
-        shared = {}  # encode_lines -> the bytes for a client that has seen none
-        for client in clients:
-            if client.notices_seen > self._notices_before or client in skipped:
-                self._catch_up(client)  # a newcomer, or told some already
-                continue
-            data = shared.get(client.encode_lines)
-            if data is None:
-                data = shared[client.encode_lines] = client.encode_lines(
-                    [line for line, _ in self._notices])
-            client.queue_bytes(data, notice=True)
-            client.notices_seen = end
-        self._notices_before, self._notices = end, []
-        return clients
-
-    def catch_up(self, client):
-        """Queue for client the notices it has not been given, before a reply."""
-        with self._lock:
-            self._catch_up(client)
-
-    def _catch_up(self, client):
-        """Queue for one joined client the notices it has not been given (lock held).
-
-        Called before anything else is queued for it, so it sees them first.
-        """
-        end = self._notices_before + len(self._notices)
-        if client.notices_seen >= end or self._joined.get(client.key) is not client:
-            return
-        first = max(0, client.notices_seen - self._notices_before)
-        lines = [line for line, exclude in self._notices[first:] if exclude is not client]
-        client.notices_seen = end
-        if lines:
-            client.queue_bytes(client.encode_lines(lines), notice=True)
-
-    # -- The console and the transcript --
-
-    def _note(self, kind, line):
-        """Queue a room event for the console and the transcript.
-
-        Called with the room's lock held, so events queue in the room's order.
-        Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
-        the event is counted instead, and the count reported.
-        """
-        if self._records.qsize() < RECORD_QUEUE_EVENTS:
-            self._records.put((kind, line))
-        else:
-            with self._dropped_lock:
-                self._records_dropped += 1
-
-    def _run_recorder(self):
-        # One thread shows room events on the console and hands them to the
-        # transcript, so a paused console or a slow disk never holds up the
-        # room, and both keep the room's order. Neither call here can wait.
-        held_back = HeldBackLines()
-        while True:
-            try:
-                kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
-            except queue.Empty:
-                kind, line = "", ""
-            if kind == "stop":
-                return
-            if kind:
-                self._record(kind, line, held_back)
-            held_back.report_if_due()
-            with self._dropped_lock:
-                dropped, self._records_dropped = self._records_dropped, 0
-            if dropped:
-                log.warning("%s not shown or written: the server was too busy.",
-                            plural(dropped, "room event"))
-
-    def _record(self, kind, line, held_back):
-        """Show one room event on the console and append it to the transcript."""
-        private = kind == "private"
-        if private and not self.settings.transcript_private:
-            return
-        if kind == "silenced":
-            held_back.add(line)
-            return
-        if kind == "warning":
-            log.warning("%s", line)
-        elif kind != "transcript":  # for the transcript only
-            log.info("%s%s", "(private) " if private else "", line)
-        if self._transcript is not None and kind not in ("console", "warning"):
-            self._transcript.write(("(private) " if private else "") + line)
-
-    # -- The teacher's powers: the few room operations the console calls --
-
-    def tell_console(self, text, warning=False):
-        """Show text on the console after the room events already queued.
-
-        Everything the console says about the room comes this way, so it
-        comes in the room's order ("left the chat." before "Closed").
-        """
-        with self._lock:
-            self._note("warning" if warning else "console", text)
-
-    def note_teacher(self, text):
-        """Write what the teacher did to the transcript, in the room's order."""
-        with self._lock:
-            self._note("transcript", "[teacher] " + text)
-
-    def announce(self, text):
-        """Send the teacher's announcement to everyone."""
-        with self._lock:
-            recipients = self._broadcast("*** [teacher] %s" % text,
-                                       event={"k": "announce", "text": text})
-        self._send_queued(recipients)
-
-    def find(self, name):
-        """The joined client called name (or a look-alike of it), or None."""
-        with self._lock:
-            return self._joined.get(fold_name(name)) or self._joined.get(
-                self._skeletons.get(skeleton(name)))
-
-    def connections_from(self, host):
-        """(joined clients, connections not joined yet) from one address."""
-        with self._lock:
-            everyone = [client for client in self._connected if client.host == host]
-        joined = [client for client in everyone if self.has_joined(client)]
-        return joined, [client for client in everyone if client not in joined]
-
-    def ask_other_server(self, name, event, verb):
-        """Redis link: pass /kick or /mute on to the server of a student elsewhere.
-
-        Return the reply for the teacher, or None if no such student is there.
-        """
-        with self._lock:
-            student = self._remote.get(fold_name(name))
-        if student is None or self._link is None:
-            return None
-        self._link.send_private(student, dict(event, name=student.name))
-        return "Asked the server of %s to %s them." % (student.name, verb)
-
-    def has_joined(self, client):
-        with self._lock:
-            return client.key is not None and self._joined.get(client.key) is client
-
-    def remove(self, client, line):
-        """Tell client line, take it out of the room, and close its connection."""
-        self.catch_up(client)
-        client.send_line(line)
-        self.leave(client)
-        client.close_when_sent()
-
-    def set_muted(self, client, muted):
-        """Mute or unmute a joined client, and tell it so; False if it already was."""
-        with self._lock:
-            if client.muted == muted:
-                return False
-            client.muted = muted
-            self._catch_up(client)
-            client.queue_line(
-                "*** The teacher has muted you: your messages reach nobody for now."
-                if muted else "*** The teacher has unmuted you: you can chat again.")
-        self._send_queued([client])
-        return True
-
-    def set_quiet(self, quiet):
-        """Turn quiet mode on or off and tell everyone; False if it already was."""
-        with self._lock:
-            if self._quiet == quiet:
-                return False
-            self._quiet = quiet
-            recipients = self._broadcast(
-                "*** [teacher] Quiet, please: only the teacher speaks for now."
-                if quiet else "*** [teacher] The chat is open again.",
-                event={"k": "quiet", "on": quiet})
-        self._send_queued(recipients)
-        return True
-
-    def snapshot(self):
-        """(joined clients in name order, connections that have not joined,
-        students on other servers: RemoteStudent tuples)."""
-        with self._lock:
-            joined = [self._joined[key] for key in self._keys_in_order]
-            waiting = [client for client in self._connected if client.key is None]
-            elsewhere = sorted(self._remote.values())  # Redis link
-        return joined, waiting, elsewhere
-
-    # -- Shutting down --
-
-    def close_room(self):
-        """Tell everyone the server is shutting down and close every connection.
-
-        Returns within about two seconds, even if a client has stalled.
-        """
-        if self._link is not None:  # Redis link: the others see our students leave
-            self._link.close()
-        with self._lock:
-            self._shutting_down = True
-            self._note("transcript", "=== The server is shutting down. ===")
-            everyone = list(self._connected)
-            for client in everyone:
-                self._catch_up(client)
-                client.queue_line("*** Server is shutting down.")
-        for client in everyone:
-            client.close_when_sent()
-        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        for client in everyone:
-            wait_in_slices(client.wait_closed, max(0.0, deadline - time.monotonic()))
-        for client in everyone:
-            client.close_now()  # a stalled client's writer is still blocked: wake it
-        with self._lock:  # let the readers finish their goodbyes
-            wait_in_slices(lambda timeout: self._everyone_gone.wait_for(
-                lambda: not self._connected, timeout), SHUTDOWN_GRACE_SECONDS)
-
-    def server_close(self):
-        if self._link is not None:
-            self._link.stop()
-        super().server_close()
-        self._records.put(("stop", ""))
-        self._notices_stopping = True
-        self._notices_queued.set()
-        join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
-
-
 class Refuser:
     """Tells refused connections why, from one thread, spending no thread on each.
 
@@ -1813,347 +2160,6 @@ def format_address(address):
     """host:port, with brackets around an IPv6 host."""
     host, port = address[:2]
     return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
-
-
-# --- One reader thread per client: ChatHandler --------------------------------
-
-
-class ChatHandler(socketserver.StreamRequestHandler):
-    """One client's reader thread: its life from greeting to leaving.
-
-    NOTE: we read with recv() and frame lines ourselves instead of using
-    self.rfile.readline(): students' clients end lines with a bare CR or
-    CR NUL too, telnet mixes commands into the text, and the socket is
-    non-blocking (so that sending to it never waits), which a file reader
-    does not handle.
-    """
-
-    disable_nagle_algorithm = True  # TCP_NODELAY: a line leaves at once
-    rbufsize = 0  # self.rfile is never read (see above): no 8 KiB buffer per client
-
-    def setup(self):
-        super().setup()
-        settings = self.server.settings
-        self.client = Client(self.request, self.client_address, settings.sendq)
-        self.client.renames = RateWindow(settings.nick_rate, 60)
-        self.telnet = TelnetFilter()
-        self.framer = LineFramer(settings.max_line)
-        self.lines = collections.deque()  # received, not yet handled
-        self.flood = FloodLimiter(settings.flood_rate, settings.flood_burst)
-        # Every byte is paced too (telnet NOPs, blank lines, over-long
-        # lines): reading simply waits, and TCP makes the sender wait too.
-        self.input_pace = FloodLimiter(
-            INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
-        self.told_flood = False
-        self.done = False  # set by /quit
-        self.waiting_for = "a name"  # what a timeout before joining was waiting for
-        self.websocket = None  # a WebSocketLines once a browser has upgraded
-        self.lines_read = 0  # a late browser request can only be the first
-        enable_keepalive(self.request)
-        # Non-blocking, so that whichever thread flushes this client's outbox
-        # (often another student's reader: see ChatServer._send_queued()) sends
-        # what fits and never waits. This thread waits for input with its own
-        # one-socket selector instead.
-        self.request.setblocking(False)
-        self.readable = OneSocketSelector()
-        self.readable.register(self.request, selectors.EVENT_READ)
-        self.server.register(self.client)
-
-    def handle(self):
-        """A client's life: greet, check the password, ask a name, join, chat."""
-        self.server.tell_console("Accepted new client: %s" % self.client)
-        timeout = self.server.settings.name_timeout
-        deadline = time.monotonic() + timeout if timeout > 0 else None
-        try:
-            if self.greet() and self.check_password(deadline) and self.ask_name(deadline):
-                self.chat()
-        except socket.timeout:  # before OSError: it is one, until 3.10 by name
-            self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
-            self.server.tell_console("Closed %s: no %s in time" % (
-                self.client, self.waiting_for.split()[-1]))
-        except OSError:
-            pass  # reset, or shut down by the room: either way, the client leaves
-
-    def finish(self):
-        # Every way out comes through here: EOF, reset, /quit, too slow,
-        # kicked, shutdown. leave() says "left the chat." once, at most.
-        self.server.leave(self.client)
-        self.client.close_when_sent()  # e.g. "Bye." is still on its way
-        if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
-            self.client.close_now()  # it stopped reading: stop waiting for it
-        self.server.unregister(self.client)
-        self.readable.close()
-        self.server.tell_console("Closed connection: %s" % self.client)
-        super().finish()
-
-    # -- Reading and writing --
-
-    def read_line(self, deadline=None):
-        """Return the client's next line (str or TOO_LONG), or None when it is gone.
-
-        Raises socket.timeout if deadline (a time.monotonic() value) passes.
-        """
-        while not self.lines:
-            data = self.wait_for_bytes(None if deadline is None else deadline - time.monotonic())
-            if data is None:
-                raise socket.timeout("no name in time")
-            if not data:
-                return None
-            self.take_bytes(data)
-        self.lines_read += 1
-        line = self.lines.popleft()
-        if line is INTERRUPTED:
-            self.reply("*** Bye.")
-            self.lines.clear()
-            return None
-        return None if identify_late_request(self, line) else line
-
-    def wait_for_bytes(self, timeout=None):
-        """Wait up to timeout seconds for bytes: b'' at the end, None if none came."""
-        while True:
-            if timeout is not None and timeout <= 0:
-                return None
-            if not self.readable.select(timeout) and timeout is not None:
-                return None
-            try:
-                data = self.request.recv(RECV_BYTES)
-            except BlockingIOError:
-                continue  # woken without data after all: wait again
-            delay = self.input_pace.delay_for_next_line(len(data))
-            if delay > 0:
-                self.client.sleep(delay)  # ends early if the client is dropped
-            return data
-
-    def take_bytes(self, data):
-        """Take raw bytes from the client: answer telnet, queue complete lines."""
-        if self.websocket is not None:  # a browser: frames, and no telnet filter
-            self.lines.extend(self.websocket.receive(data))
-            return
-        text, answer = self.telnet.feed(data)
-        if answer:
-            self.client.send_bytes(answer)  # refusals of telnet options
-        for line in self.framer.feed(text):
-            self.lines.append(line if line is TOO_LONG else clean_line(line))
-        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
-            self.lines.append(INTERRUPTED)
-
-    def reply(self, *lines):
-        """Send lines to this client only (after the room's notices before them)."""
-        self.server.catch_up(self.client)
-        for line in lines:
-            if not self.client.send_line(line):
-                self.server.drop(self.client, TOO_SLOW)
-                return
-
-    # -- Before joining --
-
-    def greet(self):
-        """Answer a web browser in HTTP; welcome anyone else. False: hang up."""
-        # A browser sends its request as soon as it connects; a person takes
-        # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
-        # the first prompt lets a browser get a real HTTP answer.
-        data = self.wait_for_bytes(BROWSER_WAIT_SECONDS)
-        if data == b"":
-            return False
-        if data and looks_like_http(data):
-            if not answer_http(self, data):  # see "The browser page" below
-                return False
-        elif data:
-            self.take_bytes(data)
-        self.reply("*** Welcome to the chat!")
-        timeout = self.server.settings.name_timeout
-        if timeout > 0:
-            self.reply("*** You have %s to give %syour name." % (
-                describe_minutes(timeout / 60),
-                "the password and " if self.server.settings.password else ""))
-        dropped_as = self.server.addresses.take_dropped(self.client.host)
-        if dropped_as:
-            self.reply("*** Last time (as %s) you were disconnected: your computer did "
-                       "not read the chat fast enough." % dropped_as)
-        return True
-
-    def check_password(self, deadline):
-        """Ask for the room password if there is one; False: wrong, or gone."""
-        password = self.server.settings.password
-        if not password:
-            return True
-        addresses = self.server.addresses
-        wait = addresses.password_wait(self.client.host)
-        if wait > 0:
-            self.reply("*** Too many wrong passwords from your computer. Try again in "
-                       "%s." % describe_minutes(wait / 60))
-            return False
-        self.waiting_for = "the password"
-        self.reply("*** This room has a password. Password?")
-        answer = self.read_line(deadline)
-        if answer is None:
-            return False
-        right = answer is not TOO_LONG and hmac.compare_digest(
-            answer.strip().encode("utf-8"), password.encode("utf-8"))
-        # Right or wrong, the answer comes after the same delay: a guesser
-        # cannot hang up early on a wrong guess and try the next one sooner.
-        self.client.sleep(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
-        if right:
-            addresses.password_passed(self.client.host)
-            return True
-        self.server.tell_console("Wrong password from %s" % self.client, warning=True)
-        addresses.password_failed(self.client.host)
-        self.reply("*** Wrong password. Goodbye.")
-        return False
-
-    def ask_name(self, deadline):
-        """Ask for a name until one is free and valid, then join. False: gone."""
-        question = "What is your name?"
-        self.waiting_for = "a name"
-        self.reply("*** " + question)
-        paced = False
-        while True:
-            line = self.read_line(deadline)
-            if line is None:
-                return False
-            self.hold_back_flood()
-            if line is TOO_LONG:
-                problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
-            elif not line.strip():
-                problem = ""
-            else:
-                if not paced:
-                    paced = self.wait_to_join()
-                problem = self.server.join(self.client, line.strip())
-                if problem is None:
-                    return True
-                if problem is REMOVED:
-                    self.reply("*** %s Goodbye." % REMOVED)
-                    return False
-            self.reply("*** %s%s" % (problem + " " if problem else "", question))
-
-    def wait_to_join(self):
-        """Wait if many joined from this computer just now (join/leave spam)."""
-        delay = self.server.addresses.join_delay(self.client.host)
-        if delay > 0:
-            self.reply("*** Many people joined from your computer just now: you join "
-                       "in %s." % describe_minutes(delay / 60))
-            self.client.sleep(delay)
-        return True
-
-    # -- Joined --
-
-    def chat(self):
-        """Handle each line the client sends, until it leaves."""
-        while not self.done:
-            line = self.read_line()
-            if line is None or self.client.closed.is_set():
-                return
-            self.hold_back_flood()  # every line, even blank or too long, is paced
-            if line is TOO_LONG:
-                self.reply("*** That line was longer than %d bytes and was not sent."
-                           % self.server.settings.max_line)
-            elif line.strip():
-                self.handle_line(defuse_server_marker(line.rstrip()))
-
-    def more_messages(self):
-        """Take the plain messages already received that may go out at once.
-
-        Sending them with the one before costs each recipient one queued item
-        and one send, instead of one of each per line: that is what keeps a
-        busy room cheap.
-        """
-        texts = []
-        while self.lines:
-            line = self.lines[0]
-            if line is TOO_LONG or not is_plain_message(line):
-                break
-            if not self.flood.take_if_free():
-                break  # this one must wait: hold_back_flood() will pace it
-            if line.strip():
-                texts.append(defuse_server_marker(line.rstrip()))
-            self.lines.popleft()
-        return texts
-
-    def hold_back_flood(self):
-        """Delay this client's next line if it is sending too fast."""
-        delay = self.flood.delay_for_next_line()
-        if delay <= 0:
-            self.told_flood = False  # it slowed down: warn again next time
-            return
-        if not self.told_flood:
-            self.told_flood = True
-            self.reply("*** You are sending lines too fast: they will go out more "
-                       "slowly. Nothing is lost.")
-            self.server.tell_console("Slowing down %s: flooding" % self.client)
-        # Sleeping here holds back only this client: the rest of its lines
-        # wait, in order, in its socket. The wait ends early if it is dropped.
-        self.client.sleep(delay)
-
-    def handle_line(self, line):
-        """A message, or a command if the line starts with /."""
-        if is_plain_message(line):
-            self.server.say(self.client, line, *self.more_messages())
-        elif line.lstrip().startswith("//"):
-            self.server.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
-        else:
-            self.run_command(line)
-
-    def run_command(self, line):
-        """Run a /command; its name is not case-sensitive."""
-        word, method, argument = parse_command(line, self.COMMANDS)
-        if method is None:
-            self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
-        else:
-            method(self, argument)
-
-    # -- The commands: to add one, write a method and add it to COMMANDS --
-
-    def do_help(self, argument):
-        lines = ["*** Commands:"]
-        lines += ["***   " + line for line in describe_commands(self.COMMANDS)]
-        lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
-        private = ("private messages too" if self.server.settings.transcript_private
-                   else "not private messages")
-        lines.append("*** The teacher sees the chat on the server's screen (%s)." % private)
-        self.reply(*lines)
-
-    def do_nick(self, argument):
-        if not argument:
-            self.reply("*** Usage: /nick NEWNAME")
-            return
-        problem = self.server.rename(self.client, argument)
-        if problem:
-            self.reply("*** " + problem)
-
-    def do_who(self, argument):
-        self.reply(self.server.who())
-
-    def do_me(self, argument):
-        if not argument:
-            self.reply("*** Usage: /me ACTION   (for example: /me waves)")
-            return
-        self.server.act(self.client, argument)
-
-    def do_msg(self, argument):
-        name, _, text = argument.partition(" ")
-        if not name or not text.strip():
-            self.reply("*** Usage: /msg NAME TEXT")
-            return
-        problem = self.server.whisper(self.client, name, text.strip())
-        if problem:
-            self.reply("*** " + problem)
-
-    def do_quit(self, argument):
-        self.reply("*** Bye.")
-        self.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
-        self.server.leave(self.client)
-        self.done = True
-
-    # word -> (method, arguments, what it does), in the order /help lists them
-    COMMANDS = {
-        "help": (do_help, "", "list the commands"),
-        "nick": (do_nick, "NEWNAME", "change your name"),
-        "who": (do_who, "", "list who is online"),
-        "me": (do_me, "ACTION", "show an action: * you ACTION"),
-        "msg": (do_msg, "NAME TEXT", "send TEXT to NAME only"),
-        "quit": (do_quit, "[REASON]", "leave the chat"),
-    }
 
 
 # --- The teacher's console: the terminal running the server -------------------
