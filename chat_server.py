@@ -189,7 +189,357 @@ class Settings:
     redis: object = None  # a RedisURL: link this room to others through Redis (--redis)
 
 
+# =============================================================================
+# The core, in the order a line travels: the reader thread that reads it,
+# the room that queues it for everyone, each client's outbox that sends it.
+# Read these three parts first; everything after them adds to them.
+# =============================================================================
+
+# --- One reader thread per client: ChatHandler --------------------------------
+# socketserver starts one for each connection the room admits. It reads
+# bytes, cuts them into lines, and calls the room: say(), join(), leave().
+
+
+class ChatHandler(socketserver.StreamRequestHandler):
+    """One client's reader thread: its life from greeting to leaving.
+
+    NOTE: we read with recv() and frame lines ourselves instead of using
+    self.rfile.readline(): students' clients end lines with a bare CR or
+    CR NUL too, telnet mixes commands into the text, and the socket is
+    non-blocking (so that sending to it never waits), which a file reader
+    does not handle.
+    """
+
+    disable_nagle_algorithm = True  # TCP_NODELAY: a line leaves at once
+    rbufsize = 0  # self.rfile is never read (see above): no 8 KiB buffer per client
+
+    def setup(self):
+        super().setup()
+        settings = self.server.settings
+        self.client = Client(self.request, self.client_address, settings.sendq)
+        self.client.renames = RateWindow(settings.nick_rate, 60)
+        self.telnet = TelnetFilter()
+        self.framer = LineFramer(settings.max_line)
+        self.lines = collections.deque()  # received, not yet handled
+        self.flood = FloodLimiter(settings.flood_rate, settings.flood_burst)
+        # Every byte is paced too (telnet NOPs, blank lines, over-long
+        # lines): reading simply waits, and TCP makes the sender wait too.
+        self.input_pace = FloodLimiter(
+            INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
+        self.told_flood = False
+        self.done = False  # set by /quit
+        self.waiting_for = "a name"  # what a timeout before joining was waiting for
+        self.websocket = None  # a WebSocketLines once a browser has upgraded
+        self.lines_read = 0  # a late browser request can only be the first
+        enable_keepalive(self.request)
+        # Non-blocking, so that whichever thread flushes this client's outbox
+        # (often another student's reader: see ChatServer._send_queued()) sends
+        # what fits and never waits. This thread waits for input with its own
+        # one-socket selector instead.
+        self.request.setblocking(False)
+        self.readable = OneSocketSelector()
+        self.readable.register(self.request, selectors.EVENT_READ)
+        self.server.register(self.client)
+
+    def handle(self):
+        """A client's life: greet, check the password, ask a name, join, chat."""
+        self.server.tell_console("Accepted new client: %s" % self.client)
+        timeout = self.server.settings.name_timeout
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        try:
+            if self.greet() and self.check_password(deadline) and self.ask_name(deadline):
+                self.chat()
+        except socket.timeout:  # before OSError: it is one, until 3.10 by name
+            self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
+            self.server.tell_console("Closed %s: no %s in time" % (
+                self.client, self.waiting_for.split()[-1]))
+        except OSError:
+            pass  # reset, or shut down by the room: either way, the client leaves
+
+    def finish(self):
+        # Every way out comes through here: EOF, reset, /quit, too slow,
+        # kicked, shutdown. leave() says "left the chat." once, at most.
+        self.server.leave(self.client)
+        self.client.close_when_sent()  # e.g. "Bye." is still on its way
+        if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
+            self.client.close_now()  # it stopped reading: stop waiting for it
+        self.server.unregister(self.client)
+        self.readable.close()
+        self.server.tell_console("Closed connection: %s" % self.client)
+        super().finish()
+
+    # -- A line's way in: read, cut into lines, hand to the room --
+
+    def chat(self):
+        """Handle each line the client sends, until it leaves."""
+        while not self.done:
+            line = self.read_line()
+            if line is None or self.client.closed.is_set():
+                return
+            self.hold_back_flood()  # every line, even blank or too long, is paced
+            if line is TOO_LONG:
+                self.reply("*** That line was longer than %d bytes and was not sent."
+                           % self.server.settings.max_line)
+            elif line.strip():
+                self.handle_line(defuse_server_marker(line.rstrip()))
+
+    def read_line(self, deadline=None):
+        """Return the client's next line (str or TOO_LONG), or None when it is gone.
+
+        Raises socket.timeout if deadline (a time.monotonic() value) passes.
+        """
+        while not self.lines:
+            data = self.wait_for_bytes(None if deadline is None else deadline - time.monotonic())
+            if data is None:
+                raise socket.timeout("no name in time")
+            if not data:
+                return None
+            self.take_bytes(data)
+        self.lines_read += 1
+        line = self.lines.popleft()
+        if line is INTERRUPTED:
+            self.reply("*** Bye.")
+            self.lines.clear()
+            return None
+        return None if identify_late_request(self, line) else line
+
+    def wait_for_bytes(self, timeout=None):
+        """Wait up to timeout seconds for bytes: b'' at the end, None if none came."""
+        while True:
+            if timeout is not None and timeout <= 0:
+                return None
+            if not self.readable.select(timeout) and timeout is not None:
+                return None
+            try:
+                data = self.request.recv(RECV_BYTES)
+            except BlockingIOError:
+                continue  # woken without data after all: wait again
+            delay = self.input_pace.delay_for_next_line(len(data))
+            if delay > 0:
+                self.client.sleep(delay)  # ends early if the client is dropped
+            return data
+
+    def take_bytes(self, data):
+        """Take raw bytes from the client: answer telnet, queue complete lines."""
+        if self.websocket is not None:  # a browser: frames, and no telnet filter
+            self.lines.extend(self.websocket.receive(data))
+            return
+        text, answer = self.telnet.feed(data)
+        if answer:
+            self.client.send_bytes(answer)  # refusals of telnet options
+        for line in self.framer.feed(text):
+            self.lines.append(line if line is TOO_LONG else clean_line(line))
+        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
+            self.lines.append(INTERRUPTED)
+
+    def handle_line(self, line):
+        """A message, or a command if the line starts with /."""
+        if is_plain_message(line):
+            self.server.say(self.client, line, *self.more_messages())
+        elif line.lstrip().startswith("//"):
+            self.server.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
+        else:
+            self.run_command(line)
+
+    def more_messages(self):
+        """Take the plain messages already received that may go out at once.
+
+        Sending them with the one before costs each recipient one queued item
+        and one send, instead of one of each per line: that is what keeps a
+        busy room cheap.
+        """
+        texts = []
+        while self.lines:
+            line = self.lines[0]
+            if line is TOO_LONG or not is_plain_message(line):
+                break
+            if not self.flood.take_if_free():
+                break  # this one must wait: hold_back_flood() will pace it
+            if line.strip():
+                texts.append(defuse_server_marker(line.rstrip()))
+            self.lines.popleft()
+        return texts
+
+    def hold_back_flood(self):
+        """Delay this client's next line if it is sending too fast."""
+        delay = self.flood.delay_for_next_line()
+        if delay <= 0:
+            self.told_flood = False  # it slowed down: warn again next time
+            return
+        if not self.told_flood:
+            self.told_flood = True
+            self.reply("*** You are sending lines too fast: they will go out more "
+                       "slowly. Nothing is lost.")
+            self.server.tell_console("Slowing down %s: flooding" % self.client)
+        # Sleeping here holds back only this client: the rest of its lines
+        # wait, in order, in its socket. The wait ends early if it is dropped.
+        self.client.sleep(delay)
+
+    def reply(self, *lines):
+        """Send lines to this client only (after the room's notices before them)."""
+        self.server.catch_up(self.client)
+        for line in lines:
+            if not self.client.send_line(line):
+                self.server.drop(self.client, TOO_SLOW)
+                return
+
+    # -- Before joining --
+
+    def greet(self):
+        """Answer a web browser in HTTP; welcome anyone else. False: hang up."""
+        # A browser sends its request as soon as it connects; a person takes
+        # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
+        # the first prompt lets a browser get a real HTTP answer.
+        data = self.wait_for_bytes(BROWSER_WAIT_SECONDS)
+        if data == b"":
+            return False
+        if data and looks_like_http(data):
+            if not answer_http(self, data):  # see "The browser page" below
+                return False
+        elif data:
+            self.take_bytes(data)
+        self.reply("*** Welcome to the chat!")
+        timeout = self.server.settings.name_timeout
+        if timeout > 0:
+            self.reply("*** You have %s to give %syour name." % (
+                describe_minutes(timeout / 60),
+                "the password and " if self.server.settings.password else ""))
+        dropped_as = self.server.addresses.take_dropped(self.client.host)
+        if dropped_as:
+            self.reply("*** Last time (as %s) you were disconnected: your computer did "
+                       "not read the chat fast enough." % dropped_as)
+        return True
+
+    def check_password(self, deadline):
+        """Ask for the room password if there is one; False: wrong, or gone."""
+        password = self.server.settings.password
+        if not password:
+            return True
+        addresses = self.server.addresses
+        wait = addresses.password_wait(self.client.host)
+        if wait > 0:
+            self.reply("*** Too many wrong passwords from your computer. Try again in "
+                       "%s." % describe_minutes(wait / 60))
+            return False
+        self.waiting_for = "the password"
+        self.reply("*** This room has a password. Password?")
+        answer = self.read_line(deadline)
+        if answer is None:
+            return False
+        right = answer is not TOO_LONG and hmac.compare_digest(
+            answer.strip().encode("utf-8"), password.encode("utf-8"))
+        # Right or wrong, the answer comes after the same delay: a guesser
+        # cannot hang up early on a wrong guess and try the next one sooner.
+        self.client.sleep(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
+        if right:
+            addresses.password_passed(self.client.host)
+            return True
+        self.server.tell_console("Wrong password from %s" % self.client, warning=True)
+        addresses.password_failed(self.client.host)
+        self.reply("*** Wrong password. Goodbye.")
+        return False
+
+    def ask_name(self, deadline):
+        """Ask for a name until one is free and valid, then join. False: gone."""
+        question = "What is your name?"
+        self.waiting_for = "a name"
+        self.reply("*** " + question)
+        paced = False
+        while True:
+            line = self.read_line(deadline)
+            if line is None:
+                return False
+            self.hold_back_flood()
+            if line is TOO_LONG:
+                problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
+            elif not line.strip():
+                problem = ""
+            else:
+                if not paced:
+                    paced = self.wait_to_join()
+                problem = self.server.join(self.client, line.strip())
+                if problem is None:
+                    return True
+                if problem is REMOVED:
+                    self.reply("*** %s Goodbye." % REMOVED)
+                    return False
+            self.reply("*** %s%s" % (problem + " " if problem else "", question))
+
+    def wait_to_join(self):
+        """Wait if many joined from this computer just now (join/leave spam)."""
+        delay = self.server.addresses.join_delay(self.client.host)
+        if delay > 0:
+            self.reply("*** Many people joined from your computer just now: you join "
+                       "in %s." % describe_minutes(delay / 60))
+            self.client.sleep(delay)
+        return True
+
+    # -- The commands: to add one, write a method and add it to COMMANDS --
+
+    def run_command(self, line):
+        """Run a /command; its name is not case-sensitive."""
+        word, method, argument = parse_command(line, self.COMMANDS)
+        if method is None:
+            self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
+        else:
+            method(self, argument)
+
+    def do_help(self, argument):
+        lines = ["*** Commands:"]
+        lines += ["***   " + line for line in describe_commands(self.COMMANDS)]
+        lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
+        private = ("private messages too" if self.server.settings.transcript_private
+                   else "not private messages")
+        lines.append("*** The teacher sees the chat on the server's screen (%s)." % private)
+        self.reply(*lines)
+
+    def do_nick(self, argument):
+        if not argument:
+            self.reply("*** Usage: /nick NEWNAME")
+            return
+        problem = self.server.rename(self.client, argument)
+        if problem:
+            self.reply("*** " + problem)
+
+    def do_who(self, argument):
+        self.reply(self.server.who())
+
+    def do_me(self, argument):
+        if not argument:
+            self.reply("*** Usage: /me ACTION   (for example: /me waves)")
+            return
+        self.server.act(self.client, argument)
+
+    def do_msg(self, argument):
+        name, _, text = argument.partition(" ")
+        if not name or not text.strip():
+            self.reply("*** Usage: /msg NAME TEXT")
+            return
+        problem = self.server.whisper(self.client, name, text.strip())
+        if problem:
+            self.reply("*** " + problem)
+
+    def do_quit(self, argument):
+        self.reply("*** Bye.")
+        self.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
+        self.server.leave(self.client)
+        self.done = True
+
+    # word -> (method, arguments, what it does), in the order /help lists them
+    COMMANDS = {
+        "help": (do_help, "", "list the commands"),
+        "nick": (do_nick, "NEWNAME", "change your name"),
+        "who": (do_who, "", "list who is online"),
+        "me": (do_me, "ACTION", "show an action: * you ACTION"),
+        "msg": (do_msg, "NAME TEXT", "send TEXT to NAME only"),
+        "quit": (do_quit, "[REASON]", "leave the chat"),
+    }
+
+
 # --- The room: ChatServer ------------------------------------------------------
+# The room's dict of joined clients and its lock. A room event is queued for
+# every client while the lock is held (_broadcast), then sent after it
+# (_send_queued): that gives everyone the same order, and nobody waits.
 
 TOO_SLOW = "too slow to keep up"
 REMOVED = "You were removed by the teacher."
@@ -873,348 +1223,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
 
 
-# --- One reader thread per client: ChatHandler --------------------------------
-
-
-class ChatHandler(socketserver.StreamRequestHandler):
-    """One client's reader thread: its life from greeting to leaving.
-
-    NOTE: we read with recv() and frame lines ourselves instead of using
-    self.rfile.readline(): students' clients end lines with a bare CR or
-    CR NUL too, telnet mixes commands into the text, and the socket is
-    non-blocking (so that sending to it never waits), which a file reader
-    does not handle.
-    """
-
-    disable_nagle_algorithm = True  # TCP_NODELAY: a line leaves at once
-    rbufsize = 0  # self.rfile is never read (see above): no 8 KiB buffer per client
-
-    def setup(self):
-        super().setup()
-        settings = self.server.settings
-        self.client = Client(self.request, self.client_address, settings.sendq)
-        self.client.renames = RateWindow(settings.nick_rate, 60)
-        self.telnet = TelnetFilter()
-        self.framer = LineFramer(settings.max_line)
-        self.lines = collections.deque()  # received, not yet handled
-        self.flood = FloodLimiter(settings.flood_rate, settings.flood_burst)
-        # Every byte is paced too (telnet NOPs, blank lines, over-long
-        # lines): reading simply waits, and TCP makes the sender wait too.
-        self.input_pace = FloodLimiter(
-            INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
-        self.told_flood = False
-        self.done = False  # set by /quit
-        self.waiting_for = "a name"  # what a timeout before joining was waiting for
-        self.websocket = None  # a WebSocketLines once a browser has upgraded
-        self.lines_read = 0  # a late browser request can only be the first
-        enable_keepalive(self.request)
-        # Non-blocking, so that whichever thread flushes this client's outbox
-        # (often another student's reader: see ChatServer._send_queued()) sends
-        # what fits and never waits. This thread waits for input with its own
-        # one-socket selector instead.
-        self.request.setblocking(False)
-        self.readable = OneSocketSelector()
-        self.readable.register(self.request, selectors.EVENT_READ)
-        self.server.register(self.client)
-
-    def handle(self):
-        """A client's life: greet, check the password, ask a name, join, chat."""
-        self.server.tell_console("Accepted new client: %s" % self.client)
-        timeout = self.server.settings.name_timeout
-        deadline = time.monotonic() + timeout if timeout > 0 else None
-        try:
-            if self.greet() and self.check_password(deadline) and self.ask_name(deadline):
-                self.chat()
-        except socket.timeout:  # before OSError: it is one, until 3.10 by name
-            self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
-            self.server.tell_console("Closed %s: no %s in time" % (
-                self.client, self.waiting_for.split()[-1]))
-        except OSError:
-            pass  # reset, or shut down by the room: either way, the client leaves
-
-    def finish(self):
-        # Every way out comes through here: EOF, reset, /quit, too slow,
-        # kicked, shutdown. leave() says "left the chat." once, at most.
-        self.server.leave(self.client)
-        self.client.close_when_sent()  # e.g. "Bye." is still on its way
-        if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
-            self.client.close_now()  # it stopped reading: stop waiting for it
-        self.server.unregister(self.client)
-        self.readable.close()
-        self.server.tell_console("Closed connection: %s" % self.client)
-        super().finish()
-
-    # -- Reading and writing --
-
-    def read_line(self, deadline=None):
-        """Return the client's next line (str or TOO_LONG), or None when it is gone.
-
-        Raises socket.timeout if deadline (a time.monotonic() value) passes.
-        """
-        while not self.lines:
-            data = self.wait_for_bytes(None if deadline is None else deadline - time.monotonic())
-            if data is None:
-                raise socket.timeout("no name in time")
-            if not data:
-                return None
-            self.take_bytes(data)
-        self.lines_read += 1
-        line = self.lines.popleft()
-        if line is INTERRUPTED:
-            self.reply("*** Bye.")
-            self.lines.clear()
-            return None
-        return None if identify_late_request(self, line) else line
-
-    def wait_for_bytes(self, timeout=None):
-        """Wait up to timeout seconds for bytes: b'' at the end, None if none came."""
-        while True:
-            if timeout is not None and timeout <= 0:
-                return None
-            if not self.readable.select(timeout) and timeout is not None:
-                return None
-            try:
-                data = self.request.recv(RECV_BYTES)
-            except BlockingIOError:
-                continue  # woken without data after all: wait again
-            delay = self.input_pace.delay_for_next_line(len(data))
-            if delay > 0:
-                self.client.sleep(delay)  # ends early if the client is dropped
-            return data
-
-    def take_bytes(self, data):
-        """Take raw bytes from the client: answer telnet, queue complete lines."""
-        if self.websocket is not None:  # a browser: frames, and no telnet filter
-            self.lines.extend(self.websocket.receive(data))
-            return
-        text, answer = self.telnet.feed(data)
-        if answer:
-            self.client.send_bytes(answer)  # refusals of telnet options
-        for line in self.framer.feed(text):
-            self.lines.append(line if line is TOO_LONG else clean_line(line))
-        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
-            self.lines.append(INTERRUPTED)
-
-    def reply(self, *lines):
-        """Send lines to this client only (after the room's notices before them)."""
-        self.server.catch_up(self.client)
-        for line in lines:
-            if not self.client.send_line(line):
-                self.server.drop(self.client, TOO_SLOW)
-                return
-
-    # -- Before joining --
-
-    def greet(self):
-        """Answer a web browser in HTTP; welcome anyone else. False: hang up."""
-        # A browser sends its request as soon as it connects; a person takes
-        # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
-        # the first prompt lets a browser get a real HTTP answer.
-        data = self.wait_for_bytes(BROWSER_WAIT_SECONDS)
-        if data == b"":
-            return False
-        if data and looks_like_http(data):
-            if not answer_http(self, data):  # see "The browser page" below
-                return False
-        elif data:
-            self.take_bytes(data)
-        self.reply("*** Welcome to the chat!")
-        timeout = self.server.settings.name_timeout
-        if timeout > 0:
-            self.reply("*** You have %s to give %syour name." % (
-                describe_minutes(timeout / 60),
-                "the password and " if self.server.settings.password else ""))
-        dropped_as = self.server.addresses.take_dropped(self.client.host)
-        if dropped_as:
-            self.reply("*** Last time (as %s) you were disconnected: your computer did "
-                       "not read the chat fast enough." % dropped_as)
-        return True
-
-    def check_password(self, deadline):
-        """Ask for the room password if there is one; False: wrong, or gone."""
-        password = self.server.settings.password
-        if not password:
-            return True
-        addresses = self.server.addresses
-        wait = addresses.password_wait(self.client.host)
-        if wait > 0:
-            self.reply("*** Too many wrong passwords from your computer. Try again in "
-                       "%s." % describe_minutes(wait / 60))
-            return False
-        self.waiting_for = "the password"
-        self.reply("*** This room has a password. Password?")
-        answer = self.read_line(deadline)
-        if answer is None:
-            return False
-        right = answer is not TOO_LONG and hmac.compare_digest(
-            answer.strip().encode("utf-8"), password.encode("utf-8"))
-        # Right or wrong, the answer comes after the same delay: a guesser
-        # cannot hang up early on a wrong guess and try the next one sooner.
-        self.client.sleep(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
-        if right:
-            addresses.password_passed(self.client.host)
-            return True
-        self.server.tell_console("Wrong password from %s" % self.client, warning=True)
-        addresses.password_failed(self.client.host)
-        self.reply("*** Wrong password. Goodbye.")
-        return False
-
-    def ask_name(self, deadline):
-        """Ask for a name until one is free and valid, then join. False: gone."""
-        question = "What is your name?"
-        self.waiting_for = "a name"
-        self.reply("*** " + question)
-        paced = False
-        while True:
-            line = self.read_line(deadline)
-            if line is None:
-                return False
-            self.hold_back_flood()
-            if line is TOO_LONG:
-                problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
-            elif not line.strip():
-                problem = ""
-            else:
-                if not paced:
-                    paced = self.wait_to_join()
-                problem = self.server.join(self.client, line.strip())
-                if problem is None:
-                    return True
-                if problem is REMOVED:
-                    self.reply("*** %s Goodbye." % REMOVED)
-                    return False
-            self.reply("*** %s%s" % (problem + " " if problem else "", question))
-
-    def wait_to_join(self):
-        """Wait if many joined from this computer just now (join/leave spam)."""
-        delay = self.server.addresses.join_delay(self.client.host)
-        if delay > 0:
-            self.reply("*** Many people joined from your computer just now: you join "
-                       "in %s." % describe_minutes(delay / 60))
-            self.client.sleep(delay)
-        return True
-
-    # -- Joined --
-
-    def chat(self):
-        """Handle each line the client sends, until it leaves."""
-        while not self.done:
-            line = self.read_line()
-            if line is None or self.client.closed.is_set():
-                return
-            self.hold_back_flood()  # every line, even blank or too long, is paced
-            if line is TOO_LONG:
-                self.reply("*** That line was longer than %d bytes and was not sent."
-                           % self.server.settings.max_line)
-            elif line.strip():
-                self.handle_line(defuse_server_marker(line.rstrip()))
-
-    def more_messages(self):
-        """Take the plain messages already received that may go out at once.
-
-        Sending them with the one before costs each recipient one queued item
-        and one send, instead of one of each per line: that is what keeps a
-        busy room cheap.
-        """
-        texts = []
-        while self.lines:
-            line = self.lines[0]
-            if line is TOO_LONG or not is_plain_message(line):
-                break
-            if not self.flood.take_if_free():
-                break  # this one must wait: hold_back_flood() will pace it
-            if line.strip():
-                texts.append(defuse_server_marker(line.rstrip()))
-            self.lines.popleft()
-        return texts
-
-    def hold_back_flood(self):
-        """Delay this client's next line if it is sending too fast."""
-        delay = self.flood.delay_for_next_line()
-        if delay <= 0:
-            self.told_flood = False  # it slowed down: warn again next time
-            return
-        if not self.told_flood:
-            self.told_flood = True
-            self.reply("*** You are sending lines too fast: they will go out more "
-                       "slowly. Nothing is lost.")
-            self.server.tell_console("Slowing down %s: flooding" % self.client)
-        # Sleeping here holds back only this client: the rest of its lines
-        # wait, in order, in its socket. The wait ends early if it is dropped.
-        self.client.sleep(delay)
-
-    def handle_line(self, line):
-        """A message, or a command if the line starts with /."""
-        if is_plain_message(line):
-            self.server.say(self.client, line, *self.more_messages())
-        elif line.lstrip().startswith("//"):
-            self.server.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
-        else:
-            self.run_command(line)
-
-    def run_command(self, line):
-        """Run a /command; its name is not case-sensitive."""
-        word, method, argument = parse_command(line, self.COMMANDS)
-        if method is None:
-            self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
-        else:
-            method(self, argument)
-
-    # -- The commands: to add one, write a method and add it to COMMANDS --
-
-    def do_help(self, argument):
-        lines = ["*** Commands:"]
-        lines += ["***   " + line for line in describe_commands(self.COMMANDS)]
-        lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
-        private = ("private messages too" if self.server.settings.transcript_private
-                   else "not private messages")
-        lines.append("*** The teacher sees the chat on the server's screen (%s)." % private)
-        self.reply(*lines)
-
-    def do_nick(self, argument):
-        if not argument:
-            self.reply("*** Usage: /nick NEWNAME")
-            return
-        problem = self.server.rename(self.client, argument)
-        if problem:
-            self.reply("*** " + problem)
-
-    def do_who(self, argument):
-        self.reply(self.server.who())
-
-    def do_me(self, argument):
-        if not argument:
-            self.reply("*** Usage: /me ACTION   (for example: /me waves)")
-            return
-        self.server.act(self.client, argument)
-
-    def do_msg(self, argument):
-        name, _, text = argument.partition(" ")
-        if not name or not text.strip():
-            self.reply("*** Usage: /msg NAME TEXT")
-            return
-        problem = self.server.whisper(self.client, name, text.strip())
-        if problem:
-            self.reply("*** " + problem)
-
-    def do_quit(self, argument):
-        self.reply("*** Bye.")
-        self.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
-        self.server.leave(self.client)
-        self.done = True
-
-    # word -> (method, arguments, what it does), in the order /help lists them
-    COMMANDS = {
-        "help": (do_help, "", "list the commands"),
-        "nick": (do_nick, "NEWNAME", "change your name"),
-        "who": (do_who, "", "list who is online"),
-        "me": (do_me, "ACTION", "show an action: * you ACTION"),
-        "msg": (do_msg, "NAME TEXT", "send TEXT to NAME only"),
-        "quit": (do_quit, "[REASON]", "leave the chat"),
-    }
-
-
 # --- Client: one connection's outbox and writer thread ------------------------
+# What the room queues for one connection, and how it is sent without any
+# thread waiting on a student who stopped reading.
 
 
 class Client:
@@ -1499,7 +1510,14 @@ def enable_keepalive(sock):
             pass  # an older kernel: the OS default (about two hours) applies
 
 
+# =============================================================================
+# What protects the room: clean text, limits, names nobody can fake, refusals.
+# Each piece is called from the core at one place, named in its docstring.
+# =============================================================================
+
 # --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
+# ChatHandler.take_bytes() passes what it reads through TelnetFilter,
+# LineFramer and clean_line(); ChatServer.join() checks names here.
 
 # Telnet commands (RFC 854). A telnet client may send these glued to the
 # front of a line; we remove them and refuse every option.
@@ -2162,7 +2180,15 @@ def format_address(address):
     return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
 
 
+# =============================================================================
+# The extras: the teacher's console and transcript, the browser page, the
+# Redis link, the line client, and main().
+# =============================================================================
+
 # --- The teacher's console: the terminal running the server -------------------
+# Adds the teacher: serve() starts a TeacherConsole on the terminal; its
+# commands call the room's "teacher's powers". The room's recorder thread
+# (ChatServer._run_recorder) shows room events here and in the Transcript.
 
 
 class TeacherConsole:
@@ -4440,6 +4466,8 @@ class RedisLink:
 
 
 # --- The line client: python chat_server.py --connect HOST[:PORT] -------------
+# Adds a client for students with Python and no nc or telnet (Windows): two
+# threads, one copying the socket to the screen, one the keyboard to the socket.
 
 CONNECT_TIMEOUT_SECONDS = 10  # a lab network answers in well under a second
 CLIENT_EOF_GRACE_SECONDS = 5  # after stdin ends: time for the last answers
@@ -4520,6 +4548,8 @@ def send_from_stdin(sock, finished):
 
 
 # --- Starting the server: logging, flags, banner, main() ---------------------
+# main() parses the flags and runs serve(): it makes the ChatServer, starts
+# the console, and serves until Ctrl+C or /shutdown.
 
 CONSOLE_ENDS_PER_SECOND = 3  # more Ctrl+Ds than this: the terminal is gone
 CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
