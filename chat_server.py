@@ -13,12 +13,12 @@ Join it, from another terminal or another computer:
     nc 127.0.0.1 1337                      # or: telnet 127.0.0.1 1337
     python chat_server.py --connect 127.0.0.1
 
-How it works: three moving parts.
+How it works: three moving parts, at the top of the file in this order.
+  * One reader thread per client (ChatHandler, a StreamRequestHandler) reads
+    what that client types, line by line, and asks the room to act on it.
   * The room (ChatServer, a socketserver.ThreadingTCPServer) owns the dict of
     joined clients and the lock that protects it. It accepts connections and
     hands each room event, as one line, to every client, in the same order.
-  * One reader thread per client (ChatHandler, a StreamRequestHandler) reads
-    what that client types, line by line, and asks the room to act on it.
   * Each client (Client) has an outbox. Under the room's lock a line is only
     queued in every outbox (that fixes the order); after the lock, it is sent
     to each socket without waiting. What a full socket cannot take stays
@@ -29,11 +29,29 @@ How it works: three moving parts.
 The terminal running the server is the teacher's console: it shows the chat,
 and lines typed there are announcements or commands (type /help there).
 
-Around that core, parts that each add one thing: what protects the room
-(text cleaning, limits per connection, per computer and for the whole room,
-names nobody can fake), the commands, the teacher's console and transcript,
-the browser page (HTTP and a WebSocket on the same port), the Redis link
-(several servers, one room), and the --connect line client.
+After the core come the parts that each add one thing: what protects the
+room (text cleaning, limits per connection, per computer and for the whole
+room, names nobody can fake), the teacher's console and transcript, the
+browser page (HTTP and a WebSocket on the same port), the Redis link
+(several servers, one room), the --connect line client, and main().
+
+The life of one line, "hi" typed by alice, in the order the code comes below:
+  1. ChatHandler.handle() is alice's reader thread: after ask_name() has
+     joined her to the room, chat() reads her lines until she leaves.
+  2. read_line() waits for bytes (wait_for_bytes(), a recv() on her socket)
+     and take_bytes() cuts them into clean lines: b"hi\r\n" becomes "hi".
+  3. handle_line() sees a message, not a /command, and calls the room's
+     ChatServer.say().
+  4. say() and _speak() take the room's lock; _broadcast() queues
+     "alice says: hi" in every other client's outbox (Client.queue_bytes())
+     and in the history. Under the lock, so everyone gets the same order.
+  5. After the lock, _send_queued() calls each client's Client.flush(),
+     which sends what its socket takes at once (_send_what_fits()).
+  6. If bob's socket is full, the rest waits in his outbox; his writer thread
+     (Client._run_writer()) sends it when there is room. If his outbox
+     passes --sendq, the room's drop() disconnects him as too slow.
+  7. When alice leaves (EOF, /quit, kicked), ChatHandler.finish() calls the
+     room's leave(), which announces "*** alice left the chat." once.
 
 Licence: MIT (see LICENSE).
 """
