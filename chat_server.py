@@ -164,7 +164,7 @@ KEEPALIVE_IDLE_SECONDS = 60  # a silent peer is probed after this long...
 KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
 KEEPALIVE_PROBES = 6  # ...and given up after this many unanswered probes
 ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
-WRITER_CHECK_SECONDS = 0.5  # a waiting writer checks this often if it was aborted
+WRITER_CHECK_SECONDS = 0.5  # a waiting writer checks this often if it was closed
 ROUTE_PROBE_ADDRESS = ("198.51.100.1", 9)  # a documentation address (RFC 5737):
 #                                           only asked how it would be routed
 FILES_BESIDES_CLIENTS = 64  # the listening socket, the console, the transcript...
@@ -340,7 +340,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def take_bytes(self, data):
         """Take raw bytes from the client: answer telnet, queue complete lines."""
         if self.websocket is not None:  # a browser: frames, and no telnet filter
-            self.lines.extend(self.websocket.receive(data))
+            self.lines.extend(self.websocket.take_bytes(data))
             return
         text, answer = self.telnet.feed(data)
         if answer:
@@ -665,7 +665,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Queue room events for every joined client but exclude (lock held).
 
         lines is one line, or a list of lines from one sender, which are
-        queued together: one offer per client, whatever their number.
+        queued together: one queue_bytes() per client, whatever their number.
         Return the clients they were queued for: the caller passes them to
         _send_queued() once it has released the lock.
         event: the same, as data for the Redis link (see its section).
@@ -2812,7 +2812,7 @@ def parse_close_payload(payload):
 class WebSocketLines:
     """Makes a WebSocket look like a line stream to ChatHandler.
 
-    receive() takes bytes from the socket and returns the client's lines
+    take_bytes() takes bytes from the socket and returns the client's lines
     (str, or TOO_LONG for a message over --max-line), exactly what the
     telnet filter and LineFramer give for a TCP client. It answers pings,
     and closes the connection on a close frame or a protocol error.
@@ -2824,7 +2824,7 @@ class WebSocketLines:
         self.decoder = WebSocketDecoder(websocket_message_limit(settings))
         self.closed = False  # a close frame went out: ignore the rest
 
-    def receive(self, data):
+    def take_bytes(self, data):
         if self.closed:
             return []
         try:
