@@ -16,9 +16,11 @@ Join it, from another terminal or another computer:
 How it works: three moving parts, at the top of the file in this order.
   * One reader thread per client (ChatHandler, a StreamRequestHandler) reads
     what that client types, line by line, and asks the room to act on it.
-  * The room (ChatServer, a socketserver.ThreadingTCPServer) owns the dict of
-    joined clients and the lock that protects it. It accepts connections and
-    hands each room event, as one line, to every client, in the same order.
+  * The room (ChatRoom, a socketserver.ThreadingTCPServer) owns the dict of
+    joined clients and the lock that protects it. It hands each room event,
+    as one line, to every client, in the same order. (ChatServer, later in
+    the file, is the room with everything around it: admitting connections,
+    the teacher's powers, shutting down. main() runs a ChatServer.)
   * Each client (Client) has an outbox. Under the room's lock a line is only
     queued in every outbox (that fixes the order); after the lock, it is sent
     to each socket without waiting. What a full socket cannot take stays
@@ -41,7 +43,7 @@ The life of one line, "hi" typed by alice, in the order the code comes below:
   2. read_line() waits for bytes (wait_for_bytes(), a recv() on her socket)
      and take_bytes() cuts them into clean lines: b"hi\r\n" becomes "hi".
   3. handle_line() sees a message, not a /command, and calls the room's
-     ChatServer.say().
+     ChatRoom.say().
   4. say() and _speak() take the room's lock; _broadcast() queues
      "alice says: hi" in every other client's outbox (Client.queue_bytes())
      and in the history. Under the lock, so everyone gets the same order.
@@ -109,7 +111,7 @@ try:
 except ImportError:  # Windows has no such limit on sockets
     resource = None
 
-# --- Constants: each is the default of one command-line flag -----------------
+# --- Constants: each is the default of one command-line flag ------------------
 
 HOST = "127.0.0.1"  # only this computer can join; --host 0.0.0.0 opens the lab
 PORT = 1337  # the tutorial's port
@@ -251,7 +253,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.lines_read = 0  # a late browser request can only be the first
         enable_keepalive(self.request)
         # Non-blocking, so that whichever thread flushes this client's outbox
-        # (often another student's reader: see ChatServer._send_queued()) sends
+        # (often another student's reader: see ChatRoom._send_queued()) sends
         # what fits and never waits. This thread waits for input with its own
         # one-socket selector instead.
         self.request.setblocking(False)
@@ -554,7 +556,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
     }
 
 
-# --- The room: ChatServer ------------------------------------------------------
+# --- The room: ChatRoom -------------------------------------------------------
 # The room's dict of joined clients and its lock. A room event is queued for
 # every client while the lock is held (_broadcast), then sent after it
 # (_send_queued): that gives everyone the same order, and nobody waits.
@@ -563,8 +565,17 @@ TOO_SLOW = "too slow to keep up"
 REMOVED = "You were removed by the teacher."
 
 
-class ChatServer(socketserver.ThreadingTCPServer):
-    """The room: admits clients and queues every room event for each of them."""
+class ChatRoom(socketserver.ThreadingTCPServer):
+    """The core of the room: the dict of joined clients, its lock, the broadcast.
+
+    ChatServer, further down (after what protects the room), is the room the
+    program runs: it adds to this core the admission of connections, the
+    other room events (whispers, renames), the console's record, the
+    teacher's powers and the shutdown. The core calls five of its parts:
+    _wait_for_room_budget() and _silencing_notice() (may this client speak
+    now?), _note() and tell_console() (for the console and the transcript),
+    and addresses (what the room knows about each computer).
+    """
 
     # Class attributes that socketserver reads.
     daemon_threads = True  # a stuck client thread never keeps the process alive
@@ -572,66 +583,33 @@ class ChatServer(socketserver.ThreadingTCPServer):
     # On Windows, SO_REUSEADDR would let a second server take our port.
     allow_reuse_address = sys.platform != "win32"
 
-    def __init__(self, address, settings=None, transcript=None):
-        self.settings = settings or Settings()
+    def __init__(self, address, settings):
+        self.settings = settings
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self._joined = {}  # key (folded name) -> Client, for joined clients
         # The room's lock. It guards _joined and every field from here down to
-        # _shutting_down, and _notices; the others below have locks of their own.
+        # _shutting_down, the notices below, and ChatServer's _connected and
+        # _places_taken. The fields with locks of their own say so.
         self._lock = threading.Lock()
-        self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
-        self._link = None  # Redis link: a RedisLink with --redis (see its section)
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
-        self._everyone_gone = threading.Condition(self._lock)  # for close_room()
-        self._connected = set()  # every Client with a reader thread, joined or not
-        self._places_taken = 0  # connections admitted, with a thread or about to be
         self._history = collections.deque(maxlen=self.settings.history)
         self._quiet = False  # only the teacher's announcements go out
-        self._shutting_down = False
-        # Not guarded by _lock: each of these has a lock of its own (and none
-        # of them ever waits for the room's lock, so no deadlock is possible).
-        self.addresses = Addresses(self.settings)
-        # --flood-rate 0 turns all pacing off, the room's budget too. The burst
-        # is half an outbox, so a burst never fills a reader's outbox by itself.
-        self._room_budget = ByteBudget(
-            self.settings.room_rate if self.settings.flood_rate > 0 else 0,
-            self.settings.sendq // 2)
-        self._refuser = Refuser()
-        # Room events for the console and transcript, queued in room order;
-        # put under _lock (so in order), taken by the recorder thread.
-        # (A SimpleQueue bounded by hand: queue.Queue costs far more per put,
-        # and this runs for every line said in the room.)
-        self._records = queue.SimpleQueue()
-        self._records_dropped = 0  # guarded by _dropped_lock
-        self._dropped_lock = threading.Lock()
-        self._transcript = transcript  # a Transcript, or None
-        self._recorder_thread = threading.Thread(
-            target=self._run_recorder, name="recorder", daemon=True
-        )
+        self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
+        self._link = None  # Redis link: a RedisLink with --redis (see its section)
+        self._shutting_down = False  # set by close_room(): no more leave lines
         # Join, leave and rename lines not yet queued for every client, in
-        # the room's order, as (line, the client not to tell); guarded by
-        # _lock. A client's notices_seen counts those it has been given, out
-        # of _notices_before + len(_notices). See _run_notices().
+        # the room's order, as (line, the client not to tell). A client's
+        # notices_seen counts those it has been given, out of
+        # _notices_before + len(_notices). See _run_notices().
         self._notices = []
         self._notices_before = 0  # notices given to everyone and forgotten
         self._notices_queued = threading.Event()  # set when _notices fills
         self._notices_stopping = False  # set by server_close(): the thread ends
         self._notices_thread = threading.Thread(
             target=self._run_notices, name="notices", daemon=True)
-        super().__init__(address, ChatHandler)
-        if self.settings.redis is not None:  # Redis link: linked before serving
-            self._link = RedisLink(self, self.settings.redis)
-            try:
-                self._link.connect()
-            except RedisStartError:
-                self.server_close()
-                raise
-        self._recorder_thread.start()
-        self._notices_thread.start()
-        if self._link is not None:
-            self._link.start()
+        super().__init__(address, ChatHandler)  # binds and listens; serve_forever() accepts
 
     # -- A line's way: queued for all under the lock, sent after it --
 
@@ -875,371 +853,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         if lines:
             client.queue_bytes(client.encode_lines(lines), notice=True)
 
-    # -- The other room events --
-
-    def whisper(self, client, name, text):
-        """Send a private message to the client called name; return a problem or None."""
-        self._wait_for_room_budget(client, [text, client.name])  # whispers count too
-        with self._lock:
-            target = self._joined.get(fold_name(name))
-            remote = self._remote.get(fold_name(name))  # Redis link: on another server?
-            if target is None and remote is None:
-                return "No one called %s is online. Type /who to see who is." % name
-            notice = self._silencing_notice(client)
-            self._catch_up(client)
-            if notice is not None:
-                client.queue_line(notice)
-                recipients = [client]
-            else:
-                line = "%s whispers: %s" % (client.name, text)
-                if target is None:  # Redis link: over the other server's channel
-                    target = remote
-                    self._link.send_private(remote, {"k": "whisper", "name": client.name,
-                                                     "to": remote.name, "text": text})
-                else:
-                    self._catch_up(target)
-                    target.queue_line(line)
-                client.queue_line("*** You whispered to %s: %s" % (target.name, text))
-                self._note("private", "%s to %s" % (line, target.name))
-                recipients = [client] if target is remote else [target, client]
-        self._send_queued(recipients)
-        return None
-
-    def rename(self, client, new_name):
-        """Rename client and tell everyone; return why not, or None."""
-        problem = name_problem(new_name)
-        if problem:
-            return problem
-        new_name = unicodedata.normalize("NFC", new_name)
-        if new_name == client.name:
-            return "You are already called %s." % new_name
-        key, look = fold_name(new_name), skeleton(new_name)
-        with self._lock:  # before claiming it in Redis: a look-alike is refused here
-            problem = self._rename_problem(key, look, client)
-        if problem:
-            return problem
-        if self._link is not None and key != client.key:
-            problem = self._link.claim_name(new_name, key)  # Redis link
-            if problem:
-                return problem
-        with self._lock:
-            problem = self._rename_problem(key, look, client)
-            if problem:
-                return problem
-            if not client.renames.allow():
-                return "You can change your name at most %s a minute." % (
-                    plural(client.renames.limit, "time"))
-            old_name = client.name
-            self._remove_client(client)
-            client.name, client.key, client.skeleton = new_name, key, look
-            self._add_client(client)
-            recipients = self._broadcast("*** %s is now %s." % (old_name, new_name),
-                                       event={"k": "rename", "old": old_name, "new": new_name},
-                                       notice=True)
-        self._send_queued(recipients)
-        return None
-
-    def _rename_problem(self, key, look, client):
-        """Why client may not take a new name now (lock held), or None."""
-        if client.muted or self._quiet:
-            return "You cannot change your name while %s." % (
-                "the teacher has muted you" if client.muted else "the room is quiet")
-        return self._name_taken(key, look, client)
-
-    def who(self):
-        """The line that lists who is online, in alphabetical order."""
-        with self._lock:
-            return self._online_line()
-
-    def _wait_for_room_budget(self, client, lines):
-        """Hold a sender back while the room takes in more than --room-rate bytes a second.
-
-        Each reader gets everything everyone says, so without a room-wide
-        budget a hundred senders, each within their own flood limit, could
-        fill a slow reader's outbox in a second and get them dropped.
-        """
-        if not self._room_budget.active or client.muted or self._quiet:
-            # muted and _quiet are read without the lock, as a hint only: what
-            # is silenced reaches nobody, so it costs the room nothing.
-            return
-        delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
-        if delay > 0:
-            client.sleep(delay)  # ends early if the sender is dropped
-
-    def _silencing_notice(self, client):
-        """None if client may speak now; else what to tell it (lock held)."""
-        if client.muted:
-            return "*** Not sent: the teacher has muted you."
-        if self._quiet:
-            return "*** Not sent: the room is quiet, only the teacher can speak right now."
-        return None
-
-    # -- Admitting connections (socketserver's main thread) --
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
-            # "--host ::" serves IPv4 clients too, where the OS allows it.
-            try:
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except OSError:
-                pass
-        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: keep our port ours
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-        super().server_bind()
-
-    def get_request(self):
-        try:
-            return super().get_request()
-        except OSError as error:
-            if error.errno in (errno.EMFILE, errno.ENFILE):
-                log.warning("Too many open files: a newcomer waits. (%s)", error)
-                # The listening socket stays ready, so without a rest the
-                # accept loop would spin at full speed until a file is freed.
-                time.sleep(ACCEPT_BACKOFF_SECONDS)
-            raise  # socketserver drops this attempt and goes on serving
-
-    def process_request(self, request, client_address):
-        """Admit a newcomer (start its thread), or refuse it before any thread."""
-        host = normal_host(client_address[0])
-        with self._lock:
-            refusal = self._refusal_for(host)
-            if refusal is None:
-                self._places_taken += 1
-        if refusal is not None:
-            log.info("Refused %s: %s", format_address(client_address), refusal)
-            self._refuser.refuse(request, refusal)  # it closes the socket
-            return
-        try:
-            super().process_request(request, client_address)  # starts the thread
-        except RuntimeError:  # no thread could be started: give the place back
-            self._free_place(host)
-            raise
-
-    def _refusal_for(self, host):
-        """Say why a new connection from host may not come in, or count it (lock held)."""
-        if self._shutting_down:
-            return "The server is shutting down."
-        ban_left = self.addresses.ban_left(host)
-        if ban_left > 0:
-            return "You were removed by the teacher. Try again in %s." % (
-                describe_minutes(ban_left / 60))
-        if self._places_taken >= self.settings.max_clients:
-            return "The room is full (%d connected). Try again later." % self._places_taken
-        if not self.addresses.connect(host):
-            return ("Too many connections from your computer (%d). Close one, "
-                    "then try again." % self.settings.per_address)
-        return None
-
-    def _free_place(self, host):
-        with self._lock:
-            self._places_taken -= 1
-            self._everyone_gone.notify_all()
-        self.addresses.disconnect(host)
-
-    def handle_error(self, request, client_address):
-        # One line, not socketserver's traceback on the teacher's console.
-        error = sys.exc_info()[1]
-        log.error("Error with %s: %r", format_address(client_address), error)
-
-    # -- Connections (each client's reader thread) --
-
-    def register(self, client):
-        """Count a connection as open (its thread has started)."""
-        with self._lock:
-            self._connected.add(client)
-
-    def unregister(self, client):
-        """Forget a finished connection and free its place."""
-        with self._lock:
-            self._connected.discard(client)
-        self._free_place(client.host)
-
-    def connection_count(self):
-        """How many connections are open (admitted, not yet finished), joined or not."""
-        with self._lock:
-            return self._places_taken
-
-    # -- The console and the transcript --
-
-    def _note(self, kind, line):
-        """Queue a room event for the console and the transcript.
-
-        Called with the room's lock held, so events queue in the room's order.
-        Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
-        the event is counted instead, and the count reported.
-        """
-        if self._records.qsize() < RECORD_QUEUE_EVENTS:
-            self._records.put((kind, line))
-        else:
-            with self._dropped_lock:
-                self._records_dropped += 1
-
-    def _run_recorder(self):
-        # One thread shows room events on the console and hands them to the
-        # transcript, so a paused console or a slow disk never holds up the
-        # room, and both keep the room's order. Neither call here can wait.
-        held_back = HeldBackLines()
-        while True:
-            try:
-                kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
-            except queue.Empty:
-                kind, line = "", ""
-            if kind == "stop":
-                return
-            if kind:
-                self._record(kind, line, held_back)
-            held_back.report_if_due()
-            with self._dropped_lock:
-                dropped, self._records_dropped = self._records_dropped, 0
-            if dropped:
-                log.warning("%s not shown or written: the server was too busy.",
-                            plural(dropped, "room event"))
-
-    def _record(self, kind, line, held_back):
-        """Show one room event on the console and append it to the transcript."""
-        private = kind == "private"
-        if private and not self.settings.transcript_private:
-            return
-        if kind == "silenced":
-            held_back.add(line)
-            return
-        if kind == "warning":
-            log.warning("%s", line)
-        elif kind != "transcript":  # for the transcript only
-            log.info("%s%s", "(private) " if private else "", line)
-        if self._transcript is not None and kind not in ("console", "warning"):
-            self._transcript.write(("(private) " if private else "") + line)
-
-    # -- The teacher's powers: the few room operations the console calls --
-
-    def tell_console(self, text, warning=False):
-        """Show text on the console after the room events already queued.
-
-        Everything the console says about the room comes this way, so it
-        comes in the room's order ("left the chat." before "Closed").
-        """
-        with self._lock:
-            self._note("warning" if warning else "console", text)
-
-    def note_teacher(self, text):
-        """Write what the teacher did to the transcript, in the room's order."""
-        with self._lock:
-            self._note("transcript", "[teacher] " + text)
-
-    def announce(self, text):
-        """Send the teacher's announcement to everyone."""
-        with self._lock:
-            recipients = self._broadcast("*** [teacher] %s" % text,
-                                       event={"k": "announce", "text": text})
-        self._send_queued(recipients)
-
-    def find(self, name):
-        """The joined client called name (or a look-alike of it), or None."""
-        with self._lock:
-            return self._joined.get(fold_name(name)) or self._joined.get(
-                self._skeletons.get(skeleton(name)))
-
-    def connections_from(self, host):
-        """(joined clients, connections not joined yet) from one address."""
-        with self._lock:
-            everyone = [client for client in self._connected if client.host == host]
-        joined = [client for client in everyone if self.has_joined(client)]
-        return joined, [client for client in everyone if client not in joined]
-
-    def ask_other_server(self, name, event, verb):
-        """Redis link: pass /kick or /mute on to the server of a student elsewhere.
-
-        Return the reply for the teacher, or None if no such student is there.
-        """
-        with self._lock:
-            student = self._remote.get(fold_name(name))
-        if student is None or self._link is None:
-            return None
-        self._link.send_private(student, dict(event, name=student.name))
-        return "Asked the server of %s to %s them." % (student.name, verb)
-
-    def has_joined(self, client):
-        with self._lock:
-            return client.key is not None and self._joined.get(client.key) is client
-
-    def remove(self, client, line):
-        """Tell client line, take it out of the room, and close its connection."""
-        self.catch_up(client)
-        client.send_line(line)
-        self.leave(client)
-        client.close_when_sent()
-
-    def set_muted(self, client, muted):
-        """Mute or unmute a joined client, and tell it so; False if it already was."""
-        with self._lock:
-            if client.muted == muted:
-                return False
-            client.muted = muted
-            self._catch_up(client)
-            client.queue_line(
-                "*** The teacher has muted you: your messages reach nobody for now."
-                if muted else "*** The teacher has unmuted you: you can chat again.")
-        self._send_queued([client])
-        return True
-
-    def set_quiet(self, quiet):
-        """Turn quiet mode on or off and tell everyone; False if it already was."""
-        with self._lock:
-            if self._quiet == quiet:
-                return False
-            self._quiet = quiet
-            recipients = self._broadcast(
-                "*** [teacher] Quiet, please: only the teacher speaks for now."
-                if quiet else "*** [teacher] The chat is open again.",
-                event={"k": "quiet", "on": quiet})
-        self._send_queued(recipients)
-        return True
-
-    def snapshot(self):
-        """(joined clients in name order, connections that have not joined,
-        students on other servers: RemoteStudent tuples)."""
-        with self._lock:
-            joined = [self._joined[key] for key in self._keys_in_order]
-            waiting = [client for client in self._connected if client.key is None]
-            elsewhere = sorted(self._remote.values())  # Redis link
-        return joined, waiting, elsewhere
-
-    # -- Shutting down --
-
-    def close_room(self):
-        """Tell everyone the server is shutting down and close every connection.
-
-        Returns within about two seconds, even if a client has stalled.
-        """
-        if self._link is not None:  # Redis link: the others see our students leave
-            self._link.close()
-        with self._lock:
-            self._shutting_down = True
-            self._note("transcript", "=== The server is shutting down. ===")
-            everyone = list(self._connected)
-            for client in everyone:
-                self._catch_up(client)
-                client.queue_line("*** Server is shutting down.")
-        for client in everyone:
-            client.close_when_sent()
-        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        for client in everyone:
-            wait_in_slices(client.wait_closed, max(0.0, deadline - time.monotonic()))
-        for client in everyone:
-            client.close_now()  # a stalled client's writer is still blocked: wake it
-        with self._lock:  # let the readers finish their goodbyes
-            wait_in_slices(lambda timeout: self._everyone_gone.wait_for(
-                lambda: not self._connected, timeout), SHUTDOWN_GRACE_SECONDS)
-
-    def server_close(self):
-        if self._link is not None:
-            self._link.stop()
-        super().server_close()
-        self._records.put(("stop", ""))
-        self._notices_stopping = True
-        self._notices_queued.set()
-        join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
-
 
 # --- Client: one connection's outbox and writer thread ------------------------
 # What the room queues for one connection, and how it is sent without any
@@ -1275,7 +888,7 @@ class Client:
         self.renames = None  # a RateWindow for /nick, set by the handler
         self.muted = False  # set by the teacher; the room checks it
         self.too_slow = False  # its outbox overflowed: the room drops it
-        self.notices_seen = 0  # the room's: see ChatServer._catch_up()
+        self.notices_seen = 0  # the room's: see ChatRoom._catch_up()
         self.sendq_bytes = sendq_bytes
         # How this client's lines become bytes, and what it joined with: a
         # browser's WebSocket changes both (see answer_http()).
@@ -1535,7 +1148,7 @@ def enable_keepalive(sock):
 
 # --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
 # ChatHandler.take_bytes() passes what it reads through TelnetFilter,
-# LineFramer and clean_line(); ChatServer.join() checks names here.
+# LineFramer and clean_line(); ChatRoom.join() checks names here.
 
 # Telnet commands (RFC 854). A telnet client may send these glued to the
 # front of a line; we remove them and refuse every option.
@@ -1919,7 +1532,7 @@ class Addresses:
     --per-address are refused, joins and wrong passwords are paced. With
     --per-address 0 (a lab where everyone shares one machine) those limits
     are off; bans and mutes still apply, but the room makes them finer when
-    several students share an address (see ChatServer.kick and mute).
+    several students share an address (see TeacherConsole.do_kick(), do_mute()).
     Its own lock guards it; it calls nothing outside, so it may be used
     while the room's lock is held.
     """
@@ -2198,6 +1811,420 @@ def format_address(address):
     return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
 
 
+# --- The whole room: ChatServer -----------------------------------------------
+# Adds to the core room (ChatRoom) what a class needs around it: admitting
+# or refusing connections, whispers and renames, the room-wide budget, the
+# console's record of the room, the teacher's powers, and the shutdown.
+
+
+class ChatServer(ChatRoom):
+    """The room the program runs: ChatRoom, and all that surrounds it."""
+
+    def __init__(self, address, settings=None, transcript=None):
+        settings = settings or Settings()
+        # Made before ChatRoom binds the port: if binding fails, socketserver
+        # calls server_close(), which needs them.
+        self._connected = set()  # every Client with a reader thread, joined or not
+        self._places_taken = 0  # connections admitted, with a thread or about to be
+        # Not guarded by the room's lock: each of these has a lock of its own
+        # (and none of them ever waits for the room's lock: no deadlock).
+        self.addresses = Addresses(settings)
+        # --flood-rate 0 turns all pacing off, the room's budget too. The burst
+        # is half an outbox, so a burst never fills a reader's outbox by itself.
+        self._room_budget = ByteBudget(
+            settings.room_rate if settings.flood_rate > 0 else 0, settings.sendq // 2)
+        self._refuser = Refuser()
+        # Room events for the console and transcript, queued in room order;
+        # put under the room's lock (so in order), taken by the recorder
+        # thread. (A SimpleQueue bounded by hand: queue.Queue costs far more
+        # per put, and this runs for every line said in the room.)
+        self._records = queue.SimpleQueue()
+        self._records_dropped = 0  # guarded by _dropped_lock
+        self._dropped_lock = threading.Lock()
+        self._transcript = transcript  # a Transcript, or None
+        self._recorder_thread = threading.Thread(
+            target=self._run_recorder, name="recorder", daemon=True
+        )
+        super().__init__(address, settings)  # the room's core: it binds the port
+        self._everyone_gone = threading.Condition(self._lock)  # for close_room()
+        if self.settings.redis is not None:  # Redis link: linked before serving
+            self._link = RedisLink(self, self.settings.redis)
+            try:
+                self._link.connect()
+            except RedisStartError:
+                self.server_close()
+                raise
+        self._recorder_thread.start()
+        self._notices_thread.start()
+        if self._link is not None:
+            self._link.start()
+
+    # -- The other room events --
+
+    def whisper(self, client, name, text):
+        """Send a private message to the client called name; return a problem or None."""
+        self._wait_for_room_budget(client, [text, client.name])  # whispers count too
+        with self._lock:
+            target = self._joined.get(fold_name(name))
+            remote = self._remote.get(fold_name(name))  # Redis link: on another server?
+            if target is None and remote is None:
+                return "No one called %s is online. Type /who to see who is." % name
+            notice = self._silencing_notice(client)
+            self._catch_up(client)
+            if notice is not None:
+                client.queue_line(notice)
+                recipients = [client]
+            else:
+                line = "%s whispers: %s" % (client.name, text)
+                if target is None:  # Redis link: over the other server's channel
+                    target = remote
+                    self._link.send_private(remote, {"k": "whisper", "name": client.name,
+                                                     "to": remote.name, "text": text})
+                else:
+                    self._catch_up(target)
+                    target.queue_line(line)
+                client.queue_line("*** You whispered to %s: %s" % (target.name, text))
+                self._note("private", "%s to %s" % (line, target.name))
+                recipients = [client] if target is remote else [target, client]
+        self._send_queued(recipients)
+        return None
+
+    def rename(self, client, new_name):
+        """Rename client and tell everyone; return why not, or None."""
+        problem = name_problem(new_name)
+        if problem:
+            return problem
+        new_name = unicodedata.normalize("NFC", new_name)
+        if new_name == client.name:
+            return "You are already called %s." % new_name
+        key, look = fold_name(new_name), skeleton(new_name)
+        with self._lock:  # before claiming it in Redis: a look-alike is refused here
+            problem = self._rename_problem(key, look, client)
+        if problem:
+            return problem
+        if self._link is not None and key != client.key:
+            problem = self._link.claim_name(new_name, key)  # Redis link
+            if problem:
+                return problem
+        with self._lock:
+            problem = self._rename_problem(key, look, client)
+            if problem:
+                return problem
+            if not client.renames.allow():
+                return "You can change your name at most %s a minute." % (
+                    plural(client.renames.limit, "time"))
+            old_name = client.name
+            self._remove_client(client)
+            client.name, client.key, client.skeleton = new_name, key, look
+            self._add_client(client)
+            recipients = self._broadcast("*** %s is now %s." % (old_name, new_name),
+                                       event={"k": "rename", "old": old_name, "new": new_name},
+                                       notice=True)
+        self._send_queued(recipients)
+        return None
+
+    def _rename_problem(self, key, look, client):
+        """Why client may not take a new name now (lock held), or None."""
+        if client.muted or self._quiet:
+            return "You cannot change your name while %s." % (
+                "the teacher has muted you" if client.muted else "the room is quiet")
+        return self._name_taken(key, look, client)
+
+    def who(self):
+        """The line that lists who is online, in alphabetical order."""
+        with self._lock:
+            return self._online_line()
+
+    def _wait_for_room_budget(self, client, lines):
+        """Hold a sender back while the room takes in more than --room-rate bytes a second.
+
+        Each reader gets everything everyone says, so without a room-wide
+        budget a hundred senders, each within their own flood limit, could
+        fill a slow reader's outbox in a second and get them dropped.
+        """
+        if not self._room_budget.active or client.muted or self._quiet:
+            # muted and _quiet are read without the lock, as a hint only: what
+            # is silenced reaches nobody, so it costs the room nothing.
+            return
+        delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
+        if delay > 0:
+            client.sleep(delay)  # ends early if the sender is dropped
+
+    def _silencing_notice(self, client):
+        """None if client may speak now; else what to tell it (lock held)."""
+        if client.muted:
+            return "*** Not sent: the teacher has muted you."
+        if self._quiet:
+            return "*** Not sent: the room is quiet, only the teacher can speak right now."
+        return None
+
+    # -- Admitting connections (socketserver's main thread) --
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            # "--host ::" serves IPv4 clients too, where the OS allows it.
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: keep our port ours
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        super().server_bind()
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                log.warning("Too many open files: a newcomer waits. (%s)", error)
+                # The listening socket stays ready, so without a rest the
+                # accept loop would spin at full speed until a file is freed.
+                time.sleep(ACCEPT_BACKOFF_SECONDS)
+            raise  # socketserver drops this attempt and goes on serving
+
+    def process_request(self, request, client_address):
+        """Admit a newcomer (start its thread), or refuse it before any thread."""
+        host = normal_host(client_address[0])
+        with self._lock:
+            refusal = self._refusal_for(host)
+            if refusal is None:
+                self._places_taken += 1
+        if refusal is not None:
+            log.info("Refused %s: %s", format_address(client_address), refusal)
+            self._refuser.refuse(request, refusal)  # it closes the socket
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except RuntimeError:  # no thread could be started: give the place back
+            self._free_place(host)
+            raise
+
+    def _refusal_for(self, host):
+        """Say why a new connection from host may not come in, or count it (lock held)."""
+        if self._shutting_down:
+            return "The server is shutting down."
+        ban_left = self.addresses.ban_left(host)
+        if ban_left > 0:
+            return "You were removed by the teacher. Try again in %s." % (
+                describe_minutes(ban_left / 60))
+        if self._places_taken >= self.settings.max_clients:
+            return "The room is full (%d connected). Try again later." % self._places_taken
+        if not self.addresses.connect(host):
+            return ("Too many connections from your computer (%d). Close one, "
+                    "then try again." % self.settings.per_address)
+        return None
+
+    def _free_place(self, host):
+        with self._lock:
+            self._places_taken -= 1
+            self._everyone_gone.notify_all()
+        self.addresses.disconnect(host)
+
+    def handle_error(self, request, client_address):
+        # One line, not socketserver's traceback on the teacher's console.
+        error = sys.exc_info()[1]
+        log.error("Error with %s: %r", format_address(client_address), error)
+
+    # -- Connections (each client's reader thread) --
+
+    def register(self, client):
+        """Count a connection as open (its thread has started)."""
+        with self._lock:
+            self._connected.add(client)
+
+    def unregister(self, client):
+        """Forget a finished connection and free its place."""
+        with self._lock:
+            self._connected.discard(client)
+        self._free_place(client.host)
+
+    def connection_count(self):
+        """How many connections are open (admitted, not yet finished), joined or not."""
+        with self._lock:
+            return self._places_taken
+
+    # -- The console and the transcript --
+
+    def _note(self, kind, line):
+        """Queue a room event for the console and the transcript.
+
+        Called with the room's lock held, so events queue in the room's order.
+        Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
+        the event is counted instead, and the count reported.
+        """
+        if self._records.qsize() < RECORD_QUEUE_EVENTS:
+            self._records.put((kind, line))
+        else:
+            with self._dropped_lock:
+                self._records_dropped += 1
+
+    def _run_recorder(self):
+        # One thread shows room events on the console and hands them to the
+        # transcript, so a paused console or a slow disk never holds up the
+        # room, and both keep the room's order. Neither call here can wait.
+        held_back = HeldBackLines()
+        while True:
+            try:
+                kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
+            except queue.Empty:
+                kind, line = "", ""
+            if kind == "stop":
+                return
+            if kind:
+                self._record(kind, line, held_back)
+            held_back.report_if_due()
+            with self._dropped_lock:
+                dropped, self._records_dropped = self._records_dropped, 0
+            if dropped:
+                log.warning("%s not shown or written: the server was too busy.",
+                            plural(dropped, "room event"))
+
+    def _record(self, kind, line, held_back):
+        """Show one room event on the console and append it to the transcript."""
+        private = kind == "private"
+        if private and not self.settings.transcript_private:
+            return
+        if kind == "silenced":
+            held_back.add(line)
+            return
+        if kind == "warning":
+            log.warning("%s", line)
+        elif kind != "transcript":  # for the transcript only
+            log.info("%s%s", "(private) " if private else "", line)
+        if self._transcript is not None and kind not in ("console", "warning"):
+            self._transcript.write(("(private) " if private else "") + line)
+
+    # -- The teacher's powers: the few room operations the console calls --
+
+    def tell_console(self, text, warning=False):
+        """Show text on the console after the room events already queued.
+
+        Everything the console says about the room comes this way, so it
+        comes in the room's order ("left the chat." before "Closed").
+        """
+        with self._lock:
+            self._note("warning" if warning else "console", text)
+
+    def note_teacher(self, text):
+        """Write what the teacher did to the transcript, in the room's order."""
+        with self._lock:
+            self._note("transcript", "[teacher] " + text)
+
+    def announce(self, text):
+        """Send the teacher's announcement to everyone."""
+        with self._lock:
+            recipients = self._broadcast("*** [teacher] %s" % text,
+                                       event={"k": "announce", "text": text})
+        self._send_queued(recipients)
+
+    def find(self, name):
+        """The joined client called name (or a look-alike of it), or None."""
+        with self._lock:
+            return self._joined.get(fold_name(name)) or self._joined.get(
+                self._skeletons.get(skeleton(name)))
+
+    def connections_from(self, host):
+        """(joined clients, connections not joined yet) from one address."""
+        with self._lock:
+            everyone = [client for client in self._connected if client.host == host]
+        joined = [client for client in everyone if self.has_joined(client)]
+        return joined, [client for client in everyone if client not in joined]
+
+    def ask_other_server(self, name, event, verb):
+        """Redis link: pass /kick or /mute on to the server of a student elsewhere.
+
+        Return the reply for the teacher, or None if no such student is there.
+        """
+        with self._lock:
+            student = self._remote.get(fold_name(name))
+        if student is None or self._link is None:
+            return None
+        self._link.send_private(student, dict(event, name=student.name))
+        return "Asked the server of %s to %s them." % (student.name, verb)
+
+    def has_joined(self, client):
+        with self._lock:
+            return client.key is not None and self._joined.get(client.key) is client
+
+    def remove(self, client, line):
+        """Tell client line, take it out of the room, and close its connection."""
+        self.catch_up(client)
+        client.send_line(line)
+        self.leave(client)
+        client.close_when_sent()
+
+    def set_muted(self, client, muted):
+        """Mute or unmute a joined client, and tell it so; False if it already was."""
+        with self._lock:
+            if client.muted == muted:
+                return False
+            client.muted = muted
+            self._catch_up(client)
+            client.queue_line(
+                "*** The teacher has muted you: your messages reach nobody for now."
+                if muted else "*** The teacher has unmuted you: you can chat again.")
+        self._send_queued([client])
+        return True
+
+    def set_quiet(self, quiet):
+        """Turn quiet mode on or off and tell everyone; False if it already was."""
+        with self._lock:
+            if self._quiet == quiet:
+                return False
+            self._quiet = quiet
+            recipients = self._broadcast(
+                "*** [teacher] Quiet, please: only the teacher speaks for now."
+                if quiet else "*** [teacher] The chat is open again.",
+                event={"k": "quiet", "on": quiet})
+        self._send_queued(recipients)
+        return True
+
+    def snapshot(self):
+        """(joined clients in name order, connections that have not joined,
+        students on other servers: RemoteStudent tuples)."""
+        with self._lock:
+            joined = [self._joined[key] for key in self._keys_in_order]
+            waiting = [client for client in self._connected if client.key is None]
+            elsewhere = sorted(self._remote.values())  # Redis link
+        return joined, waiting, elsewhere
+
+    # -- Shutting down --
+
+    def close_room(self):
+        """Tell everyone the server is shutting down and close every connection.
+
+        Returns within about two seconds, even if a client has stalled.
+        """
+        if self._link is not None:  # Redis link: the others see our students leave
+            self._link.close()
+        with self._lock:
+            self._shutting_down = True
+            self._note("transcript", "=== The server is shutting down. ===")
+            everyone = list(self._connected)
+            for client in everyone:
+                self._catch_up(client)
+                client.queue_line("*** Server is shutting down.")
+        for client in everyone:
+            client.close_when_sent()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        for client in everyone:
+            wait_in_slices(client.wait_closed, max(0.0, deadline - time.monotonic()))
+        for client in everyone:
+            client.close_now()  # a stalled client's writer is still blocked: wake it
+        with self._lock:  # let the readers finish their goodbyes
+            wait_in_slices(lambda timeout: self._everyone_gone.wait_for(
+                lambda: not self._connected, timeout), SHUTDOWN_GRACE_SECONDS)
+
+    def server_close(self):
+        if self._link is not None:
+            self._link.stop()
+        super().server_close()
+        self._records.put(("stop", ""))
+        self._notices_stopping = True
+        self._notices_queued.set()
+        join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
+
+
 # =============================================================================
 # The extras: the teacher's console and transcript, the browser page, the
 # Redis link, the line client, and main().
@@ -2297,7 +2324,7 @@ class TeacherConsole:
         others = [other for other in self.server.connections_from(client.host)[0]
                   if other is not client]
         # Ban first: a connection from there that is still asking for a name
-        # then cannot join after all (ChatServer.join checks).
+        # then cannot join after all (ChatRoom.join() checks).
         ban = self.ban_after_kick(client, others)
         self.server.remove(client, "*** The teacher removed you from the chat%s"
                            % (": " + reason if reason else "."))
@@ -3340,7 +3367,7 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
                                                          csp_hash(PAGE_STYLE)))
 
 
-# --- Several servers, one room: the Redis link ---------------------------------
+# --- Several servers, one room: the Redis link --------------------------------
 #
 # With --redis, this server shares its room with every other server linked
 # to the same Redis and room name. It adds a RESP client (Redis's protocol,
@@ -4565,7 +4592,7 @@ def send_from_stdin(sock, finished):
     finished.set()
 
 
-# --- Starting the server: logging, flags, banner, main() ---------------------
+# --- Starting the server: logging, flags, banner, main() ----------------------
 # main() parses the flags and runs serve(): it makes the ChatServer, starts
 # the console, and serves until Ctrl+C or /shutdown.
 
