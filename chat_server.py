@@ -219,6 +219,13 @@ class Settings:
 # socketserver starts one for each connection the room admits. It reads
 # bytes, cuts them into lines, and calls the room: say(), join(), leave().
 
+TOO_LONG = object()  # read_line()'s stand-in for a line longer than --max-line
+INTERRUPTED = object()  # ...and for telnet's Ctrl+C (IAC IP): goodbye
+
+
+class NoAnswerInTime(Exception):
+    """The client did not answer a prompt (password, name) before its deadline."""
+
 
 class ChatHandler(socketserver.StreamRequestHandler):
     """One client's reader thread: its life from greeting to leaving.
@@ -269,7 +276,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         try:
             if self.greet() and self.check_password(deadline) and self.ask_name(deadline):
                 self.chat()
-        except socket.timeout:  # before OSError: it is one, until 3.10 by name
+        except NoAnswerInTime:
             self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
             self.server.tell_console("Closed %s: no %s in time" % (
                 self.client, self.waiting_for.split()[-1]))
@@ -306,12 +313,12 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def read_line(self, deadline=None):
         """Return the client's next line (str or TOO_LONG), or None when it is gone.
 
-        Raises socket.timeout if deadline (a time.monotonic() value) passes.
+        Raises NoAnswerInTime if deadline (a time.monotonic() value) passes.
         """
         while not self.lines:
             data = self.wait_for_bytes(None if deadline is None else deadline - time.monotonic())
             if data is None:
-                raise socket.timeout("no name in time")
+                raise NoAnswerInTime
             if not data:
                 return None
             self.take_bytes(data)
@@ -1174,9 +1181,6 @@ SERVER_MARKER = re.compile("[*\ufe61\uff0a]{3,}")
 ERASE_CHARACTERS = "\b\x7f"  # backspace and DEL, as character-mode clients send
 
 HTTP_REQUEST = re.compile(r"^[A-Z]+ \S+ HTTP/\d\.\d$")
-
-TOO_LONG = object()  # stands in for a line longer than --max-line
-INTERRUPTED = object()  # stands in for telnet's Ctrl+C (IAC IP): goodbye
 
 
 class TelnetFilter:

@@ -548,3 +548,25 @@ def test_host_double_colon_serves_ipv6_and_ipv4(start_server_at):
             client.expect("What is your name?")
         finally:
             client.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="needs TCP_USER_TIMEOUT")
+def test_a_connection_the_os_gives_up_on_leaves_without_a_name_timeout(
+        start_server, room, joined, caplog, monkeypatch):
+    """The kernel's own timeout on a student who stopped reading is not "no name in time"."""
+    # TCP_USER_TIMEOUT = interval x probes x 2 seconds: 2 s here, not minutes.
+    monkeypatch.setattr(chat_server, "KEEPALIVE_INTERVAL_SECONDS", 1)
+    monkeypatch.setattr(chat_server, "KEEPALIVE_PROBES", 1)
+    server = start_server(flood_rate=0, sendq=1 << 24, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    slow = joined("slow", server, rcvbuf=4096)  # joins, then never reads
+    alice.expect_next("slow joined")
+    bob.expect_next("slow joined")
+    line = "x" * BIG_LINE_BYTES  # more than slow's window: the rest waits in the
+    bob.send(line)                # kernel's send buffer, with no writer thread
+    alice.expect_next(line)
+    alice.expect_next(SLOW_LEFT, timeout=TIMEOUT + 5)
+    line = expect_console(caplog, "Closed connection: slow")
+    assert not [l for l in caplog.messages if "in time" in l], caplog.messages[-5:]
+    assert line.startswith("Closed connection: slow (127.0.0.1:")
+    slow.close()
