@@ -813,12 +813,17 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         # sent at once, above all) first queues the notices before it.
         while True:
             self._notices_queued.wait()
-            if self._notices_stopping:
-                return
             with self._lock:
+                # Checked after clear(), under the lock: a stop that came just
+                # before would otherwise have its wake-up cleared, and be missed.
                 self._notices_queued.clear()
+                if self._notices_stopping:
+                    return
                 clients = self._queue_notices()
-            self._send_queued(clients)
+            try:
+                self._send_queued(clients)
+            except Exception as error:  # a thread's top level: log it, and go on
+                log.error("Sending join and leave lines failed: %r", error)
 
     def _queue_notices(self):
         """Queue the waiting notices for every joined client; return them all (lock held)."""
@@ -965,6 +970,8 @@ class Client:
                 self._outbox_bytes -= sent
                 if sent < len(batch):
                     self._outbox.appendleft(batch[sent:])
+                    # Begun with TCP_NODELAY (it has a chat line): so is its rest.
+                    self._urgent = self._urgent or not self._nagle
                     self._backlogged = True  # the socket is full: over to the writer
                 handing_over = self._backlogged or self._finishing
                 more = bool(self._outbox)  # queued while we were sending
@@ -4014,6 +4021,15 @@ class RedisLink:
                     self._in_flight.append(self._outbox.get_nowait())
                 except queue.Empty:
                     break
+        # A private message to a server that has one held (unheard) waits
+        # behind it: the teacher's /mute then /unmute must not swap places.
+        held = {item[1] for item in self._unheard}
+        for item in [item for item in self._in_flight
+                     if item[0] == "publish" and item[1] in held and len(item) == 3]:
+            self._in_flight.remove(item)
+            self._hold_unheard(item)
+        if not self._in_flight:
+            return
         plan = [(item, self._commands_for(item)) for item in self._in_flight]
         replies = self._writer.pipeline([command for _, commands in plan
                                          for command in commands], self.silence_seconds)
@@ -4047,9 +4063,11 @@ class RedisLink:
                         item[2]["k"], item[2].get("to", item[2]["name"]))
 
     def _send_unheard_again(self):
+        # Sent now, ahead of anything queued since, in the order they were sent.
         unheard, self._unheard = self._unheard, []
-        for item in unheard:
-            self._queue_work(item)
+        self._in_flight = unheard + self._in_flight
+        if unheard:
+            self._send_work(0)
 
     def _freed_key(self, event):
         """The name key an event of ours frees in Redis (a leave, a rename), or None."""

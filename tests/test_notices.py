@@ -6,6 +6,9 @@ it. Several tests here stall that thread, so that only the second path can
 deliver the notices: the order must hold all the same.
 """
 
+import linecache
+import socket
+import sys
 import threading
 
 import pytest
@@ -171,3 +174,69 @@ def test_the_transcript_has_a_waiting_join_before_the_message_after_it(
 
     wait_until(lambda: len(events()) == 2, message="both lines in the transcript")
     assert events()[0].endswith("bob joined the chat.")
+
+
+# --- Found in review: the notices thread and Nagle ---
+
+
+def nodelay(client):
+    return client.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_the_rest_of_a_chat_line_the_socket_did_not_take_still_leaves_at_once(
+        start_server, joined):
+    """A chat line that only partly fit in a full socket keeps TCP_NODELAY for its rest."""
+    server = start_server(flood_rate=0, sendq=4 * 1024 * 1024)
+    joined("slow", server, rcvbuf=4096)  # never reads from here on
+    sender = joined("sender", server)
+    slow_side = server.find("slow")
+    slow_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills soon
+    line = "x" * 900
+    for _ in range(2000):  # bounded: fills the kernel's buffers, far below the sendq
+        sender.send(line)
+        if slow_side._backlogged:
+            break
+    wait_until(lambda: slow_side._backlogged and slow_side._writer is not None
+               and slow_side._sending, message="the writer took the rest")
+    # Only chat lines were ever queued for slow: Nagle must stay off.
+    assert nodelay(slow_side) != 0
+
+
+def test_the_notices_thread_ends_when_the_server_closes_during_its_round():
+    """server_close() while the notices thread waits for the room's lock: it still ends."""
+    server = chat_server.ChatServer(("127.0.0.1", 0), chat_server.Settings())
+    thread = server._notices_thread
+    code = chat_server.ChatServer._run_notices.__code__
+
+    def waiting_for_the_room_lock():
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        return frame is not None and "with self._lock" in linecache.getline(
+            frame.f_code.co_filename, frame.f_lineno)
+
+    with server._lock:  # the notices thread wakes, passes its stop check, waits here
+        server._notices_queued.set()
+        wait_until(waiting_for_the_room_lock, message="the notices thread at the room lock")
+        server.server_close()  # sets the stop flag and the event: the thread clears it next
+    wait_until(lambda: not thread.is_alive(), message="the notices thread ended")
+
+
+def test_one_failed_round_does_not_stop_the_join_lines_for_good(room, joined, monkeypatch,
+                                                               caplog):
+    """A send that fails in the notices thread (no thread could start) stops nothing."""
+    alice, = room("alice")
+    real_flush, failed = chat_server.Client.flush, []
+
+    def flush_failing_once(client):
+        if threading.current_thread().name == "notices" and not failed:
+            failed.append(client)
+            raise RuntimeError("can't start new thread")
+        return real_flush(client)
+
+    monkeypatch.setattr(chat_server.Client, "flush", flush_failing_once)
+    joined("bob")
+    joined("carol")
+    alice.expect("*** carol joined the chat.")
+    assert failed
+    caplog.clear()  # the one error this test caused on purpose

@@ -924,3 +924,77 @@ def test_a_whisper_sent_while_the_other_server_resubscribes_still_arrives(
     bob.expect("alice says: sentinel")  # so the PUBLISH was done, and no one heard it
     listening.set()
     bob.expect("alice whispers: are you there?")
+
+
+def hold_back_listener(server, monkeypatch, caplog):
+    """Cut server's channel and keep its listener from subscribing; return the Event that lets it."""
+    listening = threading.Event()
+    subscribe = server._link._subscribe
+
+    def subscribe_when_allowed():
+        if not listening.is_set():
+            raise ConnectionError("the test holds the listener back")
+        return subscribe()
+
+    monkeypatch.setattr(server._link, "_subscribe", subscribe_when_allowed)
+    server._link._listener.sock.shutdown(socket.SHUT_RDWR)
+    wait_until(lambda: "Redis channel lost" in caplog.text, message="listener gone")
+    return listening
+
+
+def hold_back_resends(server, monkeypatch):
+    """The next heartbeats of server do not send unheard messages again until the Event is set."""
+    allowed = threading.Event()
+    real = server._link._send_unheard_again
+    monkeypatch.setattr(server._link, "_send_unheard_again",
+                        lambda: real() if allowed.is_set() else None)
+    return allowed
+
+
+def subscribed(redis_server, server):
+    channel = server._link.url.room + ":to:" + server._link.server_id
+    connection = redis_server.connect()
+    try:
+        return connection.call("PUBSUB", "NUMSUB", channel)[1] > 0
+    finally:
+        connection.close()
+
+
+@redis
+def test_two_whispers_sent_across_a_resubscribe_arrive_in_the_order_sent(
+        linked, join, redis_server, monkeypatch, caplog):
+    a, b = linked(), linked()
+    alice, bob = join(a, "alice"), join(b, "bob")
+    resend = hold_back_resends(a, monkeypatch)  # the worst moment: next beat comes late
+    listening = hold_back_listener(b, monkeypatch, caplog)
+    alice.send("/msg bob first")
+    alice.expect("*** You whispered to bob: first")
+    alice.send("sentinel")  # its XADD follows the PUBLISH on a's one connection
+    bob.expect("alice says: sentinel")  # so the PUBLISH was done, and no one heard it
+    listening.set()
+    wait_until(lambda: subscribed(redis_server, b), message="b listens again")
+    alice.send("/msg bob second")
+    alice.expect("*** You whispered to bob: second")
+    resend.set()
+    got = [bob.expect("alice whispers:"), bob.expect("alice whispers:")]
+    assert got == ["alice whispers: first", "alice whispers: second"]
+
+
+@redis
+def test_a_mute_then_unmute_from_another_server_leaves_the_student_unmuted(
+        linked, join, redis_server, monkeypatch, caplog):
+    a, b = linked(), linked()
+    join(a, "alice")
+    bob = join(b, "bob")
+    console = TeacherConsole(a, stream=None)
+    resend = hold_back_resends(a, monkeypatch)
+    listening = hold_back_listener(b, monkeypatch, caplog)
+    console.handle_line("/mute bob")  # no one hears it: held for the next beat
+    wait_until(lambda: a._link._unheard, message="the mute held as unheard")
+    listening.set()
+    wait_until(lambda: subscribed(redis_server, b), message="b listens again")
+    console.handle_line("/unmute bob")  # heard at once
+    resend.set()
+    # In the teacher's order: muted, then unmuted (not: unmute ignored, then muted for good).
+    bob.expect_next("*** The teacher has muted you")
+    bob.expect_next("*** The teacher has unmuted you")
