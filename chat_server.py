@@ -4146,9 +4146,13 @@ class RedisLink:
         orphans = [student for student in remote if student.server in dead]
         if not orphans:
             return
-        deleted = self._writer.pipeline([("DEL", self._name_prefix + fold_name(student.name))
-                                         for student in orphans], self.silence_seconds)
-        # NOTE: a name whose DEL returned 0 is another server's to announce;
+        # Each name is freed only if the dead server still holds it (the same
+        # script as _release_if_ours(), with the dead server's id): a live
+        # server may have claimed it since.
+        deleted = self._writer.pipeline(
+            [("EVAL", RELEASE_IF_OURS_SCRIPT, 1, self._name_prefix + fold_name(student.name),
+              student.server) for student in orphans], self.silence_seconds)
+        # NOTE: a name that was not freed here is another server's to announce;
         # its leave comes through the stream like any other.
         with self.room._lock:
             for student, won in zip(orphans, deleted):
