@@ -37,23 +37,27 @@ room, names nobody can fake), the teacher's console and transcript, the
 browser page (HTTP and a WebSocket on the same port), the Redis link
 (several servers, one room), the --connect line client, and main().
 
-The life of one line, "hi" typed by alice, in the order the code comes below:
+The life of one line, "hi" typed by alice, step by step; the three parts of
+the core come below in the same order (ChatHandler, ChatRoom, Client):
   1. ChatHandler.handle() is alice's reader thread: after ask_name() has
      joined her to the room, chat() reads her lines until she leaves.
   2. read_line() waits for bytes (wait_for_bytes(), a recv() on her socket)
      and take_bytes() cuts them into clean lines: b"hi\r\n" becomes "hi".
   3. handle_line() sees a message, not a /command, and calls the room's
      ChatRoom.say().
-  4. say() and _speak() take the room's lock; _broadcast() queues
+  4. say() calls _speak(), which takes the room's lock; _broadcast() queues
      "alice says: hi" in every other client's outbox (Client.queue_bytes())
      and in the history. Under the lock, so everyone gets the same order.
   5. After the lock, _send_queued() calls each client's Client.flush(),
      which sends what its socket takes at once (_send_what_fits()).
   6. If bob's socket is full, the rest waits in his outbox; his writer thread
      (Client._run_writer()) sends it when there is room. If his outbox
-     passes --sendq, the room's drop() disconnects him as too slow.
-  7. When alice leaves (EOF, /quit, kicked), ChatHandler.finish() calls the
-     room's leave(), which announces "*** alice left the chat." once.
+     passes --sendq, queue_bytes() marks him too slow, and _send_queued()
+     has the room's drop() disconnect him.
+  7. When alice leaves, the room's leave() announces "*** alice left the
+     chat." once: called by ChatHandler.finish() (end of input, a reset, a
+     time-out), or earlier by /quit (do_quit()), drop() (too slow) or the
+     teacher's remove(); at shutdown, no leave lines are sent.
 
 Licence: MIT (see LICENSE).
 """
@@ -70,6 +74,8 @@ Licence: MIT (see LICENSE).
 #               that every joined client sees, in the same order.
 #   outbox      a client's queue of bytes not yet sent, bounded by --sendq;
 #               what a full socket cannot take, its writer thread sends later.
+#   notice      a join, leave or rename line: a room event that may go out a
+#               few milliseconds late, with others, from the notices thread.
 
 import sys
 
@@ -178,7 +184,7 @@ RESERVED_NAMES = frozenset(
 EXIT_OK = 0
 EXIT_STARTUP_ERROR = 2  # also argparse's status for a bad flag
 EXIT_CONNECT_FAILED = 1
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl+C
+EXIT_INTERRUPTED = 130  # a second Ctrl+C during the shutdown: 128 + SIGINT
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl+C, a service manager's stop
 
 log = logging.getLogger("chat_server")
@@ -328,6 +334,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.reply("*** Bye.")
             self.lines.clear()
             return None
+        # A browser's request that came after the greeting (see "The browser page").
         return None if identify_late_request(self, line) else line
 
     def wait_for_bytes(self, timeout=None):
@@ -579,7 +586,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     program runs: it adds to this core the admission of connections, the
     other room events (whispers, renames), the console's record, the
     teacher's powers and the shutdown. The core calls five of its parts:
-    _wait_for_room_budget() and _silencing_notice() (may this client speak
+    _wait_for_room_budget() and _why_silenced() (may this client speak
     now?), _note() and tell_console() (for the console and the transcript),
     and addresses (what the room knows about each computer).
     """
@@ -635,7 +642,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         with self._lock:
             if self._joined.get(client.key) is not client:
                 return  # kicked, or dropped, while these lines were on their way
-            notice = self._silencing_notice(client)
+            notice = self._why_silenced(client)
             if notice is None:
                 recipients = self._broadcast(lines, exclude=client, event=event)
             else:
@@ -651,8 +658,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
 
         lines is one line, or a list of lines from one sender, which are
         queued together: one queue_bytes() per client, whatever their number.
-        Return the clients they were queued for: the caller passes them to
-        _send_queued() once it has released the lock.
+        Return the clients they were queued for (every joined client, if
+        waiting notices were queued first): the caller passes them to
+        _send_queued() once it has released the lock. A client whose outbox
+        overflowed is marked too_slow by queue_bytes(); _send_queued() drops it.
         event: the same, as data for the Redis link (see its section).
         notice: a join, leave or rename line, sent a few milliseconds later
         (see _run_notices()); nothing is queued now, and the list is empty.
@@ -689,8 +698,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         """Send what was queued for clients, and drop any that were too slow.
 
         Called after the room's lock is released: this touches sockets. When
-        several threads publish at once, one send here often carries lines
-        that others queued meanwhile.
+        several threads queue lines at once, one send here often carries
+        lines that others queued meanwhile.
         """
         for client in clients:
             if client.too_slow:
@@ -909,11 +918,12 @@ class Client:
         self.closing_bytes = b""  # sent last, before closing (a WebSocket close frame)
         self._outbox = collections.deque()  # bytes not yet sent
         self._outbox_bytes = 0  # queued, or being sent
-        # The client's own lock: it guards the outbox and the flags below.
+        # The client's own lock: it guards the outbox and the flags below, and
+        # is taken inside the room's lock (never the other way round).
         # It is a Condition, so the writer thread can wait on it for work.
         # (Over a plain Lock: the default RLock is slower, and this runs once
         # per line per client.)
-        self._lock = threading.Condition(threading.Lock())
+        self._outbox_lock = threading.Condition(threading.Lock())
         self._sending = False  # one thread has taken bytes out and is sending them
         self._backlogged = False  # the socket was full: the writer sends until empty
         self._urgent = False  # more than notices are queued: see _take_batch()
@@ -937,13 +947,13 @@ class Client:
         is emptied and closed, and the room must drop it. notice: join, leave
         or rename lines only, which may leave a little later (_take_batch()).
         """
-        with self._lock:
+        with self._outbox_lock:
             if self._finishing:
                 return True  # it is being disconnected: nothing more to send
             if self._outbox_bytes + len(data) > self.sendq_bytes:
                 self._finishing = self.too_slow = True
                 self._outbox.clear()
-                self._lock.notify()
+                self._outbox_lock.notify()
                 return False
             self._outbox.append(data)
             self._outbox_bytes += len(data)
@@ -960,12 +970,12 @@ class Client:
         Never call this while holding the room's lock: it uses the socket.
         """
         while True:
-            with self._lock:
+            with self._outbox_lock:
                 if self._sending or self._backlogged or not self._outbox:
                     return  # nothing to do, or another thread is on it
                 batch = self._take_batch()
             sent = self._send_what_fits(batch)
-            with self._lock:
+            with self._outbox_lock:
                 self._sending = False
                 self._outbox_bytes -= sent
                 if sent < len(batch):
@@ -983,14 +993,14 @@ class Client:
 
     def _wake_writer(self):
         """Wake the writer thread, starting it the first time (never under a lock)."""
-        with self._lock:
+        with self._outbox_lock:
             writer, starting = self._writer, self._writer is None
             if starting:
                 writer = self._writer = threading.Thread(
                     target=self._run_writer, daemon=True,
                     name="writer %s" % format_address(self.address))
             else:
-                self._lock.notify()
+                self._outbox_lock.notify()
         if starting:
             writer.start()
 
@@ -1009,7 +1019,7 @@ class Client:
 
     def claim_drop(self):
         """True the first time only: so a client is dropped once."""
-        with self._lock:
+        with self._outbox_lock:
             first, self._dropped = not self._dropped, True
             return first
 
@@ -1024,13 +1034,13 @@ class Client:
 
     def close_when_sent(self):
         """Take no more data; send what is queued, then close (never under a lock)."""
-        with self._lock:
+        with self._outbox_lock:
             if self.closing_bytes and not self._finishing:
                 self._outbox.append(self.closing_bytes)
                 self._outbox_bytes += len(self.closing_bytes)
             self._finishing = True
         self.flush()
-        with self._lock:
+        with self._outbox_lock:
             done = not (self._outbox or self._sending or self._backlogged)
         if done and self._writer is None:
             self._shut_down_socket()  # all sent: no thread needed to close
@@ -1039,10 +1049,10 @@ class Client:
 
     def close_now(self):
         """Close now, dropping the outbox: wakes both threads if they are waiting."""
-        with self._lock:
+        with self._outbox_lock:
             self._finishing = True
             self._outbox.clear()
-            self._lock.notify()
+            self._outbox_lock.notify()
         self._shut_down_socket()
 
     def wait_closed(self, timeout):
@@ -1059,9 +1069,9 @@ class Client:
 
     def _next_batch(self):
         """Wait until the writer is needed; return the bytes to send, or None to stop."""
-        with self._lock:
+        with self._outbox_lock:
             while self._sending or not (self._backlogged or self._finishing):
-                self._lock.wait()
+                self._outbox_lock.wait()
             if not self._outbox:
                 self._backlogged = False
                 return None if self._finishing else b""
@@ -1109,7 +1119,7 @@ class Client:
                 while rest and not self.closed.is_set():
                     writable.select(WRITER_CHECK_SECONDS)  # wait for room in the socket
                     rest = rest[self._send_what_fits(rest):]
-                with self._lock:
+                with self._outbox_lock:
                     self._sending = False
                     self._outbox_bytes -= len(batch)
         except (OSError, ValueError):
@@ -1156,8 +1166,10 @@ def enable_keepalive(sock):
 
 
 # =============================================================================
-# What protects the room: clean text, limits, names nobody can fake, refusals.
-# Each piece is called from the core at one place, named in its docstring.
+# What protects the room: clean text, names nobody can fake, limits, refusals.
+# The core calls them where it reads (ChatHandler.take_bytes()), joins
+# (ChatRoom.join()), speaks (_speak()), and where ChatServer admits a
+# connection (process_request()).
 # =============================================================================
 
 # --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
@@ -1353,6 +1365,11 @@ def describe_commands(commands):
             for word, (_, usage, description) in commands.items()]
 
 
+# --- Names nobody can fake ----------------------------------------------------
+# ChatRoom.join() and rename() refuse a name for which name_problem() has
+# a reason, or whose skeleton() is one a joined student already has.
+
+
 def fold_name(name):
     """Return the key that two names share when they look alike (Alice, ａｌｉｃｅ)."""
     # NFKC folds width and compatibility forms; casefold then folds case
@@ -1463,6 +1480,12 @@ def skeleton(name):
 
 
 RESERVED_SKELETONS = frozenset(skeleton(name) for name in RESERVED_NAMES)
+
+
+# --- Limits: per connection, per computer, for the whole room -----------------
+# FloodLimiter paces one connection's lines and bytes (ChatHandler), ByteBudget
+# the whole room (ChatServer._wait_for_room_budget()), and Addresses counts
+# what each computer does (ChatServer.process_request(), the teacher's bans).
 
 
 class FloodLimiter:
@@ -1690,6 +1713,11 @@ def normal_host(host):
     return str(address)
 
 
+# --- Refusals: saying why, without a thread for each --------------------------
+# ChatServer.process_request() hands each connection it will not admit to
+# the Refuser, which tells it why from one thread of its own.
+
+
 class Refuser:
     """Tells refused connections why, from one thread, spending no thread on each.
 
@@ -1804,6 +1832,9 @@ def send_and_close(sock, data):
     sock.close()
 
 
+# --- Wording shared by the room's messages ------------------------------------
+
+
 def describe_minutes(minutes):
     """A wait as a person says it: '40 seconds', '1 minute', '5 minutes'."""
     if minutes < 1:
@@ -1826,6 +1857,9 @@ def format_address(address):
 # Adds to the core room (ChatRoom) what a class needs around it: admitting
 # or refusing connections, whispers and renames, the room-wide budget, the
 # console's record of the room, the teacher's powers, and the shutdown.
+
+QUIET_ON_LINE = "*** [teacher] Quiet, please: only the teacher speaks for now."
+QUIET_OFF_LINE = "*** [teacher] The chat is open again."
 
 
 class ChatServer(ChatRoom):
@@ -1850,8 +1884,8 @@ class ChatServer(ChatRoom):
         # thread. (A SimpleQueue bounded by hand: queue.Queue costs far more
         # per put, and this runs for every line said in the room.)
         self._records = queue.SimpleQueue()
-        self._records_dropped = 0  # guarded by _dropped_lock
-        self._dropped_lock = threading.Lock()
+        self._records_lost = 0  # guarded by _lost_lock
+        self._lost_lock = threading.Lock()
         self._transcript = transcript  # a Transcript, or None
         self._recorder_thread = threading.Thread(
             target=self._run_recorder, name="recorder", daemon=True
@@ -1880,7 +1914,7 @@ class ChatServer(ChatRoom):
             remote = self._remote.get(fold_name(name))  # Redis link: on another server?
             if target is None and remote is None:
                 return "No one called %s is online. Type /who to see who is." % name
-            notice = self._silencing_notice(client)
+            notice = self._why_silenced(client)
             self._catch_up(client)
             if notice is not None:
                 client.queue_line(notice)
@@ -1961,7 +1995,7 @@ class ChatServer(ChatRoom):
         if delay > 0:
             client.sleep(delay)  # ends early if the sender is dropped
 
-    def _silencing_notice(self, client):
+    def _why_silenced(self, client):
         """None if client may speak now; else what to tell it (lock held)."""
         if client.muted:
             return "*** Not sent: the teacher has muted you."
@@ -2066,8 +2100,8 @@ class ChatServer(ChatRoom):
         if self._records.qsize() < RECORD_QUEUE_EVENTS:
             self._records.put((kind, line))
         else:
-            with self._dropped_lock:
-                self._records_dropped += 1
+            with self._lost_lock:
+                self._records_lost += 1
 
     def _run_recorder(self):
         # One thread shows room events on the console and hands them to the
@@ -2084,8 +2118,8 @@ class ChatServer(ChatRoom):
             if kind:
                 self._record(kind, line, held_back)
             held_back.report_if_due()
-            with self._dropped_lock:
-                dropped, self._records_dropped = self._records_dropped, 0
+            with self._lost_lock:
+                dropped, self._records_lost = self._records_lost, 0
             if dropped:
                 log.warning("%s not shown or written: the server was too busy.",
                             plural(dropped, "room event"))
@@ -2157,7 +2191,7 @@ class ChatServer(ChatRoom):
         with self._lock:
             return client.key is not None and self._joined.get(client.key) is client
 
-    def remove(self, client, line):
+    def remove_by_teacher(self, client, line):
         """Tell client line, take it out of the room, and close its connection."""
         self.catch_up(client)
         client.send_line(line)
@@ -2184,8 +2218,7 @@ class ChatServer(ChatRoom):
                 return False
             self._quiet = quiet
             recipients = self._broadcast(
-                "*** [teacher] Quiet, please: only the teacher speaks for now."
-                if quiet else "*** [teacher] The chat is open again.",
+                QUIET_ON_LINE if quiet else QUIET_OFF_LINE,
                 event={"k": "quiet", "on": quiet})
         self._send_queued(recipients)
         return True
@@ -2337,7 +2370,7 @@ class TeacherConsole:
         # Ban first: a connection from there that is still asking for a name
         # then cannot join after all (ChatRoom.join() checks).
         ban = self.ban_after_kick(client, others)
-        self.server.remove(client, "*** The teacher removed you from the chat%s"
+        self.server.remove_by_teacher(client, "*** The teacher removed you from the chat%s"
                            % (": " + reason if reason else "."))
         waiting = self.close_waiting(client.host, [client])
         if waiting:
@@ -2371,7 +2404,7 @@ class TeacherConsole:
         waiting = [client for client in self.server.connections_from(host)[1]
                    if client not in removed]
         for client in waiting:
-            self.server.remove(client, "*** The teacher closed the connections from "
+            self.server.remove_by_teacher(client, "*** The teacher closed the connections from "
                                "your computer.")
         return len(waiting)
 
@@ -2387,7 +2420,7 @@ class TeacherConsole:
             names = ", ".join(client.name for client in joined) or "by address"
             self.server.addresses.ban(host, names, minutes)
         for client in joined:
-            self.server.remove(client, "*** The teacher removed everyone at your "
+            self.server.remove_by_teacher(client, "*** The teacher removed everyone at your "
                                "computer from the chat.")
         waiting = self.close_waiting(host, joined)
         self.tell("Disconnected %s and %s from %s; %s" % (
@@ -2465,7 +2498,7 @@ class TeacherConsole:
 
     def do_shutdown(self, argument):
         self.tell("Shutting down at the teacher's request.")
-        self.server.shutdown()  # serve_forever() returns; main() closes the room
+        self.server.shutdown()  # serve_forever() returns; serve() closes the room
 
     # word -> (method, arguments, what it does), in the order /help lists them
     COMMANDS = {
@@ -2523,7 +2556,7 @@ class Transcript:
         self._file = open(path, "ab", buffering=0, opener=open_without_waiting)
         self._lines = queue.Queue(TRANSCRIPT_QUEUE_LINES)
         self._dropped = 0  # lines the queue had no room for
-        self._dropped_lock = threading.Lock()  # guards _dropped (two threads touch it)
+        self._lost_lock = threading.Lock()  # guards _dropped (two threads touch it)
         self._thread = threading.Thread(target=self._run, name="transcript", daemon=True)
         self._thread.start()
 
@@ -2533,7 +2566,7 @@ class Transcript:
         try:
             self._lines.put_nowait(line.encode("utf-8"))
         except queue.Full:
-            with self._dropped_lock:
+            with self._lost_lock:
                 self._dropped += 1  # reported when the writer catches up
 
     def close(self):
@@ -2549,7 +2582,7 @@ class Transcript:
         for data in iter(self._lines.get, None):
             error = self._append_whole(data)
             if error is None:
-                with self._dropped_lock:
+                with self._lost_lock:
                     dropped, self._dropped = self._dropped, 0
                 if unwritten or dropped:
                     lost = unwritten + dropped
@@ -3114,7 +3147,7 @@ def answer_http(handler, data):
 def recv_unpaced(handler, timeout):
     """Wait up to timeout seconds for bytes: b'' at the end, None if none came.
 
-    Not ChatHandler.recv(): a request head is not chat, so it is never paced.
+    Not ChatHandler.wait_for_bytes(): a request head is not chat, so it is never paced.
     """
     deadline = time.monotonic() + timeout
     while timeout > 0 and handler.readable.select(timeout):
@@ -3785,8 +3818,6 @@ def event_lines(event):
     return [QUIET_ON_LINE if event["on"] else QUIET_OFF_LINE]  # "quiet"
 
 
-QUIET_ON_LINE = "*** [teacher] Quiet, please: only the teacher speaks for now."
-QUIET_OFF_LINE = "*** [teacher] The chat is open again."
 SPLIT_LINE = ("*** The other servers are out of reach: for now this room has only "
               "the students on this server.")
 WHOLE_LINE = "*** The other servers are back: the room is whole again."
