@@ -603,8 +603,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             self.address_family = socket.AF_INET6
         self._joined = {}  # key (folded name) -> Client, for joined clients
         # The room's lock. It guards _joined and every field from here down to
-        # _shutting_down, the notices below, and ChatServer's _connected and
-        # _places_taken. The fields with locks of their own say so.
+        # _notices_before; ChatServer's _connected and _places_taken; and the
+        # room's fields of each Client (name, key, skeleton, joined_at, muted,
+        # notices_seen). The recorder's queue is only put to under it, to keep
+        # the room's order. Anything else has a lock of its own, or is set once.
         self._lock = threading.Lock()
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
@@ -620,7 +622,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._notices = []
         self._notices_before = 0  # notices given to everyone and forgotten
         self._notices_queued = threading.Event()  # set when _notices fills
-        self._notices_stopping = False  # set by server_close(): the thread ends
+        self._notices_stopping = False  # set once, by server_close(): the thread ends
         self._notices_thread = threading.Thread(
             target=self._run_notices, name="notices", daemon=True)
         super().__init__(address, ChatHandler)  # binds and listens; serve_forever() accepts
