@@ -417,6 +417,14 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 self.server.drop(self.client, TOO_SLOW)
                 return
 
+    def run_command(self, line):
+        """Run a /command (see "The students' commands"); its name is not case-sensitive."""
+        word, command, argument = parse_command(line, STUDENT_COMMANDS)
+        if command is None:
+            self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
+        else:
+            command(self, argument)
+
     # -- Before joining --
 
     def greet(self):
@@ -507,67 +515,6 @@ class ChatHandler(socketserver.StreamRequestHandler):
                        "in %s." % describe_minutes(delay / 60))
             self.client.sleep(delay)
         return True
-
-    # -- The commands: to add one, write a method and add it to COMMANDS --
-
-    def run_command(self, line):
-        """Run a /command; its name is not case-sensitive."""
-        word, method, argument = parse_command(line, self.COMMANDS)
-        if method is None:
-            self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
-        else:
-            method(self, argument)
-
-    def do_help(self, argument):
-        lines = ["*** Commands:"]
-        lines += ["***   " + line for line in describe_commands(self.COMMANDS)]
-        lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
-        private = ("private messages too" if self.server.settings.transcript_private
-                   else "not private messages")
-        lines.append("*** The teacher sees the chat on the server's screen (%s)." % private)
-        self.reply(*lines)
-
-    def do_nick(self, argument):
-        if not argument:
-            self.reply("*** Usage: /nick NEWNAME")
-            return
-        problem = self.server.rename(self.client, argument)
-        if problem:
-            self.reply("*** " + problem)
-
-    def do_who(self, argument):
-        self.reply(self.server.who())
-
-    def do_me(self, argument):
-        if not argument:
-            self.reply("*** Usage: /me ACTION   (for example: /me waves)")
-            return
-        self.server.act(self.client, argument)
-
-    def do_msg(self, argument):
-        name, _, text = argument.partition(" ")
-        if not name or not text.strip():
-            self.reply("*** Usage: /msg NAME TEXT")
-            return
-        problem = self.server.whisper(self.client, name, text.strip())
-        if problem:
-            self.reply("*** " + problem)
-
-    def do_quit(self, argument):
-        self.reply("*** Bye.")
-        self.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
-        self.server.leave(self.client)
-        self.done = True
-
-    # word -> (method, arguments, what it does), in the order /help lists them
-    COMMANDS = {
-        "help": (do_help, "", "list the commands"),
-        "nick": (do_nick, "NEWNAME", "change your name"),
-        "who": (do_who, "", "list who is online"),
-        "me": (do_me, "ACTION", "show an action: * you ACTION"),
-        "msg": (do_msg, "NAME TEXT", "send TEXT to NAME only"),
-        "quit": (do_quit, "[REASON]", "leave the chat"),
-    }
 
 
 # --- The room: ChatRoom -------------------------------------------------------
@@ -2272,9 +2219,74 @@ class ChatServer(ChatRoom):
 
 
 # =============================================================================
-# The extras: the teacher's console and transcript, the browser page, the
-# Redis link, the line client, and main().
+# The extras: the students' commands, the teacher's console and transcript,
+# the browser page, the Redis link, the line client, and main().
 # =============================================================================
+
+# --- The students' commands --------------------------------------------------
+# ChatHandler.handle_line() gives a line that starts with / to run_command(),
+# which looks its first word up in STUDENT_COMMANDS. To add a command, write
+# a function here that takes the handler and the rest of the line, and add
+# it to STUDENT_COMMANDS: /help lists it.
+
+
+def do_help(handler, argument):
+    lines = ["*** Commands:"]
+    lines += ["***   " + line for line in describe_commands(STUDENT_COMMANDS)]
+    lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
+    private = ("private messages too" if handler.server.settings.transcript_private
+               else "not private messages")
+    lines.append("*** The teacher sees the chat on the server's screen (%s)." % private)
+    handler.reply(*lines)
+
+
+def do_nick(handler, argument):
+    if not argument:
+        handler.reply("*** Usage: /nick NEWNAME")
+        return
+    problem = handler.server.rename(handler.client, argument)
+    if problem:
+        handler.reply("*** " + problem)
+
+
+def do_who(handler, argument):
+    handler.reply(handler.server.who())
+
+
+def do_me(handler, argument):
+    if not argument:
+        handler.reply("*** Usage: /me ACTION   (for example: /me waves)")
+        return
+    handler.server.act(handler.client, argument)
+
+
+def do_msg(handler, argument):
+    name, _, text = argument.partition(" ")
+    if not name or not text.strip():
+        handler.reply("*** Usage: /msg NAME TEXT")
+        return
+    problem = handler.server.whisper(handler.client, name, text.strip())
+    if problem:
+        handler.reply("*** " + problem)
+
+
+def do_quit(handler, argument):
+    handler.reply("*** Bye.")
+    handler.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
+    handler.server.leave(handler.client)
+    handler.done = True
+
+
+# word -> (function, arguments, what it does), in the order /help lists them
+STUDENT_COMMANDS = {
+    "help": (do_help, "", "list the commands"),
+    "nick": (do_nick, "NEWNAME", "change your name"),
+    "who": (do_who, "", "list who is online"),
+    "me": (do_me, "ACTION", "show an action: * you ACTION"),
+    "msg": (do_msg, "NAME TEXT", "send TEXT to NAME only"),
+    "quit": (do_quit, "[REASON]", "leave the chat"),
+}
+
 
 # --- The teacher's console: the terminal running the server -------------------
 # Adds the teacher: serve() starts a TeacherConsole on the terminal; its
