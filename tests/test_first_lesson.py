@@ -238,6 +238,7 @@ def test_refused_clients_that_already_sent_a_name_still_see_why(start_server, co
         latecomer = connect(server)
         latecomer.send("latecomer")  # unread input must not reset away the refusal
         assert latecomer.expect_closed() == ["*** The room is full (1 connected). Try again later."]
+        latecomer.close()  # as a student would: the refuser, idle again, takes the next at once
 
 
 def test_no_line_of_a_pasted_batch_shows_the_server_marker(room):
