@@ -391,7 +391,7 @@ def expect_console(caplog, text):
 QUICK_DELAYS = {
     # Every password answer waits this long (tests that time it read the
     # patched value, so they still prove that the delay is there).
-    "PASSWORD_ANSWER_SECONDS": 0.2,
+    "PASSWORD_ANSWER_SECONDS": 0.1,
     # A test client that speaks first does so at once; one that waits for the
     # welcome waits this long. (Not for Chromium: its spare sockets connect
     # early and speak late.)
