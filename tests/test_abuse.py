@@ -911,9 +911,10 @@ def test_a_second_ctrl_c_during_the_shutdown_stops_at_once_with_status_130():
         stalled.expect("*** Online now")
         bob = server.join("bob")
         bob.sock.settimeout(TIMEOUT)
-        # 12 MB for the stalled client, more than the socket buffers take: the
-        # rest stays in its outbox, and the shutdown waits about a second for it.
-        bob.send_raw((b"z" * 60000 + b"\r\n") * 200)
+        # 6 MB for the stalled client, more than the socket buffers take (4 MB
+        # at most by Linux's default tcp_wmem): the rest stays in its outbox,
+        # and the shutdown waits about a second for it.
+        bob.send_raw((b"z" * 60000 + b"\r\n") * 100)
         bob.send("/who")
         bob.expect("*** Online now (2)")  # every line before it was handled
         server.process.send_signal(signal.SIGINT)
