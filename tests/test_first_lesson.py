@@ -209,7 +209,7 @@ def test_name_prompt_states_the_time_limit(connect):
 
 
 def test_timeout_at_the_password_prompt_names_the_password(start_server, connect):
-    server = start_server(password="fish", name_timeout=0.5)
+    server = start_server(password="fish", name_timeout=0.2)
     student = connect(server)
     student.expect("Password?")
     assert student.expect_closed()[-1] == "*** You did not give the password in time. Goodbye."

@@ -105,7 +105,7 @@ def test_unicode_name_is_welcome(room):
 
 
 def test_name_timeout_closes_a_silent_connection(start_server, connect):
-    server = start_server(name_timeout=0.5)
+    server = start_server(name_timeout=0.2)
     client = connect(server)
     lines = client.expect_closed()
     assert lines[-1] == "*** You did not give a name in time. Goodbye."
