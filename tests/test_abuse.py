@@ -435,11 +435,11 @@ def test_joins_and_leaves_still_go_out_in_quiet_mode(room, joined, console):
 # --- Everything a connection sends is paced -------------------------------------
 
 def test_telnet_nops_are_paced_by_the_input_budget(start_server, room, monkeypatch):
-    """16 KiB that are no line at all (telnet NOPs) cost time like any input."""
-    monkeypatch.setattr(chat_server, "INPUT_BURST_BYTES", 8 * 1024)  # half a second's worth
+    """8 KiB that are no line at all (telnet NOPs) cost time like any input."""
+    monkeypatch.setattr(chat_server, "INPUT_BURST_BYTES", 4 * 1024)  # a quarter second's worth
     server = start_server()
     alice, bob, carol = room("alice", "bob", "carol", target=server)
-    nops = bytes([chat_server.IAC, 241]) * (8 * 1024)
+    nops = bytes([chat_server.IAC, 241]) * (4 * 1024)
     bob.sock.settimeout(TIMEOUT)
     started = time.monotonic()
     bob.send_raw(nops + b"sentinel\r\n")
