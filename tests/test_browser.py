@@ -157,7 +157,7 @@ def test_head_over_16_kib_in_all_is_refused(server):
 def test_unfinished_head_is_closed_at_the_deadline_even_without_a_name_timeout(
         start_server, monkeypatch):
     """--name-timeout 0 does not lift the head's own deadline."""
-    monkeypatch.setattr(chat_server, "HTTP_HEAD_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(chat_server, "HTTP_HEAD_TIMEOUT_SECONDS", 0.2)
     server = start_server(name_timeout=0)
     started = time.monotonic()
     status, _, _ = http(server.server_address, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")

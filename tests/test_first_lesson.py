@@ -209,7 +209,7 @@ def test_name_prompt_states_the_time_limit(connect):
 
 
 def test_timeout_at_the_password_prompt_names_the_password(start_server, connect):
-    server = start_server(password="fish", name_timeout=0.5)
+    server = start_server(password="fish", name_timeout=0.2)
     student = connect(server)
     student.expect("Password?")
     assert student.expect_closed()[-1] == "*** You did not give the password in time. Goodbye."
@@ -238,6 +238,7 @@ def test_refused_clients_that_already_sent_a_name_still_see_why(start_server, co
         latecomer = connect(server)
         latecomer.send("latecomer")  # unread input must not reset away the refusal
         assert latecomer.expect_closed() == ["*** The room is full (1 connected). Try again later."]
+        latecomer.close()  # as a student would: the refuser, idle again, takes the next at once
 
 
 def test_no_line_of_a_pasted_batch_shows_the_server_marker(room):

@@ -105,7 +105,7 @@ def test_unicode_name_is_welcome(room):
 
 
 def test_name_timeout_closes_a_silent_connection(start_server, connect):
-    server = start_server(name_timeout=0.5)
+    server = start_server(name_timeout=0.2)
     client = connect(server)
     lines = client.expect_closed()
     assert lines[-1] == "*** You did not give a name in time. Goodbye."
@@ -163,13 +163,13 @@ def test_wrong_password_is_refused_after_a_delay_and_closed(start_server, connec
 # --- Flood ---
 
 def test_flood_is_delayed_in_order_with_nothing_lost(start_server, room):
-    server = start_server(flood_rate=40, flood_burst=5)
+    server = start_server(flood_rate=80, flood_burst=5)
     alice, bob = room("alice", "bob", target=server)
     started = time.monotonic()
     bob.send_raw(b"".join(b"line %d\r\n" % n for n in range(25)))
     for n in range(25):
         alice.expect_next("bob says: line %d" % n)
-    assert time.monotonic() - started >= (25 - 5) / 40 * 0.9  # held back, not dropped
+    assert time.monotonic() - started >= (25 - 5) / 80 * 0.9  # held back, not dropped
 
 
 def test_flooder_is_told_once_to_slow_down(start_server, room):

@@ -197,7 +197,9 @@ def test_sigterm_shuts_down_in_good_order():
         # A signal that lands while the main thread is still starting alice's
         # thread makes socketserver close her socket (a known race, left to
         # the server): a refusal, sent by the main thread, shows it is done.
-        refusal = server.client().expect_closed()
+        latecomer = server.client()
+        latecomer.send("bob")  # speaks first: answered at once, not after the browser wait
+        refusal = latecomer.expect_closed()
         assert len(refusal) == 1 and "room is full" in refusal[0], refusal
         server.process.terminate()
         status = server.process.wait(TIMEOUT)

@@ -33,7 +33,7 @@ FAST_LINK = {
     "heartbeat_ttl_seconds": 2,
     "name_ttl_seconds": 10,
 }
-SPLIT_TIMEOUT = 10.0  # a split is declared after about 1 s of silence; relinks back off
+SPLIT_TIMEOUT = 10.0  # a split is declared after 0.5-1 s of silence; relinks back off
 
 
 # --- RESP, without Redis ------------------------------------------------------
@@ -160,6 +160,15 @@ def redis_server():
 def fast_link(monkeypatch):
     for name, value in FAST_LINK.items():
         monkeypatch.setattr(chat_server.RedisLink, name, value)
+
+
+@pytest.fixture
+def quick_split(fast_link, monkeypatch):
+    """For tests that wait for a split: 0.5 s of silence is one (still 5 heartbeats)."""
+    monkeypatch.setattr(chat_server.RedisLink, "silence_seconds", 0.5)
+    monkeypatch.setattr(chat_server.RedisLink, "heartbeat_seconds", 0.1)
+    monkeypatch.setattr(chat_server.RedisLink, "block_milliseconds", 100)
+    monkeypatch.setattr(chat_server.RedisLink, "retry_max_seconds", 0.2)
 
 
 @pytest.fixture
@@ -563,7 +572,8 @@ def test_a_linked_server_with_the_right_password_starts(redis_server):
 
 
 @redis
-def test_a_silent_redis_splits_the_room_and_the_local_room_goes_on(linked, join, proxies):
+def test_a_silent_redis_splits_the_room_and_the_local_room_goes_on(
+        linked, join, proxies, quick_split):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
     alice, amy = join(a, "alice"), join(a, "amy")
@@ -607,7 +617,7 @@ def test_a_stuck_redis_never_stalls_the_local_room(linked, join, proxies, monkey
 
 
 @redis
-def test_the_room_is_whole_again_after_the_link_comes_back(linked, join, proxies):
+def test_the_room_is_whole_again_after_the_link_comes_back(linked, join, proxies, quick_split):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
     alice = join(a, "alice")
@@ -644,7 +654,7 @@ def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
 
 
 @redis
-def test_a_name_taken_during_a_split_becomes_name_dot_2(linked, join, proxies):
+def test_a_name_taken_during_a_split_becomes_name_dot_2(linked, join, proxies, quick_split):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
     alice = join(a, "alice")
@@ -690,11 +700,12 @@ def test_a_killed_server_s_students_leave_everywhere_once(linked, join, redis_se
 
 
 # Runs the script with the link's timings of FAST_LINK, so that a killed
-# server's heartbeat expires in seconds rather than REDIS_HEARTBEAT_TTL_SECONDS.
+# server's heartbeat expires in a second (Redis's shortest EX; still five of
+# its heartbeats) rather than REDIS_HEARTBEAT_TTL_SECONDS.
 FAST_LINK_LAUNCHER = (
     "import runpy, sys; sys.argv = sys.argv[1:]; script = runpy.run_path(sys.argv[0]); "
     "[setattr(script['RedisLink'], name, value) for name, value in %r.items()]; "
-    "sys.exit(script['main']())" % FAST_LINK
+    "sys.exit(script['main']())" % dict(FAST_LINK, heartbeat_ttl_seconds=1)
 )
 
 
@@ -763,7 +774,8 @@ def test_a_server_started_in_quiet_mode_is_quiet_too(linked, join):
 
 
 @redis
-def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(linked, join, redis_server):
+def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(
+        linked, join, redis_server, quick_split):
     a, b = linked(), linked()
     alice = join(a, "alice")
     bob = join(b, "bob")
