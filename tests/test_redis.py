@@ -919,17 +919,7 @@ def test_a_whisper_sent_while_the_other_server_resubscribes_still_arrives(
     """A PUBLISH that no server heard (its listener was reconnecting) is sent again."""
     a, b = linked(), linked()
     alice, bob = join(a, "alice"), join(b, "bob")
-    listening = threading.Event()  # cleared: b's listener cannot subscribe again yet
-    subscribe = b._link._subscribe
-
-    def subscribe_when_allowed():
-        if not listening.is_set():
-            raise ConnectionError("the test holds the listener back")
-        return subscribe()
-
-    monkeypatch.setattr(b._link, "_subscribe", subscribe_when_allowed)
-    b._link._listener.sock.shutdown(socket.SHUT_RDWR)  # b's channel is lost
-    wait_until(lambda: "Redis channel lost" in caplog.text, message="b's listener gone")
+    listening = hold_back_listener(b, monkeypatch, caplog)  # b's channel is lost
     alice.send("/msg bob are you there?")
     alice.expect("*** You whispered to bob: are you there?")
     alice.send("sentinel")  # its XADD follows the PUBLISH on a's one connection
