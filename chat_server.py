@@ -171,6 +171,8 @@ SIGNAL_CHECK_SECONDS = 0.05  # the main thread waits in slices this long, so a
 KEEPALIVE_IDLE_SECONDS = 60  # a silent peer is probed after this long...
 KEEPALIVE_INTERVAL_SECONDS = 10  # ...then every this many seconds...
 KEEPALIVE_PROBES = 6  # ...and given up after this many unanswered probes
+UNACKED_SECONDS = 120  # a peer that acknowledges nothing we send for this
+#                        long is gone (twice the probes' minute; Linux only)
 ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
 WRITER_CHECK_SECONDS = 0.5  # a waiting writer checks this often if it was closed
 ROUTE_PROBE_ADDRESS = ("198.51.100.1", 9)  # a documentation address (RFC 5737):
@@ -1102,7 +1104,7 @@ def enable_keepalive(sock):
         ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
         ("TCP_KEEPCNT", KEEPALIVE_PROBES),
         # Also give up on a peer that stops acknowledging what we send.
-        ("TCP_USER_TIMEOUT", 1000 * KEEPALIVE_INTERVAL_SECONDS * KEEPALIVE_PROBES * 2),
+        ("TCP_USER_TIMEOUT", int(1000 * UNACKED_SECONDS)),
     ]
     for option_name, value in tunings:
         option = getattr(socket, option_name, None)
