@@ -32,10 +32,11 @@ The terminal running the server is the teacher's console: it shows the chat,
 and lines typed there are announcements or commands (type /help there).
 
 After the core come the parts that each add one thing: what protects the
-room (text cleaning, limits per connection, per computer and for the whole
-room, names nobody can fake), the teacher's console and transcript, the
-browser page (HTTP and a WebSocket on the same port), the Redis link
-(several servers, one room), the --connect line client, and main().
+room (text cleaning, names nobody can fake, limits per connection, per
+computer and for the whole room), ChatServer, the students' commands, the
+teacher's console and transcript, the browser page (HTTP and a WebSocket on
+the same port), the Redis link (several servers, one room), the --connect
+line client, and main().
 
 The life of one line, "hi" typed by alice, step by step; the three parts of
 the core come below in the same order (ChatHandler, ChatRoom, Client):
@@ -57,7 +58,7 @@ the core come below in the same order (ChatHandler, ChatRoom, Client):
   7. When alice leaves, the room's leave() announces "*** alice left the
      chat." once: called by ChatHandler.finish() (end of input, a reset, a
      time-out), or earlier by /quit (do_quit()), drop() (too slow) or the
-     teacher's remove(); at shutdown, no leave lines are sent.
+     teacher's remove_by_teacher(); at shutdown, no leave lines are sent.
 
 Licence: MIT (see LICENSE).
 """
