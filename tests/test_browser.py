@@ -34,6 +34,15 @@ def browser(server):
         yield open_socket
 
 
+@pytest.fixture
+def bob_and_alice(browser, joined):
+    """bob joined over TCP, alice in a browser; bob has read alice's join line."""
+    bob = joined("bob")
+    alice = browser().join("alice")
+    bob.expect("*** alice joined the chat.")
+    return bob, alice
+
+
 def http(address, request, timeout=TIMEOUT):
     """Send raw request bytes; return (status line, headers dict, body) once closed."""
     with socket.create_connection(address[:2], timeout=timeout) as sock:
@@ -243,10 +252,8 @@ def test_upgrade_with_a_bad_key_gets_400(server):
 # --- Frames ---
 
 
-def test_browser_and_nc_students_talk_both_ways(browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("*** alice joined the chat.")
+def test_browser_and_nc_students_talk_both_ways(bob_and_alice):
+    bob, alice = bob_and_alice
     alice.send("hello from the browser")
     bob.expect_next("alice says: hello from the browser")
     bob.send("hello from nc")
@@ -269,20 +276,16 @@ def test_server_messages_carry_whole_lines_ending_in_crlf(browser):
     assert all(message.endswith("\r\n") for message in messages)
 
 
-def test_fragmented_message_is_one_line(browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_fragmented_message_is_one_line(bob_and_alice):
+    bob, alice = bob_and_alice
     alice.send_frame(TEXT, b"one ", fin=False)
     alice.send_frame(CONTINUATION, b"two ", fin=False)
     alice.send_frame(CONTINUATION, b"three")
     bob.expect_next("alice says: one two three")
 
 
-def test_ping_gets_pong_even_between_fragments(browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_ping_gets_pong_even_between_fragments(bob_and_alice):
+    bob, alice = bob_and_alice
     alice.send_frame(TEXT, b"half ", fin=False)
     alice.send_frame(PING, b"are you there")
     assert alice.recv_frame() == (True, PONG, b"are you there")
@@ -290,38 +293,30 @@ def test_ping_gets_pong_even_between_fragments(browser, joined):
     bob.expect_next("alice says: half and half")
 
 
-def test_close_gets_close_and_the_others_see_a_leave(browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_close_gets_close_and_the_others_see_a_leave(bob_and_alice):
+    bob, alice = bob_and_alice
     alice.close(1000)
     alice.expect_close_code(1000)
     bob.expect_next("*** alice left the chat.")
 
 
-def test_multibyte_text_and_0xff_bytes_pass_with_the_telnet_filter_off(browser, joined):
+def test_multibyte_text_and_0xff_bytes_pass_with_the_telnet_filter_off(bob_and_alice):
     """Masked with 0xFF, every byte would be a telnet IAC if the filter were on."""
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+    bob, alice = bob_and_alice
     alice.send_raw(frame(TEXT, "ÿé 漢字 ok".encode("utf-8"), key=b"\xff\xff\xff\xff"))
     bob.expect_next("alice says: ÿé 漢字 ok")
 
 
-def test_message_over_max_line_gets_the_long_line_notice_and_stays(browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_message_over_max_line_gets_the_long_line_notice_and_stays(bob_and_alice):
+    bob, alice = bob_and_alice
     alice.send("x" * 1025)
     alice.expect("longer than 1024 bytes and was not sent")
     alice.send("short")
     bob.expect_next("alice says: short")
 
 
-def test_message_with_several_lines_is_several_lines(browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_message_with_several_lines_is_several_lines(bob_and_alice):
+    bob, alice = bob_and_alice
     alice.send("first\nsecond\n")
     bob.expect_next("alice says: first")
     bob.expect_next("alice says: second")
@@ -340,10 +335,8 @@ def test_message_with_several_lines_is_several_lines(browser, joined):
 ], ids=["unmasked", "binary", "bad-utf8", "rsv", "opcode", "continuation", "long-ping",
         "fragmented-ping", "one-byte-close"])
 def test_protocol_error_closes_with_its_code_and_one_console_line(
-        browser, joined, caplog, bad_frame, code):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+        joined, caplog, bad_frame, code, bob_and_alice):
+    bob, alice = bob_and_alice
     before = len(warnings(caplog))
     alice.send_raw(bad_frame)
     alice.expect_close_code(code)
@@ -379,10 +372,8 @@ def test_message_limit_grows_with_max_line():
 # --- A browser student in the room, next to an nc student ---
 
 
-def test_both_kinds_see_the_same_events_in_the_same_order(browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_both_kinds_see_the_same_events_in_the_same_order(joined, bob_and_alice):
+    bob, alice = bob_and_alice
     carol = joined("carol")
     for student in (alice, bob):
         student.expect("carol joined")
@@ -411,10 +402,8 @@ def test_browser_student_sees_history(start_server, joined, browser):
     alice.expect("bob says: before you came")
 
 
-def test_browser_student_uses_commands(browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_browser_student_uses_commands(bob_and_alice):
+    bob, alice = bob_and_alice
     alice.send("/who")
     alice.expect("Online now (2): alice, bob")
     alice.send("/me waves")
@@ -437,30 +426,24 @@ def test_browser_student_is_paced_when_flooding(start_server, joined, browser):
         bob.expect_next("alice says: flood %d" % number)
 
 
-def test_kicked_browser_student_is_told_and_gets_a_close_frame(server, browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_kicked_browser_student_is_told_and_gets_a_close_frame(server, bob_and_alice):
+    bob, alice = bob_and_alice
     teacher(server, "/kick alice be nice")
     alice.expect("removed you from the chat: be nice")
     alice.expect_close_code(1000)
     bob.expect_next("*** alice left the chat.")
 
 
-def test_muted_browser_student_reaches_nobody(server, browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_muted_browser_student_reaches_nobody(server, joined, bob_and_alice):
+    bob, alice = bob_and_alice
     teacher(server, "/mute alice")
     alice.expect("muted you")
     alice.send("can anyone hear me")
     bob.expect_nothing_before(joined("carol"), sentinel="*** carol joined")
 
 
-def test_quiet_mode_holds_browser_students_too(server, browser, joined):
-    bob = joined("bob")
-    alice = browser().join("alice")
-    bob.expect("alice joined")
+def test_quiet_mode_holds_browser_students_too(server, joined, bob_and_alice):
+    bob, alice = bob_and_alice
     teacher(server, "/quiet on")
     alice.expect("[teacher]")
     alice.send("psst")
