@@ -204,6 +204,17 @@ def linked(redis_server, start_server, fast_link, linked_servers):
     return start
 
 
+@pytest.fixture
+def two_rooms(linked, join):
+    """(a, b, alice, bob): two linked servers, alice joined on a, bob on b;
+    alice has read bob's join line."""
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    alice.expect("*** bob joined the chat.")
+    return a, b, alice, bob
+
+
 def joined_on(server, name):
     """A client joined as name on server; the caller closes it (or the test ends)."""
     return ChatClient(server.server_address).join(name)
@@ -266,11 +277,8 @@ redis = pytest.mark.redis  # on each test that needs redis-server
 
 
 @redis
-def test_a_message_reaches_students_on_the_other_server(linked, join):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("*** bob joined the chat.")
+def test_a_message_reaches_students_on_the_other_server(two_rooms):
+    a, b, alice, bob = two_rooms
     alice.send("hello from lab A")
     bob.expect_next("alice says: hello from lab A")
 
@@ -305,22 +313,16 @@ def test_a_name_is_unique_across_servers(linked, join):
 
 
 @redis
-def test_a_name_is_free_on_every_server_once_its_student_leaves(linked, join):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+def test_a_name_is_free_on_every_server_once_its_student_leaves(join, two_rooms):
+    a, b, alice, bob = two_rooms
     alice.send("/quit")
     bob.expect("*** alice left the chat.")
     join(b, "alice")
 
 
 @redis
-def test_a_rename_is_seen_everywhere_and_frees_the_old_name(linked, join):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+def test_a_rename_is_seen_everywhere_and_frees_the_old_name(join, two_rooms):
+    a, b, alice, bob = two_rooms
     alice.send("/nick alicia")
     bob.expect_next("*** alice is now alicia.")
     join(b, "alice")
@@ -337,11 +339,8 @@ def test_who_lists_the_students_of_every_server(linked, join):
 
 
 @redis
-def test_a_newcomer_sees_the_history_of_every_server(linked, join):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+def test_a_newcomer_sees_the_history_of_every_server(linked, two_rooms):
+    a, b, alice, bob = two_rooms
     alice.send("from A")
     bob.expect("from A")
     bob.send("from B")
@@ -411,11 +410,8 @@ def console_who(server, caplog):
 
 
 @redis
-def test_the_teacher_kicks_a_student_on_another_server(linked, join, caplog):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+def test_the_teacher_kicks_a_student_on_another_server(caplog, two_rooms):
+    a, b, alice, bob = two_rooms
     TeacherConsole(a, None).handle_line("/kick bob too loud")
     expect_console(caplog, "Asked the server of bob to kick them.")
     bob.expect("removed you from the chat: too loud")
@@ -442,11 +438,8 @@ def test_the_teacher_mutes_a_student_on_another_server(linked, join, caplog):
 
 
 @redis
-def test_quiet_mode_from_one_server_silences_students_on_another(linked, join):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+def test_quiet_mode_from_one_server_silences_students_on_another(two_rooms):
+    a, b, alice, bob = two_rooms
     a.set_quiet(True)
     bob.expect("Quiet, please")
     alice.expect("Quiet, please")
@@ -498,11 +491,8 @@ def read_text(path):
 
 
 @redis
-def test_student_text_full_of_resp_is_just_text(linked, join, redis_server):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+def test_student_text_full_of_resp_is_just_text(redis_server, two_rooms):
+    a, b, alice, bob = two_rooms
     alice.send_raw(b"*1\r\n$8\r\nFLUSHALL\r\n*3\r\n$3\r\nDEL\r\n$15\r\nclass:name:bob\r\n")
     for line in ("*1", "$8", "FLUSHALL", "*3", "$3", "DEL", "$15", "class:name:bob"):
         bob.expect_next("alice says: " + line)
@@ -775,11 +765,8 @@ def test_a_server_started_in_quiet_mode_is_quiet_too(linked, join):
 
 @redis
 def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(
-        linked, join, redis_server, quick_split):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+        join, redis_server, quick_split, two_rooms):
+    a, b, alice, bob = two_rooms
     redis_server.stop()  # killed: every server's link drops
     for student in (alice, bob):
         student.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
@@ -857,11 +844,8 @@ def test_a_misshapen_xread_reply_is_a_protocol_error(reply):
 
 
 @redis
-def test_a_rename_that_only_changes_case_keeps_the_name_claimed(linked, join):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+def test_a_rename_that_only_changes_case_keeps_the_name_claimed(linked, two_rooms):
+    a, b, alice, bob = two_rooms
     alice.send("/nick Alice")
     bob.expect_next("*** alice is now Alice.")
     late = linked()  # knows only what Redis holds
