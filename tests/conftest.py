@@ -68,6 +68,20 @@ class LineExpectations:
     ChatClient (TCP) and websocket_client.ChatSocket (a browser) share them.
     """
 
+    def expect_closed(self, timeout=None):
+        """Read until the server closes the connection (for a browser: its close
+        frame); return the lines read. Fail if it is still open at the deadline."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        start = len(self.seen)
+        try:
+            while self.read_line(max(0.001, deadline - time.monotonic())) is not None:
+                pass
+        except ConnectionError:  # a reset: closed all the same
+            pass
+        except socket.timeout:
+            pytest.fail("connection still open; got %r" % self.seen[start:])
+        return self.seen[start:]
+
     def join(self, name):
         """Give a name at once (before the prompt, as a script would) and wait to be in.
 
@@ -172,19 +186,6 @@ class ChatClient(LineExpectations):
         except socket.timeout:
             pass
         assert data in self.buffer, "expected %r in %r" % (data, self.buffer[-200:])
-
-    def expect_closed(self, timeout=None):
-        """Read until the server closes the connection; return the lines read."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        start = len(self.seen)
-        try:
-            while self.read_line(max(0.001, deadline - time.monotonic())) is not None:
-                pass
-        except ConnectionResetError:
-            pass
-        except socket.timeout:
-            pytest.fail("connection still open; got %r" % self.seen[start:])
-        return self.seen[start:]
 
     def reset(self):
         """Close abruptly: the server sees a reset, not a clean end."""

@@ -188,17 +188,6 @@ class ChatSocket(LineExpectations, WebSocketClient):
         self.seen.append(line)
         return line
 
-    def expect_closed(self, timeout=None):
-        """Read until the close frame (or the end); return the lines read."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        start = len(self.seen)
-        try:
-            while self.read_line(max(0.001, deadline - time.monotonic())) is not None:
-                pass
-        except ConnectionError:
-            pass
-        return self.seen[start:]
-
     def expect_close_code(self, code, timeout=None):
         """Read until the server's close frame; it must carry code."""
         self.expect_closed(timeout)
