@@ -554,9 +554,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._joined = {}  # key (folded name) -> Client, for joined clients
         # The room's lock. It guards _joined and every field from here down to
         # _notices_before; ChatServer's _connected and _places_taken; and the
-        # room's fields of each Client (name, key, skeleton, joined_at, muted,
-        # notices_seen). The recorder's queue is only put to under it, to keep
-        # the room's order. Anything else has a lock of its own, or is set once.
+        # room's fields of each Client (name, key, skeleton, joined_at, muted;
+        # not notices_seen: see take_notices()). The recorder's queue is only
+        # put to under it, to keep the room's order. Anything else has a lock
+        # of its own, or is set once.
         self._lock = threading.Lock()
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
@@ -565,7 +566,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
         self._shutting_down = False  # set by close_room(): no more leave lines
-        # Join, leave and rename lines not yet queued for every client, in
+        # Join, leave and rename lines not yet given to every client, in
         # the room's order, as (line, the client not to tell). A client's
         # notices_seen counts those it has been given, out of
         # _notices_before + len(_notices). See _run_notices().
@@ -634,7 +635,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             self._notices_queued.set()
             return []
         # Waiting notices go first (to the sender too, who is sent them now).
-        everyone = self._queue_notices() if self._notices else None
+        everyone = self._catch_up_everyone() if self._notices else None
         recipients = [client for client in self._joined.values() if client is not exclude]
         # The bytes are built once per kind of client (TCP lines, WebSocket
         # frames), not once per client: a big room stays cheap.
@@ -772,6 +773,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         # together next time, one send per client for a whole burst of joins.
         # Order never changes: anything else queued for a client (a chat line,
         # sent at once, above all) first queues the notices before it.
+        # This thread gives them out without holding the room's lock, so a
+        # chat line never waits for a big class to be told of a join.
         while True:
             self._notices_queued.wait()
             with self._lock:
@@ -780,31 +783,36 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 self._notices_queued.clear()
                 if self._notices_stopping:
                     return
-                clients = self._queue_notices()
+                clients = list(self._joined.values())
+                first, notices = self._notices_before, self._notices[:]
             try:
-                self._send_queued(clients)
+                self._give_notices(clients, first, notices)
             except Exception as error:  # a thread's top level: log it, and go on
                 log.error("Sending join and leave lines failed: %r", error)
+                continue  # they stay waiting: the next round gives them out
+            with self._lock:
+                # Everyone has them now (a newcomer had them in its history):
+                # forget them.
+                del self._notices[:len(notices)]
+                self._notices_before = first + len(notices)
 
-    def _queue_notices(self):
-        """Queue the waiting notices for every joined client; return them all (lock held)."""
-        if not self._notices:
-            return []
-        clients = list(self._joined.values())
-        end = self._notices_before + len(self._notices)
-        skipped = {exclude for _, exclude in self._notices}
-        shared = {}  # encode_lines -> the bytes for a client that has seen none
+    def _give_notices(self, clients, first, notices):
+        """Queue and send notices (numbered from first) to each client that lacks them."""
+        shared = {}  # encode_lines -> the bytes of them all, built once per kind
+        excluded = {exclude for _, exclude in notices}
         for client in clients:
-            if client.notices_seen > self._notices_before or client in skipped:
-                self._catch_up(client)  # a newcomer, or told some already
-                continue
-            data = shared.get(client.encode_lines)
-            if data is None:
-                data = shared[client.encode_lines] = client.encode_lines(
-                    [line for line, _ in self._notices])
-            client.queue_bytes(data, notice=True)
-            client.notices_seen = end
-        self._notices_before, self._notices = end, []
+            if not client.take_notices(first, notices, None if client in excluded else shared,
+                                       send=True):
+                self.drop(client, TOO_SLOW)
+
+    def _catch_up_everyone(self):
+        """Queue the waiting notices for every joined client; return them all (lock held)."""
+        clients = list(self._joined.values())
+        shared = {}
+        excluded = {exclude for _, exclude in self._notices}
+        for client in clients:
+            client.take_notices(self._notices_before, self._notices,
+                                None if client in excluded else shared)
         return clients
 
     def catch_up(self, client):
@@ -817,14 +825,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
 
         Called before anything else is queued for it, so it sees them first.
         """
-        end = self._notices_before + len(self._notices)
-        if client.notices_seen >= end or self._joined.get(client.key) is not client:
-            return
-        first = max(0, client.notices_seen - self._notices_before)
-        lines = [line for line, exclude in self._notices[first:] if exclude is not client]
-        client.notices_seen = end
-        if lines:
-            client.queue_bytes(client.encode_lines(lines), notice=True)
+        if self._notices and self._joined.get(client.key) is client:
+            client.take_notices(self._notices_before, self._notices)
 
 
 # --- Client: one connection's outbox and writer thread ------------------------
@@ -861,7 +863,7 @@ class Client:
         self.renames = None  # a RateWindow for /nick, set by the handler
         self.muted = False  # set by the teacher; the room checks it
         self.too_slow = False  # its outbox overflowed: the room drops it
-        self.notices_seen = 0  # the room's: see ChatRoom._catch_up()
+        self.notices_seen = 0  # how many of the room's notices it was given: see take_notices()
         self.sendq_bytes = sendq_bytes
         # How this client's lines become bytes, and what it joined with: a
         # browser's WebSocket changes both (see answer_http()).
@@ -870,12 +872,13 @@ class Client:
         self.closing_bytes = b""  # sent last, before closing (a WebSocket close frame)
         self._outbox = collections.deque()  # bytes not yet sent
         self._outbox_bytes = 0  # queued, or being sent
-        # The client's own lock: it guards the outbox and the flags below, and
-        # is taken inside the room's lock (never the other way round).
-        # It is a Condition, so the writer thread can wait on it for work.
-        # (Over a plain Lock: the default RLock is slower, and this runs once
-        # per line per client.)
-        self._outbox_lock = threading.Condition(threading.Lock())
+        # The client's own lock: it guards the outbox, notices_seen and the
+        # flags below, and is taken inside the room's lock (never the other
+        # way round). A plain Lock, as it is taken a few times per line per
+        # client: a Condition's own "with" costs a Python call each time.
+        self._outbox_lock = threading.Lock()
+        # The writer thread waits on this for work (it shares the lock).
+        self._writer_needed = threading.Condition(self._outbox_lock)
         self._sending = False  # one thread has taken bytes out and is sending them
         self._backlogged = False  # the socket was full: the writer sends until empty
         self._urgent = False  # more than notices are queued: see _take_batch()
@@ -900,32 +903,75 @@ class Client:
         or rename lines only, which may leave a little later (_take_batch()).
         """
         with self._outbox_lock:
-            if self._finishing:
-                return True  # it is being disconnected: nothing more to send
-            if self._outbox_bytes + len(data) > self.sendq_bytes:
-                self._finishing = self.too_slow = True
-                self._outbox.clear()
-                self._outbox_lock.notify()
+            return self._queue(data, notice)
+
+    def _queue(self, data, notice):
+        """queue_bytes() with this client's lock held."""
+        if self._finishing:
+            return True  # it is being disconnected: nothing more to send
+        if self._outbox_bytes + len(data) > self.sendq_bytes:
+            self._finishing = self.too_slow = True
+            self._outbox.clear()
+            self._writer_needed.notify()
+            return False
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        self._urgent = self._urgent or not notice
+        return True
+
+    def take_notices(self, first, notices, shared=None, send=False):
+        """Queue the room's notices that this client was not given; False if too slow.
+
+        notices: the room's waiting join, leave and rename lines, as (line,
+        the client not to tell), numbered from first; notices_seen counts
+        those this client was given. Two threads may try at once: the
+        notices thread (which holds no room lock while it sends) and the
+        room, before it queues anything else for this client (see
+        ChatRoom._catch_up()). Checked and counted under this client's lock,
+        each notice is queued once, by whichever comes first, and in order.
+        shared: encode_lines -> the bytes of all notices, for a client that
+        lacks them all and is told all. send: send them now too, unless
+        another thread is sending (never with the room's lock held).
+        """
+        end = first + len(notices)
+        with self._outbox_lock:
+            seen = self.notices_seen
+            if seen >= end:
+                return True  # given them already
+            self.notices_seen = end
+            if seen <= first and shared is not None:
+                data = shared.get(self.encode_lines)
+                if data is None:
+                    data = shared[self.encode_lines] = self.encode_lines(
+                        [line for line, _ in notices])
+            else:
+                lines = [line for line, exclude in notices[max(0, seen - first):]
+                         if exclude is not self]
+                data = self.encode_lines(lines) if lines else b""
+            if data and not self._queue(data, notice=True):
                 return False
-            self._outbox.append(data)
-            self._outbox_bytes += len(data)
-            self._urgent = self._urgent or not notice
-            return True
+            if not send or self._sending or self._backlogged or not self._outbox:
+                return True
+            batch = self._take_batch()
+        self.flush(batch)  # the usual case: one lock, one send
+        return True
 
     def queue_line(self, text):
         """Queue one line (see queue_bytes())."""
         return self.queue_bytes(self.encode_lines([text]))
 
-    def flush(self):
+    def flush(self, batch=None):
         """Send what is queued, as far as the socket takes it now; never wait.
 
         Never call this while holding the room's lock: it uses the socket.
+        batch: bytes the caller took with _take_batch(), and so its turn to send.
         """
         while True:
-            with self._outbox_lock:
-                if self._sending or self._backlogged or not self._outbox:
-                    return  # nothing to do, or another thread is on it
-                batch = self._take_batch()
+            if batch is None:
+                with self._outbox_lock:
+                    if self._sending or self._backlogged or not self._outbox:
+                        return  # nothing to do, or another thread is on it
+                    batch = self._take_batch()
             sent = self._send_what_fits(batch)
             with self._outbox_lock:
                 self._sending = False
@@ -942,6 +988,7 @@ class Client:
                 return
             if not more:
                 return
+            batch = None
 
     def _wake_writer(self):
         """Wake the writer thread, starting it the first time (never under a lock)."""
@@ -952,7 +999,7 @@ class Client:
                     target=self._run_writer, daemon=True,
                     name="writer %s" % format_address(self.address))
             else:
-                self._outbox_lock.notify()
+                self._writer_needed.notify()
         if starting:
             writer.start()
 
@@ -1004,7 +1051,7 @@ class Client:
         with self._outbox_lock:
             self._finishing = True
             self._outbox.clear()
-            self._outbox_lock.notify()
+            self._writer_needed.notify()
         self._shut_down_socket()
 
     def wait_closed(self, timeout):
@@ -1023,7 +1070,7 @@ class Client:
         """Wait until the writer is needed; return the bytes to send, or None to stop."""
         with self._outbox_lock:
             while self._sending or not (self._backlogged or self._finishing):
-                self._outbox_lock.wait()
+                self._writer_needed.wait()
             if not self._outbox:
                 self._backlogged = False
                 return None if self._finishing else b""

@@ -226,15 +226,15 @@ def test_one_failed_round_does_not_stop_the_join_lines_for_good(room, joined, mo
                                                                caplog):
     """A send that fails in the notices thread (no thread could start) stops nothing."""
     alice, = room("alice")
-    real_flush, failed = chat_server.Client.flush, []
+    real_take, failed = chat_server.Client.take_notices, []
 
-    def flush_failing_once(client):
+    def take_failing_once(client, *args, **kwargs):
         if threading.current_thread().name == "notices" and not failed:
             failed.append(client)
             raise RuntimeError("can't start new thread")
-        return real_flush(client)
+        return real_take(client, *args, **kwargs)
 
-    monkeypatch.setattr(chat_server.Client, "flush", flush_failing_once)
+    monkeypatch.setattr(chat_server.Client, "take_notices", take_failing_once)
     joined("bob")
     joined("carol")
     alice.expect("*** carol joined the chat.")
