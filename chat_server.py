@@ -176,6 +176,8 @@ UNACKED_SECONDS = 120  # a peer that acknowledges nothing we send for this
 #                        long is gone (twice the probes' minute; Linux only)
 ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
 WRITER_CHECK_SECONDS = 0.5  # a waiting writer checks this often if it was closed
+NOTICES_RETRY_SECONDS = 0.5  # after a failed round of join lines (no thread could
+#                              start): soon, but a lasting fault logs twice a second
 ROUTE_PROBE_ADDRESS = ("198.51.100.1", 9)  # a documentation address (RFC 5737):
 #                                           only asked how it would be routed
 FILES_BESIDES_CLIENTS = 64  # the listening socket, the console, the transcript...
@@ -789,7 +791,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 self._give_notices(clients, first, notices)
             except Exception as error:  # a thread's top level: log it, and go on
                 log.error("Sending join and leave lines failed: %r", error)
-                continue  # they stay waiting: the next round gives them out
+                time.sleep(NOTICES_RETRY_SECONDS)
+                self._notices_queued.set()  # they stay waiting: try again
+                continue
             with self._lock:
                 # Everyone has them now (a newcomer had them in its history):
                 # forget them.
@@ -948,12 +952,21 @@ class Client:
                 lines = [line for line, exclude in notices[max(0, seen - first):]
                          if exclude is not self]
                 data = self.encode_lines(lines) if lines else b""
-            if data and not self._queue(data, notice=True):
-                return False
-            if not send or self._sending or self._backlogged or not self._outbox:
+            if not data:
                 return True
-            batch = self._take_batch()
-        self.flush(batch)  # the usual case: one lock, one send
+            if send and self._nagle and len(data) <= self.sendq_bytes and not (
+                    self._outbox or self._sending or self._backlogged or self._finishing):
+                # The usual case, a big class joining: nothing else is queued
+                # and nobody is sending, so the outbox is skipped (one lock,
+                # one send). Nagle is on already: the batch is notices only.
+                self._sending, self._outbox_bytes, batch = True, len(data), data
+            else:
+                if not self._queue(data, notice=True):
+                    return False
+                if not send or self._sending or self._backlogged or not self._outbox:
+                    return True
+                batch = self._take_batch()
+        self.flush(batch)
         return True
 
     def queue_line(self, text):
