@@ -569,11 +569,13 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
         self._shutting_down = False  # set by close_room(): no more leave lines
         # Join, leave and rename lines not yet given to every client, in
-        # the room's order, as (line, the client not to tell). A client's
-        # notices_seen counts those it has been given, out of
-        # _notices_before + len(_notices). See _run_notices().
+        # the room's order. A client's notices_seen counts those it has been
+        # given, out of _notices_before + len(_notices). See _run_notices().
         self._notices = []
         self._notices_before = 0  # notices given to everyone and forgotten
+        # encode_lines -> the waiting notices, each encoded so: a catch-up
+        # joins bytes, however many are waiting (see _encoded_notices()).
+        self._notices_encoded = {}
         self._notices_queued = threading.Event()  # set when _notices fills
         self._notices_stopping = False  # set once, by server_close(): the thread ends
         self._notices_thread = threading.Thread(
@@ -633,8 +635,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         for line in lines:
             self._note("room", line)
         if notice:
-            self._notices.extend((line, exclude) for line in lines)
-            self._notices_queued.set()
+            self._add_notices(lines, exclude)
             return []
         # Waiting notices go first (to the sender too, who is sent them now).
         everyone = self._catch_up_everyone() if self._notices else None
@@ -786,9 +787,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 if self._notices_stopping:
                     return
                 clients = list(self._joined.values())
-                first, notices = self._notices_before, self._notices[:]
+                first, lines = self._notices_before, self._notices[:]
             try:
-                self._give_notices(clients, first, notices)
+                self._give_notices(clients, first, lines)
             except Exception as error:  # a thread's top level: log it, and go on
                 log.error("Sending join and leave lines failed: %r", error)
                 time.sleep(NOTICES_RETRY_SECONDS)
@@ -797,26 +798,49 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             with self._lock:
                 # Everyone has them now (a newcomer had them in its history):
                 # forget them.
-                del self._notices[:len(notices)]
-                self._notices_before = first + len(notices)
+                del self._notices[:len(lines)]
+                for encoded in self._notices_encoded.values():
+                    del encoded[:len(lines)]
+                self._notices_before = first + len(lines)
 
-    def _give_notices(self, clients, first, notices):
+    def _give_notices(self, clients, first, lines):
         """Queue and send notices (numbered from first) to each client that lacks them."""
-        shared = {}  # encode_lines -> the bytes of them all, built once per kind
-        excluded = {exclude for _, exclude in notices}
+        encoded = {}  # encode_lines -> the lines, each encoded so
+        shared = {}  # see take_notices()
         for client in clients:
-            if not client.take_notices(first, notices, None if client in excluded else shared,
-                                       send=True):
+            kind = client.encode_lines
+            if kind not in encoded:
+                encoded[kind] = [kind([line]) for line in lines]
+            if not client.take_notices(first, encoded[kind], shared, send=True):
                 self.drop(client, TOO_SLOW)
+
+    def _add_notices(self, lines, exclude):
+        """Put join, leave or rename lines on the waiting list (lock held)."""
+        if exclude is not None:
+            # Not for the student they are about, who is given those before
+            # them, and counts these as seen.
+            self._catch_up(exclude)
+            exclude.skip_notices(self._notices_before + len(self._notices), len(lines))
+        self._notices.extend(lines)
+        self._notices_queued.set()
+
+    def _encoded_notices(self, encode):
+        """The waiting notices, each encoded with encode (lock held).
+
+        Kept, and only new notices encoded: while a big class leaves at once,
+        every leaver is caught up, and would otherwise encode all that wait.
+        """
+        encoded = self._notices_encoded.setdefault(encode, [])
+        if len(encoded) < len(self._notices):
+            encoded.extend(encode([line]) for line in self._notices[len(encoded):])
+        return encoded
 
     def _catch_up_everyone(self):
         """Queue the waiting notices for every joined client; return them all (lock held)."""
         clients = list(self._joined.values())
         shared = {}
-        excluded = {exclude for _, exclude in self._notices}
         for client in clients:
-            client.take_notices(self._notices_before, self._notices,
-                                None if client in excluded else shared)
+            self._catch_up(client, shared)
         return clients
 
     def catch_up(self, client):
@@ -824,13 +848,15 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         with self._lock:
             self._catch_up(client)
 
-    def _catch_up(self, client):
+    def _catch_up(self, client, shared=None):
         """Queue for one joined client the notices it has not been given (lock held).
 
         Called before anything else is queued for it, so it sees them first.
+        shared: see take_notices(), when catching up many clients.
         """
         if self._notices and self._joined.get(client.key) is client:
-            client.take_notices(self._notices_before, self._notices)
+            client.take_notices(self._notices_before,
+                                self._encoded_notices(client.encode_lines), shared)
 
 
 # --- Client: one connection's outbox and writer thread ------------------------
@@ -923,51 +949,53 @@ class Client:
         self._urgent = self._urgent or not notice
         return True
 
-    def take_notices(self, first, notices, shared=None, send=False):
+    def take_notices(self, first, encoded, shared=None, send=False):
         """Queue the room's notices that this client was not given; False if too slow.
 
-        notices: the room's waiting join, leave and rename lines, as (line,
-        the client not to tell), numbered from first; notices_seen counts
+        encoded: the room's waiting join, leave and rename lines, each
+        encoded for this client, numbered from first; notices_seen counts
         those this client was given. Two threads may try at once: the
         notices thread (which holds no room lock while it sends) and the
         room, before it queues anything else for this client (see
         ChatRoom._catch_up()). Checked and counted under this client's lock,
         each notice is queued once, by whichever comes first, and in order.
-        shared: encode_lines -> the bytes of all notices, for a client that
-        lacks them all and is told all. send: send them now too, unless
+        shared: a dict, to build the bytes once for the many clients that
+        lack the same notices. send: send what is queued now too, unless
         another thread is sending (never with the room's lock held).
         """
-        end = first + len(notices)
+        end = first + len(encoded)
+        batch = None
         with self._outbox_lock:
             seen = self.notices_seen
-            if seen >= end:
-                return True  # given them already
-            self.notices_seen = end
-            if seen <= first and shared is not None:
-                data = shared.get(self.encode_lines)
-                if data is None:
-                    data = shared[self.encode_lines] = self.encode_lines(
-                        [line for line, _ in notices])
-            else:
-                lines = [line for line, exclude in notices[max(0, seen - first):]
-                         if exclude is not self]
-                data = self.encode_lines(lines) if lines else b""
-            if not data:
-                return True
-            if send and self._nagle and len(data) <= self.sendq_bytes and not (
-                    self._outbox or self._sending or self._backlogged or self._finishing):
-                # The usual case, a big class joining: nothing else is queued
-                # and nobody is sending, so the outbox is skipped (one lock,
-                # one send). Nagle is on already: the batch is notices only.
-                self._sending, self._outbox_bytes, batch = True, len(data), data
-            else:
-                if not self._queue(data, notice=True):
+            if seen < end:
+                self.notices_seen = end
+                skip = max(0, seen - first)
+                if shared is None:
+                    data = b"".join(encoded[skip:])
+                else:
+                    data = shared.get((self.encode_lines, skip))
+                    if data is None:
+                        data = shared[self.encode_lines, skip] = b"".join(encoded[skip:])
+                if send and self._nagle and len(data) <= self.sendq_bytes and not (
+                        self._outbox or self._sending or self._backlogged or self._finishing):
+                    # The usual case, a big class joining: nothing else is
+                    # queued and nobody is sending, so the outbox is skipped
+                    # (one lock, one send). Nagle is on: the batch is notices only.
+                    self._sending, self._outbox_bytes, batch = True, len(data), data
+                elif not self._queue(data, notice=True):
                     return False
+            if batch is None:
                 if not send or self._sending or self._backlogged or not self._outbox:
                     return True
                 batch = self._take_batch()
         self.flush(batch)
         return True
+
+    def skip_notices(self, first, count):
+        """Count count notices from number first as given, if all before them were."""
+        with self._outbox_lock:
+            if self.notices_seen == first:
+                self.notices_seen = first + count
 
     def queue_line(self, text):
         """Queue one line (see queue_bytes())."""
@@ -2257,8 +2285,9 @@ class ChatServer(ChatRoom):
             self._shutting_down = True
             self._note("transcript", "=== The server is shutting down. ===")
             everyone = list(self._connected)
+            shared = {}
             for client in everyone:
-                self._catch_up(client)
+                self._catch_up(client, shared)
                 client.queue_line("*** Server is shutting down.")
         for client in everyone:
             client.close_when_sent()
