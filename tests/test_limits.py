@@ -345,6 +345,26 @@ def test_writer_thread_wakes_again_for_a_second_backlog():
         theirs.close()
 
 
+def test_what_the_writer_sent_no_longer_counts_against_sendq():
+    """A reader that keeps up, slowly, is never dropped for what it already read."""
+    ours, theirs = full_socket_pair()
+    client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1000)
+    try:
+        for round_ in range(3):  # 1800 bytes in all, through the writer: more than sendq
+            assert client.send_bytes(b"%d%s\r\n" % (round_, b"z" * 597)), "round %d" % round_
+            read_until_it_ends_with(theirs, b"z\r\n")
+            wait_until(lambda: not client._backlogged, message="the writer to go idle")
+            try:
+                while True:  # full again, so the next line goes through the writer too
+                    ours.send(b"y" * 65536)
+            except BlockingIOError:
+                pass
+    finally:
+        client.close_now()
+        ours.close()
+        theirs.close()
+
+
 def test_outbox_takes_up_to_sendq_bytes_once_the_socket_is_full():
     ours, theirs = full_socket_pair()
     try:
