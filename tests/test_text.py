@@ -11,6 +11,7 @@ from chat_server import (
     clean_line,
     fold_name,
     name_problem,
+    skeleton,
 )
 
 IAC, DO, DONT, WILL, WONT, SB, SE, IP = 255, 253, 254, 251, 252, 250, 240, 244
@@ -188,6 +189,12 @@ def test_names_that_differ_in_case_fold_to_one_key_when_folding_undoes_normalisa
     below and the caron, which only a second NFKC turns into the j with caron
     that the lower-case name starts with."""
     assert fold_name("J\u0316\u030c") == fold_name("\u01f0\u0316")
+
+
+@pytest.mark.parametrize("name, look_alike", [("mary", "rnary"), ("wendy", "vvendy")])
+def test_letters_that_together_look_like_another_letter_share_a_skeleton(name, look_alike):
+    """rn looks like m and vv like w in most terminal fonts: both cannot be online."""
+    assert skeleton(look_alike) == skeleton(name)
 
 
 def test_different_names_keep_different_keys():
