@@ -269,6 +269,24 @@ def test_shutdown_closes_a_stalled_connection_within_two_seconds(
     assert took < 2 * chat_server.SHUTDOWN_GRACE_SECONDS + 0.5, "took %.1f s" % took
 
 
+def test_shutdown_lets_a_lagging_reader_finish_its_backlog_and_read_goodbye(
+        start_server, room, joined):
+    """The grace period is for this: a reader behind, but reading, gets every line."""
+    server = start_server(flood_rate=0, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    lagging = joined("lagging", server, rcvbuf=4096)
+    alice.expect_next("lagging joined")
+    bob.expect_next("lagging joined")
+    stall(server, "lagging", bob, alice)  # its writer waits on a full socket
+    closing = threading.Thread(target=server.close_room, daemon=True)
+    closing.start()
+    try:
+        lagging.expect_next("bob says: xxx")  # it reads again: the rest comes...
+        lagging.expect_next("*** Server is shutting down.")  # ...then the goodbye
+    finally:
+        closing.join(TIMEOUT)
+
+
 def full_socket_pair():
     """A connected pair whose first end cannot send: the other never reads."""
     ours, theirs = socket.socketpair()
