@@ -364,6 +364,20 @@ def test_fragments_adding_up_past_the_limit_are_refused(browser):
     alice.expect_close_code(1009)
 
 
+def test_the_message_limit_is_for_each_message_not_for_all_of_them(start_server, browser,
+                                                                    joined):
+    """Messages that together pass the limit, each well under it, keep the connection."""
+    server = start_server(flood_rate=0)  # no pacing: the bytes arrive at once
+    bob = joined("bob", server)
+    alice = browser(server).join("alice")
+    limit = chat_server.websocket_message_limit(server.settings)
+    for _ in range(2):  # too long for a chat line (each is refused), not for a message
+        alice.send("x" * (limit * 2 // 3))
+        alice.expect("longer than 1024 bytes and was not sent")
+    alice.send("still here")
+    bob.expect("alice says: still here")
+
+
 def test_message_limit_grows_with_max_line():
     assert chat_server.websocket_message_limit(chat_server.Settings(max_line=1024)) == 65536
     assert chat_server.websocket_message_limit(chat_server.Settings(max_line=100000)) == 400000
