@@ -547,6 +547,18 @@ def test_refusal_answer_for_an_upgrade_is_handshake_message_and_close():
     assert frames == text + chat_server.close_frame(1000)
 
 
+def test_a_frame_sent_in_the_same_packet_as_the_upgrade_request_is_read(server, joined):
+    """A client may send its first message right behind the request: it is the name."""
+    bob = joined("bob")
+    host, port = server.server_address[:2]
+    request = ("GET /chat HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n" % (host, port)).encode("latin-1")
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+        sock.sendall(request + frame(TEXT, b"alice"))  # one write, one packet
+        bob.expect_next("*** alice joined the chat.")
+
+
 def test_source_file_downloads_whole_even_past_a_small_sendq(start_server):
     server = start_server(sendq=4096)
     status, _, body = get(server, "/chat_server.py")
