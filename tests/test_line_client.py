@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -84,6 +85,19 @@ def test_client_prints_bye_and_exits_0_after_quit(server):
     status, stdout, _ = finish(process)
     assert status == 0
     assert stdout.rstrip().endswith("*** Bye.")
+
+
+def test_client_prints_a_last_line_that_has_no_line_end():
+    """What a server sent before it closed mid-line (it was killed, say) is shown."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        process = start_client(types.SimpleNamespace(server_address=listener.getsockname()))
+        connection, _ = listener.accept()
+        with connection:
+            connection.sendall(b"*** first line\r\n*** cut off mid-li")
+    status, stdout, _ = finish(process)
+    assert status == 0
+    assert stdout.splitlines() == ["*** first line", "*** cut off mid-li"]
 
 
 def test_client_refused_address_is_one_clear_line_and_exit_1():
