@@ -110,6 +110,12 @@ def test_telnet_filter_drops_subnegotiation():
     assert TelnetFilter().feed(data) == (b"ok", b"")
 
 
+def test_telnet_filter_drops_a_subnegotiation_holding_a_doubled_iac():
+    """A window 255 columns wide is sent as IAC IAC inside the subnegotiation."""
+    data = bytes([IAC, SB, NAWS, 0, IAC, IAC, 0, 24, IAC, SE]) + b"ok"
+    assert TelnetFilter().feed(data) == (b"ok", b"")
+
+
 def test_telnet_filter_handles_a_command_split_across_reads():
     telnet = TelnetFilter()
     assert telnet.feed(b"a" + bytes([IAC])) == (b"a", b"")
