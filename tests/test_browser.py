@@ -583,6 +583,14 @@ def test_request_head_split_across_reads_is_read_whole():
         "GET", "/chat_server.py", "127.0.0.1")
 
 
+def test_head_of_100_header_lines_whose_blank_line_comes_in_a_later_read_is_read():
+    """The limit is checked while the head is still coming too: 100 lines pass there."""
+    headers = b"".join(b"X-%d: 1\r\n" % number for number in range(100))
+    request = chat_server.read_request_head(ChunkedReads(headers, b"\r\n").recv,
+                                            b"GET / HTTP/1.1\r\n")
+    assert len(request.headers) == 100
+
+
 def test_first_line_that_is_not_a_request_ends_the_http_reading():
     """Something that began like a request but is not one is refused at its line end."""
     with pytest.raises(chat_server.BadRequest) as refused:
