@@ -591,6 +591,15 @@ def test_head_of_100_header_lines_whose_blank_line_comes_in_a_later_read_is_read
     assert len(request.headers) == 100
 
 
+def test_a_header_given_twice_counts_with_both_values():
+    """HTTP lets a list header come as several lines: Connection: Upgrade may be the second."""
+    request = chat_server.read_request_head(
+        ChunkedReads().recv,
+        b"GET /chat HTTP/1.1\r\nConnection: keep-alive\r\nConnection: Upgrade\r\n\r\n")
+    assert request.has_token("connection", "upgrade")
+    assert request.has_token("connection", "keep-alive")
+
+
 def test_first_line_that_is_not_a_request_ends_the_http_reading():
     """Something that began like a request but is not one is refused at its line end."""
     with pytest.raises(chat_server.BadRequest) as refused:
