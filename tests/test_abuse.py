@@ -981,6 +981,9 @@ def test_transcript_on_a_full_disk_loses_no_line_silently_and_resumes(tmp_path):
         line = server.expect_log("The transcript is being written again")
         lost = int(re.search(r"(\d+) lines? could not be written", line).group(1))
         wait_until(lambda: "bob says: after" in path.read_text(), message="'after' written")
+        bob.send("and on")  # written like any line: the recovery is not told again
+        alice.expect_next("bob says: and on")
+        wait_until(lambda: "bob says: and on" in path.read_text(), message="'and on' written")
         # Full again at the shutdown: still a clean exit.
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (path.stat().st_size,
                                                       resource.RLIM_INFINITY))
@@ -991,13 +994,14 @@ def test_transcript_on_a_full_disk_loses_no_line_silently_and_resumes(tmp_path):
         bob.close()
     assert status == 0
     assert "Traceback" not in stderr
+    assert stderr.count("The transcript is being written again") == 1, stderr
     # Every line is either in the transcript or counted as lost: the last one
     # may have been written after the disk had room again.
     events = transcript_lines(path)
     written = ["bob says: lost %d" % n for n in range(lost, 3)]
     assert 1 <= lost <= 3
     assert events[events.index("bob says: before"):] == (
-        ["bob says: before"] + written + ["bob says: after"])
+        ["bob says: before"] + written + ["bob says: after", "bob says: and on"])
 
 
 @POSIX_ONLY
