@@ -238,6 +238,26 @@ def test_a_refused_browser_gets_a_503_page_with_the_reason(start_server, compute
     assert "The room is full (1 connected). Try again later." in lines[-1]
 
 
+def test_a_refused_browser_whose_request_comes_in_two_reads_gets_the_503_page(
+        start_server, computer, monkeypatch):
+    """The refuser answers the whole request head it read, not only its last piece."""
+    monkeypatch.setattr(chat_server, "BROWSER_WAIT_SECONDS", 2.0)  # room for the second piece
+    read = []  # what the refuser has read so far, each time it looks
+    looks_like_http = chat_server.looks_like_http
+    monkeypatch.setattr(chat_server, "looks_like_http",
+                        lambda data: read.append(bytes(data)) or looks_like_http(data))
+    server = start_server(max_clients=1)
+    computer(2, server).join("alice")  # speaks first: no wait for a browser
+    browser = computer(3, server)
+    browser.send_raw(b"GET / HTTP/1.1\r\n")
+    wait_until(lambda: b"GET / HTTP/1.1\r\n" in read,
+               message="the refuser to read the first piece")
+    browser.send_raw(b"Host: 127.0.0.1\r\n\r\n")
+    lines = read_until_closed(browser)
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "The room is full (1 connected). Try again later." in lines[-1]
+
+
 def test_a_refused_websocket_gets_the_reason_as_a_message_and_a_close(start_server, computer):
     server = start_server(max_clients=1)
     computer(2, server).expect("What is your name?")
