@@ -128,6 +128,25 @@ def test_client_ctrl_c_exits_0_without_a_traceback(joined, server):
     bob.expect_next("*** alice left the chat.")
 
 
+# Ctrl+C as the client starts its second thread (as in a loaded run, when the
+# student's name is sent and answered before the main thread is back).
+CTRL_C_AT_START_LAUNCHER = CTRL_C_LAUNCHER.replace("sys.argv = ", """threading = __import__('threading')
+start, started = threading.Thread.start, []
+def start_then_ctrl_c(thread):
+    start(thread)
+    started.append(thread)
+    if len(started) == 2:  # the client's two threads: stdin's is the second
+        signal.raise_signal(signal.SIGINT)
+threading.Thread.start = start_then_ctrl_c
+sys.argv = """)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sending Ctrl+C is not portable")
+def test_client_ctrl_c_as_it_starts_exits_0_without_a_traceback(server):
+    status, _, stderr = finish(start_client(server, prefix=("-c", CTRL_C_AT_START_LAUNCHER)))
+    assert status == 0 and "Traceback" not in stderr, (status, stderr)
+
+
 @pytest.mark.parametrize(
     "text, address",
     [("example.org", ("example.org", 1337)), ("example.org:42", ("example.org", 42)),
