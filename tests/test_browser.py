@@ -15,7 +15,7 @@ import time
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, ChatClient, expect_console
+from conftest import TIMEOUT, ChatClient, expect_console, wait_until
 from websocket_client import (BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, ChatSocket,
                               HandshakeFailed, frame)
 
@@ -320,6 +320,23 @@ def test_message_with_several_lines_is_several_lines(bob_and_alice):
     alice.send("first\nsecond\n")
     bob.expect_next("alice says: first")
     bob.expect_next("alice says: second")
+
+
+def test_a_browser_behind_on_reading_says_nothing_after_its_close_frame(
+        start_server, room, browser):
+    """Its close frame waits behind a backlog; the message right behind it is not sent."""
+    server = start_server(flood_rate=0, max_line=40_000)
+    alice, bob = room("alice", "bob", target=server)
+    slow = browser(server, rcvbuf=4096).join("slow")  # reads only at the end
+    bob.expect("slow joined")
+    slow_side = server.find("slow")
+    slow_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills soon
+    alice.send("x" * 40_000)
+    bob.expect_next("alice says: xxx")
+    wait_until(lambda: slow_side._backlogged, message="slow's writer to wait on a full socket")
+    slow.send_raw(frame(CLOSE, struct.pack("!H", 1000)) + frame(TEXT, b"after the close"))
+    slow.expect_close_code(1000)  # it reads at last: the backlog, then the close
+    bob.expect_next("*** slow left the chat.")
 
 
 @pytest.mark.parametrize("bad_frame, code", [
