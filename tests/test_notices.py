@@ -210,15 +210,14 @@ def outbox_holds(client, data):
 def test_a_chat_line_waiting_with_a_join_line_behind_it_still_leaves_at_once(
         start_server, joined):
     """A notice queued after a chat line does not make the chat line wait (Nagle)."""
-    server = start_server(flood_rate=0, sendq=4 * 1024 * 1024)
+    server = start_server(flood_rate=0, max_line=40_000)
     slow = joined("slow", server, rcvbuf=4096)  # reads only at the end
     sender = joined("sender", server)
     slow_side = server.find("slow")
     slow_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills soon
-    for _ in range(2000):  # bounded: fills the kernel's buffers, far below the sendq
-        sender.send("x" * 900)
-        if slow_side._backlogged:
-            break
+    # More than both sockets' buffers hold: the writer is stuck on its rest.
+    sender.send("x" * 40_000)
+    wait_until(lambda: slow_side._backlogged, message="the writer to wait on a full socket")
     sender.send("the chat line")  # waits in the outbox, behind the writer's batch
     wait_until(lambda: outbox_holds(slow_side, b"the chat line"),
                message="the chat line to wait in the outbox")
