@@ -243,9 +243,12 @@ def test_upgrade_with_another_version_gets_426(server):
     assert "Sec-WebSocket-Version: 13" in refused.value.head
 
 
-def test_upgrade_with_a_bad_key_gets_400(server):
+@pytest.mark.parametrize("key", ["short", base64.b64encode(b"k" * 17).decode()],
+                         ids=["not-base64-of-16", "base64-of-17-bytes"])
+def test_upgrade_with_a_bad_key_gets_400(server, key):
+    """The key must be base64 of exactly 16 bytes (RFC 6455, 4.1)."""
     with pytest.raises(HandshakeFailed) as refused:
-        ChatSocket(*server.server_address, headers={"Sec-WebSocket-Key": "short"})
+        ChatSocket(*server.server_address, headers={"Sec-WebSocket-Key": key})
     assert " 400 " in refused.value.status_line
 
 
