@@ -855,6 +855,14 @@ def test_kick_alice_kicks_the_real_alice_after_impostors_tried(room, connect, co
     bob.expect_next("*** alice left the chat.")
 
 
+def test_the_teacher_kicks_a_cyrillic_name_by_typing_its_latin_look_alike(room, console):
+    """The teacher's keyboard may have no Cyrillic: /kick alice finds аӏісе."""
+    cyrillic, bob = room("\u0430\u04cf\u0456\u0441\u0435", "bob")
+    console.handle_line("/kick alice")
+    assert cyrillic.expect_closed() == ["*** The teacher removed you from the chat."]
+    bob.expect_next("*** \u0430\u04cf\u0456\u0441\u0435 left the chat.")
+
+
 def test_a_rename_to_a_look_alike_is_refused(room):
     alice, bob = room("alice", "bob")
     bob.send("/nick al\u0131ce")
