@@ -706,6 +706,14 @@ def test_ban_disconnects_everyone_at_an_address_and_bans_it(server, computer, cr
     alice.expect_next("dave says: hi")
 
 
+def test_ban_takes_any_spelling_of_an_address(server, joined, console):
+    """::1 is this computer's 127.0.0.1, as /who shows it: the ban finds alice there."""
+    alice = joined("alice")
+    console.handle_line("/ban ::1")
+    assert alice.expect_closed() == [
+        "*** The teacher removed everyone at your computer from the chat."]
+
+
 # Not strict: whether the removed students are counted again depends on whether
 # their reader threads have finished (unregistered) before close_waiting() looks.
 def test_ban_tells_the_teacher_how_many_it_disconnected(server, computer, crowd, console,
