@@ -177,6 +177,17 @@ def test_connections_past_per_address_are_refused_before_a_thread(start_server, 
     computer(2, server).expect("What is your name?")  # a place is free again
 
 
+def test_a_refused_client_sees_the_end_at_once_not_after_the_drain_time(
+        start_server, computer, monkeypatch):
+    """The refuser half-closes after its line: nc ends there, while it still reads."""
+    monkeypatch.setattr(chat_server, "REFUSAL_DRAIN_SECONDS", 4 * TIMEOUT)  # far off
+    server = start_server(per_address=1)
+    computer(2, server).join("alice")
+    refused = computer(2, server)
+    assert read_until_closed(refused) == [
+        "*** Too many connections from your computer (1). Close one, then try again."]
+
+
 def test_shared_machine_mode_lets_one_address_open_many_connections(start_server, computer):
     server = start_server(per_address=0, max_clients=20)
     clients = [computer(2, server) for _ in range(12)]  # past the default of 8
