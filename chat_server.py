@@ -4711,10 +4711,11 @@ def run_line_client(address):
     finished = threading.Event()
     # NOTE: recv() and reading stdin run in helper threads because Ctrl+C
     # does not interrupt a blocking recv() on Windows; the main thread only
-    # waits, in short steps, so Ctrl+C always reaches it.
-    for target in (print_from_server, send_from_stdin):
-        threading.Thread(target=target, args=(sock, finished), daemon=True).start()
+    # waits, in short steps, so Ctrl+C always reaches it. (Starting them is
+    # inside the try: a Ctrl+C may come while the second one starts.)
     try:
+        for target in (print_from_server, send_from_stdin):
+            threading.Thread(target=target, args=(sock, finished), daemon=True).start()
         while not finished.wait(POLL_SECONDS):
             pass
     except KeyboardInterrupt:

@@ -177,6 +177,17 @@ def test_connections_past_per_address_are_refused_before_a_thread(start_server, 
     computer(2, server).expect("What is your name?")  # a place is free again
 
 
+def test_a_refused_client_sees_the_end_at_once_not_after_the_drain_time(
+        start_server, computer, monkeypatch):
+    """The refuser half-closes after its line: nc ends there, while it still reads."""
+    monkeypatch.setattr(chat_server, "REFUSAL_DRAIN_SECONDS", 4 * TIMEOUT)  # far off
+    server = start_server(per_address=1)
+    computer(2, server).join("alice")
+    refused = computer(2, server)
+    assert read_until_closed(refused) == [
+        "*** Too many connections from your computer (1). Close one, then try again."]
+
+
 def test_shared_machine_mode_lets_one_address_open_many_connections(start_server, computer):
     server = start_server(per_address=0, max_clients=20)
     clients = [computer(2, server) for _ in range(12)]  # past the default of 8
@@ -233,6 +244,26 @@ def test_a_refused_browser_gets_a_503_page_with_the_reason(start_server, compute
     computer(2, server).expect("What is your name?")
     browser = computer(3, server)
     browser.send_raw(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    lines = read_until_closed(browser)
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "The room is full (1 connected). Try again later." in lines[-1]
+
+
+def test_a_refused_browser_whose_request_comes_in_two_reads_gets_the_503_page(
+        start_server, computer, monkeypatch):
+    """The refuser answers the whole request head it read, not only its last piece."""
+    monkeypatch.setattr(chat_server, "BROWSER_WAIT_SECONDS", 2.0)  # room for the second piece
+    read = []  # what the refuser has read so far, each time it looks
+    looks_like_http = chat_server.looks_like_http
+    monkeypatch.setattr(chat_server, "looks_like_http",
+                        lambda data: read.append(bytes(data)) or looks_like_http(data))
+    server = start_server(max_clients=1)
+    computer(2, server).join("alice")  # speaks first: no wait for a browser
+    browser = computer(3, server)
+    browser.send_raw(b"GET / HTTP/1.1\r\n")
+    wait_until(lambda: b"GET / HTTP/1.1\r\n" in read,
+               message="the refuser to read the first piece")
+    browser.send_raw(b"Host: 127.0.0.1\r\n\r\n")
     lines = read_until_closed(browser)
     assert lines[0] == "HTTP/1.1 503 Service Unavailable"
     assert "The room is full (1 connected). Try again later." in lines[-1]
@@ -686,6 +717,14 @@ def test_ban_disconnects_everyone_at_an_address_and_bans_it(server, computer, cr
     alice.expect_next("dave says: hi")
 
 
+def test_ban_takes_any_spelling_of_an_address(server, joined, console):
+    """::1 is this computer's 127.0.0.1, as /who shows it: the ban finds alice there."""
+    alice = joined("alice")
+    console.handle_line("/ban ::1")
+    assert alice.expect_closed() == [
+        "*** The teacher removed everyone at your computer from the chat."]
+
+
 # Not strict: whether the removed students are counted again depends on whether
 # their reader threads have finished (unregistered) before close_waiting() looks.
 def test_ban_tells_the_teacher_how_many_it_disconnected(server, computer, crowd, console,
@@ -835,6 +874,14 @@ def test_kick_alice_kicks_the_real_alice_after_impostors_tried(room, connect, co
     bob.expect_next("*** alice left the chat.")
 
 
+def test_the_teacher_kicks_a_cyrillic_name_by_typing_its_latin_look_alike(room, console):
+    """The teacher's keyboard may have no Cyrillic: /kick alice finds аӏісе."""
+    cyrillic, bob = room("\u0430\u04cf\u0456\u0441\u0435", "bob")
+    console.handle_line("/kick alice")
+    assert cyrillic.expect_closed() == ["*** The teacher removed you from the chat."]
+    bob.expect_next("*** \u0430\u04cf\u0456\u0441\u0435 left the chat.")
+
+
 def test_a_rename_to_a_look_alike_is_refused(room):
     alice, bob = room("alice", "bob")
     bob.send("/nick al\u0131ce")
@@ -981,6 +1028,9 @@ def test_transcript_on_a_full_disk_loses_no_line_silently_and_resumes(tmp_path):
         line = server.expect_log("The transcript is being written again")
         lost = int(re.search(r"(\d+) lines? could not be written", line).group(1))
         wait_until(lambda: "bob says: after" in path.read_text(), message="'after' written")
+        bob.send("and on")  # written like any line: the recovery is not told again
+        alice.expect_next("bob says: and on")
+        wait_until(lambda: "bob says: and on" in path.read_text(), message="'and on' written")
         # Full again at the shutdown: still a clean exit.
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (path.stat().st_size,
                                                       resource.RLIM_INFINITY))
@@ -991,13 +1041,14 @@ def test_transcript_on_a_full_disk_loses_no_line_silently_and_resumes(tmp_path):
         bob.close()
     assert status == 0
     assert "Traceback" not in stderr
+    assert stderr.count("The transcript is being written again") == 1, stderr
     # Every line is either in the transcript or counted as lost: the last one
     # may have been written after the disk had room again.
     events = transcript_lines(path)
     written = ["bob says: lost %d" % n for n in range(lost, 3)]
     assert 1 <= lost <= 3
     assert events[events.index("bob says: before"):] == (
-        ["bob says: before"] + written + ["bob says: after"])
+        ["bob says: before"] + written + ["bob says: after", "bob says: and on"])
 
 
 @POSIX_ONLY

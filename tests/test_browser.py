@@ -15,7 +15,7 @@ import time
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, ChatClient, expect_console
+from conftest import TIMEOUT, ChatClient, expect_console, wait_until
 from websocket_client import (BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, ChatSocket,
                               HandshakeFailed, frame)
 
@@ -243,9 +243,12 @@ def test_upgrade_with_another_version_gets_426(server):
     assert "Sec-WebSocket-Version: 13" in refused.value.head
 
 
-def test_upgrade_with_a_bad_key_gets_400(server):
+@pytest.mark.parametrize("key", ["short", base64.b64encode(b"k" * 17).decode()],
+                         ids=["not-base64-of-16", "base64-of-17-bytes"])
+def test_upgrade_with_a_bad_key_gets_400(server, key):
+    """The key must be base64 of exactly 16 bytes (RFC 6455, 4.1)."""
     with pytest.raises(HandshakeFailed) as refused:
-        ChatSocket(*server.server_address, headers={"Sec-WebSocket-Key": "short"})
+        ChatSocket(*server.server_address, headers={"Sec-WebSocket-Key": key})
     assert " 400 " in refused.value.status_line
 
 
@@ -322,6 +325,23 @@ def test_message_with_several_lines_is_several_lines(bob_and_alice):
     bob.expect_next("alice says: second")
 
 
+def test_a_browser_behind_on_reading_says_nothing_after_its_close_frame(
+        start_server, room, browser):
+    """Its close frame waits behind a backlog; the message right behind it is not sent."""
+    server = start_server(flood_rate=0, max_line=40_000)
+    alice, bob = room("alice", "bob", target=server)
+    slow = browser(server, rcvbuf=4096).join("slow")  # reads only at the end
+    bob.expect("slow joined")
+    slow_side = server.find("slow")
+    slow_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills soon
+    alice.send("x" * 40_000)
+    bob.expect_next("alice says: xxx")
+    wait_until(lambda: slow_side._backlogged, message="slow's writer to wait on a full socket")
+    slow.send_raw(frame(CLOSE, struct.pack("!H", 1000)) + frame(TEXT, b"after the close"))
+    slow.expect_close_code(1000)  # it reads at last: the backlog, then the close
+    bob.expect_next("*** slow left the chat.")
+
+
 @pytest.mark.parametrize("bad_frame, code", [
     (frame(TEXT, b"unmasked", mask=False), 1002),
     (frame(BINARY, b"\x00\x01"), 1003),
@@ -362,6 +382,20 @@ def test_fragments_adding_up_past_the_limit_are_refused(browser):
     alice.send_frame(CONTINUATION, b"x" * (limit // 2), fin=False)
     alice.send_frame(CONTINUATION, b"x")
     alice.expect_close_code(1009)
+
+
+def test_the_message_limit_is_for_each_message_not_for_all_of_them(start_server, browser,
+                                                                    joined):
+    """Messages that together pass the limit, each well under it, keep the connection."""
+    server = start_server(flood_rate=0)  # no pacing: the bytes arrive at once
+    bob = joined("bob", server)
+    alice = browser(server).join("alice")
+    limit = chat_server.websocket_message_limit(server.settings)
+    for _ in range(2):  # too long for a chat line (each is refused), not for a message
+        alice.send("x" * (limit * 2 // 3))
+        alice.expect("longer than 1024 bytes and was not sent")
+    alice.send("still here")
+    bob.expect("alice says: still here")
 
 
 def test_message_limit_grows_with_max_line():
@@ -533,6 +567,18 @@ def test_refusal_answer_for_an_upgrade_is_handshake_message_and_close():
     assert frames == text + chat_server.close_frame(1000)
 
 
+def test_a_frame_sent_in_the_same_packet_as_the_upgrade_request_is_read(server, joined):
+    """A client may send its first message right behind the request: it is the name."""
+    bob = joined("bob")
+    host, port = server.server_address[:2]
+    request = ("GET /chat HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n" % (host, port)).encode("latin-1")
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+        sock.sendall(request + frame(TEXT, b"alice"))  # one write, one packet
+        bob.expect_next("*** alice joined the chat.")
+
+
 def test_source_file_downloads_whole_even_past_a_small_sendq(start_server):
     server = start_server(sendq=4096)
     status, _, body = get(server, "/chat_server.py")
@@ -555,6 +601,23 @@ def test_request_head_split_across_reads_is_read_whole():
     request = chat_server.read_request_head(reads.recv, b"GET /chat_server.py ")
     assert (request.method, request.path, request.header("host")) == (
         "GET", "/chat_server.py", "127.0.0.1")
+
+
+def test_head_of_100_header_lines_whose_blank_line_comes_in_a_later_read_is_read():
+    """The limit is checked while the head is still coming too: 100 lines pass there."""
+    headers = b"".join(b"X-%d: 1\r\n" % number for number in range(100))
+    request = chat_server.read_request_head(ChunkedReads(headers, b"\r\n").recv,
+                                            b"GET / HTTP/1.1\r\n")
+    assert len(request.headers) == 100
+
+
+def test_a_header_given_twice_counts_with_both_values():
+    """HTTP lets a list header come as several lines: Connection: Upgrade may be the second."""
+    request = chat_server.read_request_head(
+        ChunkedReads().recv,
+        b"GET /chat HTTP/1.1\r\nConnection: keep-alive\r\nConnection: Upgrade\r\n\r\n")
+    assert request.has_token("connection", "upgrade")
+    assert request.has_token("connection", "keep-alive")
 
 
 def test_first_line_that_is_not_a_request_ends_the_http_reading():

@@ -160,6 +160,16 @@ def test_unmute_tells_the_student_and_they_chat_again(room, console):
     alice.expect_next("bob says: back")
 
 
+def test_unmute_says_done_when_another_student_shares_the_address(room, console, caplog):
+    """bob, on alice's address, is looked at after alice (and was never muted)."""
+    alice, bob = room("alice", "bob")
+    console.handle_line("/mute alice")
+    console.handle_line("/unmute alice")
+    alice.expect_next("*** The teacher has muted you")
+    alice.expect_next("*** The teacher has unmuted you")
+    expect_console(caplog, "alice is no longer muted.")
+
+
 def test_quiet_lets_only_the_teacher_speak_and_tells_what_was_not_sent(room, console, caplog):
     alice, bob = room("alice", "bob")
     console.handle_line("/quiet on")

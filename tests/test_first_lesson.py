@@ -140,6 +140,13 @@ def test_console_who_fits_wide_names_in_columns_and_counts_seconds(room, console
     assert re.search(r"127\.0\.0\.1:\d+ +\d+ s$", rows[1]), rows[1]
 
 
+def test_display_width_counts_wide_characters_as_two_columns_and_marks_as_none():
+    """What lines up /who's columns (the test above measures with it)."""
+    assert chat_server.display_width("李小龍") == 6
+    assert chat_server.display_width("ｂｏｂ") == 6  # full-width Latin
+    assert chat_server.display_width("e\u0301mile") == 5  # é as e and a combining accent
+
+
 def test_console_who_shows_connections_that_have_not_joined(connect, console, caplog):
     waiting = [connect(), connect()]
     for client in waiting:

@@ -269,6 +269,24 @@ def test_shutdown_closes_a_stalled_connection_within_two_seconds(
     assert took < 2 * chat_server.SHUTDOWN_GRACE_SECONDS + 0.5, "took %.1f s" % took
 
 
+def test_shutdown_lets_a_lagging_reader_finish_its_backlog_and_read_goodbye(
+        start_server, room, joined):
+    """The grace period is for this: a reader behind, but reading, gets every line."""
+    server = start_server(flood_rate=0, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    lagging = joined("lagging", server, rcvbuf=4096)
+    alice.expect_next("lagging joined")
+    bob.expect_next("lagging joined")
+    stall(server, "lagging", bob, alice)  # its writer waits on a full socket
+    closing = threading.Thread(target=server.close_room, daemon=True)
+    closing.start()
+    try:
+        lagging.expect_next("bob says: xxx")  # it reads again: the rest comes...
+        lagging.expect_next("*** Server is shutting down.")  # ...then the goodbye
+    finally:
+        closing.join(TIMEOUT)
+
+
 def full_socket_pair():
     """A connected pair whose first end cannot send: the other never reads."""
     ours, theirs = socket.socketpair()
@@ -339,6 +357,26 @@ def test_writer_thread_wakes_again_for_a_second_backlog():
             pass
         assert client.send_bytes(b"second\r\n")
         read_until_it_ends_with(theirs, b"second\r\n")
+    finally:
+        client.close_now()
+        ours.close()
+        theirs.close()
+
+
+def test_what_the_writer_sent_no_longer_counts_against_sendq():
+    """A reader that keeps up, slowly, is never dropped for what it already read."""
+    ours, theirs = full_socket_pair()
+    client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1000)
+    try:
+        for round_ in range(3):  # 1800 bytes in all, through the writer: more than sendq
+            assert client.send_bytes(b"%d%s\r\n" % (round_, b"z" * 597)), "round %d" % round_
+            read_until_it_ends_with(theirs, b"z\r\n")
+            wait_until(lambda: not client._backlogged, message="the writer to go idle")
+            try:
+                while True:  # full again, so the next line goes through the writer too
+                    ours.send(b"y" * 65536)
+            except BlockingIOError:
+                pass
     finally:
         client.close_now()
         ours.close()

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -86,6 +87,19 @@ def test_client_prints_bye_and_exits_0_after_quit(server):
     assert stdout.rstrip().endswith("*** Bye.")
 
 
+def test_client_prints_a_last_line_that_has_no_line_end():
+    """What a server sent before it closed mid-line (it was killed, say) is shown."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        process = start_client(types.SimpleNamespace(server_address=listener.getsockname()))
+        connection, _ = listener.accept()
+        with connection:
+            connection.sendall(b"*** first line\r\n*** cut off mid-li")
+    status, stdout, _ = finish(process)
+    assert status == 0
+    assert stdout.splitlines() == ["*** first line", "*** cut off mid-li"]
+
+
 def test_client_refused_address_is_one_clear_line_and_exit_1():
     unused = socket.socket()
     unused.bind(("127.0.0.1", 0))
@@ -112,6 +126,25 @@ def test_client_ctrl_c_exits_0_without_a_traceback(joined, server):
     status, _, stderr = finish(process)
     assert status == 0 and "Traceback" not in stderr
     bob.expect_next("*** alice left the chat.")
+
+
+# Ctrl+C as the client starts its second thread (as in a loaded run, when the
+# student's name is sent and answered before the main thread is back).
+CTRL_C_AT_START_LAUNCHER = CTRL_C_LAUNCHER.replace("sys.argv = ", """threading = __import__('threading')
+start, started = threading.Thread.start, []
+def start_then_ctrl_c(thread):
+    start(thread)
+    started.append(thread)
+    if len(started) == 2:  # the client's two threads: stdin's is the second
+        signal.raise_signal(signal.SIGINT)
+threading.Thread.start = start_then_ctrl_c
+sys.argv = """)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sending Ctrl+C is not portable")
+def test_client_ctrl_c_as_it_starts_exits_0_without_a_traceback(server):
+    status, _, stderr = finish(start_client(server, prefix=("-c", CTRL_C_AT_START_LAUNCHER)))
+    assert status == 0 and "Traceback" not in stderr, (status, stderr)
 
 
 @pytest.mark.parametrize(

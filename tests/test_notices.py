@@ -202,6 +202,32 @@ def test_the_rest_of_a_chat_line_the_socket_did_not_take_still_leaves_at_once(
     assert nodelay(slow_side) != 0
 
 
+def outbox_holds(client, data):
+    with client._outbox_lock:
+        return data in b"".join(client._outbox)
+
+
+def test_a_chat_line_waiting_with_a_join_line_behind_it_still_leaves_at_once(
+        start_server, joined):
+    """A notice queued after a chat line does not make the chat line wait (Nagle)."""
+    server = start_server(flood_rate=0, max_line=40_000)
+    slow = joined("slow", server, rcvbuf=4096)  # reads only at the end
+    sender = joined("sender", server)
+    slow_side = server.find("slow")
+    slow_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills soon
+    # More than both sockets' buffers hold: the writer is stuck on its rest.
+    sender.send("x" * 40_000)
+    wait_until(lambda: slow_side._backlogged, message="the writer to wait on a full socket")
+    sender.send("the chat line")  # waits in the outbox, behind the writer's batch
+    wait_until(lambda: outbox_holds(slow_side, b"the chat line"),
+               message="the chat line to wait in the outbox")
+    joined("late", server)  # its join line is queued behind the chat line
+    wait_until(lambda: outbox_holds(slow_side, b"late joined"),
+               message="the join line to wait in the outbox")
+    slow.expect("*** late joined the chat.")  # slow reads: the writer sends both
+    assert nodelay(slow_side) != 0
+
+
 def test_the_notices_thread_ends_when_the_server_closes_during_its_round():
     """server_close() while the notices thread waits for the room's lock: it still ends."""
     server = chat_server.ChatServer(("127.0.0.1", 0), chat_server.Settings())

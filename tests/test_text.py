@@ -11,6 +11,7 @@ from chat_server import (
     clean_line,
     fold_name,
     name_problem,
+    skeleton,
 )
 
 IAC, DO, DONT, WILL, WONT, SB, SE, IP = 255, 253, 254, 251, 252, 250, 240, 244
@@ -109,6 +110,12 @@ def test_telnet_filter_drops_subnegotiation():
     assert TelnetFilter().feed(data) == (b"ok", b"")
 
 
+def test_telnet_filter_drops_a_subnegotiation_holding_a_doubled_iac():
+    """A window 255 columns wide is sent as IAC IAC inside the subnegotiation."""
+    data = bytes([IAC, SB, NAWS, 0, IAC, IAC, 0, 24, IAC, SE]) + b"ok"
+    assert TelnetFilter().feed(data) == (b"ok", b"")
+
+
 def test_telnet_filter_handles_a_command_split_across_reads():
     telnet = TelnetFilter()
     assert telnet.feed(b"a" + bytes([IAC])) == (b"a", b"")
@@ -181,6 +188,19 @@ def test_invalid_names_are_refused_with_a_reason(name, reason):
 
 def test_names_that_differ_in_case_or_width_fold_to_one_key():
     assert fold_name("Alice") == fold_name("alice") == fold_name("ａｌｉｃｅ")
+
+
+def test_names_that_differ_in_case_fold_to_one_key_when_folding_undoes_normalisation():
+    """Capital J with a caron has no single character: casefold leaves j, a mark
+    below and the caron, which only a second NFKC turns into the j with caron
+    that the lower-case name starts with."""
+    assert fold_name("J\u0316\u030c") == fold_name("\u01f0\u0316")
+
+
+@pytest.mark.parametrize("name, look_alike", [("mary", "rnary"), ("wendy", "vvendy")])
+def test_letters_that_together_look_like_another_letter_share_a_skeleton(name, look_alike):
+    """rn looks like m and vv like w in most terminal fonts: both cannot be online."""
+    assert skeleton(look_alike) == skeleton(name)
 
 
 def test_different_names_keep_different_keys():
