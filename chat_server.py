@@ -562,6 +562,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         # of its own, or is set once.
         self._lock = threading.Lock()
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
+        self._names_in_order = []  # their names, in the same order: "Online now"
         self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
         self._history = collections.deque(maxlen=self.settings.history)
         self._quiet = False  # only the teacher's announcements go out
@@ -712,7 +713,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         return lines
 
     def _online_line(self):
-        names = [self._joined[key].name for key in self._keys_in_order]
+        names = self._names_in_order
         if self._remote:  # Redis link: students on other servers too
             names = [name for _, name in sorted(
                 [(key, self._joined[key].name) for key in self._keys_in_order]
@@ -732,14 +733,18 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         """Put a client in the room's dict under its key (lock held)."""
         self._joined[client.key] = client
         self._skeletons[client.skeleton] = client.key
-        # Kept sorted as it changes: sorting at every join costs a big class dearly.
-        bisect.insort(self._keys_in_order, client.key)
+        # Kept sorted as it changes: sorting, or even listing the names, at
+        # every join costs a big class dearly.
+        place = bisect.bisect_left(self._keys_in_order, client.key)
+        self._keys_in_order.insert(place, client.key)
+        self._names_in_order.insert(place, client.name)
 
     def _remove_client(self, client):
         """Take a client out of the room's dict (lock held)."""
         del self._joined[client.key]
         del self._skeletons[client.skeleton]
-        del self._keys_in_order[bisect.bisect_left(self._keys_in_order, client.key)]
+        place = bisect.bisect_left(self._keys_in_order, client.key)
+        del self._keys_in_order[place], self._names_in_order[place]
 
     def leave(self, client):
         """Take client out of the room and tell the others, once, whatever the cause."""
