@@ -20,7 +20,7 @@ def run_server(*flags):
     """Run chat_server.py to completion; return (exit status, stderr text)."""
     finished = subprocess.run(
         [sys.executable, SERVER_SCRIPT, *flags], stdin=subprocess.DEVNULL,
-        capture_output=True, timeout=TIMEOUT,
+        capture_output=True, timeout=3 * TIMEOUT,  # a Python start on a loaded machine
     )
     return finished.returncode, finished.stderr.decode("utf-8", "replace")
 
