@@ -4421,10 +4421,10 @@ class RedisLink:
         for number in itertools.count(2):
             suffix = ".%d" % number
             new_name = old_name[:MAX_NAME_CHARS - len(suffix)] + suffix
-            key = fold_name(new_name)
+            key, look = fold_name(new_name), skeleton(new_name)
             with self.room._lock:
-                if key in self.room._joined:
-                    continue
+                if self.room._name_taken(key, look, client):
+                    continue  # taken here, or by a look-alike
             if self._writer.call("SET", self._name_prefix + key, self._name_value(new_name),
                                  "NX", "EX", self.name_ttl_seconds) is not None:
                 break
@@ -4433,7 +4433,8 @@ class RedisLink:
             if self.room._joined.get(client.key) is not client:
                 return  # left meanwhile; the beat frees the name
             self.room._remove_client(client)
-            client.name, client.key = new_name, key
+            # Its skeleton too: else a look-alike of the new name could join.
+            client.name, client.key, client.skeleton = new_name, key, look
             self.room._add_client(client)
             self.room._catch_up(client)
             client.queue_line("*** While the servers were apart, a student on another "
