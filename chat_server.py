@@ -2238,9 +2238,10 @@ class ChatServer(ChatRoom):
 
     def remove_by_teacher(self, client, line):
         """Tell client line, take it out of the room, and close its connection."""
-        self.catch_up(client)
-        client.send_line(line)
+        # Out first: leave() queues the notices it was not given yet, and no
+        # later one reaches it, so none can follow the line.
         self.leave(client)
+        client.send_line(line)
         client.close_when_sent()
 
     def set_muted(self, client, muted):

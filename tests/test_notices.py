@@ -267,3 +267,33 @@ def test_a_failed_round_of_join_lines_is_tried_again(room, joined, monkeypatch, 
     joined("carol")
     alice.expect_next("*** carol joined the chat.")  # and the thread goes on
     caplog.clear()  # the one error this test caused on purpose
+
+
+# --- Found in review: a join while a student is being told goodbye ---
+
+
+def join_before_line(server, name, text, newcomer):
+    """Make the server-side client called name run newcomer() just before it is sent
+    the line containing text: a join that comes in at that very moment."""
+    client = server.find(name)
+    real_send_line = client.send_line
+
+    def send_line(line):
+        if text in line:
+            newcomer()
+        return real_send_line(line)
+
+    client.send_line = send_line
+
+
+def test_a_kicked_student_sees_no_join_line_after_the_kick(server, stall_notices, room,
+                                                          joined, console):
+    """A join just before the kick line: told before it, or never (not after it)."""
+    alice, watcher = room("alice", "watcher")
+    stall_notices()
+    joined("bob")
+    join_before_line(server, "alice", "removed you", lambda: joined("carol"))
+    console.handle_line("/kick alice")
+    seen = alice.expect_closed()
+    assert seen[-1] == "*** The teacher removed you from the chat.", seen
+
