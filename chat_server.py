@@ -2369,9 +2369,10 @@ def do_msg(handler, argument):
 
 
 def do_quit(handler, argument):
-    handler.reply("*** Bye.")
     handler.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
+    # Out before "Bye.", so that no join or leave line comes after it.
     handler.server.leave(handler.client)
+    handler.reply("*** Bye.")
     handler.done = True
 
 

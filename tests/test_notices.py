@@ -297,3 +297,14 @@ def test_a_kicked_student_sees_no_join_line_after_the_kick(server, stall_notices
     seen = alice.expect_closed()
     assert seen[-1] == "*** The teacher removed you from the chat.", seen
 
+
+def test_a_student_who_quits_sees_no_join_line_after_bye(server, stall_notices, room,
+                                                        joined):
+    """A join just before "Bye.": told before it, or never (not after it)."""
+    alice, watcher = room("alice", "watcher")
+    stall_notices()
+    joined("bob")
+    join_before_line(server, "alice", "Bye.", lambda: joined("carol"))
+    alice.send("/quit")
+    seen = alice.expect_closed()
+    assert seen[-1] == "*** Bye.", seen
