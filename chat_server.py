@@ -816,7 +816,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             kind = client.encode_lines
             if kind not in encoded:
                 encoded[kind] = [kind([line]) for line in lines]
-            if not client.take_notices(first, encoded[kind], shared, send=True):
+            # too_slow too: a catch-up (before a reply, say) may have overflowed
+            # its outbox, and its caller does not drop it.
+            if not client.take_notices(first, encoded[kind], shared, send=True) \
+                    or client.too_slow:
                 self.drop(client, TOO_SLOW)
 
     def _add_notices(self, lines, exclude):

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, wait_until
+from conftest import TIMEOUT, ChatClient, expect_console, wait_until
 
 
 class Gate:
@@ -308,3 +308,29 @@ def test_a_student_who_quits_sees_no_join_line_after_bye(server, stall_notices, 
     alice.send("/quit")
     seen = alice.expect_closed()
     assert seen[-1] == "*** Bye.", seen
+
+
+# --- Found in review: a client a catch-up made too slow ---
+
+
+def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_round(
+        start_server, stall_notices, caplog):
+    """Its reply's catch-up overflowed (the notices thread was behind): the thread drops it."""
+    # No history, so each newcomer's welcome fits in the small sendq, and
+    # alice's waiting join lines (8 x 25 bytes) do not.
+    server = start_server(sendq=160, history=0, per_address=0, flood_rate=0)
+    alice = ChatClient(server.server_address).join("alice")
+    others = []
+    stall_notices(server)
+    gate = server._notices_queued
+    for number in range(8):
+        others.append(ChatClient(server.server_address).join("b%d" % number))
+    alice.send("/who")  # its reply catches alice up first: too much
+    wait_until(lambda: server.find("alice").too_slow, message="alice's outbox to overflow")
+    server._notices_queued = threading.Event()  # the thread goes on, as after a long round
+    server._notices_queued.set()
+    gate.opened.set()
+    expect_console(caplog, "Disconnecting alice")
+    alice.expect_closed()
+    for other in others:
+        other.close()
