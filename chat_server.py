@@ -816,7 +816,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             kind = client.encode_lines
             if kind not in encoded:
                 encoded[kind] = [kind([line]) for line in lines]
-            if not client.take_notices(first, encoded[kind], shared, send=True):
+            # too_slow too: a catch-up (before a reply, say) may have overflowed
+            # its outbox, and its caller does not drop it.
+            if not client.take_notices(first, encoded[kind], shared, send=True) \
+                    or client.too_slow:
                 self.drop(client, TOO_SLOW)
 
     def _add_notices(self, lines, exclude):
@@ -2238,9 +2241,10 @@ class ChatServer(ChatRoom):
 
     def remove_by_teacher(self, client, line):
         """Tell client line, take it out of the room, and close its connection."""
-        self.catch_up(client)
-        client.send_line(line)
+        # Out first: leave() queues the notices it was not given yet, and no
+        # later one reaches it, so none can follow the line.
         self.leave(client)
+        client.send_line(line)
         client.close_when_sent()
 
     def set_muted(self, client, muted):
@@ -2368,9 +2372,10 @@ def do_msg(handler, argument):
 
 
 def do_quit(handler, argument):
-    handler.reply("*** Bye.")
     handler.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
+    # Out before "Bye.", so that no join or leave line comes after it.
     handler.server.leave(handler.client)
+    handler.reply("*** Bye.")
     handler.done = True
 
 
@@ -4421,10 +4426,10 @@ class RedisLink:
         for number in itertools.count(2):
             suffix = ".%d" % number
             new_name = old_name[:MAX_NAME_CHARS - len(suffix)] + suffix
-            key = fold_name(new_name)
+            key, look = fold_name(new_name), skeleton(new_name)
             with self.room._lock:
-                if key in self.room._joined:
-                    continue
+                if self.room._name_taken(key, look, client):
+                    continue  # taken here, or by a look-alike
             if self._writer.call("SET", self._name_prefix + key, self._name_value(new_name),
                                  "NX", "EX", self.name_ttl_seconds) is not None:
                 break
@@ -4433,7 +4438,8 @@ class RedisLink:
             if self.room._joined.get(client.key) is not client:
                 return  # left meanwhile; the beat frees the name
             self.room._remove_client(client)
-            client.name, client.key = new_name, key
+            # Its skeleton too: else a look-alike of the new name could join.
+            client.name, client.key, client.skeleton = new_name, key, look
             self.room._add_client(client)
             self.room._catch_up(client)
             client.queue_line("*** While the servers were apart, a student on another "

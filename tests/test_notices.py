@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, wait_until
+from conftest import TIMEOUT, ChatClient, expect_console, wait_until
 
 
 class Gate:
@@ -267,3 +267,70 @@ def test_a_failed_round_of_join_lines_is_tried_again(room, joined, monkeypatch, 
     joined("carol")
     alice.expect_next("*** carol joined the chat.")  # and the thread goes on
     caplog.clear()  # the one error this test caused on purpose
+
+
+# --- Found in review: a join while a student is being told goodbye ---
+
+
+def join_before_line(server, name, text, newcomer):
+    """Make the server-side client called name run newcomer() just before it is sent
+    the line containing text: a join that comes in at that very moment."""
+    client = server.find(name)
+    real_send_line = client.send_line
+
+    def send_line(line):
+        if text in line:
+            newcomer()
+        return real_send_line(line)
+
+    client.send_line = send_line
+
+
+def test_a_kicked_student_sees_no_join_line_after_the_kick(server, stall_notices, room,
+                                                          joined, console):
+    """A join just before the kick line: told before it, or never (not after it)."""
+    alice, watcher = room("alice", "watcher")
+    stall_notices()
+    joined("bob")
+    join_before_line(server, "alice", "removed you", lambda: joined("carol"))
+    console.handle_line("/kick alice")
+    seen = alice.expect_closed()
+    assert seen[-1] == "*** The teacher removed you from the chat.", seen
+
+
+def test_a_student_who_quits_sees_no_join_line_after_bye(server, stall_notices, room,
+                                                        joined):
+    """A join just before "Bye.": told before it, or never (not after it)."""
+    alice, watcher = room("alice", "watcher")
+    stall_notices()
+    joined("bob")
+    join_before_line(server, "alice", "Bye.", lambda: joined("carol"))
+    alice.send("/quit")
+    seen = alice.expect_closed()
+    assert seen[-1] == "*** Bye.", seen
+
+
+# --- Found in review: a client a catch-up made too slow ---
+
+
+def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_round(
+        start_server, stall_notices, caplog):
+    """Its reply's catch-up overflowed (the notices thread was behind): the thread drops it."""
+    # No history, so each newcomer's welcome fits in the small sendq, and
+    # alice's waiting join lines (8 x 25 bytes) do not.
+    server = start_server(sendq=160, history=0, per_address=0, flood_rate=0)
+    alice = ChatClient(server.server_address).join("alice")
+    others = []
+    stall_notices(server)
+    gate = server._notices_queued
+    for number in range(8):
+        others.append(ChatClient(server.server_address).join("b%d" % number))
+    alice.send("/who")  # its reply catches alice up first: too much
+    wait_until(lambda: server.find("alice").too_slow, message="alice's outbox to overflow")
+    server._notices_queued = threading.Event()  # the thread goes on, as after a long round
+    server._notices_queued.set()
+    gate.opened.set()
+    expect_console(caplog, "Disconnecting alice")
+    alice.expect_closed()
+    for other in others:
+        other.close()

@@ -669,6 +669,26 @@ def test_a_name_taken_during_a_split_becomes_name_dot_2(linked, join, proxies, q
 
 
 @redis
+def test_a_name_given_after_a_split_keeps_its_look_alikes_out(linked, join, proxies,
+                                                              quick_split, clients):
+    """alice, renamed alice.2 at the relink, is safe from аӏісе.2 (all Cyrillic) on her server."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy = join(a, "amy")
+    join(b, "bob")
+    proxy.freeze()
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    alice_a = join(a, "alice", settle=False)
+    join(b, "alice", settle=False)
+    proxy.thaw()
+    alice_a.expect("you are now alice.2", timeout=SPLIT_TIMEOUT)
+    impostor = ChatClient(a.server_address)
+    clients.append(impostor)
+    impostor.send("\u0430\u04cf\u0456\u0441\u0435.2")
+    impostor.expect("looks too much like alice.2")
+
+
+@redis
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX")
 def test_a_killed_server_s_students_leave_everywhere_once(linked, join, redis_server):
     a, c = linked(), linked()
