@@ -418,9 +418,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
         """Send lines to this client only (after the room's notices before them)."""
         self.server.catch_up(self.client)
         for line in lines:
-            if not self.client.send_line(line):
-                self.server.drop(self.client, TOO_SLOW)
-                return
+            self.client.send_line(line)
+        if self.client.too_slow:  # its outbox overflowed: the catch-up, or these
+            self.server.drop(self.client, TOO_SLOW)
 
     def run_command(self, line):
         """Run a /command (see "The students' commands"); its name is not case-sensitive."""
@@ -816,8 +816,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             kind = client.encode_lines
             if kind not in encoded:
                 encoded[kind] = [kind([line]) for line in lines]
-            # too_slow too: a catch-up (before a reply, say) may have overflowed
-            # its outbox, and its caller does not drop it.
+            # too_slow too: a catch-up that no send follows (the Redis echo of
+            # its own join) may have overflowed its outbox.
             if not client.take_notices(first, encoded[kind], shared, send=True) \
                     or client.too_slow:
                 self.drop(client, TOO_SLOW)

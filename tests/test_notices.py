@@ -313,9 +313,26 @@ def test_a_student_who_quits_sees_no_join_line_after_bye(server, stall_notices, 
 # --- Found in review: a client a catch-up made too slow ---
 
 
+def test_a_student_whose_reply_catch_up_overflowed_its_outbox_is_dropped_at_once(
+        start_server, stall_notices, caplog):
+    """Its /who's catch-up overflowed: the reply drops it, without waiting for a round."""
+    server = start_server(sendq=160, history=0, per_address=0, flood_rate=0)
+    alice = ChatClient(server.server_address).join("alice")
+    others = []
+    stall_notices(server)  # no round comes while the test looks
+    for number in range(8):
+        others.append(ChatClient(server.server_address).join("b%d" % number))
+    alice.send("/who")  # its reply catches alice up first: too much
+    expect_console(caplog, "Disconnecting alice")
+    alice.expect_closed()
+    for other in others:
+        other.close()
+
+
 def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_round(
         start_server, stall_notices, caplog):
-    """Its reply's catch-up overflowed (the notices thread was behind): the thread drops it."""
+    """A catch-up that nobody sends after overflowed it (the Redis echo of its own join
+    does one): the notices thread's next round drops it."""
     # No history, so each newcomer's welcome fits in the small sendq, and
     # alice's waiting join lines (8 x 25 bytes) do not.
     server = start_server(sendq=160, history=0, per_address=0, flood_rate=0)
@@ -325,8 +342,9 @@ def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_r
     gate = server._notices_queued
     for number in range(8):
         others.append(ChatClient(server.server_address).join("b%d" % number))
-    alice.send("/who")  # its reply catches alice up first: too much
-    wait_until(lambda: server.find("alice").too_slow, message="alice's outbox to overflow")
+    alice_side = server.find("alice")
+    server.catch_up(alice_side)  # too much for alice's outbox; no send follows
+    assert alice_side.too_slow
     server._notices_queued = threading.Event()  # the thread goes on, as after a long round
     server._notices_queued.set()
     gate.opened.set()
