@@ -862,7 +862,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         Called before anything else is queued for it, so it sees them first.
         shared: see take_notices(), when catching up many clients.
         """
-        if self._notices and self._joined.get(client.key) is client:
+        # notices_seen is read here without the client's lock, to skip the
+        # lock for a client that has them all: it only ever grows.
+        if client.notices_seen < self._notices_before + len(self._notices) \
+                and self._joined.get(client.key) is client:
             client.take_notices(self._notices_before,
                                 self._encoded_notices(client.encode_lines), shared)
 
