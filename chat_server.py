@@ -1016,7 +1016,8 @@ class Client:
         """Send what is queued, as far as the socket takes it now; never wait.
 
         Never call this while holding the room's lock: it uses the socket.
-        batch: bytes the caller took with _take_batch(), and so its turn to send.
+        batch: bytes the caller has taken out, with the turn to send them
+        (_sending is set: see _take_batch() and take_notices()).
         """
         while True:
             if batch is None:
