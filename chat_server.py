@@ -1054,7 +1054,13 @@ class Client:
             else:
                 self._writer_needed.notify()
         if starting:
-            writer.start()
+            try:
+                writer.start()
+            except RuntimeError as error:  # no thread could start: too many
+                # Without its writer this client can never be sent the rest:
+                # close it, and leave the thread that queued it unharmed.
+                log.error("Cannot start a writer for %s: %r", self, error)
+                self.close_now()
 
     def send_bytes(self, data):
         """queue_bytes(), then flush(): never waits; False if too slow.

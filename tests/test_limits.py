@@ -363,6 +363,29 @@ def test_writer_thread_wakes_again_for_a_second_backlog():
         theirs.close()
 
 
+def test_a_writer_that_cannot_start_closes_only_its_own_client(monkeypatch, caplog):
+    """No thread could start (too many): that client is closed, and the sender goes on."""
+    real_start = threading.Thread.start
+
+    def start_failing_for_writers(thread):
+        if thread.name.startswith("writer"):
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_failing_for_writers)
+    ours, theirs = full_socket_pair()
+    client = Client(ours, ("127.0.0.1", 9), sendq_bytes=1 << 20)
+    try:
+        client.send_bytes(b"first\r\n")  # needs the writer: the socket is full
+        assert client.closed.is_set()
+        assert any("Cannot start a writer" in record.getMessage() for record in caplog.records)
+        caplog.clear()  # the one error this test caused on purpose
+    finally:
+        client.close_now()
+        ours.close()
+        theirs.close()
+
+
 def test_what_the_writer_sent_no_longer_counts_against_sendq():
     """A reader that keeps up, slowly, is never dropped for what it already read."""
     ours, theirs = full_socket_pair()
