@@ -286,28 +286,23 @@ def join_before_line(server, name, text, newcomer):
     client.send_line = send_line
 
 
-def test_a_kicked_student_sees_no_join_line_after_the_kick(server, stall_notices, room,
-                                                          joined, console):
-    """A join just before the kick line: told before it, or never (not after it)."""
+@pytest.mark.parametrize("how, last_line", [
+    ("/kick", "*** The teacher removed you from the chat."),
+    ("/quit", "*** Bye."),
+], ids=["kicked", "quits"])
+def test_a_student_who_leaves_sees_no_join_line_after_its_last_line(
+        server, stall_notices, room, joined, console, how, last_line):
+    """A join just before the last line: told before it, or never (not after it)."""
     alice, watcher = room("alice", "watcher")
     stall_notices()
     joined("bob")
-    join_before_line(server, "alice", "removed you", lambda: joined("carol"))
-    console.handle_line("/kick alice")
+    join_before_line(server, "alice", last_line[4:], lambda: joined("carol"))
+    if how == "/kick":
+        console.handle_line("/kick alice")
+    else:
+        alice.send("/quit")
     seen = alice.expect_closed()
-    assert seen[-1] == "*** The teacher removed you from the chat.", seen
-
-
-def test_a_student_who_quits_sees_no_join_line_after_bye(server, stall_notices, room,
-                                                        joined):
-    """A join just before "Bye.": told before it, or never (not after it)."""
-    alice, watcher = room("alice", "watcher")
-    stall_notices()
-    joined("bob")
-    join_before_line(server, "alice", "Bye.", lambda: joined("carol"))
-    alice.send("/quit")
-    seen = alice.expect_closed()
-    assert seen[-1] == "*** Bye.", seen
+    assert seen[-1] == last_line, seen
 
 
 # --- Found in review: a client a catch-up made too slow ---
