@@ -716,7 +716,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         names = self._names_in_order
         if self._remote:  # Redis link: students on other servers too
             names = [name for _, name in sorted(
-                [(key, self._joined[key].name) for key in self._keys_in_order]
+                list(zip(self._keys_in_order, self._names_in_order))
                 + [(key, student.name) for key, student in self._remote.items()])]
         return "*** Online now (%d): %s" % (len(names), ", ".join(names))
 
@@ -2250,7 +2250,7 @@ class ChatServer(ChatRoom):
             return client.key is not None and self._joined.get(client.key) is client
 
     def remove_by_teacher(self, client, line):
-        """Tell client line, take it out of the room, and close its connection."""
+        """Take client out of the room, tell it line, and close its connection."""
         # Out first: leave() queues the notices it was not given yet, and no
         # later one reaches it, so none can follow the line.
         self.leave(client)
