@@ -507,8 +507,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 problem = self.server.join(self.client, line.strip())
                 if problem is None:
                     return True
-                if problem is REMOVED:
-                    self.reply("*** %s Goodbye." % REMOVED)
+                if problem is REMOVED or problem is SHUTTING_DOWN:
+                    self.reply("*** %s Goodbye." % problem)
                     return False
             self.reply("*** %s%s" % (problem + " " if problem else "", question))
 
@@ -529,6 +529,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
 TOO_SLOW = "too slow to keep up"
 REMOVED = "You were removed by the teacher."
+SHUTTING_DOWN = "The server is shutting down."  # join() once close_room() began
 
 
 class ChatRoom(socketserver.ThreadingTCPServer):
@@ -682,6 +683,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             if problem:
                 return problem
         with self._lock:
+            if self._shutting_down:
+                return SHUTTING_DOWN  # its name came as the teacher stopped the server
             if self.addresses.ban_left(client.host) > 0:
                 return REMOVED  # kicked while this connection was asking a name
             problem = self._name_taken(key, look, client)

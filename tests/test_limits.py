@@ -488,6 +488,18 @@ def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(serve
     assert connect().expect_closed() == ["*** The server is shutting down."]
 
 
+def test_a_name_given_as_the_shutdown_begins_does_not_join(server, connect, joined):
+    """The name came just after close_room() began: told so, and never in the room."""
+    joined("watcher")
+    late = connect()
+    late.expect("What is your name?")
+    with server._lock:
+        server._shutting_down = True  # the moment close_room() has begun
+    late.send("alice")
+    assert late.expect_closed()[-1] == "*** The server is shutting down. Goodbye."
+    assert server.find("alice") is None
+
+
 def test_sendq_setting_reaches_each_client(start_server, joined):
     server = start_server(sendq=8192)
     joined("alice", server)
