@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, ChatClient, expect_console, wait_until
+from conftest import TIMEOUT, expect_console, wait_until
 
 
 class Gate:
@@ -308,35 +308,37 @@ def test_a_student_who_leaves_sees_no_join_line_after_its_last_line(
 # --- Found in review: a client a catch-up made too slow ---
 
 
-def test_a_student_whose_reply_catch_up_overflowed_its_outbox_is_dropped_at_once(
-        start_server, stall_notices, caplog):
-    """Its /who's catch-up overflowed: the reply drops it, without waiting for a round."""
+@pytest.fixture
+def alice_behind(start_server, stall_notices, connect):
+    """(server, alice): more join lines wait for alice than her outbox takes.
+
+    The notices thread is stalled. No history, so each newcomer's welcome
+    fits in the small sendq, and alice's waiting join lines (8 x 25 bytes)
+    do not.
+    """
     server = start_server(sendq=160, history=0, per_address=0, flood_rate=0)
-    alice = ChatClient(server.server_address).join("alice")
-    others = []
-    stall_notices(server)  # no round comes while the test looks
+    alice = connect(server).join("alice")
+    stall_notices(server)
     for number in range(8):
-        others.append(ChatClient(server.server_address).join("b%d" % number))
+        connect(server).join("b%d" % number)
+    return server, alice
+
+
+def test_a_student_whose_reply_catch_up_overflowed_its_outbox_is_dropped_at_once(
+        alice_behind, caplog):
+    """Its /who's catch-up overflowed: the reply drops it, without waiting for a round."""
+    _, alice = alice_behind
     alice.send("/who")  # its reply catches alice up first: too much
     expect_console(caplog, "Disconnecting alice")
     alice.expect_closed()
-    for other in others:
-        other.close()
 
 
 def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_round(
-        start_server, stall_notices, caplog):
+        alice_behind, caplog):
     """A catch-up that nobody sends after overflowed it (the Redis echo of its own join
     does one): the notices thread's next round drops it."""
-    # No history, so each newcomer's welcome fits in the small sendq, and
-    # alice's waiting join lines (8 x 25 bytes) do not.
-    server = start_server(sendq=160, history=0, per_address=0, flood_rate=0)
-    alice = ChatClient(server.server_address).join("alice")
-    others = []
-    stall_notices(server)
-    gate = server._notices_queued
-    for number in range(8):
-        others.append(ChatClient(server.server_address).join("b%d" % number))
+    server, alice = alice_behind
+    gate = server._notices_queued  # where stall_notices() holds the thread
     alice_side = server.find("alice")
     server.catch_up(alice_side)  # too much for alice's outbox; no send follows
     assert alice_side.too_slow
@@ -345,5 +347,3 @@ def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_r
     gate.opened.set()
     expect_console(caplog, "Disconnecting alice")
     alice.expect_closed()
-    for other in others:
-        other.close()
