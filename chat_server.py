@@ -142,7 +142,7 @@ RECV_BYTES = 4096  # one read; lines are framed by us, not by recv()
 LISTEN_BACKLOG = 128  # a whole class connecting in the same second (the
 #                       default of 5 drops SYNs: a 1-3 s retry per student)
 BROWSER_WAIT_SECONDS = 0.25  # a browser sends its request at once, a person
-#                              needs longer: see ChatHandler.greet()
+#                              needs longer: see greet()
 PASSWORD_ANSWER_SECONDS = 1.0  # every password answer, right or wrong, comes
 #                                 after this long: a guesser learns nothing sooner
 PASSWORD_FAILURES_FREE = 3  # wrong passwords an address may give (times
@@ -285,7 +285,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         timeout = self.server.settings.name_timeout
         deadline = time.monotonic() + timeout if timeout > 0 else None
         try:
-            if self.greet() and self.check_password(deadline) and self.ask_name(deadline):
+            if greet(self) and check_password(self, deadline) and self.ask_name(deadline):
                 self.chat()
         except NoAnswerInTime:
             self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
@@ -314,7 +314,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line()
             if line is None or self.client.closed.is_set():
                 return
-            self.hold_back_flood()  # every line, even blank or too long, is paced
+            hold_back_flood(self)  # every line, even blank or too long, is paced
             if line is TOO_LONG:
                 self.reply("*** That line was longer than %d bytes and was not sent."
                            % self.server.settings.max_line)
@@ -374,45 +374,11 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
         if is_plain_message(line):
-            self.server.say(self.client, line, *self.more_messages())
+            self.server.say(self.client, line, *more_messages(self))
         elif line.lstrip().startswith("//"):
             self.server.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
         else:
             self.run_command(line)
-
-    def more_messages(self):
-        """Take the plain messages already received that may go out at once.
-
-        Sending them with the one before costs each recipient one queued item
-        and one send, instead of one of each per line: that is what keeps a
-        busy room cheap.
-        """
-        texts = []
-        while self.lines:
-            line = self.lines[0]
-            if line is TOO_LONG or not is_plain_message(line):
-                break
-            if not self.flood.take_if_free():
-                break  # this one must wait: hold_back_flood() will pace it
-            if line.strip():
-                texts.append(defuse_server_marker(line.rstrip()))
-            self.lines.popleft()
-        return texts
-
-    def hold_back_flood(self):
-        """Delay this client's next line if it is sending too fast."""
-        delay = self.flood.delay_for_next_line()
-        if delay <= 0:
-            self.told_flood = False  # it slowed down: warn again next time
-            return
-        if not self.told_flood:
-            self.told_flood = True
-            self.reply("*** You are sending lines too fast: they will go out more "
-                       "slowly. Nothing is lost.")
-            self.server.tell_console("Slowing down %s: flooding" % self.client)
-        # Sleeping here holds back only this client: the rest of its lines
-        # wait, in order, in its socket. The wait ends early if it is dropped.
-        self.client.sleep(delay)
 
     def reply(self, *lines):
         """Send lines to this client only (after the room's notices before them)."""
@@ -430,61 +396,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         else:
             command(self, argument)
 
-    # -- Before joining --
-
-    def greet(self):
-        """Answer a web browser in HTTP; welcome anyone else. False: hang up."""
-        # A browser sends its request as soon as it connects; a person takes
-        # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
-        # the first prompt lets a browser get a real HTTP answer.
-        data = self.wait_for_bytes(BROWSER_WAIT_SECONDS)
-        if data == b"":
-            return False
-        if data and looks_like_http(data):
-            if not answer_http(self, data):  # see "The browser page" below
-                return False
-        elif data:
-            self.take_bytes(data)
-        self.reply("*** Welcome to the chat!")
-        timeout = self.server.settings.name_timeout
-        if timeout > 0:
-            self.reply("*** You have %s to give %syour name." % (
-                describe_minutes(timeout / 60),
-                "the password and " if self.server.settings.password else ""))
-        dropped_as = self.server.addresses.take_dropped(self.client.host)
-        if dropped_as:
-            self.reply("*** Last time (as %s) you were disconnected: your computer did "
-                       "not read the chat fast enough." % dropped_as)
-        return True
-
-    def check_password(self, deadline):
-        """Ask for the room password if there is one; False: wrong, or gone."""
-        password = self.server.settings.password
-        if not password:
-            return True
-        addresses = self.server.addresses
-        wait = addresses.password_wait(self.client.host)
-        if wait > 0:
-            self.reply("*** Too many wrong passwords from your computer. Try again in "
-                       "%s." % describe_minutes(wait / 60))
-            return False
-        self.waiting_for = "the password"
-        self.reply("*** This room has a password. Password?")
-        answer = self.read_line(deadline)
-        if answer is None:
-            return False
-        right = answer is not TOO_LONG and hmac.compare_digest(
-            answer.strip().encode("utf-8"), password.encode("utf-8"))
-        # Right or wrong, the answer comes after the same delay: a guesser
-        # cannot hang up early on a wrong guess and try the next one sooner.
-        self.client.sleep(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
-        if right:
-            addresses.password_passed(self.client.host)
-            return True
-        self.server.tell_console("Wrong password from %s" % self.client, warning=True)
-        addresses.password_failed(self.client.host)
-        self.reply("*** Wrong password. Goodbye.")
-        return False
+    # -- Joining: the name --
 
     def ask_name(self, deadline):
         """Ask for a name until one is free and valid, then join. False: gone."""
@@ -496,14 +408,14 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line(deadline)
             if line is None:
                 return False
-            self.hold_back_flood()
+            hold_back_flood(self)
             if line is TOO_LONG:
                 problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
             elif not line.strip():
                 problem = ""
             else:
                 if not paced:
-                    paced = self.wait_to_join()
+                    paced = wait_to_join(self)
                 problem = self.server.join(self.client, line.strip())
                 if problem is None:
                     return True
@@ -511,16 +423,6 @@ class ChatHandler(socketserver.StreamRequestHandler):
                     self.reply("*** %s Goodbye." % problem)
                     return False
             self.reply("*** %s%s" % (problem + " " if problem else "", question))
-
-    def wait_to_join(self):
-        """Wait if many joined from this computer just now (join/leave spam)."""
-        delay = self.server.addresses.join_delay(self.client.host)
-        if delay > 0:
-            self.reply("*** Many people joined from your computer just now: you join "
-                       "in %s." % describe_minutes(delay / 60))
-            self.client.sleep(delay)
-        return True
-
 
 # --- The room: ChatRoom -------------------------------------------------------
 # The room's dict of joined clients and its lock. A room event is queued for
@@ -1619,6 +1521,46 @@ class RateWindow:
         return True
 
 
+# ChatHandler's pacing of each connection's lines, with FloodLimiter: chat()
+# and ask_name() call hold_back_flood(), handle_line() calls more_messages().
+
+
+def hold_back_flood(handler):
+    """Delay this client's next line if it is sending too fast."""
+    delay = handler.flood.delay_for_next_line()
+    if delay <= 0:
+        handler.told_flood = False  # it slowed down: warn again next time
+        return
+    if not handler.told_flood:
+        handler.told_flood = True
+        handler.reply("*** You are sending lines too fast: they will go out more "
+                   "slowly. Nothing is lost.")
+        handler.server.tell_console("Slowing down %s: flooding" % handler.client)
+    # Sleeping here holds back only this client: the rest of its lines
+    # wait, in order, in its socket. The wait ends early if it is dropped.
+    handler.client.sleep(delay)
+
+
+def more_messages(handler):
+    """Take the plain messages already received that may go out at once.
+
+    Sending them with the one before costs each recipient one queued item
+    and one send, instead of one of each per line: that is what keeps a
+    busy room cheap.
+    """
+    texts = []
+    while handler.lines:
+        line = handler.lines[0]
+        if line is TOO_LONG or not is_plain_message(line):
+            break
+        if not handler.flood.take_if_free():
+            break  # this one must wait: hold_back_flood() will pace it
+        if line.strip():
+            texts.append(defuse_server_marker(line.rstrip()))
+        handler.lines.popleft()
+    return texts
+
+
 class Addresses:
     """What the room knows about each computer (address): its connections,
     joins, wrong passwords, ban and mute.
@@ -1772,6 +1714,77 @@ def normal_host(host):
         if address.is_loopback:
             return "127.0.0.1"
     return str(address)
+
+
+# --- Before joining: the greeting, the password, the pace of joins ---------
+# ChatHandler.handle() calls greet() and check_password() before it asks a
+# name; ask_name() calls wait_to_join() once, before the first try to join.
+
+
+def greet(handler):
+    """Answer a web browser in HTTP; welcome anyone else. False: hang up."""
+    # A browser sends its request as soon as it connects; a person takes
+    # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
+    # the first prompt lets a browser get a real HTTP answer.
+    data = handler.wait_for_bytes(BROWSER_WAIT_SECONDS)
+    if data == b"":
+        return False
+    if data and looks_like_http(data):
+        if not answer_http(handler, data):  # see "The browser page" below
+            return False
+    elif data:
+        handler.take_bytes(data)
+    handler.reply("*** Welcome to the chat!")
+    timeout = handler.server.settings.name_timeout
+    if timeout > 0:
+        handler.reply("*** You have %s to give %syour name." % (
+            describe_minutes(timeout / 60),
+            "the password and " if handler.server.settings.password else ""))
+    dropped_as = handler.server.addresses.take_dropped(handler.client.host)
+    if dropped_as:
+        handler.reply("*** Last time (as %s) you were disconnected: your computer did "
+                   "not read the chat fast enough." % dropped_as)
+    return True
+
+
+def check_password(handler, deadline):
+    """Ask for the room password if there is one; False: wrong, or gone."""
+    password = handler.server.settings.password
+    if not password:
+        return True
+    addresses = handler.server.addresses
+    wait = addresses.password_wait(handler.client.host)
+    if wait > 0:
+        handler.reply("*** Too many wrong passwords from your computer. Try again in "
+                   "%s." % describe_minutes(wait / 60))
+        return False
+    handler.waiting_for = "the password"
+    handler.reply("*** This room has a password. Password?")
+    answer = handler.read_line(deadline)
+    if answer is None:
+        return False
+    right = answer is not TOO_LONG and hmac.compare_digest(
+        answer.strip().encode("utf-8"), password.encode("utf-8"))
+    # Right or wrong, the answer comes after the same delay: a guesser
+    # cannot hang up early on a wrong guess and try the next one sooner.
+    handler.client.sleep(PASSWORD_ANSWER_SECONDS)  # ends early at shutdown
+    if right:
+        addresses.password_passed(handler.client.host)
+        return True
+    handler.server.tell_console("Wrong password from %s" % handler.client, warning=True)
+    addresses.password_failed(handler.client.host)
+    handler.reply("*** Wrong password. Goodbye.")
+    return False
+
+
+def wait_to_join(handler):
+    """Wait if many joined from this computer just now (join/leave spam)."""
+    delay = handler.server.addresses.join_delay(handler.client.host)
+    if delay > 0:
+        handler.reply("*** Many people joined from your computer just now: you join "
+                   "in %s." % describe_minutes(delay / 60))
+        handler.client.sleep(delay)
+    return True
 
 
 # --- Refusals: saying why, without a thread for each --------------------------
@@ -2822,7 +2835,7 @@ def console_input():
 
 
 # --- The browser page: HTTP and WebSocket on the chat port --------------------
-# Adds students who have only a browser. ChatHandler.greet() hands a
+# Adds students who have only a browser. greet() (before joining) hands a
 # connection whose first bytes look like an HTTP request to answer_http(): it
 # reads the request head on its own, then answers with the page, this file,
 # or an error, or upgrades to a WebSocket (RFC 6455). A WebSocket student is
