@@ -31,12 +31,14 @@ How it works: three moving parts, at the top of the file in this order.
 The terminal running the server is the teacher's console: it shows the chat,
 and lines typed there are announcements or commands (type /help there).
 
-After the core come the parts that each add one thing: what protects the
-room (text cleaning, names nobody can fake, limits per connection, per
-computer and for the whole room), ChatServer, the students' commands, the
-teacher's console and transcript, the browser page (HTTP and a WebSocket on
-the same port), the Redis link (several servers, one room), the --connect
-line client, and main().
+After the core come the parts that each add one thing: join and leave
+lines in bulk (Notices, for a big class), what protects the room (text
+cleaning, names nobody can fake, limits per connection, per computer and for
+the whole room, the greeting and the password), ChatServer, the students'
+commands, the teacher's console and transcript, the browser page (HTTP and a
+WebSocket on the same port), the Redis link (several servers, one room), the
+--connect line client, and main(). Each section starts by saying what it
+adds and where the core calls it.
 
 The life of one line, "hi" typed by alice, step by step; the three parts of
 the core come below in the same order (ChatHandler, ChatRoom, Client):
@@ -458,11 +460,11 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             self.address_family = socket.AF_INET6
         self._joined = {}  # key (folded name) -> Client, for joined clients
         # The room's lock. It guards _joined and every field from here down to
-        # _notices_before; ChatServer's _connected and _places_taken; and the
-        # room's fields of each Client (name, key, skeleton, joined_at, muted;
-        # not notices_seen: see take_notices()). The recorder's queue is only
-        # put to under it, to keep the room's order. Anything else has a lock
-        # of its own, or is set once.
+        # notices (and the notices' list); ChatServer's _connected and
+        # _places_taken; and the room's fields of each Client (name, key,
+        # skeleton, joined_at, muted; not notices_seen: see take_notices()).
+        # The recorder's queue is only put to under it, to keep the room's
+        # order. Anything else has a lock of its own, or is set once.
         self._lock = threading.Lock()
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._names_in_order = []  # their names, in the same order: "Online now"
@@ -472,18 +474,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
         self._shutting_down = False  # set by close_room(): no more leave lines
-        # Join, leave and rename lines not yet given to every client, in
-        # the room's order. A client's notices_seen counts those it has been
-        # given, out of _notices_before + len(_notices). See _run_notices().
-        self._notices = []
-        self._notices_before = 0  # notices given to everyone and forgotten
-        # encode_lines -> the waiting notices, each encoded so: a catch-up
-        # joins bytes, however many are waiting (see _encoded_notices()).
-        self._notices_encoded = {}
-        self._notices_queued = threading.Event()  # set when _notices fills
-        self._notices_stopping = False  # set once, by server_close(): the thread ends
-        self._notices_thread = threading.Thread(
-            target=self._run_notices, name="notices", daemon=True)
+        # Join, leave and rename lines wait here, and go out in bulk: see
+        # the section "Join and leave lines in bulk", just after the core.
+        self.notices = Notices(self)
         super().__init__(address, ChatHandler)  # binds and listens; serve_forever() accepts
 
     # -- A line's way: queued for all under the lock, sent after it --
@@ -509,7 +502,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             else:
                 for line in lines:
                     self._note("silenced", line)
-                self._catch_up(client)
+                self.notices.catch_up(client)
                 client.queue_line(notice)
                 recipients = [client]
         self._send_queued(recipients)
@@ -525,7 +518,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         overflowed is marked too_slow by queue_bytes(); _send_queued() drops it.
         event: the same, as data for the Redis link (see its section).
         notice: a join, leave or rename line, sent a few milliseconds later
-        (see _run_notices()); nothing is queued now, and the list is empty.
+        (see Notices); nothing is queued now, and the list is empty.
         """
         if isinstance(lines, str):
             lines = [lines]
@@ -539,10 +532,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         for line in lines:
             self._note("room", line)
         if notice:
-            self._add_notices(lines, exclude)
+            self.notices.add(lines, exclude)
             return []
         # Waiting notices go first (to the sender too, who is sent them now).
-        everyone = self._catch_up_everyone() if self._notices else None
+        everyone = self.notices.catch_up_everyone() if self.notices.lines else None
         recipients = [client for client in self._joined.values() if client is not exclude]
         # The bytes are built once per kind of client (TCP lines, WebSocket
         # frames), not once per client: a big room stays cheap.
@@ -596,7 +589,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             client.joined_at = time.monotonic()
             client.muted = self.addresses.is_muted(client.host, key)
             # Notices so far are in its history and its list of who is online.
-            client.notices_seen = self._notices_before + len(self._notices)
+            client.notices_seen = self.notices.count()
             self._add_client(client)
             # Welcome, history and the join line are queued in one critical
             # section: the newcomer sees each room event exactly once, either
@@ -656,7 +649,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         with self._lock:
             if client.key is None or self._joined.get(client.key) is not client:
                 return  # never joined, or has left already
-            self._catch_up(client)  # what it was told last is what happened last
+            self.notices.catch_up(client)  # what it was told last is what happened last
             self._remove_client(client)
             # A muted student's reason, or anyone's in quiet mode, is not shown.
             reason = "" if client.muted or self._quiet else client.leave_reason
@@ -676,103 +669,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self.leave(client)
         client.close_now()
 
-    # -- Join, leave and rename lines, sent in bulk by the notices thread --
-
-    def _run_notices(self):
-        # Why join, leave and rename lines wait: sent at once, a class of N
-        # joining would cost N sends for each join, N*N in all, a small packet
-        # each. They wait in the room's _notices instead, and this thread sends
-        # them: those that came while it was sending to everyone go out
-        # together next time, one send per client for a whole burst of joins.
-        # Order never changes: anything else queued for a client (a chat line,
-        # sent at once, above all) first queues the notices before it.
-        # This thread gives them out without holding the room's lock, so a
-        # chat line never waits for a big class to be told of a join.
-        while True:
-            self._notices_queued.wait()
-            with self._lock:
-                # Checked after clear(), under the lock: a stop that came just
-                # before would otherwise have its wake-up cleared, and be missed.
-                self._notices_queued.clear()
-                if self._notices_stopping:
-                    return
-                clients = list(self._joined.values())
-                first, lines = self._notices_before, self._notices[:]
-            try:
-                self._give_notices(clients, first, lines)
-            except Exception as error:  # a thread's top level: log it, and go on
-                log.error("Sending join and leave lines failed: %r", error)
-                time.sleep(NOTICES_RETRY_SECONDS)
-                self._notices_queued.set()  # they stay waiting: try again
-                continue
-            with self._lock:
-                # Everyone has them now (a newcomer had them in its history):
-                # forget them.
-                del self._notices[:len(lines)]
-                for encoded in self._notices_encoded.values():
-                    del encoded[:len(lines)]
-                self._notices_before = first + len(lines)
-
-    def _give_notices(self, clients, first, lines):
-        """Queue and send notices (numbered from first) to each client that lacks them."""
-        encoded = {}  # encode_lines -> the lines, each encoded so
-        shared = {}  # see take_notices()
-        for client in clients:
-            kind = client.encode_lines
-            if kind not in encoded:
-                encoded[kind] = [kind([line]) for line in lines]
-            # too_slow too: a catch-up that no send follows (the Redis echo of
-            # its own join) may have overflowed its outbox.
-            if not client.take_notices(first, encoded[kind], shared, send=True) \
-                    or client.too_slow:
-                self.drop(client, TOO_SLOW)
-
-    def _add_notices(self, lines, exclude):
-        """Put join, leave or rename lines on the waiting list (lock held)."""
-        if exclude is not None:
-            # Not for the student they are about, who is given those before
-            # them, and counts these as seen.
-            self._catch_up(exclude)
-            exclude.skip_notices(self._notices_before + len(self._notices), len(lines))
-        self._notices.extend(lines)
-        self._notices_queued.set()
-
-    def _encoded_notices(self, encode):
-        """The waiting notices, each encoded with encode (lock held).
-
-        Kept, and only new notices encoded: while a big class leaves at once,
-        every leaver is caught up, and would otherwise encode all that wait.
-        """
-        encoded = self._notices_encoded.setdefault(encode, [])
-        if len(encoded) < len(self._notices):
-            encoded.extend(encode([line]) for line in self._notices[len(encoded):])
-        return encoded
-
-    def _catch_up_everyone(self):
-        """Queue the waiting notices for every joined client; return them all (lock held)."""
-        clients = list(self._joined.values())
-        shared = {}
-        for client in clients:
-            self._catch_up(client, shared)
-        return clients
-
     def catch_up(self, client):
         """Queue for client the notices it has not been given, before a reply."""
         with self._lock:
-            self._catch_up(client)
-
-    def _catch_up(self, client, shared=None):
-        """Queue for one joined client the notices it has not been given (lock held).
-
-        Called before anything else is queued for it, so it sees them first.
-        shared: see take_notices(), when catching up many clients.
-        """
-        # notices_seen is read here without the client's lock, to skip the
-        # lock for a client that has them all: it only ever grows.
-        if client.notices_seen < self._notices_before + len(self._notices) \
-                and self._joined.get(client.key) is client:
-            client.take_notices(self._notices_before,
-                                self._encoded_notices(client.encode_lines), shared)
+            self.notices.catch_up(client)
 
 
 # --- Client: one connection's outbox and writer thread ------------------------
@@ -864,54 +764,6 @@ class Client:
         self._outbox_bytes += len(data)
         self._urgent = self._urgent or not notice
         return True
-
-    def take_notices(self, first, encoded, shared=None, send=False):
-        """Queue the room's notices that this client was not given; False if too slow.
-
-        encoded: the room's waiting join, leave and rename lines, each
-        encoded for this client, numbered from first; notices_seen counts
-        those this client was given. Two threads may try at once: the
-        notices thread (which holds no room lock while it sends) and the
-        room, before it queues anything else for this client (see
-        ChatRoom._catch_up()). Checked and counted under this client's lock,
-        each notice is queued once, by whichever comes first, and in order.
-        shared: a dict, to build the bytes once for the many clients that
-        lack the same notices. send: send what is queued now too, unless
-        another thread is sending (never with the room's lock held).
-        """
-        end = first + len(encoded)
-        batch = None
-        with self._outbox_lock:
-            seen = self.notices_seen
-            if seen < end:
-                self.notices_seen = end
-                skip = max(0, seen - first)
-                if shared is None:
-                    data = b"".join(encoded[skip:])
-                else:
-                    data = shared.get((self.encode_lines, skip))
-                    if data is None:
-                        data = shared[self.encode_lines, skip] = b"".join(encoded[skip:])
-                if send and self._nagle and len(data) <= self.sendq_bytes and not (
-                        self._outbox or self._sending or self._backlogged or self._finishing):
-                    # The usual case, a big class joining: nothing else is
-                    # queued and nobody is sending, so the outbox is skipped
-                    # (one lock, one send). Nagle is on: the batch is notices only.
-                    self._sending, self._outbox_bytes, batch = True, len(data), data
-                elif not self._queue(data, notice=True):
-                    return False
-            if batch is None:
-                if not send or self._sending or self._backlogged or not self._outbox:
-                    return True
-                batch = self._take_batch()
-        self.flush(batch)
-        return True
-
-    def skip_notices(self, first, count):
-        """Count count notices from number first as given, if all before them were."""
-        with self._outbox_lock:
-            if self.notices_seen == first:
-                self.notices_seen = first + count
 
     def queue_line(self, text):
         """Queue one line (see queue_bytes())."""
@@ -1102,37 +954,195 @@ class Client:
             pass  # already shut down, or the peer reset it
         self.closed.set()
 
+    # -- The room's join and leave lines (see Notices, after the core) --
 
-def enable_keepalive(sock):
-    """Ask the OS to notice a peer that vanished (laptop asleep, Wi-Fi gone).
+    def take_notices(self, first, encoded, shared=None, send=False):
+        """Queue the room's notices that this client was not given; False if too slow.
 
-    Probes start after KEEPALIVE_IDLE_SECONDS of silence, so a dead peer is
-    found within about two minutes, where the platform lets us set that.
+        encoded: the room's waiting join, leave and rename lines, each
+        encoded for this client, numbered from first; notices_seen counts
+        those this client was given. Two threads may try at once: the
+        notices thread (which holds no room lock while it sends) and the
+        room, before it queues anything else for this client (see
+        Notices.catch_up()). Checked and counted under this client's lock,
+        each notice is queued once, by whichever comes first, and in order.
+        shared: a dict, to build the bytes once for the many clients that
+        lack the same notices. send: send what is queued now too, unless
+        another thread is sending (never with the room's lock held).
+        """
+        end = first + len(encoded)
+        batch = None
+        with self._outbox_lock:
+            seen = self.notices_seen
+            if seen < end:
+                self.notices_seen = end
+                skip = max(0, seen - first)
+                if shared is None:
+                    data = b"".join(encoded[skip:])
+                else:
+                    data = shared.get((self.encode_lines, skip))
+                    if data is None:
+                        data = shared[self.encode_lines, skip] = b"".join(encoded[skip:])
+                if send and self._nagle and len(data) <= self.sendq_bytes and not (
+                        self._outbox or self._sending or self._backlogged or self._finishing):
+                    # The usual case, a big class joining: nothing else is
+                    # queued and nobody is sending, so the outbox is skipped
+                    # (one lock, one send). Nagle is on: the batch is notices only.
+                    self._sending, self._outbox_bytes, batch = True, len(data), data
+                elif not self._queue(data, notice=True):
+                    return False
+            if batch is None:
+                if not send or self._sending or self._backlogged or not self._outbox:
+                    return True
+                batch = self._take_batch()
+        self.flush(batch)
+        return True
+
+    def skip_notices(self, first, count):
+        """Count count notices from number first as given, if all before them were."""
+        with self._outbox_lock:
+            if self.notices_seen == first:
+                self.notices_seen = first + count
+
+
+
+# --- Join and leave lines in bulk: Notices ------------------------------------
+# Adds speed for a big class. Sent at once, like a chat line, each join would
+# cost one send to each of N clients: N*N small packets for a class of N
+# joining. So join, leave and rename lines (notices) wait in the room's
+# Notices, and its thread gives them out: those that came while it was
+# giving out the last ones go out together, one send per client for a whole
+# burst. It hooks into the core where the room broadcasts (a notice is
+# added, and anything else first catches its clients up), where a client
+# joins (it counts the waiting ones as seen: they are in its history) and
+# leaves, and in Client.take_notices().
+
+
+class Notices:
+    """The room's join, leave and rename lines not yet given to every client.
+
+    The order never changes: anything else queued for a client (a chat line,
+    a reply, a goodbye) first queues the notices it lacks (catch_up()). The
+    thread gives them out without holding the room's lock, so a chat line
+    never waits for a big class to be told of a join; each client's own lock
+    decides which of the two queues a notice (Client.take_notices()). The
+    room's lock guards lines, before and the encoded copies.
     """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    tunings = [
-        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),  # Linux, Windows 10+
-        ("TCP_KEEPALIVE", KEEPALIVE_IDLE_SECONDS),  # macOS's name for it
-        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
-        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
-        # Also give up on a peer that stops acknowledging what we send.
-        ("TCP_USER_TIMEOUT", int(1000 * UNACKED_SECONDS)),
-    ]
-    for option_name, value in tunings:
-        option = getattr(socket, option_name, None)
-        if option is None:
-            continue
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
-        except OSError:
-            pass  # an older kernel: the OS default (about two hours) applies
+
+    def __init__(self, room):
+        self.room = room
+        # In the room's order. A client's notices_seen counts those it has
+        # been given, out of count().
+        self.lines = []
+        self.before = 0  # notices given to everyone and forgotten
+        # encode_lines -> the waiting notices, each encoded so: a catch-up
+        # joins bytes, however many are waiting (see _encoded()).
+        self._encoded = {}
+        self.queued = threading.Event()  # set when lines fills
+        self._stopping = False  # set once, by stop(): the thread ends
+        self._thread = threading.Thread(target=self._run, name="notices", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        """End the thread (it finishes a round it is in)."""
+        self._stopping = True
+        self.queued.set()
+
+    def count(self):
+        """How many notices there have been (lock held)."""
+        return self.before + len(self.lines)
+
+    def add(self, lines, exclude):
+        """Put join, leave or rename lines on the waiting list (lock held)."""
+        if exclude is not None:
+            # Not for the student they are about, who is given those before
+            # them, and counts these as seen.
+            self.catch_up(exclude)
+            exclude.skip_notices(self.count(), len(lines))
+        self.lines.extend(lines)
+        self.queued.set()
+
+    def catch_up(self, client, shared=None):
+        """Queue for one joined client the notices it has not been given (lock held).
+
+        Called before anything else is queued for it, so it sees them first.
+        shared: see take_notices(), when catching up many clients.
+        """
+        # notices_seen is read here without the client's lock, to skip the
+        # lock for a client that has them all: it only ever grows.
+        if client.notices_seen < self.before + len(self.lines) \
+                and self.room._joined.get(client.key) is client:
+            client.take_notices(self.before, self._encoded_lines(client.encode_lines), shared)
+
+    def catch_up_everyone(self):
+        """Queue the waiting notices for every joined client; return them all (lock held)."""
+        clients = list(self.room._joined.values())
+        shared = {}
+        for client in clients:
+            self.catch_up(client, shared)
+        return clients
+
+    def _encoded_lines(self, encode):
+        """The waiting notices, each encoded with encode (lock held).
+
+        Kept, and only new notices encoded: while a big class leaves at once,
+        every leaver is caught up, and would otherwise encode all that wait.
+        """
+        encoded = self._encoded.setdefault(encode, [])
+        if len(encoded) < len(self.lines):
+            encoded.extend(encode([line]) for line in self.lines[len(encoded):])
+        return encoded
+
+    def _run(self):
+        room = self.room
+        while True:
+            self.queued.wait()
+            with room._lock:
+                # Checked after clear(), under the lock: a stop that came just
+                # before would otherwise have its wake-up cleared, and be missed.
+                self.queued.clear()
+                if self._stopping:
+                    return
+                clients = list(room._joined.values())
+                first, lines = self.before, self.lines[:]
+            try:
+                self._give(clients, first, lines)
+            except Exception as error:  # a thread's top level: log it, and go on
+                log.error("Sending join and leave lines failed: %r", error)
+                time.sleep(NOTICES_RETRY_SECONDS)
+                self.queued.set()  # they stay waiting: try again
+                continue
+            with room._lock:
+                # Everyone has them now (a newcomer had them in its history):
+                # forget them.
+                del self.lines[:len(lines)]
+                for encoded in self._encoded.values():
+                    del encoded[:len(lines)]
+                self.before = first + len(lines)
+
+    def _give(self, clients, first, lines):
+        """Queue and send notices (numbered from first) to each client that lacks them."""
+        encoded = {}  # encode_lines -> the lines, each encoded so
+        shared = {}  # see take_notices()
+        for client in clients:
+            kind = client.encode_lines
+            if kind not in encoded:
+                encoded[kind] = [kind([line]) for line in lines]
+            # too_slow too: a catch-up that no send follows (the Redis echo of
+            # its own join) may have overflowed its outbox.
+            if not client.take_notices(first, encoded[kind], shared, send=True) \
+                    or client.too_slow:
+                self.room.drop(client, TOO_SLOW)
 
 
 # =============================================================================
-# What protects the room: clean text, names nobody can fake, limits, refusals.
-# The core calls them where it reads (ChatHandler.take_bytes()), joins
-# (ChatRoom.join()), speaks (_speak()), and where ChatServer admits a
-# connection (process_request()).
+# What protects the room: clean text, names nobody can fake, limits, the
+# greeting and the password, refusals. The core calls them where a client
+# arrives (ChatHandler.setup() and handle()), reads (take_bytes(), chat()),
+# joins (ChatRoom.join()) and speaks (_speak()), and where ChatServer admits
+# a connection (process_request()).
 # =============================================================================
 
 # --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
@@ -1716,7 +1726,7 @@ def normal_host(host):
     return str(address)
 
 
-# --- Before joining: the greeting, the password, the pace of joins ---------
+# --- Before joining: the greeting, the password, the pace of joins ------------
 # ChatHandler.handle() calls greet() and check_password() before it asks a
 # name; ask_name() calls wait_to_join() once, before the first try to join.
 
@@ -1785,6 +1795,36 @@ def wait_to_join(handler):
                    "in %s." % describe_minutes(delay / 60))
         handler.client.sleep(delay)
     return True
+
+
+# --- Peers that vanish: TCP keepalive ----------------------------------------
+# ChatHandler.setup() asks the OS to probe each connection, so a laptop that
+# went to sleep does not hold its name (and its outbox) for hours.
+
+
+def enable_keepalive(sock):
+    """Ask the OS to notice a peer that vanished (laptop asleep, Wi-Fi gone).
+
+    Probes start after KEEPALIVE_IDLE_SECONDS of silence, so a dead peer is
+    found within about two minutes, where the platform lets us set that.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    tunings = [
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),  # Linux, Windows 10+
+        ("TCP_KEEPALIVE", KEEPALIVE_IDLE_SECONDS),  # macOS's name for it
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        # Also give up on a peer that stops acknowledging what we send.
+        ("TCP_USER_TIMEOUT", int(1000 * UNACKED_SECONDS)),
+    ]
+    for option_name, value in tunings:
+        option = getattr(socket, option_name, None)
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except OSError:
+            pass  # an older kernel: the OS default (about two hours) applies
 
 
 # --- Refusals: saying why, without a thread for each --------------------------
@@ -1974,7 +2014,7 @@ class ChatServer(ChatRoom):
                 self.server_close()
                 raise
         self._recorder_thread.start()
-        self._notices_thread.start()
+        self.notices.start()
         if self._link is not None:
             self._link.start()
 
@@ -1989,7 +2029,7 @@ class ChatServer(ChatRoom):
             if target is None and remote is None:
                 return "No one called %s is online. Type /who to see who is." % name
             notice = self._why_silenced(client)
-            self._catch_up(client)
+            self.notices.catch_up(client)
             if notice is not None:
                 client.queue_line(notice)
                 recipients = [client]
@@ -2000,7 +2040,7 @@ class ChatServer(ChatRoom):
                     self._link.send_private(remote, {"k": "whisper", "name": client.name,
                                                      "to": remote.name, "text": text})
                 else:
-                    self._catch_up(target)
+                    self.notices.catch_up(target)
                     target.queue_line(line)
                 client.queue_line("*** You whispered to %s: %s" % (target.name, text))
                 self._note("private", "%s to %s" % (line, target.name))
@@ -2279,7 +2319,7 @@ class ChatServer(ChatRoom):
             if client.muted == muted:
                 return False
             client.muted = muted
-            self._catch_up(client)
+            self.notices.catch_up(client)
             client.queue_line(
                 "*** The teacher has muted you: your messages reach nobody for now."
                 if muted else "*** The teacher has unmuted you: you can chat again.")
@@ -2322,7 +2362,7 @@ class ChatServer(ChatRoom):
             everyone = list(self._connected)
             shared = {}
             for client in everyone:
-                self._catch_up(client, shared)
+                self.notices.catch_up(client, shared)
                 client.queue_line("*** Server is shutting down.")
         for client in everyone:
             client.close_when_sent()
@@ -2340,8 +2380,7 @@ class ChatServer(ChatRoom):
             self._link.stop()
         super().server_close()
         self._records.put(("stop", ""))
-        self._notices_stopping = True
-        self._notices_queued.set()
+        self.notices.stop()
         join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
 
 
@@ -4356,7 +4395,7 @@ class RedisLink:
         self._pending.clear()
         self.room._remote.clear()
         for client in self.room._joined.values():
-            self.room._catch_up(client)
+            self.room.notices.catch_up(client)
             client.queue_line(SPLIT_LINE)
         self.room._note("console", SPLIT_LINE[4:])
 
@@ -4399,7 +4438,7 @@ class RedisLink:
                                       if key not in self.room._joined})
             clients = list(self.room._joined.values())
             for client in clients:
-                self.room._catch_up(client)
+                self.room.notices.catch_up(client)
                 client.queue_line(WHOLE_LINE)
                 client.queue_line(self.room._online_line())
                 self._rejoin(client)
@@ -4467,7 +4506,7 @@ class RedisLink:
             # Its skeleton too: else a look-alike of the new name could join.
             client.name, client.key, client.skeleton = new_name, key, look
             self.room._add_client(client)
-            self.room._catch_up(client)
+            self.room.notices.catch_up(client)
             client.queue_line("*** While the servers were apart, a student on another "
                               "server took the name %s: you are now %s." % (old_name, new_name))
             recipients = self.room._broadcast("*** %s is now %s." % (old_name, new_name),
@@ -4691,7 +4730,7 @@ class RedisLink:
             client = self.room._joined.get(fold_name(name))
             if client is not None and kind == "whisper":
                 line = "%s whispers: %s" % (event["name"], event["text"])
-                self.room._catch_up(client)
+                self.room.notices.catch_up(client)
                 client.queue_line(line)
                 self.room._note("private", "%s to %s" % (line, client.name))
         if client is None:

@@ -18,7 +18,7 @@ from conftest import TIMEOUT, expect_console, wait_until
 
 
 class Gate:
-    """Stands in for the room's _notices_queued event: its thread stops in wait()."""
+    """Stands in for the event Notices.queued: the notices thread stops in wait()."""
 
     def __init__(self):
         self.entered = threading.Event()  # the notices thread is stopped here
@@ -41,16 +41,16 @@ def stall_notices(server):
     stalled = []
 
     def stall(target=server):
-        gate, waiting_on = Gate(), target._notices_queued
-        target._notices_queued = gate
+        gate, waiting_on = Gate(), target.notices.queued
+        target.notices.queued = gate
         waiting_on.set()  # one more round, if it was waiting; then it stops at the gate
         assert gate.entered.wait(TIMEOUT), "the notices thread did not stop"
         stalled.append((target, gate))
 
     yield stall
     for target, gate in stalled:
-        target._notices_queued = threading.Event()
-        target._notices_queued.set()  # it sends what is left, then waits as before
+        target.notices.queued = threading.Event()
+        target.notices.queued.set()  # it sends what is left, then waits as before
         gate.opened.set()
 
 
@@ -231,18 +231,18 @@ def test_a_chat_line_waiting_with_a_join_line_behind_it_still_leaves_at_once(
 def test_the_notices_thread_ends_when_the_server_closes_during_its_round():
     """server_close() while the notices thread waits for the room's lock: it still ends."""
     server = chat_server.ChatServer(("127.0.0.1", 0), chat_server.Settings())
-    thread = server._notices_thread
-    code = chat_server.ChatServer._run_notices.__code__
+    thread = server.notices._thread
+    code = chat_server.Notices._run.__code__
 
     def waiting_for_the_room_lock():
         frame = sys._current_frames().get(thread.ident)
         while frame is not None and frame.f_code is not code:
             frame = frame.f_back
-        return frame is not None and "with self._lock" in linecache.getline(
+        return frame is not None and "with room._lock" in linecache.getline(
             frame.f_code.co_filename, frame.f_lineno)
 
     with server._lock:  # the notices thread wakes, passes its stop check, waits here
-        server._notices_queued.set()
+        server.notices.queued.set()
         wait_until(waiting_for_the_room_lock, message="the notices thread at the room lock")
         server.server_close()  # sets the stop flag and the event: the thread clears it next
     wait_until(lambda: not thread.is_alive(), message="the notices thread ended")
@@ -338,12 +338,12 @@ def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_r
     """A catch-up that nobody sends after overflowed it (the Redis echo of its own join
     does one): the notices thread's next round drops it."""
     server, alice = alice_behind
-    gate = server._notices_queued  # where stall_notices() holds the thread
+    gate = server.notices.queued  # where stall_notices() holds the thread
     alice_side = server.find("alice")
     server.catch_up(alice_side)  # too much for alice's outbox; no send follows
     assert alice_side.too_slow
-    server._notices_queued = threading.Event()  # the thread goes on, as after a long round
-    server._notices_queued.set()
+    server.notices.queued = threading.Event()  # the thread goes on, as after a long round
+    server.notices.queued.set()
     gate.opened.set()
     expect_console(caplog, "Disconnecting alice")
     alice.expect_closed()
