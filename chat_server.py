@@ -23,7 +23,8 @@ How it works: three moving parts, at the top of the file in this order.
     the teacher's powers, shutting down. main() runs a ChatServer.)
   * Each client (Client) has an outbox. Under the room's lock a line is only
     queued in every outbox (that fixes the order); after the lock, it is sent
-    to each socket without waiting. What a full socket cannot take stays
+    to each socket without waiting. (Join and leave lines wait a moment
+    longer, to go out in bulk: see Notices, right after the core.) What a full socket cannot take stays
     queued, and that client's writer thread sends it when there is room. So
     one student who stops reading cannot slow anybody else down: only their
     own outbox fills up, and past --sendq they are disconnected.
@@ -51,16 +52,21 @@ the core come below in the same order (ChatHandler, ChatRoom, Client):
   4. say() calls _speak(), which takes the room's lock; _broadcast() queues
      "alice says: hi" in every other client's outbox (Client.queue_bytes())
      and in the history. Under the lock, so everyone gets the same order.
+     (Join lines still waiting to go out in bulk are queued ahead of it, to
+     alice too: see Notices. With --redis, nothing is queued yet: the line
+     goes through Redis first, and is queued when it comes back.)
   5. After the lock, _send_queued() calls each client's Client.flush(),
      which sends what its socket takes at once (_send_what_fits()).
   6. If bob's socket is full, the rest waits in his outbox; his writer thread
-     (Client._run_writer()) sends it when there is room. If his outbox
+     (Client._run_writer(), started the first time his socket is full)
+     sends it when there is room. If his outbox
      passes --sendq, queue_bytes() marks him too slow, and _send_queued()
      has the room's drop() disconnect him.
   7. When alice leaves, the room's leave() announces "*** alice left the
      chat." once: called by ChatHandler.finish() (end of input, a reset, a
      time-out), or earlier by /quit (do_quit()), drop() (too slow) or the
-     teacher's remove_by_teacher(); at shutdown, no leave lines are sent.
+     teacher's remove_by_teacher(); at shutdown, no leave lines are sent
+     (with --redis, the other servers are told: see RedisLink.close()).
 
 Licence: MIT (see LICENSE).
 """
@@ -204,7 +210,8 @@ OneSocketSelector = getattr(selectors, "PollSelector", selectors.SelectSelector)
 
 @dataclasses.dataclass
 class Settings:
-    """The room's limits: one field per command-line flag."""
+    """The room's rules: one field per flag that sets one (not --host, --port,
+    --transcript or --connect)."""
 
     password: str = ""
     max_clients: int = MAX_CLIENTS
@@ -433,7 +440,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
 TOO_SLOW = "too slow to keep up"
 REMOVED = "You were removed by the teacher."
-SHUTTING_DOWN = "The server is shutting down."  # join() once close_room() began
+SHUTTING_DOWN = "Server is shutting down."  # the goodbye; join() says it too, once
+#                                            close_room() has begun
 
 
 class ChatRoom(socketserver.ThreadingTCPServer):
@@ -442,7 +450,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     ChatServer, further down (after what protects the room), is the room the
     program runs: it adds to this core the admission of connections, the
     other room events (whispers, renames), the console's record, the
-    teacher's powers and the shutdown. The core calls five of its parts:
+    teacher's powers and the shutdown. The core calls seven of its parts:
+    register() and unregister() (every connection, joined or not),
     _wait_for_room_budget() and _why_silenced() (may this client speak
     now?), _note() and tell_console() (for the console and the transcript),
     and addresses (what the room knows about each computer).
@@ -496,14 +505,14 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         with self._lock:
             if self._joined.get(client.key) is not client:
                 return  # kicked, or dropped, while these lines were on their way
-            notice = self._why_silenced(client)
-            if notice is None:
+            silenced = self._why_silenced(client)
+            if silenced is None:
                 recipients = self._broadcast(lines, exclude=client, event=event)
             else:
                 for line in lines:
                     self._note("silenced", line)
                 self.notices.catch_up(client)
-                client.queue_line(notice)
+                client.queue_line(silenced)
                 recipients = [client]
         self._send_queued(recipients)
 
@@ -660,7 +669,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._send_queued(recipients)
 
     def drop(self, client, reason):
-        """Disconnect one client now; the reason goes to the console only."""
+        """Disconnect one client now; the reason goes to the console.
+
+        A client dropped as too slow is also told why when it comes back.
+        """
         if not client.claim_drop():
             return  # dropped already
         self.tell_console("Disconnecting %s: %s" % (client, reason), warning=True)
@@ -688,13 +700,14 @@ class Client:
     then sends what is queued, as far as the socket takes it at once (the
     usual case: no other thread has to wake up); send_bytes() and
     send_line() do both. If the socket is full, the rest stays queued and
-    the writer thread, the only code that ever waits on this socket, sends it
-    when there is room. One thread at a time sends, so bytes never interleave.
+    the writer thread, the only code that ever waits to send on this
+    socket, sends it when there is room. One thread at a time sends, so
+    bytes never interleave.
     The reader (ChatHandler) is the only code that reads the socket.
 
     Closing: close_when_sent() lets the outbox drain first (a goodbye line);
     close_now() drops it (a stalled client). Either way, the socket is shut
-    down once and closed is set.
+    down (doing it twice is harmless) and closed is set.
     """
 
     def __init__(self, sock, address, sendq_bytes):
@@ -1036,7 +1049,7 @@ class Notices:
         self.lines = []
         self.before = 0  # notices given to everyone and forgotten
         # encode_lines -> the waiting notices, each encoded so: a catch-up
-        # joins bytes, however many are waiting (see _encoded()).
+        # joins bytes, however many are waiting (see _encoded_lines()).
         self._encoded = {}
         self.queued = threading.Event()  # set when lines fills
         self._stopping = False  # set once, by stop(): the thread ends
@@ -2028,10 +2041,10 @@ class ChatServer(ChatRoom):
             remote = self._remote.get(fold_name(name))  # Redis link: on another server?
             if target is None and remote is None:
                 return "No one called %s is online. Type /who to see who is." % name
-            notice = self._why_silenced(client)
+            silenced = self._why_silenced(client)
             self.notices.catch_up(client)
-            if notice is not None:
-                client.queue_line(notice)
+            if silenced is not None:
+                client.queue_line(silenced)
                 recipients = [client]
             else:
                 line = "%s whispers: %s" % (client.name, text)
@@ -2161,7 +2174,7 @@ class ChatServer(ChatRoom):
     def _refusal_for(self, host):
         """Say why a new connection from host may not come in, or count it (lock held)."""
         if self._shutting_down:
-            return "The server is shutting down."
+            return SHUTTING_DOWN
         ban_left = self.addresses.ban_left(host)
         if ban_left > 0:
             return "You were removed by the teacher. Try again in %s." % (
@@ -2207,7 +2220,8 @@ class ChatServer(ChatRoom):
     def _note(self, kind, line):
         """Queue a room event for the console and the transcript.
 
-        Called with the room's lock held, so events queue in the room's order.
+        Room events are noted with the room's lock held, so they queue in
+        the room's order; a console line may be noted without it.
         Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
         the event is counted instead, and the count reported.
         """
@@ -2294,11 +2308,11 @@ class ChatServer(ChatRoom):
 
         Return the reply for the teacher, or None if no such student is there.
         """
-        with self._lock:
+        with self._lock:  # the link numbers what it sends under the room's lock
             student = self._remote.get(fold_name(name))
-        if student is None or self._link is None:
-            return None
-        self._link.send_private(student, dict(event, name=student.name))
+            if student is None or self._link is None:
+                return None
+            self._link.send_private(student, dict(event, name=student.name))
         return "Asked the server of %s to %s them." % (student.name, verb)
 
     def has_joined(self, client):
@@ -2352,7 +2366,8 @@ class ChatServer(ChatRoom):
     def close_room(self):
         """Tell everyone the server is shutting down and close every connection.
 
-        Returns within about two seconds, even if a client has stalled.
+        Returns within about two seconds, even if a client has stalled (with
+        --redis, telling the other servers may take a few seconds more).
         """
         if self._link is not None:  # Redis link: the others see our students leave
             self._link.close()
@@ -2363,7 +2378,7 @@ class ChatServer(ChatRoom):
             shared = {}
             for client in everyone:
                 self.notices.catch_up(client, shared)
-                client.queue_line("*** Server is shutting down.")
+                client.queue_line("*** " + SHUTTING_DOWN)
         for client in everyone:
             client.close_when_sent()
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
@@ -4031,7 +4046,8 @@ class RedisLink:
         self._name_prefix = prefix + "name:"
         self._server_prefix = prefix + "server:"
         self._quiet_key = prefix + "quiet"
-        # Guarded by the room's lock (the link is part of the room):
+        # Guarded by the room's lock (the link is part of the room), but for
+        # _outbox, a Queue, which has a lock of its own:
         self.linked = True  # False during a split
         self._next_sequence = 0
         self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
@@ -4094,13 +4110,13 @@ class RedisLink:
         with self.room._lock:
             names = [client.name for client in self.room._joined.values()]
             linked, self.linked = self.linked, False
+            leaves = [self._stamp({"k": "leave", "name": name}) for name in names]
         self.stop()
         if not linked:
             return
         try:  # on a connection of its own: the writer's may be busy or stuck
             connection = RedisConnection(self.url, SHUTDOWN_GRACE_SECONDS)
-            commands = [self._xadd(self._stamp({"k": "leave", "name": name}))
-                        for name in names]
+            commands = [self._xadd(leave) for leave in leaves]
             commands += [("DEL", self._name_prefix + fold_name(name)) for name in names]
             commands.append(("DEL", self._server_prefix + self.server_id))
             connection.pipeline(commands, SHUTDOWN_GRACE_SECONDS)
@@ -4112,7 +4128,8 @@ class RedisLink:
         """Stop the link's threads (they are daemons: nothing waits for them)."""
         self._stopping.set()
 
-    # -- The room's hooks (called with the room's lock held: never wait) --
+    # -- The room's hooks: takes() and send_private() are called with the
+    # room's lock held, and never wait; claim_name() is called without it --
 
     def takes(self, event, lines, exclude):
         """Send a room event through Redis; False if the room must show it itself now.
@@ -4133,7 +4150,7 @@ class RedisLink:
         return True
 
     def send_private(self, student, event):
-        """Send a whisper, /kick or /mute to the server of a student elsewhere."""
+        """Queue a whisper, /kick or /mute for the server of a student elsewhere."""
         if self.linked:
             self._queue_work(("publish", self.url.room + ":to:" + student.server,
                               self._stamp(event)))
@@ -4170,7 +4187,12 @@ class RedisLink:
         self.room._note("console", text)
 
     def _stamp(self, event):
-        """Add this server's id and the next sequence number (room's lock held)."""
+        """Add this server's id and the next sequence number (room's lock held).
+
+        Other servers show a server's events in the order of these numbers,
+        and skip a number they have seen: numbered without the lock, two
+        threads could give out one number twice, and a chat line be lost.
+        """
         self._next_sequence += 1
         return dict(event, s=self.server_id, n=self._next_sequence)
 
@@ -4906,7 +4928,7 @@ def count_flag(minimum):
 
 
 def seconds_flag(text):
-    """An argparse type: a number of seconds (or lines a second), 0 or more."""
+    """An argparse type: a number, 0 or more (seconds, minutes or lines a second)."""
     try:
         value = float(text)
     except ValueError:

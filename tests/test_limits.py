@@ -485,7 +485,7 @@ def test_shutdown_ends_as_soon_as_every_connection_has_closed(server, room, monk
 
 def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(server, connect):
     server.close_room()  # the server still accepts until it stops, a moment later
-    assert connect().expect_closed() == ["*** The server is shutting down."]
+    assert connect().expect_closed() == ["*** Server is shutting down."]
 
 
 def test_a_name_given_as_the_shutdown_begins_does_not_join(server, connect, joined):
@@ -496,7 +496,7 @@ def test_a_name_given_as_the_shutdown_begins_does_not_join(server, connect, join
     with server._lock:
         server._shutting_down = True  # the moment close_room() has begun
     late.send("alice")
-    assert late.expect_closed()[-1] == "*** The server is shutting down. Goodbye."
+    assert late.expect_closed()[-1] == "*** Server is shutting down. Goodbye."
     assert server.find("alice") is None
 
 

@@ -426,6 +426,26 @@ def test_the_teacher_kicks_a_student_on_another_server(caplog, two_rooms):
 
 
 @redis
+def test_a_kick_for_another_server_is_numbered_under_the_room_lock(
+        caplog, two_rooms, monkeypatch):
+    """Other servers skip a number they have seen: numbered without the lock, while a
+    student's line takes the next number, the kick could give a number out twice."""
+    a, b, alice, bob = two_rooms
+    real_stamp, unlocked = a._link._stamp, []
+
+    def stamp(event):
+        if not a._lock.locked():  # nobody else holds it in this quiet room
+            unlocked.append(event["k"])
+        return real_stamp(event)
+
+    monkeypatch.setattr(a._link, "_stamp", stamp)
+    TeacherConsole(a, None).handle_line("/kick bob too loud")
+    bob.expect_closed()
+    alice.expect("*** bob left the chat.")
+    assert unlocked == []
+
+
+@redis
 def test_the_teacher_mutes_a_student_on_another_server(linked, join, caplog):
     a, b = linked(), linked()
     alice = join(a, "alice")
