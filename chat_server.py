@@ -170,6 +170,8 @@ REFUSAL_DRAIN_SECONDS = 2.0  # read what a refused client sent, so that closing
 #                              does not reset the connection and eat our line
 DROPPED_REMEMBERED = 1000  # addresses told, when they return, why they were dropped
 RECORD_QUEUE_EVENTS = 10000  # room events waiting for the console and transcript
+CONSOLE_ENDS_PER_SECOND = 3  # more Ctrl+Ds than this: the terminal is gone
+CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
 HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
 #                                  and shows the count this often
 TRANSCRIPT_QUEUE_LINES = 10000  # lines waiting for a slow transcript disk
@@ -362,7 +364,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 data = self.request.recv(RECV_BYTES)
             except BlockingIOError:
                 continue  # woken without data after all: wait again
-            delay = self.input_pace.delay_for_next_line(len(data))
+            delay = self.input_pace.delay_for(len(data))
             if delay > 0:
                 self.client.sleep(delay)  # ends early if the client is dropped
             return data
@@ -1338,7 +1340,7 @@ def encode_lines(lines):
 def parse_command(line, commands):
     """Split '/word argument' into (the word, its method or None, the argument).
 
-    commands maps each word to (method, usage, description); case is ignored.
+    commands maps each word to (function, arguments, what it does); case is ignored.
     """
     word, _, argument = line.strip()[1:].partition(" ")
     entry = commands.get(word.lower())
@@ -1475,7 +1477,11 @@ RESERVED_SKELETONS = frozenset(skeleton(name) for name in RESERVED_NAMES)
 
 
 class FloodLimiter:
-    """A token bucket: `burst` lines at once, then `rate` lines a second."""
+    """A token bucket: `burst` lines at once, then `rate` lines a second.
+
+    The same bucket paces bytes: ChatHandler's input_pace takes one token
+    per byte read (delay_for(len(data))).
+    """
 
     def __init__(self, rate, burst, clock=time.monotonic):
         self.rate = rate
@@ -1484,7 +1490,7 @@ class FloodLimiter:
         self._tokens = float(burst)
         self._updated = clock()
 
-    def delay_for_next_line(self, cost=1):
+    def delay_for(self, cost=1):
         """Take one line's token (or cost tokens); return how long to hold it back (s)."""
         if self.rate <= 0:
             return 0.0
@@ -1519,7 +1525,7 @@ class ByteBudget:
     def delay_for(self, size):
         """Take size bytes; return how long the sender must wait first (seconds)."""
         with self._lock:
-            return self._bucket.delay_for_next_line(size)
+            return self._bucket.delay_for(size)
 
 
 class RateWindow:
@@ -1550,7 +1556,7 @@ class RateWindow:
 
 def hold_back_flood(handler):
     """Delay this client's next line if it is sending too fast."""
-    delay = handler.flood.delay_for_next_line()
+    delay = handler.flood.delay_for()
     if delay <= 0:
         handler.told_flood = False  # it slowed down: warn again next time
         return
@@ -1631,7 +1637,7 @@ class Addresses:
             if joins is None:
                 allowed = JOINS_PER_MINUTE * self.per_address
                 joins = self._joins[host] = FloodLimiter(allowed / 60, allowed, self.clock)
-            return joins.delay_for_next_line()
+            return joins.delay_for()
 
     def password_wait(self, host):
         """Seconds before host may try a password again (0: it may now)."""
@@ -2751,8 +2757,8 @@ class Transcript:
         # loses nothing, and a short write is seen (and undone) at once.
         self._file = open(path, "ab", buffering=0, opener=open_without_waiting)
         self._lines = queue.Queue(TRANSCRIPT_QUEUE_LINES)
-        self._dropped = 0  # lines the queue had no room for
-        self._lost_lock = threading.Lock()  # guards _dropped (two threads touch it)
+        self._lost = 0  # lines the queue had no room for
+        self._lost_lock = threading.Lock()  # guards _lost (two threads touch it)
         self._thread = threading.Thread(target=self._run, name="transcript", daemon=True)
         self._thread.start()
 
@@ -2763,7 +2769,7 @@ class Transcript:
             self._lines.put_nowait(line.encode("utf-8"))
         except queue.Full:
             with self._lost_lock:
-                self._dropped += 1  # reported when the writer catches up
+                self._lost += 1  # reported when the writer catches up
 
     def close(self):
         """Write what is queued and close, waiting a moment at most (the disk may hang)."""
@@ -2779,7 +2785,7 @@ class Transcript:
             error = self._append_whole(data)
             if error is None:
                 with self._lost_lock:
-                    dropped, self._dropped = self._dropped, 0
+                    dropped, self._lost = self._lost, 0
                 if unwritten or dropped:
                     lost = unwritten + dropped
                     log.warning("The transcript is being written again; %s could "
@@ -3089,10 +3095,10 @@ class WebSocketLines:
         self.client = client
         self.max_line = settings.max_line
         self.decoder = WebSocketDecoder(websocket_message_limit(settings))
-        self.closed = False  # a close frame went out: ignore the rest
+        self.close_sent = False  # a close frame went out: ignore the rest
 
     def take_bytes(self, data):
-        if self.closed:
+        if self.close_sent:
             return []
         try:
             events = self.decoder.feed(data)
@@ -3112,13 +3118,13 @@ class WebSocketLines:
             self.client.send_bytes(encode_frame(OPCODE_PONG, event[1]))
         elif kind == "close":
             self.close(CLOSE_NORMAL, "")  # answer the close (RFC 6455, 5.5.1)
-        elif kind == "text" and not self.closed:
+        elif kind == "text" and not self.close_sent:
             return message_lines(event[1], self.max_line)
         return []  # a pong, or text after the close
 
     def close(self, code, reason):
         """Send a close frame after what is queued, then shut the socket."""
-        self.closed = True
+        self.close_sent = True
         self.client.closing_bytes = close_frame(code, reason)
         self.client.close_when_sent()
 
@@ -4180,9 +4186,9 @@ class RedisLink:
         try:
             self._outbox.put_nowait(item)
         except queue.Full:  # dropped: a split is coming (takes() declares it)
-            self._note("Redis is too slow: the queue to it is full")
+            self._note_console("Redis is too slow: the queue to it is full")
 
-    def _note(self, text):
+    def _note_console(self, text):
         """Tell the console, after the room events queued so far (safe under the lock)."""
         self.room._note("console", text)
 
@@ -4391,7 +4397,7 @@ class RedisLink:
         with self.room._lock:
             for student, won in zip(orphans, deleted):
                 if won:  # only the server whose DEL freed the name tells everyone
-                    self._note("Server %s is gone: %s leaves" % (student.server, student.name))
+                    self._note_console("Server %s is gone: %s leaves" % (student.server, student.name))
                     self._queue_work(("event", self._stamp(
                         {"k": "leave", "name": student.name, "of": student.server})))
 
@@ -4410,7 +4416,7 @@ class RedisLink:
         if not self.linked:
             return
         self.linked = False
-        self._note("Lost the link to Redis (%s): this room goes on alone" % (reason,))
+        self._note_console("Lost the link to Redis (%s): this room goes on alone" % (reason,))
         for sequence, (lines, exclude) in sorted(self._pending.items()):
             if lines:
                 self.room._broadcast(lines, exclude)
@@ -4679,13 +4685,13 @@ class RedisLink:
         elif kind == "rename":
             student = remote.get(fold_name(event["old"]))
             if student is None or student.server != event["s"]:
-                self._note("Dropped a rename of a student we do not know: %s" % event["old"])
+                self._note_console("Dropped a rename of a student we do not know: %s" % event["old"])
                 return []
             del remote[fold_name(event["old"])]
             remote[fold_name(event["new"])] = RemoteStudent(event["new"], event["s"])
         elif kind in ("say", "act") and remote.get(key, RemoteStudent("", "")).server \
                 != event["s"]:
-            self._note("Dropped a message from a student we do not know: %s" % event["name"])
+            self._note_console("Dropped a message from a student we do not know: %s" % event["name"])
             return []
         elif kind == "quiet":
             self._set_quiet(event["on"])
@@ -4858,8 +4864,6 @@ def send_from_stdin(sock, finished):
 # main() parses the flags and runs serve(): it makes the ChatServer, starts
 # the console, and serves until Ctrl+C or /shutdown.
 
-CONSOLE_ENDS_PER_SECOND = 3  # more Ctrl+Ds than this: the terminal is gone
-CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
 LOG_QUEUE_RECORDS = 10000  # console lines held while the console is paused
 
 

@@ -212,27 +212,27 @@ def test_different_names_keep_different_keys():
 def test_flood_limiter_lets_a_burst_through_then_spaces_lines_out():
     clock = FakeClock()
     limiter = FloodLimiter(rate=5, burst=10, clock=clock)
-    assert [limiter.delay_for_next_line() for _ in range(10)] == [0.0] * 10
-    assert limiter.delay_for_next_line() == pytest.approx(0.2)
-    assert limiter.delay_for_next_line() == pytest.approx(0.4)
+    assert [limiter.delay_for() for _ in range(10)] == [0.0] * 10
+    assert limiter.delay_for() == pytest.approx(0.2)
+    assert limiter.delay_for() == pytest.approx(0.4)
 
 
 def test_flood_limiter_refills_with_time():
     clock = FakeClock()
     limiter = FloodLimiter(rate=5, burst=10, clock=clock)
     for _ in range(10):
-        limiter.delay_for_next_line()
+        limiter.delay_for()
     clock.now += 1.0
-    assert [limiter.delay_for_next_line() for _ in range(5)] == [0.0] * 5
-    assert limiter.delay_for_next_line() > 0
+    assert [limiter.delay_for() for _ in range(5)] == [0.0] * 5
+    assert limiter.delay_for() > 0
 
 
 def test_flood_limiter_saves_up_no_more_than_one_burst():
     clock = FakeClock()
     limiter = FloodLimiter(rate=5, burst=10, clock=clock)
     clock.now += 3600  # an hour of silence
-    assert [limiter.delay_for_next_line() for _ in range(10)] == [0.0] * 10
-    assert limiter.delay_for_next_line() == pytest.approx(0.2)
+    assert [limiter.delay_for() for _ in range(10)] == [0.0] * 10
+    assert limiter.delay_for() == pytest.approx(0.2)
 
 
 def test_flood_limiter_take_if_free_takes_only_whole_tokens():
@@ -250,12 +250,12 @@ def test_flood_limiter_delays_a_line_after_one_that_took_a_free_token():
     clock = FakeClock()
     limiter = FloodLimiter(rate=5, burst=1, clock=clock)
     assert limiter.take_if_free()
-    assert limiter.delay_for_next_line() == pytest.approx(0.2)
+    assert limiter.delay_for() == pytest.approx(0.2)
 
 
 def test_flood_limiter_with_rate_zero_never_delays():
     limiter = FloodLimiter(rate=0, burst=1, clock=FakeClock())
-    assert all(limiter.delay_for_next_line() == 0 for _ in range(100))
+    assert all(limiter.delay_for() == 0 for _ in range(100))
 
 
 def test_rate_window_allows_the_limit_then_refuses_until_the_window_passes():
