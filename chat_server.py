@@ -24,10 +24,11 @@ How it works: three moving parts, at the top of the file in this order.
   * Each client (Client) has an outbox. Under the room's lock a line is only
     queued in every outbox (that fixes the order); after the lock, it is sent
     to each socket without waiting. (Join and leave lines wait a moment
-    longer, to go out in bulk: see Notices, right after the core.) What a full socket cannot take stays
-    queued, and that client's writer thread sends it when there is room. So
-    one student who stops reading cannot slow anybody else down: only their
-    own outbox fills up, and past --sendq they are disconnected.
+    longer, to go out in bulk: see Notices, right after the core.) What a
+    full socket cannot take stays queued, and that client's writer thread
+    sends it when there is room. So one student who stops reading cannot
+    slow anybody else down: only their own outbox fills up, and past
+    --sendq they are disconnected.
 
 The terminal running the server is the teacher's console: it shows the chat,
 and lines typed there are announcements or commands (type /help there).
