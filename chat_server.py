@@ -4398,7 +4398,8 @@ class RedisLink:
         with self.room._lock:
             for student, won in zip(orphans, deleted):
                 if won:  # only the server whose DEL freed the name tells everyone
-                    self._note_console("Server %s is gone: %s leaves" % (student.server, student.name))
+                    self._note_console("Server %s is gone: %s leaves"
+                                       % (student.server, student.name))
                     self._queue_work(("event", self._stamp(
                         {"k": "leave", "name": student.name, "of": student.server})))
 
@@ -4686,13 +4687,15 @@ class RedisLink:
         elif kind == "rename":
             student = remote.get(fold_name(event["old"]))
             if student is None or student.server != event["s"]:
-                self._note_console("Dropped a rename of a student we do not know: %s" % event["old"])
+                self._note_console(
+                    "Dropped a rename of a student we do not know: %s" % event["old"])
                 return []
             del remote[fold_name(event["old"])]
             remote[fold_name(event["new"])] = RemoteStudent(event["new"], event["s"])
         elif kind in ("say", "act") and remote.get(key, RemoteStudent("", "")).server \
                 != event["s"]:
-            self._note_console("Dropped a message from a student we do not know: %s" % event["name"])
+            self._note_console(
+                "Dropped a message from a student we do not know: %s" % event["name"])
             return []
         elif kind == "quiet":
             self._set_quiet(event["on"])
