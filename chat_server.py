@@ -265,7 +265,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def setup(self):
         super().setup()
-        settings = self.server.settings
+        self.room = self.server  # socketserver's name for it; here, it is the room
+        settings = self.room.settings
         self.client = Client(self.request, self.client_address, settings.sendq)
         self.client.renames = RateWindow(settings.nick_rate, 60)
         self.telnet = TelnetFilter()
@@ -289,19 +290,19 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.request.setblocking(False)
         self.readable = OneSocketSelector()
         self.readable.register(self.request, selectors.EVENT_READ)
-        self.server.register(self.client)
+        self.room.register(self.client)
 
     def handle(self):
         """A client's life: greet, check the password, ask a name, join, chat."""
-        self.server.tell_console("Accepted new client: %s" % self.client)
-        timeout = self.server.settings.name_timeout
+        self.room.tell_console("Accepted new client: %s" % self.client)
+        timeout = self.room.settings.name_timeout
         deadline = time.monotonic() + timeout if timeout > 0 else None
         try:
             if greet(self) and check_password(self, deadline) and self.ask_name(deadline):
                 self.chat()
         except NoAnswerInTime:
             self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
-            self.server.tell_console("Closed %s: no %s in time" % (
+            self.room.tell_console("Closed %s: no %s in time" % (
                 self.client, self.waiting_for.split()[-1]))
         except OSError:
             pass  # reset, or shut down by the room: either way, the client leaves
@@ -309,13 +310,13 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def finish(self):
         # Every way out comes through here: EOF, reset, /quit, too slow,
         # kicked, shutdown. leave() says "left the chat." once, at most.
-        self.server.leave(self.client)
+        self.room.leave(self.client)
         self.client.close_when_sent()  # e.g. "Bye." is still on its way
         if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
             self.client.close_now()  # it stopped reading: stop waiting for it
-        self.server.unregister(self.client)
+        self.room.unregister(self.client)
         self.readable.close()
-        self.server.tell_console("Closed connection: %s" % self.client)
+        self.room.tell_console("Closed connection: %s" % self.client)
         super().finish()
 
     # -- A line's way in: read, cut into lines, hand to the room --
@@ -329,7 +330,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             hold_back_flood(self)  # every line, even blank or too long, is paced
             if line is TOO_LONG:
                 self.reply("*** That line was longer than %d bytes and was not sent."
-                           % self.server.settings.max_line)
+                           % self.room.settings.max_line)
             elif line.strip():
                 self.handle_line(defuse_server_marker(line.rstrip()))
 
@@ -386,19 +387,19 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
         if is_plain_message(line):
-            self.server.say(self.client, line, *more_messages(self))
+            self.room.say(self.client, line, *more_messages(self))
         elif line.lstrip().startswith("//"):
-            self.server.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
+            self.room.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
         else:
             self.run_command(line)
 
     def reply(self, *lines):
         """Send lines to this client only (after the room's notices before them)."""
-        self.server.catch_up(self.client)
+        self.room.catch_up(self.client)
         for line in lines:
             self.client.send_line(line)
         if self.client.too_slow:  # its outbox overflowed: the catch-up, or these
-            self.server.drop(self.client, TOO_SLOW)
+            self.room.drop(self.client, TOO_SLOW)
 
     def run_command(self, line):
         """Run a /command (see "The students' commands"); its name is not case-sensitive."""
@@ -428,7 +429,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             else:
                 if not paced:
                     paced = wait_to_join(self)
-                problem = self.server.join(self.client, line.strip())
+                problem = self.room.join(self.client, line.strip())
                 if problem is None:
                     return True
                 if problem is REMOVED or problem is SHUTTING_DOWN:
@@ -1565,7 +1566,7 @@ def hold_back_flood(handler):
         handler.told_flood = True
         handler.reply("*** You are sending lines too fast: they will go out more "
                    "slowly. Nothing is lost.")
-        handler.server.tell_console("Slowing down %s: flooding" % handler.client)
+        handler.room.tell_console("Slowing down %s: flooding" % handler.client)
     # Sleeping here holds back only this client: the rest of its lines
     # wait, in order, in its socket. The wait ends early if it is dropped.
     handler.client.sleep(delay)
@@ -1765,12 +1766,12 @@ def greet(handler):
     elif data:
         handler.take_bytes(data)
     handler.reply("*** Welcome to the chat!")
-    timeout = handler.server.settings.name_timeout
+    timeout = handler.room.settings.name_timeout
     if timeout > 0:
         handler.reply("*** You have %s to give %syour name." % (
             describe_minutes(timeout / 60),
-            "the password and " if handler.server.settings.password else ""))
-    dropped_as = handler.server.addresses.take_dropped(handler.client.host)
+            "the password and " if handler.room.settings.password else ""))
+    dropped_as = handler.room.addresses.take_dropped(handler.client.host)
     if dropped_as:
         handler.reply("*** Last time (as %s) you were disconnected: your computer did "
                    "not read the chat fast enough." % dropped_as)
@@ -1779,10 +1780,10 @@ def greet(handler):
 
 def check_password(handler, deadline):
     """Ask for the room password if there is one; False: wrong, or gone."""
-    password = handler.server.settings.password
+    password = handler.room.settings.password
     if not password:
         return True
-    addresses = handler.server.addresses
+    addresses = handler.room.addresses
     wait = addresses.password_wait(handler.client.host)
     if wait > 0:
         handler.reply("*** Too many wrong passwords from your computer. Try again in "
@@ -1801,7 +1802,7 @@ def check_password(handler, deadline):
     if right:
         addresses.password_passed(handler.client.host)
         return True
-    handler.server.tell_console("Wrong password from %s" % handler.client, warning=True)
+    handler.room.tell_console("Wrong password from %s" % handler.client, warning=True)
     addresses.password_failed(handler.client.host)
     handler.reply("*** Wrong password. Goodbye.")
     return False
@@ -1809,7 +1810,7 @@ def check_password(handler, deadline):
 
 def wait_to_join(handler):
     """Wait if many joined from this computer just now (join/leave spam)."""
-    delay = handler.server.addresses.join_delay(handler.client.host)
+    delay = handler.room.addresses.join_delay(handler.client.host)
     if delay > 0:
         handler.reply("*** Many people joined from your computer just now: you join "
                    "in %s." % describe_minutes(delay / 60))
@@ -2422,7 +2423,7 @@ def do_help(handler, argument):
     lines = ["*** Commands:"]
     lines += ["***   " + line for line in describe_commands(STUDENT_COMMANDS)]
     lines.append("***   %-22s %s" % ("//text", "send a line that starts with /"))
-    private = ("private messages too" if handler.server.settings.transcript_private
+    private = ("private messages too" if handler.room.settings.transcript_private
                else "not private messages")
     lines.append("*** The teacher sees the chat on the server's screen (%s)." % private)
     handler.reply(*lines)
@@ -2432,20 +2433,20 @@ def do_nick(handler, argument):
     if not argument:
         handler.reply("*** Usage: /nick NEWNAME")
         return
-    problem = handler.server.rename(handler.client, argument)
+    problem = handler.room.rename(handler.client, argument)
     if problem:
         handler.reply("*** " + problem)
 
 
 def do_who(handler, argument):
-    handler.reply(handler.server.who())
+    handler.reply(handler.room.who())
 
 
 def do_me(handler, argument):
     if not argument:
         handler.reply("*** Usage: /me ACTION   (for example: /me waves)")
         return
-    handler.server.act(handler.client, argument)
+    handler.room.act(handler.client, argument)
 
 
 def do_msg(handler, argument):
@@ -2453,7 +2454,7 @@ def do_msg(handler, argument):
     if not name or not text.strip():
         handler.reply("*** Usage: /msg NAME TEXT")
         return
-    problem = handler.server.whisper(handler.client, name, text.strip())
+    problem = handler.room.whisper(handler.client, name, text.strip())
     if problem:
         handler.reply("*** " + problem)
 
@@ -2461,7 +2462,7 @@ def do_msg(handler, argument):
 def do_quit(handler, argument):
     handler.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
     # Out before "Bye.", so that no join or leave line comes after it.
-    handler.server.leave(handler.client)
+    handler.room.leave(handler.client)
     handler.reply("*** Bye.")
     handler.done = True
 
@@ -2490,8 +2491,8 @@ class TeacherConsole:
     Replies are logged, so they appear on that same terminal.
     """
 
-    def __init__(self, server, stream):
-        self.server = server
+    def __init__(self, room, stream):
+        self.room = room  # the ChatServer
         self.stream = stream
 
     def start(self):
@@ -2544,7 +2545,7 @@ class TeacherConsole:
         if not text:
             return
         if not text.startswith("/") or text.startswith("//"):
-            self.server.announce(text[1:] if text.startswith("//") else text)
+            self.room.announce(text[1:] if text.startswith("//") else text)
             return
         word, method, argument = parse_command(text, self.COMMANDS)
         if method is None:
@@ -2554,7 +2555,7 @@ class TeacherConsole:
 
     def tell(self, text):
         """Answer the teacher, in order with the room events on the console."""
-        self.server.tell_console(text)
+        self.room.tell_console(text)
 
     def do_help(self, argument):
         self.tell("Console commands (any other line is announced to everyone):")
@@ -2563,39 +2564,39 @@ class TeacherConsole:
 
     def do_kick(self, argument):
         name, _, reason = argument.partition(" ")
-        client = self.server.find(name) if name else None
+        client = self.room.find(name) if name else None
         if client is None:
             self.tell(self.not_here(name, {"k": "kick", "name": name, "reason": reason.strip()},
                                     "kick") if name else "Usage: /kick NAME [REASON]")
             return
-        others = [other for other in self.server.connections_from(client.host)[0]
+        others = [other for other in self.room.connections_from(client.host)[0]
                   if other is not client]
         # Ban first: a connection from there that is still asking for a name
         # then cannot join after all (ChatRoom.join() checks).
         ban = self.ban_after_kick(client, others)
-        self.server.remove_by_teacher(client, "*** The teacher removed you from the chat%s"
+        self.room.remove_by_teacher(client, "*** The teacher removed you from the chat%s"
                            % (": " + reason if reason else "."))
         waiting = self.close_waiting(client.host, [client])
         if waiting:
             ban += " Also closed %s from it that had not joined." % plural(
                 waiting, "connection")
         self.tell("Kicked %s; %s" % (client.name, ban))
-        self.server.note_teacher("kicked %s%s" % (client.name, ": " + reason if reason else ""))
+        self.room.note_teacher("kicked %s%s" % (client.name, ": " + reason if reason else ""))
 
     def not_here(self, name, event, verb):
         """The reply for a name not online here: passed on if it is elsewhere (Redis)."""
-        return (self.server.ask_other_server(name, event, verb)
+        return (self.room.ask_other_server(name, event, verb)
                 or "No one called %s is online." % name)
 
     def ban_after_kick(self, client, others):
         """Ban a kicked client's address unless others share it; say what was done."""
-        minutes = self.server.settings.ban_minutes
+        minutes = self.room.settings.ban_minutes
         if others:
             return ("%s is not banned: %s joined from it too. /ban %s disconnects "
                     "everyone there and bans it." % (client.host, others[0].name, client.host))
         if minutes <= 0:
             return "no ban (--ban-minutes is 0)."
-        self.server.addresses.ban(client.host, client.name, minutes)
+        self.room.addresses.ban(client.host, client.name, minutes)
         return "%s may not rejoin for %s (/unban %s lifts it)." % (
             client.host, describe_minutes(minutes), client.name)
 
@@ -2604,10 +2605,10 @@ class TeacherConsole:
 
         removed: the joined clients just removed, which no longer count as joined.
         """
-        waiting = [client for client in self.server.connections_from(host)[1]
+        waiting = [client for client in self.room.connections_from(host)[1]
                    if client not in removed]
         for client in waiting:
-            self.server.remove_by_teacher(client, "*** The teacher closed the connections from "
+            self.room.remove_by_teacher(client, "*** The teacher closed the connections from "
                                "your computer.")
         return len(waiting)
 
@@ -2617,35 +2618,35 @@ class TeacherConsole:
         except ValueError:
             self.tell("Usage: /ban ADDRESS   (an IP address, as /who shows it)")
             return
-        minutes = self.server.settings.ban_minutes
-        joined = self.server.connections_from(host)[0]
+        minutes = self.room.settings.ban_minutes
+        joined = self.room.connections_from(host)[0]
         if minutes > 0:
             names = ", ".join(client.name for client in joined) or "by address"
-            self.server.addresses.ban(host, names, minutes)
+            self.room.addresses.ban(host, names, minutes)
         for client in joined:
-            self.server.remove_by_teacher(client, "*** The teacher removed everyone at your "
+            self.room.remove_by_teacher(client, "*** The teacher removed everyone at your "
                                "computer from the chat.")
         waiting = self.close_waiting(host, joined)
         self.tell("Disconnected %s and %s from %s; %s" % (
             plural(len(joined), "student"), plural(waiting, "connection"), host,
             "banned for %s." % describe_minutes(minutes) if minutes > 0
             else "no ban (--ban-minutes is 0)."))
-        self.server.note_teacher("banned %s" % host)
+        self.room.note_teacher("banned %s" % host)
 
     def do_unban(self, argument):
         if not argument:
             self.tell("Usage: /unban NAME|ADDRESS")
             return
-        host = self.server.addresses.unban(argument)
+        host = self.room.addresses.unban(argument)
         if host is None:
-            banned = ", ".join(self.server.addresses.banned()) or "none"
+            banned = ", ".join(self.room.addresses.banned()) or "none"
             self.tell("Nothing is banned by %s. Banned now: %s." % (argument, banned))
             return
         self.tell("%s may join again." % host)
-        self.server.note_teacher("unbanned %s" % host)
+        self.room.note_teacher("unbanned %s" % host)
 
     def do_mute(self, argument):
-        client = self.server.find(argument) if argument else None
+        client = self.room.find(argument) if argument else None
         if client is None or client.muted:
             self.tell("Usage: /mute NAME" if not argument else
                       self.not_here(argument, {"k": "mute", "name": argument, "on": True},
@@ -2654,54 +2655,54 @@ class TeacherConsole:
             return
         # A mute follows the student: by address when they are alone on it
         # (any name, any reconnection), by address and name when it is shared.
-        shared = len(self.server.connections_from(client.host)[0]) > 1
-        self.server.addresses.mute(client.host, client.key if shared else None, client.name)
-        self.server.set_muted(client, True)
+        shared = len(self.room.connections_from(client.host)[0]) > 1
+        self.room.addresses.mute(client.host, client.key if shared else None, client.name)
+        self.room.set_muted(client, True)
         self.tell("%s is muted, also after reconnecting from %s%s." % (
             client.name, client.host, " under that name (others share the address)"
             if shared else ", under any name"))
-        self.server.note_teacher("muted %s" % client.name)
+        self.room.note_teacher("muted %s" % client.name)
 
     def do_unmute(self, argument):
         if not argument:
             self.tell("Usage: /unmute NAME")
             return
-        client = self.server.find(argument)
+        client = self.room.find(argument)
         if client is None:
-            elsewhere = self.server.ask_other_server(
+            elsewhere = self.room.ask_other_server(
                 argument, {"k": "mute", "name": argument, "on": False}, "unmute")
             if elsewhere:
                 self.tell(elsewhere)
                 return
         host, key = (client.host, client.key) if client else (None, None)
-        hosts = self.server.addresses.unmute(argument, host, key)
+        hosts = self.room.addresses.unmute(argument, host, key)
         unmuted = bool(hosts)
         # The student may be back under another name: unmute whoever was
         # muted only by what was just forgotten.
-        for other in self.server.snapshot()[0]:
+        for other in self.room.snapshot()[0]:
             if other is client or (other.host in hosts and
-                                   not self.server.addresses.is_muted(other.host, other.key)):
-                unmuted = self.server.set_muted(other, False) or unmuted
+                                   not self.room.addresses.is_muted(other.host, other.key)):
+                unmuted = self.room.set_muted(other, False) or unmuted
         self.tell("%s is no longer muted." % argument if unmuted
                   else "%s is not muted." % argument)
         if unmuted:
-            self.server.note_teacher("unmuted %s" % argument)
+            self.room.note_teacher("unmuted %s" % argument)
 
     def do_quiet(self, argument):
         if argument.lower() not in ("on", "off"):
             self.tell("Usage: /quiet on|off")
             return
         quiet = argument.lower() == "on"
-        if not self.server.set_quiet(quiet):
+        if not self.room.set_quiet(quiet):
             self.tell("Quiet mode is already %s." % argument.lower())
 
     def do_who(self, argument):
-        for line in describe_who(*self.server.snapshot()):
+        for line in describe_who(*self.room.snapshot()):
             self.tell(line)
 
     def do_shutdown(self, argument):
         self.tell("Shutting down at the teacher's request.")
-        self.server.shutdown()  # serve_forever() returns; serve() closes the room
+        self.room.shutdown()  # serve_forever() returns; serve() closes the room
 
     # word -> (method, arguments, what it does), in the order /help lists them
     COMMANDS = {
@@ -3340,7 +3341,7 @@ def answer_http(handler, data):
     client.via = "browser"
     client.encode_lines = encode_websocket_lines
     client.closing_bytes = close_frame(CLOSE_NORMAL)  # kicked, /quit, shutdown
-    handler.websocket = WebSocketLines(client, handler.server.settings)
+    handler.websocket = WebSocketLines(client, handler.room.settings)
     log.info("Upgraded %s to a WebSocket: a browser student", client)
     if request.rest:  # frames sent right behind the request
         handler.take_bytes(request.rest)
