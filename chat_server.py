@@ -278,7 +278,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.input_pace = FloodLimiter(
             INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
         self.told_flood = False
-        self.done = False  # set by /quit
+        self.quitting = False  # set by /quit: chat() reads no more
         self.waiting_for = "a name"  # what a timeout before joining was waiting for
         self.websocket = None  # a WebSocketLines once a browser has upgraded
         self.lines_read = 0  # a late browser request can only be the first
@@ -323,7 +323,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def chat(self):
         """Handle each line the client sends, until it leaves."""
-        while not self.done:
+        while not self.quitting:
             line = self.read_line()
             if line is None or self.client.closed.is_set():
                 return
@@ -437,6 +437,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
                     return False
             self.reply("*** %s%s" % (problem + " " if problem else "", question))
 
+
 # --- The room: ChatRoom -------------------------------------------------------
 # The room's dict of joined clients and its lock. A room event is queued for
 # every client while the lock is held (_broadcast), then sent after it
@@ -444,8 +445,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
 TOO_SLOW = "too slow to keep up"
 REMOVED = "You were removed by the teacher."
-SHUTTING_DOWN = "Server is shutting down."  # the goodbye; join() says it too, once
-#                                            close_room() has begun
+SHUTTING_DOWN = "Server is shutting down."  # the goodbye; once close_room() has
+#                                            begun, join() and each refusal say it too
 
 
 class ChatRoom(socketserver.ThreadingTCPServer):
@@ -472,10 +473,11 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self._joined = {}  # key (folded name) -> Client, for joined clients
-        # The room's lock. It guards _joined and every field from here down to
-        # notices (and the notices' list); ChatServer's _connected and
-        # _places_taken; and the room's fields of each Client (name, key,
-        # skeleton, joined_at, muted; not notices_seen: see take_notices()).
+        # The room's lock. It guards _joined and every field from here down
+        # to notices (and the notices' fields: see Notices); ChatServer's
+        # _connected and _places_taken; and the room's fields of each Client
+        # (name, key, skeleton, joined_at, muted; not notices_seen: see
+        # take_notices()).
         # The recorder's queue is only put to under it, to keep the room's
         # order. Anything else has a lock of its own, or is set once.
         self._lock = threading.Lock()
@@ -1022,7 +1024,6 @@ class Client:
                 self.notices_seen = first + count
 
 
-
 # --- Join and leave lines in bulk: Notices ------------------------------------
 # Adds speed for a big class. Sent at once, like a chat line, each join would
 # cost one send to each of N clients: N*N small packets for a class of N
@@ -1157,9 +1158,10 @@ class Notices:
 # =============================================================================
 # What protects the room: clean text, names nobody can fake, limits, the
 # greeting and the password, refusals. The core calls them where a client
-# arrives (ChatHandler.setup() and handle()), reads (take_bytes(), chat()),
-# joins (ChatRoom.join()) and speaks (_speak()), and where ChatServer admits
-# a connection (process_request()).
+# arrives (ChatHandler.setup() and handle()), reads (take_bytes(), chat(),
+# handle_line()), asks a name (ask_name()), joins (ChatRoom.join()) and
+# speaks (_speak()), and where ChatServer admits a connection
+# (process_request()).
 # =============================================================================
 
 # --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
@@ -1340,7 +1342,7 @@ def encode_lines(lines):
 
 
 def parse_command(line, commands):
-    """Split '/word argument' into (the word, its method or None, the argument).
+    """Split '/word argument' into (the word, its function or None, the argument).
 
     commands maps each word to (function, arguments, what it does); case is ignored.
     """
@@ -1565,7 +1567,7 @@ def hold_back_flood(handler):
     if not handler.told_flood:
         handler.told_flood = True
         handler.reply("*** You are sending lines too fast: they will go out more "
-                   "slowly. Nothing is lost.")
+                      "slowly. Nothing is lost.")
         handler.room.tell_console("Slowing down %s: flooding" % handler.client)
     # Sleeping here holds back only this client: the rest of its lines
     # wait, in order, in its socket. The wait ends early if it is dropped.
@@ -1774,7 +1776,7 @@ def greet(handler):
     dropped_as = handler.room.addresses.take_dropped(handler.client.host)
     if dropped_as:
         handler.reply("*** Last time (as %s) you were disconnected: your computer did "
-                   "not read the chat fast enough." % dropped_as)
+                      "not read the chat fast enough." % dropped_as)
     return True
 
 
@@ -1787,7 +1789,7 @@ def check_password(handler, deadline):
     wait = addresses.password_wait(handler.client.host)
     if wait > 0:
         handler.reply("*** Too many wrong passwords from your computer. Try again in "
-                   "%s." % describe_minutes(wait / 60))
+                      "%s." % describe_minutes(wait / 60))
         return False
     handler.waiting_for = "the password"
     handler.reply("*** This room has a password. Password?")
@@ -1813,7 +1815,7 @@ def wait_to_join(handler):
     delay = handler.room.addresses.join_delay(handler.client.host)
     if delay > 0:
         handler.reply("*** Many people joined from your computer just now: you join "
-                   "in %s." % describe_minutes(delay / 60))
+                      "in %s." % describe_minutes(delay / 60))
         handler.client.sleep(delay)
     return True
 
@@ -1968,6 +1970,8 @@ def send_and_close(sock, data):
 
 
 # --- Wording shared by the room's messages ------------------------------------
+# Small helpers that word waits, counts and addresses, used all over the file
+# (Client's name for the console too).
 
 
 def describe_minutes(minutes):
@@ -2464,7 +2468,7 @@ def do_quit(handler, argument):
     # Out before "Bye.", so that no join or leave line comes after it.
     handler.room.leave(handler.client)
     handler.reply("*** Bye.")
-    handler.done = True
+    handler.quitting = True
 
 
 # word -> (function, arguments, what it does), in the order /help lists them
@@ -2575,7 +2579,7 @@ class TeacherConsole:
         # then cannot join after all (ChatRoom.join() checks).
         ban = self.ban_after_kick(client, others)
         self.room.remove_by_teacher(client, "*** The teacher removed you from the chat%s"
-                           % (": " + reason if reason else "."))
+                                    % (": " + reason if reason else "."))
         waiting = self.close_waiting(client.host, [client])
         if waiting:
             ban += " Also closed %s from it that had not joined." % plural(
@@ -2608,8 +2612,8 @@ class TeacherConsole:
         waiting = [client for client in self.room.connections_from(host)[1]
                    if client not in removed]
         for client in waiting:
-            self.room.remove_by_teacher(client, "*** The teacher closed the connections from "
-                               "your computer.")
+            self.room.remove_by_teacher(client, "*** The teacher closed the connections "
+                                        "from your computer.")
         return len(waiting)
 
     def do_ban(self, argument):
@@ -2624,8 +2628,8 @@ class TeacherConsole:
             names = ", ".join(client.name for client in joined) or "by address"
             self.room.addresses.ban(host, names, minutes)
         for client in joined:
-            self.room.remove_by_teacher(client, "*** The teacher removed everyone at your "
-                               "computer from the chat.")
+            self.room.remove_by_teacher(client, "*** The teacher removed everyone at "
+                                        "your computer from the chat.")
         waiting = self.close_waiting(host, joined)
         self.tell("Disconnected %s and %s from %s; %s" % (
             plural(len(joined), "student"), plural(waiting, "connection"), host,
