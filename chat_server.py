@@ -1090,8 +1090,7 @@ class Notices:
         """
         # notices_seen is read here without the client's lock, to skip the
         # lock for a client that has them all: it only ever grows.
-        if client.notices_seen < self.before + len(self.lines) \
-                and self.room._joined.get(client.key) is client:
+        if client.notices_seen < self.count() and self.room._joined.get(client.key) is client:
             client.take_notices(self.before, self._encoded_lines(client.encode_lines), shared)
 
     def catch_up_everyone(self):
