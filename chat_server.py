@@ -458,8 +458,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     teacher's powers and the shutdown. The core calls seven of its parts:
     register() and unregister() (every connection, joined or not),
     _wait_for_room_budget() and _why_silenced() (may this client speak
-    now?), _note() and tell_console() (for the console and the transcript),
-    and addresses (what the room knows about each computer).
+    now?), recorder.note() and tell_console() (for the console and the
+    transcript), and addresses (what the room knows about each computer).
     """
 
     # Class attributes that socketserver reads.
@@ -516,7 +516,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 recipients = self._broadcast(lines, exclude=client, event=event)
             else:
                 for line in lines:
-                    self._note("silenced", line)
+                    self.recorder.note("silenced", line)
                 self.notices.catch_up(client)
                 client.queue_line(silenced)
                 recipients = [client]
@@ -545,7 +545,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         # touches a socket: the sending happens in _send_queued(), after the lock.
         self._history.extend(lines)
         for line in lines:
-            self._note("room", line)
+            self.recorder.note("room", line)
         if notice:
             self.notices.add(lines, exclude)
             return []
@@ -2017,17 +2017,8 @@ class ChatServer(ChatRoom):
         self._room_budget = ByteBudget(
             settings.room_rate if settings.flood_rate > 0 else 0, settings.sendq // 2)
         self._refuser = Refuser()
-        # Room events for the console and transcript, queued in room order;
-        # put under the room's lock (so in order), taken by the recorder
-        # thread. (A SimpleQueue bounded by hand: queue.Queue costs far more
-        # per put, and this runs for every line said in the room.)
-        self._records = queue.SimpleQueue()
-        self._records_lost = 0  # guarded by _lost_lock
-        self._lost_lock = threading.Lock()
-        self._transcript = transcript  # a Transcript, or None
-        self._recorder_thread = threading.Thread(
-            target=self._run_recorder, name="recorder", daemon=True
-        )
+        # Room events for the console and the transcript (see Recorder).
+        self.recorder = Recorder(settings, transcript)
         super().__init__(address, settings)  # the room's core: it binds the port
         self._everyone_gone = threading.Condition(self._lock)  # for close_room()
         if self.settings.redis is not None:  # Redis link: linked before serving
@@ -2037,7 +2028,7 @@ class ChatServer(ChatRoom):
             except RedisStartError:
                 self.server_close()
                 raise
-        self._recorder_thread.start()
+        self.recorder.start()
         self.notices.start()
         if self._link is not None:
             self._link.start()
@@ -2067,7 +2058,7 @@ class ChatServer(ChatRoom):
                     self.notices.catch_up(target)
                     target.queue_line(line)
                 client.queue_line("*** You whispered to %s: %s" % (target.name, text))
-                self._note("private", "%s to %s" % (line, target.name))
+                self.recorder.note("private", "%s to %s" % (line, target.name))
                 recipients = [client] if target is remote else [target, client]
         self._send_queued(recipients)
         return None
@@ -2226,58 +2217,6 @@ class ChatServer(ChatRoom):
         with self._lock:
             return self._places_taken
 
-    # -- The console and the transcript --
-
-    def _note(self, kind, line):
-        """Queue a room event for the console and the transcript.
-
-        Room events are noted with the room's lock held, so they queue in
-        the room's order; a console line may be noted without it.
-        Never waits: if the recorder has fallen RECORD_QUEUE_EVENTS behind,
-        the event is counted instead, and the count reported.
-        """
-        if self._records.qsize() < RECORD_QUEUE_EVENTS:
-            self._records.put((kind, line))
-        else:
-            with self._lost_lock:
-                self._records_lost += 1
-
-    def _run_recorder(self):
-        # One thread shows room events on the console and hands them to the
-        # transcript, so a paused console or a slow disk never holds up the
-        # room, and both keep the room's order. Neither call here can wait.
-        held_back = HeldBackLines()
-        while True:
-            try:
-                kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
-            except queue.Empty:
-                kind, line = "", ""
-            if kind == "stop":
-                return
-            if kind:
-                self._record(kind, line, held_back)
-            held_back.report_if_due()
-            with self._lost_lock:
-                dropped, self._records_lost = self._records_lost, 0
-            if dropped:
-                log.warning("%s not shown or written: the server was too busy.",
-                            plural(dropped, "room event"))
-
-    def _record(self, kind, line, held_back):
-        """Show one room event on the console and append it to the transcript."""
-        private = kind == "private"
-        if private and not self.settings.transcript_private:
-            return
-        if kind == "silenced":
-            held_back.add(line)
-            return
-        if kind == "warning":
-            log.warning("%s", line)
-        elif kind != "transcript":  # for the transcript only
-            log.info("%s%s", "(private) " if private else "", line)
-        if self._transcript is not None and kind not in ("console", "warning"):
-            self._transcript.write(("(private) " if private else "") + line)
-
     # -- The teacher's powers: the few room operations the console calls --
 
     def tell_console(self, text, warning=False):
@@ -2287,12 +2226,12 @@ class ChatServer(ChatRoom):
         comes in the room's order ("left the chat." before "Closed").
         """
         with self._lock:
-            self._note("warning" if warning else "console", text)
+            self.recorder.note("warning" if warning else "console", text)
 
     def note_teacher(self, text):
         """Write what the teacher did to the transcript, in the room's order."""
         with self._lock:
-            self._note("transcript", "[teacher] " + text)
+            self.recorder.note("transcript", "[teacher] " + text)
 
     def announce(self, text):
         """Send the teacher's announcement to everyone."""
@@ -2384,7 +2323,7 @@ class ChatServer(ChatRoom):
             self._link.close()
         with self._lock:
             self._shutting_down = True
-            self._note("transcript", "=== The server is shutting down. ===")
+            self.recorder.note("transcript", "=== The server is shutting down. ===")
             everyone = list(self._connected)
             shared = {}
             for client in everyone:
@@ -2405,9 +2344,8 @@ class ChatServer(ChatRoom):
         if self._link is not None:
             self._link.stop()
         super().server_close()
-        self._records.put(("stop", ""))
         self.notices.stop()
-        join_in_slices(self._recorder_thread, SHUTDOWN_GRACE_SECONDS)
+        self.recorder.stop()
 
 
 # =============================================================================
@@ -2483,8 +2421,8 @@ STUDENT_COMMANDS = {
 
 # --- The teacher's console: the terminal running the server -------------------
 # Adds the teacher: serve() starts a TeacherConsole on the terminal; its
-# commands call the room's "teacher's powers". The room's recorder thread
-# (ChatServer._run_recorder) shows room events here and in the Transcript.
+# commands call the room's "teacher's powers". The room's Recorder (below)
+# shows room events here and hands them to the Transcript, from one thread.
 
 
 class TeacherConsole:
@@ -2720,6 +2658,85 @@ class TeacherConsole:
         "who": (do_who, "", "names, addresses, time online, who has not joined"),
         "shutdown": (do_shutdown, "", "tell everyone, then stop (as Ctrl+C)"),
     }
+
+
+class Recorder:
+    """Room events on their way to the console and the transcript, in the room's order.
+
+    One thread shows them on the console and hands them to the transcript,
+    so a paused console or a slow disk never holds up the room. The room
+    calls note() with its lock held, so events queue in the room's order.
+    """
+
+    def __init__(self, settings, transcript):
+        self.settings = settings
+        self._transcript = transcript  # a Transcript, or None
+        # A SimpleQueue bounded by hand: queue.Queue costs far more per put,
+        # and this runs for every line said in the room.
+        self._records = queue.SimpleQueue()
+        self._lost = 0  # guarded by _lost_lock
+        self._lost_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        """Show and write what is queued (for a moment at most), then end."""
+        self._records.put(("stop", ""))
+        join_in_slices(self._thread, SHUTDOWN_GRACE_SECONDS)
+
+    def note(self, kind, line):
+        """Queue a room event for the console and the transcript.
+
+        kind: "room", "private" or "silenced" for what students said, did
+        or were told; "console" or "warning" for the console only;
+        "transcript" for the transcript only. Room events are noted with
+        the room's lock held, so they queue in the room's order; a console
+        line may be noted without it. Never waits: if the recorder has
+        fallen RECORD_QUEUE_EVENTS behind, the event is counted instead,
+        and the count reported.
+        """
+        if self._records.qsize() < RECORD_QUEUE_EVENTS:
+            self._records.put((kind, line))
+        else:
+            with self._lost_lock:
+                self._lost += 1
+
+    def _run(self):
+        # Neither call here can wait: log records go to the console's own
+        # thread, and the transcript has one too.
+        held_back = HeldBackLines()
+        while True:
+            try:
+                kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
+            except queue.Empty:
+                kind, line = "", ""
+            if kind == "stop":
+                return
+            if kind:
+                self._record(kind, line, held_back)
+            held_back.report_if_due()
+            with self._lost_lock:
+                lost, self._lost = self._lost, 0
+            if lost:
+                log.warning("%s not shown or written: the server was too busy.",
+                            plural(lost, "room event"))
+
+    def _record(self, kind, line, held_back):
+        """Show one room event on the console and append it to the transcript."""
+        private = kind == "private"
+        if private and not self.settings.transcript_private:
+            return
+        if kind == "silenced":
+            held_back.add(line)
+            return
+        if kind == "warning":
+            log.warning("%s", line)
+        elif kind != "transcript":  # for the transcript only
+            log.info("%s%s", "(private) " if private else "", line)
+        if self._transcript is not None and kind not in ("console", "warning"):
+            self._transcript.write(("(private) " if private else "") + line)
 
 
 class HeldBackLines:
@@ -4195,7 +4212,7 @@ class RedisLink:
 
     def _note_console(self, text):
         """Tell the console, after the room events queued so far (safe under the lock)."""
-        self.room._note("console", text)
+        self.room.recorder.note("console", text)
 
     def _stamp(self, event):
         """Add this server's id and the next sequence number (room's lock held).
@@ -4431,7 +4448,7 @@ class RedisLink:
         for client in self.room._joined.values():
             self.room.notices.catch_up(client)
             client.queue_line(SPLIT_LINE)
-        self.room._note("console", SPLIT_LINE[4:])
+        self.room.recorder.note("console", SPLIT_LINE[4:])
 
     def _drain_outbox(self):
         """Forget queued work after a split: its events were shown here already."""
@@ -4476,7 +4493,7 @@ class RedisLink:
                 client.queue_line(WHOLE_LINE)
                 client.queue_line(self.room._online_line())
                 self._rejoin(client)
-            self.room._note("console", WHOLE_LINE[4:])
+            self.room.recorder.note("console", WHOLE_LINE[4:])
         log.info("Linked through Redis again")
         self.room._send_queued(clients)
 
@@ -4768,7 +4785,7 @@ class RedisLink:
                 line = "%s whispers: %s" % (event["name"], event["text"])
                 self.room.notices.catch_up(client)
                 client.queue_line(line)
-                self.room._note("private", "%s to %s" % (line, client.name))
+                self.room.recorder.note("private", "%s to %s" % (line, client.name))
         if client is None:
             log.info("A %s for %s, who is not here (any more)", kind, name)
         elif kind == "whisper":
