@@ -145,6 +145,12 @@ PER_ADDRESS = 8  # connections from one computer: a terminal, a browser and
 ROOM_BYTES_PER_SECOND = 32 * 1024  # all students' text together: half of what
 #                                    a slow school laptop reads (64 KiB/s)
 
+# The largest values those flags take: anything bigger is a typo, and waits
+# much longer than a day overflow the timers of some systems (about 24 days).
+MAX_FLOOD_RATE = 1000.0  # lines a second; 0 turns pacing off
+MAX_NAME_TIMEOUT_SECONDS = 24 * 60 * 60.0  # a day
+MAX_BAN_MINUTES = 24 * 60.0  # a day; /unban lifts a ban sooner
+
 # Fixed numbers that are not flags.
 MAX_NAME_CHARS = 20  # fits in a line prefix and a /who list
 RECV_BYTES = 4096  # one read; lines are framed by us, not by recv()
@@ -4956,15 +4962,19 @@ def count_flag(minimum):
     return parse
 
 
-def seconds_flag(text):
-    """An argparse type: a number, 0 or more (seconds, minutes or lines a second)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text)
-    if not value >= 0 or value == float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError("must be 0 or more, not %s" % text)
-    return value
+def number_flag(maximum):
+    """An argparse type: a number from 0 to maximum (seconds, minutes, a rate)."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if not 0 <= value <= maximum:  # also refuses nan and infinity
+            raise argparse.ArgumentTypeError("must be from 0 to %g, not %s" % (maximum, text))
+        return value
+
+    return parse
 
 
 def port_flag(text):
@@ -5000,21 +5010,21 @@ def parse_args(argv=None):
         help="connections open at once (default: %(default)s)")
     add("--max-line", type=count_flag(64), default=MAX_LINE_BYTES,
         help="longest line a student may send, in bytes (default: %(default)s)")
-    add("--flood-rate", type=seconds_flag, default=FLOOD_RATE_LINES_PER_SECOND,
+    add("--flood-rate", type=number_flag(MAX_FLOOD_RATE), default=FLOOD_RATE_LINES_PER_SECOND,
         help="lines a second before a client is slowed down; 0: no pacing of any "
         "kind (default: %(default)s)")
     add("--flood-burst", type=count_flag(1), default=FLOOD_BURST_LINES,
         help="lines a client may send at once (default: %(default)s)")
     add("--nick-rate", type=count_flag(0), default=NICK_RATE_PER_MINUTE,
         help="renames a minute per client; 0: no limit (default: %(default)s)")
-    add("--name-timeout", type=seconds_flag, default=NAME_TIMEOUT_SECONDS,
+    add("--name-timeout", type=number_flag(MAX_NAME_TIMEOUT_SECONDS), default=NAME_TIMEOUT_SECONDS,
         help="seconds to give the password and a name; 0: no limit (default: %(default)s)")
     add("--sendq", type=count_flag(4096), default=SENDQ_BYTES,
         help="bytes queued for a client before it is dropped as too slow "
         "(default: %(default)s)")
     add("--history", type=count_flag(0), default=HISTORY_EVENTS,
         help="room events shown to a newcomer; 0: none (default: %(default)s)")
-    add("--ban-minutes", type=seconds_flag, default=BAN_MINUTES,
+    add("--ban-minutes", type=number_flag(MAX_BAN_MINUTES), default=BAN_MINUTES,
         help="minutes a kicked address must wait to rejoin (default: %(default)s)")
     add("--per-address", type=count_flag(0), default=PER_ADDRESS,
         help="connections from one computer (joins and wrong passwords are paced "
