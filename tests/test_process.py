@@ -130,8 +130,8 @@ def test_limit_flag_has_the_default_that_spec_gives(flag, field, default):
 
 @pytest.mark.parametrize("flag, field, default", SPEC_DEFAULTS, ids=[f for f, _, _ in SPEC_DEFAULTS])
 def test_limit_flag_sets_the_room_setting(flag, field, default):
-    settings = chat_server.settings_from(chat_server.parse_args([flag, "4096"]))
-    assert getattr(settings, field) == 4096
+    settings = chat_server.settings_from(chat_server.parse_args([flag, str(default * 2)]))
+    assert getattr(settings, field) == default * 2
 
 
 @pytest.mark.parametrize("flag, field", [
