@@ -493,6 +493,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._history = collections.deque(maxlen=self.settings.history)
         self._quiet = False  # only the teacher's announcements go out
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
+        self._remote_looks = {}  # Redis link: their skeletons -> their keys
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
         self._shutting_down = False  # set by close_room(): no more leave lines
         # Join, leave and rename lines wait here, and go out in bulk: see
@@ -641,10 +642,12 @@ class ChatRoom(socketserver.ThreadingTCPServer):
 
     def _name_taken(self, key, look, client):
         """Why no one may take a name now (lock held), or None if it is free."""
-        holder = self._joined.get(key) or self._joined.get(self._skeletons.get(look))
+        holder = (self._joined.get(key) or self._joined.get(self._skeletons.get(look))
+                  # Redis link: the students on other servers count too.
+                  or self._remote.get(key) or self._remote.get(self._remote_looks.get(look)))
         if holder is None or holder is client:
             return None
-        if holder.key == key:
+        if fold_name(holder.name) == key:
             return "The name %s is taken." % holder.name
         return "That name looks too much like %s, who is online." % holder.name
 
@@ -1192,8 +1195,18 @@ ESCAPE_SEQUENCE = re.compile(
 )
 # C0, DEL and C1 controls, and the bidi overrides that make text run backwards.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-# Three asterisks or more, counting the forms that NFKC turns into "*".
-SERVER_MARKER = re.compile("[*\ufe61\uff0a]{3,}")
+# Characters a terminal shows as nothing: names may not hold them, and between
+# two asterisks they would still let "***" show.
+INVISIBLE = (
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+)
+COMBINING_MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+# Three asterisks or more, counting the forms that NFKC turns into "*", and
+# with anything between them that shows as nothing, or as an accent on one.
+SERVER_MARKER = re.compile("[*\ufe61\uff0a](?:[%s%s]*[*\ufe61\uff0a]){2,}"
+                           % (INVISIBLE, COMBINING_MARKS))
 ERASE_CHARACTERS = "\b\x7f"  # backspace and DEL, as character-mode clients send
 
 HTTP_REQUEST = re.compile(r"^[A-Z]+ \S+ HTTP/\d\.\d$")
@@ -1326,7 +1339,8 @@ def defuse_server_marker(text):
     Spaces are kept (pasted code needs them), so a long line can wrap in a
     terminal and start a row with whatever comes next; no row may look like
     the server speaking. Any run of three or more asterisks (and their
-    full-width and small forms) becomes two.
+    full-width and small forms, and with invisible characters or accents
+    between them) becomes two.
     """
     return SERVER_MARKER.sub("**", text)
 
@@ -1385,11 +1399,7 @@ def is_name_character(character):
 # Characters that show nothing (joiners, variation selectors, Hangul fillers,
 # ...: Unicode's default-ignorable code points): "alice" with one added looks
 # exactly like alice.
-INVISIBLE_CHARACTERS = re.compile(
-    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
-    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
-)
+INVISIBLE_CHARACTERS = re.compile("[%s]" % INVISIBLE)
 
 # Scripts that real names mix: Japanese (kanji with kana), Korean (hanja
 # with hangul). Any other name is written in one script.
@@ -1407,7 +1417,7 @@ LOOK_ALIKES = str.maketrans({
     "ı": "i", "ȷ": "j", "ɑ": "a", "ɡ": "g", "ʟ": "l", "ɪ": "i", "ᴀ": "a", "ʙ": "b",
     "ᴄ": "c", "ᴅ": "d", "ᴇ": "e", "ɢ": "g", "ʜ": "h", "ᴊ": "j", "ᴋ": "k", "ᴍ": "m",
     "ɴ": "n", "ᴏ": "o", "ᴘ": "p", "ʀ": "r", "ꜱ": "s", "ᴛ": "t", "ᴜ": "u", "ᴠ": "v",
-    "ᴡ": "w", "ʏ": "y", "ᴢ": "z", "0": "o", "1": "l",
+    "ᴡ": "w", "ʏ": "y", "ᴢ": "z", "ǀ": "l", "ɩ": "i", "ɾ": "r", "0": "o", "1": "l",
 })
 NAME_DECORATIONS = re.compile(r"[\d_.-]")  # what "teacher_2." adds to "teacher"
 
@@ -1430,7 +1440,7 @@ def name_problem(name):
     if len(scripts) > 1 and not any(scripts <= mix for mix in SCRIPT_MIXES):
         return "Write a name in one alphabet (this one mixes %s)." % " and ".join(
             sorted(script.title() for script in scripts))
-    if NAME_DECORATIONS.sub("", skeleton(name)) in RESERVED_SKELETONS:
+    if reserved_look(skeleton(name)) in RESERVED_SKELETONS:
         return "The name %s is reserved." % name
     return None
 
@@ -1469,14 +1479,28 @@ def skeleton(name):
     """What a name looks like: look-alike letters become the letter they mimic.
 
     Two names with the same skeleton (alice, аlice with a Cyrillic а, alıce,
-    ᴀlice) cannot both be online. It is built from the folded name, so that
-    names that fold alike (Alice, alice) also share a skeleton.
+    ᴀlice, aIice with a capital I, b০b with a Bengali zero) cannot both be
+    online. It is built from the folded name, so that names that fold alike
+    (Alice, alice) also share a skeleton.
     """
-    text = fold_name(name).translate(LOOK_ALIKES)
+    # A capital I looks like a small l in most fonts, but folds to an i; and
+    # a digit of any script (০, the Bengali zero) is the digit it stands for.
+    text = unicodedata.normalize("NFKC", name).replace("I", "l")
+    text = "".join(str(unicodedata.decimal(character)) if character.isdecimal() else character
+                   for character in text)
+    text = fold_name(text).translate(LOOK_ALIKES)
     return text.replace("rn", "m").replace("vv", "w")
 
 
-RESERVED_SKELETONS = frozenset(skeleton(name) for name in RESERVED_NAMES)
+def reserved_look(look):
+    """A skeleton as compared with the reserved names: no decorations, and i as l.
+
+    ADMIN's skeleton is admln (its capital I looks like l); so is admln's.
+    """
+    return NAME_DECORATIONS.sub("", look).replace("i", "l")
+
+
+RESERVED_SKELETONS = frozenset(reserved_look(skeleton(name)) for name in RESERVED_NAMES)
 
 
 # --- Limits: per connection, per computer, for the whole room -----------------
@@ -2247,10 +2271,17 @@ class ChatServer(ChatRoom):
         self._send_queued(recipients)
 
     def find(self, name):
-        """The joined client called name (or a look-alike of it), or None."""
+        """The joined client called name (or a look-alike of it), or None.
+
+        With the Redis link, a student called exactly name on another server
+        comes before a look-alike here: then None (ask_other_server() finds it).
+        """
+        key = fold_name(name)
         with self._lock:
-            return self._joined.get(fold_name(name)) or self._joined.get(
-                self._skeletons.get(skeleton(name)))
+            client = self._joined.get(key)
+            if client is not None or key in self._remote:
+                return client
+            return self._joined.get(self._skeletons.get(skeleton(name)))
 
     def connections_from(self, host):
         """(joined clients, connections not joined yet) from one address."""
@@ -4124,7 +4155,7 @@ class RedisLink:
             raise RedisStartError("Cannot reach Redis at %s: %s. Is redis-server running?"
                                   % (where, getattr(error, "strerror", None) or error))
         with self.room._lock:
-            self.room._remote.update(remote)
+            self._set_remote(remote)
             self.room._history.extend(history)
             self.room._quiet = quiet
         # Two lines, so that the banner fits an 80-column terminal.
@@ -4450,7 +4481,7 @@ class RedisLink:
             if lines:
                 self.room._broadcast(lines, exclude)
         self._pending.clear()
-        self.room._remote.clear()
+        self._set_remote({})
         for client in self.room._joined.values():
             self.room.notices.catch_up(client)
             client.queue_line(SPLIT_LINE)
@@ -4490,9 +4521,8 @@ class RedisLink:
             # Our events up to now were shown here at the split: never again.
             self._last_seen[self.server_id] = self._next_sequence
             self.linked = True
-            self.room._remote.clear()
-            self.room._remote.update({key: student for key, student in remote.items()
-                                      if key not in self.room._joined})
+            self._set_remote({key: student for key, student in remote.items()
+                              if key not in self.room._joined})
             clients = list(self.room._joined.values())
             for client in clients:
                 self.room.notices.catch_up(client)
@@ -4705,20 +4735,20 @@ class RedisLink:
         if kind == "join":
             if key in self.room._joined or remote.get(key) == (event["name"], event["s"]):
                 return []  # a rejoin after a split: known already
-            remote[key] = RemoteStudent(event["name"], event["s"])
+            self._add_remote(RemoteStudent(event["name"], event["s"]))
         elif kind == "leave":
             student = remote.get(key)
             if student is None or student.server != event.get("of", event["s"]):
                 return []  # not one of ours to lose (said already, or a stale name)
-            del remote[key]
+            self._remove_remote(key)
         elif kind == "rename":
             student = remote.get(fold_name(event["old"]))
             if student is None or student.server != event["s"]:
                 self._note_console(
                     "Dropped a rename of a student we do not know: %s" % event["old"])
                 return []
-            del remote[fold_name(event["old"])]
-            remote[fold_name(event["new"])] = RemoteStudent(event["new"], event["s"])
+            self._remove_remote(fold_name(event["old"]))
+            self._add_remote(RemoteStudent(event["new"], event["s"]))
         elif kind in ("say", "act") and remote.get(key, RemoteStudent("", "")).server \
                 != event["s"]:
             self._note_console(
@@ -4727,6 +4757,25 @@ class RedisLink:
         elif kind == "quiet":
             self._set_quiet(event["on"])
         return self.room._broadcast(event_lines(event), notice=is_notice(event))
+
+    def _set_remote(self, students):
+        """Make students (key -> RemoteStudent) the room's students elsewhere (lock held)."""
+        self.room._remote.clear()
+        self.room._remote_looks.clear()
+        for student in students.values():
+            self._add_remote(student)
+
+    def _add_remote(self, student):
+        """A student on another server, in the room's list with its skeleton (lock held)."""
+        key = fold_name(student.name)
+        self.room._remote[key] = student
+        self.room._remote_looks[skeleton(student.name)] = key
+
+    def _remove_remote(self, key):
+        student = self.room._remote.pop(key)
+        look = skeleton(student.name)
+        if self.room._remote_looks.get(look) == key:
+            del self.room._remote_looks[look]
 
     def _set_quiet(self, quiet):
         self.room._quiet = quiet

@@ -843,6 +843,8 @@ ONE_ALPHABET = "Write a name in one alphabet"
     ("al\u0131ce", LOOKS_LIKE_ALICE),  # Latin dotless ı
     ("\u1d00lice", LOOKS_LIKE_ALICE),  # Latin small capital ᴀ
     ("\u0430\u04cf\u0456\u0441\u0435", LOOKS_LIKE_ALICE),  # all Cyrillic: аӏісе
+    ("aIice", LOOKS_LIKE_ALICE),  # a capital I for the l
+    ("a\u01c0ice", LOOKS_LIKE_ALICE),  # Latin letter dental click ǀ
     ("ALICE", "The name alice is taken."),
     ("a" + "\u0301" * 19, "Too many accents on one letter"),
 ], ids=lambda value: ascii(value))
@@ -858,7 +860,8 @@ def test_a_name_that_looks_like_an_online_students_is_refused(room, connect, nam
 
 
 @pytest.mark.parametrize("name", ["t\u0435acher", "teacher.", "teacher_", "Teacher2",
-                                  "te\u0430cher", "\u1d1beacher"], ids=ascii)
+                                  "te\u0430cher", "\u1d1beacher", "teache\u027e",
+                                  "r\u09e6\u09e6t", "ADMIN"], ids=ascii)
 def test_decorated_forms_of_teacher_are_refused(connect, name):
     line = ask_name(connect(), name)
     assert "reserved" in line or ONE_ALPHABET in line, line
@@ -905,6 +908,9 @@ def test_real_names_in_one_writing_system_join(joined, name):
     ("﹡﹡﹡ small", "** small"),
     ("*＊﹡* mixed", "** mixed"),
     ("two ** stay", "two ** stay"),
+    ("*\u200b** zero width", "** zero width"),
+    ("**\u2060* word joiner", "** word joiner"),
+    ("*\u0301** an accent", "** an accent"),
 ])
 def test_three_asterisks_or_more_become_two(room, text, shown):
     alice, bob = room("alice", "bob")

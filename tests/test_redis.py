@@ -689,6 +689,24 @@ def test_a_name_taken_during_a_split_becomes_name_dot_2(linked, join, proxies, q
 
 
 @redis
+@pytest.mark.parametrize("way", ["join", "rename"])
+def test_a_look_alike_of_a_student_on_another_server_is_refused(two_rooms, clients, way):
+    """ᴀlice (a small capital) cannot pass for alice from the other server either."""
+    a, b, alice, bob = two_rooms
+    impostor = ChatClient(b.server_address)
+    clients.append(impostor)
+    if way == "rename":
+        impostor.join("mallory")
+        alice.expect_next("*** mallory joined the chat.")
+        impostor.send("/nick \u1d00lice")
+    else:
+        impostor.send("\u1d00lice")
+    impostor.expect("That name looks too much like alice, who is online.")
+    bob.send("still one alice")
+    alice.expect_next("bob says: still one alice")  # no join or rename line before it
+
+
+@redis
 def test_a_name_given_after_a_split_keeps_its_look_alikes_out(linked, join, proxies,
                                                               quick_split, clients):
     """alice, renamed alice.2 at the relink, is safe from аӏісе.2 (all Cyrillic) on her server."""

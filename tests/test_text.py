@@ -203,6 +203,13 @@ def test_letters_that_together_look_like_another_letter_share_a_skeleton(name, l
     assert skeleton(look_alike) == skeleton(name)
 
 
+@pytest.mark.parametrize("look_alike", ["b\u09e6b", "b\u0a66b", "b\u07c0b"],
+                         ids=["Bengali zero", "Gurmukhi zero", "NKo zero"])
+def test_a_digit_of_any_script_looks_like_the_digit_it_stands_for(look_alike):
+    """০ is a zero, and a zero looks like o: b০b cannot join while bob is online."""
+    assert skeleton(look_alike) == skeleton("bob")
+
+
 def test_different_names_keep_different_keys():
     assert fold_name("alice") != fold_name("alicia")
 
