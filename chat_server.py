@@ -4516,6 +4516,14 @@ class RedisLink:
         newest = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
                                                   "COUNT", 1))
         remote = self._load_roster()  # after the stream's end: see connect()
+        # A look-alike of one of ours that joined elsewhere during the split:
+        # ours takes a new name, as with the same name (see _reclaim()).
+        looks = {skeleton(student.name): key for key, student in remote.items()}
+        with self.room._lock:
+            rivals = [client for key, client in self.room._joined.items()
+                      if looks.get(client.skeleton, key) != key]
+        for client in rivals:
+            self._rename_taken(client, looks_like=True)
         with self.room._lock:
             self._resume_id = newest[0][0] if newest else "0"
             # Our events up to now were shown here at the split: never again.
@@ -4572,9 +4580,12 @@ class RedisLink:
                 with self.room._lock:
                     self._rejoin(client)
 
-    def _rename_taken(self, client):
-        """Give a student whose name was taken during a split a free NAME.2, NAME.3 ..."""
-        old_name = client.name
+    def _rename_taken(self, client, looks_like=False):
+        """Give a student whose name was taken during a split a free NAME.2, NAME.3 ...
+
+        looks_like: a look-alike of its name was taken; its own name is let go.
+        """
+        old_name, old_key = client.name, client.key
         for number in itertools.count(2):
             suffix = ".%d" % number
             new_name = old_name[:MAX_NAME_CHARS - len(suffix)] + suffix
@@ -4595,9 +4606,13 @@ class RedisLink:
             self.room._add_client(client)
             self.room.notices.catch_up(client)
             client.queue_line("*** While the servers were apart, a student on another "
-                              "server took the name %s: you are now %s." % (old_name, new_name))
+                              "server took %s %s: you are now %s." % (
+                                  "a name that looks like" if looks_like else "the name",
+                                  old_name, new_name))
             recipients = self.room._broadcast("*** %s is now %s." % (old_name, new_name),
                                             exclude=client)
+        if looks_like:
+            self._release_if_ours(old_key)  # ours, but its look-alike is online elsewhere
         log.info("%s was taken on another server: renamed %s", old_name, new_name)
         self.room._send_queued(recipients + [client])
 

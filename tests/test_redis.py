@@ -727,6 +727,32 @@ def test_a_name_given_after_a_split_keeps_its_look_alikes_out(linked, join, prox
 
 
 @redis
+def test_a_look_alike_given_on_each_side_of_a_split_is_renamed_at_the_relink(
+        linked, join, proxies, quick_split, clients):
+    """alice joins on a while it is cut off, ᴀlice on b: at the relink, a's alice
+    becomes alice.2, as with the same name."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy = join(a, "amy")
+    bob = join(b, "bob")
+    proxy.freeze()
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    alice = join(a, "alice", settle=False)
+    small_capital = join(b, "\u1d00lice", settle=False)
+    proxy.thaw()
+    alice.expect("took a name that looks like alice: you are now alice.2",
+                 timeout=SPLIT_TIMEOUT)
+    bob.expect("*** alice.2 joined the chat.", timeout=SPLIT_TIMEOUT)
+    again = ChatClient(a.server_address)
+    clients.append(again)
+    again.send("alice")
+    again.expect("looks too much like \u1d00lice")
+    small_capital.close()
+    alice.expect("*** \u1d00lice left the chat.")
+    join(b, "alice")  # a let the name go when it renamed its alice
+
+
+@redis
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX")
 def test_a_killed_server_s_students_leave_everywhere_once(linked, join, redis_server):
     a, c = linked(), linked()
