@@ -386,9 +386,20 @@ class ChatHandler(socketserver.StreamRequestHandler):
         if answer:
             self.client.send_bytes(answer)  # refusals of telnet options
         for line in self.framer.feed(text):
-            self.lines.append(line if line is TOO_LONG else clean_line(line))
+            self.lines.append(line if line is TOO_LONG else self.clean(line))
         if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
             self.lines.append(INTERRUPTED)
+
+    def clean(self, raw):
+        """clean_line(), and TOO_LONG if that made it longer than --max-line.
+
+        Invalid UTF-8 grows as it becomes U+FFFD (one byte, three): a line
+        must stay within the limit as the room shows it, on every server.
+        """
+        line = clean_line(raw)
+        if "\ufffd" in line and len(line.encode("utf-8")) > self.room.settings.max_line:
+            return TOO_LONG
+        return line
 
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
@@ -1572,15 +1583,20 @@ class RateWindow:
 
     def allow(self):
         """Record one event and return True, or return False if over the limit."""
+        if self.full():
+            return False
+        if self.limit > 0:
+            self._times.append(self.clock())
+        return True
+
+    def full(self):
+        """True if one more event now would be over the limit (nothing is recorded)."""
         if self.limit <= 0:
-            return True
+            return False
         now = self.clock()
         while self._times and now - self._times[0] >= self.seconds:
             self._times.popleft()
-        if len(self._times) >= self.limit:
-            return False
-        self._times.append(now)
-        return True
+        return len(self._times) >= self.limit
 
 
 # ChatHandler's pacing of each connection's lines, with FloodLimiter: chat()
@@ -2106,6 +2122,8 @@ class ChatServer(ChatRoom):
             problem = self._rename_problem(key, look, client)
         if problem:
             return problem
+        if client.renames.full():  # checked before the claim too: a refused
+            return self._renames_used_up(client)  # rename must not hold the name
         if self._link is not None and key != client.key:
             problem = self._link.claim_name(new_name, key)  # Redis link
             if problem:
@@ -2115,8 +2133,7 @@ class ChatServer(ChatRoom):
             if problem:
                 return problem
             if not client.renames.allow():
-                return "You can change your name at most %s a minute." % (
-                    plural(client.renames.limit, "time"))
+                return self._renames_used_up(client)
             old_name = client.name
             self._remove_client(client)
             client.name, client.key, client.skeleton = new_name, key, look
@@ -2126,6 +2143,10 @@ class ChatServer(ChatRoom):
                                        notice=True)
         self._send_queued(recipients)
         return None
+
+    def _renames_used_up(self, client):
+        return "You can change your name at most %s a minute." % (
+            plural(client.renames.limit, "time"))
 
     def _rename_problem(self, key, look, client):
         """Why client may not take a new name now (lock held), or None."""
@@ -2521,6 +2542,10 @@ class TeacherConsole:
         """An announcement, or a /command."""
         text = clean_line(line.encode("utf-8", "replace")).strip()
         if not text:
+            return
+        max_line = self.room.settings.max_line
+        if len(text.encode("utf-8")) > max_line:  # the students' limit is the teacher's
+            self.tell("That line is longer than %d bytes (--max-line): not sent." % max_line)
             return
         if not text.startswith("/") or text.startswith("//"):
             self.room.announce(text[1:] if text.startswith("//") else text)
@@ -3049,8 +3074,9 @@ class WebSocketDecoder:
     def __init__(self, max_message_bytes):
         self.max_message_bytes = max_message_bytes
         self._buffer = bytearray()
-        self._fragments = None  # the parts of a text message still coming, or None
-        self._fragments_bytes = 0
+        # The text message still coming, as one bytearray (so that frames with
+        # nothing in them cost nothing), or None.
+        self._fragments = None
 
     def feed(self, data):
         """Return the events that data completes (see the class docstring)."""
@@ -3103,7 +3129,7 @@ class WebSocketDecoder:
             raise WebSocketError(CLOSE_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
         if (opcode == OPCODE_CONTINUATION) != (self._fragments is not None):
             raise WebSocketError(CLOSE_PROTOCOL_ERROR, "fragments out of order")
-        if self._fragments_bytes + size > self.max_message_bytes:
+        if len(self._fragments or b"") + size > self.max_message_bytes:
             raise WebSocketError(CLOSE_TOO_BIG,
                                  "message over %d bytes" % self.max_message_bytes)
 
@@ -3114,13 +3140,11 @@ class WebSocketDecoder:
         if opcode in (OPCODE_PING, OPCODE_PONG):
             return ("ping" if opcode == OPCODE_PING else "pong", payload)
         if self._fragments is None:
-            self._fragments = []
-        self._fragments.append(payload)
-        self._fragments_bytes += len(payload)
+            self._fragments = bytearray()
+        self._fragments += payload
         if not fin:
             return None
-        message = b"".join(self._fragments)
-        self._fragments, self._fragments_bytes = None, 0
+        message, self._fragments = bytes(self._fragments), None
         try:
             message.decode("utf-8")
         except UnicodeDecodeError:
@@ -3452,7 +3476,6 @@ def route_request(request, client):
 def page_response():
     return http_response(200, PAGE_HTML, "text/html; charset=utf-8",
                          [("Content-Security-Policy", PAGE_CSP)])
-
 
 
 def source_response():
@@ -5330,6 +5353,7 @@ def serve(args, argv):
         if transcript is not None:
             transcript.close()
     return EXIT_OK
+
 
 if __name__ == "__main__":
     sys.exit(main())

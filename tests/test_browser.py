@@ -11,6 +11,7 @@ import re
 import socket
 import struct
 import time
+import tracemalloc
 
 import pytest
 
@@ -535,6 +536,22 @@ def test_decoder_gives_the_same_events_whatever_the_reads():
         for start in range(0, len(data), size):
             events += decoder.feed(data[start:start + size])
         assert events == expected, size
+
+
+def test_empty_continuation_frames_hold_no_memory():
+    """A message sent as endless empty pieces costs its text, not a list of pieces."""
+    decoder = chat_server.WebSocketDecoder(65536)
+    assert decoder.feed(frame(TEXT, b"a", fin=False)) == []
+    empty = frame(CONTINUATION, b"", fin=False) * 20000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert decoder.feed(empty) == []
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 10000, grown
+    assert decoder.feed(frame(CONTINUATION, b"b")) == [("text", b"ab")]
 
 
 def test_encode_frame_uses_the_right_length_form():

@@ -36,6 +36,15 @@ def test_console_text_is_announced_to_everyone(room, console):
     bob.expect_next("*** [teacher] Eyes on the board, please")
 
 
+def test_an_announcement_over_max_line_is_not_sent(room, console, caplog):
+    """A pasted page would fill every student's outbox (and the history): refused."""
+    alice, bob = room("alice", "bob")
+    console.handle_line("A" * 2000)
+    expect_console(caplog, "That line is longer than 1024 bytes (--max-line): not sent.")
+    console.handle_line("short")
+    alice.expect_next("*** [teacher] short")
+
+
 def test_announcement_enters_the_history(room, joined, console):
     (alice,) = room("alice")
     console.handle_line("Homework: chapter 3")

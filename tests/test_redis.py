@@ -707,6 +707,18 @@ def test_a_look_alike_of_a_student_on_another_server_is_refused(two_rooms, clien
 
 
 @redis
+def test_a_rename_refused_for_its_rate_does_not_hold_the_name(linked, join):
+    """Claimed in Redis before the rate was checked, bob was held from every server."""
+    a, b = linked(nick_rate=1), linked()
+    mallory = join(a, "mallory")
+    mallory.send("/nick mal")
+    mallory.expect_next("*** mallory is now mal.")
+    mallory.send("/nick bob")
+    mallory.expect_next("You can change your name at most 1 time a minute.")
+    join(b, "bob")  # welcomed: the name was free
+
+
+@redis
 def test_a_name_given_after_a_split_keeps_its_look_alikes_out(linked, join, proxies,
                                                               quick_split, clients):
     """alice, renamed alice.2 at the relink, is safe from аӏісе.2 (all Cyrillic) on her server."""

@@ -283,6 +283,15 @@ def test_max_line_flag_sets_the_limit(start_server, room):
     alice.expect_next("bob says: fine")
 
 
+def test_a_line_that_cleaning_makes_longer_than_max_line_is_refused(room):
+    """Each invalid byte shows as U+FFFD, three bytes: the room never shows (or sends
+    on through Redis) a line over --max-line."""
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"\x80" * 400 + b"\r\n" + b"\x80" * 300 + b"\r\n")
+    bob.expect_next("longer than 1024 bytes and was not sent")
+    assert alice.expect_next("bob says:") == "bob says: " + "\ufffd" * 300
+
+
 def test_random_bytes_harm_nobody_and_the_next_client_still_works(joined, connect,
                                                                   start_server):
     # The vandals' lines are still being paced out after they hang up, and
