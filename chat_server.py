@@ -4901,6 +4901,8 @@ class RedisLink:
 
 CONNECT_TIMEOUT_SECONDS = 10  # a lab network answers in well under a second
 CLIENT_EOF_GRACE_SECONDS = 5  # after stdin ends: time for the last answers
+CLIENT_LINE_MAX_BYTES = 64 * 1024  # a server line longer than this (a server gone
+#                                    wrong) is shown in pieces, not held whole
 POLL_SECONDS = 0.2  # short waits let Ctrl+C through on Windows too
 
 
@@ -4929,6 +4931,8 @@ def run_line_client(address):
         print("Cannot connect to %s: %s" % (format_address(address),
                                             error.strerror or error), file=sys.stderr)
         return EXIT_CONNECT_FAILED
+    except KeyboardInterrupt:  # Ctrl+C while connecting (a wrong address, say)
+        return EXIT_OK
     sock.settimeout(None)
     finished = threading.Event()
     # NOTE: recv() and reading stdin run in helper threads because Ctrl+C
@@ -4948,15 +4952,24 @@ def run_line_client(address):
 
 def print_from_server(sock, finished):
     """Print each line the server sends until it closes the connection."""
-    pending = b""
+    pending = bytearray()  # the line being received
     try:
         while True:
             data = sock.recv(RECV_BYTES)
             if not data:
                 break
-            *lines, pending = (pending + data).split(b"\n")
-            for line in lines:
-                print(line.rstrip(b"\r").decode("utf-8", "replace"), flush=True)
+            pending += data
+            # Only the new bytes can end a line: what came before had no end.
+            cut = pending.rfind(b"\n", len(pending) - len(data)) + 1
+            if not cut and len(pending) >= CLIENT_LINE_MAX_BYTES:
+                cut = len(pending)  # a line with no end in sight: shown in pieces
+            if cut:
+                lines = bytes(pending[:cut]).split(b"\n")
+                del pending[:cut]
+                if not lines[-1]:
+                    lines.pop()  # the piece ended with a line end
+                for line in lines:
+                    print(line.rstrip(b"\r").decode("utf-8", "replace"), flush=True)
         if pending:
             print(pending.decode("utf-8", "replace"), flush=True)
     except (OSError, ValueError):

@@ -100,6 +100,22 @@ def test_client_prints_a_last_line_that_has_no_line_end():
     assert stdout.splitlines() == ["*** first line", "*** cut off mid-li"]
 
 
+def test_client_shows_a_line_with_no_end_in_sight_in_pieces():
+    """A server gone wrong, sending a megabyte with no line end: shown as it comes,
+    in pieces, not held (and searched again at every read) until it ends."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        process = start_client(types.SimpleNamespace(server_address=listener.getsockname()))
+        connection, _ = listener.accept()
+        with connection:
+            connection.sendall(b"x" * (1024 * 1024) + b"\r\n*** after\r\n")
+    status, stdout, _ = finish(process)
+    lines = stdout.splitlines()
+    assert status == 0 and lines[-1] == "*** after"
+    assert "".join(lines[:-1]) == "x" * (1024 * 1024)
+    assert len(lines) > 2
+
+
 def test_client_refused_address_is_one_clear_line_and_exit_1():
     unused = socket.socket()
     unused.bind(("127.0.0.1", 0))
@@ -144,6 +160,22 @@ sys.argv = """)
 @pytest.mark.skipif(sys.platform == "win32", reason="sending Ctrl+C is not portable")
 def test_client_ctrl_c_as_it_starts_exits_0_without_a_traceback(server):
     status, _, stderr = finish(start_client(server, prefix=("-c", CTRL_C_AT_START_LAUNCHER)))
+    assert status == 0 and "Traceback" not in stderr, (status, stderr)
+
+
+# Ctrl+C while the client is still connecting (a wrong lab address, a slow name lookup).
+CTRL_C_CONNECTING_LAUNCHER = CTRL_C_LAUNCHER.replace("sys.argv = ", """socket = __import__('socket')
+connect = socket.create_connection
+def connect_after_ctrl_c(*args, **kwargs):
+    signal.raise_signal(signal.SIGINT)
+    return connect(*args, **kwargs)
+socket.create_connection = connect_after_ctrl_c
+sys.argv = """)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sending Ctrl+C is not portable")
+def test_client_ctrl_c_while_connecting_exits_0_without_a_traceback(server):
+    status, _, stderr = finish(start_client(server, prefix=("-c", CTRL_C_CONNECTING_LAUNCHER)))
     assert status == 0 and "Traceback" not in stderr, (status, stderr)
 
 
