@@ -3748,6 +3748,11 @@ REDIS_UNHEARD_SECONDS = 10.0  # a whisper no server heard is sent again this lon
 # Messages in one "say" event: a sender's batch is the lines of one read
 # (see more_messages()), and each line takes at least one byte.
 REDIS_MAX_EVENT_TEXTS = 2 * RECV_BYTES
+# A text from another server may be longer than our --max-line (it may have
+# been started with a larger one), up to this; an event's texts together, up
+# to twice that: less than an outbox (--sendq), so that no event alone can
+# have a class dropped as too slow.
+REDIS_TEXT_BYTES = 64 * 1024
 # Deletes a name key only if this server holds it (ARGV[1]: our id); the
 # value is JSON (see RedisLink._name_value), and a bad one is left alone.
 RELEASE_IF_OURS_SCRIPT = """
@@ -4038,7 +4043,12 @@ def check_event(data, kinds, max_line):
     fields = kinds.get(event.get("k")) if isinstance(event.get("k"), str) else None
     if fields is None:
         raise BadEvent("an unknown kind of event: %r" % (event.get("k"),))
+    max_line = max(max_line, REDIS_TEXT_BYTES)  # see REDIS_TEXT_BYTES
     check_field(event, "s", "server", max_line)
+    texts = event.get("texts")
+    if isinstance(texts, list) and sum(len(text.encode("utf-8", "replace")) for text in texts
+                                       if isinstance(text, str)) > 2 * max_line:
+        raise BadEvent("texts over %d bytes in all" % (2 * max_line))
     sequence = event.get("n")
     if type(sequence) is not int or sequence < 0:
         raise BadEvent("a bad sequence number")
@@ -4066,12 +4076,11 @@ def check_field(event, field, check, max_line):
     else:  # "text", or "reason", which may be empty
         ok = is_clean_text(value, max_line, may_be_empty=check == "reason")
     if not ok:
-        raise BadEvent("a bad %s: %r" % (field, value if not isinstance(value, str)
-                                         else value[:60]))
+        raise BadEvent("a bad %s: %s" % (field, repr(value)[:80]))
 
 
 def is_clean_text(text, max_line, may_be_empty=False):
-    """True if text is what this server would itself let a student send."""
+    """True if text is what a server could let a student send (at most max_line bytes)."""
     if not isinstance(text, str) or not (text.strip() or may_be_empty):
         return False
     data = text.encode("utf-8", "replace")
@@ -4748,6 +4757,11 @@ class RedisLink:
                 server, sequence = event["s"], event["n"]
                 if sequence <= self._last_seen.get(server, 0):
                     continue  # sent twice (after a reconnect): shown already
+                if server == self.server_id and sequence > self._next_sequence:
+                    # Not ours (a rogue writer to Redis): taken as ours, its
+                    # number would hide every event we send after it.
+                    self._note_console("Dropped an event in our name that we never sent")
+                    continue
                 self._last_seen[server] = sequence
                 shown = (self._apply_own(event) if server == self.server_id
                          else self._apply_other(event))
@@ -5143,7 +5157,26 @@ def parse_args(argv=None):
         "%s unless given); or set CHAT_REDIS (default: not linked)" % (REDIS_PORT, REDIS_ROOM))
     add("--connect", metavar="HOST[:PORT]", type=split_host_port,
         help="be a client instead: join the chat server at HOST (port %d unless given)" % PORT)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    problem = password_problem(args.password, args.max_line)
+    if problem:
+        parser.error("argument --password (or CHAT_PASSWORD): " + problem)
+    return args
+
+
+def password_problem(password, max_line):
+    """Why students could never type password, or None.
+
+    A student's answer is read as a chat line: cleaned, spaces at either end
+    left out, and at most --max-line bytes.
+    """
+    if password != password.strip():
+        return "spaces at either end could never be typed"
+    if clean_line(password.encode("utf-8", "replace")) != password:
+        return "tabs and other control characters could never be typed"
+    if len(password.encode("utf-8")) > max_line:
+        return "longer than --max-line (%d bytes)" % max_line
+    return None
 
 
 def settings_from(args):

@@ -89,10 +89,13 @@ def test_host_it_cannot_listen_on_is_one_clear_line_and_exit_status_2(host):
     [["--port", "http"], ["--port", "70000"], ["--max-clients", "0"],
      ["--flood-rate", "-1"], ["--sendq", "ten"], ["--history", "-3"],
      ["--name-timeout", "nan"], ["--name-timeout", "3000000"], ["--ban-minutes", "1e308"],
-     ["--flood-rate", "inf"], ["--bogus"]],
+     ["--flood-rate", "inf"], ["--password", " fish"], ["--password", "fish "],
+     ["--password", "a\tb"], ["--password", "x" * 1100], ["--bogus"]],
     ids=["port not a number", "port too big", "no clients", "negative rate",
          "sendq not a number", "negative history", "nan timeout",
-         "timeout past the OS timers", "endless ban", "endless rate", "unknown flag"],
+         "timeout past the OS timers", "endless ban", "endless rate",
+         "password space first", "password space last", "password tab",
+         "password past max-line", "unknown flag"],
 )
 def test_bad_flag_value_is_one_clear_line_and_exit_status_2(flags, capsys):
     """Checked in-process (a process per flag costs a quarter second each);

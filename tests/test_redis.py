@@ -123,16 +123,25 @@ def event(**fields):
     event(k="say", name="teacher", texts=["hi"]),
     event(k="say", name="bob", texts=[]),
     event(k="say", name="bob", texts=["\x1b[2Jcleared"]),
-    event(k="announce", text="x" * 2000),
+    event(k="announce", text="x" * 70000),
+    event(k="say", name="bob", texts=["x" * 60000] * 3),
+    event(k="say", name="bob", texts=5),
     event(k="announce", text="\x07bell"),
     event(k="join"),
     event(k="quiet", on="yes"),
 ], ids=["not JSON", "not an object", "unknown kind", "negative sequence", "bad server",
         "space in name", "reserved name", "no texts", "escape sequence", "too long",
-        "control character", "missing name", "flag not a bool"])
+        "too long together", "texts not a list", "control character", "missing name",
+        "flag not a bool"])
 def test_a_bad_event_from_redis_is_refused(data):
     with pytest.raises(chat_server.BadEvent):
         chat_server.check_event(data, chat_server.ROOM_EVENTS, 1024)
+
+
+def test_a_line_longer_than_our_max_line_passes_from_a_server_with_a_larger_one():
+    """Linked servers may differ in --max-line: a 2000-byte line is still a good line."""
+    data = event(k="say", name="bob", texts=["short", "x" * 2000, "short too"])
+    assert chat_server.check_event(data, chat_server.ROOM_EVENTS, 1024)["texts"][1] == "x" * 2000
 
 
 def test_a_good_event_passes_every_check():
@@ -540,6 +549,24 @@ def test_a_bad_event_in_redis_is_logged_and_dropped(linked, join, redis_server, 
     wait_until(lambda: sum("Dropped a bad event" in r.getMessage() or
                            "Dropped a message" in r.getMessage()
                            for r in caplog.records) == 3, message="three drops logged")
+
+
+@redis
+def test_an_event_forged_in_our_name_does_not_hide_our_own_lines(redis_server, two_rooms):
+    """A rogue writer's event with our server's id and a huge number is dropped: taken
+    as ours, every line we send after it would look like one shown already."""
+    a, b, alice, bob = two_rooms
+    amy = joined_on(a, "amy")
+    alice.expect("amy joined")
+    forged = event(k="announce", text="forged", s=a._link.server_id, n=10 ** 18)
+    connection = redis_server.connect()
+    try:
+        connection.call("XADD", a._link.stream, "*", "e", forged)
+    finally:
+        connection.close()
+    alice.send("still heard")
+    amy.expect("alice says: still heard")
+    amy.close()
 
 
 # --- Faults -------------------------------------------------------------------
