@@ -2104,7 +2104,8 @@ class ChatServer(ChatRoom):
                     self.notices.catch_up(target)
                     target.queue_line(line)
                 client.queue_line("*** You whispered to %s: %s" % (target.name, text))
-                self.recorder.note("private", "%s to %s" % (line, target.name))
+                self.recorder.note("private", "%s whispers to %s: %s" % (
+                    client.name, target.name, text))
                 recipients = [client] if target is remote else [target, client]
         self._send_queued(recipients)
         return None
@@ -4621,6 +4622,8 @@ class RedisLink:
         for number in itertools.count(2):
             suffix = ".%d" % number
             new_name = old_name[:MAX_NAME_CHARS - len(suffix)] + suffix
+            if name_problem(new_name):  # cut short, it may read as a reserved name
+                new_name = "student" + suffix
             key, look = fold_name(new_name), skeleton(new_name)
             with self.room._lock:
                 if self.room._name_taken(key, look, client):
@@ -4892,7 +4895,8 @@ class RedisLink:
                 line = "%s whispers: %s" % (event["name"], event["text"])
                 self.room.notices.catch_up(client)
                 client.queue_line(line)
-                self.room.recorder.note("private", "%s to %s" % (line, client.name))
+                self.room.recorder.note("private", "%s whispers to %s: %s" % (
+                    event["name"], client.name, event["text"]))
         if client is None:
             log.info("A %s for %s, who is not here (any more)", kind, name)
         elif kind == "whisper":

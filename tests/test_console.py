@@ -241,7 +241,7 @@ def test_console_shows_private_messages_only_with_transcript_private(start_serve
     bob.send("public")
     alice.expect_next("bob says: public")
     expect_console(caplog, "bob says: public")  # the console keeps the room's order
-    private = "(private) bob whispers: secret to alice"
+    private = "(private) bob whispers to alice: secret"  # not "secret to alice"
     assert (private in console_lines(caplog)) == shown
 
 

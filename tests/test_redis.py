@@ -766,6 +766,23 @@ def test_a_name_given_after_a_split_keeps_its_look_alikes_out(linked, join, prox
 
 
 @redis
+def test_a_name_cut_short_at_the_relink_never_becomes_a_reserved_one(
+        linked, join, proxies, quick_split):
+    """teacher___________xy cut to make room for .2 would read as teacher."""
+    name = "teacher___________xy"
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy = join(a, "amy")
+    join(b, "bob")
+    proxy.freeze()
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    cut = join(a, name, settle=False)
+    join(b, name, settle=False)
+    proxy.thaw()
+    cut.expect("took the name %s: you are now student.2" % name, timeout=SPLIT_TIMEOUT)
+
+
+@redis
 def test_a_look_alike_given_on_each_side_of_a_split_is_renamed_at_the_relink(
         linked, join, proxies, quick_split, clients):
     """alice joins on a while it is cut off, ᴀlice on b: at the relink, a's alice
