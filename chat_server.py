@@ -4151,6 +4151,7 @@ class RedisLink:
         self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
         self._outbox = queue.Queue(self.outbox_items)  # work for the writer thread
         self._last_seen = {}  # server id -> highest sequence shown or skipped
+        self._quiet_set_alone = False  # the teacher here set quiet mode during a split
         # Owned by the reader thread:
         self._last_id = "0"  # the last stream entry read
         self._resume_id = None  # set at a relink: where the reader goes on from
@@ -4236,6 +4237,8 @@ class RedisLink:
         stream, so every server shows it in the stream's one order.
         """
         if not self.linked:
+            if event["k"] == "quiet":
+                self._quiet_set_alone = True  # see _settle_quiet()
             return False
         stamped = self._stamp(event)
         try:
@@ -4549,6 +4552,7 @@ class RedisLink:
         newest = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
                                                   "COUNT", 1))
         remote = self._load_roster()  # after the stream's end: see connect()
+        quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
         # A look-alike of one of ours that joined elsewhere during the split:
         # ours takes a new name, as with the same name (see _reclaim()).
         looks = {skeleton(student.name): key for key, student in remote.items()}
@@ -4571,8 +4575,25 @@ class RedisLink:
                 client.queue_line(self.room._online_line())
                 self._rejoin(client)
             self.room.recorder.note("console", WHOLE_LINE[4:])
+            self._settle_quiet(quiet_elsewhere)
         log.info("Linked through Redis again")
         self.room._send_queued(clients)
+
+    def _settle_quiet(self, quiet_elsewhere):
+        """After a split, one quiet mode for the whole room again (room's lock held).
+
+        If the teacher here turned it on or off during the split, the other
+        servers follow; if not, this room follows them.
+        """
+        set_here, self._quiet_set_alone = self._quiet_set_alone, False
+        quiet = self.room._quiet
+        if quiet == quiet_elsewhere:
+            return
+        if set_here:
+            self.takes({"k": "quiet", "on": quiet}, [], None)  # shown here already
+        else:
+            self.room._quiet = quiet_elsewhere
+            self.room._broadcast(QUIET_ON_LINE if quiet_elsewhere else QUIET_OFF_LINE)
 
     def _rejoin(self, client):
         """Tell the other servers a student of ours is here (room's lock held).

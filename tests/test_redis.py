@@ -766,6 +766,25 @@ def test_a_name_given_after_a_split_keeps_its_look_alikes_out(linked, join, prox
 
 
 @redis
+@pytest.mark.parametrize("where", ["on the cut-off server", "on the others"])
+def test_quiet_mode_set_during_a_split_is_one_for_the_room_after_the_relink(
+        linked, join, proxies, quick_split, where):
+    """The teacher's /quiet during a split: at the relink, the servers agree on it."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy = join(a, "amy")
+    bob = join(b, "bob")
+    proxy.freeze()
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    TeacherConsole(a if where == "on the cut-off server" else b, None).handle_line("/quiet on")
+    told = amy if where == "on the others" else bob  # the one who has not been told yet
+    proxy.thaw()
+    told.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
+    told.send("can I still talk")
+    told.expect("Not sent: the room is quiet")
+
+
+@redis
 def test_a_name_cut_short_at_the_relink_never_becomes_a_reserved_one(
         linked, join, proxies, quick_split):
     """teacher___________xy cut to make room for .2 would read as teacher."""
