@@ -555,6 +555,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         """
         if isinstance(lines, str):
             lines = [lines]
+        if self._shutting_down:
+            return []  # everyone has been queued "Server is shutting down.": nothing after it
         if event is not None and self._link is not None and \
                 self._link.takes(event, lines, exclude):
             return []  # Redis link: shown when it comes back, in the one order

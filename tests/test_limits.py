@@ -488,6 +488,19 @@ def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(serve
     assert connect().expect_closed() == ["*** Server is shutting down."]
 
 
+def test_nothing_is_said_in_the_room_after_the_goodbye(server, room):
+    """A line handled as the shutdown began (held back by the flood limit until the
+    shutdown woke it, say) reached some students after "Server is shutting down."."""
+    alice, bob = room("alice", "bob")
+    with server._lock:
+        server._shutting_down = True  # the moment close_room() has begun
+    bob.send("too late")
+    bob.send("/who")
+    bob.expect_next("Online now")  # bob's line has been handled
+    server.close_room()
+    assert alice.expect_closed() == ["*** Server is shutting down."]
+
+
 def test_a_name_given_as_the_shutdown_begins_does_not_join(server, connect, joined):
     """The name came just after close_room() began: told so, and never in the room."""
     joined("watcher")
