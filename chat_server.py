@@ -176,6 +176,8 @@ REFUSAL_DRAIN_READS = 4  # what a refused client sent with its first packets
 REFUSAL_DRAIN_SECONDS = 2.0  # read what a refused client sent, so that closing
 #                              does not reset the connection and eat our line
 DROPPED_REMEMBERED = 1000  # addresses told, when they return, why they were dropped
+ADDRESSES_SWEEP_SECONDS = 60.0  # how often what the room knows of past addresses
+#                                 is looked over, and what no longer matters forgotten
 RECORD_QUEUE_EVENTS = 10000  # room events waiting for the console and transcript
 CONSOLE_ENDS_PER_SECOND = 3  # more Ctrl+Ds than this: the terminal is gone
 CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
@@ -1554,6 +1556,11 @@ class FloodLimiter:
         self._tokens -= 1
         return True
 
+    def is_full(self):
+        """True if the bucket is full again: as good as a new one."""
+        self._refill()
+        return self._tokens >= self.burst
+
     def _refill(self):
         now = self.clock()
         self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
@@ -1660,18 +1667,41 @@ class Addresses:
         self._lock = threading.Lock()  # guards every field below
         self._connected = collections.Counter()  # host -> open connections
         self._joins = {}  # host -> FloodLimiter of joins
-        self._failures = {}  # host -> [wrong passwords, when it may try again]
+        self._failures = {}  # host -> [wrong passwords, when it may try again, the last]
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
         self._mutes = {}  # (host, key or None for everyone there) -> name muted
         self._dropped = {}  # host -> the name dropped there as too slow, oldest first
+        self._next_sweep = clock() + ADDRESSES_SWEEP_SECONDS
 
     def connect(self, host):
         """Count a new connection from host; False if host has too many."""
         with self._lock:
+            if self.clock() >= self._next_sweep:
+                self._forget_the_past()
             if self.per_address and self._connected[host] >= self.per_address:
                 return False
             self._connected[host] += 1
             return True
+
+    def _forget_the_past(self):
+        """Forget what no longer limits anyone (lock held): over a long day, a
+        lab's every address would otherwise be remembered for good.
+
+        A join bucket that is full again is as good as a new one; a ban is
+        over when served; wrong passwords count until PASSWORD_WAIT_MAX_SECONDS
+        after the last one (and its wait), not for good.
+        """
+        now = self.clock()
+        self._next_sweep = now + ADDRESSES_SWEEP_SECONDS
+        for host, joins in list(self._joins.items()):
+            if joins.is_full():
+                del self._joins[host]
+        for host, (_, until, last) in list(self._failures.items()):
+            if now - max(until, last) > PASSWORD_WAIT_MAX_SECONDS:
+                del self._failures[host]
+        for host, (end, _) in list(self._bans.items()):
+            if end <= now:
+                del self._bans[host]
 
     def disconnect(self, host):
         with self._lock:
@@ -1701,8 +1731,9 @@ class Addresses:
         if not self.per_address:
             return
         with self._lock:
-            failures = self._failures.setdefault(host, [0, 0.0])
+            failures = self._failures.setdefault(host, [0, 0.0, 0.0])
             failures[0] += 1
+            failures[2] = self.clock()
             beyond = failures[0] - PASSWORD_FAILURES_FREE * self.per_address
             if beyond > 0:
                 wait = min(PASSWORD_WAIT_MAX_SECONDS, PASSWORD_WAIT_SECONDS * 2 ** (beyond - 1))

@@ -642,6 +642,28 @@ def test_password_waits_double_up_to_a_maximum_and_a_right_one_clears_them():
     assert addresses.password_wait("10.0.0.2") == 0.0
 
 
+def test_what_the_room_knows_of_past_addresses_is_forgotten_once_it_limits_no_one():
+    """Over a long day every address of a lab joins, guesses, is banned: a sweep (on a
+    later connection) forgets what no longer matters, and keeps what still does."""
+    clock = FakeClock()
+    addresses = Addresses(Settings(per_address=1), clock)
+    for number in range(50):
+        host = "10.0.1.%d" % number
+        assert addresses.connect(host)
+        addresses.join_delay(host)
+        addresses.password_failed(host)
+        addresses.ban(host, "student%d" % number, 1)
+        addresses.disconnect(host)
+    clock.now += chat_server.PASSWORD_WAIT_MAX_SECONDS + chat_server.ADDRESSES_SWEEP_SECONDS
+    for _ in range(chat_server.PASSWORD_FAILURES_FREE + 1):
+        addresses.password_failed("10.0.9.9")  # guessing right now: must go on waiting
+    addresses.join_delay("10.0.8.8")  # joined just now: its bucket is not full
+    assert addresses.connect("10.0.2.1")  # the sweep runs here
+    assert list(addresses._joins) == ["10.0.8.8"] and addresses._bans == {}
+    assert list(addresses._failures) == ["10.0.9.9"]
+    assert addresses.password_wait("10.0.9.9") == chat_server.PASSWORD_WAIT_SECONDS
+
+
 def test_shared_machine_mode_never_makes_an_address_wait_for_passwords():
     addresses = Addresses(Settings(per_address=0), FakeClock())
     for _ in range(100):
