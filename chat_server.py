@@ -2122,6 +2122,8 @@ class ChatServer(ChatRoom):
             remote = self._remote.get(fold_name(name))  # Redis link: on another server?
             if target is None and remote is None:
                 return "No one called %s is online. Type /who to see who is." % name
+            if target is client:
+                return "That is you: /msg is for someone else."
             silenced = self._why_silenced(client)
             self.notices.catch_up(client)
             if silenced is not None:

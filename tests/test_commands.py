@@ -148,8 +148,9 @@ def test_msg_reaches_only_its_target_and_confirms(room):
 @pytest.mark.parametrize(
     "typed, reason",
     [("/msg nobody hi", "No one called nobody is online"), ("/msg bob", "Usage: /msg"),
-     ("/msg", "Usage: /msg"), ("/msg bob    ", "Usage: /msg")],
-    ids=["unknown name", "no text", "nothing", "blank text"],
+     ("/msg", "Usage: /msg"), ("/msg bob    ", "Usage: /msg"),
+     ("/msg ALICE note to self", "That is you: /msg is for someone else.")],
+    ids=["unknown name", "no text", "nothing", "blank text", "to yourself"],
 )
 def test_msg_errors_are_clear(room, typed, reason):
     alice, bob = room("alice", "bob")
