@@ -224,6 +224,19 @@ def two_rooms(linked, join):
     return a, b, alice, bob
 
 
+@pytest.fixture
+def split_rooms(linked, join, proxies, quick_split):
+    """(proxy, a, b, amy, bob): a linked through a proxy, b directly, amy on a and
+    bob on b; then the proxy is frozen, and amy has been told a is on its own."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy = join(a, "amy")
+    bob = join(b, "bob")
+    proxy.freeze()
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    return proxy, a, b, amy, bob
+
+
 def joined_on(server, name):
     """A client joined as name on server; the caller closes it (or the test ends)."""
     return ChatClient(server.server_address).join(name)
@@ -746,15 +759,9 @@ def test_a_rename_refused_for_its_rate_does_not_hold_the_name(linked, join):
 
 
 @redis
-def test_a_name_given_after_a_split_keeps_its_look_alikes_out(linked, join, proxies,
-                                                              quick_split, clients):
+def test_a_name_given_after_a_split_keeps_its_look_alikes_out(split_rooms, join, clients):
     """alice, renamed alice.2 at the relink, is safe from аӏісе.2 (all Cyrillic) on her server."""
-    proxy = proxies()
-    a, b = linked(via=proxy), linked()
-    amy = join(a, "amy")
-    join(b, "bob")
-    proxy.freeze()
-    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy, a, b, amy, bob = split_rooms
     alice_a = join(a, "alice", settle=False)
     join(b, "alice", settle=False)
     proxy.thaw()
@@ -768,14 +775,9 @@ def test_a_name_given_after_a_split_keeps_its_look_alikes_out(linked, join, prox
 @redis
 @pytest.mark.parametrize("where", ["on the cut-off server", "on the others"])
 def test_quiet_mode_set_during_a_split_is_one_for_the_room_after_the_relink(
-        linked, join, proxies, quick_split, where):
+        split_rooms, where):
     """The teacher's /quiet during a split: at the relink, the servers agree on it."""
-    proxy = proxies()
-    a, b = linked(via=proxy), linked()
-    amy = join(a, "amy")
-    bob = join(b, "bob")
-    proxy.freeze()
-    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy, a, b, amy, bob = split_rooms
     TeacherConsole(a if where == "on the cut-off server" else b, None).handle_line("/quiet on")
     told = amy if where == "on the others" else bob  # the one who has not been told yet
     proxy.thaw()
@@ -785,16 +787,10 @@ def test_quiet_mode_set_during_a_split_is_one_for_the_room_after_the_relink(
 
 
 @redis
-def test_a_name_cut_short_at_the_relink_never_becomes_a_reserved_one(
-        linked, join, proxies, quick_split):
+def test_a_name_cut_short_at_the_relink_never_becomes_a_reserved_one(split_rooms, join):
     """teacher___________xy cut to make room for .2 would read as teacher."""
     name = "teacher___________xy"
-    proxy = proxies()
-    a, b = linked(via=proxy), linked()
-    amy = join(a, "amy")
-    join(b, "bob")
-    proxy.freeze()
-    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy, a, b, amy, bob = split_rooms
     cut = join(a, name, settle=False)
     join(b, name, settle=False)
     proxy.thaw()
@@ -803,15 +799,10 @@ def test_a_name_cut_short_at_the_relink_never_becomes_a_reserved_one(
 
 @redis
 def test_a_look_alike_given_on_each_side_of_a_split_is_renamed_at_the_relink(
-        linked, join, proxies, quick_split, clients):
+        split_rooms, join, clients):
     """alice joins on a while it is cut off, ᴀlice on b: at the relink, a's alice
     becomes alice.2, as with the same name."""
-    proxy = proxies()
-    a, b = linked(via=proxy), linked()
-    amy = join(a, "amy")
-    bob = join(b, "bob")
-    proxy.freeze()
-    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy, a, b, amy, bob = split_rooms
     alice = join(a, "alice", settle=False)
     small_capital = join(b, "\u1d00lice", settle=False)
     proxy.thaw()
