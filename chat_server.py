@@ -5025,7 +5025,11 @@ def run_line_client(address):
 
 
 def print_from_server(sock, finished):
-    """Print each line the server sends until it closes the connection."""
+    """Print each line the server sends until it closes the connection.
+
+    Each is cleaned as a student's text is (clean_line()): a server that is
+    not ours (a classmate's, say) cannot send escape sequences to the terminal.
+    """
     pending = bytearray()  # the line being received
     try:
         while True:
@@ -5043,9 +5047,9 @@ def print_from_server(sock, finished):
                 if not lines[-1]:
                     lines.pop()  # the piece ended with a line end
                 for line in lines:
-                    print(line.rstrip(b"\r").decode("utf-8", "replace"), flush=True)
+                    print(clean_line(line.rstrip(b"\r")), flush=True)
         if pending:
-            print(pending.decode("utf-8", "replace"), flush=True)
+            print(clean_line(bytes(pending)), flush=True)
     except (OSError, ValueError):
         pass  # the connection broke, or stdout was closed
     finally:
