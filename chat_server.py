@@ -164,6 +164,8 @@ PASSWORD_FAILURES_FREE = 3  # wrong passwords an address may give (times
 #                             --per-address) before it must wait...
 PASSWORD_WAIT_SECONDS = 10.0  # ...this long, doubling with each failure after...
 PASSWORD_WAIT_MAX_SECONDS = 300.0  # ...up to this; never a lock-out for good
+PASSWORD_FAILURES_KEPT_SECONDS = 24 * 60 * 60.0  # wrong passwords are forgotten a
+#   day after the last: sooner, a guesser who pauses would get free tries again
 JOINS_PER_MINUTE = 3  # joins from one address (times --per-address) in a
 #                        minute; the first ones are instant, so a student whose
 #                        Wi-Fi dropped is back at once
@@ -393,13 +395,15 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.lines.append(INTERRUPTED)
 
     def clean(self, raw):
-        """clean_line(), and TOO_LONG if that made it longer than --max-line.
+        """clean_line(), and TOO_LONG if that made it too long for any server.
 
-        Invalid UTF-8 grows as it becomes U+FFFD (one byte, three): a line
-        must stay within the limit as the room shows it, on every server.
+        Invalid UTF-8 grows as it becomes U+FFFD (one byte, three). Linked
+        servers take a line up to REDIS_TEXT_BYTES (or their --max-line):
+        past that, every one of them, this one too, would drop it.
         """
         line = clean_line(raw)
-        if "\ufffd" in line and len(line.encode("utf-8")) > self.room.settings.max_line:
+        limit = max(self.room.settings.max_line, REDIS_TEXT_BYTES)
+        if "\ufffd" in line and len(line.encode("utf-8")) > limit:
             return TOO_LONG
         return line
 
@@ -1494,25 +1498,20 @@ def skeleton(name):
     """What a name looks like: look-alike letters become the letter they mimic.
 
     Two names with the same skeleton (alice, аlice with a Cyrillic а, alıce,
-    ᴀlice, aIice with a capital I, b০b with a Bengali zero) cannot both be
-    online. It is built from the folded name, so that names that fold alike
-    (Alice, alice) also share a skeleton.
+    ᴀlice, b০b with a Bengali zero) cannot both be online. It is built from
+    the folded name, so that names that fold alike (Alice, alice) also share
+    a skeleton.
     """
-    # A capital I looks like a small l in most fonts, but folds to an i; and
-    # a digit of any script (০, the Bengali zero) is the digit it stands for.
-    text = unicodedata.normalize("NFKC", name).replace("I", "l")
+    # A digit of any script (০, the Bengali zero) is the digit it stands for.
     text = "".join(str(unicodedata.decimal(character)) if character.isdecimal() else character
-                   for character in text)
+                   for character in unicodedata.normalize("NFKC", name))
     text = fold_name(text).translate(LOOK_ALIKES)
     return text.replace("rn", "m").replace("vv", "w")
 
 
 def reserved_look(look):
-    """A skeleton as compared with the reserved names: no decorations, and i as l.
-
-    ADMIN's skeleton is admln (its capital I looks like l); so is admln's.
-    """
-    return NAME_DECORATIONS.sub("", look).replace("i", "l")
+    """A skeleton as compared with the reserved names: without decorations."""
+    return NAME_DECORATIONS.sub("", look)
 
 
 RESERVED_SKELETONS = frozenset(reserved_look(skeleton(name)) for name in RESERVED_NAMES)
@@ -1688,8 +1687,8 @@ class Addresses:
         lab's every address would otherwise be remembered for good.
 
         A join bucket that is full again is as good as a new one; a ban is
-        over when served; wrong passwords count until PASSWORD_WAIT_MAX_SECONDS
-        after the last one (and its wait), not for good.
+        over when served; wrong passwords count until a day after the last one
+        (PASSWORD_FAILURES_KEPT_SECONDS), not for good.
         """
         now = self.clock()
         self._next_sweep = now + ADDRESSES_SWEEP_SECONDS
@@ -1697,7 +1696,7 @@ class Addresses:
             if joins.is_full():
                 del self._joins[host]
         for host, (_, until, last) in list(self._failures.items()):
-            if now - max(until, last) > PASSWORD_WAIT_MAX_SECONDS:
+            if now - max(until, last) > PASSWORD_FAILURES_KEPT_SECONDS:
                 del self._failures[host]
         for host, (end, _) in list(self._bans.items()):
             if end <= now:
@@ -2579,11 +2578,11 @@ class TeacherConsole:
         text = clean_line(line.encode("utf-8", "replace")).strip()
         if not text:
             return
-        max_line = self.room.settings.max_line
-        if len(text.encode("utf-8")) > max_line:  # the students' limit is the teacher's
-            self.tell("That line is longer than %d bytes (--max-line): not sent." % max_line)
-            return
         if not text.startswith("/") or text.startswith("//"):
+            max_line = self.room.settings.max_line
+            if len(text.encode("utf-8")) > max_line:  # the students' limit is the teacher's
+                self.tell("That line is longer than %d bytes (--max-line): not sent." % max_line)
+                return
             self.room.announce(text[1:] if text.startswith("//") else text)
             return
         word, method, argument = parse_command(text, self.COMMANDS)
@@ -4187,6 +4186,7 @@ class RedisLink:
         self._outbox = queue.Queue(self.outbox_items)  # work for the writer thread
         self._last_seen = {}  # server id -> highest sequence shown or skipped
         self._quiet_set_alone = False  # the teacher here set quiet mode during a split
+        self._quiet_waiting = None  # the number of the last quiet event sent
         # Owned by the reader thread:
         self._last_id = "0"  # the last stream entry read
         self._resume_id = None  # set at a relink: where the reader goes on from
@@ -4276,6 +4276,8 @@ class RedisLink:
                 self._quiet_set_alone = True  # see _settle_quiet()
             return False
         stamped = self._stamp(event)
+        if event["k"] == "quiet":
+            self._quiet_waiting = stamped["n"]  # see _split_locked()
         try:
             self._outbox.put_nowait(("event", stamped))
         except queue.Full:  # Redis takes less than we send: as good as gone
@@ -4551,6 +4553,8 @@ class RedisLink:
         for sequence, (lines, exclude) in sorted(self._pending.items()):
             if lines:
                 self.room._broadcast(lines, exclude)
+        if self._quiet_waiting in self._pending:  # shown here only, as if set alone
+            self._quiet_set_alone = True
         self._pending.clear()
         self._set_remote({})
         for client in self.room._joined.values():

@@ -45,6 +45,15 @@ def test_an_announcement_over_max_line_is_not_sent(room, console, caplog):
     alice.expect_next("*** [teacher] short")
 
 
+def test_a_long_kick_reason_is_not_held_to_max_line(start_server, room, caplog):
+    """Only announcements go to everyone: a command's long argument still works."""
+    server = start_server(max_line=64)
+    (alice,) = room("alice", target=server)
+    TeacherConsole(server, None).handle_line(
+        "/kick alice " + "you kept talking over everyone during the test" * 2)
+    assert alice.expect_closed()[-1].startswith("*** The teacher removed you from the chat: you")
+
+
 def test_announcement_enters_the_history(room, joined, console):
     (alice,) = room("alice")
     console.handle_line("Homework: chapter 3")

@@ -787,6 +787,26 @@ def test_quiet_mode_set_during_a_split_is_one_for_the_room_after_the_relink(
 
 
 @redis
+def test_quiet_mode_set_as_the_link_is_lost_is_one_for_the_room_after_the_relink(
+        linked, join, proxies, quick_split):
+    """/quiet typed while the link is already down but not yet declared split: it
+    waited for Redis, and at the split was shown here only; the others follow it."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy = join(a, "amy")
+    bob = join(b, "bob")
+    proxy.freeze()
+    TeacherConsole(a, None).handle_line("/quiet on")  # before the split is declared
+    amy.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy.thaw()
+    bob.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
+    amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    amy.send("still quiet here")
+    amy.expect("Not sent: the room is quiet")
+
+
+@redis
 def test_a_name_cut_short_at_the_relink_never_becomes_a_reserved_one(split_rooms, join):
     """teacher___________xy cut to make room for .2 would read as teacher."""
     name = "teacher___________xy"

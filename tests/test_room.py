@@ -283,12 +283,20 @@ def test_max_line_flag_sets_the_limit(start_server, room):
     alice.expect_next("bob says: fine")
 
 
-def test_a_line_that_cleaning_makes_longer_than_max_line_is_refused(room):
-    """Each invalid byte shows as U+FFFD, three bytes: the room never shows (or sends
-    on through Redis) a line over --max-line."""
+def test_a_line_of_invalid_utf8_within_max_line_is_shown_though_it_grows(room):
+    """A Latin-1 telnet's line of 1000 bytes: each byte shows as U+FFFD, three bytes."""
     alice, bob = room("alice", "bob")
-    bob.send_raw(b"\x80" * 400 + b"\r\n" + b"\x80" * 300 + b"\r\n")
-    bob.expect_next("longer than 1024 bytes and was not sent")
+    bob.send_raw(b"caf\xe9 " * 200 + b"\r\n")
+    assert alice.expect_next("bob says:") == "bob says: " + "caf\ufffd " * 199 + "caf\ufffd"
+
+
+def test_a_line_that_cleaning_makes_too_long_for_any_server_is_refused(start_server, room):
+    """Past REDIS_TEXT_BYTES as the room shows it, linked servers (this one too) would
+    drop it, and it would be lost: so it is refused, as too long."""
+    server = start_server(max_line=30000)
+    alice, bob = room("alice", "bob", target=server)
+    bob.send_raw(b"\x80" * 25000 + b"\r\n" + b"\x80" * 300 + b"\r\n")
+    bob.expect_next("longer than 30000 bytes and was not sent")
     assert alice.expect_next("bob says:") == "bob says: " + "\ufffd" * 300
 
 
