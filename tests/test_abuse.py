@@ -884,6 +884,16 @@ def test_a_name_that_looks_like_an_online_students_is_refused(room, connect, nam
     alice.expect_next("*** mallory joined the chat.")  # nobody else joined meanwhile
 
 
+def test_a_capital_i_is_compared_as_the_i_it_folds_to(room, connect):
+    """Cyrillic І looks just like Latin I: Іо cannot join beside Io. And Lan may join
+    beside Ian: a capital I and a capital L look nothing alike."""
+    io, ian = room("Io", "Ian")
+    assert "looks too much like Io" in ask_name(connect(), "\u0406\u043e")
+    lan = connect()
+    lan.send("Lan")
+    lan.expect("*** Welcome, Lan!")
+
+
 @pytest.mark.parametrize("name", ["t\u0435acher", "teacher.", "teacher_", "Teacher2",
                                   "te\u0430cher", "\u1d1beacher", "teache\u027e",
                                   "r\u09e6\u09e6t", "ADMIN"], ids=ascii)
