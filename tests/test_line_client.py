@@ -87,41 +87,36 @@ def test_client_prints_bye_and_exits_0_after_quit(server):
     assert stdout.rstrip().endswith("*** Bye.")
 
 
-def test_client_prints_a_last_line_that_has_no_line_end():
-    """What a server sent before it closed mid-line (it was killed, say) is shown."""
+def client_of_a_fake_server(sent):
+    """Run the client against a fake server that sends the bytes sent, then closes;
+    return (status, stdout, stderr)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(TIMEOUT)
         process = start_client(types.SimpleNamespace(server_address=listener.getsockname()))
         connection, _ = listener.accept()
         with connection:
-            connection.sendall(b"*** first line\r\n*** cut off mid-li")
-    status, stdout, _ = finish(process)
+            connection.sendall(sent)
+    return finish(process)
+
+
+def test_client_prints_a_last_line_that_has_no_line_end():
+    """What a server sent before it closed mid-line (it was killed, say) is shown."""
+    status, stdout, _ = client_of_a_fake_server(b"*** first line\r\n*** cut off mid-li")
     assert status == 0
     assert stdout.splitlines() == ["*** first line", "*** cut off mid-li"]
 
 
 def test_client_never_passes_a_servers_escape_sequences_to_the_terminal():
     """A classmate's fake server cannot clear the screen, retitle the window or ring."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(TIMEOUT)
-        process = start_client(types.SimpleNamespace(server_address=listener.getsockname()))
-        connection, _ = listener.accept()
-        with connection:
-            connection.sendall(b"\x1b[2J\x1b]0;owned\x07hello\x07\r\nbye\x1b[31m")
-    status, stdout, _ = finish(process)
+    status, stdout, _ = client_of_a_fake_server(
+        b"\x1b[2J\x1b]0;owned\x07hello\x07\r\nbye\x1b[31m")
     assert status == 0 and stdout.splitlines() == ["hello", "bye"]
 
 
 def test_client_shows_a_line_with_no_end_in_sight_in_pieces():
     """A server gone wrong, sending a megabyte with no line end: shown as it comes,
     in pieces, not held (and searched again at every read) until it ends."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(TIMEOUT)
-        process = start_client(types.SimpleNamespace(server_address=listener.getsockname()))
-        connection, _ = listener.accept()
-        with connection:
-            connection.sendall(b"x" * (1024 * 1024) + b"\r\n*** after\r\n")
-    status, stdout, _ = finish(process)
+    status, stdout, _ = client_of_a_fake_server(b"x" * (1024 * 1024) + b"\r\n*** after\r\n")
     lines = stdout.splitlines()
     assert status == 0 and lines[-1] == "*** after"
     assert "".join(lines[:-1]) == "x" * (1024 * 1024)
