@@ -4281,9 +4281,10 @@ class RedisLink:
         try:
             self._outbox.put_nowait(("event", stamped))
         except queue.Full:  # Redis takes less than we send: as good as gone
-            # Split here, so that what is pending is shown before this event.
+            # Split here, so that what is pending is shown before this event;
+            # then it is an event of the split (a /quiet is noted so).
             self._split_locked("Redis is too slow: the queue to it is full")
-            return False
+            return self.takes(event, lines, exclude)
         self._pending[stamped["n"]] = (lines, exclude)
         return True
 

@@ -8,6 +8,7 @@ network between a server and Redis to freeze or cut the link.
 
 import argparse
 import json
+import queue
 import signal
 import socket
 import subprocess
@@ -804,6 +805,34 @@ def test_quiet_mode_set_as_the_link_is_lost_is_one_for_the_room_after_the_relink
     amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
     amy.send("still quiet here")
     amy.expect("Not sent: the room is quiet")
+
+
+class AlwaysFull(queue.Queue):
+    """A queue to Redis that takes nothing: as when Redis falls behind a flood."""
+
+    def put_nowait(self, item):
+        raise queue.Full
+
+
+@redis
+def test_quiet_mode_that_finds_the_queue_to_redis_full_is_one_for_the_room_after_the_relink(
+        linked, join, quick_split):
+    """/quiet typed as Redis falls behind: the full queue splits the room, the quiet is
+    shown here only, and at the relink the others follow it (it was undone)."""
+    a, b = linked(), linked()
+    amy = join(a, "amy")
+    bob = join(b, "bob")
+    with a._lock:
+        queue_to_redis, a._link._outbox = a._link._outbox, AlwaysFull()
+    TeacherConsole(a, None).handle_line("/quiet on")
+    with a._lock:
+        a._link._outbox = queue_to_redis
+    amy.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
+    amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    bob.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
+    amy.send("still quiet here")
+    amy.expect("Not sent: the room is quiet")
+    assert chat_server.QUIET_OFF_LINE not in amy.seen
 
 
 @redis
