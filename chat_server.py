@@ -499,18 +499,18 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         # The room's lock. It guards _joined and every field from here down
         # to notices (and the notices' fields: see Notices); ChatServer's
         # _connected and _places_taken; and the room's fields of each Client
-        # (name, key, skeleton, joined_at, muted; not notices_seen: see
+        # (name, key, looks, joined_at, muted; not notices_seen: see
         # take_notices()).
         # The recorder's queue is only put to under it, to keep the room's
         # order. Anything else has a lock of its own, or is set once.
         self._lock = threading.Lock()
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._names_in_order = []  # their names, in the same order: "Online now"
-        self._skeletons = {}  # skeleton(name) -> key, so no one passes for another
+        self._skeletons = {}  # each of looks_of(name) -> key, so no one passes for another
         self._history = collections.deque(maxlen=self.settings.history)
         self._quiet = False  # only the teacher's announcements go out
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
-        self._remote_looks = {}  # Redis link: their skeletons -> their keys
+        self._remote_looks = {}  # Redis link: their looks_of() -> their keys
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
         self._shutting_down = False  # set by close_room(): no more leave lines
         # Join, leave and rename lines wait here, and go out in bulk: see
@@ -609,9 +609,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         if problem:
             return problem
         name = unicodedata.normalize("NFC", name)
-        key, look = fold_name(name), skeleton(name)
+        key, looks = fold_name(name), looks_of(name)
         with self._lock:  # before claiming it in Redis: a look-alike is refused here
-            problem = self._name_taken(key, look, client)
+            problem = self._name_taken(key, looks, client)
         if problem:
             return problem
         if self._link is not None:  # Redis link: claim the name on every server
@@ -623,10 +623,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 return SHUTTING_DOWN  # its name came as the teacher stopped the server
             if self.addresses.ban_left(client.host) > 0:
                 return REMOVED  # kicked while this connection was asking a name
-            problem = self._name_taken(key, look, client)
+            problem = self._name_taken(key, looks, client)
             if problem:
                 return problem
-            client.name, client.key, client.skeleton = name, key, look
+            client.name, client.key, client.looks = name, key, looks
             client.joined_at = time.monotonic()
             client.muted = self.addresses.is_muted(client.host, key)
             # Notices so far are in its history and its list of who is online.
@@ -659,12 +659,15 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 + [(key, student.name) for key, student in self._remote.items()])]
         return "*** Online now (%d): %s" % (len(names), ", ".join(names))
 
-    def _name_taken(self, key, look, client):
+    def _name_taken(self, key, looks, client):
         """Why no one may take a name now (lock held), or None if it is free."""
-        holder = (self._joined.get(key) or self._joined.get(self._skeletons.get(look))
-                  # Redis link: the students on other servers count too.
-                  or self._remote.get(key) or self._remote.get(self._remote_looks.get(look)))
-        if holder is None or holder is client:
+        holders = [self._joined.get(key), self._remote.get(key)]  # Redis link: elsewhere too
+        for look in looks:
+            holders += [self._joined.get(self._skeletons.get(look)),
+                        self._remote.get(self._remote_looks.get(look))]
+        holder = next((holder for holder in holders
+                       if holder is not None and holder is not client), None)
+        if holder is None:
             return None
         if fold_name(holder.name) == key:
             return "The name %s is taken." % holder.name
@@ -673,7 +676,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     def _add_client(self, client):
         """Put a client in the room's dict under its key (lock held)."""
         self._joined[client.key] = client
-        self._skeletons[client.skeleton] = client.key
+        for look in client.looks:
+            self._skeletons[look] = client.key
         # Kept sorted as it changes: sorting, or even listing the names, at
         # every join costs a big class dearly.
         place = bisect.bisect_left(self._keys_in_order, client.key)
@@ -683,7 +687,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     def _remove_client(self, client):
         """Take a client out of the room's dict (lock held)."""
         del self._joined[client.key]
-        del self._skeletons[client.skeleton]
+        for look in client.looks:
+            del self._skeletons[look]
         place = bisect.bisect_left(self._keys_in_order, client.key)
         del self._keys_in_order[place], self._names_in_order[place]
 
@@ -750,7 +755,7 @@ class Client:
         self.host = normal_host(address[0])  # for limits, bans and mutes
         self.name = None  # set by the room when the client joins or renames
         self.key = None  # fold_name(name): the key in the room's dict
-        self.skeleton = None  # skeleton(name): no look-alike may join
+        self.looks = ()  # looks_of(name): no look-alike may join
         self.joined_at = None
         self.leave_reason = ""  # from /quit REASON: shown in the leave line
         self.renames = None  # a RateWindow for /nick, set by the handler
@@ -1502,11 +1507,32 @@ def skeleton(name):
     the folded name, so that names that fold alike (Alice, alice) also share
     a skeleton.
     """
-    # A digit of any script (০, the Bengali zero) is the digit it stands for.
-    text = "".join(str(unicodedata.decimal(character)) if character.isdecimal() else character
-                   for character in unicodedata.normalize("NFKC", name))
-    text = fold_name(text).translate(LOOK_ALIKES)
+    text = fold_name(ascii_digits(unicodedata.normalize("NFKC", name))).translate(LOOK_ALIKES)
     return text.replace("rn", "m").replace("vv", "w")
+
+
+def ascii_digits(text):
+    """text with each digit of any script (০, the Bengali zero) as the one it stands for."""
+    return "".join(str(unicodedata.decimal(character)) if character.isdecimal() else character
+                   for character in text)
+
+
+# A capital I looks like a small l in most fonts (aIice, alice), but folds to
+# an i; and the Cyrillic and Greek capitals I look just like it.
+CAPITAL_I_AS_L = str.maketrans({"I": "l", "\u0406": "l", "\u0399": "l", "\u04c0": "l"})
+
+
+def looks_of(name):
+    """The two looks of a name; no two online names may share either.
+
+    The first is its skeleton(), which folds case. The second keeps case, and
+    reads each capital I as the small l it looks like: aIice looks like
+    alice, and Ian like lan, but Ian not like Lan, nor AIDA like Alda
+    (folded, I is an i and L an l).
+    """
+    text = ascii_digits(unicodedata.normalize("NFKC", name))
+    as_typed = text.translate(CAPITAL_I_AS_L).translate(LOOK_ALIKES)
+    return ("folded", skeleton(name)), ("as typed", as_typed.replace("rn", "m").replace("vv", "w"))
 
 
 def reserved_look(look):
@@ -2152,9 +2178,9 @@ class ChatServer(ChatRoom):
         new_name = unicodedata.normalize("NFC", new_name)
         if new_name == client.name:
             return "You are already called %s." % new_name
-        key, look = fold_name(new_name), skeleton(new_name)
+        key, looks = fold_name(new_name), looks_of(new_name)
         with self._lock:  # before claiming it in Redis: a look-alike is refused here
-            problem = self._rename_problem(key, look, client)
+            problem = self._rename_problem(key, looks, client)
         if problem:
             return problem
         if client.renames.full():  # checked before the claim too: a refused
@@ -2164,14 +2190,14 @@ class ChatServer(ChatRoom):
             if problem:
                 return problem
         with self._lock:
-            problem = self._rename_problem(key, look, client)
+            problem = self._rename_problem(key, looks, client)
             if problem:
                 return problem
             if not client.renames.allow():
                 return self._renames_used_up(client)
             old_name = client.name
             self._remove_client(client)
-            client.name, client.key, client.skeleton = new_name, key, look
+            client.name, client.key, client.looks = new_name, key, looks
             self._add_client(client)
             recipients = self._broadcast("*** %s is now %s." % (old_name, new_name),
                                        event={"k": "rename", "old": old_name, "new": new_name},
@@ -2183,12 +2209,12 @@ class ChatServer(ChatRoom):
         return "You can change your name at most %s a minute." % (
             plural(client.renames.limit, "time"))
 
-    def _rename_problem(self, key, look, client):
+    def _rename_problem(self, key, looks, client):
         """Why client may not take a new name now (lock held), or None."""
         if client.muted or self._quiet:
             return "You cannot change your name while %s." % (
                 "the teacher has muted you" if client.muted else "the room is quiet")
-        return self._name_taken(key, look, client)
+        return self._name_taken(key, looks, client)
 
     def who(self):
         """The line that lists who is online, in alphabetical order."""
@@ -2337,7 +2363,11 @@ class ChatServer(ChatRoom):
             client = self._joined.get(key)
             if client is not None or key in self._remote:
                 return client
-            return self._joined.get(self._skeletons.get(skeleton(name)))
+            for look in looks_of(name):
+                client = self._joined.get(self._skeletons.get(look))
+                if client is not None:
+                    return client
+            return None
 
     def connections_from(self, host):
         """(joined clients, connections not joined yet) from one address."""
@@ -4595,10 +4625,10 @@ class RedisLink:
         quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
         # A look-alike of one of ours that joined elsewhere during the split:
         # ours takes a new name, as with the same name (see _reclaim()).
-        looks = {skeleton(student.name): key for key, student in remote.items()}
+        looks = {look: key for key, student in remote.items() for look in looks_of(student.name)}
         with self.room._lock:
             rivals = [client for key, client in self.room._joined.items()
-                      if looks.get(client.skeleton, key) != key]
+                      if any(looks.get(look, key) != key for look in client.looks)]
         for client in rivals:
             self._rename_taken(client, looks_like=True)
         with self.room._lock:
@@ -4685,9 +4715,9 @@ class RedisLink:
             new_name = old_name[:MAX_NAME_CHARS - len(suffix)] + suffix
             if name_problem(new_name):  # cut short, it may read as a reserved name
                 new_name = "student" + suffix
-            key, look = fold_name(new_name), skeleton(new_name)
+            key, looks = fold_name(new_name), looks_of(new_name)
             with self.room._lock:
-                if self.room._name_taken(key, look, client):
+                if self.room._name_taken(key, looks, client):
                     continue  # taken here, or by a look-alike
             if self._writer.call("SET", self._name_prefix + key, self._name_value(new_name),
                                  "NX", "EX", self.name_ttl_seconds) is not None:
@@ -4698,7 +4728,7 @@ class RedisLink:
                 return  # left meanwhile; the beat frees the name
             self.room._remove_client(client)
             # Its skeleton too: else a look-alike of the new name could join.
-            client.name, client.key, client.skeleton = new_name, key, look
+            client.name, client.key, client.looks = new_name, key, looks
             self.room._add_client(client)
             self.room.notices.catch_up(client)
             client.queue_line("*** While the servers were apart, a student on another "
@@ -4885,13 +4915,14 @@ class RedisLink:
         """A student on another server, in the room's list with its skeleton (lock held)."""
         key = fold_name(student.name)
         self.room._remote[key] = student
-        self.room._remote_looks[skeleton(student.name)] = key
+        for look in looks_of(student.name):
+            self.room._remote_looks[look] = key
 
     def _remove_remote(self, key):
         student = self.room._remote.pop(key)
-        look = skeleton(student.name)
-        if self.room._remote_looks.get(look) == key:
-            del self.room._remote_looks[look]
+        for look in looks_of(student.name):
+            if self.room._remote_looks.get(look) == key:
+                del self.room._remote_looks[look]
 
     def _set_quiet(self, quiet):
         self.room._quiet = quiet

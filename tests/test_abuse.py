@@ -870,6 +870,7 @@ ONE_ALPHABET = "Write a name in one alphabet"
     ("\u1d00lice", LOOKS_LIKE_ALICE),  # Latin small capital ᴀ
     ("\u0430\u04cf\u0456\u0441\u0435", LOOKS_LIKE_ALICE),  # all Cyrillic: аӏісе
     ("a\u01c0ice", LOOKS_LIKE_ALICE),  # Latin letter dental click ǀ
+    ("aIice", LOOKS_LIKE_ALICE),  # a capital I for the l
     ("ALICE", "The name alice is taken."),
     ("a" + "\u0301" * 19, "Too many accents on one letter"),
 ], ids=lambda value: ascii(value))
@@ -884,14 +885,16 @@ def test_a_name_that_looks_like_an_online_students_is_refused(room, connect, nam
     alice.expect_next("*** mallory joined the chat.")  # nobody else joined meanwhile
 
 
-def test_a_capital_i_is_compared_as_the_i_it_folds_to(room, connect):
-    """Cyrillic І looks just like Latin I: Іо cannot join beside Io. And Lan may join
-    beside Ian: a capital I and a capital L look nothing alike."""
-    io, ian = room("Io", "Ian")
+def test_a_capital_i_looks_like_a_small_l_and_nothing_else(room, connect):
+    """Cyrillic І looks just like Latin I: Іо cannot join beside Io; lan cannot join
+    beside Ian. But Lan may (a capital L is no I), and so may AIDA beside Alda."""
+    io, ian, alda = room("Io", "Ian", "Alda")
     assert "looks too much like Io" in ask_name(connect(), "\u0406\u043e")
-    lan = connect()
-    lan.send("Lan")
-    lan.expect("*** Welcome, Lan!")
+    assert "looks too much like Ian" in ask_name(connect(), "lan")
+    for name in ("Lan", "AIDA"):
+        newcomer = connect()
+        newcomer.send(name)
+        newcomer.expect("*** Welcome, %s!" % name)
 
 
 @pytest.mark.parametrize("name", ["t\u0435acher", "teacher.", "teacher_", "Teacher2",
