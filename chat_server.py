@@ -402,8 +402,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
         past that, every one of them, this one too, would drop it.
         """
         line = clean_line(raw)
-        limit = max(self.room.settings.max_line, REDIS_TEXT_BYTES)
-        if "\ufffd" in line and len(line.encode("utf-8")) > limit:
+        if "\ufffd" in line and len(line.encode("utf-8")) > max(
+                self.room.settings.max_line, REDIS_TEXT_BYTES):
             return TOO_LONG
         return line
 
@@ -1464,7 +1464,7 @@ def name_problem(name):
     if len(scripts) > 1 and not any(scripts <= mix for mix in SCRIPT_MIXES):
         return "Write a name in one alphabet (this one mixes %s)." % " and ".join(
             sorted(script.title() for script in scripts))
-    if reserved_look(skeleton(name)) in RESERVED_SKELETONS:
+    if NAME_DECORATIONS.sub("", skeleton(name)) in RESERVED_SKELETONS:
         return "The name %s is reserved." % name
     return None
 
@@ -1535,12 +1535,7 @@ def looks_of(name):
     return ("folded", skeleton(name)), ("as typed", as_typed.replace("rn", "m").replace("vv", "w"))
 
 
-def reserved_look(look):
-    """A skeleton as compared with the reserved names: without decorations."""
-    return NAME_DECORATIONS.sub("", look)
-
-
-RESERVED_SKELETONS = frozenset(reserved_look(skeleton(name)) for name in RESERVED_NAMES)
+RESERVED_SKELETONS = frozenset(skeleton(name) for name in RESERVED_NAMES)
 
 
 # --- Limits: per connection, per computer, for the whole room -----------------
