@@ -60,9 +60,9 @@ the core come below in the same order (ChatHandler, ChatRoom, Client):
      which sends what its socket takes at once (_send_what_fits()).
   6. If bob's socket is full, the rest waits in his outbox; his writer thread
      (Client._run_writer(), started the first time his socket is full)
-     sends it when there is room. If his outbox
-     passes --sendq, queue_bytes() marks him too slow, and _send_queued()
-     has the room's drop() disconnect him.
+     sends it when there is room. If his outbox passes --sendq,
+     queue_bytes() marks him too slow, and _send_queued() has the room's
+     drop() disconnect him.
   7. When alice leaves, the room's leave() announces "*** alice left the
      chat." once: called by ChatHandler.finish() (end of input, a reset, a
      time-out), or earlier by /quit (do_quit()), drop() (too slow) or the
