@@ -2947,6 +2947,7 @@ class Transcript:
 
     def _append_whole(self, data):
         """Append data to the file; None if it all went, else the error."""
+        self._reopen_if_moved()
         descriptor = self._file.fileno()
         try:
             size = os.fstat(descriptor).st_size
@@ -2960,6 +2961,31 @@ class Transcript:
         except OSError:
             pass
         return "the disk is full"
+
+
+    def _reopen_if_moved(self):
+        """Start a new file at the path if the teacher deleted or renamed ours.
+
+        Else every line would go on into a file nobody can see any more.
+        """
+        if os.name == "nt":
+            return  # Windows lets nobody move or delete a file that is open
+        try:
+            moved = not os.path.samestat(os.stat(self.path), os.fstat(self._file.fileno()))
+        except FileNotFoundError:
+            moved = True
+        except OSError:
+            return  # cannot tell (a network drive's hiccup): keep the file we have
+        if not moved:
+            return
+        try:
+            new_file = open(self.path, "ab", buffering=0, opener=open_without_waiting)
+        except OSError:
+            return  # its folder is gone too: _append_whole() goes on as it can
+        self._file.close()
+        self._file = new_file
+        log.warning("The transcript %s was moved or deleted: a new one is written there.",
+                    self.path)
 
 
 def open_without_waiting(path, flags):

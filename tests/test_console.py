@@ -440,6 +440,35 @@ def test_transcript_holds_every_room_event_even_after_a_kill(tmp_path):
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows does not let an open file be moved")
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_transcript_moved_or_deleted_while_running_starts_again_at_its_path(tmp_path, how):
+    path = tmp_path / "class.log"
+    with server_process("--transcript", str(path)) as server:
+        alice = server.join("alice")
+        bob = server.join("bob")
+        alice.expect_next("bob joined")
+        bob.send("first lesson")
+        alice.expect_next("bob says: first lesson")
+        wait_until(lambda: "first lesson" in path.read_text(encoding="utf-8"),
+                   message="the transcript to be written")
+        if how == "deleted":
+            path.unlink()  # the teacher clears it
+        else:
+            path.rename(tmp_path / "lesson1.log")  # the teacher keeps it
+        bob.send("second lesson")
+        alice.expect_next("bob says: second lesson")
+        wait_until(lambda: path.exists() and "second lesson" in path.read_text(encoding="utf-8"),
+                   message="a new transcript at the same path")
+        server.expect_log("was moved or deleted")
+        alice.close()
+        bob.close()
+    assert "first lesson" not in path.read_text(encoding="utf-8")
+    if how == "moved":
+        kept = (tmp_path / "lesson1.log").read_text(encoding="utf-8")
+        assert "first lesson" in kept and "second lesson" not in kept
+
+
 @pytest.mark.parametrize("flags, written", [([], False), (["--transcript-private"], True)],
                          ids=["by default", "with --transcript-private"])
 def test_transcript_has_private_messages_only_when_asked(tmp_path, flags, written):
