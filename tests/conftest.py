@@ -264,7 +264,9 @@ def no_errors_logged(caplog):
     """No test may make the server log an error or a traceback."""
     caplog.set_level(logging.INFO, logger="chat_server")
     yield
-    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    # caplog.records would hold this phase's records only (the teardown's).
+    bad = [r for phase in ("setup", "call", "teardown") for r in caplog.get_records(phase)
+           if r.levelno >= logging.ERROR or r.exc_info]
     assert not bad, "the server logged errors: %r" % [r.getMessage() for r in bad]
 
 
