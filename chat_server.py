@@ -1658,7 +1658,7 @@ def more_messages(handler):
     texts = []
     while handler.lines:
         line = handler.lines[0]
-        if line is TOO_LONG or not is_plain_message(line):
+        if line is TOO_LONG or line is INTERRUPTED or not is_plain_message(line):
             break
         if not handler.flood.take_if_free():
             break  # this one must wait: hold_back_flood() will pace it
@@ -2138,6 +2138,8 @@ class ChatServer(ChatRoom):
         """Send a private message to the client called name; return a problem or None."""
         self._wait_for_room_budget(client, [text, client.name])  # whispers count too
         with self._lock:
+            if self._joined.get(client.key) is not client:
+                return None  # kicked, or dropped, while this line was held back
             target = self._joined.get(fold_name(name))
             remote = self._remote.get(fold_name(name))  # Redis link: on another server?
             if target is None and remote is None:
@@ -2206,6 +2208,8 @@ class ChatServer(ChatRoom):
 
     def _rename_problem(self, key, looks, client):
         """Why client may not take a new name now (lock held), or None."""
+        if self._joined.get(client.key) is not client:
+            return "You are not in the room."  # kicked, or dropped, while it was held back
         if client.muted or self._quiet:
             return "You cannot change your name while %s." % (
                 "the teacher has muted you" if client.muted else "the room is quiet")

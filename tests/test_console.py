@@ -84,6 +84,23 @@ def test_kick_tells_the_reason_and_disconnects(room, console, caplog):
                                                     other="alice"))
 
 
+@pytest.mark.parametrize("held", ["hello", "/me waves", "/msg bob psst", "/nick eve"])
+def test_a_line_held_back_by_the_flood_limit_does_nothing_after_a_kick(start_server, room,
+                                                                       caplog, held):
+    # The name took the one line of the burst: the next waits ten seconds.
+    server = start_server(flood_rate=0.1, flood_burst=1)
+    console = TeacherConsole(server, None)
+    alice, bob = room("alice", "bob", target=server)
+    alice.send(held)
+    alice.expect_next("You are sending lines too fast")  # held back now
+    console.handle_line("/kick alice")  # it ends her wait at once
+    alice.expect_closed()
+    bob.expect_next("*** alice left the chat.")
+    expect_console(caplog, "Closed connection: alice")  # her reader is done
+    console.handle_line("after")
+    bob.expect_next("*** [teacher] after")  # nothing from alice came in between
+
+
 def test_kicked_address_is_refused_with_a_clear_line(room, connect, console):
     (bob,) = room("bob")
     console.handle_line("/kick bob")

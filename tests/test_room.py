@@ -219,6 +219,15 @@ def test_telnet_ctrl_c_gets_its_timing_mark_answer(joined):
     alice.expect_bytes(bytes([IAC, WONT, TIMING_MARK]))
 
 
+def test_telnet_ctrl_c_right_after_a_line_sends_the_line_then_says_bye(room):
+    """The line and the Ctrl+C come in one read: the line still goes out, then Bye."""
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"last words\r\n" + bytes([IAC, IP, IAC, DO, TIMING_MARK]))
+    alice.expect_next("bob says: last words")
+    bob.expect_bytes(b"*** Bye.\r\n")  # after telnet's answer to the Ctrl+C
+    alice.expect_next("*** bob left the chat.")
+
+
 def test_telnet_bytes_glued_to_the_front_of_a_name_are_removed(connect, joined):
     alice = joined("alice")
     bob = connect()
