@@ -1217,6 +1217,8 @@ ESCAPE_SEQUENCE = re.compile(
     r"|(?:\x1b[]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
     r"|\x1b[ -/]*[0-~]"
 )
+# Shown as spaces: a tab, and U+2028 and U+2029, which editors take for line ends.
+LINE_BREAKING_SPACES = re.compile("[\t\u2028\u2029]")
 # C0, DEL and C1 controls, and the bidi overrides that make text run backwards.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # Characters a terminal shows as nothing: names may not hold them, and between
@@ -1348,12 +1350,14 @@ def clean_line(raw):
     """Decode one line from a client into text that is safe for any terminal.
 
     Invalid UTF-8 becomes U+FFFD; escape sequences go whole; backspaces erase;
-    a tab becomes a space; every other control character is removed.
+    a tab becomes a space, and so do the Unicode line and paragraph separators
+    (editors break lines there: a student could forge a transcript line);
+    every other control character is removed.
     """
     text = raw.decode("utf-8", errors="replace")
     text = ESCAPE_SEQUENCE.sub("", text)
     text = erase_backspaces(text)
-    text = text.replace("\t", " ")
+    text = LINE_BREAKING_SPACES.sub(" ", text)
     return CONTROL_CHARACTERS.sub("", text)
 
 

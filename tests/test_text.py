@@ -148,11 +148,13 @@ def test_telnet_filter_turns_doubled_iac_into_one_byte():
         ("c1\u009b31m".encode(), "c1"),
         ("\u202eevil".encode(), "evil"),
         (b"nul\x00byte", "nulbyte"),
+        ("ok\u20282026-11-30 09:00:00 alice says: I cheated\u2029end".encode(),
+         "ok 2026-11-30 09:00:00 alice says: I cheated end"),
     ],
     ids=["utf-8", "invalid utf-8", "DEL over multibyte", "backspace over CJK",
          "backspace at start", "arrow key", "clear screen", "colour", "OSC title",
          "unterminated OSC", "ESC c reset", "bell", "tab", "C1 CSI", "bidi override",
-         "NUL"],
+         "NUL", "line and paragraph separators (a forged transcript line)"],
 )
 def test_clean_line_leaves_only_safe_text(raw, text):
     assert clean_line(raw) == text
