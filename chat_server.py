@@ -1964,7 +1964,9 @@ class Refuser:
     request (so a browser is answered in HTTP), then its answer; then it is
     half-closed and read until it closes or REFUSAL_DRAIN_SECONDS pass.
     Closing a socket with unread input resets it, and a reset can overtake
-    our line: the student would see nothing at all.
+    our line: the student would see nothing at all. At most REFUSALS_AT_ONCE
+    wait so; in a flood, the next are told and closed at once, so that a
+    student opening refused connections fast cannot use up the open files.
     """
 
     def __init__(self):
@@ -2008,6 +2010,9 @@ class Refuser:
             except queue.Empty:
                 return
             block = False
+            if len(pending) >= REFUSALS_AT_ONCE:  # a flood: hold no more sockets
+                send_and_close(sock, encode_line("*** " + reason))
+                continue
             try:
                 sock.setblocking(False)
                 readable.register(sock, selectors.EVENT_READ)
@@ -5392,7 +5397,8 @@ def command_line(words):
 
 
 def raise_open_file_limit(clients):
-    """Allow one open file per client and some to spare, where the OS lets us.
+    """Allow one open file per client, the refused ones still being told why,
+    and some to spare, where the OS lets us.
 
     macOS starts programs with a limit of 256 open files, which a big class
     with --max-clients 300 would hit.
@@ -5400,7 +5406,8 @@ def raise_open_file_limit(clients):
     if resource is None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = clients + FILES_BESIDES_CLIENTS
+    # Refused: those the Refuser holds, and as many waiting to be taken on.
+    wanted = clients + 2 * REFUSALS_AT_ONCE + FILES_BESIDES_CLIENTS
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
     if soft == resource.RLIM_INFINITY or wanted <= soft:

@@ -188,6 +188,28 @@ def test_a_refused_client_sees_the_end_at_once_not_after_the_drain_time(
         "*** Too many connections from your computer (1). Close one, then try again."]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_refused_sockets_held_at_once_are_bounded(monkeypatch):
+    """A student who opens refused connections as fast as they can cannot make the
+    refuser hold more sockets than REFUSALS_AT_ONCE (each may wait for the drain)."""
+    monkeypatch.setattr(chat_server, "REFUSALS_AT_ONCE", 4)
+    monkeypatch.setattr(chat_server, "REFUSAL_DRAIN_SECONDS", 4 * TIMEOUT)  # far off
+    monkeypatch.setattr(chat_server, "BROWSER_WAIT_SECONDS", 0.01)  # no browser here
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        refuser = chat_server.Refuser()
+        before = len(os.listdir("/proc/self/fd"))
+        students = []
+        for _ in range(20):  # never closed by the student: each would wait the drain
+            student = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+            students.append(student)
+            refuser.refuse(listener.accept()[0], "The room is full.")
+            assert student.recv(1024) == b"*** The room is full.\r\n"  # told why
+        held = len(os.listdir("/proc/self/fd")) - before - len(students)
+        for student in students:
+            student.close()
+    assert held <= 4 + 1  # and the refuser's own selector
+
+
 def test_shared_machine_mode_lets_one_address_open_many_connections(start_server, computer):
     server = start_server(per_address=0, max_clients=20)
     clients = [computer(2, server) for _ in range(12)]  # past the default of 8
