@@ -185,6 +185,8 @@ CONSOLE_ENDS_PER_SECOND = 3  # more Ctrl+Ds than this: the terminal is gone
 CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
 HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
 #                                  and shows the count this often
+CONNECTION_LINES_SHOWN = 10  # console lines about one computer's connections
+CONNECTION_LINES_SECONDS = 10.0  # shown in this long; past them, only a count
 TRANSCRIPT_QUEUE_LINES = 10000  # lines waiting for a slow transcript disk
 SHUTDOWN_GRACE_SECONDS = 1.0  # for the goodbye line to reach each client
 SHUTDOWN_POLL_SECONDS = 0.05  # how soon serve_forever() sees a shutdown begin
@@ -304,7 +306,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def handle(self):
         """A client's life: greet, check the password, ask a name, join, chat."""
-        self.room.tell_console("Accepted new client: %s" % self.client)
+        self.room.tell_console("Accepted new client: %s" % self.client, host=self.client.host)
         timeout = self.room.settings.name_timeout
         deadline = time.monotonic() + timeout if timeout > 0 else None
         try:
@@ -313,7 +315,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         except NoAnswerInTime:
             self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
             self.room.tell_console("Closed %s: no %s in time" % (
-                self.client, self.waiting_for.split()[-1]))
+                self.client, self.waiting_for.split()[-1]), host=self.client.host)
         except OSError:
             pass  # reset, or shut down by the room: either way, the client leaves
 
@@ -326,7 +328,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.client.close_now()  # it stopped reading: stop waiting for it
         self.room.unregister(self.client)
         self.readable.close()
-        self.room.tell_console("Closed connection: %s" % self.client)
+        self.room.tell_console("Closed connection: %s" % self.client, host=self.client.host)
         super().finish()
 
     # -- A line's way in: read, cut into lines, hand to the room --
@@ -2284,7 +2286,8 @@ class ChatServer(ChatRoom):
             if refusal is None:
                 self._places_taken += 1
         if refusal is not None:
-            log.info("Refused %s: %s", format_address(client_address), refusal)
+            self.tell_console("Refused %s: %s" % (format_address(client_address), refusal),
+                              host=host)
             self._refuser.refuse(request, refusal)  # it closes the socket
             return
         try:
@@ -2339,14 +2342,20 @@ class ChatServer(ChatRoom):
 
     # -- The teacher's powers: the few room operations the console calls --
 
-    def tell_console(self, text, warning=False):
+    def tell_console(self, text, warning=False, host=None):
         """Show text on the console after the room events already queued.
 
         Everything the console says about the room comes this way, so it
         comes in the room's order ("left the chat." before "Closed").
+        host: the computer whose connection the line is about; past a few
+        a while, such lines are counted, not shown (see ConnectionLines).
         """
+        kind = "warning" if warning else "console"
         with self._lock:
-            self.recorder.note("warning" if warning else "console", text)
+            if host is None:
+                self.recorder.note(kind, text)
+            else:
+                self.recorder.note("connection", (host, kind, text))
 
     def note_teacher(self, text):
         """Write what the teacher did to the transcript, in the room's order."""
@@ -2826,7 +2835,8 @@ class Recorder:
 
         kind: "room", "private" or "silenced" for what students said, did
         or were told; "console" or "warning" for the console only;
-        "transcript" for the transcript only. Room events are noted with
+        "connection" for the console too, with line (host, "console" or
+        "warning", text); "transcript" for the transcript only. Room events are noted with
         the room's lock held, so they queue in the room's order; a console
         line may be noted without it. Never waits: if the recorder has
         fallen RECORD_QUEUE_EVENTS behind, the event is counted instead,
@@ -2842,6 +2852,7 @@ class Recorder:
         # Neither call here can wait: log records go to the console's own
         # thread, and the transcript has one too.
         held_back = HeldBackLines()
+        connection_lines = ConnectionLines()
         while True:
             try:
                 kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
@@ -2849,9 +2860,12 @@ class Recorder:
                 kind, line = "", ""
             if kind == "stop":
                 return
-            if kind:
+            if kind == "connection":
+                connection_lines.add(*line)
+            elif kind:
                 self._record(kind, line, held_back)
             held_back.report_if_due()
+            connection_lines.report_if_due()
             with self._lost_lock:
                 lost, self._lost = self._lost, 0
             if lost:
@@ -2897,6 +2911,41 @@ class HeldBackLines:
             log.info("(held back %s)", plural(self._more, "more line"))
             self._more = 0
             self._next_report = time.monotonic() + HELD_BACK_REPORT_SECONDS
+
+
+class ConnectionLines:
+    """What the console says about connections, per computer: the first
+    CONNECTION_LINES_SHOWN lines of a while in full, then only how many more.
+
+    A student whose script connects a hundred times a second must not bury
+    the chat on the teacher's console.
+    """
+
+    def __init__(self):
+        self._hosts = {}  # host -> [lines shown, lines not shown, end of the while]
+
+    def add(self, host, kind, text):
+        now = time.monotonic()
+        counts = self._hosts.get(host)
+        if counts is None or now >= counts[2]:
+            self._report(host)
+            counts = self._hosts[host] = [0, 0, now + CONNECTION_LINES_SECONDS]
+        if counts[0] < CONNECTION_LINES_SHOWN:
+            counts[0] += 1
+            (log.warning if kind == "warning" else log.info)("%s", text)
+        else:
+            counts[1] += 1
+
+    def report_if_due(self):
+        now = time.monotonic()
+        for host in [host for host, counts in self._hosts.items() if now >= counts[2]]:
+            self._report(host)
+
+    def _report(self, host):
+        counts = self._hosts.pop(host, None)
+        if counts is not None and counts[1]:
+            log.info("(%s about connections from %s not shown: it connected very often)",
+                     plural(counts[1], "more line"), host)
 
 
 class Transcript:
@@ -3273,10 +3322,11 @@ class WebSocketLines:
     and closes the connection on a close frame or a protocol error.
     """
 
-    def __init__(self, client, settings):
+    def __init__(self, client, room):
         self.client = client
-        self.max_line = settings.max_line
-        self.decoder = WebSocketDecoder(websocket_message_limit(settings))
+        self.room = room  # for its console
+        self.max_line = room.settings.max_line
+        self.decoder = WebSocketDecoder(websocket_message_limit(room.settings))
         self.close_sent = False  # a close frame went out: ignore the rest
 
     def take_bytes(self, data):
@@ -3285,8 +3335,8 @@ class WebSocketLines:
         try:
             events = self.decoder.feed(data)
         except WebSocketError as error:
-            log.warning("Closed %s: WebSocket protocol error, %s (code %d)",
-                        self.client, error.reason, error.code)
+            self.room.tell_console("Closed %s: WebSocket protocol error, %s (code %d)" % (
+                self.client, error.reason, error.code), warning=True, host=self.client.host)
             self.close(error.code, error.reason)
             return []
         lines = []
@@ -3507,22 +3557,26 @@ def answer_http(handler, data):
     client = handler.client
     try:
         request = read_request_head(lambda timeout: recv_unpaced(handler, timeout), data)
-        answer, upgraded = route_request(request, client)
+        answer, upgraded = route_request(request)
     except BadRequest as refusal:
-        log.info("Closed %s: %s", client, refusal.reason)
+        handler.room.tell_console("Closed %s: %s" % (client, refusal.reason), host=client.host)
         if refusal.status:
             extra = [("Sec-WebSocket-Version", "13")] if refusal.status == 426 else []
             send_http_answer(client, text_response(refusal.status, refusal.reason, extra))
         return False
     if not upgraded:
+        handler.room.tell_console("Sent %s to %s" % (
+            "the chat page" if request.path == "/" else SOURCE_FILE_NAME, client),
+            host=client.host)
         send_http_answer(client, answer)
         return False
     client.send_bytes(answer)
     client.via = "browser"
     client.encode_lines = encode_websocket_lines
     client.closing_bytes = close_frame(CLOSE_NORMAL)  # kicked, /quit, shutdown
-    handler.websocket = WebSocketLines(client, handler.room.settings)
-    log.info("Upgraded %s to a WebSocket: a browser student", client)
+    handler.websocket = WebSocketLines(client, handler.room)
+    handler.room.tell_console("Upgraded %s to a WebSocket: a browser student" % client,
+                              host=client.host)
     if request.rest:  # frames sent right behind the request
         handler.take_bytes(request.rest)
     return True
@@ -3552,7 +3606,7 @@ def send_http_answer(client, answer):
     client.wait_closed(HTTP_SEND_SECONDS)  # ends early at shutdown
 
 
-def route_request(request, client):
+def route_request(request):
     """The answer to a request: (bytes, True if they upgrade to a WebSocket)."""
     if request.method != "GET":
         raise BadRequest(405, "method %s" % request.method[:20])
@@ -3564,10 +3618,8 @@ def route_request(request, client):
             raise BadRequest(403, problem)
         return websocket_handshake(request), True
     if request.path == "/":
-        log.info("Sent the chat page to %s", client)
         return page_response(), False
     if request.path == "/" + SOURCE_FILE_NAME:
-        log.info("Sent %s to %s", SOURCE_FILE_NAME, client)
         return source_response(), False
     raise BadRequest(404, "no page at %r" % request.path[:100])
 
@@ -3619,8 +3671,9 @@ def identify_late_request(handler, line):
         return False
     if not isinstance(line, str) or not HTTP_REQUEST.match(line):
         return False
-    log.info("Closed %s: a browser request that came after the first prompt (%r)",
-             handler.client, line[:100])
+    handler.room.tell_console("Closed %s: a browser request that came after the first "
+                              "prompt (%r)" % (handler.client, line[:100]),
+                              host=handler.client.host)
     return True
 
 

@@ -188,7 +188,6 @@ def test_a_refused_client_sees_the_end_at_once_not_after_the_drain_time(
         "*** Too many connections from your computer (1). Close one, then try again."]
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
 def test_refused_sockets_held_at_once_are_bounded(monkeypatch):
     """A student who opens refused connections as fast as they can cannot make the
     refuser hold more sockets than REFUSALS_AT_ONCE (each may wait for the drain)."""
@@ -197,17 +196,46 @@ def test_refused_sockets_held_at_once_are_bounded(monkeypatch):
     monkeypatch.setattr(chat_server, "BROWSER_WAIT_SECONDS", 0.01)  # no browser here
     with socket.create_server(("127.0.0.1", 0)) as listener:
         refuser = chat_server.Refuser()
-        before = len(os.listdir("/proc/self/fd"))
-        students = []
+        students, refused = [], []
         for _ in range(20):  # never closed by the student: each would wait the drain
             student = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
             students.append(student)
-            refuser.refuse(listener.accept()[0], "The room is full.")
+            refused.append(listener.accept()[0])
+            refuser.refuse(refused[-1], "The room is full.")
             assert student.recv(1024) == b"*** The room is full.\r\n"  # told why
-        held = len(os.listdir("/proc/self/fd")) - before - len(students)
+        held = [sock for sock in refused if sock.fileno() != -1]  # not closed yet
         for student in students:
             student.close()
-    assert held <= 4 + 1  # and the refuser's own selector
+    assert len(held) <= 4
+
+
+def test_a_computer_that_connects_very_often_is_counted_on_the_console_not_shown(
+        start_server, computer, caplog, monkeypatch):
+    """A script that connects and hangs up in a loop must not bury the chat on the
+    console: past CONNECTION_LINES_SHOWN lines a while, only a count; others still show."""
+    monkeypatch.setattr(chat_server, "CONNECTION_LINES_SECONDS", 2.0)
+    monkeypatch.setattr(chat_server, "HELD_BACK_REPORT_SECONDS", 0.2)  # how soon it counts
+    server = start_server(per_address=0)
+    started = time.monotonic()
+    for _ in range(30):
+        computer(2, server).close()  # "Accepted new client", then "Closed connection"
+    computer(3, server)  # another student, in the middle of it
+    expect_console(caplog, "Accepted new client: 127.0.0.3")
+    wait_until(lambda: server.connection_count() == 1, message="the 30 to be closed")
+
+    def lines_about_2():
+        shown, counted = 0, 0
+        for line in console_lines(caplog):
+            count = re.match(r"\((\d+) more lines? about connections from 127\.0\.0\.2 ", line)
+            if count:
+                counted += int(count.group(1))
+            elif "127.0.0.2:" in line:
+                shown += 1
+        return shown, counted
+    wait_until(lambda: sum(lines_about_2()) == 60, message="every line shown or counted")
+    shown, counted = lines_about_2()
+    whiles = int((time.monotonic() - started) / 2.0) + 1  # each 2 s long
+    assert counted > 0 and shown <= 10 * whiles
 
 
 def test_shared_machine_mode_lets_one_address_open_many_connections(start_server, computer):

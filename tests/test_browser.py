@@ -362,6 +362,7 @@ def test_protocol_error_closes_with_its_code_and_one_console_line(
     alice.send_raw(bad_frame)
     alice.expect_close_code(code)
     bob.expect_next("*** alice left the chat.")
+    expect_console(caplog, "Closed connection: alice")  # said after the warning
     problems = warnings(caplog)[before:]
     assert len(problems) == 1 and "WebSocket protocol error" in problems[0], problems
     bob.send("still here")  # nobody else was harmed
