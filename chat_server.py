@@ -185,6 +185,7 @@ CONSOLE_ENDS_PER_SECOND = 3  # more Ctrl+Ds than this: the terminal is gone
 CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
 HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
 #                                  and shows the count this often
+RECORDER_CHECK_SECONDS = 1.0  # how late such a count may come, at most
 CONNECTION_LINES_SHOWN = 10  # console lines about one computer's connections
 CONNECTION_LINES_SECONDS = 10.0  # shown in this long; past them, only a count
 TRANSCRIPT_QUEUE_LINES = 10000  # lines waiting for a slow transcript disk
@@ -542,7 +543,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 recipients = self._broadcast(lines, exclude=client, event=event)
             else:
                 for line in lines:
-                    self.recorder.note("silenced", line)
+                    self.recorder.note("silenced", (client.name, line))
                 self.notices.catch_up(client)
                 client.queue_line(silenced)
                 recipients = [client]
@@ -2833,8 +2834,9 @@ class Recorder:
     def note(self, kind, line):
         """Queue a room event for the console and the transcript.
 
-        kind: "room", "private" or "silenced" for what students said, did
-        or were told; "console" or "warning" for the console only;
+        kind: "room" or "private" for what students said, did or were told,
+        "silenced" for what a muted student or quiet mode held back, with
+        line (name, text); "console" or "warning" for the console only;
         "connection" for the console too, with line (host, "console" or
         "warning", text); "transcript" for the transcript only. Room events are noted with
         the room's lock held, so they queue in the room's order; a console
@@ -2855,7 +2857,9 @@ class Recorder:
         connection_lines = ConnectionLines()
         while True:
             try:
-                kind, line = self._records.get(timeout=HELD_BACK_REPORT_SECONDS)
+                # Woken this often at least, so a count is shown when due.
+                kind, line = self._records.get(
+                    timeout=min(RECORDER_CHECK_SECONDS, HELD_BACK_REPORT_SECONDS))
             except queue.Empty:
                 kind, line = "", ""
             if kind == "stop":
@@ -2878,7 +2882,7 @@ class Recorder:
         if private and not self.settings.transcript_private:
             return
         if kind == "silenced":
-            held_back.add(line)
+            held_back.add(*line)
             return
         if kind == "warning":
             log.warning("%s", line)
@@ -2896,20 +2900,25 @@ class HeldBackLines:
     """
 
     def __init__(self):
-        self._more = 0  # lines held back since the last one shown
+        self._more = collections.Counter()  # name -> lines held back since the last shown
         self._next_report = 0.0  # time.monotonic() when a line may show again
 
-    def add(self, line):
+    def add(self, name, line):
         if time.monotonic() >= self._next_report and not self._more:
             log.info("(held back) %s", line)
             self._next_report = time.monotonic() + HELD_BACK_REPORT_SECONDS
         else:
-            self._more += 1
+            self._more[name] += 1
 
     def report_if_due(self):
         if self._more and time.monotonic() >= self._next_report:
-            log.info("(held back %s)", plural(self._more, "more line"))
-            self._more = 0
+            lines = plural(sum(self._more.values()), "more line")
+            if len(self._more) == 1:
+                log.info("(held back %s from %s)", lines, next(iter(self._more)))
+            else:
+                log.info("(held back %s: %s)", lines, ", ".join(
+                    "%d from %s" % (count, name) for name, count in self._more.most_common()))
+            self._more.clear()
             self._next_report = time.monotonic() + HELD_BACK_REPORT_SECONDS
 
 
@@ -5297,8 +5306,9 @@ def parse_args(argv=None):
     """Read the command line; each limit's flag defaults to its constant."""
     parser = ArgumentParser(
         prog="chat_server.py",
-        description="A classroom chat server. Students join with nc, telnet, "
-        "PuTTY (Raw) or python chat_server.py --connect HOST.",
+        description="A classroom chat server. Students join with a browser "
+        "(http://HOST:PORT/), nc, telnet, PuTTY (Raw) or python chat_server.py "
+        "--connect HOST.",
     )
     add = parser.add_argument
     add("--host", default=HOST, help="address to listen on; 0.0.0.0 opens the "
@@ -5308,21 +5318,22 @@ def parse_args(argv=None):
         help="room password students must type first; or set CHAT_PASSWORD, which "
         "other users cannot see in ps (default: none)")
     add("--max-clients", type=count_flag(1), default=MAX_CLIENTS,
-        help="connections open at once (default: %(default)s)")
+        help="connections open at once; at least 1 (default: %(default)s)")
     add("--max-line", type=count_flag(64), default=MAX_LINE_BYTES,
-        help="longest line a student may send, in bytes (default: %(default)s)")
+        help="longest line a student may send, in bytes; at least 64 "
+        "(default: %(default)s)")
     add("--flood-rate", type=number_flag(MAX_FLOOD_RATE), default=FLOOD_RATE_LINES_PER_SECOND,
         help="lines a second before a client is slowed down; 0: no pacing of any "
         "kind (default: %(default)s)")
     add("--flood-burst", type=count_flag(1), default=FLOOD_BURST_LINES,
-        help="lines a client may send at once (default: %(default)s)")
+        help="lines a client may send at once; at least 1 (default: %(default)s)")
     add("--nick-rate", type=count_flag(0), default=NICK_RATE_PER_MINUTE,
         help="renames a minute per client; 0: no limit (default: %(default)s)")
     add("--name-timeout", type=number_flag(MAX_NAME_TIMEOUT_SECONDS), default=NAME_TIMEOUT_SECONDS,
         help="seconds to give the password and a name; 0: no limit (default: %(default)s)")
     add("--sendq", type=count_flag(4096), default=SENDQ_BYTES,
-        help="bytes queued for a client before it is dropped as too slow "
-        "(default: %(default)s)")
+        help="bytes queued for a client before it is dropped as too slow; at "
+        "least 4096 (default: %(default)s)")
     add("--history", type=count_flag(0), default=HISTORY_EVENTS,
         help="room events shown to a newcomer; 0: none (default: %(default)s)")
     add("--ban-minutes", type=number_flag(MAX_BAN_MINUTES), default=BAN_MINUTES,

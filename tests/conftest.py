@@ -33,6 +33,10 @@ def pytest_configure(config):
     )
     config.addinivalue_line("markers", "browser: drives a real Chromium (tests/test_chromium.py)")
     config.addinivalue_line("markers", "redis: needs redis-server (tests/test_redis.py)")
+    # The summary says why a test was skipped (no Chromium, no redis-server):
+    # pytest's -rs, for every way of running the tests.
+    if "s" not in config.option.reportchars and "a" not in config.option.reportchars:
+        config.option.reportchars += "s"
 
 
 # .ci/run sets CHAT_TESTS_REQUIRE (for example "chromium,redis-server") so that

@@ -97,6 +97,18 @@ def test_a_muted_students_paste_is_counted_not_shown_line_by_line(start_server, 
     assert held == ["(held back) bob says: pasted line 0"]
 
 
+def test_held_back_count_says_whose_lines_it_counts(start_server, room, caplog, monkeypatch):
+    monkeypatch.setattr(chat_server, "HELD_BACK_REPORT_SECONDS", 1.0)
+    server = start_server()
+    alice, bob, carol = room("alice", "bob", "carol", target=server)
+    TeacherConsole(server, None).handle_line("/quiet on")
+    for student, text in [(bob, "one"), (bob, "two"), (carol, "three"), (carol, "four")]:
+        student.send(text)
+        student.expect("*** Not sent: the room is quiet")
+    expect_console(caplog, "(held back) bob says: one")
+    expect_console(caplog, "(held back 3 more lines: 2 from carol, 1 from bob)")
+
+
 def test_held_back_count_is_shown_after_a_while(start_server, room, caplog, monkeypatch):
     monkeypatch.setattr(chat_server, "HELD_BACK_REPORT_SECONDS", 0.2)
     server = start_server()
@@ -106,12 +118,12 @@ def test_held_back_count_is_shown_after_a_while(start_server, room, caplog, monk
     for number in range(3):
         bob.send("line %d" % number)
         bob.expect_next("*** Not sent")
-    expect_console(caplog, "(held back 2 more lines)")
+    expect_console(caplog, "(held back 2 more lines from bob)")
     # The count starts again: the next line is shown in full, or counted as
     # one (if it comes within the same short while), never as three.
     bob.send("line 3")
     bob.expect_next("*** Not sent")
-    wait_until(lambda: any("(held back) bob says: line 3" in line or "(held back 1 more line)"
+    wait_until(lambda: any("(held back) bob says: line 3" in line or "(held back 1 more line "
                            in line for line in console_lines(caplog)),
                message="line 3 shown, or counted as the only one since the count")
 
