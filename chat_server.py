@@ -2091,6 +2091,15 @@ def describe_minutes(minutes):
     return plural(int(minutes + 0.999), "minute")
 
 
+def list_names(names, shown=3):
+    """'ada', 'ada and bob', 'ada, bob and cy', 'ada, bob, cy and 2 more'."""
+    if len(names) > shown:
+        names = names[:shown] + ["%d more" % (len(names) - shown)]
+    if len(names) < 2:
+        return "".join(names)
+    return "%s and %s" % (", ".join(names[:-1]), names[-1])
+
+
 def plural(count, word):
     """'1 minute', '2 minutes': no 'minute(s)' anywhere."""
     return "%d %s%s" % (count, word, "" if count == 1 else "s")
@@ -2679,7 +2688,9 @@ class TeacherConsole:
         minutes = self.room.settings.ban_minutes
         if others:
             return ("%s is not banned: %s joined from it too. /ban %s disconnects "
-                    "everyone there and bans it." % (client.host, others[0].name, client.host))
+                    "everyone there and bans it." % (
+                        client.host, list_names(sorted(other.name for other in others)),
+                        client.host))
         if minutes <= 0:
             return "no ban (--ban-minutes is 0)."
         self.room.addresses.ban(client.host, client.name, minutes)
@@ -2726,7 +2737,7 @@ class TeacherConsole:
         host = self.room.addresses.unban(argument)
         if host is None:
             banned = ", ".join(self.room.addresses.banned()) or "none"
-            self.tell("Nothing is banned by %s. Banned now: %s." % (argument, banned))
+            self.tell("No ban matches %s. Banned now: %s." % (argument, banned))
             return
         self.tell("%s may join again." % host)
         self.room.note_teacher("unbanned %s" % host)
@@ -3069,20 +3080,25 @@ def open_without_waiting(path, flags):
 
 
 def describe_who(joined, waiting, elsewhere=()):
-    """The console's /who: a table of the joined, then who has not joined yet."""
+    """The console's /who: a table of the joined, then who has not joined yet.
+
+    elsewhere: students on other servers (Redis link), in the same table.
+    """
     now = time.monotonic()
     rows = [(client.name, "%s:%s" % (client.host, client.address[1]),
              describe_duration(now - client.joined_at), "muted" if client.muted else "")
             for client in joined]
-    lines = ["%s online, %s not joined yet." % (len(joined), len(waiting))]
+    rows += [(student.name, "another server (%s)" % student.server, "", "")
+             for student in elsewhere]
+    lines = ["%s online%s, %s not joined yet." % (
+        len(joined), ", %d on other servers" % len(elsewhere) if elsewhere else "",
+        len(waiting))]
     if rows:
         widths = [max(display_width(row[column]) for row in rows + [("NAME", "ADDRESS")])
                   for column in (0, 1)]
         for row in [("NAME", "ADDRESS", "ONLINE", "")] + rows:
             lines.append("  ".join([pad(row[0], widths[0]), pad(row[1], widths[1]),
                                     "%-8s" % row[2], row[3]]).rstrip())
-    lines += ["%s  on another server (%s)" % (student.name, student.server)
-              for student in elsewhere]  # Redis link
     if waiting:
         hosts = collections.Counter(client.host for client in waiting)
         lines.append("Not joined yet: " + ", ".join(
@@ -3817,6 +3833,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
 <title>Classroom chat</title>
+<link rel="icon" href="data:,"><!-- no icon: the browser asks for none -->
 <style>%s</style>
 </head>
 <body>
@@ -3852,7 +3869,7 @@ PAGE_HTML = (PAGE_TEMPLATE % (PAGE_STYLE, SOURCE_FILE_NAME, PAGE_SCRIPT)).encode
 # Only the page's own script and style run, it may connect only to its own
 # server, and no other site may frame it.
 PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-            "img-src 'self'; frame-ancestors 'none'" % (csp_hash(PAGE_SCRIPT),
+            "img-src data:; frame-ancestors 'none'" % (csp_hash(PAGE_SCRIPT),
                                                          csp_hash(PAGE_STYLE)))
 
 
@@ -5435,13 +5452,25 @@ def announce_address(server, transcript, argv):
     log.info("Transcript: %s", transcript.path if transcript
              else "off (--transcript FILE keeps one).")
     if host.startswith("127.") or host == "::1":
+        # The teacher's own flags, but the port it got (not "--port 0"), and
+        # no password: this screen may be the one the class sees.
+        words = with_flag(argv, "--host", "0.0.0.0")
+        if len(without_flag(argv, "--port")) < len(argv):
+            words = with_flag(words, "--port", str(port))
+        hidden = without_flag(words, "--password")
         log.info("Only this computer can join. To open the room to the lab:")
-        log.info("  %s", command_line(["python", "chat_server.py"]
-                                     + with_flag(argv, "--host", "0.0.0.0")))
+        log.info("  %s", command_line(["python", "chat_server.py"] + hidden))
+        if len(hidden) < len(words):
+            log.info("  (and your --password, not shown here)")
 
 
 def with_flag(argv, flag, value):
     """argv with flag set to value (replaced if it was there, else added first)."""
+    return [flag, value] + without_flag(argv, flag)
+
+
+def without_flag(argv, flag):
+    """argv without flag and its value (as --flag VALUE or --flag=VALUE)."""
     result, skip = [], False
     for word in argv:
         if skip:
@@ -5450,7 +5479,7 @@ def with_flag(argv, flag, value):
             skip = True
         elif not word.startswith(flag + "="):
             result.append(word)
-    return [flag, value] + result
+    return result
 
 
 def command_line(words):
@@ -5578,9 +5607,9 @@ def serve(args, argv):
             server.server_address))
     stdin = console_input()
     if stdin is not None:
-        if in_background(stdin):
-            log.info("Started in the background: fg brings the console here.")
-        elif stdin.isatty():  # a pipe or a file may end at once: say nothing yet
+        # In the background, the console says so itself; a pipe or a file
+        # may end at once: say nothing yet.
+        if stdin.isatty() and not in_background(stdin):
             log.info("Type here to announce to everyone; /help lists your commands.")
         TeacherConsole(server, stdin).start()
     for stop_signal in STOP_SIGNALS:

@@ -103,7 +103,7 @@ def test_csp_allows_exactly_the_pages_own_inline_script_and_style(server):
     (style,) = re.findall(r"<style>(.*?)</style>", page, re.S)
     assert headers["content-security-policy"] == (
         "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-        "img-src 'self'; frame-ancestors 'none'" % (csp_source(script), csp_source(style)))
+        "img-src data:; frame-ancestors 'none'" % (csp_source(script), csp_source(style)))
 
 
 def test_page_fetches_nothing_from_elsewhere_and_inserts_text_only(server):

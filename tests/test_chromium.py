@@ -15,7 +15,7 @@ import time
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, find_tool, wait_until
+from conftest import TIMEOUT, console_lines, find_tool, wait_until
 from websocket_client import WebSocketClient
 
 pytestmark = pytest.mark.browser
@@ -164,6 +164,19 @@ def test_page_joins_and_chats_with_an_nc_student(server, open_tab, joined):
     assert all(kind == "server" for kind, text in lines if text.startswith("*** "))
     assert tab.evaluate("document.activeElement.id") == "line"
     tab.screenshot("desktop")
+
+
+def test_a_visit_asks_for_no_icon_so_the_console_shows_no_missing_page(server, open_tab,
+                                                                       joined, caplog):
+    bob = joined("bob")
+    tab = open_tab(server)
+    tab.type_line("alice")
+    bob.expect("*** alice joined the chat.")
+    tab.evaluate("location.reload()")  # a second visit: browsers ask for icons on either
+    tab.wait_for_line("What is your name?")
+    tab.type_line("alice2")
+    bob.expect("*** alice2 joined the chat.")
+    assert not [line for line in console_lines(caplog) if "no page at" in line]
 
 
 def test_another_students_script_is_shown_as_text(server, open_tab, joined):

@@ -20,7 +20,7 @@ from conftest import (SERVER_SCRIPT, TIMEOUT, ChatClient, console_lines, expect_
 KICK_SHARED_REPLY = ("Kicked {name}; {address} is not banned: {other} joined from it too. "
                      "/ban {address} disconnects everyone there and bans it.")
 BANNED_REFUSAL = "*** You were removed by the teacher. Try again in {wait}."
-NOT_BANNED = "Nothing is banned by {address}. Banned now: {banned}."
+NOT_BANNED = "No ban matches {address}. Banned now: {banned}."
 UNBANNED = "{address} may join again."
 NO_ONE_CALLED = "No one called {name} is online."
 ALREADY_MUTED = "{name} is muted already."
@@ -99,6 +99,14 @@ def test_a_line_held_back_by_the_flood_limit_does_nothing_after_a_kick(start_ser
     expect_console(caplog, "Closed connection: alice")  # her reader is done
     console.handle_line("after")
     bob.expect_next("*** [teacher] after")  # nothing from alice came in between
+
+
+def test_kick_names_everyone_who_shares_the_address(room, console, caplog):
+    alice, bob, carol = room("alice", "bob", "carol")
+    console.handle_line("/kick bob")
+    bob.expect_closed()
+    expect_console(caplog, KICK_SHARED_REPLY.format(name="bob", address="127.0.0.1",
+                                                    other="alice and carol"))
 
 
 def test_kicked_address_is_refused_with_a_clear_line(room, connect, console):
@@ -411,7 +419,7 @@ def start_in_terminal(terminal, background):
 def test_server_started_in_a_shells_background_serves_and_gets_its_console_after_fg(
         terminal):
     alice = start_in_terminal(terminal, background=True)  # not stopped by SIGTTIN
-    terminal.expect("fg brings the console here.")
+    terminal.expect("fg brings it back.")
     terminal.type("fg\n")
     terminal.foreground = True
     terminal.expect("The console is back")

@@ -502,8 +502,9 @@ def test_the_teachers_who_lists_students_on_other_servers(linked, join, caplog):
     join(a, "alice")
     join(b, "bob")
     wait_until(lambda: len(a.snapshot()[2]) == 1, message="bob in A's roster")
-    assert any(line.startswith("bob") and "on another server" in line
-               for line in console_who(a, caplog))
+    lines = console_who(a, caplog)
+    assert "1 online, 1 on other servers, 0 not joined yet." in lines
+    assert any(line.startswith("bob") and "another server" in line for line in lines)
 
 
 @pytest.fixture
