@@ -345,7 +345,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 self.reply("*** That line was longer than %d bytes and was not sent."
                            % self.room.settings.max_line)
             elif line.strip():
-                self.handle_line(defuse_server_marker(line.rstrip()))
+                self.handle_line(message_text(line))
 
     def read_line(self, deadline=None):
         """Return the client's next line (str or TOO_LONG), or None when it is gone.
@@ -1364,6 +1364,24 @@ def clean_line(raw):
     return CONTROL_CHARACTERS.sub("", text)
 
 
+def message_text(line):
+    """A student's line as the room shows it: no "***", no spaces at its end,
+    and at most MAX_MARKS_PER_LETTER accents on a letter ("Zalgo" text
+    stacks hundreds, which draw over the lines above and below it)."""
+    line = line.rstrip()
+    return defuse_server_marker(line if line.isascii() else trim_accents(line))
+
+
+def trim_accents(text):
+    """Keep at most MAX_MARKS_PER_LETTER combining marks on each letter."""
+    kept, run = [], 0
+    for character in text:
+        run = run + 1 if unicodedata.category(character)[0] == "M" else 0
+        if run <= MAX_MARKS_PER_LETTER:
+            kept.append(character)
+    return "".join(kept)
+
+
 def defuse_server_marker(text):
     """Make sure a student's text cannot show "***", the server's marker.
 
@@ -1670,7 +1688,7 @@ def more_messages(handler):
         if not handler.flood.take_if_free():
             break  # this one must wait: hold_back_flood() will pace it
         if line.strip():
-            texts.append(defuse_server_marker(line.rstrip()))
+            texts.append(message_text(line))
         handler.lines.popleft()
     return texts
 

@@ -242,6 +242,13 @@ def test_backspace_erases_a_multibyte_character(room):
     alice.expect_next("bob says: cafe")
 
 
+def test_a_letter_keeps_at_most_three_accents_in_a_message(room):
+    """Zalgo text's hundreds of stacked accents would draw over other lines."""
+    alice, bob = room("alice", "bob")
+    bob.send("Z" + "\u0301\u0336" * 100 + "algo, Vie\u0323\u0302t Nam")
+    alice.expect_next("bob says: Z\u0301\u0336\u0301algo, Vie\u0323\u0302t Nam")
+
+
 def test_escape_sequences_and_controls_never_reach_other_terminals(room):
     alice, bob = room("alice", "bob")
     bob.send_raw(b"\x1b[2J\x1b]0;owned\x07hi\x07 \x1b[Athere\x1b[31m\r\n")
