@@ -186,8 +186,9 @@ CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
 HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
 #                                  and shows the count this often
 RECORDER_CHECK_SECONDS = 1.0  # how late such a count may come, at most
-CONNECTION_LINES_SHOWN = 10  # console lines about one computer's connections
-CONNECTION_LINES_SECONDS = 10.0  # shown in this long; past them, only a count
+CONNECTION_LINES_SHOWN = 30  # console lines about one computer's connections
+#                              (a browser's visit takes about 5)...
+CONNECTION_LINES_SECONDS = 10.0  # ...shown in this long; past them, only a count
 TRANSCRIPT_QUEUE_LINES = 10000  # lines waiting for a slow transcript disk
 SHUTDOWN_GRACE_SECONDS = 1.0  # for the goodbye line to reach each client
 SHUTDOWN_POLL_SECONDS = 0.05  # how soon serve_forever() sees a shutdown begin
@@ -345,7 +346,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 self.reply("*** That line was longer than %d bytes and was not sent."
                            % self.room.settings.max_line)
             elif line.strip():
-                self.handle_line(message_text(line))
+                self.handle_line(defuse_server_marker(line.rstrip()))
 
     def read_line(self, deadline=None):
         """Return the client's next line (str or TOO_LONG), or None when it is gone.
@@ -413,9 +414,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
         if is_plain_message(line):
-            self.room.say(self.client, line, *more_messages(self))
+            self.room.say(self.client, trim_accents(line), *more_messages(self))
         elif line.lstrip().startswith("//"):
-            self.room.say(self.client, line.lstrip()[1:])  # "//text" sends "/text"
+            self.room.say(self.client, trim_accents(line.lstrip()[1:]))  # "//text": "/text"
         else:
             self.run_command(line)
 
@@ -432,8 +433,10 @@ class ChatHandler(socketserver.StreamRequestHandler):
         word, command, argument = parse_command(line, STUDENT_COMMANDS)
         if command is None:
             self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
+        elif command is do_nick:
+            command(self, argument)  # a name is checked as typed, as at the join
         else:
-            command(self, argument)
+            command(self, trim_accents(argument))  # others see it: as a message
 
     # -- Joining: the name --
 
@@ -1364,16 +1367,14 @@ def clean_line(raw):
     return CONTROL_CHARACTERS.sub("", text)
 
 
-def message_text(line):
-    """A student's line as the room shows it: no "***", no spaces at its end,
-    and at most MAX_MARKS_PER_LETTER accents on a letter ("Zalgo" text
-    stacks hundreds, which draw over the lines above and below it)."""
-    line = line.rstrip()
-    return defuse_server_marker(line if line.isascii() else trim_accents(line))
-
-
 def trim_accents(text):
-    """Keep at most MAX_MARKS_PER_LETTER combining marks on each letter."""
+    """Keep at most MAX_MARKS_PER_LETTER combining marks on each letter.
+
+    What a student says, does or whispers: "Zalgo" text stacks hundreds on
+    one letter, which draw over the lines above and below it.
+    """
+    if text.isascii():
+        return text  # the usual line: nothing to look at letter by letter
     kept, run = [], 0
     for character in text:
         run = run + 1 if unicodedata.category(character)[0] == "M" else 0
@@ -1688,7 +1689,7 @@ def more_messages(handler):
         if not handler.flood.take_if_free():
             break  # this one must wait: hold_back_flood() will pace it
         if line.strip():
-            texts.append(message_text(line))
+            texts.append(trim_accents(defuse_server_marker(line.rstrip())))
         handler.lines.popleft()
     return texts
 
@@ -2375,8 +2376,9 @@ class ChatServer(ChatRoom):
 
         Everything the console says about the room comes this way, so it
         comes in the room's order ("left the chat." before "Closed").
-        host: the computer whose connection the line is about; past a few
-        a while, such lines are counted, not shown (see ConnectionLines).
+        host: the computer whose connection the line is about; past
+        CONNECTION_LINES_SHOWN of them in CONNECTION_LINES_SECONDS, such lines
+        are counted, not shown (see ConnectionLines).
         """
         kind = "warning" if warning else "console"
         with self._lock:
@@ -2883,7 +2885,7 @@ class Recorder:
         # Neither call here can wait: log records go to the console's own
         # thread, and the transcript has one too.
         held_back = HeldBackLines()
-        connection_lines = ConnectionLines()
+        connection_lines = ConnectionLines(self.settings)
         while True:
             try:
                 # Woken this often at least, so a count is shown when due.
@@ -2891,7 +2893,9 @@ class Recorder:
                     timeout=min(RECORDER_CHECK_SECONDS, HELD_BACK_REPORT_SECONDS))
             except queue.Empty:
                 kind, line = "", ""
-            if kind == "stop":
+            if kind == "stop":  # the counts not shown yet are, now
+                held_back.report_if_due(at_end=True)
+                connection_lines.report_if_due(at_end=True)
                 return
             if kind == "connection":
                 connection_lines.add(*line)
@@ -2939,8 +2943,8 @@ class HeldBackLines:
         else:
             self._more[name] += 1
 
-    def report_if_due(self):
-        if self._more and time.monotonic() >= self._next_report:
+    def report_if_due(self, at_end=False):
+        if self._more and (at_end or time.monotonic() >= self._next_report):
             lines = plural(sum(self._more.values()), "more line")
             if len(self._more) == 1:
                 log.info("(held back %s from %s)", lines, next(iter(self._more)))
@@ -2956,10 +2960,12 @@ class ConnectionLines:
     CONNECTION_LINES_SHOWN lines of a while in full, then only how many more.
 
     A student whose script connects a hundred times a second must not bury
-    the chat on the teacher's console.
+    the chat on the teacher's console. With --per-address 0 (a lab behind
+    one address) every line shows: the class is one computer then.
     """
 
-    def __init__(self):
+    def __init__(self, settings):
+        self.settings = settings
         self._hosts = {}  # host -> [lines shown, lines not shown, end of the while]
 
     def add(self, host, kind, text):
@@ -2968,21 +2974,22 @@ class ConnectionLines:
         if counts is None or now >= counts[2]:
             self._report(host)
             counts = self._hosts[host] = [0, 0, now + CONNECTION_LINES_SECONDS]
-        if counts[0] < CONNECTION_LINES_SHOWN:
+        if counts[0] < CONNECTION_LINES_SHOWN or not self.settings.per_address:
             counts[0] += 1
             (log.warning if kind == "warning" else log.info)("%s", text)
         else:
             counts[1] += 1
 
-    def report_if_due(self):
+    def report_if_due(self, at_end=False):
         now = time.monotonic()
-        for host in [host for host, counts in self._hosts.items() if now >= counts[2]]:
+        for host in [host for host, counts in self._hosts.items()
+                     if at_end or now >= counts[2]]:
             self._report(host)
 
     def _report(self, host):
         counts = self._hosts.pop(host, None)
         if counts is not None and counts[1]:
-            log.info("(%s about connections from %s not shown: it connected very often)",
+            log.info("(%s about connections from %s not shown one by one)",
                      plural(counts[1], "more line"), host)
 
 
@@ -3062,7 +3069,6 @@ class Transcript:
             pass
         return "the disk is full"
 
-
     def _reopen_if_moved(self):
         """Start a new file at the path if the teacher deleted or renamed ours.
 
@@ -3082,7 +3088,10 @@ class Transcript:
             new_file = open(self.path, "ab", buffering=0, opener=open_without_waiting)
         except OSError:
             return  # its folder is gone too: _append_whole() goes on as it can
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a network drive's late write error: the new file goes on
         self._file = new_file
         log.warning("The transcript %s was moved or deleted: a new one is written there.",
                     self.path)
@@ -3608,9 +3617,10 @@ def answer_http(handler, data):
             send_http_answer(client, text_response(refusal.status, refusal.reason, extra))
         return False
     if not upgraded:
-        handler.room.tell_console("Sent %s to %s" % (
-            "the chat page" if request.path == "/" else SOURCE_FILE_NAME, client),
-            host=client.host)
+        if request.path != "/favicon.ico":  # every browser asks: not worth a line
+            handler.room.tell_console("Sent %s to %s" % (
+                "the chat page" if request.path == "/" else SOURCE_FILE_NAME, client),
+                host=client.host)
         send_http_answer(client, answer)
         return False
     client.send_bytes(answer)
@@ -3664,6 +3674,10 @@ def route_request(request):
         return page_response(), False
     if request.path == "/" + SOURCE_FILE_NAME:
         return source_response(), False
+    if request.path == "/favicon.ico":
+        # Chromium asks at once, on the spare connection it opened with the
+        # page: answered, that one cannot later meet the chat's greeting.
+        return text_response(404, "no icon here"), False
     raise BadRequest(404, "no page at %r" % request.path[:100])
 
 
@@ -3851,7 +3865,6 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
 <title>Classroom chat</title>
-<link rel="icon" href="data:,"><!-- no icon: the browser asks for none -->
 <style>%s</style>
 </head>
 <body>
@@ -3887,7 +3900,7 @@ PAGE_HTML = (PAGE_TEMPLATE % (PAGE_STYLE, SOURCE_FILE_NAME, PAGE_SCRIPT)).encode
 # Only the page's own script and style run, it may connect only to its own
 # server, and no other site may frame it.
 PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-            "img-src data:; frame-ancestors 'none'" % (csp_hash(PAGE_SCRIPT),
+            "img-src 'self'; frame-ancestors 'none'" % (csp_hash(PAGE_SCRIPT),
                                                          csp_hash(PAGE_STYLE)))
 
 
@@ -5341,6 +5354,7 @@ def parse_args(argv=None):
     """Read the command line; each limit's flag defaults to its constant."""
     parser = ArgumentParser(
         prog="chat_server.py",
+        allow_abbrev=False,  # --pass for --password: the banner could not hide it
         description="A classroom chat server. Students join with a browser "
         "(http://HOST:PORT/), nc, telnet, PuTTY (Raw) or python chat_server.py "
         "--connect HOST.",
@@ -5475,11 +5489,15 @@ def announce_address(server, transcript, argv):
         words = with_flag(argv, "--host", "0.0.0.0")
         if len(without_flag(argv, "--port")) < len(argv):
             words = with_flag(words, "--port", str(port))
-        hidden = without_flag(words, "--password")
+        secret = ["--password"] + (["--redis"] if settings.redis and settings.redis.password
+                                   else [])
+        hidden = [flag for flag in secret if len(without_flag(words, flag)) < len(words)]
+        for flag in hidden:
+            words = without_flag(words, flag)
         log.info("Only this computer can join. To open the room to the lab:")
-        log.info("  %s", command_line(["python", "chat_server.py"] + hidden))
-        if len(hidden) < len(words):
-            log.info("  (and your --password, not shown here)")
+        log.info("  %s", command_line(["python", "chat_server.py"] + words))
+        if hidden:
+            log.info("  (and your %s, not shown here)", " and ".join(hidden))
 
 
 def with_flag(argv, flag, value):

@@ -16,7 +16,7 @@ import tracemalloc
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, ChatClient, expect_console, wait_until
+from conftest import TIMEOUT, ChatClient, console_lines, expect_console, wait_until
 from websocket_client import (BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, ChatSocket,
                               HandshakeFailed, frame)
 
@@ -103,7 +103,7 @@ def test_csp_allows_exactly_the_pages_own_inline_script_and_style(server):
     (style,) = re.findall(r"<style>(.*?)</style>", page, re.S)
     assert headers["content-security-policy"] == (
         "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-        "img-src data:; frame-ancestors 'none'" % (csp_source(script), csp_source(style)))
+        "img-src 'self'; frame-ancestors 'none'" % (csp_source(script), csp_source(style)))
 
 
 def test_page_fetches_nothing_from_elsewhere_and_inserts_text_only(server):
@@ -121,6 +121,14 @@ def test_source_file_downloads_as_this_very_file(server):
     assert headers["content-disposition"] == 'attachment; filename="chat_server.py"'
     with open(chat_server.__file__, "rb") as source:
         assert body == source.read()
+
+
+def test_the_icon_every_browser_asks_for_gets_404_and_no_console_line(server, caplog):
+    status, _, _ = get(server, "/favicon.ico")
+    assert status == "HTTP/1.1 404 Not Found"
+    get(server, "/nothing")  # noted on the console after the icon's request
+    expect_console(caplog, "no page at '/nothing'")
+    assert not [line for line in console_lines(caplog) if "favicon" in line]
 
 
 def test_other_paths_get_404(server):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, console_lines, find_tool, wait_until
+from conftest import TIMEOUT, find_tool, wait_until
 from websocket_client import WebSocketClient
 
 pytestmark = pytest.mark.browser
@@ -164,16 +164,6 @@ def test_page_joins_and_chats_with_an_nc_student(server, open_tab, joined):
     assert all(kind == "server" for kind, text in lines if text.startswith("*** "))
     assert tab.evaluate("document.activeElement.id") == "line"
     tab.screenshot("desktop")
-
-
-def test_a_visit_asks_for_no_icon_so_the_console_shows_no_missing_page(server, open_tab,
-                                                                       joined, caplog):
-    bob = joined("bob")
-    for name in ["alice", "carol"]:  # the second page loads after the first's icon
-        tab = open_tab(server)
-        tab.type_line(name)
-        bob.expect("*** %s joined the chat." % name)
-    assert not [line for line in console_lines(caplog) if "no page at" in line]
 
 
 def test_another_students_script_is_shown_as_text(server, open_tab, joined):

@@ -98,7 +98,7 @@ def test_a_muted_students_paste_is_counted_not_shown_line_by_line(start_server, 
 
 
 def test_held_back_count_says_whose_lines_it_counts(start_server, room, caplog, monkeypatch):
-    monkeypatch.setattr(chat_server, "HELD_BACK_REPORT_SECONDS", 1.0)
+    monkeypatch.setattr(chat_server, "HELD_BACK_REPORT_SECONDS", 3.0)  # all four within it
     server = start_server()
     alice, bob, carol = room("alice", "bob", "carol", target=server)
     TeacherConsole(server, None).handle_line("/quiet on")
@@ -107,6 +107,15 @@ def test_held_back_count_says_whose_lines_it_counts(start_server, room, caplog, 
         student.expect("*** Not sent: the room is quiet")
     expect_console(caplog, "(held back) bob says: one")
     expect_console(caplog, "(held back 3 more lines: 2 from carol, 1 from bob)")
+
+
+def test_counts_not_shown_yet_are_shown_when_the_server_stops(caplog):
+    recorder = chat_server.Recorder(chat_server.Settings(), None)
+    recorder.start()
+    for number in range(3):
+        recorder.note("silenced", ("bob", "bob says: %d" % number))
+    recorder.stop()  # long before HELD_BACK_REPORT_SECONDS
+    assert "(held back 2 more lines from bob)" in console_lines(caplog)
 
 
 def test_held_back_count_is_shown_after_a_while(start_server, room, caplog, monkeypatch):

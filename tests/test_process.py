@@ -5,11 +5,12 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
 import chat_server
-from conftest import SERVER_SCRIPT, TIMEOUT, server_process
+from conftest import SERVER_SCRIPT, TIMEOUT, console_lines, server_process
 
 POSIX_SIGNALS = pytest.mark.skipif(
     sys.platform == "win32", reason="sending Ctrl+C to a child process is not portable"
@@ -52,6 +53,23 @@ def test_banner_fits_80_columns_and_keeps_the_teachers_flags_in_its_hint(tmp_pat
     banner = [line for line in server.stderr_text().split("Only this computer")[0].splitlines()
               if str(transcript) not in line]  # only a long path may be longer
     assert all(len(line) <= 80 for line in banner), banner
+
+
+def test_banner_hint_hides_the_password_in_a_redis_address_too(caplog):
+    url = "redis://:sesame@127.0.0.1:6379/lab"
+    settings = chat_server.Settings(password="fish", redis=chat_server.redis_url_flag(url))
+    server = types.SimpleNamespace(server_address=("127.0.0.1", 1337), settings=settings)
+    chat_server.announce_address(server, None, ["--password", "fish", "--redis", url])
+    lines = console_lines(caplog)
+    assert "  python chat_server.py --host 0.0.0.0" in lines
+    assert "  (and your --password and --redis, not shown here)" in lines
+    assert not [line for line in lines if "fish" in line or "sesame" in line]
+
+
+def test_an_abbreviated_flag_is_refused_so_the_banner_never_shows_its_value():
+    status, stderr = run_server("--pass", "fish")  # argparse would take it for --password
+    assert status == 2
+    assert "unrecognized arguments: --pass fish" in stderr
 
 
 def test_banner_on_all_interfaces_shows_an_address_other_computers_can_use():

@@ -242,11 +242,22 @@ def test_backspace_erases_a_multibyte_character(room):
     alice.expect_next("bob says: cafe")
 
 
-def test_a_letter_keeps_at_most_three_accents_in_a_message(room):
+@pytest.mark.parametrize("sent, seen", [
+    ("Zalgo", "bob says: Zalgo"), ("/me Zalgo", "* bob Zalgo"),
+    ("/msg alice Zalgo", "bob whispers: Zalgo"), ("//Zalgo", "bob says: /Zalgo"),
+    ("/quit Zalgo", "*** bob left the chat. (Zalgo)")])
+def test_a_letter_keeps_at_most_three_accents_in_what_others_see(room, sent, seen):
     """Zalgo text's hundreds of stacked accents would draw over other lines."""
     alice, bob = room("alice", "bob")
-    bob.send("Z" + "\u0301\u0336" * 100 + "algo, Vie\u0323\u0302t Nam")
-    alice.expect_next("bob says: Z\u0301\u0336\u0301algo, Vie\u0323\u0302t Nam")
+    stacked = "Z" + "\u0301\u0336" * 100 + "algo, Vie\u0323\u0302t Nam"  # Vietnamese: two
+    bob.send(sent.replace("Zalgo", stacked))
+    alice.expect_next(seen.replace("Zalgo", "Z\u0301\u0336\u0301algo, Vie\u0323\u0302t Nam"))
+
+
+def test_a_new_name_with_too_many_accents_is_refused_not_trimmed(room):
+    alice, bob = room("alice", "bob")
+    bob.send("/nick b" + "\u0301" * 5)
+    bob.expect_next("*** Too many accents on one letter")
 
 
 def test_escape_sequences_and_controls_never_reach_other_terminals(room):
