@@ -158,6 +158,10 @@ LISTEN_BACKLOG = 128  # a whole class connecting in the same second (the
 #                       default of 5 drops SYNs: a 1-3 s retry per student)
 BROWSER_WAIT_SECONDS = 0.25  # a browser sends its request at once, a person
 #                              needs longer: see greet()
+SPARE_CONNECTION_SECONDS = 5.0  # a connection this soon after its computer got
+#                                 the page may be the browser's spare one...
+SPARE_WAIT_SECONDS = 12.0  # ...greeted only after this long: Chromium drops a
+#                            spare it has not used within 10 s
 PASSWORD_ANSWER_SECONDS = 1.0  # every password answer, right or wrong, comes
 #                                 after this long: a guesser learns nothing sooner
 PASSWORD_FAILURES_FREE = 3  # wrong passwords an address may give (times
@@ -1717,6 +1721,7 @@ class Addresses:
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
         self._mutes = {}  # (host, key or None for everyone there) -> name muted
         self._dropped = {}  # host -> the name dropped there as too slow, oldest first
+        self._pages = {}  # host -> time.monotonic() it was last sent the chat page
         self._next_sweep = clock() + ADDRESSES_SWEEP_SECONDS
 
     def connect(self, host):
@@ -1748,12 +1753,37 @@ class Addresses:
         for host, (end, _) in list(self._bans.items()):
             if end <= now:
                 del self._bans[host]
+        for host, sent in list(self._pages.items()):
+            if now - sent > SPARE_CONNECTION_SECONDS:
+                del self._pages[host]
 
     def disconnect(self, host):
         with self._lock:
             self._connected[host] -= 1
             if self._connected[host] <= 0:
                 del self._connected[host]
+
+    def page_sent(self, host):
+        """Note that host was sent the chat page (see greeting_wait())."""
+        with self._lock:
+            self._pages[host] = self.clock()
+
+    def greeting_wait(self, host):
+        """How long a new connection from host waits for a browser's request.
+
+        A browser that loads the page opens a spare connection or two, and
+        may send its next request (a reload, a second tab) on one seconds
+        later. Greeted by then, that one could no longer be answered in
+        HTTP, and the page would fail to load. So a connection that comes
+        just after its computer got the page is greeted only once it sends
+        something, or after SPARE_WAIT_SECONDS. (Someone starting nc on that
+        computer just then sees the greeting late, or as soon as they type.)
+        """
+        with self._lock:
+            sent = self._pages.get(host)
+        if sent is not None and self.clock() - sent < SPARE_CONNECTION_SECONDS:
+            return SPARE_WAIT_SECONDS
+        return BROWSER_WAIT_SECONDS
 
     def join_delay(self, host):
         """Take one join from host; return how many seconds it must wait first."""
@@ -1883,7 +1913,7 @@ def greet(handler):
     # A browser sends its request as soon as it connects; a person takes
     # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
     # the first prompt lets a browser get a real HTTP answer.
-    data = handler.wait_for_bytes(BROWSER_WAIT_SECONDS)
+    data = handler.wait_for_bytes(handler.room.addresses.greeting_wait(handler.client.host))
     if data == b"":
         return False
     if data and looks_like_http(data):
@@ -3617,6 +3647,8 @@ def answer_http(handler, data):
             send_http_answer(client, text_response(refusal.status, refusal.reason, extra))
         return False
     if not upgraded:
+        if request.path == "/":
+            handler.room.addresses.page_sent(client.host)  # see greeting_wait()
         if request.path != "/favicon.ico":  # every browser asks: not worth a line
             handler.room.tell_console("Sent %s to %s" % (
                 "the chat page" if request.path == "/" else SOURCE_FILE_NAME, client),

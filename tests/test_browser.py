@@ -123,6 +123,19 @@ def test_source_file_downloads_as_this_very_file(server):
         assert body == source.read()
 
 
+def test_a_spare_connection_after_the_page_is_answered_in_http_seconds_later(server):
+    """Chromium opens spare connections with the page, and may send a reload on one
+    seconds later: greeted by then, it could not be answered, and the page would fail."""
+    assert get(server, "/")[0] == "HTTP/1.1 200 OK"
+    with socket.create_connection(server.server_address[:2], timeout=TIMEOUT) as spare:
+        spare.settimeout(4 * chat_server.BROWSER_WAIT_SECONDS)
+        with pytest.raises(socket.timeout):
+            spare.recv(1)  # the behaviour under test: no greeting all that while
+        spare.settimeout(TIMEOUT)
+        spare.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert spare.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 def test_the_icon_every_browser_asks_for_gets_404_and_no_console_line(server, caplog):
     status, _, _ = get(server, "/favicon.ico")
     assert status == "HTTP/1.1 404 Not Found"
