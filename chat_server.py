@@ -159,9 +159,7 @@ LISTEN_BACKLOG = 128  # a whole class connecting in the same second (the
 BROWSER_WAIT_SECONDS = 0.25  # a browser sends its request at once, a person
 #                              needs longer: see greet()
 SPARE_CONNECTION_SECONDS = 5.0  # a connection this soon after its computer got
-#                                 the page may be the browser's spare one...
-SPARE_WAIT_SECONDS = 12.0  # ...greeted only after this long: Chromium drops a
-#                            spare it has not used within 10 s
+#                                 the page may be the browser's spare one
 PASSWORD_ANSWER_SECONDS = 1.0  # every password answer, right or wrong, comes
 #                                 after this long: a guesser learns nothing sooner
 PASSWORD_FAILURES_FREE = 3  # wrong passwords an address may give (times
@@ -1764,26 +1762,23 @@ class Addresses:
                 del self._connected[host]
 
     def page_sent(self, host):
-        """Note that host was sent the chat page (see greeting_wait())."""
+        """Note that host was sent the chat page (see may_be_spare())."""
         with self._lock:
             self._pages[host] = self.clock()
 
-    def greeting_wait(self, host):
-        """How long a new connection from host waits for a browser's request.
+    def may_be_spare(self, host):
+        """True if a new connection from host may be a browser's spare one.
 
         A browser that loads the page opens a spare connection or two, and
-        may send its next request (a reload, a second tab) on one seconds
-        later. Greeted by then, that one could no longer be answered in
-        HTTP, and the page would fail to load. So a connection that comes
+        may send its next request (a reload, a second tab) on one many
+        seconds later. Greeted by then, that one could no longer be answered
+        in HTTP, and the page would fail to load. So a connection that comes
         just after its computer got the page is greeted only once it sends
-        something, or after SPARE_WAIT_SECONDS. (Someone starting nc on that
-        computer just then sees the greeting late, or as soon as they type.)
+        something (see greet()).
         """
         with self._lock:
             sent = self._pages.get(host)
-        if sent is not None and self.clock() - sent < SPARE_CONNECTION_SECONDS:
-            return SPARE_WAIT_SECONDS
-        return BROWSER_WAIT_SECONDS
+        return sent is not None and self.clock() - sent < SPARE_CONNECTION_SECONDS
 
     def join_delay(self, host):
         """Take one join from host; return how many seconds it must wait first."""
@@ -1912,8 +1907,14 @@ def greet(handler):
     """Answer a web browser in HTTP; welcome anyone else. False: hang up."""
     # A browser sends its request as soon as it connects; a person takes
     # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
-    # the first prompt lets a browser get a real HTTP answer.
-    data = handler.wait_for_bytes(handler.room.addresses.greeting_wait(handler.client.host))
+    # the first prompt lets a browser get a real HTTP answer. A browser's
+    # spare connection waits for its request until the name timeout ends it
+    # (someone who starts nc on that computer just then is greeted once
+    # they type).
+    wait = BROWSER_WAIT_SECONDS
+    if handler.room.addresses.may_be_spare(handler.client.host):
+        wait = handler.room.settings.name_timeout or None
+    data = handler.wait_for_bytes(wait)
     if data == b"":
         return False
     if data and looks_like_http(data):
@@ -3648,7 +3649,7 @@ def answer_http(handler, data):
         return False
     if not upgraded:
         if request.path == "/":
-            handler.room.addresses.page_sent(client.host)  # see greeting_wait()
+            handler.room.addresses.page_sent(client.host)  # see may_be_spare()
         if request.path != "/favicon.ico":  # every browser asks: not worth a line
             handler.room.tell_console("Sent %s to %s" % (
                 "the chat page" if request.path == "/" else SOURCE_FILE_NAME, client),
