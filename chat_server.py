@@ -4402,6 +4402,7 @@ class RedisLink:
         self._unheard = []  # private messages no server heard: sent again at each beat
         self._writer = None  # the writer's RedisConnection
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
+        self._last_beat = time.monotonic()  # the writer's last heartbeat (or connect)
         self._listener = None  # the listener's first connection, made by connect()
         self._stopping = threading.Event()
         self._threads = []
@@ -4554,6 +4555,7 @@ class RedisLink:
             try:
                 if self._writer is None:
                     self._writer = RedisConnection(self.url, self.silence_seconds)
+                    self._last_beat = time.monotonic()
                     if not self.linked:
                         self._relink()
                     failing_since, delay = None, self.retry_first_seconds
@@ -4610,6 +4612,7 @@ class RedisLink:
             self._hold_unheard(item)
         if not self._in_flight:
             return
+        self._check_not_paused()  # before anything queued while it stood still goes out
         plan = [(item, self._commands_for(item)) for item in self._in_flight]
         replies = self._writer.pipeline([command for _, commands in plan
                                          for command in commands], self.silence_seconds)
@@ -4693,6 +4696,7 @@ class RedisLink:
 
     def _beat(self):
         """Keep our heartbeat and names alive; free names no one here uses; reap."""
+        self._check_not_paused()
         with self.room._lock:
             local = set(self.room._joined)
         now = time.monotonic()
@@ -4707,11 +4711,26 @@ class RedisLink:
                      "EX", self.heartbeat_ttl_seconds)]
         commands += [("EXPIRE", self._name_prefix + key, self.name_ttl_seconds) for key in keys]
         replies = self._writer.pipeline(commands, self.silence_seconds)
+        self._last_beat = time.monotonic()
         lost = [key for key, kept in zip(keys, replies[1:]) if not kept]
         if lost:  # another server thought we were dead and freed these
             log.warning("Redis lost names of ours: claiming them again")
             self._reclaim(lost, rejoin=True)
         self._reap()
+
+    def _check_not_paused(self):
+        """Split if this server stood still for longer than its heartbeat lasts.
+
+        Suspended (Ctrl+Z at its console, a laptop's lid closed), it may have
+        been taken for dead: the others let its students go, and may have
+        given one of their names to someone else. Going on as if nothing
+        happened, its students' lines would reach servers that no longer
+        know them. A split and relink claims their names again (renaming one
+        that was taken) and rejoins them.
+        """
+        still = time.monotonic() - self._last_beat
+        if still > self.heartbeat_ttl_seconds:
+            raise socket.timeout("this server stood still for %.0f seconds" % still)
 
     def _reap(self):
         """Announce the leave of each student of a server whose heartbeat expired."""

@@ -891,6 +891,32 @@ def test_a_killed_server_s_students_leave_everywhere_once(linked, join, redis_se
     assert leaves_in_stream(redis_server, "dave") == 1  # announced by one server only
 
 
+@redis
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="SIGSTOP is POSIX")
+def test_a_server_that_stood_still_rejoins_its_students_and_renames_a_taken_name(
+        linked, join, redis_server):
+    """Ctrl+Z at a linked server's console: the others take it for dead and free
+    its names. Back, it must not go on as if nothing happened: its students' lines
+    would reach servers that no longer know them."""
+    a = linked()
+    carol = join(a, "carol")
+    with server_process("--redis", redis_server.url(), launcher=FAST_LINK_LAUNCHER) as paused:
+        alice = paused.join("alice")
+        carol.expect("*** alice joined the chat.")
+        paused.process.send_signal(signal.SIGSTOP)
+        try:
+            carol.expect("*** alice left the chat.", timeout=30)  # taken for dead
+            impostor = join(a, "alice")
+        finally:
+            paused.process.send_signal(signal.SIGCONT)
+        alice.expect("you are now alice.2", timeout=SPLIT_TIMEOUT)
+        carol.expect("*** alice.2 joined the chat.", timeout=SPLIT_TIMEOUT)
+        alice.send("back")
+        carol.expect("alice.2 says: back")
+        impostor.expect("alice.2 says: back")
+        alice.close()
+
+
 # Runs the script with the link's timings of FAST_LINK, so that a killed
 # server's heartbeat expires in a second (Redis's shortest EX; still five of
 # its heartbeats) rather than REDIS_HEARTBEAT_TTL_SECONDS.
