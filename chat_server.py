@@ -1670,7 +1670,8 @@ def hold_back_flood(handler):
         handler.told_flood = True
         handler.reply("*** You are sending lines too fast: they will go out more "
                       "slowly. Nothing is lost.")
-        handler.room.tell_console("Slowing down %s: flooding" % handler.client)
+        handler.room.tell_console("Slowing down %s: flooding" % handler.client,
+                                  host=handler.client.host)
     # Sleeping here holds back only this client: the rest of its lines
     # wait, in order, in its socket. The wait ends early if it is dropped.
     handler.client.sleep(delay)
@@ -1935,6 +1936,9 @@ def greet(handler):
     return True
 
 
+PASSWORD_QUESTION = "*** This room has a password. Password?"  # the page knows it too
+
+
 def check_password(handler, deadline):
     """Ask for the room password if there is one; False: wrong, or gone."""
     password = handler.room.settings.password
@@ -1947,7 +1951,7 @@ def check_password(handler, deadline):
                       "%s." % describe_minutes(wait / 60))
         return False
     handler.waiting_for = "the password"
-    handler.reply("*** This room has a password. Password?")
+    handler.reply(PASSWORD_QUESTION)
     answer = handler.read_line(deadline)
     if answer is None:
         return False
@@ -3847,7 +3851,8 @@ function received(event) {
   for (const text of lines) {
     const fromServer = text.startsWith("*** ");
     show(text, fromServer ? "server" : "said");
-    if (fromServer) askingPassword(/Password\\?$/.test(text));
+    // Only the server's own question: a teacher's line may end in "Password?".
+    if (fromServer) askingPassword(text === "*** This room has a password. Password?");
   }
 }
 

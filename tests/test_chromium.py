@@ -224,6 +224,20 @@ def test_password_box_is_masked_only_while_asked(start_server, open_tab):
     assert "secret" not in [text for _, text in tab.log_lines()]
 
 
+def test_a_teachers_line_ending_in_password_does_not_mask_the_box(server, open_tab, joined):
+    bob = joined("bob")
+    tab = open_tab(server)
+    tab.type_line("alice")
+    bob.expect("*** alice joined the chat.")
+    chat_server.TeacherConsole(server, None).handle_line("What is the Wi-Fi Password?")
+    tab.wait_for_line("*** [teacher] What is the Wi-Fi Password?")
+    assert tab.evaluate("document.getElementById('line').type") == "text"
+
+
+def test_the_page_knows_the_servers_password_question():
+    assert '"%s"' % chat_server.PASSWORD_QUESTION in chat_server.PAGE_SCRIPT
+
+
 def test_inline_script_and_style_pass_the_pages_own_csp(server, open_tab):
     """The page connected (its script ran) and is styled: the CSP hashes match."""
     tab = open_tab(server)
