@@ -4419,6 +4419,13 @@ class RedisLink:
         where = format_address((self.url.host, self.url.port))
         try:
             self._writer = RedisConnection(self.url, self.silence_seconds)
+            fresh = not self._scan(self._server_prefix + "*")  # before our heartbeat
+            if fresh:
+                # No other server is linked: a new lesson. What an earlier
+                # class said, and its quiet mode, are not for this one (Redis
+                # may keep them for days: Debian's saves them to disk).
+                self._writer.pipeline([("XTRIM", self.stream, "MAXLEN", 0),
+                                       ("DEL", self._quiet_key)])
             # The stream's end first, then the names: a student who joins in
             # between is in the roster and in the stream; a join read twice
             # is shown once, a join missed would leave them unknown.
@@ -4443,6 +4450,8 @@ class RedisLink:
         # Two lines, so that the banner fits an 80-column terminal.
         log.info("Linked through Redis at %s, room %s.", where, self.url.room)
         log.info("This server's name among the linked ones: %s.", self.server_id)
+        if fresh:
+            log.info("The first server in the room: a new lesson (earlier chat let go).")
 
     def start(self):
         """Start the writer, reader and listener threads."""
@@ -4943,12 +4952,11 @@ class RedisLink:
         log.info("%s was taken on another server: renamed %s", old_name, new_name)
         self.room._send_queued(recipients + [client])
 
-    def _load_roster(self):
-        """The students on other servers, from the name keys in Redis."""
+    def _scan(self, pattern):
+        """Every key that matches pattern (SCAN, a thousand at a time)."""
         keys, cursor = [], b"0"
         while True:
-            reply = self._writer.call("SCAN", cursor, "MATCH",
-                                      self._name_prefix + "*", "COUNT", 1000)
+            reply = self._writer.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
             if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
                     and all(isinstance(key, bytes) for key in reply[1])
                     and isinstance(reply[0], bytes) and reply[0].isdigit()):
@@ -4956,7 +4964,11 @@ class RedisLink:
             cursor, found = reply
             keys += found
             if cursor == b"0":
-                break
+                return keys
+
+    def _load_roster(self):
+        """The students on other servers, from the name keys in Redis."""
+        keys = self._scan(self._name_prefix + "*")
         values = self._writer.call("MGET", *keys) if keys else []
         remote = {}
         for value in values:

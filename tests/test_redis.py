@@ -1037,6 +1037,25 @@ def test_a_server_that_shuts_down_shows_its_students_leaving_elsewhere(linked, j
     assert "bob" not in a.who()
 
 
+@redis
+def test_the_first_server_of_a_new_lesson_lets_the_last_lessons_chat_and_quiet_go(
+        linked, join):
+    """Redis keeps the room for days: one period's chat is not the next class's."""
+    monday = linked()
+    alice, amy = join(monday, "alice"), join(monday, "amy")
+    alice.send("monday's answers")
+    amy.expect("alice says: monday's answers")  # back through Redis: in its stream
+    chat_server.TeacherConsole(monday, None).handle_line("/quiet on")
+    amy.expect("*** [teacher]")
+    monday.close_room()
+    tuesday = linked()  # no other server is linked now
+    bob = join(tuesday, "bob", settle=False)  # (monday, stopped, would never list him)
+    assert not [line for line in bob.seen if "monday" in line or "quiet" in line], bob.seen
+    carol = join(tuesday, "carol", settle=False)
+    bob.send("tuesday")
+    carol.expect_next("bob says: tuesday")  # not held back: the room is not quiet
+
+
 def test_a_redis_elsewhere_without_a_password_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, SERVER_SCRIPT, "--redis", "redis://192.0.2.7/lab"],
                             stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2)
