@@ -3957,8 +3957,9 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
 #     an event read twice (sent again after a reconnect) is skipped.
 #   * Names are claimed in Redis (SET NX EX), refreshed while the student is
 #     here; each server also keeps a heartbeat key alive. A server whose
-#     heartbeat expired is dead: its students' names are deleted by the
-#     others, and only the server whose DEL returned 1 announces the leave.
+#     heartbeat has been gone for as long again as it lasts is dead: its
+#     students' names are deleted by the others, and only the server whose
+#     DEL returned 1 announces the leave.
 #   * Private messages and the teacher's /kick and /mute for a student on
 #     another server go over that server's own pub/sub channel: never stored.
 #   * Three connections, each owned by one thread: the writer (commands), the
@@ -3980,7 +3981,8 @@ REDIS_BLOCK_MILLISECONDS = 500  # how long one XREAD waits for new events
 REDIS_RETRY_FIRST_SECONDS = 0.1  # the first wait before reconnecting...
 REDIS_RETRY_MAX_SECONDS = 2.0  # ...doubling up to this: "a few seconds at most"
 REDIS_HEARTBEAT_SECONDS = 1.0  # heartbeat and name refresh, this often
-REDIS_HEARTBEAT_TTL_SECONDS = 10  # a server silent this long is dead
+REDIS_HEARTBEAT_TTL_SECONDS = 10  # a heartbeat lasts this long; missing for as
+#                                    long again, its server is dead
 REDIS_NAME_TTL_SECONDS = 60  # longer than a heartbeat: the reaper, not expiry, frees names
 REDIS_STREAM_EVENTS = 10000  # events kept in the stream (XADD MAXLEN ~)
 REDIS_OUTBOX_ITEMS = 10000  # work queued for Redis; full means Redis is too slow
@@ -4408,6 +4410,7 @@ class RedisLink:
         self._writer = None  # the writer's RedisConnection
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
         self._last_beat = time.monotonic()  # the writer's last heartbeat (or connect)
+        self._missing_since = {}  # server id -> when its heartbeat was first missed
         self._listener = None  # the listener's first connection, made by connect()
         self._stopping = threading.Event()
         self._threads = []
@@ -4755,7 +4758,18 @@ class RedisLink:
             return
         alive = self._writer.pipeline([("EXISTS", self._server_prefix + server)
                                        for server in servers], self.silence_seconds)
-        dead = {server for server, exists in zip(servers, alive) if not exists}
+        # Dead only once its heartbeat has been missing for as long again as
+        # it lasts: after a Redis restart lost every key, a live server may be
+        # a few seconds from its next heartbeat (or reconnecting).
+        now, dead = time.monotonic(), set()
+        for server, exists in zip(servers, alive):
+            if exists:
+                self._missing_since.pop(server, None)
+            elif now - self._missing_since.setdefault(server, now) >= \
+                    self.heartbeat_ttl_seconds:
+                dead.add(server)
+        for server in set(self._missing_since) - set(servers):
+            del self._missing_since[server]  # gone from the roster already
         orphans = [student for student in remote if student.server in dead]
         if not orphans:
             return

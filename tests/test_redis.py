@@ -1056,6 +1056,25 @@ def test_the_first_server_of_a_new_lesson_lets_the_last_lessons_chat_and_quiet_g
     carol.expect_next("bob says: tuesday")  # not held back: the room is not quiet
 
 
+@redis
+def test_a_live_server_whose_heartbeat_redis_lost_for_a_moment_is_not_taken_for_dead(
+        two_rooms, redis_server):
+    """After a Redis restart every key is gone, and a live server may be a few
+    seconds from its next heartbeat: its students must not be shown leaving."""
+    a, b, alice, bob = two_rooms
+    connection = redis_server.connect()
+    try:
+        key = "class:server:" + b._link.server_id
+        deadline = time.monotonic() + 0.8 * FAST_LINK["heartbeat_ttl_seconds"]
+        while time.monotonic() < deadline:  # missing far longer than it beats
+            connection.call("DEL", key)
+            time.sleep(FAST_LINK["heartbeat_seconds"] / 4)  # the fault under test
+    finally:
+        connection.close()
+    bob.send("still here")
+    alice.expect_next("bob says: still here")  # not "bob left the chat."
+
+
 def test_a_redis_elsewhere_without_a_password_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, SERVER_SCRIPT, "--redis", "redis://192.0.2.7/lab"],
                             stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2)
