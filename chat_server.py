@@ -5006,9 +5006,14 @@ class RedisLink:
         lines = []
         for _, fields in reversed(entries):
             try:
-                lines += event_lines(self._entry_event(fields))
+                event = self._entry_event(fields)
             except BadEvent as error:
                 log.warning("Dropped a bad event from Redis's history: %s", error)
+                continue
+            # A rejoin after a split is news only to a server that let the
+            # student go: in a newcomer's history it would be a second join.
+            if not event.get("again"):
+                lines += event_lines(event)
         return lines[-self.room.settings.history:] if self.room.settings.history else [], newest
 
     def _entry_event(self, fields):

@@ -1075,6 +1075,21 @@ def test_a_live_server_whose_heartbeat_redis_lost_for_a_moment_is_not_taken_for_
     alice.expect_next("bob says: still here")  # not "bob left the chat."
 
 
+@redis
+def test_a_rejoin_after_a_split_is_not_a_second_join_in_a_newcomers_history(
+        linked, join, redis_server):
+    join(linked(), "alice")  # a server is linked: the next one starts no new lesson
+    connection = redis_server.connect()
+    try:
+        for sequence, again in ((1, False), (2, True)):
+            connection.call("XADD", "class:events", "*", "e",
+                            event(k="join", name="mallory", n=sequence, again=again))
+    finally:
+        connection.close()
+    newcomer = join(linked(), "bob", settle=False)
+    assert sum("mallory joined" in line for line in newcomer.seen) == 1, newcomer.seen
+
+
 def test_a_redis_elsewhere_without_a_password_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, SERVER_SCRIPT, "--redis", "redis://192.0.2.7/lab"],
                             stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2)
