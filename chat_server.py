@@ -4845,6 +4845,9 @@ class RedisLink:
         self._reclaim(sorted(local))
         newest = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
                                                   "COUNT", 1))
+        # An empty stream that we had read from: Redis forgot the room (it
+        # restarted with nothing saved), its quiet mode too.
+        forgotten = not newest and self._last_id != "0"
         remote = self._load_roster()  # after the stream's end: see connect()
         quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
         # A look-alike of one of ours that joined elsewhere during the split:
@@ -4869,21 +4872,22 @@ class RedisLink:
                 client.queue_line(self.room._online_line())
                 self._rejoin(client)
             self.room.recorder.note("console", WHOLE_LINE[4:])
-            self._settle_quiet(quiet_elsewhere)
+            self._settle_quiet(quiet_elsewhere, forgotten)
         log.info("Linked through Redis again")
         self.room._send_queued(clients)
 
-    def _settle_quiet(self, quiet_elsewhere):
+    def _settle_quiet(self, quiet_elsewhere, forgotten=False):
         """After a split, one quiet mode for the whole room again (room's lock held).
 
         If the teacher here turned it on or off during the split, the other
-        servers follow; if not, this room follows them.
+        servers follow; if not, this room follows them. forgotten: Redis
+        lost the room, so "off" there says nothing: a quiet room stays so.
         """
         set_here, self._quiet_set_alone = self._quiet_set_alone, False
         quiet = self.room._quiet
         if quiet == quiet_elsewhere:
             return
-        if set_here:
+        if set_here or (forgotten and quiet):
             self.takes({"k": "quiet", "on": quiet}, [], None)  # shown here already
         else:
             self.room._quiet = quiet_elsewhere
@@ -5133,6 +5137,8 @@ class RedisLink:
                 "Dropped a message from a student we do not know: %s" % event["name"])
             return []
         elif kind == "quiet":
+            if event["on"] == self.room._quiet:
+                return []  # so it was here (each server tells the others after a relink)
             self._set_quiet(event["on"])
         return self.room._broadcast(event_lines(event), notice=is_notice(event))
 

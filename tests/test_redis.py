@@ -1010,6 +1010,28 @@ def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(
 
 
 @redis
+def test_a_restarted_empty_redis_does_not_lift_quiet_mode(
+        join, redis_server, quick_split, two_rooms):
+    """Redis forgot the room's quiet mode with everything else: no teacher lifted it."""
+    a, b, alice, bob = two_rooms
+    TeacherConsole(a, None).handle_line("/quiet on")
+    for student in (alice, bob):
+        student.expect(chat_server.QUIET_ON_LINE)
+    redis_server.stop()
+    for student in (alice, bob):
+        student.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    redis_server.restart()  # empty
+    for student in (alice, bob):
+        student.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: "bob" in a.who() and "alice" in b.who(), timeout=SPLIT_TIMEOUT,
+               message="each server lists the other's student again")
+    for student in (alice, bob):
+        student.send("can I talk now")
+        student.expect("Not sent: the room is quiet")
+    assert not [line for line in alice.seen + bob.seen if chat_server.QUIET_OFF_LINE in line]
+
+
+@redis
 def test_the_console_of_one_server_kicks_a_student_on_another(linked, join, redis_server):
     b = linked()
     bob = join(b, "bob")
