@@ -636,7 +636,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 return problem
             client.name, client.key, client.looks = name, key, looks
             client.joined_at = time.monotonic()
-            client.muted = self.addresses.is_muted(client.host, key)
+            client.muted = self.addresses.is_muted(client.host, key) or (
+                self._link is not None and key in self._link.muted_keys)  # Redis link
             # Notices so far are in its history and its list of who is online.
             client.notices_seen = self.notices.count()
             self._add_client(client)
@@ -2470,6 +2471,11 @@ class ChatServer(ChatRoom):
             self._link.send_private(student, dict(event, name=student.name))
         return "Asked the server of %s to %s them." % (student.name, verb)
 
+    def unmute_elsewhere(self, name):
+        """Redis link: forget a mute of name on every server (it may be offline)."""
+        if self._link is not None:
+            self._link.note_muted(fold_name(name), False)
+
     def has_joined(self, client):
         with self._lock:
             return client.key is not None and self._joined.get(client.key) is client
@@ -2488,6 +2494,8 @@ class ChatServer(ChatRoom):
             if client.muted == muted:
                 return False
             client.muted = muted
+            if self._link is not None:  # Redis link: muted on every server
+                self._link.note_muted(client.key, muted)
             self.notices.catch_up(client)
             client.queue_line(
                 "*** The teacher has muted you: your messages reach nobody for now."
@@ -2824,6 +2832,8 @@ class TeacherConsole:
             elsewhere = self.room.ask_other_server(
                 argument, {"k": "mute", "name": argument, "on": False}, "unmute")
             if elsewhere:
+                # Muted here before, they would be muted again coming back here.
+                self.room.addresses.unmute(argument)
                 self.tell(elsewhere)
                 return
         host, key = (client.host, client.key) if client else (None, None)
@@ -2835,6 +2845,7 @@ class TeacherConsole:
             if other is client or (other.host in hosts and
                                    not self.room.addresses.is_muted(other.host, other.key)):
                 unmuted = self.room.set_muted(other, False) or unmuted
+        self.room.unmute_elsewhere(argument)  # Redis link: not muted on any server
         self.tell("%s is no longer muted." % argument if unmuted
                   else "%s is not muted." % argument)
         if unmuted:
@@ -3971,7 +3982,8 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
 #
 # Keys, for a room called ROOM: ROOM:events (the stream), ROOM:name:KEY (who
 # holds a name), ROOM:server:ID (a heartbeat), ROOM:quiet (set in quiet
-# mode), and the channels ROOM:to:ID (one per server).
+# mode), ROOM:muted (the muted names), and the channels ROOM:to:ID (one per
+# server).
 
 # Fixed numbers of the link (tests shorten the timings: see RedisLink).
 REDIS_PORT = 6379  # Redis's own default port, when --redis gives none
@@ -4392,6 +4404,11 @@ class RedisLink:
         self._name_prefix = prefix + "name:"
         self._server_prefix = prefix + "server:"
         self._quiet_key = prefix + "quiet"
+        self._muted_key = prefix + "muted"  # a set of the name keys muted anywhere
+        # Name keys muted in Redis, as this server last heard (note_muted(),
+        # and each claim of a name): a muted student who reconnects to
+        # another linked server is muted there too.
+        self.muted_keys = set()
         # Guarded by the room's lock (the link is part of the room), but for
         # _outbox, a Queue, which has a lock of its own:
         self.linked = True  # False during a split
@@ -4428,7 +4445,7 @@ class RedisLink:
                 # class said, and its quiet mode, are not for this one (Redis
                 # may keep them for days: Debian's saves them to disk).
                 self._writer.pipeline([("XTRIM", self.stream, "MAXLEN", 0),
-                                       ("DEL", self._quiet_key)])
+                                       ("DEL", self._quiet_key), ("DEL", self._muted_key)])
             # The stream's end first, then the names: a student who joins in
             # between is in the roster and in the stream; a join read twice
             # is shown once, a join missed would leave them unknown.
@@ -4540,6 +4557,14 @@ class RedisLink:
             return None
         return "The name %s is taken." % claimed  # as its holder wrote it
 
+    def note_muted(self, key, muted):
+        """A student of ours was muted or unmuted: so they stay on any server."""
+        if muted:
+            self.muted_keys.add(key)
+        else:
+            self.muted_keys.discard(key)
+        self._queue_work(("mute", key, muted))
+
     def _queue_work(self, item):
         try:
             self._outbox.put_nowait(item)
@@ -4636,9 +4661,13 @@ class RedisLink:
         self._in_flight = []
         position = 0
         for item, commands in plan:
-            if item[0] == "claim":  # replies: SET's, then GET's (who holds it)
+            if item[0] == "claim":  # replies: SET's, GET's (who holds it), SISMEMBER's
                 # Ours already: a claim sent again after a reconnect.
                 claimed = replies[position] is not None or self._holds(replies[position + 1])
+                if replies[position + 2] == 1:
+                    self.muted_keys.add(item[1])  # before the answer: join() reads it
+                else:
+                    self.muted_keys.discard(item[1])
                 if claimed:
                     self._claimed[item[1]] = time.monotonic()
                 item[3].put(True if claimed else self._holder_name(replies[position + 1],
@@ -4696,9 +4725,12 @@ class RedisLink:
             return commands
         if kind == "publish":
             return [("PUBLISH", item[1], json.dumps(item[2], ensure_ascii=False))]
-        # "claim": the value says which server holds the name
+        if kind == "mute":
+            return [("SADD" if item[2] else "SREM", self._muted_key, item[1])]
+        # "claim": the value says which server holds the name; and is it muted?
         return [("SET", self._name_prefix + item[1], self._name_value(item[2]),
-                 "NX", "EX", self.name_ttl_seconds), ("GET", self._name_prefix + item[1])]
+                 "NX", "EX", self.name_ttl_seconds), ("GET", self._name_prefix + item[1]),
+                ("SISMEMBER", self._muted_key, item[1])]
 
     def _holder_name(self, value, asked):
         """The name as its holder wrote it, from a name key's value (else as asked)."""

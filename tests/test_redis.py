@@ -1032,6 +1032,25 @@ def test_a_restarted_empty_redis_does_not_lift_quiet_mode(
 
 
 @redis
+def test_a_muted_student_who_reconnects_to_another_server_is_muted_there(two_rooms, join):
+    a, b, alice, bob = two_rooms
+    TeacherConsole(a, None).handle_line("/mute bob")  # bob is on b
+    bob.expect("The teacher has muted you")
+    bob.close()
+    alice.expect("*** bob left the chat.")
+    bob = join(a, "bob")  # the teacher's own server this time
+    bob.send("you cannot stop me")
+    bob.expect("*** Not sent: the teacher has muted you.")
+    TeacherConsole(b, None).handle_line("/unmute bob")  # from the other console
+    bob.expect("The teacher has unmuted you")
+    bob.close()
+    alice.expect("*** bob left the chat.")
+    bob = join(b, "bob")
+    bob.send("thank you")
+    alice.expect("bob says: thank you")
+
+
+@redis
 def test_the_console_of_one_server_kicks_a_student_on_another(linked, join, redis_server):
     b = linked()
     bob = join(b, "bob")
