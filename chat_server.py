@@ -1778,6 +1778,8 @@ class Addresses:
         just after its computer got the page is greeted only once it sends
         something (see greet()).
         """
+        if not self.per_address:
+            return False  # the whole class may be one address: no telling
         with self._lock:
             sent = self._pages.get(host)
         return sent is not None and self.clock() - sent < SPARE_CONNECTION_SECONDS
@@ -1910,20 +1912,21 @@ def greet(handler):
     # A browser sends its request as soon as it connects; a person takes
     # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
     # the first prompt lets a browser get a real HTTP answer. A browser's
-    # spare connection waits for its request until the name timeout ends it
-    # (someone who starts nc on that computer just then is greeted once
-    # they type).
-    wait = BROWSER_WAIT_SECONDS
-    if handler.room.addresses.may_be_spare(handler.client.host):
-        wait = handler.room.settings.name_timeout or None
-    data = handler.wait_for_bytes(wait)
-    if data == b"":
-        return False
+    # spare connection waits for its request until the name timeout.
+    spare = handler.room.addresses.may_be_spare(handler.client.host)
+    data = handler.wait_for_bytes(
+        (handler.room.settings.name_timeout or None) if spare else BROWSER_WAIT_SECONDS)
+    if data == b"" or (spare and data is None):
+        return False  # gone, or a spare the browser never used: no goodbye
     if data and looks_like_http(data):
         if not answer_http(handler, data):  # see "The browser page" below
             return False
     elif data:
-        handler.take_bytes(data)
+        handler.take_bytes(data)  # telnet's options are answered
+        if spare:
+            # Someone who started nc just after this computer loaded the
+            # page saw nothing, and pressed Enter: not their name yet.
+            handler.lines.clear()
     handler.reply("*** Welcome to the chat!")
     timeout = handler.room.settings.name_timeout
     if timeout > 0:
@@ -3996,6 +3999,8 @@ REDIS_HEARTBEAT_SECONDS = 1.0  # heartbeat and name refresh, this often
 REDIS_HEARTBEAT_TTL_SECONDS = 10  # a heartbeat lasts this long; missing for as
 #                                    long again, its server is dead
 REDIS_NAME_TTL_SECONDS = 60  # longer than a heartbeat: the reaper, not expiry, frees names
+REDIS_LESSON_GAP_SECONDS = 300  # a room no server has beaten in for this long (or
+#                                 whose last server stopped) begins a new lesson
 REDIS_STREAM_EVENTS = 10000  # events kept in the stream (XADD MAXLEN ~)
 REDIS_OUTBOX_ITEMS = 10000  # work queued for Redis; full means Redis is too slow
 REDIS_READ_EVENTS = 100  # events taken in one XREAD (each at most ~20 KB)
@@ -4405,6 +4410,7 @@ class RedisLink:
         self._server_prefix = prefix + "server:"
         self._quiet_key = prefix + "quiet"
         self._muted_key = prefix + "muted"  # a set of the name keys muted anywhere
+        self._lesson_key = prefix + "lesson"  # kept alive by every server's heartbeat
         # Name keys muted in Redis, as this server last heard (note_muted(),
         # and each claim of a name): a muted student who reconnects to
         # another linked server is muted there too.
@@ -4426,7 +4432,9 @@ class RedisLink:
         self._unheard = []  # private messages no server heard: sent again at each beat
         self._writer = None  # the writer's RedisConnection
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
-        self._last_beat = time.monotonic()  # the writer's last heartbeat (or connect)
+        # The writer's last heartbeat (or connect), by both clocks: a
+        # computer's sleep stops time.monotonic() on Linux and macOS.
+        self._last_beat = time.monotonic(), time.time()
         self._missing_since = {}  # server id -> when its heartbeat was first missed
         self._listener = None  # the listener's first connection, made by connect()
         self._stopping = threading.Event()
@@ -4439,7 +4447,10 @@ class RedisLink:
         where = format_address((self.url.host, self.url.port))
         try:
             self._writer = RedisConnection(self.url, self.silence_seconds)
-            fresh = not self._scan(self._server_prefix + "*")  # before our heartbeat
+            # Before our heartbeat. A server split from Redis, or stood still,
+            # has no heartbeat for a while: the lesson key outlives it.
+            fresh = not self._scan(self._server_prefix + "*") and \
+                self._writer.call("EXISTS", self._lesson_key) == 0
             if fresh:
                 # No other server is linked: a new lesson. What an earlier
                 # class said, and its quiet mode, are not for this one (Redis
@@ -4454,8 +4465,9 @@ class RedisLink:
             quiet = self._writer.call("EXISTS", self._quiet_key) == 1
             # Subscribed before anyone can join: a whisper to them is heard.
             self._listener = self._subscribe()
-            self._writer.call("SET", self._server_prefix + self.server_id, "1",
-                              "EX", self.heartbeat_ttl_seconds)
+            self._writer.pipeline([("SET", self._server_prefix + self.server_id, "1",
+                                    "EX", self.heartbeat_ttl_seconds),
+                                   ("SET", self._lesson_key, "1", "EX", REDIS_LESSON_GAP_SECONDS)])
         except RedisError as error:
             self._drop_writer()
             raise RedisStartError("Redis at %s refused us: %s" % (where, error))
@@ -4496,6 +4508,8 @@ class RedisLink:
             commands += [("DEL", self._name_prefix + fold_name(name)) for name in names]
             commands.append(("DEL", self._server_prefix + self.server_id))
             connection.pipeline(commands, SHUTDOWN_GRACE_SECONDS)
+            if not self._scan(self._server_prefix + "*", connection):
+                connection.call("DEL", self._lesson_key)  # the last one: the lesson is over
             connection.close()
         except (OSError, RedisError) as error:
             log.warning("Could not tell the other servers we are stopping: %s", error)
@@ -4597,9 +4611,10 @@ class RedisLink:
             try:
                 if self._writer is None:
                     self._writer = RedisConnection(self.url, self.silence_seconds)
-                    self._last_beat = time.monotonic()
+                    self._last_beat = time.monotonic(), time.time()
                     if not self.linked:
                         self._relink()
+                        self._last_beat = time.monotonic(), time.time()
                     failing_since, delay = None, self.retry_first_seconds
                 if self._writer is not None and not self.linked:
                     # Split by the reader, or by a full queue: start afresh.
@@ -4757,11 +4772,14 @@ class RedisLink:
             self._release_if_ours(key)
         keys = sorted(self._claimed)
         commands = [("SET", self._server_prefix + self.server_id, "1",
-                     "EX", self.heartbeat_ttl_seconds)]
+                     "EX", self.heartbeat_ttl_seconds),
+                    ("SET", self._lesson_key, "1", "EX", REDIS_LESSON_GAP_SECONDS)]
         commands += [("EXPIRE", self._name_prefix + key, self.name_ttl_seconds) for key in keys]
+        # Stamped as sent: a Ctrl+Z while the answer is on its way still counts.
+        sent = time.monotonic(), time.time()
         replies = self._writer.pipeline(commands, self.silence_seconds)
-        self._last_beat = time.monotonic()
-        lost = [key for key, kept in zip(keys, replies[1:]) if not kept]
+        self._last_beat = sent
+        lost = [key for key, kept in zip(keys, replies[2:]) if not kept]
         if lost:  # another server thought we were dead and freed these
             log.warning("Redis lost names of ours: claiming them again")
             self._reclaim(lost, rejoin=True)
@@ -4777,7 +4795,7 @@ class RedisLink:
         know them. A split and relink claims their names again (renaming one
         that was taken) and rejoins them.
         """
-        still = time.monotonic() - self._last_beat
+        still = max(time.monotonic() - self._last_beat[0], time.time() - self._last_beat[1])
         if still > self.heartbeat_ttl_seconds:
             raise socket.timeout("this server stood still for %.0f seconds" % still)
 
@@ -4787,6 +4805,7 @@ class RedisLink:
             remote = list(self.room._remote.values())
         servers = sorted({student.server for student in remote})
         if not servers:
+            self._missing_since.clear()
             return
         alive = self._writer.pipeline([("EXISTS", self._server_prefix + server)
                                        for server in servers], self.silence_seconds)
@@ -4870,6 +4889,7 @@ class RedisLink:
     def _relink(self):
         """The writer is back after a split: reclaim names, reload the others, rejoin."""
         self._forget_in_flight()
+        self._missing_since.clear()  # seen while apart: it says nothing now
         with self.room._lock:
             local = set(self.room._joined)
         for key in sorted(set(self._claimed) - local):
@@ -5002,11 +5022,12 @@ class RedisLink:
         log.info("%s was taken on another server: renamed %s", old_name, new_name)
         self.room._send_queued(recipients + [client])
 
-    def _scan(self, pattern):
+    def _scan(self, pattern, connection=None):
         """Every key that matches pattern (SCAN, a thousand at a time)."""
         keys, cursor = [], b"0"
         while True:
-            reply = self._writer.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            reply = (connection or self._writer).call("SCAN", cursor, "MATCH", pattern,
+                                                      "COUNT", 1000)
             if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
                     and all(isinstance(key, bytes) for key in reply[1])
                     and isinstance(reply[0], bytes) and reply[0].isdigit()):
@@ -5039,17 +5060,25 @@ class RedisLink:
         entries = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
                                                    "COUNT", count))
         newest = entries[0][0] if entries else "0"
-        lines = []
+        lines, present = [], set()  # who the history has shown joined
         for _, fields in reversed(entries):
             try:
                 event = self._entry_event(fields)
             except BadEvent as error:
                 log.warning("Dropped a bad event from Redis's history: %s", error)
                 continue
-            # A rejoin after a split is news only to a server that let the
-            # student go: in a newcomer's history it would be a second join.
-            if not event.get("again"):
-                lines += event_lines(event)
+            kind = event["k"]
+            if kind in ("join", "leave"):
+                key = fold_name(event["name"])
+                # A rejoin after a split is news only where the student was let
+                # go: after their join, it would read as a second one.
+                if kind == "join" and event.get("again") and key in present:
+                    continue
+                (present.add if kind == "join" else present.discard)(key)
+            elif kind == "rename":
+                present.discard(fold_name(event["old"]))
+                present.add(fold_name(event["new"]))
+            lines += event_lines(event)
         return lines[-self.room.settings.history:] if self.room.settings.history else [], newest
 
     def _entry_event(self, fields):

@@ -260,6 +260,38 @@ def test_only_the_computer_that_got_the_page_has_its_greeting_held_for_a_spare(
                                timeout=4 * chat_server.BROWSER_WAIT_SECONDS)
 
 
+def fetch_the_page(server):
+    """Load the chat page from 127.0.0.1, as a browser does."""
+    with socket.create_connection(server.server_address[:2], timeout=TIMEOUT) as browser:
+        browser.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert browser.recv(65536).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_enter_on_a_silent_screen_after_the_page_is_not_taken_for_the_password(
+        start_server, quick_passwords):
+    """nc started just after this computer loaded the page sees nothing (it may be the
+    browser's spare connection) until Enter: that Enter is no wrong password."""
+    server = start_server(password="fish")
+    fetch_the_page(server)
+    student = ChatClient(server.server_address)
+    student.send("")  # Enter on a blank screen
+    student.expect("Password?")
+    student.send("fish")
+    student.expect("What is your name?")
+    assert server.addresses.password_wait("127.0.0.1") == 0
+    student.close()
+
+
+def test_with_per_address_0_a_connection_after_the_page_is_greeted_at_once(start_server):
+    """The whole class may be one address then: no telling a browser's spare."""
+    server = start_server(per_address=0)
+    fetch_the_page(server)
+    assert not server.addresses.may_be_spare("127.0.0.1")
+    student = ChatClient(server.server_address)
+    student.expect("*** Welcome to the chat!")
+    student.close()
+
+
 def test_shared_machine_mode_lets_one_address_open_many_connections(start_server, computer):
     server = start_server(per_address=0, max_clients=20)
     clients = [computer(2, server) for _ in range(12)]  # past the default of 8

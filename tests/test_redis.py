@@ -1028,6 +1028,7 @@ def test_a_restarted_empty_redis_does_not_lift_quiet_mode(
     for student in (alice, bob):
         student.send("can I talk now")
         student.expect("Not sent: the room is quiet")
+        assert student.seen.count(chat_server.QUIET_ON_LINE) == 1  # not again at the relink
     assert not [line for line in alice.seen + bob.seen if chat_server.QUIET_OFF_LINE in line]
 
 
@@ -1117,6 +1118,28 @@ def test_a_live_server_whose_heartbeat_redis_lost_for_a_moment_is_not_taken_for_
 
 
 @redis
+def test_a_server_cut_off_from_redis_is_not_taken_for_a_finished_lesson(
+        linked, join, proxies, quick_split, redis_server):
+    """Its heartbeat lapses while it is apart; a server started meanwhile (a second
+    lab joining) must not trim the room's history as if the lesson were over."""
+    proxy = proxies()
+    a = linked(via=proxy)
+    amy, ann = join(a, "amy"), join(a, "ann")
+    amy.send("before the cut")
+    ann.expect("amy says: before the cut")
+    proxy.freeze()
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    connection = redis_server.connect()
+    try:
+        wait_until(lambda: not connection.call("EXISTS", "class:server:" + a._link.server_id),
+                   timeout=SPLIT_TIMEOUT, message="a's heartbeat to lapse")
+    finally:
+        connection.close()
+    dave = join(linked(), "dave", settle=False)
+    assert "amy says: before the cut" in dave.seen
+
+
+@redis
 def test_a_rejoin_after_a_split_is_not_a_second_join_in_a_newcomers_history(
         linked, join, redis_server):
     join(linked(), "alice")  # a server is linked: the next one starts no new lesson
@@ -1129,6 +1152,24 @@ def test_a_rejoin_after_a_split_is_not_a_second_join_in_a_newcomers_history(
         connection.close()
     newcomer = join(linked(), "bob", settle=False)
     assert sum("mallory joined" in line for line in newcomer.seen) == 1, newcomer.seen
+
+
+@redis
+def test_a_rejoin_after_a_servers_students_were_let_go_is_shown_in_the_history(
+        linked, join, redis_server):
+    """Reaped, then back: the history must not end with "left" for someone online."""
+    join(linked(), "alice")
+    connection = redis_server.connect()
+    try:
+        for sequence, fields in ((1, {"k": "join"}), (2, {"k": "leave", "of": "0" * 16}),
+                                 (3, {"k": "join", "again": True})):
+            connection.call("XADD", "class:events", "*", "e",
+                            event(name="mallory", n=sequence, **fields))
+    finally:
+        connection.close()
+    newcomer = join(linked(), "bob", settle=False)
+    mallory = [line for line in newcomer.seen if "mallory" in line]
+    assert mallory[-1] == "*** mallory joined the chat.", newcomer.seen
 
 
 def test_a_redis_elsewhere_without_a_password_is_one_line_and_exit_2():
