@@ -2026,8 +2026,8 @@ class Refuser:
     half-closed and read until it closes or REFUSAL_DRAIN_SECONDS pass.
     Closing a socket with unread input resets it, and a reset can overtake
     our line: the student would see nothing at all. At most REFUSALS_AT_ONCE
-    wait so; in a flood, the next are told and closed at once, so that a
-    student opening refused connections fast cannot use up the open files.
+    are held so; in a flood, the next are told and closed at once, so that
+    a student opening refused connections fast cannot use up the open files.
     """
 
     def __init__(self):
@@ -2918,9 +2918,9 @@ class Recorder:
         "silenced" for what a muted student or quiet mode held back, with
         line (name, text); "console" or "warning" for the console only;
         "connection" for the console too, with line (host, "console" or
-        "warning", text); "transcript" for the transcript only. Room events are noted with
-        the room's lock held, so they queue in the room's order; a console
-        line may be noted without it. Never waits: if the recorder has
+        "warning", text); "transcript" for the transcript only. Room events
+        are noted with the room's lock held, so they queue in the room's
+        order; a console line may be noted without it. Never waits: if the recorder has
         fallen RECORD_QUEUE_EVENTS behind, the event is counted instead,
         and the count reported.
         """
@@ -4452,9 +4452,9 @@ class RedisLink:
             fresh = not self._scan(self._server_prefix + "*") and \
                 self._writer.call("EXISTS", self._lesson_key) == 0
             if fresh:
-                # No other server is linked: a new lesson. What an earlier
-                # class said, and its quiet mode, are not for this one (Redis
-                # may keep them for days: Debian's saves them to disk).
+                # No server is linked, nor was lately: a new lesson. What an
+                # earlier class said, its quiet mode and mutes are not for
+                # this one (Redis may keep them for days: Debian's saves them).
                 self._writer.pipeline([("XTRIM", self.stream, "MAXLEN", 0),
                                        ("DEL", self._quiet_key), ("DEL", self._muted_key)])
             # The stream's end first, then the names: a student who joins in
