@@ -2920,9 +2920,9 @@ class Recorder:
         "connection" for the console too, with line (host, "console" or
         "warning", text); "transcript" for the transcript only. Room events
         are noted with the room's lock held, so they queue in the room's
-        order; a console line may be noted without it. Never waits: if the recorder has
-        fallen RECORD_QUEUE_EVENTS behind, the event is counted instead,
-        and the count reported.
+        order; a console line may be noted without it. Never waits: if the
+        recorder has fallen RECORD_QUEUE_EVENTS behind, the event is counted
+        instead, and the count reported.
         """
         if self._records.qsize() < RECORD_QUEUE_EVENTS:
             self._records.put((kind, line))
