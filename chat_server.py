@@ -4800,7 +4800,7 @@ class RedisLink:
             raise socket.timeout("this server stood still for %.0f seconds" % still)
 
     def _reap(self):
-        """Announce the leave of each student of a server whose heartbeat expired."""
+        """Announce the leave of each student of a server whose heartbeat is long gone."""
         with self.room._lock:
             remote = list(self.room._remote.values())
         servers = sorted({student.server for student in remote})
