@@ -223,6 +223,20 @@ def connection_lines_from(host, caplog):
     return shown, counted
 
 
+def test_slowing_down_lines_are_counted_with_a_computers_other_connection_lines(
+        start_server, caplog, monkeypatch):
+    monkeypatch.setattr(chat_server, "CONNECTION_LINES_SHOWN", 1)  # "Accepted" takes it
+    monkeypatch.setattr(chat_server, "CONNECTION_LINES_SECONDS", 1.0)
+    monkeypatch.setattr(chat_server, "RECORDER_CHECK_SECONDS", 0.2)
+    server = start_server(flood_rate=1, flood_burst=1)  # the name took the burst
+    student = ChatClient(server.server_address).join("alice")
+    student.send("too soon")
+    student.expect("You are sending lines too fast")
+    expect_console(caplog, "more line about connections from 127.0.0.1 not shown")
+    assert not [line for line in console_lines(caplog) if line.startswith("Slowing down")]
+    student.close()
+
+
 @pytest.mark.parametrize("per_address", [30, 0], ids=["counted", "shared machine: all shown"])
 def test_a_computer_that_connects_very_often_is_counted_on_the_console_not_shown(
         start_server, computer, caplog, monkeypatch, per_address):
@@ -280,6 +294,14 @@ def test_enter_on_a_silent_screen_after_the_page_is_not_taken_for_the_password(
     student.expect("What is your name?")
     assert server.addresses.password_wait("127.0.0.1") == 0
     student.close()
+
+
+def test_a_spare_connection_never_used_is_closed_at_the_name_timeout_without_a_word(
+        start_server):
+    server = start_server(name_timeout=0.5)
+    fetch_the_page(server)
+    with socket.create_connection(server.server_address[:2], timeout=TIMEOUT) as spare:
+        assert spare.recv(1024) == b""  # closed, with no greeting and no goodbye
 
 
 def test_with_per_address_0_a_connection_after_the_page_is_greeted_at_once(start_server):
