@@ -4870,21 +4870,50 @@ class RedisLink:
 
     def _drain_outbox(self):
         """Forget queued work after a split: its events were shown here already."""
+        dropped = []
         while True:
             try:
-                item = self._outbox.get_nowait()
+                dropped.append(self._outbox.get_nowait())
             except queue.Empty:
-                return
-            if item[0] == "claim":
-                item[3].put(None)  # no answer: the room decides alone
+                break
+        self._forget(dropped)
 
     def _forget_in_flight(self):
         """The writer's part of a split: what it had sent is no more its business."""
-        for item in self._in_flight:
+        in_flight, self._in_flight = self._in_flight, []
+        self._forget(in_flight)
+        self._drain_outbox()
+
+    def _forget(self, items):
+        """Work lost to a split: answer claims, keep mutes, own up to private messages.
+
+        A mute goes to Redis again after the relink. A whisper, /kick or
+        /mute for another server may not have reached it: its sender is told.
+        """
+        lost = []
+        for item in items:
             if item[0] == "claim":
                 item[3].put(None)  # no answer: the room decides alone
-        self._in_flight = []
-        self._drain_outbox()
+            elif item[0] == "mute":
+                self._queue_work(item)  # sent once the link is back
+            elif item[0] == "publish":
+                lost.append(item[2])
+        if not lost:
+            return
+        with self.room._lock:
+            recipients = []
+            for event in lost:
+                if event["k"] == "whisper":
+                    sender = self.room._joined.get(fold_name(event["name"]))
+                    if sender is not None:
+                        self.room.notices.catch_up(sender)
+                        sender.queue_line("*** Your whisper to %s may not have arrived: the "
+                                          "servers were cut apart." % event["to"])
+                        recipients.append(sender)
+                else:
+                    self._note_console("A /%s for %s may not have reached its server: the "
+                                       "link was lost." % (event["k"], event["name"]))
+        self.room._send_queued(recipients)
 
     def _relink(self):
         """The writer is back after a split: reclaim names, reload the others, rejoin."""

@@ -1010,6 +1010,35 @@ def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(
 
 
 @redis
+def test_a_whisper_lost_to_a_split_is_owned_up_to(linked, join, proxies, quick_split):
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy = join(a, "amy")
+    join(b, "bob")
+    proxy.freeze()  # the link stalls; the split is declared a moment later
+    amy.send("/msg bob see you at noon")
+    amy.expect("*** You whispered to bob: see you at noon")
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    amy.expect("*** Your whisper to bob may not have arrived", timeout=SPLIT_TIMEOUT)
+
+
+@redis
+def test_a_mute_typed_during_a_split_follows_the_student_after_the_relink(
+        split_rooms, join):
+    proxy, a, b, amy, bob = split_rooms
+    TeacherConsole(a, None).handle_line("/mute amy")
+    amy.expect("The teacher has muted you")
+    proxy.thaw()
+    amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: "amy" in b.who(), timeout=SPLIT_TIMEOUT, message="b to list amy")
+    amy.close()
+    bob.expect("*** amy left the chat.")
+    amy = join(b, "amy")  # on the other server now
+    amy.send("still here")
+    amy.expect("*** Not sent: the teacher has muted you.")
+
+
+@redis
 def test_a_restarted_empty_redis_does_not_lift_quiet_mode(
         join, redis_server, quick_split, two_rooms):
     """Redis forgot the room's quiet mode with everything else: no teacher lifted it."""
