@@ -4705,6 +4705,7 @@ class RedisLink:
         else:
             log.warning("A %s for %s was not heard by its server: dropped",
                         item[2]["k"], item[2].get("to", item[2]["name"]))
+            self._own_up([item[2]], "did not arrive: their server was not listening")
 
     def _send_unheard_again(self):
         # Sent now, ahead of anything queued since, in the order they were sent.
@@ -4898,21 +4899,26 @@ class RedisLink:
                 self._queue_work(item)  # sent once the link is back
             elif item[0] == "publish":
                 lost.append(item[2])
-        if not lost:
+        self._own_up(lost, "may not have arrived: the servers were cut apart")
+
+    def _own_up(self, events, what_happened):
+        """Tell the sender of each whisper (the console, for a /kick or /mute) that
+        it was lost, or may have been; never with the room's lock held."""
+        if not events:
             return
         with self.room._lock:
             recipients = []
-            for event in lost:
+            for event in events:
                 if event["k"] == "whisper":
                     sender = self.room._joined.get(fold_name(event["name"]))
                     if sender is not None:
                         self.room.notices.catch_up(sender)
-                        sender.queue_line("*** Your whisper to %s may not have arrived: the "
-                                          "servers were cut apart." % event["to"])
+                        sender.queue_line("*** Your whisper to %s %s." % (event["to"],
+                                                                          what_happened))
                         recipients.append(sender)
                 else:
-                    self._note_console("A /%s for %s may not have reached its server: the "
-                                       "link was lost." % (event["k"], event["name"]))
+                    self._note_console("A /%s for %s %s." % (event["k"], event["name"],
+                                                             what_happened))
         self.room._send_queued(recipients)
 
     def _relink(self):

@@ -1359,6 +1359,18 @@ def test_two_whispers_sent_across_a_resubscribe_arrive_in_the_order_sent(
 
 
 @redis
+def test_a_whisper_no_server_heard_in_time_is_owned_up_to(linked, join, monkeypatch, caplog):
+    monkeypatch.setattr(chat_server, "REDIS_UNHEARD_SECONDS", 0.5)
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    join(b, "bob")
+    hold_back_listener(b, monkeypatch, caplog)  # b's listener never comes back
+    alice.send("/msg bob anyone there")
+    alice.expect("*** You whispered to bob: anyone there")
+    alice.expect("*** Your whisper to bob did not arrive: their server was not listening.")
+
+
+@redis
 def test_a_mute_then_unmute_from_another_server_leaves_the_student_unmuted(
         linked, join, redis_server, monkeypatch, caplog):
     a, b = linked(), linked()
