@@ -658,6 +658,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             lines.append("*** What was said before you came:")
             lines.extend(self._history)
         lines.append(self._online_line())
+        if self._link is not None and not self._link.linked:  # Redis link, split now
+            lines.append(SPLIT_LINE)
         return lines
 
     def _online_line(self):

@@ -1039,6 +1039,14 @@ def test_a_mute_typed_during_a_split_follows_the_student_after_the_relink(
 
 
 @redis
+def test_a_student_who_joins_during_a_split_is_told_the_room_is_split(split_rooms, join):
+    proxy, a, b, amy, bob = split_rooms
+    ann = join(a, "ann", settle=False)
+    assert ann.seen[-1] == "*** Online now (2): amy, ann"  # only this server's
+    ann.expect_next(chat_server.SPLIT_LINE)
+
+
+@redis
 def test_a_restarted_empty_redis_does_not_lift_quiet_mode(
         join, redis_server, quick_split, two_rooms):
     """Redis forgot the room's quiet mode with everything else: no teacher lifted it."""
