@@ -4297,6 +4297,7 @@ PRIVATE_EVENTS = {  # on a server's own channel, never stored
     "whisper": {"name": ("name", True), "to": ("name", True), "text": ("text", True)},
     "kick": {"name": ("name", True), "reason": ("reason", False)},
     "mute": {"name": ("name", True), "on": ("flag", True)},
+    "reply": {"name": ("name", True), "text": ("text", True)},  # to a /kick or /mute
 }
 
 
@@ -5315,8 +5316,12 @@ class RedisLink:
         # else: the answers to SUBSCRIBE and PING
 
     def _act_on_private(self, event):
-        """A whisper to one of our students, or the teacher's /kick or /mute from elsewhere."""
+        """A whisper to one of our students, the teacher's /kick or /mute from
+        elsewhere, or our server's answer to one of ours."""
         kind, name = event["k"], event["name"] if event["k"] != "whisper" else event["to"]
+        if kind == "reply":
+            self.room.tell_console("The server of %s answers: %s" % (name, event["text"]))
+            return
         with self.room._lock:
             client = self.room._joined.get(fold_name(name))
             if client is not None and kind == "whisper":
@@ -5333,12 +5338,19 @@ class RedisLink:
             self.room.tell_console("Another server's teacher: /%s %s" % (
                 "kick" if kind == "kick" else "mute" if event["on"] else "unmute", name))
             console = TeacherConsole(self.room, None)
+            answers = []
+            console.tell = answers.append  # shown here, and sent to the asking console
             if kind == "kick":
                 console.do_kick(("%s %s" % (name, event.get("reason", ""))).strip())
             elif event["on"]:
                 console.do_mute(name)
             else:
                 console.do_unmute(name)
+            with self.room._lock:  # the link numbers what it sends under the room's lock
+                for text in answers:
+                    self.room.recorder.note("console", text)
+                    self.send_private(RemoteStudent(name, event["s"]),
+                                      {"k": "reply", "name": name, "text": text})
 
 
 # --- The line client: python chat_server.py --connect HOST[:PORT] -------------

@@ -1047,6 +1047,17 @@ def test_a_student_who_joins_during_a_split_is_told_the_room_is_split(split_room
 
 
 @redis
+def test_a_kick_asked_of_another_server_is_answered_on_the_asking_console(
+        two_rooms, join, caplog):
+    a, b, alice, bob = two_rooms
+    join(b, "carol")  # from bob's address too: no ban, and the answer says why
+    TeacherConsole(a, None).handle_line("/kick bob")
+    bob.expect_closed()
+    expect_console(caplog, "The server of bob answers: Kicked bob; 127.0.0.1 is not banned: "
+                           "carol joined from it too.")  # there: alice is on this one
+
+
+@redis
 def test_a_restarted_empty_redis_does_not_lift_quiet_mode(
         join, redis_server, quick_split, two_rooms):
     """Redis forgot the room's quiet mode with everything else: no teacher lifted it."""
