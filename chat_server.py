@@ -4418,6 +4418,10 @@ class RedisLink:
         # and each claim of a name): a muted student who reconnects to
         # another linked server is muted there too.
         self.muted_keys = set()
+        # What this server's teachers want Redis to hold for each name they
+        # muted or unmuted; sent as it is when its turn comes, so that work
+        # put back after a split cannot swap a mute and an unmute.
+        self._mutes_wanted = {}
         # Guarded by the room's lock (the link is part of the room), but for
         # _outbox, a Queue, which has a lock of its own:
         self.linked = True  # False during a split
@@ -4580,7 +4584,8 @@ class RedisLink:
             self.muted_keys.add(key)
         else:
             self.muted_keys.discard(key)
-        self._queue_work(("mute", key, muted))
+        self._mutes_wanted[key] = muted
+        self._queue_work(("mute", key))
 
     def _queue_work(self, item):
         try:
@@ -4706,13 +4711,15 @@ class RedisLink:
         if time.monotonic() < deadline:
             self._unheard.append(item[:3] + (deadline,))
         else:
-            log.warning("A %s for %s was not heard by its server: dropped",
-                        item[2]["k"], item[2].get("to", item[2]["name"]))
             self._own_up([item[2]], "did not arrive: their server was not listening")
 
     def _send_unheard_again(self):
         # Sent now, ahead of anything queued since, in the order they were sent.
         unheard, self._unheard = self._unheard, []
+        now = time.monotonic()
+        late = [item[2] for item in unheard if item[3] <= now]  # held through a split
+        self._own_up(late, "did not arrive: their server was not listening")
+        unheard = [item for item in unheard if item[3] > now]
         self._in_flight = unheard + self._in_flight
         if unheard:
             self._send_work(0)
@@ -4744,8 +4751,9 @@ class RedisLink:
             return commands
         if kind == "publish":
             return [("PUBLISH", item[1], json.dumps(item[2], ensure_ascii=False))]
-        if kind == "mute":
-            return [("SADD" if item[2] else "SREM", self._muted_key, item[1])]
+        if kind == "mute":  # as wanted now, not as when it was queued
+            return [("SADD" if self._mutes_wanted.get(item[1]) else "SREM",
+                     self._muted_key, item[1])]
         # "claim": the value says which server holds the name; and is it muted?
         return [("SET", self._name_prefix + item[1], self._name_value(item[2]),
                  "NX", "EX", self.name_ttl_seconds), ("GET", self._name_prefix + item[1]),
@@ -4892,7 +4900,8 @@ class RedisLink:
         """Work lost to a split: answer claims, keep mutes, own up to private messages.
 
         A mute goes to Redis again after the relink. A whisper, /kick or
-        /mute for another server may not have reached it: its sender is told.
+        /mute for another server may not have reached it: its sender is told
+        (an answer to another server's /kick or /mute was noted here already).
         """
         lost = []
         for item in items:
@@ -4919,8 +4928,10 @@ class RedisLink:
                         sender.queue_line("*** Your whisper to %s %s." % (event["to"],
                                                                           what_happened))
                         recipients.append(sender)
-                else:
-                    self._note_console("A /%s for %s %s." % (event["k"], event["name"],
+                elif event["k"] != "reply":  # an answer lost: it was noted here already
+                    command = "unmute" if event["k"] == "mute" and not event["on"] \
+                        else event["k"]
+                    self._note_console("A /%s for %s %s." % (command, event["name"],
                                                              what_happened))
         self.room._send_queued(recipients)
 
@@ -5332,6 +5343,11 @@ class RedisLink:
                     event["name"], client.name, event["text"]))
         if client is None:
             log.info("A %s for %s, who is not here (any more)", kind, name)
+            if kind != "whisper":  # the asking console is waiting for an answer
+                with self.room._lock:
+                    self.send_private(RemoteStudent(name, event["s"]), {
+                        "k": "reply", "name": name,
+                        "text": "%s is not on this server any more." % name})
         elif kind == "whisper":
             self.room._send_queued([client])
         else:  # the teacher there acts here, as if at our console

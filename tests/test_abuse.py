@@ -226,7 +226,7 @@ def connection_lines_from(host, caplog):
 def test_slowing_down_lines_are_counted_with_a_computers_other_connection_lines(
         start_server, caplog, monkeypatch):
     monkeypatch.setattr(chat_server, "CONNECTION_LINES_SHOWN", 1)  # "Accepted" takes it
-    monkeypatch.setattr(chat_server, "CONNECTION_LINES_SECONDS", 1.0)
+    monkeypatch.setattr(chat_server, "CONNECTION_LINES_SECONDS", 2.0)  # both lines in it
     monkeypatch.setattr(chat_server, "RECORDER_CHECK_SECONDS", 0.2)
     server = start_server(flood_rate=1, flood_burst=1)  # the name took the burst
     student = ChatClient(server.server_address).join("alice")

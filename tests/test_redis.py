@@ -1058,6 +1058,16 @@ def test_a_kick_asked_of_another_server_is_answered_on_the_asking_console(
 
 
 @redis
+def test_a_mute_put_back_after_a_split_sends_the_state_wanted_now(linked):
+    """Work put back after a split may go out in another order: a mute then an
+    unmute must still leave the name unmuted in Redis."""
+    link = linked()._link
+    link.note_muted("amy", True)
+    link.note_muted("amy", False)
+    assert link._commands_for(("mute", "amy")) == [("SREM", "class:muted", "amy")]
+
+
+@redis
 def test_a_restarted_empty_redis_does_not_lift_quiet_mode(
         join, redis_server, quick_split, two_rooms):
     """Redis forgot the room's quiet mode with everything else: no teacher lifted it."""
