@@ -1489,7 +1489,7 @@ def name_problem(name):
         is_name_character(character) for character in name
     ):
         return "Names may use only letters, digits, _, - and . (no spaces)."
-    if max_marks_in_a_row(name) > MAX_MARKS_PER_LETTER:
+    if trim_accents(name) != name:  # more than MAX_MARKS_PER_LETTER on a letter
         return "Too many accents on one letter (at most %d)." % MAX_MARKS_PER_LETTER
     scripts = name_scripts(name)
     if len(scripts) > 1 and not any(scripts <= mix for mix in SCRIPT_MIXES):
@@ -1498,15 +1498,6 @@ def name_problem(name):
     if NAME_DECORATIONS.sub("", skeleton(name)) in RESERVED_SKELETONS:
         return "The name %s is reserved." % name
     return None
-
-
-def max_marks_in_a_row(name):
-    """The most combining marks (accents) that follow one letter."""
-    most = run = 0
-    for character in name:
-        run = run + 1 if unicodedata.category(character)[0] == "M" else 0
-        most = max(most, run)
-    return most
 
 
 def name_scripts(name):
