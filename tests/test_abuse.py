@@ -263,22 +263,20 @@ def test_a_computer_that_connects_very_often_is_counted_on_the_console_not_shown
         assert (shown, counted) == (60, 0)
 
 
-def test_only_the_computer_that_got_the_page_has_its_greeting_held_for_a_spare(
-        server, computer):
-    """See Addresses.may_be_spare(): another computer is greeted at once."""
-    with socket.create_connection(server.server_address[:2], timeout=TIMEOUT) as browser:
-        browser.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert browser.recv(65536).startswith(b"HTTP/1.1 200 OK")
-    assert server.addresses.may_be_spare("127.0.0.1")
-    computer(2, server).expect("*** Welcome to the chat!",
-                               timeout=4 * chat_server.BROWSER_WAIT_SECONDS)
-
-
 def fetch_the_page(server):
     """Load the chat page from 127.0.0.1, as a browser does."""
     with socket.create_connection(server.server_address[:2], timeout=TIMEOUT) as browser:
         browser.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert browser.recv(65536).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_only_the_computer_that_got_the_page_has_its_greeting_held_for_a_spare(
+        server, computer):
+    """See Addresses.may_be_spare(): another computer is greeted at once."""
+    fetch_the_page(server)
+    assert server.addresses.may_be_spare("127.0.0.1")
+    computer(2, server).expect("*** Welcome to the chat!",
+                               timeout=4 * chat_server.BROWSER_WAIT_SECONDS)
 
 
 def test_enter_on_a_silent_screen_after_the_page_is_not_taken_for_the_password(
