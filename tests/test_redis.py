@@ -1151,6 +1151,9 @@ def test_the_first_server_of_a_new_lesson_lets_the_last_lessons_chat_and_quiet_g
     tuesday = linked()  # no other server is linked now
     bob = join(tuesday, "bob", settle=False)  # (monday, stopped, would never list him)
     assert not [line for line in bob.seen if "monday" in line or "quiet" in line], bob.seen
+    # His join is shown when it comes back through Redis: had carol joined
+    # before that, she would be shown it too (he is in her list of who is on).
+    wait_until(lambda: not tuesday._link._pending, message="bob's join back from Redis")
     carol = join(tuesday, "carol", settle=False)
     bob.send("tuesday")
     carol.expect_next("bob says: tuesday")  # not held back: the room is not quiet
