@@ -203,6 +203,8 @@ UNACKED_SECONDS = 120  # a peer that acknowledges nothing we send for this
 #                        long is gone (twice the probes' minute; Linux only)
 ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
 WRITER_CHECK_SECONDS = 0.5  # a waiting writer checks this often if it was closed
+NOTICES_LATE_SECONDS = 0.1  # a join or leave line reaches every client about
+#                             this soon after the first got it (see Notices)
 NOTICES_RETRY_SECONDS = 0.5  # after a failed round of join lines (no thread could
 #                              start): soon, but a lasting fault logs twice a second
 ROUTE_PROBE_ADDRESS = ("198.51.100.1", 9)  # a documentation address (RFC 5737):
@@ -1074,10 +1076,15 @@ class Client:
 # joining. So join, leave and rename lines (notices) wait in the room's
 # Notices, and its thread gives them out: those that came while it was
 # giving out the last ones go out together, one send per client for a whole
-# burst. It hooks into the core where the room broadcasts (a notice is
-# added, and anything else first catches its clients up), where a client
-# joins (it counts the waiting ones as seen: they are in its history) and
-# leaves, and in Client.take_notices().
+# burst. A round that new notices interrupt starts again from the top: the
+# clients it reaches first get each notice at once, and the rest all of
+# theirs in one send, about NOTICES_LATE_SECONDS late, which nobody
+# notices. Each round costs a send per client it reaches, so a class that
+# joins while thousands are in the room costs the late part of the room one
+# send per NOTICES_LATE_SECONDS, not one per join. It hooks into the core
+# where the room broadcasts (a notice is added, and anything else first
+# catches its clients up), where a client joins (it counts the waiting ones
+# as seen: they are in its history) and leaves, and in Client.take_notices().
 
 
 class Notices:
@@ -1158,6 +1165,7 @@ class Notices:
 
     def _run(self):
         room = self.room
+        behind_since = None  # when a round last began with everyone up to date
         while True:
             self.queued.wait()
             with room._lock:
@@ -1168,13 +1176,17 @@ class Notices:
                     return
                 clients = list(room._joined.values())
                 first, lines = self.before, self.lines[:]
+            if behind_since is None:
+                behind_since = time.monotonic()
             try:
-                self._give(clients, first, lines)
+                if not self._give(clients, first, lines, behind_since):
+                    continue  # new notices came: begin again from the top
             except Exception as error:  # a thread's top level: log it, and go on
                 log.error("Sending join and leave lines failed: %r", error)
                 time.sleep(NOTICES_RETRY_SECONDS)
                 self.queued.set()  # they stay waiting: try again
                 continue
+            behind_since = None
             with room._lock:
                 # Everyone has them now (a newcomer had them in its history):
                 # forget them.
@@ -1183,11 +1195,18 @@ class Notices:
                     del encoded[:len(lines)]
                 self.before = first + len(lines)
 
-    def _give(self, clients, first, lines):
-        """Queue and send notices (numbered from first) to each client that lacks them."""
+    def _give(self, clients, first, lines, behind_since):
+        """Queue and send notices (numbered from first) to each client that lacks them.
+
+        Return False, with some clients not reached, if new notices came
+        meanwhile and those clients have waited less than NOTICES_LATE_SECONDS.
+        """
         encoded = {}  # encode_lines -> the lines, each encoded so
         shared = {}  # see take_notices()
+        hurry_until = behind_since + NOTICES_LATE_SECONDS
         for client in clients:
+            if self.queued.is_set() and time.monotonic() < hurry_until:
+                return False
             kind = client.encode_lines
             if kind not in encoded:
                 encoded[kind] = [kind([line]) for line in lines]
@@ -1196,6 +1215,7 @@ class Notices:
             if not client.take_notices(first, encoded[kind], shared, send=True) \
                     or client.too_slow:
                 self.room.drop(client, TOO_SLOW)
+        return True
 
 
 # =============================================================================

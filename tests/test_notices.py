@@ -31,6 +31,9 @@ class Gate:
     def set(self):
         pass  # a notice was queued: the stopped thread does not hear of it
 
+    def is_set(self):
+        return False  # (asked during a round: nothing new, go on)
+
     def clear(self):
         pass
 
@@ -347,3 +350,44 @@ def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_r
     gate.opened.set()
     expect_console(caplog, "Disconnecting alice")
     alice.expect_closed()
+
+
+# --- A round that new notices interrupt ---
+
+
+def serve_a_round_interrupted(server, room, joined, monkeypatch):
+    """first, middle, last in the room; a join begins a round of the notices
+    thread, and a second join comes while it serves middle. Return whom the
+    thread served from middle on, in order."""
+    first, middle, last = room("first", "middle", "last")
+    served, real_take, late = [], chat_server.Client.take_notices, []
+
+    def take_recorded(client, *args, **kwargs):
+        if threading.current_thread().name == "notices":
+            if client.name == "middle" and not served:
+                server.notices.queued.clear()  # (set for this round)
+                late.append(joined("late"))  # its join line waits: a new notice
+                assert server.notices.queued.is_set()
+            if served or client.name == "middle":
+                served.append(client.name)
+        return real_take(client, *args, **kwargs)
+
+    monkeypatch.setattr(chat_server.Client, "take_notices", take_recorded)
+    joined("newcomer")
+    for client in (first, middle, last):
+        client.expect_next("*** newcomer joined the chat.")
+        client.expect_next("*** late joined the chat.")
+    return served
+
+
+def test_new_notices_during_a_round_go_first_to_the_clients_it_reached_first(
+        server, room, joined, monkeypatch):
+    served = serve_a_round_interrupted(server, room, joined, monkeypatch)
+    assert served.index("first") < served.index("last"), served  # begun again from the top
+
+
+def test_a_round_past_its_time_reaches_everyone_before_beginning_again(
+        server, room, joined, monkeypatch):
+    monkeypatch.setattr(chat_server, "NOTICES_LATE_SECONDS", 0.0)
+    served = serve_a_round_interrupted(server, room, joined, monkeypatch)
+    assert served.index("last") < served.index("first"), served
