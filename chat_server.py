@@ -2548,9 +2548,10 @@ class ChatServer(ChatRoom):
         Returns within about two seconds, even if a client has stalled (with
         --redis, telling the other servers may take a few seconds more).
         """
-        if self._link is not None:  # Redis link: the others see our students leave
-            self._link.close()
         with self._lock:
+            # Redis link: what is still on its way through Redis is shown here
+            # first; no newcomer sees the room unlinked before the goodbye.
+            leaving = self._link.unlink() if self._link is not None else None
             self._shutting_down = True
             self.recorder.note("transcript", "=== The server is shutting down. ===")
             everyone = list(self._connected)
@@ -2560,6 +2561,8 @@ class ChatServer(ChatRoom):
                 client.queue_line("*** " + SHUTTING_DOWN)
         for client in everyone:
             client.close_when_sent()
+        if self._link is not None:  # the others see our students leave
+            self._link.close(leaving)
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
         for client in everyone:
             wait_in_slices(client.wait_closed, max(0.0, deadline - time.monotonic()))
@@ -4511,15 +4514,23 @@ class RedisLink:
             self._threads.append(thread)
             thread.start()
 
-    def close(self):
-        """At shutdown: the other servers see this server's students leave."""
-        with self.room._lock:
-            names = [client.name for client in self.room._joined.values()]
-            linked, self.linked = self.linked, False
-            leaves = [self._stamp({"k": "leave", "name": name}) for name in names]
+    def unlink(self):
+        """At shutdown (room's lock held): take no more events, and show here
+        what is still on its way through Redis (the other servers may or may
+        not get it). Return the leaves for close(), or None during a split."""
+        if not self.linked:
+            return None
+        self.linked = False
+        self._show_pending()
+        return [self._stamp({"k": "leave", "name": client.name})
+                for client in self.room._joined.values()]
+
+    def close(self, leaves):
+        """At shutdown, after unlink(): the other servers see this server's students leave."""
         self.stop()
-        if not linked:
+        if leaves is None:
             return
+        names = [leave["name"] for leave in leaves]
         try:  # on a connection of its own: the writer's may be busy or stuck
             connection = RedisConnection(self.url, SHUTDOWN_GRACE_SECONDS)
             commands = [self._xadd(leave) for leave in leaves]
@@ -4879,17 +4890,21 @@ class RedisLink:
             return
         self.linked = False
         self._note_console("Lost the link to Redis (%s): this room goes on alone" % (reason,))
-        for sequence, (lines, exclude) in sorted(self._pending.items()):
-            if lines:
-                self.room._broadcast(lines, exclude)
         if self._quiet_waiting in self._pending:  # shown here only, as if set alone
             self._quiet_set_alone = True
-        self._pending.clear()
+        self._show_pending()
         self._set_remote({})
         for client in self.room._joined.values():
             self.room.notices.catch_up(client)
             client.queue_line(SPLIT_LINE)
         self.room.recorder.note("console", SPLIT_LINE[4:])
+
+    def _show_pending(self):
+        """Show here, once, our events that have not come back from Redis (lock held)."""
+        for sequence, (lines, exclude) in sorted(self._pending.items()):
+            if lines:
+                self.room._broadcast(lines, exclude)
+        self._pending.clear()
 
     def _drain_outbox(self):
         """Forget queued work after a split: its events were shown here already."""

@@ -1137,6 +1137,46 @@ def test_a_server_that_shuts_down_shows_its_students_leaving_elsewhere(linked, j
     assert "bob" not in a.who()
 
 
+@pytest.fixture
+def stopping_unheard(linked, join, proxies):
+    """(a, amy, ann): a linked through a proxy that is then frozen (Redis hears
+    nothing more, and no split is declared yet), amy and ann on a."""
+    proxy = proxies()
+    a = linked(via=proxy)
+    amy, ann = join(a, "amy"), join(a, "ann")
+    amy.expect("*** ann joined the chat.")
+    proxy.freeze()
+    return a, amy, ann
+
+
+@redis
+def test_a_line_still_on_its_way_through_redis_at_shutdown_is_shown_before_the_goodbye(
+        stopping_unheard):
+    a, amy, ann = stopping_unheard
+    amy.send("last words")
+    wait_until(lambda: a._link._pending, message="amy's line on its way through Redis")
+    a.close_room()
+    ann.expect_next("amy says: last words")
+    ann.expect_next("*** " + chat_server.SHUTTING_DOWN)
+
+
+@redis
+def test_a_newcomer_while_the_server_says_goodbye_to_redis_is_not_told_of_a_split(
+        stopping_unheard):
+    a, amy, ann = stopping_unheard
+    closing = threading.Thread(target=a.close_room)  # waits on the frozen Redis a while
+    closing.start()
+    newcomer = ChatClient(a.server_address)
+    try:
+        wait_until(lambda: not a._link.linked, message="the link let go")
+        newcomer.send("nina")
+        newcomer.expect(chat_server.SHUTTING_DOWN)
+        assert chat_server.SPLIT_LINE not in newcomer.seen
+    finally:
+        newcomer.close()
+        closing.join(TIMEOUT)
+
+
 @redis
 def test_the_first_server_of_a_new_lesson_lets_the_last_lessons_chat_and_quiet_go(
         linked, join):
