@@ -2244,20 +2244,31 @@ class ChatServer(ChatRoom):
                 client.queue_line(silenced)
                 recipients = [client]
             else:
-                line = "%s whispers: %s" % (client.name, text)
+                to = target if target is not None else remote
+                lines = [(client, "*** You whispered to %s: %s" % (to.name, text))]
                 if target is None:  # Redis link: over the other server's channel
-                    target = remote
                     self._link.send_private(remote, {"k": "whisper", "name": client.name,
                                                      "to": remote.name, "text": text})
                 else:
-                    self.notices.catch_up(target)
-                    target.queue_line(line)
-                client.queue_line("*** You whispered to %s: %s" % (target.name, text))
+                    lines.insert(0, (target, "%s whispers: %s" % (client.name, text)))
                 self.recorder.note("private", "%s whispers to %s: %s" % (
-                    client.name, target.name, text))
-                recipients = [client] if target is remote else [target, client]
+                    client.name, to.name, text))
+                recipients = self._queue_private(lines)
         self._send_queued(recipients)
         return None
+
+    def _queue_private(self, lines):
+        """Queue [(client, line)] now; return the clients (lock held).
+
+        Redis link: a chat line of this sender's that is still on its way
+        through Redis is shown first (RedisLink.hold_private()).
+        """
+        if self._link is not None and self._link.hold_private(lines):
+            return []
+        for client, line in lines:
+            self.notices.catch_up(client)
+            client.queue_line(line)
+        return [client for client, _ in lines]
 
     def rename(self, client, new_name):
         """Rename client and tell everyone; return why not, or None."""
@@ -4308,7 +4319,8 @@ ROOM_EVENTS = {
     "quiet": {"on": ("flag", True)},
 }
 PRIVATE_EVENTS = {  # on a server's own channel, never stored
-    "whisper": {"name": ("name", True), "to": ("name", True), "text": ("text", True)},
+    "whisper": {"name": ("name", True), "to": ("name", True), "text": ("text", True),
+                "after": ("sequence", False)},  # shown after that room event of its server
     "kick": {"name": ("name", True), "reason": ("reason", False)},
     "mute": {"name": ("name", True), "on": ("flag", True)},
     "reply": {"name": ("name", True), "text": ("text", True)},  # to a /kick or /mute
@@ -4348,6 +4360,8 @@ def check_field(event, field, check, max_line):
     value = event[field]
     if check == "flag":
         ok = isinstance(value, bool)
+    elif check == "sequence":
+        ok = type(value) is int and value >= 0
     elif check == "server":
         ok = isinstance(value, str) and SERVER_ID.fullmatch(value) is not None
     elif check == "name":
@@ -4443,6 +4457,10 @@ class RedisLink:
         self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
         self._outbox = queue.Queue(self.outbox_items)  # work for the writer thread
         self._last_seen = {}  # server id -> highest sequence shown or skipped
+        self._last_event = 0  # the number of the last room event we sent
+        # Whispers waiting for the room events their sender sent before them
+        # (see hold_private()): (server, sequence, deadline, [(client, line)]).
+        self._held = []
         self._quiet_set_alone = False  # the teacher here set quiet mode during a split
         self._quiet_waiting = None  # the number of the last quiet event sent
         # Owned by the reader thread:
@@ -4522,6 +4540,7 @@ class RedisLink:
             return None
         self.linked = False
         self._show_pending()
+        self._release_held(everything=True)
         return [self._stamp({"k": "leave", "name": client.name})
                 for client in self.room._joined.values()]
 
@@ -4571,13 +4590,55 @@ class RedisLink:
             self._split_locked("Redis is too slow: the queue to it is full")
             return self.takes(event, lines, exclude)
         self._pending[stamped["n"]] = (lines, exclude)
+        self._last_event = stamped["n"]
         return True
 
     def send_private(self, student, event):
         """Queue a whisper, /kick or /mute for the server of a student elsewhere."""
         if self.linked:
+            if event["k"] == "whisper":
+                event = dict(event, after=self._last_event)
             self._queue_work(("publish", self.url.room + ":to:" + student.server,
                               self._stamp(event)))
+
+    def hold_private(self, lines, server=None, after=None):
+        """Hold whisper lines until the room events sent before them are shown.
+
+        A whisper goes by pub/sub and a room event by the stream, so a
+        whisper sent after a chat line could overtake it, on any server: its
+        lines wait here until the stream has brought that server's events up
+        to after (by default: ours, up to now). lines: [(client, line)].
+        Room's lock held. False if nothing is on its way: show them now.
+        """
+        server = server or self.server_id
+        after = self._last_event if after is None else after
+        if not self.linked or self._last_seen.get(server, 0) >= after:
+            return False
+        deadline = time.monotonic() + self.silence_seconds  # the event may never come
+        self._held.append((server, after, deadline, lines))
+        return True
+
+    def _release_late(self):
+        """Show held whisper lines whose room event never came (its server split)."""
+        with self.room._lock:
+            released = self._release_held() if self._held else []
+        self.room._send_queued(released)
+
+    def _release_held(self, everything=False):
+        """Queue the held whisper lines that may go now; return their clients (lock held)."""
+        now, released, still = time.monotonic(), [], []
+        for held in self._held:
+            server, after, deadline, lines = held
+            if everything or now >= deadline or self._last_seen.get(server, 0) >= after:
+                for client, line in lines:
+                    if self.room._joined.get(client.key) is client:  # not gone meanwhile
+                        self.room.notices.catch_up(client)
+                        client.queue_line(line)
+                        released.append(client)
+            else:
+                still.append(held)
+        self._held = still
+        return released
 
     def claim_name(self, name, key):
         """Claim a name in Redis before a join or rename; return why not, or None.
@@ -4893,6 +4954,7 @@ class RedisLink:
         if self._quiet_waiting in self._pending:  # shown here only, as if set alone
             self._quiet_set_alone = True
         self._show_pending()
+        self._release_held(everything=True)
         self._set_remote({})
         for client in self.room._joined.values():
             self.room.notices.catch_up(client)
@@ -5232,6 +5294,8 @@ class RedisLink:
                 shown = (self._apply_own(event) if server == self.server_id
                          else self._apply_other(event))
                 recipients.update(dict.fromkeys(shown))
+            if self._held:
+                recipients.update(dict.fromkeys(self._release_held()))
         self.room._send_queued(list(recipients))
 
     def _apply_own(self, event):
@@ -5336,6 +5400,8 @@ class RedisLink:
 
     def _listen(self, connection):
         """Wait for one message on our channel; a PING proves a quiet Redis alive."""
+        if self._held:  # (read without the lock: only a hint)
+            self._release_late()
         try:
             message = connection.read(self.heartbeat_seconds)
         except socket.timeout:
@@ -5362,11 +5428,12 @@ class RedisLink:
         with self.room._lock:
             client = self.room._joined.get(fold_name(name))
             if client is not None and kind == "whisper":
-                line = "%s whispers: %s" % (event["name"], event["text"])
-                self.room.notices.catch_up(client)
-                client.queue_line(line)
                 self.room.recorder.note("private", "%s whispers to %s: %s" % (
                     event["name"], client.name, event["text"]))
+                lines = [(client, "%s whispers: %s" % (event["name"], event["text"]))]
+                if not self.hold_private(lines, event["s"], event.get("after", 0)):
+                    self.room.notices.catch_up(client)
+                    client.queue_line(lines[0][1])
         if client is None:
             log.info("A %s for %s, who is not here (any more)", kind, name)
             if kind != "whisper":  # the asking console is waiting for an answer

@@ -392,6 +392,70 @@ def test_a_private_message_reaches_a_student_on_another_server(linked, join):
     alice.expect("bob whispers: meet at the lab door")
 
 
+def hold_stream_until_whispered(server):
+    """Make server's reader show the stream only after its listener took a whisper
+    (or a few seconds passed): the whisper's pub/sub then wins the race."""
+    whispered = threading.Event()
+    real_act, real_apply = server._link._act_on_private, server._link.apply
+
+    def act(event):
+        real_act(event)
+        whispered.set()
+
+    def apply(events):
+        if any(event.get("k") == "say" for event in events):
+            whispered.wait(TIMEOUT / 2)
+        real_apply(events)
+
+    server._link._act_on_private, server._link.apply = act, apply
+    return whispered
+
+
+@redis
+def test_a_whisper_after_a_chat_line_comes_after_it_on_another_server(linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    wait_known(b, "alice")
+    whispered = hold_stream_until_whispered(b)
+    alice.send("hello all\n/msg bob psst")
+    bob.expect_next("alice says: hello all")
+    bob.expect_next("alice whispers: psst")
+    assert whispered.is_set()  # the whisper did arrive first
+
+
+@redis
+def test_a_whisper_after_a_chat_line_comes_after_it_on_the_same_server(linked, join):
+    a = linked()
+    alice, bob = join(a, "alice"), join(a, "bob")
+    bob_side = a.find("bob")
+    real_queue_line, whispered_early = bob_side.queue_line, []
+
+    def queue_line(text):  # what bob is given, noting a whisper before the line
+        if "whispers" in text and a._link._pending:
+            whispered_early.append(text)
+        return real_queue_line(text)
+
+    bob_side.queue_line = queue_line
+    alice.send("hello all\n/msg bob psst")
+    bob.expect_next("alice says: hello all")  # (the chat line waits for Redis)
+    bob.expect_next("alice whispers: psst")
+    alice.expect("*** You whispered to bob: psst")
+    assert not whispered_early
+
+
+@redis
+def test_a_whisper_waiting_for_a_line_that_never_comes_is_shown_anyway(
+        linked, join, quick_split):
+    a = linked()
+    bob = join(a, "bob")
+    bob_side = a.find("bob")
+    with a._lock:  # as if from a server whose chat line will never reach Redis
+        assert a._link.hold_private([(bob_side, "ghost whispers: still here")],
+                                    "f" * 16, 5)
+    bob.expect_next("ghost whispers: still here")
+
+
 @redis
 def test_a_private_message_is_never_stored_in_redis(linked, join, redis_server):
     a, b = linked(), linked()
