@@ -203,8 +203,8 @@ UNACKED_SECONDS = 120  # a peer that acknowledges nothing we send for this
 #                        long is gone (twice the probes' minute; Linux only)
 ACCEPT_BACKOFF_SECONDS = 0.1  # rest after "too many open files" at accept
 WRITER_CHECK_SECONDS = 0.5  # a waiting writer checks this often if it was closed
-NOTICES_LATE_SECONDS = 0.1  # a join or leave line reaches every client about
-#                             this soon after the first got it (see Notices)
+NOTICES_LATE_SECONDS = 0.1  # how long a join or leave line may wait for the
+#                             clients a round reaches last (see Notices)
 NOTICES_RETRY_SECONDS = 0.5  # after a failed round of join lines (no thread could
 #                              start): soon, but a lasting fault logs twice a second
 ROUTE_PROBE_ADDRESS = ("198.51.100.1", 9)  # a documentation address (RFC 5737):
@@ -1078,13 +1078,14 @@ class Client:
 # giving out the last ones go out together, one send per client for a whole
 # burst. A round that new notices interrupt starts again from the top: the
 # clients it reaches first get each notice at once, and the rest all of
-# theirs in one send, about NOTICES_LATE_SECONDS late, which nobody
-# notices. Each round costs a send per client it reaches, so a class that
-# joins while thousands are in the room costs the late part of the room one
-# send per NOTICES_LATE_SECONDS, not one per join. It hooks into the core
-# where the room broadcasts (a notice is added, and anything else first
-# catches its clients up), where a client joins (it counts the waiting ones
-# as seen: they are in its history) and leaves, and in Client.take_notices().
+# theirs in one send, NOTICES_LATE_SECONDS and one round's time later,
+# which nobody notices. Each round costs a send per client it reaches, so
+# a class that joins while thousands are in the room costs the late part of
+# the room one send per NOTICES_LATE_SECONDS, not one per join. It hooks
+# into the core where the room broadcasts (a notice is added, and anything
+# else first catches its clients up), where a client joins (it counts the
+# waiting ones as seen: they are in its history) and leaves, and in
+# Client.take_notices().
 
 
 class Notices:
@@ -1103,6 +1104,7 @@ class Notices:
         # In the room's order. A client's notices_seen counts those it has
         # been given, out of count().
         self.lines = []
+        self._added_at = []  # when each line in lines came (time.monotonic())
         self.before = 0  # notices given to everyone and forgotten
         # encode_lines -> the waiting notices, each encoded so: a catch-up
         # joins bytes, however many are waiting (see _encoded_lines()).
@@ -1131,6 +1133,7 @@ class Notices:
             self.catch_up(exclude)
             exclude.skip_notices(self.count(), len(lines))
         self.lines.extend(lines)
+        self._added_at.extend([time.monotonic()] * len(lines))
         self.queued.set()
 
     def catch_up(self, client, shared=None):
@@ -1165,7 +1168,7 @@ class Notices:
 
     def _run(self):
         room = self.room
-        behind_since = None  # when a round last began with everyone up to date
+        behind_since = None  # when the oldest line not given to everyone came
         while True:
             self.queued.wait()
             with room._lock:
@@ -1176,8 +1179,10 @@ class Notices:
                     return
                 clients = list(room._joined.values())
                 first, lines = self.before, self.lines[:]
-            if behind_since is None:
-                behind_since = time.monotonic()
+                if behind_since is None and lines:
+                    behind_since = self._added_at[0]
+            if not lines:
+                continue  # (woken for lines a finished round gave out already)
             try:
                 if not self._give(clients, first, lines, behind_since):
                     continue  # new notices came: begin again from the top
@@ -1191,6 +1196,7 @@ class Notices:
                 # Everyone has them now (a newcomer had them in its history):
                 # forget them.
                 del self.lines[:len(lines)]
+                del self._added_at[:len(lines)]
                 for encoded in self._encoded.values():
                     del encoded[:len(lines)]
                 self.before = first + len(lines)

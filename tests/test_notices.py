@@ -391,3 +391,31 @@ def test_a_round_past_its_time_reaches_everyone_before_beginning_again(
     monkeypatch.setattr(chat_server, "NOTICES_LATE_SECONDS", 0.0)
     served = serve_a_round_interrupted(server, room, joined, monkeypatch)
     assert served.index("last") < served.index("first"), served
+
+
+def test_a_line_that_came_during_a_finished_round_has_waited_since_it_came(
+        server, room, joined, monkeypatch):
+    """Its wait counts from when it came, not from when a round began to give it out."""
+    first, middle, last = room("first", "middle", "last")
+    monkeypatch.setattr(chat_server, "NOTICES_LATE_SECONDS", 0.0)  # the first round finishes
+    served, real_take, late = [], chat_server.Client.take_notices, []
+
+    def take_recorded(client, *args, **kwargs):
+        if threading.current_thread().name == "notices":
+            if client.name == "middle" and len(late) < 2:
+                server.notices.queued.clear()  # (set for this round)
+                late.append(joined("late%d" % len(late)))  # a new notice, mid-round
+                if len(late) == 1:  # late0's line came during the first round...
+                    monkeypatch.setattr(chat_server, "NOTICES_LATE_SECONDS", 1.0)
+                    with server._lock:  # ...as if a while ago: it may not wait more
+                        server.notices._added_at[-1] -= 2.0
+                served.append("(a notice came)")
+            served.append(client.name)
+        return real_take(client, *args, **kwargs)
+
+    monkeypatch.setattr(chat_server.Client, "take_notices", take_recorded)
+    joined("newcomer")
+    for name in ("newcomer", "late0", "late1"):
+        last.expect("*** %s joined the chat." % name)
+    second_round = served[served.index("(a notice came)", served.index("(a notice came)") + 1):]
+    assert second_round.index("last") < second_round.index("first"), served
