@@ -4542,6 +4542,7 @@ class RedisLink:
         """At shutdown (room's lock held): take no more events, and show here
         what is still on its way through Redis (the other servers may or may
         not get it). Return the leaves for close(), or None during a split."""
+        self.stop()  # now: the writer would take the unlinking for a split, and relink
         if not self.linked:
             return None
         self.linked = False
@@ -4552,7 +4553,6 @@ class RedisLink:
 
     def close(self, leaves):
         """At shutdown, after unlink(): the other servers see this server's students leave."""
-        self.stop()
         if leaves is None:
             return
         names = [leave["name"] for leave in leaves]
@@ -5054,6 +5054,8 @@ class RedisLink:
         for client in rivals:
             self._rename_taken(client, looks_like=True)
         with self.room._lock:
+            if self._stopping.is_set():
+                return  # the server began to stop meanwhile: it stays unlinked
             self._resume_id = newest[0][0] if newest else "0"
             # Our events up to now were shown here at the split: never again.
             self._last_seen[self.server_id] = self._next_sequence

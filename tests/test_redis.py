@@ -1225,6 +1225,29 @@ def test_a_line_still_on_its_way_through_redis_at_shutdown_is_shown_before_the_g
 
 
 @redis
+def test_a_server_saying_goodbye_never_links_again(two_rooms, join, monkeypatch):
+    """A big room takes a while to be told goodbye: the link must not take its
+    unlinking for a split meanwhile, relink, and bring its students back."""
+    a, b, alice, bob = two_rooms
+    relinked, real_relink = [], chat_server.RedisLink._relink
+    monkeypatch.setattr(chat_server.RedisLink, "_relink",
+                        lambda link: relinked.append(link) or real_relink(link))
+    real_close_when_sent = chat_server.Client.close_when_sent
+
+    def slowly(client):  # stands for the goodbyes of a few thousand students
+        deadline = time.monotonic() + 1.0  # (fast_link: retries every 0.1 s)
+        while not relinked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real_close_when_sent(client)
+
+    monkeypatch.setattr(chat_server.Client, "close_when_sent", slowly)
+    a.close_room()
+    assert not relinked
+    bob.expect("*** alice left the chat.")
+    wait_until(lambda: "alice" not in b.who(), message="alice gone from b's list")
+
+
+@redis
 def test_a_newcomer_while_the_server_says_goodbye_to_redis_is_not_told_of_a_split(
         stopping_unheard):
     a, amy, ann = stopping_unheard
