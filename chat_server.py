@@ -1974,10 +1974,12 @@ def check_password(handler, deadline):
                       "%s." % describe_minutes(wait / 60))
         return False
     handler.waiting_for = "the password"
-    handler.reply(PASSWORD_QUESTION)
-    answer = handler.read_line(deadline)
-    if answer is None:
-        return False
+    answer = ""
+    while answer is not TOO_LONG and not answer.strip():  # Enter alone: asked again
+        handler.reply(PASSWORD_QUESTION)
+        answer = handler.read_line(deadline)
+        if answer is None:
+            return False
     right = answer is not TOO_LONG and hmac.compare_digest(
         answer.strip().encode("utf-8"), password.encode("utf-8"))
     # Right or wrong, the answer comes after the same delay: a guesser

@@ -143,7 +143,18 @@ def test_right_password_lets_a_client_in(start_server, connect):
     client.expect("*** Welcome, alice!")
 
 
-@pytest.mark.parametrize("guesses", [["guess", "", "s3cre", "S3CRET", "s3cret!"]],
+def test_enter_alone_at_the_password_prompt_asks_again(start_server, connect):
+    server = start_server(password="s3cret")
+    client = connect(server)
+    client.expect("Password?")
+    client.send("")
+    client.expect_next("*** This room has a password. Password?")
+    client.send("s3cret")
+    client.expect("What is your name?")
+    assert server.addresses.password_wait("127.0.0.1") == 0
+
+
+@pytest.mark.parametrize("guesses", [["guess", "s3cre", "S3CRET", "s3cret!"]],
                          ids=["near misses"])
 def test_wrong_password_is_refused_after_a_delay_and_closed(start_server, connect, guesses):
     server = start_server(password="s3cret")
