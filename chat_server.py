@@ -4268,6 +4268,12 @@ def stream_entries(reply):
     return entries
 
 
+def stream_position(entry_id):
+    """A stream entry's id ("1700000000000-3") as numbers, to compare with another."""
+    milliseconds, number = entry_id.split("-")
+    return int(milliseconds), int(number)
+
+
 def xread_entries(reply):
     """The entries of an XREAD reply for one stream (None: nothing new)."""
     if reply is None:
@@ -4328,7 +4334,10 @@ ROOM_EVENTS = {
 }
 PRIVATE_EVENTS = {  # on a server's own channel, never stored
     "whisper": {"name": ("name", True), "to": ("name", True), "text": ("text", True),
-                "after": ("sequence", False)},  # shown after that room event of its server
+                # Shown after that room event of its server, unless that is in
+                # the stream before where we began to read (after_id, at most).
+                "after": ("sequence", False), "after_id": ("entry", False)},
+    "lost": {"name": ("name", True), "to": ("name", True)},  # a whisper nobody was there for
     "kick": {"name": ("name", True), "reason": ("reason", False)},
     "mute": {"name": ("name", True), "on": ("flag", True)},
     "reply": {"name": ("name", True), "text": ("text", True)},  # to a /kick or /mute
@@ -4370,6 +4379,8 @@ def check_field(event, field, check, max_line):
         ok = isinstance(value, bool)
     elif check == "sequence":
         ok = type(value) is int and value >= 0
+    elif check == "entry":
+        ok = isinstance(value, str) and STREAM_ID.fullmatch(value.encode("ascii", "replace"))
     elif check == "server":
         ok = isinstance(value, str) and SERVER_ID.fullmatch(value) is not None
     elif check == "name":
@@ -4473,12 +4484,14 @@ class RedisLink:
         self._quiet_waiting = None  # the number of the last quiet event sent
         # Owned by the reader thread:
         self._last_id = "0"  # the last stream entry read
+        self._read_from = (0, 0)  # where it began, at the start or a relink (room's lock)
         self._resume_id = None  # set at a relink: where the reader goes on from
         # Owned by the writer thread:
         self._claimed = {}  # name key this server holds in Redis -> when claimed
         self._unheard = []  # private messages no server heard: sent again at each beat
         self._writer = None  # the writer's RedisConnection
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
+        self._last_added = (0, None)  # (number, stream id) of our last event in the stream
         # The writer's last heartbeat (or connect), by both clocks: a
         # computer's sleep stops time.monotonic() on Linux and macOS.
         self._last_beat = time.monotonic(), time.time()
@@ -4508,6 +4521,8 @@ class RedisLink:
             # between is in the roster and in the stream; a join read twice
             # is shown once, a join missed would leave them unknown.
             history, self._last_id = self._load_history()
+            self._read_from = stream_position(self._last_id if "-" in self._last_id
+                                              else "0-0")
             remote = self._load_roster()
             quiet = self._writer.call("EXISTS", self._quiet_key) == 1
             # Subscribed before anyone can join: a whisper to them is heard.
@@ -4788,8 +4803,11 @@ class RedisLink:
                                                                    item[2]))
             elif item[0] == "publish" and replies[position] == 0:
                 self._hold_unheard(item)
-            elif item[0] == "event" and self._freed_key(item[1]):
-                self._claimed.pop(self._freed_key(item[1]), None)
+            elif item[0] == "event":
+                if isinstance(replies[position], bytes):  # XADD's answer: the entry's id
+                    self._last_added = item[1]["n"], replies[position].decode("ascii")
+                if self._freed_key(item[1]):
+                    self._claimed.pop(self._freed_key(item[1]), None)
             position += len(commands)
 
     def _hold_unheard(self, item):
@@ -4841,7 +4859,11 @@ class RedisLink:
                                 else ("DEL", self._quiet_key))
             return commands
         if kind == "publish":
-            return [("PUBLISH", item[1], json.dumps(item[2], ensure_ascii=False))]
+            event = item[2]
+            if event.get("after", 0) and self._last_added[0] >= event["after"]:
+                # Where its room event is in the stream, at most (see _act_on_private()).
+                event = dict(event, after_id=self._last_added[1])
+            return [("PUBLISH", item[1], json.dumps(event, ensure_ascii=False))]
         if kind == "mute":  # as wanted now, not as when it was queued
             return [("SADD" if self._mutes_wanted.get(item[1]) else "SREM",
                      self._muted_key, item[1])]
@@ -5024,7 +5046,7 @@ class RedisLink:
                         sender.queue_line("*** Your whisper to %s %s." % (event["to"],
                                                                           what_happened))
                         recipients.append(sender)
-                elif event["k"] != "reply":  # an answer lost: it was noted here already
+                elif event["k"] not in ("reply", "lost"):  # answers: noted here already
                     command = "unmute" if event["k"] == "mute" and not event["on"] \
                         else event["k"]
                     self._note_console("A /%s for %s %s." % (command, event["name"],
@@ -5059,6 +5081,7 @@ class RedisLink:
             if self._stopping.is_set():
                 return  # the server began to stop meanwhile: it stays unlinked
             self._resume_id = newest[0][0] if newest else "0"
+            self._read_from = stream_position(newest[0][0] if newest else "0-0")
             # Our events up to now were shown here at the split: never again.
             self._last_seen[self.server_id] = self._next_sequence
             self.linked = True
@@ -5304,8 +5327,8 @@ class RedisLink:
                 shown = (self._apply_own(event) if server == self.server_id
                          else self._apply_other(event))
                 recipients.update(dict.fromkeys(shown))
-            if self._held:
-                recipients.update(dict.fromkeys(self._release_held()))
+                if self._held:  # right after the event they waited for, before the next
+                    recipients.update(dict.fromkeys(self._release_held()))
         self.room._send_queued(list(recipients))
 
     def _apply_own(self, event):
@@ -5430,10 +5453,15 @@ class RedisLink:
 
     def _act_on_private(self, event):
         """A whisper to one of our students, the teacher's /kick or /mute from
-        elsewhere, or our server's answer to one of ours."""
+        elsewhere, or that server's answer to one of ours (a "reply" for the
+        console; "lost" when the student had just gone)."""
         kind, name = event["k"], event["name"] if event["k"] != "whisper" else event["to"]
         if kind == "reply":
             self.room.tell_console("The server of %s answers: %s" % (name, event["text"]))
+            return
+        if kind == "lost":  # one of ours whispered to someone who had just gone
+            self._own_up([dict(event, k="whisper")],
+                         "did not arrive: they had just left or changed name")
             return
         with self.room._lock:
             client = self.room._joined.get(fold_name(name))
@@ -5441,16 +5469,20 @@ class RedisLink:
                 self.room.recorder.note("private", "%s whispers to %s: %s" % (
                     event["name"], client.name, event["text"]))
                 lines = [(client, "%s whispers: %s" % (event["name"], event["text"]))]
-                if not self.hold_private(lines, event["s"], event.get("after", 0)):
+                after = event.get("after", 0)
+                if "after_id" in event and \
+                        stream_position(event["after_id"]) <= self._read_from:
+                    after = 0  # in the stream before where we began: never to come
+                if not self.hold_private(lines, event["s"], after):
                     self.room.notices.catch_up(client)
                     client.queue_line(lines[0][1])
         if client is None:
             log.info("A %s for %s, who is not here (any more)", kind, name)
-            if kind != "whisper":  # the asking console is waiting for an answer
-                with self.room._lock:
-                    self.send_private(RemoteStudent(name, event["s"]), {
-                        "k": "reply", "name": name,
-                        "text": "%s is not on this server any more." % name})
+            with self.room._lock:  # the sender, or the asking console, is told
+                self.send_private(RemoteStudent(name, event["s"]), {
+                    "k": "lost", "name": event["name"], "to": name} if kind == "whisper"
+                    else {"k": "reply", "name": name,
+                          "text": "%s is not on this server any more." % name})
         elif kind == "whisper":
             self.room._send_queued([client])
         else:  # the teacher there acts here, as if at our console

@@ -444,6 +444,76 @@ def test_a_whisper_after_a_chat_line_comes_after_it_on_the_same_server(linked, j
     assert not whispered_early
 
 
+def gate_the_reader(server):
+    """Park server's stream reader before its next XREAD until release is set, so
+    that what is sent meanwhile is read in one batch. Return (parked, release)."""
+    parked, release = threading.Event(), threading.Event()
+    real_read = server._link._read_events
+
+    def read_events(connection):
+        if not release.is_set():
+            parked.set()
+            release.wait(TIMEOUT)
+        real_read(connection)
+
+    server._link._read_events = read_events
+    return parked, release
+
+
+@redis
+def test_a_chat_line_after_a_whisper_does_not_overtake_it(linked, join):
+    """hello, a whisper, bye: read from the stream in one batch, the whisper still
+    comes between them (it waits for hello, and bye waits for nothing)."""
+    a, b = linked(), linked()
+    alice, boba = join(a, "alice"), join(a, "boba")
+    bobb = join(b, "bobb")
+    wait_known(a, "bobb")
+    gates = [gate_the_reader(server) for server in (a, b)]
+    for parked, _ in gates:
+        assert parked.wait(TIMEOUT), "the reader did not park"
+    alice.send("hello\n/msg boba secret a\n/msg bobb secret b\nbye")
+    wait_until(lambda: len(a._link._pending) == 2
+               and a._link._last_added[0] >= max(a._link._pending),
+               message="hello and bye both in the stream")
+    for _, release in gates:
+        release.set()
+    for bob, secret in ((boba, "a"), (bobb, "b")):
+        read = [bob.expect("alice says: hello"), bob.expect_next(""), bob.expect_next("")]
+        assert read[1:] == ["alice whispers: secret " + secret, "alice says: bye"], read
+
+
+@redis
+def test_a_whisper_waits_for_no_line_that_was_said_before_this_server_began(
+        linked, join):
+    a = linked()
+    alice = join(a, "alice")  # her join is in the stream before b begins to read
+    b = linked()
+    bob = join(b, "bob")
+    wait_known(a, "bob")
+    b._link.silence_seconds = TIMEOUT * 10  # a wait for it would outlast the test
+    alice.send("/msg bob you are new here")
+    bob.expect_next("alice whispers: you are new here")
+
+
+@redis
+def test_a_whisper_to_someone_who_just_changed_name_elsewhere_is_owned_up_to(
+        linked, join):
+    a, b = linked(), linked()
+    alice = join(a, "alice")
+    bob = join(b, "bob")
+    wait_known(a, "bob")
+    parked, release = gate_the_reader(a)  # a does not hear of the rename yet
+    try:
+        assert parked.wait(TIMEOUT), "the reader did not park"
+        bob.send("/nick robert")
+        wait_known(b, "robert")
+        alice.send("/msg bob are you there?")
+        alice.expect("*** Your whisper to bob did not arrive: they had just left or "
+                     "changed name.")
+    finally:
+        release.set()
+
+
 @redis
 def test_a_whisper_waiting_for_a_line_that_never_comes_is_shown_anyway(
         linked, join, quick_split):
