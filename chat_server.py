@@ -2331,6 +2331,14 @@ class ChatServer(ChatRoom):
         with self._lock:
             return self._online_line()
 
+    def tell_who(self, client):
+        """Send client the list of who is online, in the room's order: made when
+        queued, a list could name someone whose leave line it follows."""
+        with self._lock:
+            self.notices.catch_up(client)
+            client.queue_line(self._online_line())
+        self._send_queued([client])
+
     def _wait_for_room_budget(self, client, lines):
         """Hold a sender back while the room takes in more than --room-rate bytes a second.
 
@@ -2631,7 +2639,7 @@ def do_nick(handler, argument):
 
 
 def do_who(handler, argument):
-    handler.reply(handler.room.who())
+    handler.room.tell_who(handler.client)
 
 
 def do_me(handler, argument):

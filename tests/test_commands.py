@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import server_process
+from conftest import server_process, wait_until
 
 
 def test_help_lists_every_command_and_who_can_see_the_chat(joined):
@@ -120,6 +120,26 @@ def test_who_no_longer_lists_those_who_left(room):
     alice.expect_next("*** carol left the chat.")
     alice.send("/who")
     alice.expect_next("*** Online now (2): alice, dave")
+
+
+def test_who_never_lists_someone_whose_leave_came_before_it(server, room, monkeypatch):
+    """A list made, then a leave, then the list sent: it would name the one who left."""
+    alice, bob = room("alice", "bob")
+    real_who = type(server).who
+
+    def who_then_bob_leaves(room_itself):
+        line = real_who(room_itself)
+        bob.close()
+        wait_until(lambda: "bob" not in real_who(room_itself), message="bob gone")
+        return line
+
+    monkeypatch.setattr(type(server), "who", who_then_bob_leaves)
+    alice.send("/who")
+    first = alice.expect_next("")
+    if first == "*** bob left the chat.":
+        assert alice.expect_next("") == "*** Online now (1): alice"
+    else:
+        assert first == "*** Online now (2): alice, bob"
 
 
 def test_me_shows_an_action_to_the_others(room):
