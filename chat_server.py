@@ -465,7 +465,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 problem = self.room.join(self.client, line.strip())
                 if problem is None:
                     return True
-                if problem is REMOVED or problem is SHUTTING_DOWN:
+                if problem is SHUTTING_DOWN:
+                    return False  # close_room() said goodbye to every connection
+                if problem is REMOVED:
                     self.reply("*** %s Goodbye." % problem)
                     return False
             self.reply("*** %s%s" % (problem + " " if problem else "", question))

@@ -499,6 +499,33 @@ def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(serve
     assert connect().expect_closed() == ["*** Server is shutting down."]
 
 
+def test_a_name_given_as_the_shutdown_begins_gets_one_goodbye_and_does_not_join(
+        server, connect, monkeypatch):
+    refused = threading.Event()
+    real_ask, real_close_when_sent = chat_server.ChatHandler.ask_name, \
+        chat_server.Client.close_when_sent
+
+    def ask_name(handler, *args):
+        answer = real_ask(handler, *args)
+        refused.set()  # the name was handled: refused, and anything said about it queued
+        return answer
+
+    def close_when_sent(client):  # the newcomer's name comes after the goodbye is queued
+        if not client.name:
+            newcomer.send("nina")
+            assert refused.wait(TIMEOUT), "the name was not handled"
+        return real_close_when_sent(client)
+
+    monkeypatch.setattr(chat_server.ChatHandler, "ask_name", ask_name)
+    monkeypatch.setattr(chat_server.Client, "close_when_sent", close_when_sent)
+    newcomer = connect()
+    newcomer.expect("What is your name?")
+    server.close_room()
+    assert [line for line in newcomer.expect_closed() if "shutting down" in line] == [
+        "*** Server is shutting down."]
+    assert server.find("nina") is None  # and never in the room
+
+
 def test_nothing_is_said_in_the_room_after_the_goodbye(server, room):
     """A line handled as the shutdown began (held back by the flood limit until the
     shutdown woke it, say) reached some students after "Server is shutting down."."""
@@ -510,18 +537,6 @@ def test_nothing_is_said_in_the_room_after_the_goodbye(server, room):
     bob.expect_next("Online now")  # bob's line has been handled
     server.close_room()
     assert alice.expect_closed() == ["*** Server is shutting down."]
-
-
-def test_a_name_given_as_the_shutdown_begins_does_not_join(server, connect, joined):
-    """The name came just after close_room() began: told so, and never in the room."""
-    joined("watcher")
-    late = connect()
-    late.expect("What is your name?")
-    with server._lock:
-        server._shutting_down = True  # the moment close_room() has begun
-    late.send("alice")
-    assert late.expect_closed()[-1] == "*** Server is shutting down. Goodbye."
-    assert server.find("alice") is None
 
 
 def test_sendq_setting_reaches_each_client(start_server, joined):
