@@ -412,11 +412,8 @@ def hold_stream_until_whispered(server):
 
 
 @redis
-def test_a_whisper_after_a_chat_line_comes_after_it_on_another_server(linked, join):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    wait_known(b, "alice")
+def test_a_whisper_after_a_chat_line_comes_after_it_on_another_server(two_rooms):
+    a, b, alice, bob = two_rooms
     whispered = hold_stream_until_whispered(b)
     alice.send("hello all\n/msg bob psst")
     bob.expect_next("alice says: hello all")
@@ -496,12 +493,8 @@ def test_a_whisper_waits_for_no_line_that_was_said_before_this_server_began(
 
 
 @redis
-def test_a_whisper_to_someone_who_just_changed_name_elsewhere_is_owned_up_to(
-        linked, join):
-    a, b = linked(), linked()
-    alice = join(a, "alice")
-    bob = join(b, "bob")
-    wait_known(a, "bob")
+def test_a_whisper_to_someone_who_just_changed_name_elsewhere_is_owned_up_to(two_rooms):
+    a, b, alice, bob = two_rooms
     parked, release = gate_the_reader(a)  # a does not hear of the rename yet
     try:
         assert parked.wait(TIMEOUT), "the reader did not park"
