@@ -1231,6 +1231,7 @@ def test_a_muted_student_who_reconnects_to_another_server_is_muted_there(two_roo
     bob.expect("The teacher has unmuted you")
     bob.close()
     alice.expect("*** bob left the chat.")
+    wait_until(lambda: "bob" not in b.who(), message="b to hear bob left")  # a moment behind
     bob = join(b, "bob")
     bob.send("thank you")
     alice.expect("bob says: thank you")
