@@ -4384,6 +4384,8 @@ def check_event(data, kinds, max_line):
 
 def check_field(event, field, check, max_line):
     """Check one field of an event by its kind of value; raise BadEvent."""
+    if field not in event:
+        raise BadEvent("no %s" % field)
     value = event[field]
     if check == "flag":
         ok = isinstance(value, bool)
@@ -4488,7 +4490,8 @@ class RedisLink:
         self._last_seen = {}  # server id -> highest sequence shown or skipped
         self._last_event = 0  # the number of the last room event we sent
         # Whispers waiting for the room events their sender sent before them
-        # (see hold_private()): (server, sequence, deadline, [(client, line)]).
+        # (see hold_private()): (server, sequence, deadline, [(client, line)],
+        # the whisper from another server, or None).
         self._held = []
         self._quiet_set_alone = False  # the teacher here set quiet mode during a split
         self._quiet_waiting = None  # the number of the last quiet event sent
@@ -4634,22 +4637,29 @@ class RedisLink:
             self._queue_work(("publish", self.url.room + ":to:" + student.server,
                               self._stamp(event)))
 
-    def hold_private(self, lines, server=None, after=None):
+    def hold_private(self, lines, server=None, after=None, whisper=None):
         """Hold whisper lines until the room events sent before them are shown.
 
         A whisper goes by pub/sub and a room event by the stream, so a
         whisper sent after a chat line could overtake it, on any server: its
         lines wait here until the stream has brought that server's events up
         to after (by default: ours, up to now). lines: [(client, line)].
-        Room's lock held. False if nothing is on its way: show them now.
+        whisper: the event, if from another server (its sender is told if the
+        student leaves meanwhile). Room's lock held. False if nothing is on
+        its way: show them now.
         """
         server = server or self.server_id
         after = self._last_event if after is None else after
         if not self.linked or self._last_seen.get(server, 0) >= after:
             return False
         deadline = time.monotonic() + self.silence_seconds  # the event may never come
-        self._held.append((server, after, deadline, lines))
+        self._held.append((server, after, deadline, lines, whisper))
         return True
+
+    def _tell_lost(self, whisper):
+        """A whisper from another server found no one here: its sender is told (lock held)."""
+        self.send_private(RemoteStudent(whisper["to"], whisper["s"]),
+                          {"k": "lost", "name": whisper["name"], "to": whisper["to"]})
 
     def _release_late(self):
         """Show held whisper lines whose room event never came (its server split)."""
@@ -4661,13 +4671,15 @@ class RedisLink:
         """Queue the held whisper lines that may go now; return their clients (lock held)."""
         now, released, still = time.monotonic(), [], []
         for held in self._held:
-            server, after, deadline, lines = held
+            server, after, deadline, lines, whisper = held
             if everything or now >= deadline or self._last_seen.get(server, 0) >= after:
                 for client, line in lines:
                     if self.room._joined.get(client.key) is client:  # not gone meanwhile
                         self.room.notices.catch_up(client)
                         client.queue_line(line)
                         released.append(client)
+                    elif whisper is not None:
+                        self._tell_lost(whisper)
             else:
                 still.append(held)
         self._held = still
@@ -5002,10 +5014,14 @@ class RedisLink:
         self.room.recorder.note("console", SPLIT_LINE[4:])
 
     def _show_pending(self):
-        """Show here, once, our events that have not come back from Redis (lock held)."""
+        """Show here, once, our events that have not come back from Redis (lock held);
+        a whisper held for one of them right after it."""
         for sequence, (lines, exclude) in sorted(self._pending.items()):
             if lines:
                 self.room._broadcast(lines, exclude)
+            self._last_seen[self.server_id] = sequence  # shown
+            if self._held:
+                self._release_held()
         self._pending.clear()
 
     def _drain_outbox(self):
@@ -5483,16 +5499,18 @@ class RedisLink:
                 if "after_id" in event and \
                         stream_position(event["after_id"]) <= self._read_from:
                     after = 0  # in the stream before where we began: never to come
-                if not self.hold_private(lines, event["s"], after):
+                if not self.hold_private(lines, event["s"], after, event):
                     self.room.notices.catch_up(client)
                     client.queue_line(lines[0][1])
         if client is None:
             log.info("A %s for %s, who is not here (any more)", kind, name)
             with self.room._lock:  # the sender, or the asking console, is told
-                self.send_private(RemoteStudent(name, event["s"]), {
-                    "k": "lost", "name": event["name"], "to": name} if kind == "whisper"
-                    else {"k": "reply", "name": name,
-                          "text": "%s is not on this server any more." % name})
+                if kind == "whisper":
+                    self._tell_lost(event)
+                else:
+                    self.send_private(RemoteStudent(name, event["s"]), {
+                        "k": "reply", "name": name,
+                        "text": "%s is not on this server any more." % name})
         elif kind == "whisper":
             self.room._send_queued([client])
         else:  # the teacher there acts here, as if at our console

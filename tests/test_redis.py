@@ -65,6 +65,14 @@ def test_an_error_reply_carries_redis_own_message():
     assert str(error) == "WRONGPASS invalid username-password pair"
 
 
+@pytest.mark.parametrize("data", [b'{"k":"whisper"}', b'{"k":"say","n":1}'],
+                         ids=["private", "room"])
+def test_an_event_with_no_server_is_a_bad_event(data):
+    kinds = chat_server.PRIVATE_EVENTS if b"whisper" in data else chat_server.ROOM_EVENTS
+    with pytest.raises(chat_server.BadEvent):
+        chat_server.check_event(data, kinds, 500)
+
+
 @pytest.mark.parametrize("reply", [
     b"$%d\r\n" % (chat_server.REDIS_MAX_BULK_BYTES + 1),
     b"*%d\r\n" % (chat_server.REDIS_MAX_ARRAY_ITEMS + 1),
@@ -505,6 +513,39 @@ def test_a_whisper_to_someone_who_just_changed_name_elsewhere_is_owned_up_to(two
                      "changed name.")
     finally:
         release.set()
+
+
+@redis
+def test_a_split_shows_a_held_whisper_between_the_lines_around_it(linked, join):
+    a = linked()
+    alice, bob = join(a, "alice"), join(a, "bob")
+    a._link._send_work = lambda wait: a._link._stopping.wait(0.05)  # Redis gets nothing
+    alice.send("one\n/msg bob psst\ntwo")
+    wait_until(lambda: len(a._link._pending) == 2 and len(a._link._held) == 1,
+               message="two lines on their way, the whisper held")
+    a._link.split("a test")
+    bob.expect_next("alice says: one")
+    bob.expect_next("alice whispers: psst")
+    bob.expect_next("alice says: two")
+
+
+@redis
+def test_a_whisper_held_for_someone_who_leaves_meanwhile_is_owned_up_to(two_rooms):
+    a, b, alice, bob = two_rooms
+    with b._lock:  # as if alice's earlier line were still on its way to b
+        b._link._last_seen[a._link.server_id] = 0
+        b._link._read_from = (0, 0)
+    parked, release = gate_the_reader(b)
+    try:
+        assert parked.wait(TIMEOUT), "the reader did not park"
+        alice.send("/msg bob psst")
+        wait_until(lambda: b._link._held, message="the whisper held on b")
+        bob.close()
+        wait_until(lambda: b.find("bob") is None, message="bob gone from b")
+    finally:
+        release.set()
+    alice.expect("*** Your whisper to bob did not arrive: they had just left or "
+                 "changed name.")
 
 
 @redis
