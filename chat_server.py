@@ -2267,13 +2267,13 @@ class ChatServer(ChatRoom):
         self._send_queued(recipients)
         return None
 
-    def _queue_private(self, lines):
+    def _queue_private(self, lines, *hold):
         """Queue [(client, line)] now; return the clients (lock held).
 
-        Redis link: a chat line of this sender's that is still on its way
-        through Redis is shown first (RedisLink.hold_private()).
+        Redis link: a chat line of the sender's that is still on its way
+        through Redis is shown first (hold: see RedisLink.hold_private()).
         """
-        if self._link is not None and self._link.hold_private(lines):
+        if self._link is not None and self._link.hold_private(lines, *hold):
             return []
         for client, line in lines:
             self.notices.catch_up(client)
@@ -5499,9 +5499,7 @@ class RedisLink:
                 if "after_id" in event and \
                         stream_position(event["after_id"]) <= self._read_from:
                     after = 0  # in the stream before where we began: never to come
-                if not self.hold_private(lines, event["s"], after, event):
-                    self.room.notices.catch_up(client)
-                    client.queue_line(lines[0][1])
+                self.room._queue_private(lines, event["s"], after, event)
         if client is None:
             log.info("A %s for %s, who is not here (any more)", kind, name)
             with self.room._lock:  # the sender, or the asking console, is told
