@@ -519,7 +519,14 @@ def test_a_whisper_to_someone_who_just_changed_name_elsewhere_is_owned_up_to(two
 def test_a_split_shows_a_held_whisper_between_the_lines_around_it(linked, join):
     a = linked()
     alice, bob = join(a, "alice"), join(a, "bob")
-    a._link._send_work = lambda wait: a._link._stopping.wait(0.05)  # Redis gets nothing
+    stalled = threading.Event()
+
+    def send_nothing(wait):  # Redis gets nothing from here on
+        stalled.set()
+        a._link._stopping.wait(0.05)
+
+    a._link._send_work = send_nothing
+    assert stalled.wait(TIMEOUT), "the writer did not stall"  # (done with any real send)
     alice.send("one\n/msg bob psst\ntwo")
     wait_until(lambda: len(a._link._pending) == 2 and len(a._link._held) == 1,
                message="two lines on their way, the whisper held")
