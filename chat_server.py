@@ -2222,6 +2222,7 @@ class ChatServer(ChatRoom):
         self.recorder = Recorder(settings, transcript)
         super().__init__(address, settings)  # the room's core: it binds the port
         self._everyone_gone = threading.Condition(self._lock)  # for close_room()
+        self._room_closed = False  # close_room() has begun (_shutting_down may be set sooner)
         if self.settings.redis is not None:  # Redis link: linked before serving
             self._link = RedisLink(self, self.settings.redis)
             try:
@@ -2438,6 +2439,13 @@ class ChatServer(ChatRoom):
         """Count a connection as open (its thread has started)."""
         with self._lock:
             self._connected.add(client)
+            # Admitted just before close_room() began, and not among those it
+            # said goodbye to: its goodbye is said here.
+            too_late = self._shutting_down
+            if too_late:
+                client.queue_line("*** " + SHUTTING_DOWN)
+        if too_late:
+            client.close_when_sent()  # its reader then sees the end, and finishes
 
     def unregister(self, client):
         """Forget a finished connection and free its place."""
@@ -2571,13 +2579,27 @@ class ChatServer(ChatRoom):
 
     # -- Shutting down --
 
+    def stop_serving(self):
+        """Close the room, then stop serve_forever(): Ctrl+C, SIGTERM and /shutdown.
+
+        In this order a connection that comes while the room closes is still
+        accepted, and told why it cannot come in (see _refusal_for()).
+        """
+        log.info("Shutting down: telling everyone and closing connections.")
+        self.close_room()
+        self.shutdown()
+
     def close_room(self):
         """Tell everyone the server is shutting down and close every connection.
 
         Returns within about two seconds, even if a client has stalled (with
         --redis, telling the other servers may take a few seconds more).
+        Called again, it returns at once.
         """
         with self._lock:
+            if self._room_closed:
+                return
+            self._room_closed = True
             # Redis link: what is still on its way through Redis is shown here
             # first; no newcomer sees the room unlinked before the goodbye.
             leaving = self._link.unlink() if self._link is not None else None
@@ -2913,7 +2935,7 @@ class TeacherConsole:
 
     def do_shutdown(self, argument):
         self.tell("Shutting down at the teacher's request.")
-        self.room.shutdown()  # serve_forever() returns; serve() closes the room
+        self.room.stop_serving()
 
     # word -> (method, arguments, what it does), in the order /help lists them
     COMMANDS = {
@@ -5965,7 +5987,7 @@ def stop_on_signal(server):
     def handler(signum, frame):
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, exit_at_once)
-        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+        threading.Thread(target=server.stop_serving, name="shutdown", daemon=True).start()
 
     return handler
 
@@ -6032,15 +6054,14 @@ def serve(args, argv):
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, stop_on_signal(server))
     try:
-        server.serve_forever(SHUTDOWN_POLL_SECONDS)  # returns once server.shutdown() is called
-    except KeyboardInterrupt:
-        pass  # a Ctrl+C before the handler was in place
+        server.serve_forever(SHUTDOWN_POLL_SECONDS)  # returns after stop_serving()
+    except KeyboardInterrupt:  # a Ctrl+C before the handler was in place
+        log.info("Shutting down: telling everyone and closing connections.")
     finally:
         # From here on, a second Ctrl+C means "stop now", not a traceback.
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, exit_at_once)
-        log.info("Shutting down: telling everyone and closing connections.")
-        server.close_room()
+        server.close_room()  # done already by stop_serving(), unless interrupted
         server.server_close()
         if transcript is not None:
             transcript.close()

@@ -1149,6 +1149,32 @@ def test_a_second_ctrl_c_during_the_shutdown_stops_at_once_with_status_130():
     assert took < 0.9, "took %.2f s" % took  # not the rest of the shutdown
 
 
+@POSIX_ONLY
+def test_a_connection_during_the_shutdown_is_told_so_and_the_server_exits_cleanly():
+    """Ctrl+C closes the room while the server still accepts; then it stops."""
+    with server_process("--flood-rate", "0", "--sendq", "100000000",
+                        "--max-line", "65536") as server:
+        stalled = server.client(rcvbuf=4096)
+        stalled.send("stalled")  # joins, then never reads: the shutdown waits for it
+        stalled.expect("*** Online now")
+        bob = server.join("bob")
+        bob.sock.settimeout(TIMEOUT)
+        bob.send_raw((b"z" * 60000 + b"\r\n") * 100)  # see the test above
+        bob.send("/who")
+        bob.expect("*** Online now (2)")
+        server.process.send_signal(signal.SIGINT)
+        server.expect_log("Shutting down")  # the shutdown has begun
+        newcomer = server.client()
+        said = newcomer.expect_closed()
+        status = server.process.wait(TIMEOUT)
+        stderr = server.stderr_text()
+        for client in (bob, stalled, newcomer):
+            client.close()
+    assert said == ["*** Server is shutting down."]
+    assert status == chat_server.EXIT_OK, stderr[-1500:]
+    assert "Traceback" not in stderr
+
+
 # Runs the server with SIGXFSZ ignored, so that a file-size limit (a full disk,
 # played by resource.prlimit) makes write() fail with EFBIG instead of killing it.
 NO_SIGXFSZ_LAUNCHER = (

@@ -499,6 +499,43 @@ def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(serve
     assert connect().expect_closed() == ["*** Server is shutting down."]
 
 
+def test_a_connection_that_comes_while_the_room_closes_is_told_so(
+        start_server, room, joined, connect, monkeypatch):
+    """stop_serving() (Ctrl+C, /shutdown) closes the room while it still accepts."""
+    monkeypatch.setattr(chat_server, "SHUTDOWN_GRACE_SECONDS", 3.0)
+    server = start_server(flood_rate=0, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    joined("stalled", server, rcvbuf=4096)  # joins, then never reads
+    alice.expect_next("stalled joined")
+    bob.expect_next("stalled joined")
+    stall(server, "stalled", bob, alice)  # the room's closing waits for it
+    stopping = threading.Thread(target=server.stop_serving, daemon=True)
+    stopping.start()
+    try:
+        alice.expect_next("*** Server is shutting down.")  # the room is closing
+        assert connect(server).expect_closed() == ["*** Server is shutting down."]
+    finally:
+        stopping.join(TIMEOUT)
+
+
+def test_a_connection_admitted_just_before_the_room_closes_gets_one_goodbye(
+        server, connect, monkeypatch):
+    """Its thread starts after close_room() said goodbye to every connection."""
+    register = chat_server.ChatServer.register
+    closing = threading.Thread(target=server.close_room, daemon=True)
+
+    def late_register(room, client):
+        closing.start()
+        wait_until(lambda: room._shutting_down, message="the room to begin closing")
+        return register(room, client)
+
+    monkeypatch.setattr(chat_server.ChatServer, "register", late_register)
+    try:
+        assert connect().expect_closed() == ["*** Server is shutting down."]
+    finally:
+        closing.join(TIMEOUT)
+
+
 def test_a_name_given_as_the_shutdown_begins_gets_one_goodbye_and_does_not_join(
         server, connect, monkeypatch):
     refused = threading.Event()
