@@ -20,11 +20,12 @@ How it works: three moving parts, at the top of the file in this order.
     joined clients and the lock that protects it. It hands each room event,
     as one line, to every client, in the same order. (ChatServer, later in
     the file, is the room with everything around it: admitting connections,
-    the teacher's powers, shutting down. main() runs a ChatServer.)
+    the room operations the teacher's console calls, shutting down. main()
+    runs a ChatServer.)
   * Each client (Client) has an outbox. Under the room's lock a line is only
     queued in every outbox (that fixes the order); after the lock, it is sent
     to each socket without waiting. (Join and leave lines wait a moment
-    longer, to go out in bulk: see Notices, right after the core.) What a
+    longer, to go out in bulk: see Notices, at the end of the core.) What a
     full socket cannot take stays queued, and that client's writer thread
     sends it when there is room. So one student who stops reading cannot
     slow anybody else down: only their own outbox fills up, and past
@@ -32,9 +33,13 @@ How it works: three moving parts, at the top of the file in this order.
 
 The terminal running the server is the teacher's console: it shows the chat,
 and lines typed there are announcements or commands (type /help there).
+Ctrl+C (or /shutdown) runs ChatServer.stop_serving(): everyone is told
+goodbye and the room closes, then serve_forever() returns and main() ends
+(see stop_on_signal(), near the end).
 
-After the core come the parts that each add one thing: join and leave
-lines in bulk (Notices, for a big class), what protects the room (text
+The core ends with the one part that is only there for speed: join and
+leave lines in bulk (Notices, for a big class). After the core come the
+parts that each add one thing: what protects the room (text
 cleaning, names nobody can fake, limits per connection, per computer and for
 the whole room, the greeting and the password), ChatServer, the students'
 commands, the teacher's console and transcript, the browser page (HTTP and a
@@ -84,8 +89,8 @@ Licence: MIT (see LICENSE).
 #               that every joined client sees, in the same order.
 #   outbox      a client's queue of bytes not yet sent, bounded by --sendq;
 #               what a full socket cannot take, its writer thread sends later.
-#   notice      a join, leave or rename line: a room event that may go out a
-#               few milliseconds late, with others, from the notices thread.
+#   notice      a join, leave or rename line: a room event that may go out up
+#               to a tenth of a second late, with others, from the notices thread.
 
 import sys
 
@@ -325,17 +330,35 @@ class ChatHandler(socketserver.StreamRequestHandler):
         except OSError:
             pass  # reset, or shut down by the room: either way, the client leaves
 
-    def finish(self):
-        # Every way out comes through here: EOF, reset, /quit, too slow,
-        # kicked, shutdown. leave() says "left the chat." once, at most.
-        self.room.leave(self.client)
-        self.client.close_when_sent()  # e.g. "Bye." is still on its way
-        if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
-            self.client.close_now()  # it stopped reading: stop waiting for it
-        self.room.unregister(self.client)
-        self.readable.close()
-        self.room.tell_console("Closed connection: %s" % self.client, host=self.client.host)
-        super().finish()
+    # -- Joining: the name --
+
+    def ask_name(self, deadline):
+        """Ask for a name until one is free and valid, then join. False: gone."""
+        question = "What is your name?"
+        self.waiting_for = "a name"
+        self.reply("*** " + question)
+        paced = False
+        while True:
+            line = self.read_line(deadline)
+            if line is None:
+                return False
+            hold_back_flood(self)
+            if line is TOO_LONG:
+                problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
+            elif not line.strip():
+                problem = ""
+            else:
+                if not paced:
+                    paced = wait_to_join(self)
+                problem = self.room.join(self.client, line.strip())
+                if problem is None:
+                    return True
+                if problem is SHUTTING_DOWN:
+                    return False  # close_room() said goodbye to every connection
+                if problem is REMOVED:
+                    self.reply("*** %s Goodbye." % problem)
+                    return False
+            self.reply("*** %s%s" % (problem + " " if problem else "", question))
 
     # -- A line's way in: read, cut into lines, hand to the room --
 
@@ -374,7 +397,10 @@ class ChatHandler(socketserver.StreamRequestHandler):
         return None if identify_late_request(self, line) else line
 
     def wait_for_bytes(self, timeout=None):
-        """Wait up to timeout seconds for bytes: b'' at the end, None if none came."""
+        """Wait up to timeout seconds for bytes: b'' at the end, None if none came.
+
+        The input pace may then wait a little longer, before returning them.
+        """
         while True:
             if timeout is not None and timeout <= 0:
                 return None
@@ -442,35 +468,20 @@ class ChatHandler(socketserver.StreamRequestHandler):
         else:
             command(self, trim_accents(argument))  # others see it: as a message
 
-    # -- Joining: the name --
 
-    def ask_name(self, deadline):
-        """Ask for a name until one is free and valid, then join. False: gone."""
-        question = "What is your name?"
-        self.waiting_for = "a name"
-        self.reply("*** " + question)
-        paced = False
-        while True:
-            line = self.read_line(deadline)
-            if line is None:
-                return False
-            hold_back_flood(self)
-            if line is TOO_LONG:
-                problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
-            elif not line.strip():
-                problem = ""
-            else:
-                if not paced:
-                    paced = wait_to_join(self)
-                problem = self.room.join(self.client, line.strip())
-                if problem is None:
-                    return True
-                if problem is SHUTTING_DOWN:
-                    return False  # close_room() said goodbye to every connection
-                if problem is REMOVED:
-                    self.reply("*** %s Goodbye." % problem)
-                    return False
-            self.reply("*** %s%s" % (problem + " " if problem else "", question))
+    # -- Leaving --
+
+    def finish(self):
+        # Every way out comes through here: EOF, reset, /quit, too slow,
+        # kicked, shutdown. leave() says "left the chat." once, at most.
+        self.room.leave(self.client)
+        self.client.close_when_sent()  # e.g. "Bye." is still on its way
+        if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
+            self.client.close_now()  # it stopped reading: stop waiting for it
+        self.room.unregister(self.client)
+        self.readable.close()
+        self.room.tell_console("Closed connection: %s" % self.client, host=self.client.host)
+        super().finish()
 
 
 # --- The room: ChatRoom -------------------------------------------------------
@@ -489,8 +500,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
 
     ChatServer, further down (after what protects the room), is the room the
     program runs: it adds to this core the admission of connections, the
-    other room events (whispers, renames), the console's record, the
-    teacher's powers and the shutdown. The core calls seven of its parts:
+    other room events (whispers, renames), the console's record, the room
+    operations the teacher's console calls, and the shutdown. The core calls seven of its parts:
     register() and unregister() (every connection, joined or not),
     _wait_for_room_budget() and _why_silenced() (may this client speak
     now?), recorder.note() and tell_console() (for the console and the
@@ -524,7 +535,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
         self._remote_looks = {}  # Redis link: their looks_of() -> their keys
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
-        self._shutting_down = False  # set by close_room(): no more leave lines
+        # Set by close_room(): nothing more is said in the room (no leave
+        # lines either), and join() and each refusal say goodbye instead.
+        self._shutting_down = False
         # Join, leave and rename lines wait here, and go out in bulk: see
         # the section "Join and leave lines in bulk", just after the core.
         self.notices = Notices(self)
@@ -568,8 +581,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         _send_queued() once it has released the lock. A client whose outbox
         overflowed is marked too_slow by queue_bytes(); _send_queued() drops it.
         event: the same, as data for the Redis link (see its section).
-        notice: a join, leave or rename line, sent a few milliseconds later
-        (see Notices); nothing is queued now, and the list is empty.
+        notice: a join, leave or rename line, sent a moment later by the
+        notices thread (see Notices); nothing is queued now, and the list is empty.
         """
         if isinstance(lines, str):
             lines = [lines]
@@ -645,9 +658,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             # Notices so far are in its history and its list of who is online.
             client.notices_seen = self.notices.count()
             self._add_client(client)
-            # Welcome, history and the join line are queued in one critical
-            # section: the newcomer sees each room event exactly once, either
-            # in the history or live.
+            # Welcome and history are queued, and the join line handed to
+            # Notices, in one critical section: the newcomer sees each room
+            # event exactly once, either in the history or live.
             for line in self._welcome_lines(client):
                 client.queue_line(line)
             self._broadcast("*** %s joined the chat." % name, exclude=client,
@@ -796,7 +809,7 @@ class Client:
         self._backlogged = False  # the socket was full: the writer sends until empty
         self._urgent = False  # more than notices are queued: see _take_batch()
         self._nagle = False  # TCP_NODELAY is off for now: see _take_batch()
-        self._finishing = False  # no more data is taken; the writer flushes and stops
+        self._finishing = False  # closing: no more data is taken (see close_when_sent())
         self._dropped = False  # the room's drop() has run for this client
         self.closed = threading.Event()  # set once the socket is shut down
         # Started the first time it is needed (a full socket, or closing):
@@ -938,7 +951,7 @@ class Client:
         self._shut_down_socket()
 
     def wait_closed(self, timeout):
-        """Wait until everything was sent and the socket shut down; True if so."""
+        """Wait until the socket is shut down (all sent, or given up); True if so."""
         return self.closed.wait(timeout)
 
     def sleep(self, seconds):
@@ -1098,7 +1111,7 @@ class Notices:
     thread gives them out without holding the room's lock, so a chat line
     never waits for a big class to be told of a join; each client's own lock
     decides which of the two queues a notice (Client.take_notices()). The
-    room's lock guards lines, before and the encoded copies.
+    room's lock guards lines, _added_at, before and the encoded copies.
     """
 
     def __init__(self, room):
@@ -2195,7 +2208,9 @@ def format_address(address):
 # --- The whole room: ChatServer -----------------------------------------------
 # Adds to the core room (ChatRoom) what a class needs around it: admitting
 # or refusing connections, whispers and renames, the room-wide budget, the
-# console's record of the room, the teacher's powers, and the shutdown.
+# console's record of the room, the room operations the teacher's console
+# calls (the rules of /kick, /ban and /mute live in TeacherConsole), and the
+# shutdown.
 
 QUIET_ON_LINE = "*** [teacher] Quiet, please: only the teacher speaks for now."
 QUIET_OFF_LINE = "*** [teacher] The chat is open again."
@@ -2222,7 +2237,7 @@ class ChatServer(ChatRoom):
         self.recorder = Recorder(settings, transcript)
         super().__init__(address, settings)  # the room's core: it binds the port
         self._everyone_gone = threading.Condition(self._lock)  # for close_room()
-        self._room_closed = False  # close_room() has begun (_shutting_down may be set sooner)
+        self._room_closed = False  # close_room() has run, or is running: not twice
         if self.settings.redis is not None:  # Redis link: linked before serving
             self._link = RedisLink(self, self.settings.redis)
             try:
@@ -2458,7 +2473,7 @@ class ChatServer(ChatRoom):
         with self._lock:
             return self._places_taken
 
-    # -- The teacher's powers: the few room operations the console calls --
+    # -- The console: what it is told, and the few room operations it calls --
 
     def tell_console(self, text, warning=False, host=None):
         """Show text on the console after the room events already queued.
@@ -2704,7 +2719,9 @@ STUDENT_COMMANDS = {
 
 # --- The teacher's console: the terminal running the server -------------------
 # Adds the teacher: serve() starts a TeacherConsole on the terminal; its
-# commands call the room's "teacher's powers". The room's Recorder (below)
+# commands decide who is kicked, banned or muted, and call the few room
+# operations that do it (ChatServer's announce(), find(), remove_by_teacher(),
+# set_muted(), set_quiet()...). The room's Recorder (below)
 # shows room events here and hands them to the Transcript, from one thread.
 
 

@@ -310,7 +310,7 @@ def full_socket_pair():
     return ours, theirs
 
 
-def test_offer_only_queues_and_flush_sends_at_once():
+def test_queue_bytes_only_queues_and_flush_sends_at_once():
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     try:
