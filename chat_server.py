@@ -523,7 +523,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         # to notices (and the notices' fields: see Notices); ChatServer's
         # _connected and _places_taken; and the room's fields of each Client
         # (name, key, looks, joined_at, muted; not notices_seen: see
-        # take_notices()).
+        # queue_notices()).
         # The recorder's queue is only put to under it, to keep the room's
         # order. Anything else has a lock of its own, or is set once.
         self._lock = threading.Lock()
@@ -789,7 +789,7 @@ class Client:
         self.renames = None  # a RateWindow for /nick, set by the handler
         self.muted = False  # set by the teacher; the room checks it
         self.too_slow = False  # its outbox overflowed: the room drops it
-        self.notices_seen = 0  # how many of the room's notices it was given: see take_notices()
+        self.notices_seen = 0  # how many of the room's notices it was given: see queue_notices()
         self.sendq_bytes = sendq_bytes
         # How this client's lines become bytes, and what it joined with: a
         # browser's WebSocket changes both (see answer_http()).
@@ -854,7 +854,7 @@ class Client:
 
         Never call this while holding the room's lock: it uses the socket.
         batch: bytes the caller has taken out, with the turn to send them
-        (_sending is set: see _take_batch() and take_notices()).
+        (_sending is set: see _take_batch() and queue_notices()).
         """
         while True:
             if batch is None:
@@ -1036,7 +1036,7 @@ class Client:
 
     # -- The room's join and leave lines (see Notices, after the core) --
 
-    def take_notices(self, first, encoded, shared=None, send=False):
+    def queue_notices(self, first, encoded, shared=None, send=False):
         """Queue the room's notices that this client was not given; False if too slow.
 
         encoded: the room's waiting join, leave and rename lines, each
@@ -1100,7 +1100,7 @@ class Client:
 # into the core where the room broadcasts (a notice is added, and anything
 # else first catches its clients up), where a client joins (it counts the
 # waiting ones as seen: they are in its history) and leaves, and in
-# Client.take_notices().
+# Client.queue_notices().
 
 
 class Notices:
@@ -1110,7 +1110,7 @@ class Notices:
     a reply, a goodbye) first queues the notices it lacks (catch_up()). The
     thread gives them out without holding the room's lock, so a chat line
     never waits for a big class to be told of a join; each client's own lock
-    decides which of the two queues a notice (Client.take_notices()). The
+    decides which of the two queues a notice (Client.queue_notices()). The
     room's lock guards lines, _added_at, before and the encoded copies.
     """
 
@@ -1124,7 +1124,7 @@ class Notices:
         # encode_lines -> the waiting notices, each encoded so: a catch-up
         # joins bytes, however many are waiting (see _encoded_lines()).
         self._encoded = {}
-        self.queued = threading.Event()  # set when lines fills
+        self.added = threading.Event()  # set when lines are added: the thread wakes
         self._stopping = False  # set once, by stop(): the thread ends
         self._thread = threading.Thread(target=self._run, name="notices", daemon=True)
 
@@ -1134,7 +1134,7 @@ class Notices:
     def stop(self):
         """End the thread (it finishes a round it is in)."""
         self._stopping = True
-        self.queued.set()
+        self.added.set()
 
     def count(self):
         """How many notices there have been (lock held)."""
@@ -1149,18 +1149,18 @@ class Notices:
             exclude.skip_notices(self.count(), len(lines))
         self.lines.extend(lines)
         self._added_at.extend([time.monotonic()] * len(lines))
-        self.queued.set()
+        self.added.set()
 
     def catch_up(self, client, shared=None):
         """Queue for one joined client the notices it has not been given (lock held).
 
         Called before anything else is queued for it, so it sees them first.
-        shared: see take_notices(), when catching up many clients.
+        shared: see queue_notices(), when catching up many clients.
         """
         # notices_seen is read here without the client's lock, to skip the
         # lock for a client that has them all: it only ever grows.
         if client.notices_seen < self.count() and self.room._joined.get(client.key) is client:
-            client.take_notices(self.before, self._encoded_lines(client.encode_lines), shared)
+            client.queue_notices(self.before, self._encoded_lines(client.encode_lines), shared)
 
     def catch_up_everyone(self):
         """Queue the waiting notices for every joined client; return them all (lock held)."""
@@ -1185,11 +1185,11 @@ class Notices:
         room = self.room
         behind_since = None  # when the oldest line not given to everyone came
         while True:
-            self.queued.wait()
+            self.added.wait()
             with room._lock:
                 # Checked after clear(), under the lock: a stop that came just
                 # before would otherwise have its wake-up cleared, and be missed.
-                self.queued.clear()
+                self.added.clear()
                 if self._stopping:
                     return
                 clients = list(room._joined.values())
@@ -1199,12 +1199,12 @@ class Notices:
             if not lines:
                 continue  # (woken for lines a finished round gave out already)
             try:
-                if not self._give(clients, first, lines, behind_since):
+                if not self._send_round(clients, first, lines, behind_since):
                     continue  # new notices came: begin again from the top
             except Exception as error:  # a thread's top level: log it, and go on
                 log.error("Sending join and leave lines failed: %r", error)
                 time.sleep(NOTICES_RETRY_SECONDS)
-                self.queued.set()  # they stay waiting: try again
+                self.added.set()  # they stay waiting: try again
                 continue
             behind_since = None
             with room._lock:
@@ -1216,24 +1216,24 @@ class Notices:
                     del encoded[:len(lines)]
                 self.before = first + len(lines)
 
-    def _give(self, clients, first, lines, behind_since):
+    def _send_round(self, clients, first, lines, behind_since):
         """Queue and send notices (numbered from first) to each client that lacks them.
 
         Return False, with some clients not reached, if new notices came
         meanwhile and those clients have waited less than NOTICES_LATE_SECONDS.
         """
         encoded = {}  # encode_lines -> the lines, each encoded so
-        shared = {}  # see take_notices()
+        shared = {}  # see queue_notices()
         hurry_until = behind_since + NOTICES_LATE_SECONDS
         for client in clients:
-            if self.queued.is_set() and time.monotonic() < hurry_until:
+            if self.added.is_set() and time.monotonic() < hurry_until:
                 return False
             kind = client.encode_lines
             if kind not in encoded:
                 encoded[kind] = [kind([line]) for line in lines]
             # too_slow too: a catch-up that no send follows (the Redis echo of
             # its own join) may have overflowed its outbox.
-            if not client.take_notices(first, encoded[kind], shared, send=True) \
+            if not client.queue_notices(first, encoded[kind], shared, send=True) \
                     or client.too_slow:
                 self.room.drop(client, TOO_SLOW)
         return True

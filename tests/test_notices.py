@@ -18,7 +18,7 @@ from conftest import TIMEOUT, expect_console, wait_until
 
 
 class Gate:
-    """Stands in for the event Notices.queued: the notices thread stops in wait()."""
+    """Stands in for the event Notices.added: the notices thread stops in wait()."""
 
     def __init__(self):
         self.entered = threading.Event()  # the notices thread is stopped here
@@ -44,16 +44,16 @@ def stall_notices(server):
     stalled = []
 
     def stall(target=server):
-        gate, waiting_on = Gate(), target.notices.queued
-        target.notices.queued = gate
+        gate, waiting_on = Gate(), target.notices.added
+        target.notices.added = gate
         waiting_on.set()  # one more round, if it was waiting; then it stops at the gate
         assert gate.entered.wait(TIMEOUT), "the notices thread did not stop"
         stalled.append((target, gate))
 
     yield stall
     for target, gate in stalled:
-        target.notices.queued = threading.Event()
-        target.notices.queued.set()  # it sends what is left, then waits as before
+        target.notices.added = threading.Event()
+        target.notices.added.set()  # it sends what is left, then waits as before
         gate.opened.set()
 
 
@@ -245,7 +245,7 @@ def test_the_notices_thread_ends_when_the_server_closes_during_its_round():
             frame.f_code.co_filename, frame.f_lineno)
 
     with server._lock:  # the notices thread wakes, passes its stop check, waits here
-        server.notices.queued.set()
+        server.notices.added.set()
         wait_until(waiting_for_the_room_lock, message="the notices thread at the room lock")
         server.server_close()  # sets the stop flag and the event: the thread clears it next
     wait_until(lambda: not thread.is_alive(), message="the notices thread ended")
@@ -255,7 +255,7 @@ def test_a_failed_round_of_join_lines_is_tried_again(room, joined, monkeypatch, 
     """A round that fails in the notices thread (no thread could start) loses nothing."""
     monkeypatch.setattr(chat_server, "NOTICES_RETRY_SECONDS", 0.05)
     alice, = room("alice")
-    real_take, failed = chat_server.Client.take_notices, []
+    real_take, failed = chat_server.Client.queue_notices, []
 
     def take_failing_once(client, *args, **kwargs):
         if threading.current_thread().name == "notices" and not failed:
@@ -263,7 +263,7 @@ def test_a_failed_round_of_join_lines_is_tried_again(room, joined, monkeypatch, 
             raise RuntimeError("can't start new thread")
         return real_take(client, *args, **kwargs)
 
-    monkeypatch.setattr(chat_server.Client, "take_notices", take_failing_once)
+    monkeypatch.setattr(chat_server.Client, "queue_notices", take_failing_once)
     joined("bob")
     alice.expect_next("*** bob joined the chat.")  # kept, and given out again
     assert failed
@@ -341,12 +341,12 @@ def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_r
     """A catch-up that nobody sends after overflowed it (the Redis echo of its own join
     does one): the notices thread's next round drops it."""
     server, alice = alice_behind
-    gate = server.notices.queued  # where stall_notices() holds the thread
+    gate = server.notices.added  # where stall_notices() holds the thread
     alice_side = server.find("alice")
     server.catch_up(alice_side)  # too much for alice's outbox; no send follows
     assert alice_side.too_slow
-    server.notices.queued = threading.Event()  # the thread goes on, as after a long round
-    server.notices.queued.set()
+    server.notices.added = threading.Event()  # the thread goes on, as after a long round
+    server.notices.added.set()
     gate.opened.set()
     expect_console(caplog, "Disconnecting alice")
     alice.expect_closed()
@@ -360,19 +360,19 @@ def serve_a_round_interrupted(server, room, joined, monkeypatch):
     thread, and a second join comes while it serves middle. Return whom the
     thread served from middle on, in order."""
     first, middle, last = room("first", "middle", "last")
-    served, real_take, late = [], chat_server.Client.take_notices, []
+    served, real_take, late = [], chat_server.Client.queue_notices, []
 
     def take_recorded(client, *args, **kwargs):
         if threading.current_thread().name == "notices":
             if client.name == "middle" and not served:
-                server.notices.queued.clear()  # (set for this round)
+                server.notices.added.clear()  # (set for this round)
                 late.append(joined("late"))  # its join line waits: a new notice
-                assert server.notices.queued.is_set()
+                assert server.notices.added.is_set()
             if served or client.name == "middle":
                 served.append(client.name)
         return real_take(client, *args, **kwargs)
 
-    monkeypatch.setattr(chat_server.Client, "take_notices", take_recorded)
+    monkeypatch.setattr(chat_server.Client, "queue_notices", take_recorded)
     joined("newcomer")
     for client in (first, middle, last):
         client.expect_next("*** newcomer joined the chat.")
@@ -398,12 +398,12 @@ def test_a_line_that_came_during_a_finished_round_has_waited_since_it_came(
     """Its wait counts from when it came, not from when a round began to give it out."""
     first, middle, last = room("first", "middle", "last")
     monkeypatch.setattr(chat_server, "NOTICES_LATE_SECONDS", 0.0)  # the first round finishes
-    served, real_take, late = [], chat_server.Client.take_notices, []
+    served, real_take, late = [], chat_server.Client.queue_notices, []
 
     def take_recorded(client, *args, **kwargs):
         if threading.current_thread().name == "notices":
             if client.name == "middle" and len(late) < 2:
-                server.notices.queued.clear()  # (set for this round)
+                server.notices.added.clear()  # (set for this round)
                 late.append(joined("late%d" % len(late)))  # a new notice, mid-round
                 if len(late) == 1:  # late0's line came during the first round...
                     monkeypatch.setattr(chat_server, "NOTICES_LATE_SECONDS", 1.0)
@@ -413,7 +413,7 @@ def test_a_line_that_came_during_a_finished_round_has_waited_since_it_came(
             served.append(client.name)
         return real_take(client, *args, **kwargs)
 
-    monkeypatch.setattr(chat_server.Client, "take_notices", take_recorded)
+    monkeypatch.setattr(chat_server.Client, "queue_notices", take_recorded)
     joined("newcomer")
     for name in ("newcomer", "late0", "late1"):
         last.expect("*** %s joined the chat." % name)
