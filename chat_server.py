@@ -2479,7 +2479,9 @@ class ChatServer(ChatRoom):
         """Show text on the console after the room events already queued.
 
         Everything the console says about the room comes this way, so it
-        comes in the room's order ("left the chat." before "Closed").
+        comes in the room's order ("left the chat." before "Closed"; with
+        --redis, a leave line is shown when it comes back from Redis, which
+        may be after its "Closed").
         host: the computer whose connection the line is about; past
         CONNECTION_LINES_SHOWN of them in CONNECTION_LINES_SECONDS, such lines
         are counted, not shown (see ConnectionLines).
