@@ -4078,6 +4078,9 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
 REDIS_PORT = 6379  # Redis's own default port, when --redis gives none
 REDIS_ROOM = "chat"  # the room name when --redis gives none
 REDIS_SILENCE_SECONDS = 2.0  # no answer for this long: the link is down (a split)
+REDIS_CHANNEL_SILENCE_SECONDS = 30.0  # the listener's channel is given up only after
+#   this long without a word: a new subscription loses what Redis already sent into
+#   the old one, and a slow Redis or a stalled network sends it when it comes back
 REDIS_BLOCK_MILLISECONDS = 500  # how long one XREAD waits for new events
 REDIS_RETRY_FIRST_SECONDS = 0.1  # the first wait before reconnecting...
 REDIS_RETRY_MAX_SECONDS = 2.0  # ...doubling up to this: "a few seconds at most"
@@ -4494,6 +4497,7 @@ class RedisLink:
     """
 
     silence_seconds = REDIS_SILENCE_SECONDS
+    channel_silence_seconds = REDIS_CHANNEL_SILENCE_SECONDS
     block_milliseconds = REDIS_BLOCK_MILLISECONDS
     retry_first_seconds = REDIS_RETRY_FIRST_SECONDS
     retry_max_seconds = REDIS_RETRY_MAX_SECONDS
@@ -5505,8 +5509,8 @@ class RedisLink:
         try:
             message = connection.read(self.heartbeat_seconds)
         except socket.timeout:
-            if time.monotonic() - connection.last_heard > self.silence_seconds:
-                raise  # not even the PING's answer came back: reconnect
+            if time.monotonic() - connection.last_heard > self.channel_silence_seconds:
+                raise  # not even the PINGs' answers came back: reconnect
             connection.send([("PING",)], self.silence_seconds)
             return
         if isinstance(message, list) and len(message) == 3 and message[0] == b"message":

@@ -163,6 +163,10 @@ class LinkProxy:
         self.cut()
         self.moving.set()
 
+    def resume(self):
+        """Move bytes again through the same connections: a network that was slow."""
+        self.moving.set()
+
     def cut(self):
         """Close every open connection at once, as a crashed router would."""
         with self.lock:

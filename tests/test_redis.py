@@ -1575,6 +1575,22 @@ def test_a_whisper_sent_while_the_other_server_resubscribes_still_arrives(
     bob.expect("alice whispers: are you there?")
 
 
+@redis
+def test_a_whisper_sent_while_the_other_server_stalls_arrives_when_it_is_back(
+        split_rooms):
+    """Redis took the PUBLISH into that server's channel: kept, not reconnected, the
+    channel brings it once the stall ends."""
+    proxy, a, b, amy, bob = split_rooms  # a's link is frozen, a split already
+    bob.send("/msg amy are you there?")
+    bob.expect("*** You whispered to amy: are you there?")
+    channel = a._link._listener
+    silence = 3 * chat_server.RedisLink.silence_seconds  # long past a split's silence
+    wait_until(lambda: time.monotonic() - channel.last_heard > silence,
+               message="a long stall of the channel")
+    proxy.resume()  # the same connections: what Redis sent into them comes through
+    amy.expect("bob whispers: are you there?", timeout=SPLIT_TIMEOUT)
+
+
 def hold_back_listener(server, monkeypatch, caplog):
     """Cut server's channel and keep its listener from subscribing; return the Event that lets it."""
     listening = threading.Event()
