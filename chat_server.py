@@ -1280,11 +1280,13 @@ INVISIBLE = (
     "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
 )
-COMBINING_MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
-# Three asterisks or more, counting the forms that NFKC turns into "*", and
-# with anything between them that shows as nothing, or as an accent on one.
-SERVER_MARKER = re.compile("[*\ufe61\uff0a](?:[%s%s]*[*\ufe61\uff0a]){2,}"
-                           % (INVISIBLE, COMBINING_MARKS))
+INVISIBLE_CHARACTERS = re.compile("[%s]" % INVISIBLE)
+# What shows as an asterisk: "*", the forms NFKC turns into one, and signs
+# drawn alike (asterisk operator, low, heavy and open asterisks, Arabic star).
+ASTERISKS = re.compile("[*\ufe61\uff0a\u2217\u204e\u066d\u2731-\u2733\u273b-\u273d\u274b]")
+# Between two asterisks, these still let "***" show: a mark sits on a
+# neighbour (Mn, Me), a format character shows as nothing (Cf).
+HIDDEN_CATEGORIES = ("Mn", "Me", "Cf")
 ERASE_CHARACTERS = "\b\x7f"  # backspace and DEL, as character-mode clients send
 
 HTTP_REQUEST = re.compile(r"^[A-Z]+ \S+ HTTP/\d\.\d$")
@@ -1435,10 +1437,24 @@ def defuse_server_marker(text):
     Spaces are kept (pasted code needs them), so a long line can wrap in a
     terminal and start a row with whatever comes next; no row may look like
     the server speaking. Any run of three or more asterisks (and their
-    full-width and small forms, and with invisible characters or accents
-    between them) becomes two.
+    full-width and small forms and look-alikes, and with invisible characters
+    or marks between them) becomes two.
     """
-    return SERVER_MARKER.sub("**", text)
+    if len(ASTERISKS.findall(text)) < 3:
+        return text  # the usual line: no run of three to look for
+    pieces, run, stars = [], [], 0  # run: the asterisks so far, and what is between
+    for character in text + "\n":  # (a line never holds "\n": it ends the last run)
+        if ASTERISKS.match(character):
+            run.append(character)
+            stars += 1
+        elif run and (INVISIBLE_CHARACTERS.match(character)
+                       or unicodedata.category(character) in HIDDEN_CATEGORIES):
+            run.append(character)
+        else:
+            pieces.append("**" if stars >= 3 else "".join(run))
+            pieces.append(character)
+            run, stars = [], 0
+    return "".join(pieces)[:-1]
 
 
 def is_plain_message(text):
@@ -1491,11 +1507,6 @@ def is_name_character(character):
     category = unicodedata.category(character)
     return category[0] in "LM" or category == "Nd" or character in "_-."
 
-
-# Characters that show nothing (joiners, variation selectors, Hangul fillers,
-# ...: Unicode's default-ignorable code points): "alice" with one added looks
-# exactly like alice.
-INVISIBLE_CHARACTERS = re.compile("[%s]" % INVISIBLE)
 
 # Scripts that real names mix: Japanese (kanji with kana), Korean (hanja
 # with hangul). Any other name is written in one script.

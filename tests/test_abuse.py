@@ -1073,6 +1073,12 @@ def test_real_names_in_one_writing_system_join(joined, name):
     ("*\u200b** zero width", "** zero width"),
     ("**\u2060* word joiner", "** word joiner"),
     ("*\u0301** an accent", "** an accent"),
+    ("*\u05b0*\u05b0* a Hebrew point", "** a Hebrew point"),
+    ("*\u0e31*\u0e31* a Thai mark", "** a Thai mark"),
+    ("*\U00016fe4*\ufff9* format characters", "** format characters"),
+    ("\u2217\u2217\u2217 asterisk operators", "** asterisk operators"),
+    ("\u2731\u2731\u2731 heavy asterisks", "** heavy asterisks"),
+    ("2*3*4 stays", "2*3*4 stays"),
 ])
 def test_three_asterisks_or_more_become_two(room, text, shown):
     alice, bob = room("alice", "bob")
