@@ -3508,7 +3508,12 @@ def parse_close_payload(payload):
         reason = payload[2:].decode("utf-8")
     except UnicodeDecodeError:
         raise WebSocketError(CLOSE_BAD_DATA, "close reason is not UTF-8") from None
-    return struct.unpack("!H", payload[:2])[0], reason
+    code = struct.unpack("!H", payload[:2])[0]
+    # RFC 6455 7.4: 1004-1006 and 1015 never go on the wire; below 1000, and
+    # from 1016 to 2999, nothing is defined.
+    if not (1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999):
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "close code %d" % code)
+    return code, reason
 
 
 class WebSocketLines:

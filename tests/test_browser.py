@@ -374,8 +374,12 @@ def test_a_browser_behind_on_reading_says_nothing_after_its_close_frame(
     (frame(PING, b"x" * 126), 1002),
     (frame(PING, b"x", fin=False), 1002),
     (frame(CLOSE, b"\x03"), 1002),
+    (frame(CLOSE, struct.pack("!H", 999)), 1002),
+    (frame(CLOSE, struct.pack("!H", 1005)), 1002),
+    (frame(CLOSE, struct.pack("!H", 2000)), 1002),
 ], ids=["unmasked", "binary", "bad-utf8", "rsv", "opcode", "continuation", "long-ping",
-        "fragmented-ping", "one-byte-close"])
+        "fragmented-ping", "one-byte-close", "close-code-999", "close-code-1005",
+        "close-code-2000"])
 def test_protocol_error_closes_with_its_code_and_one_console_line(
         joined, caplog, bad_frame, code, bob_and_alice):
     bob, alice = bob_and_alice
