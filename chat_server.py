@@ -1525,6 +1525,14 @@ LOOK_ALIKES = str.maketrans({
     "ᴄ": "c", "ᴅ": "d", "ᴇ": "e", "ɢ": "g", "ʜ": "h", "ᴊ": "j", "ᴋ": "k", "ᴍ": "m",
     "ɴ": "n", "ᴏ": "o", "ᴘ": "p", "ʀ": "r", "ꜱ": "s", "ᴛ": "t", "ᴜ": "u", "ᴠ": "v",
     "ᴡ": "w", "ʏ": "y", "ᴢ": "z", "ǀ": "l", "ɩ": "i", "ɾ": "r", "0": "o", "1": "l",
+    # Lisu and Cherokee letters drawn as Latin capitals (ꓮꓡꓲꓚꓰ, ᎪᏞᎥᏟᎬ: ALICE)
+    "ꓐ": "b", "ꓑ": "p", "ꓓ": "d", "ꓔ": "t", "ꓖ": "g", "ꓗ": "k", "ꓙ": "j", "ꓚ": "c",
+    "ꓜ": "z", "ꓝ": "f", "ꓟ": "m", "ꓠ": "n", "ꓡ": "l", "ꓢ": "s", "ꓣ": "r", "ꓦ": "v",
+    "ꓧ": "h", "ꓪ": "w", "ꓫ": "x", "ꓬ": "y", "ꓮ": "a", "ꓰ": "e", "ꓲ": "i", "ꓳ": "o",
+    "ꓴ": "u", "Ꭰ": "d", "Ꭱ": "r", "Ꭲ": "t", "Ꭵ": "i", "Ꭹ": "y", "Ꭺ": "a", "Ꭻ": "j",
+    "Ꭼ": "e", "Ꮃ": "w", "Ꮇ": "m", "Ꮋ": "h", "Ꮐ": "g", "Ꮒ": "h", "Ꮓ": "z",
+    "Ꮟ": "b", "Ꮢ": "r", "Ꮤ": "w", "Ꮩ": "v", "Ꮪ": "s", "Ꮮ": "l", "Ꮯ": "c", "Ꮲ": "p",
+    "Ꮶ": "k", "Ᏼ": "b",
 })
 NAME_DECORATIONS = re.compile(r"[\d_.-]")  # what "teacher_2." adds to "teacher"
 
@@ -1593,7 +1601,8 @@ def ascii_digits(text):
 
 # A capital I looks like a small l in most fonts (aIice, alice), but folds to
 # an i; and the Cyrillic and Greek capitals I look just like it.
-CAPITAL_I_AS_L = str.maketrans({"I": "l", "\u0406": "l", "\u0399": "l", "\u04c0": "l"})
+CAPITAL_I_AS_L = str.maketrans({"I": "l", "\u0406": "l", "\u0399": "l", "\u04c0": "l",
+                                "\ua4f2": "l"})  # ...and the Lisu I
 
 
 def looks_of(name):

@@ -995,6 +995,8 @@ ONE_ALPHABET = "Write a name in one alphabet"
     ("\u0430\u04cf\u0456\u0441\u0435", LOOKS_LIKE_ALICE),  # all Cyrillic: аӏісе
     ("a\u01c0ice", LOOKS_LIKE_ALICE),  # Latin letter dental click ǀ
     ("aIice", LOOKS_LIKE_ALICE),  # a capital I for the l
+    ("\ua4ee\ua4e1\ua4f2\ua4da\ua4f0", LOOKS_LIKE_ALICE),  # Lisu, drawn as ALICE
+    ("\u13aa\u13de\u13a5\u13df\u13ac", LOOKS_LIKE_ALICE),  # Cherokee, drawn as ALICE
     ("ALICE", "The name alice is taken."),
     ("a" + "\u0301" * 19, "Too many accents on one letter"),
 ], ids=lambda value: ascii(value))
@@ -1023,7 +1025,8 @@ def test_a_capital_i_looks_like_a_small_l_and_nothing_else(room, connect):
 
 @pytest.mark.parametrize("name", ["t\u0435acher", "teacher.", "teacher_", "Teacher2",
                                   "te\u0430cher", "\u1d1beacher", "teache\u027e",
-                                  "r\u09e6\u09e6t", "ADMIN"], ids=ascii)
+                                  "r\u09e6\u09e6t", "ADMIN",
+                                  "\ua4d4\ua4f0\ua4ee\ua4da\ua4e7\ua4f0\ua4e3"], ids=ascii)
 def test_decorated_forms_of_teacher_are_refused(connect, name):
     line = ask_name(connect(), name)
     assert "reserved" in line or ONE_ALPHABET in line, line
