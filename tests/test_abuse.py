@@ -1127,21 +1127,31 @@ def test_a_writer_started_after_its_socket_closed_ends_quietly():
     # An exception escaping the writer thread fails this test (see conftest).
 
 
+SLOW_SHUTDOWN_FLAGS = ("--flood-rate", "0", "--sendq", "100000000", "--max-line", "65536")
+
+
+def stall_the_shutdown(server):
+    """Make the shutdown of server (started with SLOW_SHUTDOWN_FLAGS) wait about a second.
+
+    Returns (stalled, bob): stalled joined and never reads; bob sent it 6 MB,
+    more than the socket buffers take (4 MB at most by Linux's default
+    tcp_wmem), so the rest stays in its outbox, and the shutdown waits for it.
+    """
+    stalled = server.client(rcvbuf=4096)
+    stalled.send("stalled")
+    stalled.expect("*** Online now")
+    bob = server.join("bob")
+    bob.sock.settimeout(TIMEOUT)
+    bob.send_raw((b"z" * 60000 + b"\r\n") * 100)
+    bob.send("/who")
+    bob.expect("*** Online now (2)")  # every line before it was handled
+    return stalled, bob
+
+
 @POSIX_ONLY
 def test_a_second_ctrl_c_during_the_shutdown_stops_at_once_with_status_130():
-    with server_process("--flood-rate", "0", "--sendq", "100000000",
-                        "--max-line", "65536") as server:
-        stalled = server.client(rcvbuf=4096)
-        stalled.send("stalled")  # joins, then never reads: the shutdown waits for it
-        stalled.expect("*** Online now")
-        bob = server.join("bob")
-        bob.sock.settimeout(TIMEOUT)
-        # 6 MB for the stalled client, more than the socket buffers take (4 MB
-        # at most by Linux's default tcp_wmem): the rest stays in its outbox,
-        # and the shutdown waits about a second for it.
-        bob.send_raw((b"z" * 60000 + b"\r\n") * 100)
-        bob.send("/who")
-        bob.expect("*** Online now (2)")  # every line before it was handled
+    with server_process(*SLOW_SHUTDOWN_FLAGS) as server:
+        stalled, bob = stall_the_shutdown(server)
         server.process.send_signal(signal.SIGINT)
         server.expect_log("Shutting down")  # the shutdown has begun
         started = time.monotonic()
@@ -1161,16 +1171,8 @@ def test_a_second_ctrl_c_during_the_shutdown_stops_at_once_with_status_130():
 @POSIX_ONLY
 def test_a_connection_during_the_shutdown_is_told_so_and_the_server_exits_cleanly():
     """Ctrl+C closes the room while the server still accepts; then it stops."""
-    with server_process("--flood-rate", "0", "--sendq", "100000000",
-                        "--max-line", "65536") as server:
-        stalled = server.client(rcvbuf=4096)
-        stalled.send("stalled")  # joins, then never reads: the shutdown waits for it
-        stalled.expect("*** Online now")
-        bob = server.join("bob")
-        bob.sock.settimeout(TIMEOUT)
-        bob.send_raw((b"z" * 60000 + b"\r\n") * 100)  # see the test above
-        bob.send("/who")
-        bob.expect("*** Online now (2)")
+    with server_process(*SLOW_SHUTDOWN_FLAGS) as server:
+        stalled, bob = stall_the_shutdown(server)
         server.process.send_signal(signal.SIGINT)
         server.expect_log("Shutting down")  # the shutdown has begun
         newcomer = server.client()
