@@ -468,7 +468,6 @@ class ChatHandler(socketserver.StreamRequestHandler):
         else:
             command(self, trim_accents(argument))  # others see it: as a message
 
-
     # -- Leaving --
 
     def finish(self):
@@ -501,11 +500,12 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     ChatServer, further down (after what protects the room), is the room the
     program runs: it adds to this core the admission of connections, the
     other room events (whispers, renames), the console's record, the room
-    operations the teacher's console calls, and the shutdown. The core calls seven of its parts:
-    register() and unregister() (every connection, joined or not),
-    _wait_for_room_budget() and _why_silenced() (may this client speak
-    now?), recorder.note() and tell_console() (for the console and the
-    transcript), and addresses (what the room knows about each computer).
+    operations the teacher's console calls, and the shutdown. The core calls
+    seven of its parts: register() and unregister() (every connection,
+    joined or not), _wait_for_room_budget() and _why_silenced() (may this
+    client speak now?), recorder.note() and tell_console() (for the console
+    and the transcript), and addresses (what the room knows about each
+    computer).
     """
 
     # Class attributes that socketserver reads.
@@ -2622,7 +2622,6 @@ class ChatServer(ChatRoom):
         In this order a connection that comes while the room closes is still
         accepted, and told why it cannot come in (see _refusal_for()).
         """
-        log.info("Shutting down: telling everyone and closing connections.")
         self.close_room()
         self.shutdown()
 
@@ -2637,6 +2636,7 @@ class ChatServer(ChatRoom):
             if self._room_closed:
                 return
             self._room_closed = True
+            log.info("Shutting down: telling everyone and closing connections.")
             # Redis link: what is still on its way through Redis is shown here
             # first; no newcomer sees the room unlinked before the goodbye.
             leaving = self._link.unlink() if self._link is not None else None
@@ -6103,8 +6103,8 @@ def serve(args, argv):
         signal.signal(stop_signal, stop_on_signal(server))
     try:
         server.serve_forever(SHUTDOWN_POLL_SECONDS)  # returns after stop_serving()
-    except KeyboardInterrupt:  # a Ctrl+C before the handler was in place
-        log.info("Shutting down: telling everyone and closing connections.")
+    except KeyboardInterrupt:
+        pass  # a Ctrl+C before the handler was in place
     finally:
         # From here on, a second Ctrl+C means "stop now", not a traceback.
         for stop_signal in STOP_SIGNALS:

@@ -1319,8 +1319,11 @@ def stopping_unheard(linked, join, proxies):
     nothing more, and no split is declared yet), amy and ann on a."""
     proxy = proxies()
     a = linked(via=proxy)
-    amy, ann = join(a, "amy"), join(a, "ann")
-    amy.expect("*** ann joined the chat.")
+    amy = join(a, "amy")
+    # Else ann, in before amy's join is back from Redis, is shown it after.
+    wait_until(lambda: not a._link._pending, message="amy's join back from Redis")
+    ann = join(a, "ann")
+    amy.expect("*** ann joined the chat.")  # (so ann's join is back too)
     proxy.freeze()
     return a, amy, ann
 
