@@ -489,6 +489,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
 # (_send_queued): that gives everyone the same order, and nobody waits.
 
 TOO_SLOW = "too slow to keep up"
+NAME_TAKEN = "The name %s is taken."
+LOOKS_TAKEN = "That name looks too much like %s, who is online."
 REMOVED = "You were removed by the teacher."
 SHUTTING_DOWN = "Server is shutting down."  # the goodbye; once close_room() has
 #                                            begun, join() and each refusal say it too
@@ -698,8 +700,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         if holder is None:
             return None
         if fold_name(holder.name) == key:
-            return "The name %s is taken." % holder.name
-        return "That name looks too much like %s, who is online." % holder.name
+            return NAME_TAKEN % holder.name
+        return LOOKS_TAKEN % holder.name
 
     def _add_client(self, client):
         """Put a client in the room's dict under its key (lock held)."""
@@ -4123,6 +4125,8 @@ REDIS_MAX_ARRAY_ITEMS = 100000  # the most items in one array from Redis
 REDIS_MAX_REPLY_BYTES = 8 * 1024 * 1024  # the longest reply we buffer
 REDIS_MAX_DEPTH = 8  # arrays in arrays; XREAD's reply is 5 deep
 REDIS_CLAIM_GRACE_SECONDS = 5.0  # a claimed name not joined by then is freed
+REDIS_LOOKS_SECONDS = 5  # a joining name's looks are held this long: by then its join
+#   has come through the stream to every server, and each refuses a look-alike itself
 REDIS_UNHEARD_SECONDS = 10.0  # a whisper no server heard is sent again this long: a
 # listener that reconnects (backing off up to REDIS_RETRY_MAX_SECONDS) hears it
 # Messages in one "say" event: a sender's batch is the lines of one read
@@ -4529,6 +4533,7 @@ class RedisLink:
     heartbeat_seconds = REDIS_HEARTBEAT_SECONDS
     heartbeat_ttl_seconds = REDIS_HEARTBEAT_TTL_SECONDS
     name_ttl_seconds = REDIS_NAME_TTL_SECONDS
+    looks_seconds = REDIS_LOOKS_SECONDS
     outbox_items = REDIS_OUTBOX_ITEMS
 
     def __init__(self, room, url):
@@ -4540,6 +4545,7 @@ class RedisLink:
         self.channel = prefix + "to:" + self.server_id
         self._name_prefix = prefix + "name:"
         self._server_prefix = prefix + "server:"
+        self._looks_prefix = prefix + "looks:"  # looks_of() of a name joining now
         self._quiet_key = prefix + "quiet"
         self._muted_key = prefix + "muted"  # a set of the name keys muted anywhere
         self._lesson_key = prefix + "lesson"  # kept alive by every server's heartbeat
@@ -4763,7 +4769,7 @@ class RedisLink:
         with self.room._lock:
             holder = self.room._remote.get(key)
             if holder is not None:
-                return "The name %s is taken." % holder.name
+                return NAME_TAKEN % holder.name
             if not self.linked or key in self.room._joined:
                 return None  # a split, or taken here: the room's own check says so
         answer = queue.Queue(1)
@@ -4774,7 +4780,7 @@ class RedisLink:
             return None  # Redis is stuck: a split comes; the room decides alone
         if claimed is True or claimed is None:  # None: a split; the room decides alone
             return None
-        return "The name %s is taken." % claimed  # as its holder wrote it
+        return claimed  # why not, with the name as its holder wrote it
 
     def note_muted(self, key, muted):
         """A student of ours was muted or unmuted: so they stay on any server."""
@@ -4889,10 +4895,16 @@ class RedisLink:
                     self.muted_keys.add(item[1])  # before the answer: join() reads it
                 else:
                     self.muted_keys.discard(item[1])
-                if claimed:
+                look_alike = self._look_alike(replies[position + 3:position + len(commands)],
+                                              item[1], item[2])
+                if claimed and look_alike is not None and replies[position] is not None:
+                    self._release_if_ours(item[1])  # just claimed: let it go again
+                elif claimed:
                     self._claimed[item[1]] = time.monotonic()
-                item[3].put(True if claimed else self._holder_name(replies[position + 1],
-                                                                   item[2]))
+                if not claimed:
+                    item[3].put(NAME_TAKEN % self._holder_name(replies[position + 1], item[2]))
+                else:
+                    item[3].put(True if look_alike is None else LOOKS_TAKEN % look_alike)
             elif item[0] == "publish" and replies[position] == 0:
                 self._hold_unheard(item)
             elif item[0] == "event":
@@ -4927,11 +4939,21 @@ class RedisLink:
 
     def _freed_key(self, event):
         """The name key an event of ours frees in Redis (a leave, a rename), or None."""
+        name = self._freed_name(event)
+        return None if name is None else fold_name(name)
+
+    @staticmethod
+    def _freed_name(event):
+        """The name an event of ours lets go of (a leave, a rename), or None."""
         if event["k"] == "leave" and "of" not in event:
-            return fold_name(event["name"])
+            return event["name"]
         if event["k"] == "rename" and fold_name(event["old"]) != fold_name(event["new"]):
-            return fold_name(event["old"])  # not when only the case changed: same key
+            return event["old"]  # not when only the case changed: same key
         return None
+
+    def _looks_keys(self, name):
+        """The keys that hold a joining name's looks a moment (see _commands_for())."""
+        return ["%s%s:%s" % (self._looks_prefix, kind, look) for kind, look in looks_of(name)]
 
     def _commands_for(self, item):
         """The Redis commands for one piece of queued work."""
@@ -4942,6 +4964,9 @@ class RedisLink:
             freed = self._freed_key(event)
             if freed is not None:  # the name is free once the XADD is in
                 commands.append(("DEL", self._name_prefix + freed))
+                # ...and its looks, if still held for it: a look-alike may come now.
+                commands += [("EVAL", RELEASE_IF_OURS_SCRIPT, 1, key, self.server_id)
+                             for key in self._looks_keys(self._freed_name(event))]
             elif event["k"] == "rename":  # a new case, same key: show it as now written
                 commands.append(("SET", self._name_prefix + fold_name(event["new"]),
                                  self._name_value(event["new"]), "XX",
@@ -4960,9 +4985,27 @@ class RedisLink:
             return [("SADD" if self._mutes_wanted.get(item[1]) else "SREM",
                      self._muted_key, item[1])]
         # "claim": the value says which server holds the name; and is it muted?
-        return [("SET", self._name_prefix + item[1], self._name_value(item[2]),
-                 "NX", "EX", self.name_ttl_seconds), ("GET", self._name_prefix + item[1]),
-                ("SISMEMBER", self._muted_key, item[1])]
+        # Then its looks, held a moment: a look-alike given on another server
+        # at the same time (before either join is back from the stream) is refused.
+        commands = [("SET", self._name_prefix + item[1], self._name_value(item[2]),
+                     "NX", "EX", self.name_ttl_seconds), ("GET", self._name_prefix + item[1]),
+                    ("SISMEMBER", self._muted_key, item[1])]
+        for key in self._looks_keys(item[2]):
+            commands += [("SET", key, self._name_value(item[2]), "NX", "EX", self.looks_seconds),
+                         ("GET", key)]
+        return commands
+
+    def _look_alike(self, replies, key, name):
+        """The name a claim's looks are held for, if not name's own (else None).
+
+        replies: SET's and GET's of each look (see _commands_for()).
+        """
+        for taken, value in zip(replies[0::2], replies[1::2]):
+            if taken is None:  # held already: by name itself (or the same name
+                holder = self._holder_name(value, name)  # in another case)?
+                if fold_name(holder) != key:
+                    return holder
+        return None
 
     def _holder_name(self, value, asked):
         """The name as its holder wrote it, from a name key's value (else as asked)."""

@@ -924,6 +924,37 @@ def test_a_look_alike_of_a_student_on_another_server_is_refused(two_rooms, clien
 
 
 @redis
+@pytest.mark.parametrize("way", ["join", "rename"])
+def test_look_alikes_given_on_two_servers_at_once_do_not_both_get_in(
+        linked, join, clients, way):
+    """Until alice's join is back from the stream, b knows nothing of her: her
+    looks are held in Redis a moment, so aIice is refused on b all the same."""
+    a, b = linked(), linked()
+    bob = join(b, "bob")
+    impostor = ChatClient(b.server_address)
+    clients.append(impostor)
+    if way == "rename":
+        impostor.join("mallory")
+        bob.expect("*** mallory joined the chat.")
+    let_through, real_apply = threading.Event(), b._link.apply
+
+    def apply(events):  # b is shown alice's join only when the test lets it
+        if any(event["k"] == "join" and event["name"] == "alice" for event in events):
+            let_through.wait(TIMEOUT)
+        real_apply(events)
+
+    b._link.apply = apply
+    try:
+        join(a, "alice", settle=False)  # (b cannot know her yet)
+        impostor.send("aIice" if way == "join" else "/nick aIice")
+        impostor.expect("That name looks too much like alice, who is online.")
+    finally:
+        let_through.set()
+    bob.expect("*** alice joined the chat.")
+    assert b.find("aIice") is None
+
+
+@redis
 def test_a_rename_refused_for_its_rate_does_not_hold_the_name(linked, join):
     """Claimed in Redis before the rate was checked, bob was held from every server."""
     a, b = linked(nick_rate=1), linked()
