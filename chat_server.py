@@ -2567,6 +2567,21 @@ class ChatServer(ChatRoom):
         """Redis link: forget a mute of name on every server (it may be offline)."""
         if self._link is not None:
             self._link.note_muted(fold_name(name), False)
+            self._link.unmute_everywhere(name)
+
+    def lift_mutes(self, name, client=None):
+        """Forget the mutes of name (and of client's address), and unmute whoever
+        they held; True if there were any."""
+        host, key = (client.host, client.key) if client else (None, None)
+        hosts = self.addresses.unmute(name, host, key)
+        unmuted = bool(hosts)
+        # The student may be back under another name: unmute whoever was
+        # muted only by what was just forgotten.
+        for other in self.snapshot()[0]:
+            if other is client or (other.host in hosts and
+                                   not self.addresses.is_muted(other.host, other.key)):
+                unmuted = self.set_muted(other, False) or unmuted
+        return unmuted
 
     def has_joined(self, client):
         with self._lock:
@@ -2947,15 +2962,7 @@ class TeacherConsole:
                 self.room.addresses.unmute(argument)
                 self.tell(elsewhere)
                 return
-        host, key = (client.host, client.key) if client else (None, None)
-        hosts = self.room.addresses.unmute(argument, host, key)
-        unmuted = bool(hosts)
-        # The student may be back under another name: unmute whoever was
-        # muted only by what was just forgotten.
-        for other in self.room.snapshot()[0]:
-            if other is client or (other.host in hosts and
-                                   not self.room.addresses.is_muted(other.host, other.key)):
-                unmuted = self.room.set_muted(other, False) or unmuted
+        unmuted = self.room.lift_mutes(argument, client)
         self.room.unmute_elsewhere(argument)  # Redis link: not muted on any server
         self.tell("%s is no longer muted." % argument if unmuted
                   else "%s is not muted." % argument)
@@ -4422,7 +4429,8 @@ PRIVATE_EVENTS = {  # on a server's own channel, never stored
                 "after": ("sequence", False), "after_id": ("entry", False)},
     "lost": {"name": ("name", True), "to": ("name", True)},  # a whisper nobody was there for
     "kick": {"name": ("name", True), "reason": ("reason", False)},
-    "mute": {"name": ("name", True), "on": ("flag", True)},
+    "mute": {"name": ("name", True), "on": ("flag", True),
+             "all": ("flag", False)},  # an unmute for every server (unmute_everywhere())
     "reply": {"name": ("name", True), "text": ("text", True)},  # to a /kick or /mute
 }
 
@@ -4543,6 +4551,7 @@ class RedisLink:
         prefix = url.room + ":"
         self.stream = prefix + "events"
         self.channel = prefix + "to:" + self.server_id
+        self.all_channel = prefix + "to:all"  # every server listens here too
         self._name_prefix = prefix + "name:"
         self._server_prefix = prefix + "server:"
         self._looks_prefix = prefix + "looks:"  # looks_of() of a name joining now
@@ -4781,6 +4790,17 @@ class RedisLink:
         if claimed is True or claimed is None:  # None: a split; the room decides alone
             return None
         return claimed  # why not, with the name as its holder wrote it
+
+    def unmute_everywhere(self, name):
+        """Tell every server to forget its mutes of name, whoever holds one.
+
+        A server keeps the mute it set at another's /mute (by address), also
+        for a student who has since moved on: an /unmute typed anywhere lifts it.
+        """
+        with self.room._lock:  # the link numbers what it sends under the room's lock
+            if self.linked:
+                self._queue_work(("publish", self.all_channel, self._stamp(
+                    {"k": "mute", "name": name, "on": False, "all": True})))
 
     def note_muted(self, key, muted):
         """A student of ours was muted or unmuted: so they stay on any server."""
@@ -5540,10 +5560,14 @@ class RedisLink:
     # -- The listener thread: our own channel (whispers, /kick, /mute) --
 
     def _subscribe(self):
-        """A connection listening on our channel (what is sent before is lost)."""
+        """A connection listening on our channel and the one to all servers (what
+        is sent before is lost)."""
         connection = RedisConnection(self.url, self.silence_seconds)
         try:
-            connection.call("SUBSCRIBE", self.channel)
+            connection.send([("SUBSCRIBE", self.channel, self.all_channel)])
+            for _ in range(2):  # one answer for each channel
+                if isinstance(connection.read(), RedisError):
+                    raise RedisError("SUBSCRIBE was refused")
         except (OSError, RedisError):
             connection.close()
             raise
@@ -5597,6 +5621,11 @@ class RedisLink:
         kind, name = event["k"], event["name"] if event["k"] != "whisper" else event["to"]
         if kind == "reply":
             self.room.tell_console("The server of %s answers: %s" % (name, event["text"]))
+            return
+        if event.get("all"):  # to every server: an unmute (see unmute_everywhere())
+            if event["s"] != self.server_id and not event["on"] and \
+                    self.room.lift_mutes(event["name"]):
+                self.room.tell_console("Another server's teacher unmuted %s." % event["name"])
             return
         if kind == "lost":  # one of ours whispered to someone who had just gone
             self._own_up([dict(event, k="whisper")],

@@ -1317,6 +1317,28 @@ def test_a_muted_student_who_reconnects_to_another_server_is_muted_there(two_roo
 
 
 @redis
+def test_an_unmute_where_the_student_is_now_lifts_the_mute_another_server_holds(
+        two_rooms, join):
+    """b muted bob's computer at a's /mute; bob moved to a, and was unmuted there."""
+    a, b, alice, bob = two_rooms
+    TeacherConsole(a, None).handle_line("/mute bob")  # bob is on b
+    bob.expect("The teacher has muted you")
+    bob.close()
+    alice.expect("*** bob left the chat.")
+    bob = join(a, "bob")
+    TeacherConsole(a, None).handle_line("/unmute bob")  # at his server now
+    bob.expect("The teacher has unmuted you")
+    wait_until(lambda: not b.addresses.is_muted("127.0.0.1", "bob"),
+               message="b to forget the mute it held")
+    bob.close()
+    alice.expect("*** bob left the chat.")
+    wait_until(lambda: "bob" not in b.who(), message="b to hear bob left")
+    bob = join(b, "bob")
+    bob.send("back where I was")
+    alice.expect("bob says: back where I was")
+
+
+@redis
 def test_the_console_of_one_server_kicks_a_student_on_another(linked, join, redis_server):
     b = linked()
     bob = join(b, "bob")
