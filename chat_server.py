@@ -4421,6 +4421,9 @@ ROOM_EVENTS = {
     "act": {"name": ("name", True), "text": ("text", True)},
     "announce": {"text": ("text", True)},
     "quiet": {"on": ("flag", True)},
+    # Not shown: a whisper (number m) went from its server to server "to"
+    # just before; that server shows nothing later in the stream before it.
+    "mark": {"to": ("server", True), "m": ("sequence", True)},
 }
 PRIVATE_EVENTS = {  # on a server's own channel, never stored
     "whisper": {"name": ("name", True), "to": ("name", True), "text": ("text", True),
@@ -4517,6 +4520,8 @@ def event_lines(event):
         return ["* %s %s" % (event["name"], event["text"])]
     if kind == "announce":
         return ["*** [teacher] %s" % event["text"]]
+    if kind == "mark":
+        return []
     return [QUIET_ON_LINE if event["on"] else QUIET_OFF_LINE]  # "quiet"
 
 
@@ -4578,6 +4583,10 @@ class RedisLink:
         # (see hold_private()): (server, sequence, deadline, [(client, line)],
         # the whisper from another server, or None).
         self._held = []
+        # The highest number of a private message from each server that the
+        # listener has acted on; the reader waits on it at a mark (see apply()).
+        self._private_seen = {}
+        self._private_came = threading.Condition()
         self._quiet_set_alone = False  # the teacher here set quiet mode during a split
         self._quiet_waiting = None  # the number of the last quiet event sent
         # Owned by the reader thread:
@@ -4719,8 +4728,11 @@ class RedisLink:
         if self.linked:
             if event["k"] == "whisper":
                 event = dict(event, after=self._last_event)
-            self._queue_work(("publish", self.url.room + ":to:" + student.server,
-                              self._stamp(event)))
+            event = self._stamp(event)
+            self._queue_work(("publish", self.url.room + ":to:" + student.server, event))
+            if event["k"] == "whisper":  # so no later line of its sender overtakes it
+                self._queue_work(("event", self._stamp(
+                    {"k": "mark", "to": student.server, "m": event["n"]})))
 
     def hold_private(self, lines, server=None, after=None, whisper=None):
         """Hold whisper lines until the room events sent before them are shown.
@@ -4927,7 +4939,7 @@ class RedisLink:
                     item[3].put(True if look_alike is None else LOOKS_TAKEN % look_alike)
             elif item[0] == "publish" and replies[position] == 0:
                 self._hold_unheard(item)
-            elif item[0] == "event":
+            elif item[0] == "event" and item[1]["k"] != "mark":
                 if isinstance(replies[position], bytes):  # XADD's answer: the entry's id
                     self._last_added = item[1]["n"], replies[position].decode("ascii")
                 if self._freed_key(item[1]):
@@ -5468,27 +5480,50 @@ class RedisLink:
             self.apply(events)
 
     def apply(self, events):
-        """Show room events from the stream to this server's students, in its order."""
-        recipients = {}  # each client once, in order: one send carries all its lines
-        with self.room._lock:
-            if not self.linked or self._resume_id is not None:
-                return  # a split began while we read: the room is on its own
-            for event in events:
-                server, sequence = event["s"], event["n"]
-                if sequence <= self._last_seen.get(server, 0):
-                    continue  # sent twice (after a reconnect): shown already
-                if server == self.server_id and sequence > self._next_sequence:
-                    # Not ours (a rogue writer to Redis): taken as ours, its
-                    # number would hide every event we send after it.
-                    self._note_console("Dropped an event in our name that we never sent")
-                    continue
-                self._last_seen[server] = sequence
-                shown = (self._apply_own(event) if server == self.server_id
-                         else self._apply_other(event))
-                recipients.update(dict.fromkeys(shown))
-                if self._held:  # right after the event they waited for, before the next
-                    recipients.update(dict.fromkeys(self._release_held()))
-        self.room._send_queued(list(recipients))
+        """Show room events from the stream to this server's students, in its order.
+
+        At a mark for us, what follows waits until the listener has the
+        whisper it marks (by pub/sub, on another connection and thread), for
+        silence_seconds at most: else a line its sender said after it, read
+        from the stream first, would overtake it.
+        """
+        events = collections.deque(events)
+        while events:
+            recipients = {}  # each client once, in order: one send carries all its lines
+            mark = None
+            with self.room._lock:
+                if not self.linked or self._resume_id is not None:
+                    return  # a split began while we read: the room is on its own
+                while events and mark is None:
+                    event = events.popleft()
+                    server, sequence = event["s"], event["n"]
+                    if sequence <= self._last_seen.get(server, 0):
+                        continue  # sent twice (after a reconnect): shown already
+                    if server == self.server_id and sequence > self._next_sequence:
+                        # Not ours (a rogue writer to Redis): taken as ours, its
+                        # number would hide every event we send after it.
+                        self._note_console("Dropped an event in our name that we never sent")
+                        continue
+                    self._last_seen[server] = sequence
+                    if event["k"] == "mark":
+                        if event["to"] == self.server_id and server != self.server_id:
+                            mark = server, event["m"]
+                        continue
+                    shown = (self._apply_own(event) if server == self.server_id
+                             else self._apply_other(event))
+                    recipients.update(dict.fromkeys(shown))
+                    if self._held:  # right after the event they waited for, before the next
+                        recipients.update(dict.fromkeys(self._release_held()))
+            self.room._send_queued(list(recipients))
+            if mark is not None:
+                self._wait_for_private(*mark)
+
+    def _wait_for_private(self, server, sequence):
+        """Wait until the listener has acted on private message sequence of server."""
+        with self._private_came:
+            self._private_came.wait_for(
+                lambda: self._private_seen.get(server, 0) >= sequence
+                or self._stopping.is_set(), self.silence_seconds)
 
     def _apply_own(self, event):
         """One of our own events is back: show it now (room's lock held)."""
@@ -5612,6 +5647,10 @@ class RedisLink:
                 log.warning("Dropped a bad message from Redis: %s", error)
                 return
             self._act_on_private(event)
+            with self._private_came:  # the reader may wait for it at a mark
+                self._private_seen[event["s"]] = max(event["n"],
+                                                     self._private_seen.get(event["s"], 0))
+                self._private_came.notify_all()
         # else: the answers to SUBSCRIBE and PING
 
     def _act_on_private(self, event):

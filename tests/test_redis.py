@@ -420,6 +420,31 @@ def hold_stream_until_whispered(server):
 
 
 @redis
+def test_a_chat_line_after_a_whisper_comes_after_it_on_another_server(two_rooms):
+    """The other server reads the line from the stream before its listener has the
+    whisper: the stream waits at the whisper's mark."""
+    a, b, alice, bob = two_rooms
+    line_read, real_apply, real_act = threading.Event(), b._link.apply, b._link._act_on_private
+
+    def apply(events):
+        if any(event["k"] == "say" and event["texts"] == ["after"] for event in events):
+            line_read.set()
+        real_apply(events)
+
+    def act(event):  # the whisper is acted on only once its next line has been read
+        if event["k"] == "whisper":
+            line_read.wait(TIMEOUT)
+        real_act(event)
+
+    b._link.apply, b._link._act_on_private = apply, act
+    alice.send("before\n/msg bob psst\nafter")
+    bob.expect_next("alice says: before")
+    bob.expect_next("alice whispers: psst")
+    bob.expect_next("alice says: after")
+    assert line_read.is_set()  # the line was read first
+
+
+@redis
 def test_a_whisper_after_a_chat_line_comes_after_it_on_another_server(two_rooms):
     a, b, alice, bob = two_rooms
     whispered = hold_stream_until_whispered(b)
