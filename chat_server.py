@@ -4586,6 +4586,7 @@ class RedisLink:
         # (see hold_private()): (server, sequence, deadline, [(client, line)],
         # the whisper from another server, or None).
         self._held = []
+        self._remote_at_split = {}  # the students elsewhere when the last split began
         # The highest number of a private message from each server that the
         # listener has acted on; the reader waits on it at a mark (see apply()).
         self._private_seen = {}
@@ -5155,6 +5156,7 @@ class RedisLink:
             self._quiet_set_alone = True
         self._show_pending()
         self._release_held(everything=True)
+        self._remote_at_split = dict(self.room._remote)  # see _relink()
         self._set_remote({})
         for client in self.room._joined.values():
             self.room.notices.catch_up(client)
@@ -5259,15 +5261,27 @@ class RedisLink:
             # Our events up to now were shown here at the split: never again.
             self._last_seen[self.server_id] = self._next_sequence
             self.linked = True
-            self._set_remote({key: student for key, student in remote.items()
-                              if key not in self.room._joined})
+            remote = {key: student for key, student in remote.items()
+                      if key not in self.room._joined}
+            # Who came and went elsewhere while we were apart: the stream's
+            # events of the split are never read here (we go on from its end).
+            before, self._remote_at_split = self._remote_at_split, {}
+            news = [] if forgotten else [  # (Redis forgot: they come back by the stream)
+                "*** %s left the chat." % student.name for key, student in sorted(before.items())
+                if key not in remote]
+            news += ["*** %s joined the chat." % student.name
+                     for key, student in sorted(remote.items()) if before.get(key) != student]
+            self._set_remote(remote)
             clients = list(self.room._joined.values())
             for client in clients:
                 self.room.notices.catch_up(client)
                 client.queue_line(WHOLE_LINE)
+            self.room.recorder.note("console", WHOLE_LINE[4:])
+            if news:
+                self.room._broadcast(news)  # here only: each server tells its own
+            for client in clients:
                 client.queue_line(self.room._online_line())
                 self._rejoin(client)
-            self.room.recorder.note("console", WHOLE_LINE[4:])
             self._settle_quiet(quiet_elsewhere, forgotten)
         log.info("Linked through Redis again")
         self.room._send_queued(clients)

@@ -889,6 +889,25 @@ def test_the_room_is_whole_again_after_the_link_comes_back(linked, join, proxies
 
 
 @redis
+def test_who_came_and_went_elsewhere_during_a_split_is_told_at_the_relink(
+        split_rooms, join):
+    """amy's server never reads the stream's events of the split: at the relink it
+    tells its students who left and who joined meanwhile, before who is online."""
+    proxy, a, b, amy, bob = split_rooms
+    carol = join(b, "carol", settle=False)
+    bob.expect("*** carol joined the chat.")
+    bob.close()
+    carol.expect("*** bob left the chat.")
+    proxy.thaw()
+    amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    amy.expect_next("*** bob left the chat.")
+    amy.expect_next("*** carol joined the chat.")
+    amy.expect_next("*** Online now (2): amy, carol")
+    carol.send("hello amy")
+    amy.expect_next("carol says: hello amy")  # and no second join line before it
+
+
+@redis
 def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
