@@ -1566,14 +1566,17 @@ def name_scripts(name):
     """The scripts of a name's letters (LATIN, CYRILLIC, CJK, ...), by Unicode name.
 
     The standard library has no script property, but a letter's Unicode name
-    starts with its script: "CYRILLIC SMALL LETTER A". Digits, marks and _-.
-    belong to no script.
+    starts with its script: "CYRILLIC SMALL LETTER A". So does a mark of one
+    script ("HEBREW POINT SHEVA", "THAI CHARACTER MAI HAN-AKAT"): on a Latin
+    name it would pass for dirt on the screen. Digits, _-. and the accents
+    any script may carry ("COMBINING ACUTE ACCENT") belong to no script.
     """
     scripts = set()
     for character in unicodedata.normalize("NFKC", name):
-        if unicodedata.category(character)[0] != "L":
-            continue
         words = unicodedata.name(character, "UNKNOWN").split()
+        kind = unicodedata.category(character)[0]
+        if kind != "L" and (kind != "M" or words[0] == "COMBINING"):
+            continue
         if words[0] in ("HALFWIDTH", "FULLWIDTH"):
             words = words[1:]
         if words[0] == "CJK":

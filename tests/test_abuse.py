@@ -990,6 +990,8 @@ ONE_ALPHABET = "Write a name in one alphabet"
     ("\u115falice", INVISIBLE),  # Hangul choseong filler
     ("\u0430lice", ONE_ALPHABET),  # Cyrillic а
     ("ali\u0441e", ONE_ALPHABET),  # Cyrillic с
+    ("alice\u05b0", ONE_ALPHABET),  # a Hebrew point
+    ("al\u0e31ice", ONE_ALPHABET),  # a Thai vowel sign
     ("al\u0131ce", LOOKS_LIKE_ALICE),  # Latin dotless ı
     ("\u1d00lice", LOOKS_LIKE_ALICE),  # Latin small capital ᴀ
     ("\u0430\u04cf\u0456\u0441\u0435", LOOKS_LIKE_ALICE),  # all Cyrillic: аӏісе
@@ -1060,7 +1062,8 @@ def test_a_rename_to_a_look_alike_is_refused(room):
 
 
 @pytest.mark.parametrize("name", ["田中たろう", "ヤマダ太郎", "金민수", "김민수", "Ωμέγα",
-                                  "Зоя_2", "Zoë-Ångström"])
+                                  "Зоя_2", "Zoë-Ångström", "Zoe\u0308", "नमस्ते",
+                                  "שָׁלוֹם", "สมชาย", "か\u3099"])
 def test_real_names_in_one_writing_system_join(joined, name):
     joined(name)
 
