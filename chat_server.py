@@ -4594,6 +4594,9 @@ class RedisLink:
         # listener has acted on; the reader waits on it at a mark (see apply()).
         self._private_seen = {}
         self._private_came = threading.Condition()
+        # server id -> _private_seen when a wait at its mark ran out: its next
+        # marks are not waited for until something new comes from it.
+        self._waited_in_vain = {}
         self._quiet_set_alone = False  # the teacher here set quiet mode during a split
         self._quiet_waiting = None  # the number of the last quiet event sent
         # Owned by the reader thread:
@@ -4702,6 +4705,8 @@ class RedisLink:
     def stop(self):
         """Stop the link's threads (they are daemons: nothing waits for them)."""
         self._stopping.set()
+        with self._private_came:
+            self._private_came.notify_all()  # a reader waiting at a mark
 
     # -- The room's hooks: takes() and send_private() are called with the
     # room's lock held, and never wait; claim_name() is called without it --
@@ -5539,11 +5544,21 @@ class RedisLink:
                 self._wait_for_private(*mark)
 
     def _wait_for_private(self, server, sequence):
-        """Wait until the listener has acted on private message sequence of server."""
+        """Wait until the listener has acted on private message sequence of server.
+
+        For silence_seconds at most, and not at all while nothing has come
+        from that server since a wait for it ran out: waits must not add up
+        (a listener that is reconnecting would hold this room back for each).
+        """
         with self._private_came:
-            self._private_came.wait_for(
-                lambda: self._private_seen.get(server, 0) >= sequence
-                or self._stopping.is_set(), self.silence_seconds)
+            seen = self._private_seen.get(server, 0)
+            if self._waited_in_vain.get(server) == seen:
+                return
+            self._waited_in_vain.pop(server, None)
+            if not self._private_came.wait_for(
+                    lambda: self._private_seen.get(server, 0) >= sequence
+                    or self._stopping.is_set(), self.silence_seconds):
+                self._waited_in_vain[server] = self._private_seen.get(server, 0)
 
     def _apply_own(self, event):
         """One of our own events is back: show it now (room's lock held)."""
@@ -5666,10 +5681,15 @@ class RedisLink:
             except BadEvent as error:
                 log.warning("Dropped a bad message from Redis: %s", error)
                 return
+            if message[1] != self.channel.encode("utf-8"):
+                self._act_on_private(event)  # to all servers: no mark waits for it
+                return
+            with self._private_came:
+                if event["n"] <= self._private_seen.get(event["s"], 0):
+                    return  # sent again after its server reconnected: acted on already
             self._act_on_private(event)
             with self._private_came:  # the reader may wait for it at a mark
-                self._private_seen[event["s"]] = max(event["n"],
-                                                     self._private_seen.get(event["s"], 0))
+                self._private_seen[event["s"]] = event["n"]
                 self._private_came.notify_all()
         # else: the answers to SUBSCRIBE and PING
 
@@ -5682,7 +5702,7 @@ class RedisLink:
             self.room.tell_console("The server of %s answers: %s" % (name, event["text"]))
             return
         if event.get("all"):  # to every server: an unmute (see unmute_everywhere())
-            if event["s"] != self.server_id and not event["on"] and \
+            if kind == "mute" and not event["on"] and event["s"] != self.server_id and \
                     self.room.lift_mutes(event["name"]):
                 self.room.tell_console("Another server's teacher unmuted %s." % event["name"])
             return

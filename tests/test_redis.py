@@ -426,12 +426,13 @@ def test_a_chat_line_after_a_whisper_comes_after_it_on_another_server(two_rooms)
     a, b, alice, bob = two_rooms
     line_read, real_apply, real_act = threading.Event(), b._link.apply, b._link._act_on_private
 
-    def apply(events):
-        if any(event["k"] == "say" and event["texts"] == ["after"] for event in events):
+    def apply(events):  # read: the line after the whisper, or the whisper's mark
+        if any(event["k"] == "mark" or event["k"] == "say" and event["texts"] == ["after"]
+               for event in events):
             line_read.set()
         real_apply(events)
 
-    def act(event):  # the whisper is acted on only once its next line has been read
+    def act(event):  # the whisper is acted on only once the stream has got that far
         if event["k"] == "whisper":
             line_read.wait(TIMEOUT)
         real_act(event)
@@ -441,7 +442,7 @@ def test_a_chat_line_after_a_whisper_comes_after_it_on_another_server(two_rooms)
     bob.expect_next("alice says: before")
     bob.expect_next("alice whispers: psst")
     bob.expect_next("alice says: after")
-    assert line_read.is_set()  # the line was read first
+    assert line_read.is_set()  # the stream was read that far first
 
 
 @redis
@@ -1689,6 +1690,42 @@ def test_a_whisper_sent_while_the_other_server_stalls_arrives_when_it_is_back(
                message="a long stall of the channel")
     proxy.resume()  # the same connections: what Redis sent into them comes through
     amy.expect("bob whispers: are you there?", timeout=SPLIT_TIMEOUT)
+
+
+@redis
+def test_a_private_message_sent_twice_is_acted_on_once(two_rooms):
+    """A server's writer that reconnects sends again what was in flight: a PUBLISH
+    that Redis had done already reaches the other server a second time."""
+    a, b, alice, bob = two_rooms
+    with a._lock:  # numbered as a's link numbers what it sends
+        event = a._link._stamp({"k": "whisper", "name": "alice", "to": "bob", "text": "once"})
+    redis = chat_server.RedisConnection(a._link.url)
+    try:
+        for _ in range(2):
+            redis.call("PUBLISH", b._link.channel, json.dumps(event))
+    finally:
+        redis.close()
+    bob.expect_next("alice whispers: once")
+    alice.send("and then")
+    bob.expect_next("alice says: and then")
+
+
+@redis
+def test_marks_whose_whispers_do_not_come_hold_the_stream_back_once_not_each(
+        two_rooms, monkeypatch, caplog):
+    """b's listener is away: each whisper's mark would make b wait its full time."""
+    a, b, alice, bob = two_rooms
+    listening = hold_back_listener(b, monkeypatch, caplog)
+    waits, real_wait_for = [], b._link._private_came.wait_for
+    monkeypatch.setattr(b._link._private_came, "wait_for",
+                        lambda *args: waits.append(args) or real_wait_for(*args))
+    for number in range(5):
+        alice.send("/msg bob number %d" % number)
+        alice.expect("*** You whispered to bob: number %d" % number)
+    alice.send("a line for all")
+    bob.expect("alice says: a line for all")
+    assert len(waits) == 1
+    listening.set()
 
 
 def hold_back_listener(server, monkeypatch, caplog):
