@@ -4590,6 +4590,7 @@ class RedisLink:
         # the whisper from another server, or None).
         self._held = []
         self._remote_at_split = {}  # the students elsewhere when the last split began
+        self._left_apart = {}  # key -> name: our students who left during a split
         # The highest number of a private message from each server that the
         # listener has acted on; the reader waits on it at a mark (see apply()).
         self._private_seen = {}
@@ -4720,6 +4721,9 @@ class RedisLink:
         if not self.linked:
             if event["k"] == "quiet":
                 self._quiet_set_alone = True  # see _settle_quiet()
+            freed = self._freed_name(event)
+            if freed is not None:  # the others are told at the relink
+                self._left_apart[fold_name(freed)] = freed
             return False
         stamped = self._stamp(event)
         if event["k"] == "quiet":
@@ -5280,6 +5284,12 @@ class RedisLink:
             news += ["*** %s joined the chat." % student.name
                      for key, student in sorted(remote.items()) if before.get(key) != student]
             self._set_remote(remote)
+            # Ours who left (or took another name) while we were apart: the
+            # others still list them.
+            left, self._left_apart = self._left_apart, {}
+            for key, name in sorted(left.items()):
+                if key not in self.room._joined:
+                    self._queue_work(("event", self._stamp({"k": "leave", "name": name})))
             clients = list(self.room._joined.values())
             for client in clients:
                 self.room.notices.catch_up(client)

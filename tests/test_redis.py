@@ -909,6 +909,17 @@ def test_who_came_and_went_elsewhere_during_a_split_is_told_at_the_relink(
 
 
 @redis
+def test_a_student_who_leaves_during_a_split_leaves_the_other_servers_at_the_relink(
+        split_rooms):
+    proxy, a, b, amy, bob = split_rooms
+    amy.close()  # a is on its own: b is not told now
+    wait_until(lambda: a.find("amy") is None, message="amy gone from a")
+    proxy.thaw()
+    bob.expect("*** amy left the chat.", timeout=SPLIT_TIMEOUT)
+    assert b.snapshot()[2] == []  # nobody elsewhere
+
+
+@redis
 def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
