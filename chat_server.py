@@ -2262,7 +2262,8 @@ class ChatServer(ChatRoom):
         self.recorder = Recorder(settings, transcript)
         super().__init__(address, settings)  # the room's core: it binds the port
         self._everyone_gone = threading.Condition(self._lock)  # for close_room()
-        self._room_closed = False  # close_room() has run, or is running: not twice
+        self._room_closed = False  # close_room() has begun: it runs once
+        self._room_closed_done = threading.Event()  # ...and has ended
         if self.settings.redis is not None:  # Redis link: linked before serving
             self._link = RedisLink(self, self.settings.redis)
             try:
@@ -2642,20 +2643,35 @@ class ChatServer(ChatRoom):
         In this order a connection that comes while the room closes is still
         accepted, and told why it cannot come in (see _refusal_for()).
         """
-        self.close_room()
-        self.shutdown()
+        try:
+            self.close_room()
+        finally:
+            self.shutdown()
+
+    def is_closing(self):
+        """True once close_room() has begun."""
+        with self._lock:
+            return self._room_closed
 
     def close_room(self):
         """Tell everyone the server is shutting down and close every connection.
 
         Returns within about two seconds, even if a client has stalled (with
         --redis, telling the other servers may take a few seconds more).
-        Called again, it returns at once.
+        Called again, it waits for the first call to end.
         """
         with self._lock:
-            if self._room_closed:
-                return
-            self._room_closed = True
+            closing, self._room_closed = self._room_closed, True
+        if closing:
+            wait_in_slices(self._room_closed_done.wait, 2 * SHUTDOWN_GRACE_SECONDS + 60)
+            return
+        try:
+            self._close_room()
+        finally:
+            self._room_closed_done.set()
+
+    def _close_room(self):
+        with self._lock:
             log.info("Shutting down: telling everyone and closing connections.")
             # Redis link: what is still on its way through Redis is shown here
             # first; no newcomer sees the room unlinked before the goodbye.
@@ -6194,6 +6210,8 @@ def stop_on_signal(server):
     """
 
     def handler(signum, frame):
+        if server.is_closing():  # /shutdown began it: this is a second stop
+            exit_at_once(signum, frame)
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, exit_at_once)
         threading.Thread(target=server.stop_serving, name="shutdown", daemon=True).start()

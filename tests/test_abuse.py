@@ -1172,6 +1172,21 @@ def test_a_second_ctrl_c_during_the_shutdown_stops_at_once_with_status_130():
 
 
 @POSIX_ONLY
+def test_ctrl_c_during_a_shutdown_the_console_began_stops_at_once_with_status_130():
+    with server_process(*SLOW_SHUTDOWN_FLAGS, stdin=subprocess.PIPE) as server:
+        stalled, bob = stall_the_shutdown(server)
+        server.type("/shutdown")
+        server.expect_log("Shutting down")  # the shutdown has begun
+        server.process.send_signal(signal.SIGINT)
+        status = server.process.wait(TIMEOUT)
+        stderr = server.stderr_text()
+        for client in (bob, stalled):
+            client.close()
+    assert status == chat_server.EXIT_INTERRUPTED, stderr[-1500:]
+    assert "Stopped at once" in stderr
+
+
+@POSIX_ONLY
 def test_a_connection_during_the_shutdown_is_told_so_and_the_server_exits_cleanly():
     """Ctrl+C closes the room while the server still accepts; then it stops."""
     with server_process(*SLOW_SHUTDOWN_FLAGS) as server:

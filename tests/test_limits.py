@@ -518,6 +518,26 @@ def test_a_connection_that_comes_while_the_room_closes_is_told_so(
         stopping.join(TIMEOUT)
 
 
+def test_closing_the_room_again_waits_until_the_first_closing_has_ended(
+        start_server, room, joined, monkeypatch):
+    """/shutdown began it, then Ctrl+C: serve() must not exit with the room half closed."""
+    monkeypatch.setattr(chat_server, "SHUTDOWN_GRACE_SECONDS", 3.0)
+    server = start_server(flood_rate=0, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    joined("stalled", server, rcvbuf=4096)
+    alice.expect_next("stalled joined")
+    bob.expect_next("stalled joined")
+    stall(server, "stalled", bob, alice)  # the first closing waits for it
+    first = threading.Thread(target=server.close_room, daemon=True)
+    first.start()
+    try:
+        alice.expect_next("*** Server is shutting down.")  # the first has begun
+        server.close_room()
+        assert server._room_closed_done.is_set()  # the first has ended
+    finally:
+        first.join(TIMEOUT)
+
+
 def test_a_connection_admitted_just_before_the_room_closes_gets_one_goodbye(
         server, connect, monkeypatch):
     """Its thread starts after close_room() said goodbye to every connection."""
