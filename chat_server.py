@@ -2250,6 +2250,8 @@ class ChatServer(ChatRoom):
         # calls server_close(), which needs them.
         self._connected = set()  # every Client with a reader thread, joined or not
         self._places_taken = 0  # connections admitted, with a thread or about to be
+        self._room_closed = False  # close_room() has begun: it runs once
+        self._room_closed_done = threading.Event()  # ...and has ended
         # Not guarded by the room's lock: each of these has a lock of its own
         # (and none of them ever waits for the room's lock: no deadlock).
         self.addresses = Addresses(settings)
@@ -2262,8 +2264,6 @@ class ChatServer(ChatRoom):
         self.recorder = Recorder(settings, transcript)
         super().__init__(address, settings)  # the room's core: it binds the port
         self._everyone_gone = threading.Condition(self._lock)  # for close_room()
-        self._room_closed = False  # close_room() has begun: it runs once
-        self._room_closed_done = threading.Event()  # ...and has ended
         if self.settings.redis is not None:  # Redis link: linked before serving
             self._link = RedisLink(self, self.settings.redis)
             try:
@@ -2440,7 +2440,10 @@ class ChatServer(ChatRoom):
         if refusal is not None:
             self.tell_console("Refused %s: %s" % (format_address(client_address), refusal),
                               host=host)
-            self._refuser.refuse(request, refusal)  # it closes the socket
+            if refusal is SHUTTING_DOWN:  # told at once: the process ends in a moment
+                send_and_close(request, encode_line("*** " + refusal))
+            else:
+                self._refuser.refuse(request, refusal)  # it closes the socket
             return
         try:
             super().process_request(request, client_address)  # starts the thread
@@ -2696,9 +2699,22 @@ class ChatServer(ChatRoom):
             wait_in_slices(lambda timeout: self._everyone_gone.wait_for(
                 lambda: not self._connected, timeout), SHUTDOWN_GRACE_SECONDS)
 
+    def _refuse_the_backlog(self):
+        """Tell the connections the OS accepted, that serve_forever() never took,
+        goodbye: closing the listening socket would reset them."""
+        try:
+            self.socket.setblocking(False)
+            for _ in range(LISTEN_BACKLOG):
+                sock, _ = self.socket.accept()
+                send_and_close(sock, encode_line("*** " + SHUTTING_DOWN))
+        except OSError:
+            pass  # none left (BlockingIOError), or not listening
+
     def server_close(self):
         if self._link is not None:
             self._link.stop()
+        if self._room_closed:
+            self._refuse_the_backlog()
         super().server_close()
         self.notices.stop()
         self.recorder.stop()

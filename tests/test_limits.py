@@ -494,9 +494,25 @@ def test_shutdown_ends_as_soon_as_every_connection_has_closed(server, room, monk
     alice.expect_next("*** Server is shutting down.")
 
 
-def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(server, connect):
+def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(
+        server, connect, monkeypatch):
+    """At once, not after the wait for a browser's request: the process ends soon."""
+    waited, refuse = [], server._refuser.refuse
+    monkeypatch.setattr(server._refuser, "refuse",
+                        lambda sock, reason: waited.append(reason) or refuse(sock, reason))
     server.close_room()  # the server still accepts until it stops, a moment later
     assert connect().expect_closed() == ["*** Server is shutting down."]
+    assert waited == []
+
+
+def test_a_connection_still_in_the_backlog_when_the_server_closes_is_told_so(
+        server, connect):
+    """The OS accepted it, serve_forever() had stopped: closing would reset it."""
+    server.close_room()
+    server.shutdown()  # what stop_serving() does; serve() then calls server_close()
+    newcomer = connect()  # in the listening socket's backlog
+    server.server_close()
+    assert newcomer.expect_closed() == ["*** Server is shutting down."]
 
 
 def test_a_connection_that_comes_while_the_room_closes_is_told_so(
