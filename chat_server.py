@@ -2571,10 +2571,15 @@ class ChatServer(ChatRoom):
         return "Asked the server of %s to %s them." % (student.name, verb)
 
     def unmute_elsewhere(self, name):
-        """Redis link: forget a mute of name on every server (it may be offline)."""
-        if self._link is not None:
-            self._link.note_muted(fold_name(name), False)
-            self._link.unmute_everywhere(name)
+        """Redis link: forget a mute of name on every server (it may be offline).
+
+        False without a link.
+        """
+        if self._link is None:
+            return False
+        self._link.note_muted(fold_name(name), False)
+        self._link.unmute_everywhere(name)
+        return True
 
     def lift_mutes(self, name, client=None):
         """Forget the mutes of name (and of client's address), and unmute whoever
@@ -2993,14 +2998,17 @@ class TeacherConsole:
             elsewhere = self.room.ask_other_server(
                 argument, {"k": "mute", "name": argument, "on": False}, "unmute")
             if elsewhere:
-                # Muted here before, they would be muted again coming back here.
+                # Muted here before, they would be muted again coming back here;
+                # and any server may hold a mute (they may have just left there).
                 self.room.addresses.unmute(argument)
+                self.room.unmute_elsewhere(argument)
                 self.tell(elsewhere)
                 return
         unmuted = self.room.lift_mutes(argument, client)
-        self.room.unmute_elsewhere(argument)  # Redis link: not muted on any server
-        self.tell("%s is no longer muted." % argument if unmuted
-                  else "%s is not muted." % argument)
+        linked = self.room.unmute_elsewhere(argument)  # Redis link: on every server
+        self.tell("%s is no longer muted." % argument if unmuted else
+                  "%s is not muted here; the other servers are told to unmute them too."
+                  % argument if linked else "%s is not muted." % argument)
         if unmuted:
             self.room.note_teacher("unmuted %s" % argument)
 
@@ -4623,6 +4631,7 @@ class RedisLink:
         self._held = []
         self._remote_at_split = {}  # the students elsewhere when the last split began
         self._left_apart = {}  # key -> name: our students who left during a split
+        self._unmutes_apart = set()  # names unmuted here during a split
         # The highest number of a private message from each server that the
         # listener has acted on; the reader waits on it at a mark (see apply()).
         self._private_seen = {}
@@ -4859,8 +4868,14 @@ class RedisLink:
         """
         with self.room._lock:  # the link numbers what it sends under the room's lock
             if self.linked:
-                self._queue_work(("publish", self.all_channel, self._stamp(
-                    {"k": "mute", "name": name, "on": False, "all": True})))
+                self._send_unmute_to_all(name)
+            else:
+                self._unmutes_apart.add(name)  # sent at the relink
+
+    def _send_unmute_to_all(self, name):
+        """Queue the unmute of name for every server (room's lock held)."""
+        self._queue_work(("publish", self.all_channel, self._stamp(
+            {"k": "mute", "name": name, "on": False, "all": True})))
 
     def note_muted(self, key, muted):
         """A student of ours was muted or unmuted: so they stay on any server."""
@@ -5322,6 +5337,9 @@ class RedisLink:
             for key, name in sorted(left.items()):
                 if key not in self.room._joined:
                     self._queue_work(("event", self._stamp({"k": "leave", "name": name})))
+            unmutes, self._unmutes_apart = self._unmutes_apart, set()
+            for name in sorted(unmutes):
+                self._send_unmute_to_all(name)
             clients = list(self.room._joined.values())
             for client in clients:
                 self.room.notices.catch_up(client)

@@ -1395,6 +1395,47 @@ def test_an_unmute_where_the_student_is_now_lifts_the_mute_another_server_holds(
 
 
 @redis
+def test_an_unmute_typed_during_a_split_reaches_the_other_servers_at_the_relink(
+        linked, join, proxies, quick_split):
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    sam = join(b, "sam")
+    TeacherConsole(a, None).handle_line("/mute sam")  # b holds the mute
+    sam.expect("The teacher has muted you")
+    proxy.freeze()
+    wait_until(lambda: not a._link.linked, timeout=SPLIT_TIMEOUT, message="a split")
+    TeacherConsole(a, None).handle_line("/unmute sam")  # a is on its own
+    proxy.thaw()
+    sam.expect("The teacher has unmuted you", timeout=SPLIT_TIMEOUT)
+
+
+@redis
+def test_an_unmute_asked_of_a_server_the_student_just_left_still_lifts_its_mute(
+        two_rooms, join):
+    """a still lists bob on b (b's news of his leave is held back): a asks b, where
+    he is no more; b must forget the mute it holds all the same."""
+    a, b, alice, bob = two_rooms
+    TeacherConsole(a, None).handle_line("/mute bob")
+    bob.expect("The teacher has muted you")
+    let_through, real_apply = threading.Event(), a._link.apply
+
+    def apply(events):  # a hears of bob's leave only when the test lets it
+        if any(event["k"] == "leave" for event in events):
+            let_through.wait(TIMEOUT)
+        real_apply(events)
+
+    a._link.apply = apply
+    try:
+        bob.close()
+        wait_until(lambda: b.find("bob") is None, message="bob gone from b")
+        TeacherConsole(a, None).handle_line("/unmute bob")
+        wait_until(lambda: not b.addresses.is_muted("127.0.0.1", "bob"),
+                   message="b to forget the mute it held")
+    finally:
+        let_through.set()
+
+
+@redis
 def test_the_console_of_one_server_kicks_a_student_on_another(linked, join, redis_server):
     b = linked()
     bob = join(b, "bob")
