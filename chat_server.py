@@ -2338,7 +2338,7 @@ class ChatServer(ChatRoom):
         if client.renames.full():  # checked before the claim too: a refused
             return self._renames_used_up(client)  # rename must not hold the name
         if self._link is not None and key != client.key:
-            problem = self._link.claim_name(new_name, key)  # Redis link
+            problem = self._link.claim_name(new_name, key, client.key)  # Redis link
             if problem:
                 return problem
         with self._lock:
@@ -4839,10 +4839,11 @@ class RedisLink:
         self._held = still
         return released
 
-    def claim_name(self, name, key):
+    def claim_name(self, name, key, own=None):
         """Claim a name in Redis before a join or rename; return why not, or None.
 
         Called without the room's lock: it waits for the writer's answer.
+        own: the key of the student renaming (None for a join).
         """
         with self.room._lock:
             holder = self.room._remote.get(key)
@@ -4851,7 +4852,7 @@ class RedisLink:
             if not self.linked or key in self.room._joined:
                 return None  # a split, or taken here: the room's own check says so
         answer = queue.Queue(1)
-        self._queue_work(("claim", key, name, answer))
+        self._queue_work(("claim", key, name, answer, own))
         try:
             claimed = answer.get(timeout=self.silence_seconds + 1)
         except queue.Empty:
@@ -4981,25 +4982,35 @@ class RedisLink:
         replies = self._writer.pipeline([command for _, commands in plan
                                          for command in commands], self.silence_seconds)
         self._in_flight = []
-        position = 0
+        position, releases = 0, []  # keys a refused claim set, to let go after the answers
         for item, commands in plan:
-            if item[0] == "claim":  # replies: SET's, GET's (who holds it), SISMEMBER's
+            if item[0] == "claim":  # replies: SET's, GET's (who holds it), SISMEMBER's,
+                # then SET's and GET's for each look.
                 # Ours already: a claim sent again after a reconnect.
                 claimed = replies[position] is not None or self._holds(replies[position + 1])
                 if replies[position + 2] == 1:
                     self.muted_keys.add(item[1])  # before the answer: join() reads it
                 else:
                     self.muted_keys.discard(item[1])
-                look_alike = self._look_alike(replies[position + 3:position + len(commands)],
-                                              item[1], item[2])
-                if claimed and look_alike is not None and replies[position] is not None:
-                    self._release_if_ours(item[1])  # just claimed: let it go again
-                elif claimed:
+                looks = replies[position + 3:position + len(commands)]
+                look_alike = self._look_alike(looks, item[1], item[2], item[4])
+                if claimed and look_alike is None:
                     self._claimed[item[1]] = time.monotonic()
+                    item[3].put(True)
+                    position += len(commands)
+                    continue
+                # Refused: what this claim set goes again (a name that was ours
+                # already goes when no student here has it: see _beat()).
+                releases += [command[1] for command, taken in zip(commands[3::2], looks[0::2])
+                             if taken is not None]
                 if not claimed:
                     item[3].put(NAME_TAKEN % self._holder_name(replies[position + 1], item[2]))
                 else:
-                    item[3].put(True if look_alike is None else LOOKS_TAKEN % look_alike)
+                    if replies[position] is not None:
+                        releases.append(self._name_prefix + item[1])
+                    else:
+                        self._claimed[item[1]] = time.monotonic()
+                    item[3].put(LOOKS_TAKEN % look_alike)
             elif item[0] == "publish" and replies[position] == 0:
                 self._hold_unheard(item)
             elif item[0] == "event" and item[1]["k"] != "mark":
@@ -5008,6 +5019,8 @@ class RedisLink:
                 if self._freed_key(item[1]):
                     self._claimed.pop(self._freed_key(item[1]), None)
             position += len(commands)
+        for key in releases:
+            self._release_key_if_ours(key)
 
     def _hold_unheard(self, item):
         """A private message that no server was listening for: keep it for a while.
@@ -5090,15 +5103,16 @@ class RedisLink:
                          ("GET", key)]
         return commands
 
-    def _look_alike(self, replies, key, name):
+    def _look_alike(self, replies, key, name, own=None):
         """The name a claim's looks are held for, if not name's own (else None).
 
-        replies: SET's and GET's of each look (see _commands_for()).
+        replies: SET's and GET's of each look (see _commands_for()). own: the
+        key of the student renaming, whose own looks may be held still.
         """
         for taken, value in zip(replies[0::2], replies[1::2]):
             if taken is None:  # held already: by name itself (or the same name
                 holder = self._holder_name(value, name)  # in another case)?
-                if fold_name(holder) != key:
+                if fold_name(holder) not in (key, own):
                     return holder
         return None
 
@@ -5386,11 +5400,14 @@ class RedisLink:
             return False
 
     def _release_if_ours(self, key):
+        """Let a name go in Redis, if this server holds it."""
+        self._release_key_if_ours(self._name_prefix + key)
+        self._claimed.pop(key, None)
+
+    def _release_key_if_ours(self, redis_key):
         # Look and delete in one script, which Redis runs whole: with a GET
         # then a DEL, a name another server claimed in between would be lost.
-        self._writer.call("EVAL", RELEASE_IF_OURS_SCRIPT, 1, self._name_prefix + key,
-                          self.server_id)
-        self._claimed.pop(key, None)
+        self._writer.call("EVAL", RELEASE_IF_OURS_SCRIPT, 1, redis_key, self.server_id)
 
     def _reclaim(self, keys, rejoin=False):
         """Claim again the names of our students; rename those taken meanwhile."""

@@ -1011,6 +1011,40 @@ def test_look_alikes_given_on_two_servers_at_once_do_not_both_get_in(
 
 
 @redis
+def test_a_claim_refused_as_a_look_alike_lets_go_of_the_looks_it_held(linked, join, clients):
+    """aIice, refused beside alice, held "aiice" for five seconds: aıice (with a
+    dotless i) looks like aIice, who never got in, and must not be refused."""
+    a, b = linked(), linked()
+    let_through, real_apply = threading.Event(), b._link.apply
+
+    def apply(events):  # b is shown alice's join only when the test lets it
+        if any(event["k"] == "join" and event["name"] == "alice" for event in events):
+            let_through.wait(TIMEOUT)
+        real_apply(events)
+
+    b._link.apply = apply
+    try:
+        join(a, "alice", settle=False)
+        impostor, newcomer = ChatClient(b.server_address), ChatClient(b.server_address)
+        clients.extend([impostor, newcomer])
+        impostor.send("aIice")
+        impostor.expect("That name looks too much like alice, who is online.")
+        newcomer.send("a\u0131ice")
+        newcomer.expect("*** Welcome, a\u0131ice!")
+    finally:
+        let_through.set()
+
+
+@redis
+def test_a_student_may_take_a_look_alike_of_the_name_they_just_joined_with(two_rooms, join):
+    """aIan's looks are held a few seconds after the join: not against aIan."""
+    a, b, alice, bob = two_rooms
+    alan = join(a, "aIan", settle=False)
+    alan.send("/nick alan")
+    alan.expect("*** aIan is now alan.")
+
+
+@redis
 def test_a_rename_refused_for_its_rate_does_not_hold_the_name(linked, join):
     """Claimed in Redis before the rate was checked, bob was held from every server."""
     a, b = linked(nick_rate=1), linked()
