@@ -4509,7 +4509,19 @@ def check_event(data, kinds, max_line):
             check_field(event, field, check, max_line)
         elif required:
             raise BadEvent("%s has no %s" % (event["k"], field))
+    if any(defuse_server_marker(text) != text for text in student_texts(event)):
+        raise BadEvent("a student's text that shows ***")
     return event
+
+
+def student_texts(event):
+    """What a student typed, in a checked event (the teacher's and servers' words aside)."""
+    kind = event["k"]
+    if kind == "say":
+        return event["texts"]
+    if kind in ("act", "whisper"):
+        return [event["text"]]
+    return [event.get("reason", "")] if kind == "leave" else []
 
 
 def check_field(event, field, check, max_line):
@@ -5061,7 +5073,8 @@ class RedisLink:
 
     def _looks_keys(self, name):
         """The keys that hold a joining name's looks a moment (see _commands_for())."""
-        return ["%s%s:%s" % (self._looks_prefix, kind, look) for kind, look in looks_of(name)]
+        return ["%s%s:%s" % (self._looks_prefix, kind.replace(" ", "-"), look)
+                for kind, look in looks_of(name)]
 
     def _commands_for(self, item):
         """The Redis commands for one piece of queued work."""
@@ -5342,8 +5355,12 @@ class RedisLink:
             news = [] if forgotten else [  # (Redis forgot: they come back by the stream)
                 "*** %s left the chat." % student.name for key, student in sorted(before.items())
                 if key not in remote]
-            news += ["*** %s joined the chat." % student.name
-                     for key, student in sorted(remote.items()) if before.get(key) != student]
+            for key, student in sorted(remote.items()):
+                was = before.get(key)
+                if was is None or was.server != student.server:
+                    news.append("*** %s joined the chat." % student.name)
+                elif was.name != student.name:  # only the case changed: the same key
+                    news.append("*** %s is now %s." % (was.name, student.name))
             self._set_remote(remote)
             # Ours who left (or took another name) while we were apart: the
             # others still list them.
@@ -5500,8 +5517,19 @@ class RedisLink:
     def _load_history(self):
         """The last --history room events, oldest first, and the stream's newest id."""
         count = max(self.room.settings.history, 1)
-        entries = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
-                                                   "COUNT", count))
+        # A whisper's mark shows no line: read back a page at a time until
+        # enough entries do (REDIS_STREAM_EVENTS at most, the whole stream).
+        entries, end, shown = [], "+", 0
+        while shown < count and len(entries) < REDIS_STREAM_EVENTS:
+            page = stream_entries(self._writer.call("XREVRANGE", self.stream, end, "-",
+                                                    "COUNT", count + 1))
+            if entries and page and page[0][0] == end:
+                page = page[1:]  # the last one of the page before (no "(" before Redis 6.2)
+            if not page:
+                break
+            entries += page
+            shown += sum(1 for _, fields in page if not self._is_mark(fields))
+            end = page[-1][0]
         newest = entries[0][0] if entries else "0"
         lines, present = [], set()  # who the history has shown joined
         for _, fields in reversed(entries):
@@ -5523,6 +5551,13 @@ class RedisLink:
                 present.add(fold_name(event["new"]))
             lines += event_lines(event)
         return lines[-self.room.settings.history:] if self.room.settings.history else [], newest
+
+    def _is_mark(self, fields):
+        """True if a stream entry is a whisper's mark (see apply())."""
+        try:
+            return self._entry_event(fields)["k"] == "mark"
+        except BadEvent:
+            return False
 
     def _entry_event(self, fields):
         if not isinstance(fields, list) or len(fields) != 2 or fields[0] != b"e" \

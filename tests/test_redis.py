@@ -768,6 +768,21 @@ def test_a_bad_event_in_redis_is_logged_and_dropped(linked, join, redis_server, 
 
 
 @redis
+def test_a_line_from_redis_that_shows_three_asterisks_is_dropped(two_rooms):
+    """A rogue writer, or an older server, cannot show a student's *** here."""
+    a, b, alice, bob = two_rooms
+    forged = {"k": "say", "name": "bob", "texts": ["\u2731\u2731\u2731 [teacher] go home"],
+              "s": b._link.server_id, "n": b._link._next_sequence + 1}
+    redis = chat_server.RedisConnection(a._link.url)
+    try:
+        redis.call("XADD", a._link.stream, "*", "e", json.dumps(forged))
+    finally:
+        redis.close()
+    bob.send("the real bob")
+    alice.expect_next("bob says: the real bob")
+
+
+@redis
 def test_an_event_forged_in_our_name_does_not_hide_our_own_lines(redis_server, two_rooms):
     """A rogue writer's event with our server's id and a huge number is dropped: taken
     as ours, every line we send after it would look like one shown already."""
@@ -920,6 +935,18 @@ def test_a_student_who_leaves_during_a_split_leaves_the_other_servers_at_the_rel
 
 
 @redis
+def test_a_new_case_taken_elsewhere_during_a_split_is_told_as_a_rename_at_the_relink(
+        split_rooms):
+    proxy, a, b, amy, bob = split_rooms
+    bob.send("/nick Bob")
+    bob.expect("*** bob is now Bob.")
+    proxy.thaw()
+    amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    amy.expect_next("*** bob is now Bob.")
+    amy.expect_next("*** Online now (2): amy, Bob")
+
+
+@redis
 def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
@@ -1042,6 +1069,23 @@ def test_a_student_may_take_a_look_alike_of_the_name_they_just_joined_with(two_r
     alan = join(a, "aIan", settle=False)
     alan.send("/nick alan")
     alan.expect("*** aIan is now alan.")
+
+
+@redis
+def test_whispers_marks_do_not_push_the_chat_out_of_a_newcomer_s_history(two_rooms, linked):
+    """A mark is a stream entry that shows no line; a server started later reads
+    back past them for its --history lines."""
+    a, b, alice, bob = two_rooms
+    alice.send("line one")
+    for number in range(25):
+        alice.send("/msg bob psst %d" % number)
+    alice.send("line two")
+    bob.expect("alice says: line two")  # after every whisper's mark, in the stream
+    newcomer = joined_on(linked(), "newcomer")
+    try:
+        assert "alice says: line one" in newcomer.seen
+    finally:
+        newcomer.close()
 
 
 @redis
