@@ -4178,6 +4178,9 @@ REDIS_MAX_ARRAY_ITEMS = 100000  # the most items in one array from Redis
 REDIS_MAX_REPLY_BYTES = 8 * 1024 * 1024  # the longest reply we buffer
 REDIS_MAX_DEPTH = 8  # arrays in arrays; XREAD's reply is 5 deep
 REDIS_CLAIM_GRACE_SECONDS = 5.0  # a claimed name not joined by then is freed
+REDIS_MISSED_SECONDS = 600  # whispers (ours, and those to us) remembered this long...
+REDIS_MISSED_WHISPERS = 10000  # ...and this many at most (a few MB): to own up to one
+#   that a split lost (see RedisLink._missed_whispers())
 REDIS_LOOKS_SECONDS = 5  # a joining name's looks are held this long: by then its join
 #   has come through the stream to every server, and each refuses a look-alike itself
 REDIS_UNHEARD_SECONDS = 10.0  # a whisper no server heard is sent again this long: a
@@ -4404,6 +4407,14 @@ def stream_entries(reply):
     return entries
 
 
+def forget_old(recent, seconds, most):
+    """Keep in recent, an OrderedDict of key -> (when, ...) oldest first, only
+    the entries of the last seconds, and at most the newest most of them."""
+    now = time.monotonic()
+    while recent and (len(recent) > most or now - next(iter(recent.values()))[0] > seconds):
+        recent.popitem(last=False)
+
+
 def stream_position(entry_id):
     """A stream entry's id ("1700000000000-3") as numbers, to compare with another."""
     milliseconds, number = entry_id.split("-")
@@ -4481,6 +4492,7 @@ PRIVATE_EVENTS = {  # on a server's own channel, never stored
     "mute": {"name": ("name", True), "on": ("flag", True),
              "all": ("flag", False)},  # an unmute for every server (unmute_everywhere())
     "reply": {"name": ("name", True), "text": ("text", True)},  # to a /kick or /mute
+    "missed": {"m": ("sequence", True)},  # whisper m's mark was read, never the whisper
 }
 
 
@@ -4651,6 +4663,12 @@ class RedisLink:
         # server id -> _private_seen when a wait at its mark ran out: its next
         # marks are not waited for until something new comes from it.
         self._waited_in_vain = {}
+        # (server, sequence) -> when: the private messages acted on lately, to
+        # find, at a relink, whispers whose marks the split hid (_report_missed()).
+        self._private_got = collections.OrderedDict()
+        # Whispers sent lately: sequence -> (when, event), to own up to one
+        # the other server says it missed.
+        self._whispers_sent = collections.OrderedDict()
         self._quiet_set_alone = False  # the teacher here set quiet mode during a split
         self._quiet_waiting = None  # the number of the last quiet event sent
         # Owned by the reader thread:
@@ -4802,6 +4820,8 @@ class RedisLink:
             if event["k"] == "whisper":  # so no later line of its sender overtakes it
                 self._queue_work(("event", self._stamp(
                     {"k": "mark", "to": student.server, "m": event["n"]})))
+                self._whispers_sent[event["n"]] = time.monotonic(), event
+                forget_old(self._whispers_sent, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
 
     def hold_private(self, lines, server=None, after=None, whisper=None):
         """Hold whisper lines until the room events sent before them are shown.
@@ -5329,6 +5349,7 @@ class RedisLink:
         # An empty stream that we had read from: Redis forgot the room (it
         # restarted with nothing saved), its quiet mode too.
         forgotten = not newest and self._last_id != "0"
+        missed = self._missed_whispers(newest[0][0] if newest else None)
         remote = self._load_roster()  # after the stream's end: see connect()
         quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
         # A look-alike of one of ours that joined elsewhere during the split:
@@ -5371,6 +5392,8 @@ class RedisLink:
             unmutes, self._unmutes_apart = self._unmutes_apart, set()
             for name in sorted(unmutes):
                 self._send_unmute_to_all(name)
+            for server, sequence in missed:
+                self.send_private(RemoteStudent("", server), {"k": "missed", "m": sequence})
             clients = list(self.room._joined.values())
             for client in clients:
                 self.room.notices.catch_up(client)
@@ -5384,6 +5407,24 @@ class RedisLink:
             self._settle_quiet(quiet_elsewhere, forgotten)
         log.info("Linked through Redis again")
         self.room._send_queued(clients)
+
+    def _missed_whispers(self, newest):
+        """(server, sequence) of each whisper to us whose mark the split hid from
+        the reader (it goes on from the stream's end) and that never came."""
+        if newest is None or self._last_id == "0":
+            return []
+        entries = stream_entries(self._writer.call(
+            "XRANGE", self.stream, self._last_id, newest, "COUNT", REDIS_STREAM_EVENTS))
+        marks = []
+        for _, fields in entries:
+            try:
+                event = self._entry_event(fields)
+            except BadEvent:
+                continue
+            if event["k"] == "mark" and event["to"] == self.server_id:
+                marks.append((event["s"], event["m"]))
+        with self._private_came:
+            return [mark for mark in marks if mark not in self._private_got]
 
     def _settle_quiet(self, quiet_elsewhere, forgotten=False):
         """After a split, one quiet mode for the whole room again (room's lock held).
@@ -5802,6 +5843,8 @@ class RedisLink:
             self._act_on_private(event)
             with self._private_came:  # the reader may wait for it at a mark
                 self._private_seen[event["s"]] = event["n"]
+                self._private_got[event["s"], event["n"]] = (time.monotonic(),)
+                forget_old(self._private_got, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
                 self._private_came.notify_all()
         # else: the answers to SUBSCRIBE and PING
 
@@ -5809,6 +5852,12 @@ class RedisLink:
         """A whisper to one of our students, the teacher's /kick or /mute from
         elsewhere, or that server's answer to one of ours (a "reply" for the
         console; "lost" when the student had just gone)."""
+        if event["k"] == "missed":  # a whisper of ours that server never had
+            with self.room._lock:
+                sent = self._whispers_sent.pop(event["m"], None)
+            if sent is not None:
+                self._own_up([sent[1]], "may not have arrived: their server was cut off")
+            return
         kind, name = event["k"], event["name"] if event["k"] != "whisper" else event["to"]
         if kind == "reply":
             self.room.tell_console("The server of %s answers: %s" % (name, event["text"]))

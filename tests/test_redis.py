@@ -947,6 +947,20 @@ def test_a_new_case_taken_elsewhere_during_a_split_is_told_as_a_rename_at_the_re
 
 
 @redis
+def test_a_whisper_to_a_server_cut_off_that_never_came_is_owned_up_to_at_its_relink(
+        split_rooms):
+    """Redis handed it to a's channel, frozen, then cut: b never knew. a finds its
+    mark in the stream at the relink, and tells b, which tells bob."""
+    proxy, a, b, amy, bob = split_rooms
+    bob.send("/msg amy are you there?")
+    bob.expect("*** You whispered to amy: are you there?")
+    wait_until(lambda: b._link._outbox.empty() and not b._link._in_flight,
+               message="the whisper and its mark sent")
+    proxy.thaw()  # a's connections are cut: what Redis sent into them is gone
+    bob.expect("*** Your whisper to amy may not have arrived", timeout=SPLIT_TIMEOUT)
+
+
+@redis
 def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
