@@ -4140,7 +4140,9 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
 #   * Private messages and the teacher's /kick and /mute for a student on
 #     another server go over that server's own pub/sub channel: never stored.
 #     A whisper leaves a mark in the stream (which whisper, not its text):
-#     that server shows nothing after the mark before the whisper itself.
+#     that server shows nothing after the mark before the whisper itself, and
+#     one that was cut off finds, at its relink, the marks of whispers it
+#     never got, and tells their servers ("missed").
 #     An /unmute goes to every server, on a channel they all listen to.
 #   * Three connections, each owned by one thread: the writer (commands), the
 #     reader (XREAD) and the listener (SUBSCRIBE). None of them ever runs
