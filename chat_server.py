@@ -2657,9 +2657,12 @@ class ChatServer(ChatRoom):
             self.shutdown()
 
     def is_closing(self):
-        """True once close_room() has begun."""
-        with self._lock:
-            return self._room_closed
+        """True once close_room() has begun.
+
+        Read without the room's lock: a signal handler calls it, in the main
+        thread, which may hold that lock at the moment (process_request()).
+        """
+        return self._room_closed
 
     def close_room(self):
         """Tell everyone the server is shutting down and close every connection.
