@@ -2095,6 +2095,8 @@ class Refuser:
         self._arrivals = queue.SimpleQueue()  # (socket, reason) to take on
         self._thread = None
         self._thread_lock = threading.Lock()  # guards _thread
+        self._finishing = threading.Event()  # the process ends soon: answer all now
+        self._all_answered = threading.Event()  # ...and they have been
 
     def refuse(self, sock, reason):
         """Take over sock (it will be closed): tell it reason."""
@@ -2108,6 +2110,16 @@ class Refuser:
                                                 daemon=True)
                 self._thread.start()
 
+    def finish(self, seconds):
+        """Answer every connection held, at once (in HTTP if its request came
+        already); wait up to seconds for it. The server is about to exit."""
+        with self._thread_lock:
+            if self._thread is None:
+                return  # never refused anyone
+        self._finishing.set()
+        self._arrivals.put(None)  # wakes the thread
+        self._all_answered.wait(seconds)
+
     def _run(self):
         # Each pending socket: [reason, bytes it sent, time of the next step,
         # answered yet]. The selector is only touched by this thread.
@@ -2115,6 +2127,12 @@ class Refuser:
         with selectors.DefaultSelector() as readable:
             while True:
                 self._take_arrivals(pending, readable, block=not pending)
+                if self._finishing.is_set():
+                    for sock, state in list(pending.items()):
+                        if not state[3]:
+                            self._next_step(sock, pending, readable)
+                    if self._arrivals.empty():
+                        self._all_answered.set()
                 if not pending:
                     continue  # the one that came was closed already
                 timeout = min(step for _, _, step, _ in pending.values()) - time.monotonic()
@@ -2128,10 +2146,13 @@ class Refuser:
     def _take_arrivals(self, pending, readable, block):
         while True:
             try:
-                sock, reason = self._arrivals.get(block=block)
+                arrival = self._arrivals.get(block=block)
             except queue.Empty:
                 return
             block = False
+            if arrival is None:
+                continue  # finish() woke us
+            sock, reason = arrival
             if len(pending) >= REFUSALS_AT_ONCE:  # a flood: hold no more sockets
                 send_and_close(sock, encode_line("*** " + reason))
                 continue
@@ -2440,10 +2461,7 @@ class ChatServer(ChatRoom):
         if refusal is not None:
             self.tell_console("Refused %s: %s" % (format_address(client_address), refusal),
                               host=host)
-            if refusal is SHUTTING_DOWN:  # told at once: the process ends in a moment
-                send_and_close(request, encode_line("*** " + refusal))
-            else:
-                self._refuser.refuse(request, refusal)  # it closes the socket
+            self._refuser.refuse(request, refusal)  # it closes the socket
             return
         try:
             super().process_request(request, client_address)  # starts the thread
@@ -2714,9 +2732,11 @@ class ChatServer(ChatRoom):
             self.socket.setblocking(False)
             for _ in range(LISTEN_BACKLOG):
                 sock, _ = self.socket.accept()
-                send_and_close(sock, encode_line("*** " + SHUTTING_DOWN))
+                self._refuser.refuse(sock, SHUTTING_DOWN)
         except OSError:
             pass  # none left (BlockingIOError), or not listening
+        # The process ends next: what the Refuser holds is answered now.
+        self._refuser.finish(BROWSER_WAIT_SECONDS)
 
     def server_close(self):
         if self._link is not None:
@@ -4528,17 +4548,18 @@ def check_event(data, kinds, max_line):
             raise BadEvent("%s has no %s" % (event["k"], field))
     if any(defuse_server_marker(text) != text for text in student_texts(event)):
         raise BadEvent("a student's text that shows ***")
+    if "reason" in event:  # a leave: dropped, it would keep the student listed for good
+        event["reason"] = defuse_server_marker(event["reason"])
     return event
 
 
 def student_texts(event):
-    """What a student typed, in a checked event (the teacher's and servers' words aside)."""
+    """What a student typed, in a checked event (the teacher's and servers' words, and
+    a leave's reason, aside)."""
     kind = event["k"]
     if kind == "say":
         return event["texts"]
-    if kind in ("act", "whisper"):
-        return [event["text"]]
-    return [event.get("reason", "")] if kind == "leave" else []
+    return [event["text"]] if kind in ("act", "whisper") else []
 
 
 def check_field(event, field, check, max_line):
@@ -4825,7 +4846,7 @@ class RedisLink:
             if event["k"] == "whisper":  # so no later line of its sender overtakes it
                 self._queue_work(("event", self._stamp(
                     {"k": "mark", "to": student.server, "m": event["n"]})))
-                self._whispers_sent[event["n"]] = time.monotonic(), event
+                self._whispers_sent[event["n"]] = time.monotonic(), event, student.server
                 forget_old(self._whispers_sent, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
 
     def hold_private(self, lines, server=None, after=None, whisper=None):
@@ -5108,8 +5129,10 @@ class RedisLink:
             event = item[1]
             commands = [self._xadd(event)]
             freed = self._freed_key(event)
-            if freed is not None:  # the name is free once the XADD is in
-                commands.append(("DEL", self._name_prefix + freed))
+            if freed is not None:  # the name is free once the XADD is in (if still ours:
+                # a leave sent at a relink may find it claimed elsewhere since)
+                commands.append(("EVAL", RELEASE_IF_OURS_SCRIPT, 1, self._name_prefix + freed,
+                                 self.server_id))
                 # ...and its looks, if still held for it: a look-alike may come now.
                 commands += [("EVAL", RELEASE_IF_OURS_SCRIPT, 1, key, self.server_id)
                              for key in self._looks_keys(self._freed_name(event))]
@@ -5308,14 +5331,20 @@ class RedisLink:
         /mute for another server may not have reached it: its sender is told
         (an answer to another server's /kick or /mute was noted here already).
         """
-        lost = []
+        lost, freed = [], []
         for item in items:
-            if item[0] == "claim":
+            if item[0] == "event" and self._freed_name(item[1]) is not None:
+                freed.append(self._freed_name(item[1]))  # told again at the relink
+            elif item[0] == "claim":
                 item[3].put(None)  # no answer: the room decides alone
             elif item[0] == "mute":
                 self._queue_work(item)  # sent once the link is back
             elif item[0] == "publish":
                 lost.append(item[2])
+        if freed:
+            with self.room._lock:
+                for name in freed:
+                    self._left_apart.setdefault(fold_name(name), name)
         self._own_up(lost, "may not have arrived: the servers were cut apart")
 
     def _own_up(self, events, what_happened):
@@ -5327,13 +5356,14 @@ class RedisLink:
             recipients = []
             for event in events:
                 if event["k"] == "whisper":
+                    self._whispers_sent.pop(event["n"], None)  # owned up to: once
                     sender = self.room._joined.get(fold_name(event["name"]))
                     if sender is not None:
                         self.room.notices.catch_up(sender)
                         sender.queue_line("*** Your whisper to %s %s." % (event["to"],
                                                                           what_happened))
                         recipients.append(sender)
-                elif event["k"] not in ("reply", "lost"):  # answers: noted here already
+                elif event["k"] not in ("reply", "lost", "missed"):  # answers: noted already
                     command = "unmute" if event["k"] == "mute" and not event["on"] \
                         else event["k"]
                     self._note_console("A /%s for %s %s." % (command, event["name"],
@@ -5418,16 +5448,27 @@ class RedisLink:
         the reader (it goes on from the stream's end) and that never came."""
         if newest is None or self._last_id == "0":
             return []
-        entries = stream_entries(self._writer.call(
-            "XRANGE", self.stream, self._last_id, newest, "COUNT", REDIS_STREAM_EVENTS))
-        marks = []
-        for _, fields in entries:
-            try:
-                event = self._entry_event(fields)
-            except BadEvent:
-                continue
-            if event["k"] == "mark" and event["to"] == self.server_id:
-                marks.append((event["s"], event["m"]))
+        # From the last entry read (no earlier than whispers are remembered),
+        # a page at a time: a busy split may have left thousands.
+        remembered = "%d-0" % max(0, int((time.time() - REDIS_MISSED_SECONDS) * 1000))
+        start = max(self._last_id, remembered, key=stream_position)
+        marks, read = [], 0
+        while read < REDIS_STREAM_EVENTS:
+            entries = stream_entries(self._writer.call(
+                "XRANGE", self.stream, start, newest, "COUNT", REDIS_READ_EVENTS))
+            if entries and entries[0][0] == start:
+                entries = entries[1:]  # read already (no "(" before Redis 6.2)
+            if not entries:
+                break
+            read += len(entries)
+            start = entries[-1][0]
+            for _, fields in entries:
+                try:
+                    event = self._entry_event(fields)
+                except BadEvent:
+                    continue
+                if event["k"] == "mark" and event["to"] == self.server_id:
+                    marks.append((event["s"], event["m"]))
         with self._private_came:
             return [mark for mark in marks if mark not in self._private_got]
 
@@ -5845,11 +5886,11 @@ class RedisLink:
             with self._private_came:
                 if event["n"] <= self._private_seen.get(event["s"], 0):
                     return  # sent again after its server reconnected: acted on already
+                self._private_got[event["s"], event["n"]] = (time.monotonic(),)
+                forget_old(self._private_got, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
             self._act_on_private(event)
             with self._private_came:  # the reader may wait for it at a mark
                 self._private_seen[event["s"]] = event["n"]
-                self._private_got[event["s"], event["n"]] = (time.monotonic(),)
-                forget_old(self._private_got, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
                 self._private_came.notify_all()
         # else: the answers to SUBSCRIBE and PING
 
@@ -5858,8 +5899,14 @@ class RedisLink:
         elsewhere, or that server's answer to one of ours (a "reply" for the
         console; "lost" when the student had just gone)."""
         if event["k"] == "missed":  # a whisper of ours that server never had
+            if any(item[2]["n"] == event["m"] for item in list(self._unheard)):
+                return  # sent again at each heartbeat: owned up to if never heard
             with self.room._lock:
-                sent = self._whispers_sent.pop(event["m"], None)
+                sent = self._whispers_sent.get(event["m"])
+                if sent is not None and sent[2] == event["s"]:  # from the server it went to
+                    del self._whispers_sent[event["m"]]
+                else:
+                    sent = None
             if sent is not None:
                 self._own_up([sent[1]], "may not have arrived: their server was cut off")
             return

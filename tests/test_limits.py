@@ -494,15 +494,31 @@ def test_shutdown_ends_as_soon_as_every_connection_has_closed(server, room, monk
     alice.expect_next("*** Server is shutting down.")
 
 
-def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(
-        server, connect, monkeypatch):
-    """At once, not after the wait for a browser's request: the process ends soon."""
-    waited, refuse = [], server._refuser.refuse
-    monkeypatch.setattr(server._refuser, "refuse",
-                        lambda sock, reason: waited.append(reason) or refuse(sock, reason))
+def test_a_connection_that_comes_during_the_shutdown_is_told_so_and_closed(server, connect):
     server.close_room()  # the server still accepts until it stops, a moment later
     assert connect().expect_closed() == ["*** Server is shutting down."]
-    assert waited == []
+
+
+def test_a_browser_that_comes_during_the_shutdown_gets_a_503_page_saying_so(
+        server, connect):
+    server.close_room()
+    browser = connect()
+    browser.send_raw(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    lines = browser.expect_closed()
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "Server is shutting down." in lines[-1]
+
+
+def test_what_the_refuser_holds_is_answered_before_the_server_exits(
+        server, connect, monkeypatch):
+    """It waits for a browser's request; a server about to exit cannot wait."""
+    monkeypatch.setattr(chat_server, "BROWSER_WAIT_SECONDS", 30.0)
+    server.close_room()
+    newcomer = connect()  # held by the refuser, which waits for a request
+    wait_until(lambda: server._refuser._thread is not None, message="the refuser to start")
+    server.shutdown()
+    server.server_close()
+    assert newcomer.expect_closed() == ["*** Server is shutting down."]
 
 
 def test_a_connection_still_in_the_backlog_when_the_server_closes_is_told_so(
@@ -549,7 +565,7 @@ def test_closing_the_room_again_waits_until_the_first_closing_has_ended(
     try:
         alice.expect_next("*** Server is shutting down.")  # the first has begun
         server.close_room()
-        assert server._room_closed_done.is_set()  # the first has ended
+        assert server.snapshot()[:2] == ([], [])  # everyone gone: the first has ended
     finally:
         first.join(TIMEOUT)
 

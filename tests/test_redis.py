@@ -961,6 +961,79 @@ def test_a_whisper_to_a_server_cut_off_that_never_came_is_owned_up_to_at_its_rel
 
 
 @redis
+def test_a_leave_on_its_way_to_redis_as_the_split_came_is_told_at_the_relink(
+        linked, join, proxies, quick_split):
+    """ann left in the moment before a noticed the silence: her leave, sent to a
+    frozen Redis, was shown on a and lost for b."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy, ann = join(a, "amy"), join(a, "ann")
+    bob = join(b, "bob")
+    proxy.freeze()
+    ann.close()
+    amy.expect("*** ann left the chat.")
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy.thaw()
+    bob.expect("*** ann left the chat.", timeout=SPLIT_TIMEOUT)
+    assert [student.name for student in b.snapshot()[2]] == ["amy"]
+
+
+@redis
+def test_a_leave_sent_at_the_relink_leaves_a_name_claimed_elsewhere_since(
+        split_rooms, redis_server):
+    """zoe joined and left a during its split, while another zoe joined b."""
+    proxy, a, b, amy, bob = split_rooms
+    zoe_a = joined_on(a, "zoe")
+    zoe_a.close()
+    wait_until(lambda: a.find("zoe") is None, message="zoe gone from a")
+    zoe_b = joined_on(b, "zoe")
+    try:
+        proxy.thaw()
+        amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)  # a's leave is queued
+        wait_until(lambda: a._link._outbox.empty() and not a._link._in_flight,
+                   message="a's leave of zoe sent")
+        redis = redis_server.connect()
+        try:
+            holder = json.loads(redis.call("GET", b._link._name_prefix + "zoe"))
+        finally:
+            redis.close()
+        assert holder["server"] == b._link.server_id
+    finally:
+        zoe_b.close()
+
+
+@redis
+def test_a_whisper_that_comes_through_after_a_cut_is_not_owned_up_to(
+        linked, join, proxies, quick_split):
+    """Nobody heard it (a's channel was cut): b sent it again until a had it, so a's
+    report of its mark, read at the relink, must not say it may be lost."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    amy = join(a, "amy")
+    bob = join(b, "bob")
+    proxy.refusing = True
+    proxy.cut()
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    bob.send("/msg amy are you there?")
+    bob.expect("*** You whispered to amy: are you there?")
+    wait_until(lambda: b._link._outbox.empty() and not b._link._in_flight,
+               message="the whisper and its mark sent")
+    proxy.refusing = False
+    amy.expect("bob whispers: are you there?", timeout=SPLIT_TIMEOUT)
+    amy.send("/msg bob yes")  # comes after any report of a's about that mark
+    bob.expect("amy whispers: yes", timeout=SPLIT_TIMEOUT)
+    assert not [line for line in bob.seen if "may not have arrived" in line]
+
+
+@redis
+def test_owning_up_to_work_lost_in_a_split_passes_over_a_missed_report(two_rooms):
+    """A report of a missed whisper is an answer: nobody to own up to it (it raised
+    KeyError, which killed the link's writer in a split)."""
+    a, b, alice, bob = two_rooms
+    a._link._own_up([{"k": "missed", "m": 1, "s": b._link.server_id, "n": 9}], "lost")
+
+
+@redis
 def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
