@@ -2116,6 +2116,7 @@ class Refuser:
         with self._thread_lock:
             if self._thread is None:
                 return  # never refused anyone
+        self._all_answered.clear()
         self._finishing.set()
         self._arrivals.put(None)  # wakes the thread
         self._all_answered.wait(seconds)
@@ -2130,6 +2131,8 @@ class Refuser:
                 if self._finishing.is_set():
                     for sock, state in list(pending.items()):
                         if not state[3]:
+                            self._read(sock, pending, readable)  # a request waiting unread
+                        if sock in pending and not pending[sock][3]:
                             self._next_step(sock, pending, readable)
                     if self._arrivals.empty():
                         self._all_answered.set()
@@ -4548,8 +4551,8 @@ def check_event(data, kinds, max_line):
             raise BadEvent("%s has no %s" % (event["k"], field))
     if any(defuse_server_marker(text) != text for text in student_texts(event)):
         raise BadEvent("a student's text that shows ***")
-    if "reason" in event:  # a leave: dropped, it would keep the student listed for good
-        event["reason"] = defuse_server_marker(event["reason"])
+    if event["k"] == "leave" and "reason" in event:  # dropped, it would keep the
+        event["reason"] = defuse_server_marker(event["reason"])  # student listed for good
     return event
 
 
@@ -4791,7 +4794,8 @@ class RedisLink:
         try:  # on a connection of its own: the writer's may be busy or stuck
             connection = RedisConnection(self.url, SHUTDOWN_GRACE_SECONDS)
             commands = [self._xadd(leave) for leave in leaves]
-            commands += [("DEL", self._name_prefix + fold_name(name)) for name in names]
+            commands += [("EVAL", RELEASE_IF_OURS_SCRIPT, 1, self._name_prefix + fold_name(name),
+                          self.server_id) for name in names]
             commands.append(("DEL", self._server_prefix + self.server_id))
             connection.pipeline(commands, SHUTDOWN_GRACE_SECONDS)
             if not self._scan(self._server_prefix + "*", connection):
@@ -5071,6 +5075,9 @@ class RedisLink:
                     item[3].put(LOOKS_TAKEN % look_alike)
             elif item[0] == "publish" and replies[position] == 0:
                 self._hold_unheard(item)
+            elif item[0] == "publish" and len(item) > 3 and item[2]["k"] == "whisper":
+                with self.room._lock:  # sent again, and heard at last: no report of
+                    self._whispers_sent.pop(item[2]["n"], None)  # it missed is true now
             elif item[0] == "event" and item[1]["k"] != "mark":
                 if isinstance(replies[position], bytes):  # XADD's answer: the entry's id
                     self._last_added = item[1]["n"], replies[position].decode("ascii")
@@ -5356,7 +5363,8 @@ class RedisLink:
             recipients = []
             for event in events:
                 if event["k"] == "whisper":
-                    self._whispers_sent.pop(event["n"], None)  # owned up to: once
+                    if event["s"] == self.server_id:  # (a "lost" carries its sender's n)
+                        self._whispers_sent.pop(event["n"], None)  # owned up to: once
                     sender = self.room._joined.get(fold_name(event["name"]))
                     if sender is not None:
                         self.room.notices.catch_up(sender)
@@ -5450,7 +5458,8 @@ class RedisLink:
             return []
         # From the last entry read (no earlier than whispers are remembered),
         # a page at a time: a busy split may have left thousands.
-        remembered = "%d-0" % max(0, int((time.time() - REDIS_MISSED_SECONDS) * 1000))
+        remembered = "%d-0" % max(  # by Redis's clock, which numbered the entries
+            0, stream_position(newest)[0] - int(REDIS_MISSED_SECONDS * 1000))
         start = max(self._last_id, remembered, key=stream_position)
         marks, read = [], 0
         while read < REDIS_STREAM_EVENTS:

@@ -509,6 +509,20 @@ def test_a_browser_that_comes_during_the_shutdown_gets_a_503_page_saying_so(
     assert "Server is shutting down." in lines[-1]
 
 
+def test_browsers_still_in_the_backlog_when_the_server_closes_get_the_503_page(
+        server, connect):
+    server.close_room()
+    server.shutdown()
+    browsers = [connect() for _ in range(3)]  # in the backlog, their requests unread
+    for browser in browsers:
+        browser.send_raw(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    server.server_close()
+    for browser in browsers:
+        lines = browser.expect_closed()
+        assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+        assert "Server is shutting down." in lines[-1]
+
+
 def test_what_the_refuser_holds_is_answered_before_the_server_exits(
         server, connect, monkeypatch):
     """It waits for a browser's request; a server about to exit cannot wait."""

@@ -265,9 +265,10 @@ def join(clients, linked_servers):
     """A factory: join(server, "alice") joins and keeps the client for closing.
 
     It then waits until every linked server lists the newcomer (their rosters
-    follow the stream, a moment behind), so that whoever joins next sees
-    them in the history and the list of who is online, not as a late join.
-    settle=False skips that (during a split, the others never will).
+    follow the stream, a moment behind), and until the join is back from the
+    stream on its own server, so that whoever joins next sees them in the
+    history and the list of who is online, not as a late join. settle=False
+    skips that (during a split, the others never will).
     """
 
     def make(server, name, settle=True):
@@ -275,6 +276,7 @@ def join(clients, linked_servers):
         if settle:
             for other in linked_servers:
                 wait_known(other, name)
+            wait_until(lambda: not server._link._pending, message="the join back from Redis")
         return clients[-1]
 
     return make
@@ -1023,6 +1025,34 @@ def test_a_whisper_that_comes_through_after_a_cut_is_not_owned_up_to(
     amy.send("/msg bob yes")  # comes after any report of a's about that mark
     bob.expect("amy whispers: yes", timeout=SPLIT_TIMEOUT)
     assert not [line for line in bob.seen if "may not have arrived" in line]
+
+
+@redis
+def test_a_lost_report_numbered_by_another_server_keeps_our_whisper_of_that_number(
+        two_rooms):
+    """A "lost" carries the number its own server gave it: it names no whisper of ours."""
+    a, b, alice, bob = two_rooms
+    ours = {"k": "whisper", "name": "alice", "to": "bob", "text": "x",
+            "s": a._link.server_id, "n": 7}
+    with a._lock:
+        a._link._whispers_sent[7] = time.monotonic(), ours, b._link.server_id
+    a._link._own_up([{"k": "whisper", "name": "nobody", "to": "bob",
+                      "s": b._link.server_id, "n": 7}], "did not arrive")
+    assert 7 in a._link._whispers_sent
+
+
+@redis
+def test_a_server_that_stops_leaves_alone_a_name_another_server_holds(
+        two_rooms, redis_server):
+    a, b, alice, bob = two_rooms
+    key = a._link._name_prefix + "alice"
+    redis = redis_server.connect()
+    try:
+        redis.call("SET", key, json.dumps({"name": "alice", "server": b._link.server_id}))
+        a.close_room()
+        assert json.loads(redis.call("GET", key))["server"] == b._link.server_id
+    finally:
+        redis.close()
 
 
 @redis
