@@ -402,6 +402,25 @@ def test_a_private_message_reaches_a_student_on_another_server(linked, join):
     alice.expect("bob whispers: meet at the lab door")
 
 
+def joins_of(name):
+    """For hold_back_stream(): the join of name."""
+    return lambda event: event["k"] == "join" and event["name"] == name
+
+
+def hold_back_stream(server, wanted):
+    """Make server's reader show a batch of events that holds one wanted(event) is
+    true of only once the returned Event is set (or TIMEOUT has passed)."""
+    let_through, real_apply = threading.Event(), server._link.apply
+
+    def apply(events):
+        if any(wanted(event) for event in events):
+            let_through.wait(TIMEOUT)
+        real_apply(events)
+
+    server._link.apply = apply
+    return let_through
+
+
 def hold_stream_until_whispered(server):
     """Make server's reader show the stream only after its listener took a whisper
     (or a few seconds passed): the whisper's pub/sub then wins the race."""
@@ -1136,14 +1155,7 @@ def test_look_alikes_given_on_two_servers_at_once_do_not_both_get_in(
     if way == "rename":
         impostor.join("mallory")
         bob.expect("*** mallory joined the chat.")
-    let_through, real_apply = threading.Event(), b._link.apply
-
-    def apply(events):  # b is shown alice's join only when the test lets it
-        if any(event["k"] == "join" and event["name"] == "alice" for event in events):
-            let_through.wait(TIMEOUT)
-        real_apply(events)
-
-    b._link.apply = apply
+    let_through = hold_back_stream(b, joins_of("alice"))
     try:
         join(a, "alice", settle=False)  # (b cannot know her yet)
         impostor.send("aIice" if way == "join" else "/nick aIice")
@@ -1159,14 +1171,7 @@ def test_a_claim_refused_as_a_look_alike_lets_go_of_the_looks_it_held(linked, jo
     """aIice, refused beside alice, held "aiice" for five seconds: aıice (with a
     dotless i) looks like aIice, who never got in, and must not be refused."""
     a, b = linked(), linked()
-    let_through, real_apply = threading.Event(), b._link.apply
-
-    def apply(events):  # b is shown alice's join only when the test lets it
-        if any(event["k"] == "join" and event["name"] == "alice" for event in events):
-            let_through.wait(TIMEOUT)
-        real_apply(events)
-
-    b._link.apply = apply
+    let_through = hold_back_stream(b, joins_of("alice"))
     try:
         join(a, "alice", settle=False)
         impostor, newcomer = ChatClient(b.server_address), ChatClient(b.server_address)
@@ -1612,14 +1617,7 @@ def test_an_unmute_asked_of_a_server_the_student_just_left_still_lifts_its_mute(
     a, b, alice, bob = two_rooms
     TeacherConsole(a, None).handle_line("/mute bob")
     bob.expect("The teacher has muted you")
-    let_through, real_apply = threading.Event(), a._link.apply
-
-    def apply(events):  # a hears of bob's leave only when the test lets it
-        if any(event["k"] == "leave" for event in events):
-            let_through.wait(TIMEOUT)
-        real_apply(events)
-
-    a._link.apply = apply
+    let_through = hold_back_stream(a, lambda event: event["k"] == "leave")
     try:
         bob.close()
         wait_until(lambda: b.find("bob") is None, message="bob gone from b")
