@@ -2110,7 +2110,7 @@ class Refuser:
                                                 daemon=True)
                 self._thread.start()
 
-    def finish(self, seconds):
+    def answer_all_now(self, seconds):
         """Answer every connection held, at once (in HTTP if its request came
         already); wait up to seconds for it. The server is about to exit."""
         with self._thread_lock:
@@ -2154,7 +2154,7 @@ class Refuser:
                 return
             block = False
             if arrival is None:
-                continue  # finish() woke us
+                continue  # answer_all_now() woke us
             sock, reason = arrival
             if len(pending) >= REFUSALS_AT_ONCE:  # a flood: hold no more sockets
                 send_and_close(sock, encode_line("*** " + reason))
@@ -2703,6 +2703,7 @@ class ChatServer(ChatRoom):
             self._room_closed_done.set()
 
     def _close_room(self):
+        """close_room()'s work, done once."""
         with self._lock:
             log.info("Shutting down: telling everyone and closing connections.")
             # Redis link: what is still on its way through Redis is shown here
@@ -2739,7 +2740,7 @@ class ChatServer(ChatRoom):
         except OSError:
             pass  # none left (BlockingIOError), or not listening
         # The process ends next: what the Refuser holds is answered now.
-        self._refuser.finish(BROWSER_WAIT_SECONDS)
+        self._refuser.answer_all_now(BROWSER_WAIT_SECONDS)
 
     def server_close(self):
         if self._link is not None:
