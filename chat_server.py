@@ -2732,15 +2732,17 @@ class ChatServer(ChatRoom):
     def _refuse_the_backlog(self):
         """Tell the connections the OS accepted, that serve_forever() never took,
         goodbye: closing the listening socket would reset them."""
-        try:
-            self.socket.setblocking(False)
-            for _ in range(LISTEN_BACKLOG):
-                sock, _ = self.socket.accept()
-                self._refuser.refuse(sock, SHUTTING_DOWN)
-        except OSError:
-            pass  # none left (BlockingIOError), or not listening
-        # The process ends next: what the Refuser holds is answered now.
-        self._refuser.answer_all_now(BROWSER_WAIT_SECONDS)
+        # Twice: more come while the Refuser answers the first ones.
+        for _ in range(2):
+            try:
+                self.socket.setblocking(False)
+                for _ in range(LISTEN_BACKLOG):
+                    sock, _ = self.socket.accept()
+                    self._refuser.refuse(sock, SHUTTING_DOWN)
+            except OSError:
+                pass  # none left (BlockingIOError), or not listening
+            # The process ends next: what the Refuser holds is answered now.
+            self._refuser.answer_all_now(BROWSER_WAIT_SECONDS)
 
     def server_close(self):
         if self._link is not None:
@@ -4706,6 +4708,8 @@ class RedisLink:
         self._read_from = (0, 0)  # where it began, at the start or a relink (room's lock)
         self._resume_id = None  # set at a relink: where the reader goes on from
         # Owned by the writer thread:
+        self._missed_marks = []  # (server, sequence) found at the relink: see _relink()
+        self._missed_due = 0.0  # ...reported as missed from then, if still missing
         self._claimed = {}  # name key this server holds in Redis -> when claimed
         self._unheard = []  # private messages no server heard: sent again at each beat
         self._writer = None  # the writer's RedisConnection
@@ -4993,6 +4997,7 @@ class RedisLink:
                 if time.monotonic() >= next_beat:
                     self._beat()
                     self._send_unheard_again()
+                    self._report_missed()
                     next_beat = time.monotonic() + self.heartbeat_seconds
                 self._send_work(max(0.0, next_beat - time.monotonic()))
             except (OSError, RedisError) as error:
@@ -5436,8 +5441,10 @@ class RedisLink:
             unmutes, self._unmutes_apart = self._unmutes_apart, set()
             for name in sorted(unmutes):
                 self._send_unmute_to_all(name)
-            for server, sequence in missed:
-                self.send_private(RemoteStudent("", server), {"k": "missed", "m": sequence})
+            # Reported once the listener has had time to read what a frozen
+            # channel held (see _report_missed()).
+            self._missed_marks = missed
+            self._missed_due = time.monotonic() + self.silence_seconds
             clients = list(self.room._joined.values())
             for client in clients:
                 self.room.notices.catch_up(client)
@@ -5451,6 +5458,17 @@ class RedisLink:
             self._settle_quiet(quiet_elsewhere, forgotten)
         log.info("Linked through Redis again")
         self.room._send_queued(clients)
+
+    def _report_missed(self):
+        """Tell the servers of whispers found missing at the relink that never came."""
+        if not self._missed_marks or time.monotonic() < self._missed_due:
+            return
+        with self._private_came:
+            missed = [mark for mark in self._missed_marks if mark not in self._private_got]
+        self._missed_marks = []
+        with self.room._lock:  # the link numbers what it sends under the room's lock
+            for server, sequence in missed:
+                self.send_private(RemoteStudent("", server), {"k": "missed", "m": sequence})
 
     def _missed_whispers(self, newest):
         """(server, sequence) of each whisper to us whose mark the split hid from

@@ -523,6 +523,22 @@ def test_browsers_still_in_the_backlog_when_the_server_closes_get_the_503_page(
         assert "Server is shutting down." in lines[-1]
 
 
+def test_a_connection_that_comes_while_the_backlog_is_answered_is_told_too(
+        server, connect, monkeypatch):
+    server.close_room()
+    server.shutdown()
+    late, answer_all_now = [], server._refuser.answer_all_now
+
+    def answering(seconds):  # a newcomer comes meanwhile, into the backlog
+        if not late:
+            late.append(connect())
+        answer_all_now(seconds)
+
+    monkeypatch.setattr(server._refuser, "answer_all_now", answering)
+    server.server_close()
+    assert late[0].expect_closed() == ["*** Server is shutting down."]
+
+
 def test_what_the_refuser_holds_is_answered_before_the_server_exits(
         server, connect, monkeypatch):
     """It waits for a browser's request; a server about to exit cannot wait."""

@@ -1075,6 +1075,35 @@ def test_a_server_that_stops_leaves_alone_a_name_another_server_holds(
 
 
 @redis
+def test_a_whisper_held_in_a_frozen_channel_through_a_split_is_not_owned_up_to(
+        split_rooms, caplog):
+    """a's channel kept it through the stall; at the relink, a's listener may not
+    have read it yet: a must look again before saying it was missed."""
+    proxy, a, b, amy, bob = split_rooms
+    real_listen, held = a._link._listen, threading.Event()
+
+    def listen(connection):  # a's listener reads nothing more before the relink is done
+        held.set()
+        wait_until(lambda: "Linked through Redis again" in caplog.text,
+                   timeout=SPLIT_TIMEOUT, message="the relink")
+        real_listen(connection)
+
+    a._link._listen = listen
+    wait_until(held.is_set, message="a's listener held")
+    bob.send("/msg amy are you there?")
+    bob.expect("*** You whispered to amy: are you there?")
+    wait_until(lambda: b._link._outbox.empty() and not b._link._in_flight,
+               message="the whisper and its mark sent")
+    proxy.resume()  # the same connections: the channel brings it now
+    amy.expect("bob whispers: are you there?", timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: a._link.linked and not a._link._missed_marks,
+               timeout=SPLIT_TIMEOUT, message="a to look for missed whispers")
+    amy.send("/msg bob yes")  # comes after any report of a's about that mark
+    bob.expect("amy whispers: yes", timeout=SPLIT_TIMEOUT)
+    assert not [line for line in bob.seen if "may not have arrived" in line]
+
+
+@redis
 def test_owning_up_to_work_lost_in_a_split_passes_over_a_missed_report(two_rooms):
     """A report of a missed whisper is an answer: nobody to own up to it (it raised
     KeyError, which killed the link's writer in a split)."""
