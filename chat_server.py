@@ -4687,6 +4687,7 @@ class RedisLink:
         self._held = []
         self._remote_at_split = {}  # the students elsewhere when the last split began
         self._left_apart = {}  # key -> name: our students who left during a split
+        self._renamed_apart = {}  # key now -> name before the split: renamed during it
         self._unmutes_apart = set()  # names unmuted here during a split
         # The highest number of a private message from each server that the
         # listener has acted on; the reader waits on it at a mark (see apply()).
@@ -4827,9 +4828,7 @@ class RedisLink:
         if not self.linked:
             if event["k"] == "quiet":
                 self._quiet_set_alone = True  # see _settle_quiet()
-            freed = self._freed_name(event)
-            if freed is not None:  # the others are told at the relink
-                self._left_apart[fold_name(freed)] = freed
+            self._note_apart(event)
             return False
         stamped = self._stamp(event)
         if event["k"] == "quiet":
@@ -4844,6 +4843,17 @@ class RedisLink:
         self._pending[stamped["n"]] = (lines, exclude)
         self._last_event = stamped["n"]
         return True
+
+    def _note_apart(self, event):
+        """A leave or rename during a split: the others are told at the relink
+        (room's lock held). A student renamed during the split is known to them
+        by the name they had before it."""
+        if event["k"] == "rename":
+            first = self._renamed_apart.pop(fold_name(event["old"]), event["old"])
+            self._renamed_apart[fold_name(event["new"])] = first
+        elif event["k"] == "leave" and "of" not in event:
+            name = self._renamed_apart.pop(fold_name(event["name"]), event["name"])
+            self._left_apart[fold_name(name)] = name
 
     def send_private(self, student, event):
         """Queue a whisper, /kick or /mute for the server of a student elsewhere."""
@@ -5344,20 +5354,20 @@ class RedisLink:
         /mute for another server may not have reached it: its sender is told
         (an answer to another server's /kick or /mute was noted here already).
         """
-        lost, freed = [], []
+        lost, apart = [], []
         for item in items:
-            if item[0] == "event" and self._freed_name(item[1]) is not None:
-                freed.append(self._freed_name(item[1]))  # told again at the relink
+            if item[0] == "event" and item[1]["k"] in ("leave", "rename"):
+                apart.append(item[1])  # told again at the relink
             elif item[0] == "claim":
                 item[3].put(None)  # no answer: the room decides alone
             elif item[0] == "mute":
                 self._queue_work(item)  # sent once the link is back
             elif item[0] == "publish":
                 lost.append(item[2])
-        if freed:
+        if apart:
             with self.room._lock:
-                for name in freed:
-                    self._left_apart.setdefault(fold_name(name), name)
+                for event in apart:
+                    self._note_apart(event)
         self._own_up(lost, "may not have arrived: the servers were cut apart")
 
     def _own_up(self, events, what_happened):
@@ -5438,6 +5448,12 @@ class RedisLink:
             for key, name in sorted(left.items()):
                 if key not in self.room._joined:
                     self._queue_work(("event", self._stamp({"k": "leave", "name": name})))
+            renamed, self._renamed_apart = self._renamed_apart, {}
+            for key, old in sorted(renamed.items()):
+                client = self.room._joined.get(key)
+                if client is not None and client.name != old:
+                    self._queue_work(("event", self._stamp(
+                        {"k": "rename", "old": old, "new": client.name})))
             unmutes, self._unmutes_apart = self._unmutes_apart, set()
             for name in sorted(unmutes):
                 self._send_unmute_to_all(name)

@@ -1112,6 +1112,22 @@ def test_owning_up_to_work_lost_in_a_split_passes_over_a_missed_report(two_rooms
 
 
 @redis
+def test_a_rename_during_a_split_is_told_as_a_rename_at_the_relink(split_rooms):
+    """The others knew amy: amy is now amelia, not amy left and amelia joined."""
+    proxy, a, b, amy, bob = split_rooms
+    amy.send("/nick amelia")
+    amy.expect("*** amy is now amelia.")
+    amy.send("/nick Amelia")  # twice: the others hear of it once, from the first name
+    amy.expect("*** amelia is now Amelia.")
+    before = len(bob.seen)
+    proxy.thaw()
+    bob.expect("*** amy is now Amelia.", timeout=SPLIT_TIMEOUT)
+    bob.send("hello Amelia")
+    amy.expect("bob says: hello Amelia", timeout=SPLIT_TIMEOUT)
+    assert not [line for line in bob.seen[before:] if "joined" in line or "left" in line]
+
+
+@redis
 def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
