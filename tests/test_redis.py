@@ -1128,6 +1128,19 @@ def test_a_rename_during_a_split_is_told_as_a_rename_at_the_relink(split_rooms):
 
 
 @redis
+def test_a_student_who_renames_then_leaves_during_a_split_leaves_by_the_name_known(
+        split_rooms):
+    proxy, a, b, amy, bob = split_rooms
+    amy.send("/nick amelia")
+    amy.expect("*** amy is now amelia.")
+    amy.close()
+    wait_until(lambda: a.find("amelia") is None, message="amelia gone from a")
+    proxy.thaw()
+    bob.expect("*** amy left the chat.", timeout=SPLIT_TIMEOUT)
+    assert b.snapshot()[2] == []  # nobody elsewhere
+
+
+@redis
 def test_a_short_cut_of_the_link_loses_nothing(linked, join, proxies):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
