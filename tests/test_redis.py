@@ -1041,6 +1041,9 @@ def test_a_whisper_that_comes_through_after_a_cut_is_not_owned_up_to(
                message="the whisper and its mark sent")
     proxy.refusing = False
     amy.expect("bob whispers: are you there?", timeout=SPLIT_TIMEOUT)
+    # a's listener may hear it before a's writer has relinked and knows bob again.
+    wait_until(lambda: a._link.linked and "bob" in a._remote, timeout=SPLIT_TIMEOUT,
+               message="a relinked")
     amy.send("/msg bob yes")  # comes after any report of a's about that mark
     bob.expect("amy whispers: yes", timeout=SPLIT_TIMEOUT)
     assert not [line for line in bob.seen if "may not have arrived" in line]
