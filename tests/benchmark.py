@@ -28,9 +28,11 @@ students are; the second row gives its figure as a multiple of the first
 With few clients a p99 is one stall or two: compare p50s across runs.
 
 With --redis (needs redis-server on the PATH; one is started on a free
-port and killed at the end), fan-out and classroom run twice: on one
-server alone, then on two servers linked through that Redis, with the
-clients split between them (even ones on the first, odd on the second).
+port and killed at the end), fan-out and classroom run on one server
+alone, then on two servers linked through that Redis, with the clients
+split between them (even ones on the first, odd on the second); the two
+alternate for --rounds rounds (3), and a last line gives the median of
+what the hop cost in each (about five minutes).
 
 Every phase is bounded in count and time. Server RSS, threads and CPU come
 from /proc (Linux); elsewhere they show as "-". The generator's own CPU is
@@ -556,10 +558,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     parser.add_argument("--redis", action="store_true", help="fan-out and classroom on one "
                         "server, then on two linked through a redis-server started here")
+    parser.add_argument("--rounds", type=int, default=3, help="with --redis: how many times "
+                        "to run the two settings, alternating (default: 3)")
     args = parser.parse_args(argv)
     quick = args.quick
     if args.redis:
-        return compare_linked(quick)
+        return compare_linked(quick, max(1, args.rounds))
     print("chat_server.py on %s, Python %s, %d cores" % (
         sys.platform, sys.version.split()[0], os.cpu_count() or 0))
     print("%-12s %-26s %8s %8s %8s %8s  %s" % (
@@ -591,31 +595,54 @@ def main(argv=None):
     return 0
 
 
-def compare_linked(quick):
-    """Fan-out and classroom on one server alone, then on two linked through Redis."""
+def compare_linked(quick, rounds):
+    """Fan-out and classroom on one server alone, then on two linked through Redis.
+
+    On a shared machine one run's figures move by more than the hop costs,
+    so the two settings alternate for several rounds, and the summary gives
+    the median of each round's difference (or ratio).
+    """
     path = shutil.which("redis-server")
     if path is None:
         raise SystemExit("--redis needs redis-server on the PATH (apt-get install redis-server)")
     redis = RedisServer(path)
-    print("chat_server.py on %s, Python %s, %d cores; %s" % (
+    print("chat_server.py on %s, Python %s, %d cores; %s, %d round%s" % (
         sys.platform, sys.version.split()[0], os.cpu_count() or 0,
-        "one server, then two linked through Redis (clients split between them)"))
+        "one server, then two linked through Redis (clients split between them)",
+        rounds, "s" * (rounds > 1)))
     print("%-12s %-26s %8s %8s %8s %8s  %s" % (
         "scenario", "setting", "srv RSS", "threads", "srv CPU", "gen CPU", "result"))
     seconds = 5 if quick else 20
     clients = 20 if quick else 60
     receivers = 10 if quick else 50
     lines = (20000 if quick else 200000) // (receivers * 4)
+    p50s, p99s, rates = [], [], []
     try:
-        for linked in (False, True):
-            REDIS["port"] = redis.port if linked else None
-            how = "two linked" if linked else "one alone"
-            row("classroom", "%d clients, %s" % (clients, how), classroom(clients, seconds))
-            row("fan-out", "%d recv, 4 send, %s" % (receivers, how),
-                fanout(receivers, 4, max(lines, 200)))
+        for _ in range(rounds):
+            measured = {}
+            for linked in (False, True):
+                REDIS["port"] = redis.port if linked else None
+                how = "two linked" if linked else "one alone"
+                room = measured["classroom", linked] = classroom(clients, seconds)
+                row("classroom", "%d clients, %s" % (clients, how), room)
+                fan = measured["fan-out", linked] = fanout(receivers, 4, max(lines, 200))
+                row("fan-out", "%d recv, 4 send, %s" % (receivers, how), fan)
+            alone, both = measured["classroom", False], measured["classroom", True]
+            p50s.append(both["p50"] - alone["p50"])
+            p99s.append(both["p99"] - alone["p99"])
+            rates.append(measured["fan-out", True]["rate"] / measured["fan-out", False]["rate"])
     finally:
         redis.stop()
+    print("The Redis hop, median of %d round%s: classroom p50 %+.1f ms, p99 %+.1f ms; "
+          "fan-out two linked %.2fx one alone" % (rounds, "s" * (rounds > 1), median(p50s),
+                                                  median(p99s), median(rates)))
     return 0
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 if __name__ == "__main__":
