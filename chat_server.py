@@ -5601,6 +5601,9 @@ class RedisLink:
             # Its skeleton too: else a look-alike of the new name could join.
             client.name, client.key, client.looks = new_name, key, looks
             self.room._add_client(client)
+            if old_key in self._renamed_apart:  # the others know it by its name
+                # before the split: they hear of this rename from that one.
+                self._renamed_apart[key] = self._renamed_apart.pop(old_key)
             self.room.notices.catch_up(client)
             client.queue_line("*** While the servers were apart, a student on another "
                               "server took %s %s: you are now %s." % (

@@ -1131,6 +1131,20 @@ def test_a_rename_during_a_split_is_told_as_a_rename_at_the_relink(split_rooms):
 
 
 @redis
+def test_a_name_taken_during_a_split_and_renamed_at_the_relink_leaves_no_ghost(split_rooms):
+    """amy took the name bob while a was alone; bob had it on b, so at the relink
+    she becomes bob.2: b must hear amy is now bob.2, and list no amy any more."""
+    proxy, a, b, amy, bob = split_rooms
+    amy.send("/nick bob")
+    amy.expect("*** amy is now bob.")
+    proxy.thaw()
+    amy.expect("you are now bob.2", timeout=SPLIT_TIMEOUT)
+    bob.expect("*** amy is now bob.2.", timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: [student.name for student in b.snapshot()[2]] == ["bob.2"],
+               message="b to list bob.2 alone elsewhere")
+
+
+@redis
 def test_a_student_who_renames_then_leaves_during_a_split_leaves_by_the_name_known(
         split_rooms):
     proxy, a, b, amy, bob = split_rooms
