@@ -2843,6 +2843,9 @@ class TeacherConsole:
     def __init__(self, room, stream):
         self.room = room  # the ChatServer
         self.stream = stream
+        # True when acting for another linked server's teacher (see
+        # RedisLink._act_on_private()): what it is told to type, it types there.
+        self.for_another_server = False
 
     def start(self):
         """Start reading in a daemon thread (it never keeps the process alive)."""
@@ -2944,16 +2947,17 @@ class TeacherConsole:
     def ban_after_kick(self, client, others):
         """Ban a kicked client's address unless others share it; say what was done."""
         minutes = self.room.settings.ban_minutes
-        if others:
-            return ("%s is not banned: %s joined from it too. /ban %s disconnects "
+        where = " at that server's console" if self.for_another_server else ""  # bans
+        if others:  # are per server
+            return ("%s is not banned: %s joined from it too. /ban %s%s disconnects "
                     "everyone there and bans it." % (
                         client.host, list_names(sorted(other.name for other in others)),
-                        client.host))
+                        client.host, where))
         if minutes <= 0:
             return "no ban (--ban-minutes is 0)."
         self.room.addresses.ban(client.host, client.name, minutes)
-        return "%s may not rejoin for %s (/unban %s lifts it)." % (
-            client.host, describe_minutes(minutes), client.name)
+        return "%s may not rejoin for %s (/unban %s%s lifts it)." % (
+            client.host, describe_minutes(minutes), client.name, where)
 
     def close_waiting(self, host, removed):
         """Close the connections from host that have not joined; return how many.
@@ -5996,6 +6000,7 @@ class RedisLink:
             self.room.tell_console("Another server's teacher: /%s %s" % (
                 "kick" if kind == "kick" else "mute" if event["on"] else "unmute", name))
             console = TeacherConsole(self.room, None)
+            console.for_another_server = True
             answers = []
             console.tell = answers.append  # shown here, and sent to the asking console
             if kind == "kick":
