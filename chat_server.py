@@ -4718,6 +4718,7 @@ class RedisLink:
         self._claimed = {}  # name key this server holds in Redis -> when claimed
         self._unheard = []  # private messages no server heard: sent again at each beat
         self._writer = None  # the writer's RedisConnection
+        self._run_id = None  # Redis's run_id when we last asked: see _redis_restarted()
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
         self._last_added = (0, None)  # (number, stream id) of our last event in the stream
         # The writer's last heartbeat (or connect), by both clocks: a
@@ -4735,6 +4736,7 @@ class RedisLink:
         where = format_address((self.url.host, self.url.port))
         try:
             self._writer = RedisConnection(self.url, self.silence_seconds)
+            self._redis_restarted()  # notes which start of Redis this is
             # Before our heartbeat. A server split from Redis, or stood still,
             # has no heartbeat for a while: the lesson key outlives it.
             fresh = not self._scan(self._server_prefix + "*") and \
@@ -4755,9 +4757,7 @@ class RedisLink:
             quiet = self._writer.call("EXISTS", self._quiet_key) == 1
             # Subscribed before anyone can join: a whisper to them is heard.
             self._listener = self._subscribe()
-            self._writer.pipeline([("SET", self._server_prefix + self.server_id, "1",
-                                    "EX", self.heartbeat_ttl_seconds),
-                                   ("SET", self._lesson_key, "1", "EX", REDIS_LESSON_GAP_SECONDS)])
+            self._writer.pipeline(self._heartbeat_commands())
         except RedisError as error:
             self._drop_writer()
             raise RedisStartError("Redis at %s refused us: %s" % (where, error))
@@ -5001,9 +5001,12 @@ class RedisLink:
                 if self._writer is None:
                     self._writer = RedisConnection(self.url, self.silence_seconds)
                     self._last_beat = time.monotonic(), time.time()
+                    restarted = self._redis_restarted()
                     if not self.linked:
                         self._relink()
                         self._last_beat = time.monotonic(), time.time()
+                    if restarted:
+                        self._put_back_room_state()
                     failing_since, delay = None, self.retry_first_seconds
                 if self._writer is not None and not self.linked:
                     # Split by the reader, or by a full queue: start afresh.
@@ -5032,6 +5035,41 @@ class RedisLink:
                 self._drop_writer()
                 self.split(error)
                 self._forget_in_flight()
+
+    def _redis_restarted(self):
+        """True if Redis started again since we last asked (writer's connection).
+
+        Redis gives itself a new run_id at each start. Unless it saved them,
+        it forgot every key: the names come back by the heartbeat (_beat()),
+        and quiet mode and mutes by _put_back_room_state(). A restart of
+        under a second is no split, so nothing else would notice.
+        """
+        try:
+            info = self._writer.call("INFO", "server")
+        except RedisError:  # INFO may be refused to our user: restarts go unseen
+            return False
+        match = re.search(rb"\brun_id:(\w+)", info) if isinstance(info, bytes) else None
+        run_id, self._run_id = self._run_id, match.group(1) if match else None
+        return run_id is not None and self._run_id != run_id
+
+    def _put_back_room_state(self):
+        """Tell a restarted Redis the room's quiet mode, and the mutes this server holds.
+
+        Servers that start later read them there; those linked now hold them already.
+        """
+        with self.room._lock:
+            quiet = self.room._quiet
+            muted = sorted(key for key, muted in self._mutes_wanted.items() if muted)
+        # The heartbeats first: a server that starts now and finds none
+        # would take this for a new lesson, and clear the rest again.
+        commands = self._heartbeat_commands()
+        if quiet:
+            commands.append(("SET", self._quiet_key, "1"))
+        if muted:
+            commands.append(("SADD", self._muted_key, *muted))
+        self._writer.pipeline(commands, self.silence_seconds)
+        log.info("Redis started again: put back %s%s", "quiet mode and " if quiet else "",
+                 plural(len(muted), "mute"))
 
     def _drop_writer(self):
         if self._writer is not None:
@@ -5228,19 +5266,23 @@ class RedisLink:
         for key in stale:
             self._release_if_ours(key)
         keys = sorted(self._claimed)
-        commands = [("SET", self._server_prefix + self.server_id, "1",
-                     "EX", self.heartbeat_ttl_seconds),
-                    ("SET", self._lesson_key, "1", "EX", REDIS_LESSON_GAP_SECONDS)]
+        commands = self._heartbeat_commands()
         commands += [("EXPIRE", self._name_prefix + key, self.name_ttl_seconds) for key in keys]
         # Stamped as sent: a Ctrl+Z while the answer is on its way still counts.
         sent = time.monotonic(), time.time()
         replies = self._writer.pipeline(commands, self.silence_seconds)
         self._last_beat = sent
-        lost = [key for key, kept in zip(keys, replies[2:]) if not kept]
+        lost = [key for key, kept in zip(keys, replies[len(commands) - len(keys):]) if not kept]
         if lost:  # another server thought we were dead and freed these
             log.warning("Redis lost names of ours: claiming them again")
             self._reclaim(lost, rejoin=True)
         self._reap()
+
+    def _heartbeat_commands(self):
+        """Keep our heartbeat alive, and the lesson's (see connect())."""
+        return [("SET", self._server_prefix + self.server_id, "1",
+                 "EX", self.heartbeat_ttl_seconds),
+                ("SET", self._lesson_key, "1", "EX", REDIS_LESSON_GAP_SECONDS)]
 
     def _check_not_paused(self):
         """Split if this server stood still for longer than its heartbeat lasts.
