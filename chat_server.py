@@ -4169,7 +4169,8 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
 #     here; each server also keeps a heartbeat key alive. A server whose
 #     heartbeat has been gone for as long again as it lasts is dead: its
 #     students' names are deleted by the others, and only the server whose
-#     DEL returned 1 announces the leave.
+#     DEL returned 1 announces the leave (for a name Redis forgot in a
+#     restart, the first to ask: see REAP_SCRIPT).
 #   * Private messages and the teacher's /kick and /mute for a student on
 #     another server go over that server's own pub/sub channel: never stored.
 #     A whisper leaves a mark in the stream (which whisper, not its text):
@@ -4183,11 +4184,15 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
 #     queue, like a client's outbox.
 #   * A link lost (or silent for REDIS_SILENCE_SECONDS) is a split: each
 #     server's room goes on with its own students until the link is back.
+#   * Redis restarted, empty (a new run_id): the servers claim their names
+#     again, and put back quiet mode and their mutes.
 #
 # Keys, for a room called ROOM: ROOM:events (the stream), ROOM:name:KEY (who
-# holds a name), ROOM:server:ID (a heartbeat), ROOM:quiet (set in quiet
-# mode), ROOM:muted (the muted names), and the channels ROOM:to:ID (one per
-# server).
+# holds a name), ROOM:looks:KIND:LOOK (a joining name's looks, a moment),
+# ROOM:server:ID (a heartbeat), ROOM:lesson (alive while any server is),
+# ROOM:reaped:ID:KEY (a dead server's leave announced), ROOM:quiet (set in
+# quiet mode), ROOM:muted (the muted names), and the channels ROOM:to:ID
+# (one per server) and ROOM:to:all.
 
 # Fixed numbers of the link (tests shorten the timings: see RedisLink).
 REDIS_PORT = 6379  # Redis's own default port, when --redis gives none
@@ -4235,6 +4240,23 @@ local value = redis.call('GET', KEYS[1])
 if not value then return 0 end
 local ok, holder = pcall(cjson.decode, value)
 if ok and type(holder) == 'table' and holder.server == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# The reaper's: frees a dead server's name (ARGV[1]: its id) if it still
+# holds it, and returns 1 to the one server that is to announce the leave.
+# A name no one holds (Redis restarted and forgot it) goes to the first to
+# ask: KEYS[2] notes, for ARGV[2] seconds, that the leave has been taken.
+REAP_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+if not value then
+  if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 1 end
+  return 0
+end
+local ok, holder = pcall(cjson.decode, value)
+if ok and type(holder) == 'table' and holder.server == ARGV[1] then
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -4666,6 +4688,7 @@ class RedisLink:
         self._name_prefix = prefix + "name:"
         self._server_prefix = prefix + "server:"
         self._looks_prefix = prefix + "looks:"  # looks_of() of a name joining now
+        self._reaped_prefix = prefix + "reaped:"  # a dead server's leaves announced (_reap())
         self._quiet_key = prefix + "quiet"
         self._muted_key = prefix + "muted"  # a set of the name keys muted anywhere
         self._lesson_key = prefix + "lesson"  # kept alive by every server's heartbeat
@@ -5003,7 +5026,7 @@ class RedisLink:
                     self._last_beat = time.monotonic(), time.time()
                     restarted = self._redis_restarted()
                     if not self.linked:
-                        self._relink()
+                        self._relink(restarted)
                         self._last_beat = time.monotonic(), time.time()
                     if restarted:
                         self._put_back_room_state()
@@ -5323,17 +5346,19 @@ class RedisLink:
         orphans = [student for student in remote if student.server in dead]
         if not orphans:
             return
-        # Each name is freed only if the dead server still holds it (the same
-        # script as _release_if_ours(), with the dead server's id): a live
-        # server may have claimed it since.
-        deleted = self._writer.pipeline(
-            [("EVAL", RELEASE_IF_OURS_SCRIPT, 1, self._name_prefix + fold_name(student.name),
-              student.server) for student in orphans], self.silence_seconds)
+        # Each name is freed only if the dead server still holds it: a live
+        # server may have claimed it since. One that no one holds (Redis
+        # restarted) is freed by the first to ask (see REAP_SCRIPT).
+        won = self._writer.pipeline(
+            [("EVAL", REAP_SCRIPT, 2, self._name_prefix + fold_name(student.name),
+              "%s%s:%s" % (self._reaped_prefix, student.server, fold_name(student.name)),
+              student.server, self.name_ttl_seconds) for student in orphans],
+            self.silence_seconds)
         # NOTE: a name that was not freed here is another server's to announce;
         # its leave comes through the stream like any other.
         with self.room._lock:
-            for student, won in zip(orphans, deleted):
-                if won:  # only the server whose DEL freed the name tells everyone
+            for student, ours in zip(orphans, won):
+                if ours:  # only the server whose DEL freed the name tells everyone
                     self._note_console("Server %s is gone: %s leaves"
                                        % (student.server, student.name))
                     self._queue_work(("event", self._stamp(
@@ -5440,8 +5465,11 @@ class RedisLink:
                                                              what_happened))
         self.room._send_queued(recipients)
 
-    def _relink(self):
-        """The writer is back after a split: reclaim names, reload the others, rejoin."""
+    def _relink(self, restarted=False):
+        """The writer is back after a split: reclaim names, reload the others, rejoin.
+
+        restarted: Redis started again meanwhile (see _redis_restarted()).
+        """
         self._forget_in_flight()
         self._missing_since.clear()  # seen while apart: it says nothing now
         with self.room._lock:
@@ -5451,9 +5479,9 @@ class RedisLink:
         self._reclaim(sorted(local))
         newest = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
                                                   "COUNT", 1))
-        # An empty stream that we had read from: Redis forgot the room (it
-        # restarted with nothing saved), its quiet mode too.
-        forgotten = not newest and self._last_id != "0"
+        # Redis restarted, or an empty stream that we had read from: Redis
+        # forgot the room (nothing was saved), its quiet mode too.
+        forgotten = restarted or (not newest and self._last_id != "0")
         missed = self._missed_whispers(newest[0][0] if newest else None)
         remote = self._load_roster()  # after the stream's end: see connect()
         quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
@@ -5478,9 +5506,13 @@ class RedisLink:
             # Who came and went elsewhere while we were apart: the stream's
             # events of the split are never read here (we go on from its end).
             before, self._remote_at_split = self._remote_at_split, {}
-            news = [] if forgotten else [  # (Redis forgot: they come back by the stream)
-                "*** %s left the chat." % student.name for key, student in sorted(before.items())
-                if key not in remote]
+            if forgotten:  # Redis holds only the names of the servers back before
+                # us: the others' students stay, unannounced, until their server
+                # rejoins them, or the reaper finds it gone (see _reap()).
+                remote.update((key, student) for key, student in before.items()
+                              if key not in remote and key not in self.room._joined)
+            news = ["*** %s left the chat." % student.name
+                    for key, student in sorted(before.items()) if key not in remote]
             for key, student in sorted(remote.items()):
                 was = before.get(key)
                 if was is None or was.server != student.server:

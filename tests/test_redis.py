@@ -1546,6 +1546,56 @@ def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(
     assert "alone in lab A" not in " ".join(bob.seen)
 
 
+@pytest.fixture
+def three_rooms_one_held(linked, join, proxies, quick_split, redis_server):
+    """(proxy, alice, bob, carol): alice on a, bob on b, carol on c, linked
+    through one Redis; c's link goes through proxy, which refuses for now.
+    Redis has been restarted empty, and a and b have relinked."""
+    proxy = proxies()
+    a, b, c = linked(), linked(), linked(via=proxy)
+    alice, bob, carol = join(a, "alice"), join(b, "bob"), join(c, "carol")
+    for student in (alice, bob):
+        student.expect("*** carol joined the chat.")
+    proxy.refusing = True  # c's reconnections are refused; then its link is cut
+    redis_server.stop()
+    for student in (alice, bob, carol):
+        student.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    redis_server.restart()  # empty: every name, and the stream, are gone
+    for student in (alice, bob):
+        student.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    return proxy, alice, bob, carol
+
+
+@redis
+def test_a_redis_restarted_empty_shows_nobody_leaving_or_joining(three_rooms_one_held):
+    """The servers relink one after another: each finds in Redis only the
+    students of those back before it, and must not take the others for gone."""
+    proxy, alice, bob, carol = three_rooms_one_held
+    before = len(alice.seen), len(bob.seen)
+    proxy.refusing = False
+    carol.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    carol.send("back with you")
+    for student, start in zip((alice, bob), before):
+        student.expect("carol says: back with you", timeout=SPLIT_TIMEOUT)
+        assert not [line for line in student.seen[start:]
+                    if " left the chat." in line or " joined the chat." in line]
+
+
+@redis
+def test_a_server_that_never_comes_back_after_redis_restarted_empty_has_its_students_leave(
+        three_rooms_one_held):
+    """Redis forgot carol's name, so no one can free it: the first server to
+    note c gone announces her leave, once, for everyone."""
+    proxy, alice, bob, carol = three_rooms_one_held
+    for student in (alice, bob):
+        student.expect("*** carol left the chat.", timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: alice.seen.count("*** carol left the chat.") == 1 and
+               bob.seen.count("*** carol left the chat.") == 1, message="one leave each")
+    alice.send("and now?")
+    bob.expect("alice says: and now?")
+    assert bob.seen.count("*** carol left the chat.") == 1
+
+
 @redis
 def test_a_whisper_lost_to_a_split_is_owned_up_to(linked, join, proxies, quick_split):
     proxy = proxies()
