@@ -1305,7 +1305,9 @@ class TelnetFilter:
     def feed(self, data):
         """Return (the data without telnet commands, the bytes to answer with)."""
         if self._state == "data" and IAC not in data:
-            return data, b""  # the usual case: nothing to look at byte by byte
+            # The usual case: nothing to look at byte by byte. After a Ctrl+C
+            # (the client is leaving) no text counts.
+            return (b"" if self.interrupted else data), b""
         text, answer = bytearray(), bytearray()
         for byte in data:
             self._step(byte, text, answer)
@@ -1316,11 +1318,11 @@ class TelnetFilter:
         if state == "data":
             if byte == IAC:
                 self._state = "command"
-            else:
+            elif not self.interrupted:
                 text.append(byte)
         elif state == "command":
             self._state = "data"
-            if byte == IAC:
+            if byte == IAC and not self.interrupted:
                 text.append(IAC)  # IAC IAC is a literal 255 byte
             elif byte in (DO, DONT, WILL, WONT):
                 self._verb, self._state = byte, "option"

@@ -228,6 +228,13 @@ def test_telnet_ctrl_c_right_after_a_line_sends_the_line_then_says_bye(room):
     alice.expect_next("*** bob left the chat.")
 
 
+def test_telnet_text_after_ctrl_c_is_not_sent(room):
+    """The client is leaving: what follows its Ctrl+C in the same read is not said."""
+    alice, bob = room("alice", "bob")
+    bob.send_raw(bytes([IAC, IP, IAC, DO, TIMING_MARK]) + b"after the end\r\n")
+    alice.expect_next("*** bob left the chat.")
+
+
 def test_telnet_bytes_glued_to_the_front_of_a_name_are_removed(connect, joined):
     alice = joined("alice")
     bob = connect()
