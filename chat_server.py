@@ -1255,9 +1255,15 @@ class Notices:
 # LineFramer and clean_line(); ChatRoom.join() checks names here.
 
 # Telnet commands (RFC 854). A telnet client may send these glued to the
-# front of a line; we remove them and refuse every option.
+# front of a line; we remove them and refuse every option but BINARY.
 IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 IP = 244  # "interrupt process": what telnet sends for Ctrl+C
+BINARY = 0  # the option for 8-bit data, both ways (RFC 856)
+# Linux's telnet (inetutils), until it is in BINARY mode, reads a typed byte
+# of 0x80 and above as a control key without its top bit: the 0x83 of the
+# Cyrillic "у" or Greek "σ" goes out as IAC IP (Ctrl+C), and so on. In the
+# middle of a UTF-8 character, these commands are those bytes.
+MANGLED_BYTES = {IP: 0x83, 245: 0x8F, 243: 0x9C, 237: 0x9A}  # IP, AO, BRK, SUSP
 
 LINE_END = re.compile(rb"\r\n|\r\0|\r|\n")  # telnet, telnet char mode, Mac, nc
 
@@ -1295,23 +1301,44 @@ HTTP_REQUEST = re.compile(r"^[A-Z]+ \S+ HTTP/\d\.\d$")
 
 
 class TelnetFilter:
-    """Removes telnet commands from a byte stream and answers them with a refusal."""
+    """Removes telnet commands from a byte stream and answers them with a refusal.
+
+    The one option it takes is BINARY: at the first command from a telnet
+    client it asks for 8-bit data both ways, so that Linux's telnet sends
+    non-Latin letters as they are (see MANGLED_BYTES).
+    """
 
     def __init__(self):
         self._state = "data"
         self._verb = 0
         self.interrupted = False  # an IAC IP came: the user pressed Ctrl+C
+        self._asked_binary = False  # we sent DO and WILL BINARY
+        self._tail = b""  # the last bytes of text: does a UTF-8 character go on?
 
     def feed(self, data):
         """Return (the data without telnet commands, the bytes to answer with)."""
         if self._state == "data" and IAC not in data:
             # The usual case: nothing to look at byte by byte. After a Ctrl+C
             # (the client is leaving) no text counts.
-            return (b"" if self.interrupted else data), b""
+            if self.interrupted:
+                return b"", b""
+            self._tail = (self._tail + data[-3:])[-3:]
+            return data, b""
         text, answer = bytearray(), bytearray()
         for byte in data:
             self._step(byte, text, answer)
+        self._tail = (self._tail + bytes(text[-3:]))[-3:]
         return bytes(text), bytes(answer)
+
+    def _in_a_character(self, text):
+        """True if the text so far ends inside a UTF-8 character."""
+        tail = (self._tail + bytes(text[-3:]))[-3:]
+        for back, byte in enumerate(reversed(tail), 1):
+            if byte < 0x80:
+                return False
+            if byte >= 0xC0:  # a lead byte: how long is its character?
+                return back < (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4)
+        return False
 
     def _step(self, byte, text, answer):
         state = self._state
@@ -1320,7 +1347,11 @@ class TelnetFilter:
                 self._state = "command"
             elif not self.interrupted:
                 text.append(byte)
-        elif state == "command":
+            return
+        if state == "command" and not self._asked_binary:
+            self._asked_binary = True  # a telnet client: 8-bit data, please
+            answer += bytes([IAC, DO, BINARY, IAC, WILL, BINARY])
+        if state == "command":
             self._state = "data"
             if byte == IAC and not self.interrupted:
                 text.append(IAC)  # IAC IAC is a literal 255 byte
@@ -1328,13 +1359,18 @@ class TelnetFilter:
                 self._verb, self._state = byte, "option"
             elif byte == SB:
                 self._state = "subnegotiation"
+            elif byte in MANGLED_BYTES and self._in_a_character(text):
+                text.append(MANGLED_BYTES[byte])  # a letter, not a key (see above)
             elif byte == IP:
                 self.interrupted = True
             # Anything else is a two-byte command (NOP, break, ...): ignored.
         elif state == "option":
             self._state = "data"
-            # We refuse every option, and never answer a refusal (no loops).
-            if self._verb == DO:
+            # We refuse every option but BINARY, which we asked for first, so
+            # its DO or WILL is an answer; and never answer a refusal (no loops).
+            if byte == BINARY:
+                pass
+            elif self._verb == DO:
                 answer += bytes([IAC, WONT, byte])
             elif self._verb == WILL:
                 answer += bytes([IAC, DONT, byte])

@@ -228,6 +228,17 @@ def test_telnet_ctrl_c_right_after_a_line_sends_the_line_then_says_bye(room):
     alice.expect_next("*** bob left the chat.")
 
 
+def test_a_cyrillic_line_from_linux_telnet_reaches_the_others_as_typed(room):
+    """inetutils telnet sends the 0x83 of "у" as a Ctrl+C (IAC IP, then IAC DO
+    TIMING-MARK): inside a letter, it is that letter, and bob stays."""
+    alice, bob = room("alice", "bob")
+    bob.send_raw("как ".encode() + b"\xd1" + bytes([IAC, IP, IAC, DO, TIMING_MARK])
+                 + " вас дела\r\n".encode())
+    alice.expect_next("bob says: как у вас дела")
+    bob.send("still here")
+    alice.expect_next("bob says: still here")
+
+
 def test_telnet_text_after_ctrl_c_is_not_sent(room):
     """The client is leaving: what follows its Ctrl+C in the same read is not said."""
     alice, bob = room("alice", "bob")
