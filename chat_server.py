@@ -1255,14 +1255,14 @@ class Notices:
 # LineFramer and clean_line(); ChatRoom.join() checks names here.
 
 # Telnet commands (RFC 854). A telnet client may send these glued to the
-# front of a line; we remove them and refuse every option but BINARY.
+# front of a line; we remove them and refuse every option.
 IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
 IP = 244  # "interrupt process": what telnet sends for Ctrl+C
-BINARY = 0  # the option for 8-bit data, both ways (RFC 856)
-# Linux's telnet (inetutils), until it is in BINARY mode, reads a typed byte
-# of 0x80 and above as a control key without its top bit: the 0x83 of the
-# Cyrillic "у" or Greek "σ" goes out as IAC IP (Ctrl+C), and so on. In the
-# middle of a UTF-8 character, these commands are those bytes.
+# Linux's telnet (inetutils), out of BINARY mode (which we never ask for:
+# we start no negotiation), reads a typed byte of 0x80 and above as a
+# control key without its top bit: the 0x83 of the Cyrillic "у" or Greek
+# "σ" goes out as IAC IP (Ctrl+C), and so on. In the middle of a UTF-8
+# character, these commands are those bytes.
 MANGLED_BYTES = {IP: 0x83, 245: 0x8F, 243: 0x9C, 237: 0x9A}  # IP, AO, BRK, SUSP
 
 LINE_END = re.compile(rb"\r\n|\r\0|\r|\n")  # telnet, telnet char mode, Mac, nc
@@ -1303,16 +1303,13 @@ HTTP_REQUEST = re.compile(r"^[A-Z]+ \S+ HTTP/\d\.\d$")
 class TelnetFilter:
     """Removes telnet commands from a byte stream and answers them with a refusal.
 
-    The one option it takes is BINARY: at the first command from a telnet
-    client it asks for 8-bit data both ways, so that Linux's telnet sends
-    non-Latin letters as they are (see MANGLED_BYTES).
+    A command inside a UTF-8 character is a byte of it (see MANGLED_BYTES).
     """
 
     def __init__(self):
         self._state = "data"
         self._verb = 0
         self.interrupted = False  # an IAC IP came: the user pressed Ctrl+C
-        self._asked_binary = False  # we sent DO and WILL BINARY
         self._tail = b""  # the last bytes of text: does a UTF-8 character go on?
 
     def feed(self, data):
@@ -1347,11 +1344,7 @@ class TelnetFilter:
                 self._state = "command"
             elif not self.interrupted:
                 text.append(byte)
-            return
-        if state == "command" and not self._asked_binary:
-            self._asked_binary = True  # a telnet client: 8-bit data, please
-            answer += bytes([IAC, DO, BINARY, IAC, WILL, BINARY])
-        if state == "command":
+        elif state == "command":
             self._state = "data"
             if byte == IAC and not self.interrupted:
                 text.append(IAC)  # IAC IAC is a literal 255 byte
@@ -1366,11 +1359,8 @@ class TelnetFilter:
             # Anything else is a two-byte command (NOP, break, ...): ignored.
         elif state == "option":
             self._state = "data"
-            # We refuse every option but BINARY, which we asked for first, so
-            # its DO or WILL is an answer; and never answer a refusal (no loops).
-            if byte == BINARY:
-                pass
-            elif self._verb == DO:
+            # We refuse every option, and never answer a refusal (no loops).
+            if self._verb == DO:
                 answer += bytes([IAC, WONT, byte])
             elif self._verb == WILL:
                 answer += bytes([IAC, DONT, byte])

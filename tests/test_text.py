@@ -15,8 +15,7 @@ from chat_server import (
 )
 
 IAC, DO, DONT, WILL, WONT, SB, SE, IP = 255, 253, 254, 251, 252, 250, 240, 244
-NOP, BINARY = 241, 0
-ASK_BINARY = bytes([IAC, DO, BINARY, IAC, WILL, BINARY])
+BINARY = 0
 ECHO, TIMING_MARK, NAWS = 1, 6, 31
 
 
@@ -92,47 +91,35 @@ def test_telnet_filter_passes_plain_text_untouched():
     assert TelnetFilter().feed(b"hello\r\n") == (b"hello\r\n", b"")
 
 
-def telnet_client_filter():
-    """A TelnetFilter that has had its first command, and asked for BINARY."""
-    telnet = TelnetFilter()
-    assert telnet.feed(bytes([IAC, NOP])) == (b"", ASK_BINARY)
-    return telnet
-
-
-def test_telnet_filter_asks_for_binary_once_at_the_first_command():
-    telnet = TelnetFilter()
-    assert telnet.feed(bytes([IAC, WONT, ECHO])) == (b"", ASK_BINARY)
-    assert telnet.feed(bytes([IAC, WONT, ECHO])) == (b"", b"")
-
-
-def test_telnet_filter_does_not_answer_the_acceptance_of_binary():
-    telnet = telnet_client_filter()
-    assert telnet.feed(bytes([IAC, WILL, BINARY, IAC, DO, BINARY])) == (b"", b"")
-
-
 def test_telnet_filter_refuses_do_with_wont_and_will_with_dont():
-    telnet = telnet_client_filter()
+    telnet = TelnetFilter()
     text, answer = telnet.feed(bytes([IAC, DO, ECHO, IAC, WILL, NAWS]) + b"hi\r\n")
     assert text == b"hi\r\n"
     assert answer == bytes([IAC, WONT, ECHO, IAC, DONT, NAWS])
 
 
 def test_telnet_filter_never_answers_a_refusal():
-    telnet = telnet_client_filter()
+    telnet = TelnetFilter()
     assert telnet.feed(bytes([IAC, WONT, ECHO, IAC, DONT, ECHO])) == (b"", b"")
 
 
 def test_telnet_filter_answers_ctrl_c_timing_mark():
-    telnet = telnet_client_filter()
+    telnet = TelnetFilter()
     text, answer = telnet.feed(bytes([IAC, IP, IAC, DO, TIMING_MARK]))
     assert (text, answer) == (b"", bytes([IAC, WONT, TIMING_MARK]))
     assert telnet.interrupted
 
 
+def test_telnet_filter_refuses_binary_like_any_option():
+    """SPEC: every DO x gets WONT x, every WILL x DONT x; no negotiation of ours."""
+    text, answer = TelnetFilter().feed(bytes([IAC, WILL, BINARY, IAC, DO, BINARY]))
+    assert answer == bytes([IAC, DONT, BINARY, IAC, WONT, BINARY])
+
+
 def test_telnet_filter_reads_a_letter_linux_telnet_sent_as_commands_as_that_letter():
-    """Before BINARY, inetutils telnet sends the 0x83 of "у" as IAC IP (and asks
+    """Out of BINARY mode, inetutils telnet sends the 0x83 of "у" as IAC IP (and asks
     for a timing mark), the 0x8F of "я" as IAC AO, the 0x9C of "本" as IAC BRK."""
-    telnet = telnet_client_filter()
+    telnet = TelnetFilter()
     data = (b"\xd1" + bytes([IAC, IP, IAC, DO, TIMING_MARK]) + b"\xd1" + bytes([IAC, 245])
             + b"\xe6" + bytes([IAC, 243]) + b"\xac\r\n")
     text, answer = telnet.feed(data)
@@ -141,7 +128,7 @@ def test_telnet_filter_reads_a_letter_linux_telnet_sent_as_commands_as_that_lett
 
 
 def test_telnet_filter_reads_a_mangled_letter_split_across_reads():
-    telnet = telnet_client_filter()
+    telnet = TelnetFilter()
     assert telnet.feed(b"\xcf") == (b"\xcf", b"")
     text, answer = telnet.feed(bytes([IAC, IP]))
     assert (text, telnet.interrupted) == (b"\x83", False)
@@ -149,24 +136,24 @@ def test_telnet_filter_reads_a_mangled_letter_split_across_reads():
 
 def test_telnet_filter_drops_subnegotiation():
     data = bytes([IAC, SB, NAWS, 0, 80, 0, 24, IAC, SE]) + b"ok"
-    assert telnet_client_filter().feed(data) == (b"ok", b"")
+    assert TelnetFilter().feed(data) == (b"ok", b"")
 
 
 def test_telnet_filter_drops_a_subnegotiation_holding_a_doubled_iac():
     """A window 255 columns wide is sent as IAC IAC inside the subnegotiation."""
     data = bytes([IAC, SB, NAWS, 0, IAC, IAC, 0, 24, IAC, SE]) + b"ok"
-    assert telnet_client_filter().feed(data) == (b"ok", b"")
+    assert TelnetFilter().feed(data) == (b"ok", b"")
 
 
 def test_telnet_filter_handles_a_command_split_across_reads():
-    telnet = telnet_client_filter()
+    telnet = TelnetFilter()
     assert telnet.feed(b"a" + bytes([IAC])) == (b"a", b"")
     assert telnet.feed(bytes([DO])) == (b"", b"")
     assert telnet.feed(bytes([ECHO]) + b"b") == (b"b", bytes([IAC, WONT, ECHO]))
 
 
 def test_telnet_filter_turns_doubled_iac_into_one_byte():
-    assert telnet_client_filter().feed(bytes([IAC, IAC])) == (bytes([IAC]), b"")
+    assert TelnetFilter().feed(bytes([IAC, IAC])) == (bytes([IAC]), b"")
 
 
 # --- Cleaning ---
