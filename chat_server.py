@@ -342,6 +342,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line(deadline)
             if line is None:
                 return False
+            if line is not TOO_LONG and not line.strip():
+                self.skip_blank_lines()
             hold_back_flood(self)
             if line is TOO_LONG:
                 problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
@@ -368,6 +370,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line()
             if line is None or self.client.closed.is_set():
                 return
+            if line is not TOO_LONG and not line.strip():
+                self.skip_blank_lines()
             hold_back_flood(self)  # every line, even blank or too long, is paced
             if line is TOO_LONG:
                 self.reply("*** That line was longer than %d bytes and was not sent."
@@ -378,8 +382,11 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def read_line(self, deadline=None):
         """Return the client's next line (str or TOO_LONG), or None when it is gone.
 
-        Raises NoAnswerInTime if deadline (a time.monotonic() value) passes.
+        Raises NoAnswerInTime if deadline (a time.monotonic() value) passes,
+        even while lines received earlier wait (paced: see hold_back_flood()).
         """
+        if self.lines and deadline is not None and time.monotonic() >= deadline:
+            raise NoAnswerInTime
         while not self.lines:
             data = self.wait_for_bytes(None if deadline is None else deadline - time.monotonic())
             if data is None:
@@ -395,6 +402,17 @@ class ChatHandler(socketserver.StreamRequestHandler):
             return None
         # A browser's request that came after the greeting (see "The browser page").
         return None if identify_late_request(self, line) else line
+
+    def skip_blank_lines(self):
+        """Drop the blank lines that wait right behind a blank one.
+
+        Each line is paced (hold_back_flood()), blank ones too, or a flood
+        of them would cost the server a step each; but a run of them,
+        which says nothing, is paced as one. Else a student who sent
+        thousands and closed would stay in the room, a line at a time.
+        """
+        while self.lines and isinstance(self.lines[0], str) and not self.lines[0].strip():
+            self.lines.popleft()
 
     def wait_for_bytes(self, timeout=None):
         """Wait up to timeout seconds for bytes: b'' at the end, None if none came.

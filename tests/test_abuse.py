@@ -616,15 +616,34 @@ def test_flood_rate_zero_turns_the_input_budget_off(start_server, room):
     assert time.monotonic() - started < 1.5  # paced, it would take 2 s at least
 
 
-@pytest.mark.parametrize("junk", [b"\r\n", b" \t \r\n", b"y" * 100 + b"\r\n"],
+@pytest.mark.parametrize("junk", [b"\r\n" * 100 + b"x\r\n", b" \t \r\n" * 100 + b"x\r\n",
+                                  b"y" * 100 + b"\r\n"],
                          ids=["blank", "spaces", "too long"])
 def test_lines_that_say_nothing_are_paced_like_messages(start_server, room, junk):
+    """A run of blank lines is paced as one line (see skip_blank_lines())."""
     server = start_server(flood_rate=100, flood_burst=5, max_line=64)
     alice, bob = room("alice", "bob", target=server)
     started = time.monotonic()
     bob.send_raw(junk * 30 + b"sentinel\r\n")
-    alice.expect_next("bob says: sentinel")
+    alice.expect("bob says: sentinel")
     assert time.monotonic() - started >= (31 - 5) / 100 * 0.9
+
+
+def test_a_student_who_sends_thousands_of_blank_lines_and_closes_leaves_at_once(room):
+    """Paced one by one, 4,000 blank lines would keep bob in the room for 13 minutes."""
+    alice, bob = room("alice", "bob")
+    bob.send_raw(b"\n" * 4000)
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+
+
+def test_a_connection_sending_blank_lines_is_still_closed_at_the_name_timeout(
+        start_server, connect):
+    server = start_server(name_timeout=1)
+    spare = connect(server)
+    spare.expect("What is your name?")
+    spare.send_raw(b"\n" * 4000)  # lines waiting, so the read never times out
+    spare.expect("*** You did not give a name in time. Goodbye.")
 
 
 def test_names_sent_before_joining_are_paced(start_server, connect):
