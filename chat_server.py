@@ -1603,7 +1603,10 @@ def name_problem(name):
     if len(scripts) > 1 and not any(scripts <= mix for mix in SCRIPT_MIXES):
         return "Write a name in one alphabet (this one mixes %s)." % " and ".join(
             sorted(script.title() for script in scripts))
-    if NAME_DECORATIONS.sub("", skeleton(name)) in RESERVED_SKELETONS:
+    # Digits are taken off both after the skeleton ("r00t" is root) and
+    # before it (else "teacher1" would read as "teacherl").
+    if NAME_DECORATIONS.sub("", skeleton(name)) in RESERVED_SKELETONS or \
+            skeleton(NAME_DECORATIONS.sub("", name)) in RESERVED_SKELETONS:
         return "The name %s is reserved." % name
     return None
 

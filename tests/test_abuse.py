@@ -1049,7 +1049,8 @@ def test_a_capital_i_looks_like_a_small_l_and_nothing_else(room, connect):
 
 @pytest.mark.parametrize("name", ["t\u0435acher", "teacher.", "teacher_", "Teacher2",
                                   "te\u0430cher", "\u1d1beacher", "teache\u027e",
-                                  "r\u09e6\u09e6t", "ADMIN",
+                                  "r\u09e6\u09e6t", "ADMIN", "teacher1", "Teacher_0",
+                                  "1teacher", "admin01", "server-1",
                                   "\ua4d4\ua4f0\ua4ee\ua4da\ua4e7\ua4f0\ua4e3"], ids=ascii)
 def test_decorated_forms_of_teacher_are_refused(connect, name):
     line = ask_name(connect(), name)
