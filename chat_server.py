@@ -3402,7 +3402,9 @@ def describe_who(joined, waiting, elsewhere=()):
     """
     now = time.monotonic()
     rows = [(client.name, "%s:%s" % (client.host, client.address[1]),
-             describe_duration(now - client.joined_at), "muted" if client.muted else "")
+             describe_duration(now - client.joined_at), ", ".join(
+                 ["browser"] * (client.encode_lines is encode_websocket_lines)
+                 + ["muted"] * client.muted))
             for client in joined]
     rows += [(student.name, "another server (%s)" % student.server, "", "")
              for student in elsewhere]

@@ -292,6 +292,16 @@ def test_browser_student_is_marked_as_such(server, browser, joined):
     assert vias == {"alice": "browser", "bob": "tcp"}
 
 
+def test_console_who_shows_who_joined_from_a_browser(browser, room, server, caplog):
+    room("alice")
+    browser().join("bob")
+    chat_server.TeacherConsole(server, None).handle_line("/who")
+    expect_console(caplog, "2 online, 0 not joined yet.")
+    rows = {line.split()[0]: line for line in console_lines(caplog)
+            if re.match(r"(alice|bob) +127\.0\.0\.1:", line)}
+    assert rows["bob"].endswith(" browser") and not rows["alice"].endswith(" browser")
+
+
 def test_server_messages_carry_whole_lines_ending_in_crlf(browser):
     student = browser()
     student.send("alice")
