@@ -370,13 +370,13 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line()
             if line is None or self.client.closed.is_set():
                 return
-            if line is not TOO_LONG and not line.strip():
+            if line is not TOO_LONG and says_nothing(line):
                 self.skip_blank_lines()
             hold_back_flood(self)  # every line, even blank or too long, is paced
             if line is TOO_LONG:
                 self.reply("*** That line was longer than %d bytes and was not sent."
                            % self.room.settings.max_line)
-            elif line.strip():
+            elif not says_nothing(line):
                 self.handle_line(defuse_server_marker(line.rstrip()))
 
     def read_line(self, deadline=None):
@@ -411,7 +411,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         which says nothing, is paced as one. Else a student who sent
         thousands and closed would stay in the room, a line at a time.
         """
-        while self.lines and isinstance(self.lines[0], str) and not self.lines[0].strip():
+        while self.lines and isinstance(self.lines[0], str) and says_nothing(self.lines[0]):
             self.lines.popleft()
 
     def wait_for_bytes(self, timeout=None):
@@ -1303,7 +1303,7 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]
 # two asterisks they would still let "***" show.
 INVISIBLE = (
     "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
-    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
 )
 INVISIBLE_CHARACTERS = re.compile("[%s]" % INVISIBLE)
@@ -1503,6 +1503,11 @@ def defuse_server_marker(text):
             pieces.append(character)
             run, stars = [], 0
     return "".join(pieces)[:-1]
+
+
+def says_nothing(text):
+    """True for a line that shows as nothing: spaces and invisible characters."""
+    return not INVISIBLE_CHARACTERS.sub("", text).strip()
 
 
 def is_plain_message(text):
@@ -1800,7 +1805,7 @@ def more_messages(handler):
             break
         if not handler.flood.take_if_free():
             break  # this one must wait: hold_back_flood() will pace it
-        if line.strip():
+        if not says_nothing(line):
             texts.append(trim_accents(defuse_server_marker(line.rstrip())))
         handler.lines.popleft()
     return texts
@@ -2839,7 +2844,7 @@ def do_who(handler, argument):
 
 
 def do_me(handler, argument):
-    if not argument:
+    if says_nothing(argument):
         handler.reply("*** Usage: /me ACTION   (for example: /me waves)")
         return
     handler.room.act(handler.client, argument)
@@ -2847,7 +2852,7 @@ def do_me(handler, argument):
 
 def do_msg(handler, argument):
     name, _, text = argument.partition(" ")
-    if not name or not text.strip():
+    if not name or says_nothing(text):
         handler.reply("*** Usage: /msg NAME TEXT")
         return
     problem = handler.room.whisper(handler.client, name, text.strip())

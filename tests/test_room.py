@@ -199,6 +199,16 @@ def test_whitespace_only_lines_are_ignored(room):
     alice.expect_nothing_before(bob)
 
 
+@pytest.mark.parametrize("text", ["\u200b", "\u2800 \u2800", "\u3164", "\u115f\u1160"],
+                         ids=["zero width space", "braille blank", "hangul filler",
+                              "hangul choseong filler"])
+def test_lines_of_invisible_characters_only_are_ignored_like_blank_ones(room, text):
+    alice, bob = room("alice", "bob")
+    bob.send(text)
+    bob.send("/me " + text)
+    alice.expect_nothing_before(bob)
+
+
 def test_invalid_utf8_becomes_a_replacement_character_and_the_connection_stays(room):
     alice, bob = room("alice", "bob")
     bob.send_raw(b"caf\xe9 \xfe\r\n")  # (not \xff: that is telnet's IAC)
