@@ -6360,7 +6360,7 @@ def parse_args(argv=None):
     add("--host", default=HOST, help="address to listen on; 0.0.0.0 opens the "
         "room to the network, :: also for IPv6 (default: %(default)s)")
     add("--port", type=port_flag, default=PORT, help="TCP port (default: %(default)s)")
-    add("--password", default=os.environ.get("CHAT_PASSWORD", ""),
+    add("--password", default=None,  # None: CHAT_PASSWORD, or none (see below)
         help="room password students must type first; or set CHAT_PASSWORD, which "
         "other users cannot see in ps (default: none)")
     add("--max-clients", type=count_flag(1), default=MAX_CLIENTS,
@@ -6402,6 +6402,11 @@ def parse_args(argv=None):
     add("--connect", metavar="HOST[:PORT]", type=split_host_port,
         help="be a client instead: join the chat server at HOST (port %d unless given)" % PORT)
     args = parser.parse_args(argv)
+    if args.password == "":  # typed, so meant: but Enter alone only asks again
+        parser.error("argument --password: an empty password could never be typed "
+                     "(leave --password out for no password)")
+    if args.password is None:  # an empty CHAT_PASSWORD is one not set
+        args.password = os.environ.get("CHAT_PASSWORD", "")
     problem = password_problem(args.password, args.max_line)
     if problem:
         parser.error("argument --password (or CHAT_PASSWORD): " + problem)

@@ -112,12 +112,12 @@ def test_host_it_cannot_listen_on_is_one_clear_line_and_exit_status_2(host):
      ["--flood-rate", "-1"], ["--sendq", "ten"], ["--history", "-3"],
      ["--name-timeout", "nan"], ["--name-timeout", "3000000"], ["--ban-minutes", "1e308"],
      ["--flood-rate", "inf"], ["--password", " fish"], ["--password", "fish "],
-     ["--password", "a\tb"], ["--password", "x" * 1100], ["--bogus"]],
+     ["--password", "a\tb"], ["--password", "x" * 1100], ["--password", ""], ["--bogus"]],
     ids=["port not a number", "port too big", "no clients", "negative rate",
          "sendq not a number", "negative history", "nan timeout",
          "timeout past the OS timers", "endless ban", "endless rate",
          "password space first", "password space last", "password tab",
-         "password past max-line", "unknown flag"],
+         "password past max-line", "empty password", "unknown flag"],
 )
 def test_bad_flag_value_is_one_clear_line_and_exit_status_2(flags, capsys):
     """Checked in-process (a process per flag costs a quarter second each);
@@ -127,6 +127,16 @@ def test_bad_flag_value_is_one_clear_line_and_exit_status_2(flags, capsys):
     stderr = capsys.readouterr().err
     assert exited.value.code == 2
     assert stderr.count("\n") == 1 and "error:" in stderr, stderr
+
+
+def test_an_empty_chat_password_means_no_password(monkeypatch):
+    monkeypatch.setenv("CHAT_PASSWORD", "")
+    assert chat_server.parse_args([]).password == ""
+
+
+def test_chat_password_is_the_password_when_the_flag_is_left_out(monkeypatch):
+    monkeypatch.setenv("CHAT_PASSWORD", "fish")
+    assert chat_server.parse_args([]).password == "fish"
 
 
 def test_bad_flag_value_ends_the_process_with_one_clear_line_and_exit_status_2():
