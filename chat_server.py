@@ -680,9 +680,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             self._add_client(client)
             # Welcome and history are queued, and the join line handed to
             # Notices, in one critical section: the newcomer sees each room
-            # event exactly once, either in the history or live.
-            for line in self._welcome_lines(client):
-                client.queue_line(line)
+            # event exactly once, either in the history or live. As one item,
+            # so that it may be longer than --sendq (see Client._queue()).
+            client.queue_bytes(client.encode_lines(self._welcome_lines(client)))
             self._broadcast("*** %s joined the chat." % name, exclude=client,
                           event={"k": "join", "name": name}, notice=True)
         self._send_queued([client])
@@ -855,7 +855,9 @@ class Client:
         """queue_bytes() with this client's lock held."""
         if self._finishing:
             return True  # it is being disconnected: nothing more to send
-        if self._outbox_bytes + len(data) > self.sendq_bytes:
+        # Too slow only if something is still waiting: one item bigger than
+        # --sendq (a long history, a pasted page) goes to a reader that keeps up.
+        if self._outbox_bytes and self._outbox_bytes + len(data) > self.sendq_bytes:
             self._finishing = self.too_slow = True
             self._outbox.clear()
             self._writer_needed.notify()

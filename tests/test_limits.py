@@ -658,6 +658,27 @@ def test_nothing_is_said_in_the_room_after_the_goodbye(server, room):
     assert alice.expect_closed() == ["*** Server is shutting down."]
 
 
+def test_a_newcomer_whose_history_is_longer_than_sendq_gets_it_all(start_server, room):
+    server = start_server(flood_rate=0, sendq=4096)
+    alice, = room("alice", target=server)
+    for number in range(8):  # 8 KB of history, twice --sendq
+        alice.send("%d %s" % (number, "h" * 1000))
+    wait_until(lambda: len(server._history) >= 9, message="the lines in the history")
+    bob, = room("bob", target=server)
+    assert len([line for line in bob.seen if line.startswith("alice says: ")]) == 8
+    alice.send("still here?")
+    bob.expect_next("alice says: still here?")
+
+
+def test_a_line_longer_than_sendq_reaches_a_reader_that_keeps_up(start_server, room):
+    server = start_server(flood_rate=0, sendq=4096, max_line=8192)
+    alice, bob = room("alice", "bob", target=server)
+    bob.send("x" * 6000)
+    alice.expect_next("bob says: " + "x" * 6000)
+    bob.send("and again")
+    alice.expect_next("bob says: and again")
+
+
 def test_sendq_setting_reaches_each_client(start_server, joined):
     server = start_server(sendq=8192)
     joined("alice", server)

@@ -343,6 +343,7 @@ def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_r
     server, alice = alice_behind
     gate = server.notices.added  # where stall_notices() holds the thread
     alice_side = server.find("alice")
+    alice_side.queue_bytes(b"waiting\r\n")  # as if her socket were full: not yet sent
     server.catch_up(alice_side)  # too much for alice's outbox; no send follows
     assert alice_side.too_slow
     server.notices.added = threading.Event()  # the thread goes on, as after a long round
