@@ -149,6 +149,9 @@ PER_ADDRESS = 8  # connections from one computer: a terminal, a browser and
 #                  a few reconnects, but not a script holding the room
 ROOM_BYTES_PER_SECOND = 32 * 1024  # all students' text together: half of what
 #                                    a slow school laptop reads (64 KiB/s)
+COMPUTER_SHARE_OF_ROOM = 4  # one computer's text may take at most a quarter of
+#   --room-rate (8 KiB/s: pages of chat), so one student with all their connections
+#   cannot use up the room's budget and hold everyone else's lines back
 
 # The largest values those flags take: anything bigger is a typo, and waits
 # much longer than a day overflow the timers of some systems (about 24 days).
@@ -1837,6 +1840,10 @@ class Addresses:
         self._mutes = {}  # (host, key or None for everyone there) -> name muted
         self._dropped = {}  # host -> the name dropped there as too slow, oldest first
         self._pages = {}  # host -> time.monotonic() it was last sent the chat page
+        self._texts = {}  # host -> FloodLimiter in bytes: its share of --room-rate
+        self._text_rate = settings.room_rate / COMPUTER_SHARE_OF_ROOM \
+            if settings.flood_rate > 0 else 0
+        self._text_burst = settings.sendq // 2 // COMPUTER_SHARE_OF_ROOM
         self._next_sweep = clock() + ADDRESSES_SWEEP_SECONDS
 
     def connect(self, host):
@@ -1871,12 +1878,29 @@ class Addresses:
         for host, sent in list(self._pages.items()):
             if now - sent > SPARE_CONNECTION_SECONDS:
                 del self._pages[host]
+        for host, texts in list(self._texts.items()):
+            if texts.is_full():
+                del self._texts[host]
 
     def disconnect(self, host):
         with self._lock:
             self._connected[host] -= 1
             if self._connected[host] <= 0:
                 del self._connected[host]
+
+    def text_delay(self, host, size):
+        """Take size bytes of student text from host; return how long it must wait.
+
+        Its share of the room's budget (see ChatServer._wait_for_room_budget()):
+        none with --per-address 0, where the whole class may be one address.
+        """
+        if not self.per_address or self._text_rate <= 0:
+            return 0.0
+        with self._lock:
+            texts = self._texts.get(host)
+            if texts is None:
+                texts = self._texts[host] = FloodLimiter(self._text_rate, self._text_burst)
+            return texts.delay_for(size)
 
     def page_sent(self, host):
         """Note that host was sent the chat page (see may_be_spare())."""
@@ -2474,9 +2498,16 @@ class ChatServer(ChatRoom):
             # muted and _quiet are read without the lock, as a hint only: what
             # is silenced reaches nobody, so it costs the room nothing.
             return
-        delay = self._room_budget.delay_for(sum(len(line.encode("utf-8")) + 2 for line in lines))
+        size = sum(len(line.encode("utf-8")) + 2 for line in lines)
+        # This computer's share first, and the room's only after it: one that
+        # sends more than its share waits on its own, and leaves the room's
+        # budget to everyone else. Each wait ends early if the sender is dropped.
+        delay = self.addresses.text_delay(client.host, size)
         if delay > 0:
-            client.sleep(delay)  # ends early if the sender is dropped
+            client.sleep(delay)
+        delay = self._room_budget.delay_for(size)
+        if delay > 0:
+            client.sleep(delay)
 
     def _why_silenced(self, client):
         """None if client may speak now; else what to tell it (lock held)."""

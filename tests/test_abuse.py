@@ -716,6 +716,30 @@ def test_worst_burst_of_whispers_never_drops_a_reader_at_64_kib_per_second(
                lambda n, burst: ["/msg victim %s-%d" % (BURST_LINE, k) for k in range(burst)])
 
 
+def test_one_computer_flooding_does_not_hold_back_everyone_elses_lines(
+        start_server, computer):
+    """Six connections from one computer flood long lines, far past the room's
+    budget. Its share of the budget holds them back, not the room's: carol's
+    lines, from another computer, still go out at once all along."""
+    # 2,000 bytes a second; bursts of 32 KiB for the room, 8 KiB for one computer.
+    server = start_server(room_rate=2000, sendq=64 * 1024)
+    reader = computer(4, server).join("reader")
+    carol = computer(3, server).join("carol")
+    flooders = [computer(2, server).join("f%d" % n) for n in range(6)]
+    for flooder in flooders:  # 126 KB, paced by each one's flood limit over 4 s
+        flooder.send_raw(("%s\r\n" % ("w" * 690)).encode() * 30)
+    reader.expect("says: www")  # the flood has begun
+    waits = []
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and len(waits) < 15:
+        started = time.monotonic()
+        carol.send("question %d" % len(waits))
+        reader.expect("carol says: question %d" % len(waits), timeout=TIMEOUT + 10)
+        waits.append(time.monotonic() - started)
+    # Sharing the room's budget with the flood, they would wait seconds.
+    assert max(waits) < 1.0, waits
+
+
 # --- Password guessing -----------------------------------------------------------
 
 @pytest.fixture
