@@ -4309,7 +4309,7 @@ REDIS_MAX_DEPTH = 8  # arrays in arrays; XREAD's reply is 5 deep
 REDIS_CLAIM_GRACE_SECONDS = 5.0  # a claimed name not joined by then is freed
 REDIS_MISSED_SECONDS = 600  # whispers (ours, and those to us) remembered this long...
 REDIS_MISSED_WHISPERS = 10000  # ...and this many at most (a few MB): to own up to one
-#   that a split lost (see RedisLink._missed_whispers())
+#   that a split lost (see RedisLink._read_skipped())
 REDIS_LOOKS_SECONDS = 5  # a joining name's looks are held this long: by then its join
 #   has come through the stream to every server, and each refuses a look-alike itself
 REDIS_UNHEARD_SECONDS = 10.0  # a whisper no server heard is sent again this long: a
@@ -4831,6 +4831,7 @@ class RedisLink:
         self._unheard = []  # private messages no server heard: sent again at each beat
         self._writer = None  # the writer's RedisConnection
         self._run_id = None  # Redis's run_id when we last asked: see _redis_restarted()
+        self._restart_unsettled = False  # ...it changed, and we have not yet relinked
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
         self._last_added = (0, None)  # (number, stream id) of our last event in the stream
         # The writer's last heartbeat (or connect), by both clocks: a
@@ -5113,12 +5114,14 @@ class RedisLink:
                 if self._writer is None:
                     self._writer = RedisConnection(self.url, self.silence_seconds)
                     self._last_beat = time.monotonic(), time.time()
-                    restarted = self._redis_restarted()
+                    if self._redis_restarted():
+                        self._restart_unsettled = True  # until all below is done
                     if not self.linked:
-                        self._relink(restarted)
+                        self._relink(self._restart_unsettled)
                         self._last_beat = time.monotonic(), time.time()
-                    if restarted:
+                    if self._restart_unsettled:
                         self._put_back_room_state()
+                        self._restart_unsettled = False
                     failing_since, delay = None, self.retry_first_seconds
                 if self._writer is not None and not self.linked:
                     # Split by the reader, or by a full queue: start afresh.
@@ -5568,10 +5571,12 @@ class RedisLink:
         self._reclaim(sorted(local))
         newest = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
                                                   "COUNT", 1))
-        # Redis restarted, or an empty stream that we had read from: Redis
-        # forgot the room (nothing was saved), its quiet mode too.
-        forgotten = restarted or (not newest and self._last_id != "0")
-        missed = self._missed_whispers(newest[0][0] if newest else None)
+        # An empty stream that we had read from: Redis forgot the room (it
+        # restarted with nothing saved), its quiet mode too, and we are the
+        # first server back. (Those back later find events there: see
+        # _settle_quiet().)
+        forgotten = not newest and self._last_id != "0"
+        missed, gone = self._read_skipped(newest[0][0] if newest else None)
         remote = self._load_roster()  # after the stream's end: see connect()
         quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
         # A look-alike of one of ours that joined elsewhere during the split:
@@ -5595,11 +5600,13 @@ class RedisLink:
             # Who came and went elsewhere while we were apart: the stream's
             # events of the split are never read here (we go on from its end).
             before, self._remote_at_split = self._remote_at_split, {}
-            if forgotten:  # Redis holds only the names of the servers back before
-                # us: the others' students stay, unannounced, until their server
-                # rejoins them, or the reaper finds it gone (see _reap()).
+            if restarted or forgotten:  # Redis holds only the names of the
+                # servers back before us: the others' students stay, unannounced,
+                # until their server rejoins them, or the reaper finds it gone
+                # (see _reap()); unless those servers said since that they left.
                 remote.update((key, student) for key, student in before.items()
-                              if key not in remote and key not in self.room._joined)
+                              if key not in remote and key not in self.room._joined
+                              and key not in gone)
             news = ["*** %s left the chat." % student.name
                     for key, student in sorted(before.items()) if key not in remote]
             for key, student in sorted(remote.items()):
@@ -5653,17 +5660,22 @@ class RedisLink:
             for server, sequence in missed:
                 self.send_private(RemoteStudent("", server), {"k": "missed", "m": sequence})
 
-    def _missed_whispers(self, newest):
-        """(server, sequence) of each whisper to us whose mark the split hid from
-        the reader (it goes on from the stream's end) and that never came."""
+    def _read_skipped(self, newest):
+        """What the split hid from the reader (it goes on from the stream's end).
+
+        Return (missed, gone): the (server, sequence) of each whisper to us
+        whose mark is there and that never came; and the name keys of other
+        servers' students who left or took another name there (for a relink
+        after Redis restarted: see _relink()).
+        """
         if newest is None or self._last_id == "0":
-            return []
+            return [], set()
         # From the last entry read (no earlier than whispers are remembered),
         # a page at a time: a busy split may have left thousands.
         remembered = "%d-0" % max(  # by Redis's clock, which numbered the entries
             0, stream_position(newest)[0] - int(REDIS_MISSED_SECONDS * 1000))
         start = max(self._last_id, remembered, key=stream_position)
-        marks, read = [], 0
+        marks, gone, read = [], set(), 0
         while read < REDIS_STREAM_EVENTS:
             entries = stream_entries(self._writer.call(
                 "XRANGE", self.stream, start, newest, "COUNT", REDIS_READ_EVENTS))
@@ -5680,8 +5692,10 @@ class RedisLink:
                     continue
                 if event["k"] == "mark" and event["to"] == self.server_id:
                     marks.append((event["s"], event["m"]))
+                elif event["s"] != self.server_id and event["k"] in ("leave", "rename"):
+                    gone.add(fold_name(event["name" if event["k"] == "leave" else "old"]))
         with self._private_came:
-            return [mark for mark in marks if mark not in self._private_got]
+            return [mark for mark in marks if mark not in self._private_got], gone
 
     def _settle_quiet(self, quiet_elsewhere, forgotten=False):
         """After a split, one quiet mode for the whole room again (room's lock held).
