@@ -821,6 +821,7 @@ class Client:
         self.closing_bytes = b""  # sent last, before closing (a WebSocket close frame)
         self._outbox = collections.deque()  # bytes not yet sent
         self._outbox_bytes = 0  # queued, or being sent
+        self._oversized = 0  # the size of a piece longer than --sendq, until sent
         # The client's own lock: it guards the outbox, notices_seen and the
         # flags below, and is taken inside the room's lock (never the other
         # way round). A plain Lock, as it is taken a few times per line per
@@ -858,17 +859,27 @@ class Client:
         """queue_bytes() with this client's lock held."""
         if self._finishing:
             return True  # it is being disconnected: nothing more to send
-        # Too slow only if something is still waiting: one item bigger than
-        # --sendq (a long history, a pasted page) goes to a reader that keeps up.
-        if self._outbox_bytes and self._outbox_bytes + len(data) > self.sendq_bytes:
+        # Too slow if what waits would pass --sendq. But one piece longer
+        # than that (a long history, a pasted page) may go into an empty
+        # outbox, and while it is sent, --sendq more may come after it.
+        if self._outbox_bytes and \
+                self._outbox_bytes + len(data) > self.sendq_bytes + self._oversized:
             self._finishing = self.too_slow = True
             self._outbox.clear()
             self._writer_needed.notify()
             return False
+        if not self._outbox_bytes and len(data) > self.sendq_bytes:
+            self._oversized = len(data)
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         self._urgent = self._urgent or not notice
         return True
+
+    def _count_sent(self, count):
+        """count bytes of the outbox went out (this client's lock held)."""
+        self._outbox_bytes -= count
+        if not self._outbox_bytes:
+            self._oversized = 0  # see _queue()
 
     def queue_line(self, text):
         """Queue one line (see queue_bytes())."""
@@ -890,7 +901,7 @@ class Client:
             sent = self._send_what_fits(batch)
             with self._outbox_lock:
                 self._sending = False
-                self._outbox_bytes -= sent
+                self._count_sent(sent)
                 if sent < len(batch):
                     self._outbox.appendleft(batch[sent:])
                     # Begun with TCP_NODELAY (it has a chat line): so is its rest.
@@ -1041,7 +1052,7 @@ class Client:
                     rest = rest[self._send_what_fits(rest):]
                 with self._outbox_lock:
                     self._sending = False
-                    self._outbox_bytes -= len(batch)
+                    self._count_sent(len(batch))
         except (OSError, ValueError):
             pass  # the socket is closed: nothing more can be sent
         except Exception as error:  # a thread's top level: log it, never a traceback

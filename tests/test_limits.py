@@ -430,6 +430,20 @@ def test_outbox_takes_up_to_sendq_bytes_once_the_socket_is_full():
         theirs.close()
 
 
+def test_a_piece_longer_than_sendq_leaves_room_for_sendq_more_behind_it():
+    """A long history or line goes into an empty outbox; a slow link takes a
+    while to send it, and the lines that come meanwhile may add --sendq more."""
+    ours, theirs = full_socket_pair()
+    try:
+        client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
+        assert client.queue_bytes(b"h" * 500)
+        assert client.queue_bytes(b"x" * 100)
+        assert not client.queue_bytes(b"x")  # past that: too slow
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_client_that_reads_gets_far_more_than_sendq_and_stays(start_server, room):
     server = start_server(flood_rate=0, sendq=4096)
     alice, bob = room("alice", "bob", target=server)
