@@ -412,7 +412,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
         Each line is paced (hold_back_flood()), blank ones too, or a flood
         of them would cost the server a step each; but a run of them,
         which says nothing, is paced as one. Else a student who sent
-        thousands and closed would stay in the room, a line at a time.
+        thousands of blank lines and closed would stay in the room for as
+        many fifths of a second. (Real lines are all paced, and all sent.)
         """
         while self.lines and isinstance(self.lines[0], str) and says_nothing(self.lines[0]):
             self.lines.popleft()
@@ -1522,8 +1523,10 @@ def defuse_server_marker(text):
 
 
 def says_nothing(text):
-    """True for a line that shows as nothing: spaces and invisible characters."""
-    return not INVISIBLE_CHARACTERS.sub("", text).strip()
+    """True for a line that shows as nothing: spaces, invisible characters, and
+    marks or format characters with no letter to sit on (HIDDEN_CATEGORIES)."""
+    return all(character.isspace() or unicodedata.category(character) in HIDDEN_CATEGORIES
+               or INVISIBLE_CHARACTERS.match(character) for character in text)
 
 
 def is_plain_message(text):
@@ -3045,8 +3048,10 @@ class TeacherConsole:
     def ban_after_kick(self, client, others):
         """Ban a kicked client's address unless others share it; say what was done."""
         minutes = self.room.settings.ban_minutes
-        where = " at that server's console" if self.for_another_server else ""  # bans
-        if others:  # are per server
+        # Bans are per server: the asking console is told whose console lifts it.
+        where = " at the console of %s's server" % client.name \
+            if self.for_another_server else ""
+        if others:
             return ("%s is not banned: %s joined from it too. /ban %s%s disconnects "
                     "everyone there and bans it." % (
                         client.host, list_names(sorted(other.name for other in others)),
@@ -6462,7 +6467,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.password == "":  # typed, so meant: but Enter alone only asks again
         parser.error("argument --password: an empty password could never be typed "
-                     "(leave --password out for no password)")
+                     "(leave --password out, and CHAT_PASSWORD unset, for no password)")
     if args.password is None:  # an empty CHAT_PASSWORD is one not set
         args.password = os.environ.get("CHAT_PASSWORD", "")
     problem = password_problem(args.password, args.max_line)

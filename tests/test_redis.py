@@ -1722,8 +1722,8 @@ def test_a_kick_asked_of_another_server_is_answered_on_the_asking_console(
     TeacherConsole(a, None).handle_line("/kick bob")
     bob.expect_closed()
     expect_console(caplog, "The server of bob answers: Kicked bob; 127.0.0.1 is not banned: "
-                           "carol joined from it too. /ban 127.0.0.1 at that server's "
-                           "console")  # there: alice is on this one
+                           "carol joined from it too. /ban 127.0.0.1 at the console of "
+                           "bob's server")  # there: alice is on this one
 
 
 @redis
@@ -1733,7 +1733,7 @@ def test_the_answer_to_a_kick_elsewhere_says_where_to_unban(two_rooms, caplog):
     TeacherConsole(a, None).handle_line("/kick bob")
     bob.expect_closed()
     expect_console(caplog, "The server of bob answers: Kicked bob; 127.0.0.1 may not rejoin "
-                           "for 5 minutes (/unban bob at that server's console lifts it).")
+                           "for 5 minutes (/unban bob at the console of bob's server lifts it).")
 
 
 @redis

@@ -199,9 +199,10 @@ def test_whitespace_only_lines_are_ignored(room):
     alice.expect_nothing_before(bob)
 
 
-@pytest.mark.parametrize("text", ["\u200b", "\u2800 \u2800", "\u3164", "\u115f\u1160"],
+@pytest.mark.parametrize("text", ["\u200b", "\u2800 \u2800", "\u3164", "\u115f\u1160",
+                                  "\u0301\u0301", "\ufff9\ufffb"],
                          ids=["zero width space", "braille blank", "hangul filler",
-                              "hangul choseong filler"])
+                              "hangul choseong filler", "lone accents", "annotation marks"])
 def test_lines_of_invisible_characters_only_are_ignored_like_blank_ones(room, text):
     alice, bob = room("alice", "bob")
     bob.send(text)
