@@ -330,7 +330,8 @@ def alice_behind(start_server, stall_notices, connect):
 def test_a_student_whose_reply_catch_up_overflowed_its_outbox_is_dropped_at_once(
         alice_behind, caplog):
     """Its /who's catch-up overflowed: the reply drops it, without waiting for a round."""
-    _, alice = alice_behind
+    server, alice = alice_behind
+    server.find("alice").queue_bytes(b"waiting\r\n")  # as if her socket were full
     alice.send("/who")  # its reply catches alice up first: too much
     expect_console(caplog, "Disconnecting alice")
     alice.expect_closed()
