@@ -345,7 +345,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line(deadline)
             if line is None:
                 return False
-            if line is not TOO_LONG and not line.strip():
+            if line is not TOO_LONG and says_nothing(line):
                 self.skip_blank_lines()
             hold_back_flood(self)
             if line is TOO_LONG:
@@ -3456,9 +3456,7 @@ def describe_who(joined, waiting, elsewhere=()):
     """
     now = time.monotonic()
     rows = [(client.name, "%s:%s" % (client.host, client.address[1]),
-             describe_duration(now - client.joined_at), ", ".join(
-                 ["browser"] * (client.encode_lines is encode_websocket_lines)
-                 + ["muted"] * client.muted))
+             describe_duration(now - client.joined_at), who_notes(client))
             for client in joined]
     rows += [(student.name, "another server (%s)" % student.server, "", "")
              for student in elsewhere]
@@ -3477,6 +3475,14 @@ def describe_who(joined, waiting, elsewhere=()):
             "%s (%d)" % (host, count) if count > 1 else host
             for host, count in sorted(hosts.items())))
     return lines
+
+
+def who_notes(client):
+    """What the console's /who says of a joined client after its time online."""
+    notes = ["browser"] if client.encode_lines is encode_websocket_lines else []
+    if client.muted:
+        notes.append("muted")
+    return ", ".join(notes)
 
 
 def display_width(text):
@@ -5614,7 +5620,8 @@ class RedisLink:
             remote = {key: student for key, student in remote.items()
                       if key not in self.room._joined}
             # Who came and went elsewhere while we were apart: the stream's
-            # events of the split are never read here (we go on from its end).
+            # events of the split are never shown here (we go on from its
+            # end; _read_skipped() only looks there for a few things).
             before, self._remote_at_split = self._remote_at_split, {}
             if restarted or forgotten:  # Redis holds only the names of the
                 # servers back before us: the others' students stay, unannounced,
