@@ -5598,7 +5598,10 @@ class RedisLink:
         # first server back. (Those back later find events there: see
         # _settle_quiet().)
         forgotten = not newest and self._last_id != "0"
-        missed, gone = self._read_skipped(newest[0][0] if newest else None)
+        missed, gone, quiet_told = self._read_skipped(newest[0][0] if newest else None)
+        # After a restart, Redis's quiet mode says something only if a server
+        # back before us set it since (a server started meanwhile found none).
+        forgotten = forgotten or (restarted and not quiet_told)
         remote = self._load_roster()  # after the stream's end: see connect()
         quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
         # A look-alike of one of ours that joined elsewhere during the split:
@@ -5686,19 +5689,20 @@ class RedisLink:
     def _read_skipped(self, newest):
         """What the split hid from the reader (it goes on from the stream's end).
 
-        Return (missed, gone): the (server, sequence) of each whisper to us
-        whose mark is there and that never came; and the name keys of other
-        servers' students who left or took another name there (for a relink
-        after Redis restarted: see _relink()).
+        Return (missed, gone, quiet_told): the (server, sequence) of each
+        whisper to us whose mark is there and that never came; and, for a
+        relink after Redis restarted (see _relink()), the name keys of other
+        servers' students who left or took another name there, and whether
+        another server set quiet mode there.
         """
         if newest is None or self._last_id == "0":
-            return [], set()
+            return [], set(), False
         # From the last entry read (no earlier than whispers are remembered),
         # a page at a time: a busy split may have left thousands.
         remembered = "%d-0" % max(  # by Redis's clock, which numbered the entries
             0, stream_position(newest)[0] - int(REDIS_MISSED_SECONDS * 1000))
         start = max(self._last_id, remembered, key=stream_position)
-        marks, gone, read = [], set(), 0
+        marks, gone, quiet_told, read = [], set(), False, 0
         while read < REDIS_STREAM_EVENTS:
             entries = stream_entries(self._writer.call(
                 "XRANGE", self.stream, start, newest, "COUNT", REDIS_READ_EVENTS))
@@ -5717,8 +5721,10 @@ class RedisLink:
                     marks.append((event["s"], event["m"]))
                 elif event["s"] != self.server_id and event["k"] in ("leave", "rename"):
                     gone.add(fold_name(event["name" if event["k"] == "leave" else "old"]))
+                elif event["s"] != self.server_id and event["k"] == "quiet":
+                    quiet_told = True
         with self._private_came:
-            return [mark for mark in marks if mark not in self._private_got], gone
+            return [mark for mark in marks if mark not in self._private_got], gone, quiet_told
 
     def _settle_quiet(self, quiet_elsewhere, forgotten=False):
         """After a split, one quiet mode for the whole room again (room's lock held).
@@ -5729,8 +5735,8 @@ class RedisLink:
         """
         set_here, self._quiet_set_alone = self._quiet_set_alone, False
         quiet = self.room._quiet
-        if quiet == quiet_elsewhere:
-            return
+        if quiet == quiet_elsewhere and not (set_here and forgotten):
+            return  # (Redis forgot: its "off" says nothing, so ours is told too)
         if set_here or (forgotten and quiet):
             self.takes({"k": "quiet", "on": quiet}, [], None)  # shown here already
         else:

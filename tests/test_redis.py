@@ -1678,6 +1678,50 @@ def test_quiet_lifted_during_a_redis_restart_stays_lifted_when_the_others_relink
 
 
 @redis
+def test_quiet_lifted_during_a_redis_restart_by_a_server_with_no_students_stays_lifted(
+        linked, join, proxies, quick_split, redis_server):
+    """b, back first, writes nothing else to the new stream: a must still hear
+    that b's teacher lifted quiet mode, and not put it back on."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    alice = join(a, "alice")
+    TeacherConsole(a, None).handle_line("/quiet on")
+    alice.expect(chat_server.QUIET_ON_LINE)
+    proxy.refusing = True
+    redis_server.stop()
+    alice.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: not b._link.linked, message="b split")
+    TeacherConsole(b, None).handle_line("/quiet off")
+    redis_server.restart()  # empty
+    wait_until(lambda: b._link.linked, timeout=SPLIT_TIMEOUT, message="b back")
+    proxy.refusing = False
+    alice.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    alice.expect(chat_server.QUIET_OFF_LINE)
+
+
+@redis
+def test_a_server_started_as_redis_comes_back_does_not_lift_quiet_mode(
+        linked, join, proxies, quick_split, redis_server):
+    """c finds no server in the restarted Redis and begins a new lesson; a, back
+    after it, keeps the room quiet: nobody lifted quiet mode."""
+    proxy = proxies()
+    a = linked(via=proxy)
+    alice = join(a, "alice")
+    TeacherConsole(a, None).handle_line("/quiet on")
+    alice.expect(chat_server.QUIET_ON_LINE)
+    proxy.refusing = True
+    redis_server.stop()
+    alice.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    redis_server.restart()  # empty
+    carol = join(linked(), "carol", settle=False)  # (a is still apart)
+    proxy.refusing = False
+    alice.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    carol.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
+    carol.send("is it quiet?")
+    carol.expect_next("*** Not sent: the room is quiet")
+
+
+@redis
 def test_a_whisper_lost_to_a_split_is_owned_up_to(linked, join, proxies, quick_split):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
