@@ -4827,6 +4827,7 @@ class RedisLink:
         self._left_apart = {}  # key -> name: our students who left during a split
         self._renamed_apart = {}  # key now -> name before the split: renamed during it
         self._unmutes_apart = set()  # names unmuted here during a split
+        self._answers_apart = []  # (student, answer) to other servers' messages, split
         # The highest number of a private message from each server that the
         # listener has acted on; the reader waits on it at a mark (see apply()).
         self._private_seen = {}
@@ -4995,7 +4996,13 @@ class RedisLink:
             self._left_apart[fold_name(name)] = name
 
     def send_private(self, student, event):
-        """Queue a whisper, /kick or /mute for the server of a student elsewhere."""
+        """Queue a whisper, /kick or /mute for the server of a student elsewhere
+        (or an answer to one: see _act_on_private())."""
+        if not self.linked and event["k"] in ("lost", "reply") and \
+                len(self._answers_apart) < REDIS_OUTBOX_ITEMS:
+            # The listener heard a message before the writer relinked: the
+            # answer goes at the relink (its asker is still waiting for it).
+            self._answers_apart.append((student, event))
         if self.linked:
             if event["k"] == "whisper":
                 event = dict(event, after=self._last_event)
@@ -5657,6 +5664,9 @@ class RedisLink:
             unmutes, self._unmutes_apart = self._unmutes_apart, set()
             for name in sorted(unmutes):
                 self._send_unmute_to_all(name)
+            answers, self._answers_apart = self._answers_apart, []
+            for student, event in answers:
+                self.send_private(student, event)
             # Reported once the listener has had time to read what a frozen
             # channel held (see _report_missed()).
             self._missed_marks = missed

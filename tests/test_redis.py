@@ -1722,6 +1722,29 @@ def test_a_server_started_as_redis_comes_back_does_not_lift_quiet_mode(
 
 
 @redis
+def test_a_whisper_heard_before_its_server_relinked_is_still_answered(
+        split_rooms, monkeypatch, caplog):
+    """a's listener is back and hears bob's whisper to amy, who took another name
+    during the split; a's writer has not relinked yet: the answer that amy is
+    not there waits for it, and bob is told."""
+    proxy, a, b, amy, bob = split_rooms
+    amy.send("/nick amelia")
+    amy.expect("*** amy is now amelia.")
+    may_relink, real_relink = threading.Event(), chat_server.RedisLink._relink
+
+    def held_back(link, *args):
+        may_relink.wait(SPLIT_TIMEOUT)
+        return real_relink(link, *args)
+
+    monkeypatch.setattr(chat_server.RedisLink, "_relink", held_back)
+    proxy.thaw()
+    bob.send("/msg amy are you there?")
+    expect_console(caplog, "A whisper for amy, who is not here")
+    may_relink.set()
+    bob.expect("*** Your whisper to amy did not arrive", timeout=SPLIT_TIMEOUT)
+
+
+@redis
 def test_a_whisper_lost_to_a_split_is_owned_up_to(linked, join, proxies, quick_split):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
@@ -1992,7 +2015,7 @@ def test_a_server_saying_goodbye_never_links_again(two_rooms, join, monkeypatch)
     a, b, alice, bob = two_rooms
     relinked, real_relink = [], chat_server.RedisLink._relink
     monkeypatch.setattr(chat_server.RedisLink, "_relink",
-                        lambda link: relinked.append(link) or real_relink(link))
+                        lambda link, *args: relinked.append(link) or real_relink(link, *args))
     real_close_when_sent = chat_server.Client.close_when_sent
 
     def slowly(client):  # stands for the goodbyes of a few thousand students
