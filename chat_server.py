@@ -5605,7 +5605,7 @@ class RedisLink:
         # first server back. (Those back later find events there: see
         # _settle_quiet().)
         forgotten = not newest and self._last_id != "0"
-        missed, gone, quiet_told = self._read_skipped(newest[0][0] if newest else None)
+        missed, changed, quiet_told = self._read_skipped(newest[0][0] if newest else None)
         # After a restart, Redis's quiet mode says something only if a server
         # back before us set it since (a server started meanwhile found none).
         forgotten = forgotten or (restarted and not quiet_told)
@@ -5636,14 +5636,26 @@ class RedisLink:
             if restarted or forgotten:  # Redis holds only the names of the
                 # servers back before us: the others' students stay, unannounced,
                 # until their server rejoins them, or the reaper finds it gone
-                # (see _reap()); unless those servers said since that they left.
+                # (see _reap()); unless those servers said since that they left
+                # or took another name (changed: see _read_skipped()).
                 remote.update((key, student) for key, student in before.items()
                               if key not in remote and key not in self.room._joined
-                              and key not in gone)
-            news = ["*** %s left the chat." % student.name
-                    for key, student in sorted(before.items()) if key not in remote]
+                              and key not in changed)
+            news, renamed = [], set()
+            for key, student in sorted(before.items()):
+                if key in remote:
+                    continue
+                new_key = fold_name(changed.get(key) or "")
+                if new_key in remote and new_key not in before and \
+                        remote[new_key].server == student.server:  # renamed: told so
+                    news.append("*** %s is now %s." % (student.name, remote[new_key].name))
+                    renamed.add(new_key)
+                else:
+                    news.append("*** %s left the chat." % student.name)
             for key, student in sorted(remote.items()):
                 was = before.get(key)
+                if key in renamed:
+                    continue
                 if was is None or was.server != student.server:
                     news.append("*** %s joined the chat." % student.name)
                 elif was.name != student.name:  # only the case changed: the same key
@@ -5699,20 +5711,21 @@ class RedisLink:
     def _read_skipped(self, newest):
         """What the split hid from the reader (it goes on from the stream's end).
 
-        Return (missed, gone, quiet_told): the (server, sequence) of each
-        whisper to us whose mark is there and that never came; and, for a
-        relink after Redis restarted (see _relink()), the name keys of other
-        servers' students who left or took another name there, and whether
-        another server set quiet mode there.
+        Return (missed, changed, quiet_told): the (server, sequence) of each
+        whisper to us whose mark is there and that never came; for the
+        name key of each of other servers' students who left or took
+        another name there, the name it took (None: it left); and whether
+        another server set quiet mode there (see _relink()).
         """
         if newest is None or self._last_id == "0":
-            return [], set(), False
+            return [], {}, False
         # From the last entry read (no earlier than whispers are remembered),
         # a page at a time: a busy split may have left thousands.
         remembered = "%d-0" % max(  # by Redis's clock, which numbered the entries
             0, stream_position(newest)[0] - int(REDIS_MISSED_SECONDS * 1000))
         start = max(self._last_id, remembered, key=stream_position)
-        marks, gone, quiet_told, read = [], set(), False, 0
+        marks, changed, quiet_told, read = [], {}, False, 0
+        first_keys = {}  # a name key now -> the key of that student's name before
         while read < REDIS_STREAM_EVENTS:
             entries = stream_entries(self._writer.call(
                 "XRANGE", self.stream, start, newest, "COUNT", REDIS_READ_EVENTS))
@@ -5729,12 +5742,18 @@ class RedisLink:
                     continue
                 if event["k"] == "mark" and event["to"] == self.server_id:
                     marks.append((event["s"], event["m"]))
-                elif event["s"] != self.server_id and event["k"] in ("leave", "rename"):
-                    gone.add(fold_name(event["name" if event["k"] == "leave" else "old"]))
+                elif event["s"] != self.server_id and event["k"] == "leave":
+                    key = fold_name(event["name"])
+                    changed[first_keys.pop(key, key)] = None
+                elif event["s"] != self.server_id and event["k"] == "rename":
+                    key = fold_name(event["old"])
+                    first = first_keys.pop(key, key)
+                    first_keys[fold_name(event["new"])] = first
+                    changed[first] = event["new"]
                 elif event["s"] != self.server_id and event["k"] == "quiet":
                     quiet_told = True
         with self._private_came:
-            return [mark for mark in marks if mark not in self._private_got], gone, quiet_told
+            return [mark for mark in marks if mark not in self._private_got], changed, quiet_told
 
     def _settle_quiet(self, quiet_elsewhere, forgotten=False):
         """After a split, one quiet mode for the whole room again (room's lock held).

@@ -1115,6 +1115,19 @@ def test_owning_up_to_work_lost_in_a_split_passes_over_a_missed_report(two_rooms
 
 
 @redis
+def test_a_rename_elsewhere_during_a_split_is_told_as_a_rename_at_the_relink(split_rooms):
+    """bob renamed on b while a was cut off: amy hears bob is now bobby, not that
+    bob left and bobby joined."""
+    proxy, a, b, amy, bob = split_rooms
+    bob.send("/nick bobby")
+    bob.expect("*** bob is now bobby.")
+    proxy.thaw()
+    amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    amy.expect_next("*** bob is now bobby.")
+    amy.expect_next("*** Online now (2): amy, bobby")
+
+
+@redis
 def test_a_rename_during_a_split_is_told_as_a_rename_at_the_relink(split_rooms):
     """The others knew amy: amy is now amelia, not amy left and amelia joined."""
     proxy, a, b, amy, bob = split_rooms
