@@ -6054,7 +6054,9 @@ class RedisLink:
                 self._set_quiet(event["on"])
             return self.room._broadcast(lines, exclude, notice=is_notice(event)) \
                 if lines else []
-        return self._apply_other(event)  # a leave we announced for a dead server
+        if event["k"] == "leave" and "of" in event:
+            return self._apply_other(event)  # a leave we announced for a dead server
+        return []  # a leave or rename told to the others at a relink: shown here already
 
     def _apply_other(self, event):
         """Another server's event: update the roster, then show it (room's lock held)."""

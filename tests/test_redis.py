@@ -20,8 +20,8 @@ import pytest
 
 import chat_server
 from chat_server import RedisError, RedisProtocolError, RespParser, TeacherConsole
-from conftest import (TIMEOUT, SERVER_SCRIPT, ChatClient, expect_console, find_tool,
-                      server_process, wait_until)
+from conftest import (TIMEOUT, SERVER_SCRIPT, ChatClient, console_lines, expect_console,
+                      find_tool, server_process, wait_until)
 from redis_helpers import LinkProxy, RedisServer, free_port, redis_env
 
 # Timings short enough for tests; each is a RedisLink class attribute.
@@ -1125,6 +1125,22 @@ def test_a_rename_elsewhere_during_a_split_is_told_as_a_rename_at_the_relink(spl
     amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
     amy.expect_next("*** bob is now bobby.")
     amy.expect_next("*** Online now (2): amy, bobby")
+
+
+@redis
+def test_a_rename_told_at_the_relink_is_not_taken_for_a_stranger_when_it_comes_back(
+        split_rooms, caplog):
+    """a reads back the rename it sent the others for amy: shown here already,
+    it is no rename "of a student we do not know" on a's console."""
+    proxy, a, b, amy, bob = split_rooms
+    amy.send("/nick amelia")
+    amy.expect("*** amy is now amelia.")
+    proxy.thaw()
+    bob.expect("*** amy is now amelia.", timeout=SPLIT_TIMEOUT)
+    link = a._link
+    wait_until(lambda: link._last_seen.get(link.server_id, 0) >= link._next_sequence,
+               message="a to read back what it sent")
+    assert not [line for line in console_lines(caplog) if "Dropped" in line]
 
 
 @redis
