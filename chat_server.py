@@ -87,8 +87,10 @@ Licence: MIT (see LICENSE).
 #               with CR LF.
 #   room event  a join, message, action, rename, announcement or leave: a line
 #               that every joined client sees, in the same order.
-#   outbox      a client's queue of bytes not yet sent, bounded by --sendq;
-#               what a full socket cannot take, its writer thread sends later.
+#   outbox      a client's queue of bytes not yet sent, bounded by --sendq (and
+#               one longer piece, such as a newcomer's history: see
+#               Client._queue()); what a full socket cannot take, its writer
+#               thread sends later.
 #   notice      a join, leave or rename line: a room event that may go out up
 #               to a tenth of a second late, with others, from the notices thread.
 
