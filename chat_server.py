@@ -4336,8 +4336,6 @@ REDIS_MISSED_WHISPERS = 10000  # ...and this many at most (a few MB): to own up 
 #   that a split lost (see RedisLink._read_skipped())
 REDIS_LOOKS_SECONDS = 5  # a joining name's looks are held this long: by then its join
 #   has come through the stream to every server, and each refuses a look-alike itself
-REDIS_UNMUTE_AGAIN_SECONDS = 60.0  # an /unmute to all servers is sent again this long:
-#   a server cut off meanwhile hears it when it is back (within a minute)
 REDIS_UNHEARD_SECONDS = 10.0  # a whisper no server heard is sent again this long: a
 # listener that reconnects (backing off up to REDIS_RETRY_MAX_SECONDS) hears it
 # Messages in one "say" event: a sender's batch is the lines of one read
@@ -4662,8 +4660,7 @@ PRIVATE_EVENTS = {  # on a server's own channel, never stored
     "lost": {"name": ("name", True), "to": ("name", True)},  # a whisper nobody was there for
     "kick": {"name": ("name", True), "reason": ("reason", False)},
     "mute": {"name": ("name", True), "on": ("flag", True),
-             "all": ("flag", False),  # an unmute for every server (unmute_everywhere()),
-             "first": ("sequence", False)},  # ...sent again: the number it first had
+             "all": ("flag", False)},  # an unmute for every server (unmute_everywhere())
     "reply": {"name": ("name", True), "text": ("text", True)},  # to a /kick or /mute
     "missed": {"m": ("sequence", True)},  # whisper m's mark was read, never the whisper
 }
@@ -4832,10 +4829,6 @@ class RedisLink:
         self._left_apart = {}  # key -> name: our students who left during a split
         self._renamed_apart = {}  # key now -> name before the split: renamed during it
         self._unmutes_apart = set()  # names unmuted here during a split
-        self._unmutes_sent = {}  # name -> (until when its unmute goes again to all,
-        #                          the number it was first sent with)
-        self._unmutes_heard = collections.OrderedDict()  # (server, first number) ->
-        #                                 (when,): each unmute to all is acted on once
         self._answers_apart = []  # (student, answer) to other servers' messages, split
         # The highest number of a private message from each server that the
         # listener has acted on; the reader waits on it at a mark (see apply()).
@@ -5007,8 +5000,6 @@ class RedisLink:
     def send_private(self, student, event):
         """Queue a whisper, /kick or /mute for the server of a student elsewhere
         (or an answer to one: see _act_on_private())."""
-        if event["k"] == "mute" and event["on"]:
-            self._stop_sending_unmute(fold_name(event["name"]))
         if not self.linked and event["k"] in ("lost", "reply") and \
                 len(self._answers_apart) < REDIS_OUTBOX_ITEMS:
             # The listener heard a message before the writer relinked: the
@@ -5108,37 +5099,13 @@ class RedisLink:
                 self._unmutes_apart.add(name)  # sent at the relink
 
     def _send_unmute_to_all(self, name):
-        """Queue the unmute of name for every server (room's lock held).
-
-        Pub/sub keeps nothing, and a server cut off now would keep its mute
-        (and put it back in Redis after a restart): the unmute goes again
-        at each heartbeat for REDIS_UNMUTE_AGAIN_SECONDS (_send_unmutes_again()).
-        """
-        event = self._stamp({"k": "mute", "name": name, "on": False, "all": True})
-        until, first = self._unmutes_sent.get(name, (None, event["n"]))
-        self._queue_work(("publish", self.all_channel, dict(event, first=first)))
-        if until is None:
-            self._unmutes_sent[name] = time.monotonic() + REDIS_UNMUTE_AGAIN_SECONDS, first
-
-    def _stop_sending_unmute(self, key):
-        """A teacher muted the name again: its unmute must not go again."""
-        for name in [name for name in self._unmutes_sent if fold_name(name) == key]:
-            del self._unmutes_sent[name]
-
-    def _send_unmutes_again(self):
-        """See _send_unmute_to_all() (writer thread, at each heartbeat)."""
-        now = time.monotonic()
-        with self.room._lock:
-            for name, (until, _) in list(self._unmutes_sent.items()):
-                if now >= until:
-                    del self._unmutes_sent[name]
-                elif self.linked:
-                    self._send_unmute_to_all(name)
+        """Queue the unmute of name for every server (room's lock held)."""
+        self._queue_work(("publish", self.all_channel, self._stamp(
+            {"k": "mute", "name": name, "on": False, "all": True})))
 
     def note_muted(self, key, muted):
         """A student of ours was muted or unmuted: so they stay on any server."""
         if muted:
-            self._stop_sending_unmute(key)
             self.muted_keys.add(key)
         else:
             self.muted_keys.discard(key)
@@ -5193,7 +5160,6 @@ class RedisLink:
                 if time.monotonic() >= next_beat:
                     self._beat()
                     self._send_unheard_again()
-                    self._send_unmutes_again()
                     self._report_missed()
                     next_beat = time.monotonic() + self.heartbeat_seconds
                 self._send_work(max(0.0, next_beat - time.monotonic()))
@@ -6239,19 +6205,8 @@ class RedisLink:
             self.room.tell_console("The server of %s answers: %s" % (name, event["text"]))
             return
         if event.get("all"):  # to every server: an unmute (see unmute_everywhere())
-            if kind != "mute" or event["on"] or event["s"] == self.server_id:
-                return
-            with self.room._lock:
-                heard = (event["s"], event.get("first", event["n"]))
-                if heard in self._unmutes_heard:
-                    return  # sent again: a mute set here since must stay
-                self._unmutes_heard[heard] = (time.monotonic(),)
-                forget_old(self._unmutes_heard, 2 * REDIS_UNMUTE_AGAIN_SECONDS,
-                           REDIS_MISSED_WHISPERS)
-                # A mute this server put in Redis is let go there too.
-                if self._mutes_wanted.get(fold_name(event["name"])):
-                    self.note_muted(fold_name(event["name"]), False)
-            if self.room.lift_mutes(event["name"]):
+            if kind == "mute" and not event["on"] and event["s"] != self.server_id and \
+                    self.room.lift_mutes(event["name"]):
                 self.room.tell_console("Another server's teacher unmuted %s." % event["name"])
             return
         if kind == "lost":  # one of ours whispered to someone who had just gone

@@ -1774,42 +1774,6 @@ def test_a_whisper_heard_before_its_server_relinked_is_still_answered(
 
 
 @redis
-def test_an_unmute_typed_while_another_server_is_cut_off_reaches_it_when_it_is_back(
-        linked, join, proxies, quick_split):
-    """b holds bob's mute (a's teacher asked for it); while b is cut off, a's
-    teacher unmutes bob. Pub/sub keeps nothing: the unmute goes again."""
-    proxy = proxies()
-    a, b = linked(), linked(via=proxy)
-    join(a, "alice")
-    bob = join(b, "bob")
-    TeacherConsole(a, None).handle_line("/mute bob")
-    bob.expect("*** The teacher has muted you")
-    proxy.refusing = True
-    proxy.cut()
-    bob.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
-    wait_until(lambda: "bob" not in a.who(), timeout=SPLIT_TIMEOUT,
-               message="a to take b for gone")  # so only the unmute to all is sent
-    TeacherConsole(a, None).handle_line("/unmute bob")
-    proxy.refusing = False
-    bob.expect("*** The teacher has unmuted you", timeout=SPLIT_TIMEOUT)
-
-
-@redis
-def test_an_unmute_sent_again_does_not_lift_a_mute_set_after_it(two_rooms):
-    a, b, alice, bob = two_rooms
-    console = TeacherConsole(a, None)
-    for command, line in (("/mute bob", "muted you"), ("/unmute bob", "unmuted you"),
-                          ("/mute bob", "muted you")):
-        console.handle_line(command)
-        bob.expect("*** The teacher has " + line)
-    since = a._link._last_beat[0]
-    wait_until(lambda: a._link._last_beat[0] > since + 3 * FAST_LINK["heartbeat_seconds"],
-               message="a few heartbeats of a's, each sending the unmute again")
-    bob.send("still muted?")
-    bob.expect_next("*** Not sent: the teacher has muted you.")
-
-
-@redis
 def test_a_whisper_lost_to_a_split_is_owned_up_to(linked, join, proxies, quick_split):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
