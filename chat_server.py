@@ -5607,7 +5607,8 @@ class RedisLink:
         # first server back. (Those back later find events there: see
         # _settle_quiet().)
         forgotten = not newest and self._last_id != "0"
-        missed, changed, quiet_told = self._read_skipped(newest[0][0] if newest else None)
+        missed, changed, quiet_told = self._read_skipped(newest[0][0] if newest else None,
+                                                         restarted)
         # After a restart, Redis's quiet mode says something only if a server
         # back before us set it since (a server started meanwhile found none).
         forgotten = forgotten or (restarted and not quiet_told)
@@ -5642,12 +5643,12 @@ class RedisLink:
                 # or took another name (changed: see _read_skipped()).
                 remote.update((key, student) for key, student in before.items()
                               if key not in remote and key not in self.room._joined
-                              and key not in changed)
+                              and (student.server, key) not in changed)
             news, renamed = [], set()
             for key, student in sorted(before.items()):
                 if key in remote:
                     continue
-                new_key = fold_name(changed.get(key) or "")
+                new_key = fold_name(changed.get((student.server, key)) or "")
                 if new_key in remote and new_key not in before and \
                         remote[new_key].server == student.server:  # renamed: told so
                     news.append("*** %s is now %s." % (student.name, remote[new_key].name))
@@ -5710,14 +5711,15 @@ class RedisLink:
             for server, sequence in missed:
                 self.send_private(RemoteStudent("", server), {"k": "missed", "m": sequence})
 
-    def _read_skipped(self, newest):
+    def _read_skipped(self, newest, restarted=False):
         """What the split hid from the reader (it goes on from the stream's end).
 
         Return (missed, changed, quiet_told): the (server, sequence) of each
-        whisper to us whose mark is there and that never came; for the
-        name key of each of other servers' students who left or took
+        whisper to us whose mark is there and that never came; for each
+        (server, name key) of other servers' students who left or took
         another name there, the name it took (None: it left); and whether
         another server set quiet mode there (see _relink()).
+        restarted: Redis started again, so the whole stream is new: read it all.
         """
         if newest is None or self._last_id == "0":
             return [], {}, False
@@ -5725,9 +5727,9 @@ class RedisLink:
         # a page at a time: a busy split may have left thousands.
         remembered = "%d-0" % max(  # by Redis's clock, which numbered the entries
             0, stream_position(newest)[0] - int(REDIS_MISSED_SECONDS * 1000))
-        start = max(self._last_id, remembered, key=stream_position)
+        start = "-" if restarted else max(self._last_id, remembered, key=stream_position)
         marks, changed, quiet_told, read = [], {}, False, 0
-        first_keys = {}  # a name key now -> the key of that student's name before
+        first_keys = {}  # (server, a name key now) -> the key of that student's before
         while read < REDIS_STREAM_EVENTS:
             entries = stream_entries(self._writer.call(
                 "XRANGE", self.stream, start, newest, "COUNT", REDIS_READ_EVENTS))
@@ -5745,13 +5747,14 @@ class RedisLink:
                 if event["k"] == "mark" and event["to"] == self.server_id:
                     marks.append((event["s"], event["m"]))
                 elif event["s"] != self.server_id and event["k"] == "leave":
+                    server = event.get("of", event["s"])  # (a reaper's, for a dead one)
                     key = fold_name(event["name"])
-                    changed[first_keys.pop(key, key)] = None
+                    changed[server, first_keys.pop((server, key), key)] = None
                 elif event["s"] != self.server_id and event["k"] == "rename":
-                    key = fold_name(event["old"])
-                    first = first_keys.pop(key, key)
-                    first_keys[fold_name(event["new"])] = first
-                    changed[first] = event["new"]
+                    server, key = event["s"], fold_name(event["old"])
+                    first = first_keys.pop((server, key), key)
+                    first_keys[server, fold_name(event["new"])] = first
+                    changed[server, first] = event["new"]
                 elif event["s"] != self.server_id and event["k"] == "quiet":
                     quiet_told = True
         with self._private_came:

@@ -1682,6 +1682,33 @@ def test_a_student_known_before_who_left_after_redis_restarted_is_told_gone(
 
 
 @redis
+def test_a_namesake_leaving_another_server_during_a_redis_restart_is_not_taken_for_ours(
+        linked, join, proxies, quick_split, redis_server):
+    """Apart, c gave the name bob to a student of its own, who left. c, back first
+    after Redis restarted, tells that leave: a, back next, must not take it for
+    the leave of b's bob, whom it keeps until b is back."""
+    to_a, to_b, to_c = proxies(), proxies(), proxies()
+    a, b, c = linked(via=to_a), linked(via=to_b), linked(via=to_c)
+    alice, bob = join(a, "alice"), join(b, "bob")
+    for proxy in (to_a, to_b, to_c):
+        proxy.refusing = True
+    redis_server.stop()
+    for student in (alice, bob):
+        student.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    wait_until(lambda: not c._link.linked, message="c split")
+    namesake = joined_on(c, "bob")
+    namesake.close()
+    wait_until(lambda: c.find("bob") is None, message="c's bob gone")
+    redis_server.restart()  # empty
+    to_c.refusing = False
+    wait_until(lambda: c._link.linked and c._link._outbox.empty() and not c._link._in_flight,
+               timeout=SPLIT_TIMEOUT, message="c back, its leave of bob sent")
+    to_a.refusing = False
+    alice.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    alice.expect_next("*** Online now (2): alice, bob")
+
+
+@redis
 def test_quiet_lifted_during_a_redis_restart_stays_lifted_when_the_others_relink(
         linked, join, proxies, quick_split, redis_server):
     """Quiet mode was on; b's teacher lifted it while Redis was down, and b came
