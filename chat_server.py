@@ -2701,7 +2701,8 @@ class ChatServer(ChatRoom):
         """
         if self._link is None:
             return False
-        self._link.note_muted(fold_name(name), False)
+        with self._lock:  # the link's mutes are guarded by the room's lock
+            self._link.note_muted(fold_name(name), False)
         self._link.unmute_everywhere(name)
         return True
 
@@ -5104,7 +5105,8 @@ class RedisLink:
             {"k": "mute", "name": name, "on": False, "all": True})))
 
     def note_muted(self, key, muted):
-        """A student of ours was muted or unmuted: so they stay on any server."""
+        """A student of ours was muted or unmuted: so they stay on any server
+        (room's lock held: _put_back_room_state() reads _mutes_wanted under it)."""
         if muted:
             self.muted_keys.add(key)
         else:
