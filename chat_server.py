@@ -824,7 +824,7 @@ class Client:
         self.closing_bytes = b""  # sent last, before closing (a WebSocket close frame)
         self._outbox = collections.deque()  # bytes not yet sent
         self._outbox_bytes = 0  # queued, or being sent
-        self._oversized = 0  # the size of a piece longer than --sendq, until sent
+        self._oversized = 0  # what is left to send of a piece longer than --sendq
         # The client's own lock: it guards the outbox, notices_seen and the
         # flags below, and is taken inside the room's lock (never the other
         # way round). A plain Lock, as it is taken a few times per line per
@@ -881,8 +881,8 @@ class Client:
     def _count_sent(self, count):
         """count bytes of the outbox went out (this client's lock held)."""
         self._outbox_bytes -= count
-        if not self._outbox_bytes:
-            self._oversized = 0  # see _queue()
+        # The long piece was first in the outbox: these went out of it first.
+        self._oversized = max(0, self._oversized - count) if self._outbox_bytes else 0
 
     def queue_line(self, text):
         """Queue one line (see queue_bytes())."""

@@ -444,6 +444,22 @@ def test_a_piece_longer_than_sendq_leaves_room_for_sendq_more_behind_it():
         theirs.close()
 
 
+def test_the_room_behind_a_long_piece_shrinks_as_it_is_sent():
+    """Once the long piece is out, the outbox holds --sendq again, no more."""
+    ours, theirs = full_socket_pair()
+    try:
+        client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
+        assert client.queue_bytes(b"h" * 500)
+        assert client.queue_bytes(b"x" * 50)  # came while the long piece went out
+        with client._outbox_lock:
+            client._count_sent(500)  # as the writer does once it has sent those
+        assert client.queue_bytes(b"x" * 50)
+        assert not client.queue_bytes(b"x")  # 101 bytes wait: past --sendq
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_client_that_reads_gets_far_more_than_sendq_and_stays(start_server, room):
     server = start_server(flood_rate=0, sendq=4096)
     alice, bob = room("alice", "bob", target=server)
