@@ -5179,6 +5179,8 @@ class RedisLink:
                     break
                 delay = min(delay * 2, self.retry_max_seconds)
             except Exception as error:  # a thread's top level: log it, go on
+                if self._stopping.is_set():
+                    break
                 log.error("Redis writer: %r", error)
                 self._drop_writer()
                 self.split(error)
@@ -5967,6 +5969,8 @@ class RedisLink:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self.retry_max_seconds)
             except Exception as error:  # a thread's top level: log it, go on
+                if self._stopping.is_set():
+                    break
                 log.error("Redis reader: %r", error)
                 self._stopping.wait(delay)
         if connection is not None:
@@ -6146,6 +6150,8 @@ class RedisLink:
                     delay = self.retry_first_seconds
                 self._listen(connection)
             except (OSError, RedisError) as error:
+                if self._stopping.is_set():
+                    break  # the server stops (and Redis may with it): nothing to say
                 if connection is not None:  # said once, not at every retry
                     log.info("Redis channel lost (%s): reconnecting", error)
                     connection.close()
@@ -6153,6 +6159,8 @@ class RedisLink:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self.retry_max_seconds)
             except Exception as error:  # a thread's top level: log it, go on
+                if self._stopping.is_set():
+                    break
                 log.error("Redis listener: %r", error)
                 self._stopping.wait(delay)
         if connection is not None:

@@ -2065,6 +2065,20 @@ def test_a_line_still_on_its_way_through_redis_at_shutdown_is_shown_before_the_g
 
 
 @redis
+def test_a_stopped_server_says_nothing_of_redis_going_away_after_it(
+        two_rooms, redis_server, caplog):
+    """The teacher stops the server, then Redis: the link's threads end quietly
+    (a line logged then could land in the next test's log, or on a console)."""
+    a, b, alice, bob = two_rooms
+    for server in (a, b):
+        server.close_room()
+    redis_server.stop()
+    for thread in a._link._threads + b._link._threads:
+        thread.join(SPLIT_TIMEOUT)
+    assert not [line for line in console_lines(caplog) if "Redis channel lost" in line]
+
+
+@redis
 def test_a_server_saying_goodbye_never_links_again(two_rooms, join, monkeypatch):
     """A big room takes a while to be told goodbye: the link must not take its
     unlinking for a split meanwhile, relink, and bring its students back."""
