@@ -862,17 +862,16 @@ class Client:
         """queue_bytes() with this client's lock held."""
         if self._finishing:
             return True  # it is being disconnected: nothing more to send
-        # Too slow if what waits would pass --sendq. But one piece longer
-        # than that (a long history, a pasted page) may go into an empty
-        # outbox, and while it is sent, --sendq more may come after it.
-        if self._outbox_bytes and \
-                self._outbox_bytes + len(data) > self.sendq_bytes + self._oversized:
+        # Too slow if what waits would pass --sendq, not counting one piece
+        # longer than that (a long history, a pasted page): it goes to a
+        # reader that keeps up, and while it is sent, --sendq more may wait.
+        longer = len(data) if len(data) > self.sendq_bytes else 0
+        if self._outbox_bytes + len(data) > self.sendq_bytes + max(self._oversized, longer):
             self._finishing = self.too_slow = True
             self._outbox.clear()
             self._writer_needed.notify()
             return False
-        if not self._outbox_bytes and len(data) > self.sendq_bytes:
-            self._oversized = len(data)
+        self._oversized = max(self._oversized, longer)
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         self._urgent = self._urgent or not notice
@@ -881,7 +880,7 @@ class Client:
     def _count_sent(self, count):
         """count bytes of the outbox went out (this client's lock held)."""
         self._outbox_bytes -= count
-        # The long piece was first in the outbox: these went out of it first.
+        # (Counted as if these were the long piece's: the room behind it only shrinks.)
         self._oversized = max(0, self._oversized - count) if self._outbox_bytes else 0
 
     def queue_line(self, text):

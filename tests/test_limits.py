@@ -444,6 +444,20 @@ def test_a_piece_longer_than_sendq_leaves_room_for_sendq_more_behind_it():
         theirs.close()
 
 
+def test_a_piece_longer_than_sendq_goes_in_behind_a_short_one():
+    """A long line comes while a join line still waits: a reader that keeps up stays."""
+    ours, theirs = full_socket_pair()
+    try:
+        client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
+        assert client.queue_bytes(b"j" * 30)
+        assert client.queue_bytes(b"h" * 500)
+        assert client.queue_bytes(b"x" * 70)
+        assert not client.queue_bytes(b"x")  # past --sendq, the long piece aside
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_the_room_behind_a_long_piece_shrinks_as_it_is_sent():
     """Once the long piece is out, the outbox holds --sendq again, no more."""
     ours, theirs = full_socket_pair()

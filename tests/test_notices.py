@@ -331,7 +331,9 @@ def test_a_student_whose_reply_catch_up_overflowed_its_outbox_is_dropped_at_once
         alice_behind, caplog):
     """Its /who's catch-up overflowed: the reply drops it, without waiting for a round."""
     server, alice = alice_behind
-    server.find("alice").queue_bytes(b"waiting\r\n")  # as if her socket were full
+    # As if her socket were full, with a piece longer than her outbox still
+    # waiting in it (one such piece is let through, not two).
+    server.find("alice").queue_bytes(b"w" * 200 + b"\r\n")
     alice.send("/who")  # its reply catches alice up first: too much
     expect_console(caplog, "Disconnecting alice")
     alice.expect_closed()
@@ -344,7 +346,7 @@ def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_r
     server, alice = alice_behind
     gate = server.notices.added  # where stall_notices() holds the thread
     alice_side = server.find("alice")
-    alice_side.queue_bytes(b"waiting\r\n")  # as if her socket were full: not yet sent
+    alice_side.queue_bytes(b"w" * 200 + b"\r\n")  # as if her socket were full (see above)
     server.catch_up(alice_side)  # too much for alice's outbox; no send follows
     assert alice_side.too_slow
     server.notices.added = threading.Event()  # the thread goes on, as after a long round
