@@ -430,48 +430,39 @@ def test_outbox_takes_up_to_sendq_bytes_once_the_socket_is_full():
         theirs.close()
 
 
-def test_a_piece_longer_than_sendq_leaves_room_for_sendq_more_behind_it():
+@pytest.fixture
+def stuck_client():
+    """A Client whose socket is full, with a --sendq of 100 bytes (writer not started)."""
+    ours, theirs = full_socket_pair()
+    yield Client(ours, ("127.0.0.1", 9), sendq_bytes=100)
+    ours.close()
+    theirs.close()
+
+
+def test_a_piece_longer_than_sendq_leaves_room_for_sendq_more_behind_it(stuck_client):
     """A long history or line goes into an empty outbox; a slow link takes a
     while to send it, and the lines that come meanwhile may add --sendq more."""
-    ours, theirs = full_socket_pair()
-    try:
-        client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
-        assert client.queue_bytes(b"h" * 500)
-        assert client.queue_bytes(b"x" * 100)
-        assert not client.queue_bytes(b"x")  # past that: too slow
-    finally:
-        ours.close()
-        theirs.close()
+    assert stuck_client.queue_bytes(b"h" * 500)
+    assert stuck_client.queue_bytes(b"x" * 100)
+    assert not stuck_client.queue_bytes(b"x")  # past that: too slow
 
 
-def test_a_piece_longer_than_sendq_goes_in_behind_a_short_one():
+def test_a_piece_longer_than_sendq_goes_in_behind_a_short_one(stuck_client):
     """A long line comes while a join line still waits: a reader that keeps up stays."""
-    ours, theirs = full_socket_pair()
-    try:
-        client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
-        assert client.queue_bytes(b"j" * 30)
-        assert client.queue_bytes(b"h" * 500)
-        assert client.queue_bytes(b"x" * 70)
-        assert not client.queue_bytes(b"x")  # past --sendq, the long piece aside
-    finally:
-        ours.close()
-        theirs.close()
+    assert stuck_client.queue_bytes(b"j" * 30)
+    assert stuck_client.queue_bytes(b"h" * 500)
+    assert stuck_client.queue_bytes(b"x" * 70)
+    assert not stuck_client.queue_bytes(b"x")  # past --sendq, the long piece aside
 
 
-def test_the_room_behind_a_long_piece_shrinks_as_it_is_sent():
+def test_the_room_behind_a_long_piece_shrinks_as_it_is_sent(stuck_client):
     """Once the long piece is out, the outbox holds --sendq again, no more."""
-    ours, theirs = full_socket_pair()
-    try:
-        client = Client(ours, ("127.0.0.1", 9), sendq_bytes=100)  # writer not started
-        assert client.queue_bytes(b"h" * 500)
-        assert client.queue_bytes(b"x" * 50)  # came while the long piece went out
-        with client._outbox_lock:
-            client._count_sent(500)  # as the writer does once it has sent those
-        assert client.queue_bytes(b"x" * 50)
-        assert not client.queue_bytes(b"x")  # 101 bytes wait: past --sendq
-    finally:
-        ours.close()
-        theirs.close()
+    assert stuck_client.queue_bytes(b"h" * 500)
+    assert stuck_client.queue_bytes(b"x" * 50)  # came while the long piece went out
+    with stuck_client._outbox_lock:
+        stuck_client._count_sent(500)  # as the writer does once it has sent those
+    assert stuck_client.queue_bytes(b"x" * 50)
+    assert not stuck_client.queue_bytes(b"x")  # 101 bytes wait: past --sendq
 
 
 def test_client_that_reads_gets_far_more_than_sendq_and_stays(start_server, room):
