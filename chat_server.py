@@ -375,13 +375,14 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line()
             if line is None or self.client.closed.is_set():
                 return
-            if line is not TOO_LONG and says_nothing(line):
+            blank = line is not TOO_LONG and says_nothing(line)
+            if blank:
                 self.skip_blank_lines()
             hold_back_flood(self)  # every line, even blank or too long, is paced
             if line is TOO_LONG:
                 self.reply("*** That line was longer than %d bytes and was not sent."
                            % self.room.settings.max_line)
-            elif not says_nothing(line):
+            elif not blank:
                 self.handle_line(defuse_server_marker(line.rstrip()))
 
     def read_line(self, deadline=None):
