@@ -1992,6 +1992,25 @@ def test_an_unmute_typed_during_a_split_reaches_the_other_servers_at_the_relink(
 
 
 @redis
+def test_an_unmute_typed_while_the_students_server_is_cut_off_reaches_it_at_the_relink(
+        linked, join, proxies, quick_split):
+    """The unmute goes out by pub/sub, which keeps nothing for a server cut off:
+    at the relink, that server sees the mute gone from Redis, and lifts its own."""
+    proxy = proxies()
+    a, b = linked(), linked(via=proxy)
+    sam = join(b, "sam")
+    TeacherConsole(a, None).handle_line("/mute sam")  # b holds the mute
+    sam.expect("The teacher has muted you")
+    wait_until(lambda: "sam" in b._link.muted_keys, message="b to note the mute")
+    proxy.freeze()
+    sam.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    TeacherConsole(a, None).handle_line("/unmute sam")  # b hears nothing of it
+    proxy.thaw()
+    sam.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    sam.expect("The teacher has unmuted you", timeout=SPLIT_TIMEOUT)
+
+
+@redis
 def test_an_unmute_asked_of_a_server_the_student_just_left_still_lifts_its_mute(
         two_rooms, join):
     """a still lists bob on b (b's news of his leave is held back): a asks b, where
