@@ -32,7 +32,9 @@ port and killed at the end), fan-out and classroom run on one server
 alone, then on two servers linked through that Redis, with the clients
 split between them (even ones on the first, odd on the second); the two
 alternate for --rounds rounds (3), and a last line gives the median of
-what the hop cost in each (about five minutes).
+what the hop cost in each (about five minutes). Then Redis alone is
+timed: an XADD from this script to two readers blocked in XREAD, no chat
+server at all: what this machine adds to any hop, whatever the server does.
 
 Every phase is bounded in count and time. Server RSS, threads and CPU come
 from /proc (Linux); elsewhere they show as "-". The generator's own CPU is
@@ -631,12 +633,62 @@ def compare_linked(quick, rounds):
             p50s.append(both["p50"] - alone["p50"])
             p99s.append(both["p99"] - alone["p99"])
             rates.append(measured["fan-out", True]["rate"] / measured["fan-out", False]["rate"])
+        floor = bare_hop(redis.port)
     finally:
         redis.stop()
     print("The Redis hop, median of %d round%s: classroom p50 %+.1f ms, p99 %+.1f ms; "
           "fan-out two linked %.2fx one alone" % (rounds, "s" * (rounds > 1), median(p50s),
                                                   median(p99s), median(rates)))
+    print("Redis itself, on this machine (an XADD to two blocked XREADs, no chat server): "
+          "p50 %.1f ms, p99 %.1f ms" % floor)
     return 0
+
+
+def bare_hop(port, entries=300, per_second=50):
+    """Redis's own part of the hop: an XADD from this script to two readers
+    blocked in XREAD (as two linked servers are), with no chat server at all.
+
+    Return (p50, p99) in ms: what the machine adds whatever the server does.
+    """
+    def command(*args):
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            arg = arg if isinstance(arg, bytes) else str(arg).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        return b"".join(parts)
+
+    latencies, stream = [], "bare-hop"
+
+    def read(sock):
+        last = "$"
+        while True:
+            sock.sendall(command("XREAD", "BLOCK", 5000, "STREAMS", stream, last))
+            data = sock.recv(65536)
+            now = time.monotonic_ns()
+            ids = re.findall(rb"\d{10,}-\d+", data)
+            if not ids or b"~end" in data:
+                return
+            last = ids[-1].decode()
+            latencies.extend((now - int(sent)) / 1e6 for sent in re.findall(rb"~L (\d+)", data))
+
+    readers = []
+    for _ in range(2):
+        sock = socket.create_connection(("127.0.0.1", port), 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        readers.append((sock, threading.Thread(target=read, args=(sock,), daemon=True)))
+        readers[-1][1].start()
+    with socket.create_connection(("127.0.0.1", port), 10) as writer:
+        writer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        time.sleep(0.2)  # the readers are blocked in XREAD by now (a pause, not a sync)
+        for index in range(entries + 1):
+            text = b"~end" if index == entries else b"~L %d" % time.monotonic_ns()
+            writer.sendall(command("XADD", stream, "*", "e", text))
+            writer.recv(100)  # the entry's id
+            time.sleep(1 / per_second)
+    for sock, thread in readers:
+        thread.join(10)
+        sock.close()
+    return percentile(latencies, 0.5), percentile(latencies, 0.99)
 
 
 def median(values):
