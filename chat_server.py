@@ -4814,6 +4814,10 @@ class RedisLink:
         # muted or unmuted; sent as it is when its turn comes, so that work
         # put back after a split cannot swap a mute and an unmute.
         self._mutes_wanted = {}
+        # ...and those of them that Redis was seen to hold (SADD answered): if
+        # one is gone from Redis at a relink, a teacher elsewhere lifted it
+        # while we were cut off, and the unmute sent then never reached us.
+        self._mutes_stored = set()
         # Guarded by the room's lock (the link is part of the room), but for
         # _outbox, a Queue, which has a lock of its own:
         self.linked = True  # False during a split
@@ -5112,6 +5116,7 @@ class RedisLink:
         else:
             self.muted_keys.discard(key)
         self._mutes_wanted[key] = muted
+        self._mutes_stored.discard(key)  # until Redis answers the SADD (_send_work())
         self._queue_work(("mute", key))
 
     def _queue_work(self, item):
@@ -5286,6 +5291,10 @@ class RedisLink:
             elif item[0] == "publish" and len(item) > 3 and item[2]["k"] == "whisper":
                 with self.room._lock:  # sent again, and heard at last: no report of
                     self._whispers_sent.pop(item[2]["n"], None)  # it missed is true now
+            elif item[0] == "mute":
+                with self.room._lock:
+                    if commands[0][0] == "SADD" and self._mutes_wanted.get(item[1]):
+                        self._mutes_stored.add(item[1])
             elif item[0] == "event" and item[1]["k"] != "mark":
                 if isinstance(replies[position], bytes):  # XADD's answer: the entry's id
                     self._last_added = item[1]["n"], replies[position].decode("ascii")
@@ -5618,6 +5627,7 @@ class RedisLink:
         forgotten = forgotten or (restarted and not quiet_told)
         remote = self._load_roster()  # after the stream's end: see connect()
         quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
+        muted_in_redis = self._writer.call("SMEMBERS", self._muted_key)
         # A look-alike of one of ours that joined elsewhere during the split:
         # ours takes a new name, as with the same name (see _reclaim()).
         looks = {look: key for key, student in remote.items() for look in looks_of(student.name)}
@@ -5683,6 +5693,7 @@ class RedisLink:
             unmutes, self._unmutes_apart = self._unmutes_apart, set()
             for name in sorted(unmutes):
                 self._send_unmute_to_all(name)
+            lifted = [] if restarted or forgotten else self._mutes_lifted_apart(muted_in_redis)
             answers, self._answers_apart = self._answers_apart, []
             for student, event in answers:
                 self.send_private(student, event)
@@ -5703,6 +5714,30 @@ class RedisLink:
             self._settle_quiet(quiet_elsewhere, forgotten)
         log.info("Linked through Redis again")
         self.room._send_queued(clients)
+        for name in lifted:
+            if self.room.lift_mutes(name):
+                self.room.tell_console("Another server's teacher unmuted %s while "
+                                       "this server was cut off." % name)
+
+    def _mutes_lifted_apart(self, muted_in_redis):
+        """The names whose mutes we hold that Redis no longer lists (lock held).
+
+        Someone unmuted them elsewhere during the split: forgotten here too.
+        """
+        if not isinstance(muted_in_redis, list):
+            return []
+        stored_now = {key.decode("utf-8", "replace") for key in muted_in_redis
+                      if isinstance(key, bytes)}
+        lifted = sorted(key for key in self._mutes_stored
+                        if self._mutes_wanted.get(key) and key not in stored_now)
+        names = []
+        for key in lifted:
+            self._mutes_wanted[key] = False
+            self._mutes_stored.discard(key)
+            self.muted_keys.discard(key)
+            client = self.room._joined.get(key)
+            names.append(client.name if client is not None else key)
+        return names
 
     def _report_missed(self):
         """Tell the servers of whispers found missing at the relink that never came."""

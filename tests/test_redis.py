@@ -2001,7 +2001,7 @@ def test_an_unmute_typed_while_the_students_server_is_cut_off_reaches_it_at_the_
     sam = join(b, "sam")
     TeacherConsole(a, None).handle_line("/mute sam")  # b holds the mute
     sam.expect("The teacher has muted you")
-    wait_until(lambda: "sam" in b._link.muted_keys, message="b to note the mute")
+    wait_until(lambda: "sam" in b._link._mutes_stored, message="b to store the mute")
     proxy.freeze()
     sam.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
     TeacherConsole(a, None).handle_line("/unmute sam")  # b hears nothing of it
