@@ -799,9 +799,10 @@ class Client:
     bytes never interleave.
     The reader (ChatHandler) is the only code that reads the socket.
 
-    Closing: close_when_sent() lets the outbox drain first (a goodbye line);
-    close_now() drops it (a stalled client). Either way, the socket is shut
-    down (doing it twice is harmless) and closed is set.
+    Closing: close_when_sent() lets the outbox drain first (a goodbye line),
+    for SHUTDOWN_GRACE_SECONDS at most; close_now() drops it (a stalled
+    client). Either way, the socket is shut down (doing it twice is
+    harmless) and closed is set.
     """
 
     def __init__(self, sock, address, sendq_bytes):
@@ -838,6 +839,7 @@ class Client:
         self._urgent = False  # more than notices are queued: see _take_batch()
         self._nagle = False  # TCP_NODELAY is off for now: see _take_batch()
         self._finishing = False  # closing: no more data is taken (see close_when_sent())
+        self._give_up_at = None  # ...and when the writer stops waiting to send the rest
         self._dropped = False  # the room's drop() has run for this client
         self.closed = threading.Event()  # set once the socket is shut down
         # Started the first time it is needed (a full socket, or closing):
@@ -967,11 +969,18 @@ class Client:
             return len(data)  # the peer is gone; its reader sees that and leaves
 
     def close_when_sent(self):
-        """Take no more data; send what is queued, then close (never under a lock)."""
+        """Take no more data; send what is queued, then close (never under a lock).
+
+        A reader that takes nothing (a suspended nc) is closed anyway, after
+        SHUTDOWN_GRACE_SECONDS: else a kicked student who stopped reading
+        would hold their place, and a thread, for as long as they like.
+        """
         with self._outbox_lock:
             if self.closing_bytes and not self._finishing:
                 self._outbox.append(self.closing_bytes)
                 self._outbox_bytes += len(self.closing_bytes)
+            if self._give_up_at is None:
+                self._give_up_at = time.monotonic() + SHUTDOWN_GRACE_SECONDS
             self._finishing = True
         self.flush()
         with self._outbox_lock:
@@ -1051,6 +1060,8 @@ class Client:
                 rest = memoryview(batch)
                 rest = rest[self._send_what_fits(rest):]
                 while rest and not self.closed.is_set():
+                    if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                        return  # closing, and it stopped reading: the rest is dropped
                     writable.select(WRITER_CHECK_SECONDS)  # wait for room in the socket
                     rest = rest[self._send_what_fits(rest):]
                 with self._outbox_lock:

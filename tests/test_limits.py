@@ -439,6 +439,26 @@ def stuck_client():
     theirs.close()
 
 
+def test_a_kicked_student_who_stopped_reading_is_disconnected(start_server, room, joined):
+    """A suspended nc, kicked: its goodbye cannot go out, and its place is freed all the same."""
+    server = start_server(flood_rate=0, max_line=BIG_LINE_BYTES)
+    alice, bob = room("alice", "bob", target=server)
+    joined("stalled", server, rcvbuf=4096)  # joins, then never reads
+    alice.expect_next("stalled joined")
+    bob.expect_next("stalled joined")
+    stalled = stall(server, "stalled", bob, alice)
+    TeacherConsole(server, None).handle_line("/kick stalled")
+    alice.expect_next("*** stalled left the chat.")
+    wait_until(lambda: stalled not in server._connected, message="its connection to close")
+
+
+def test_a_client_closed_after_sending_is_closed_anyway_if_it_never_reads(stuck_client):
+    """A kicked student whose nc is suspended must not keep their place for good."""
+    stuck_client.send_line("*** You were removed by the teacher.")  # stays queued
+    stuck_client.close_when_sent()
+    assert stuck_client.wait_closed(chat_server.SHUTDOWN_GRACE_SECONDS + 5)
+
+
 def test_a_piece_longer_than_sendq_leaves_room_for_sendq_more_behind_it(stuck_client):
     """A long history or line goes into an empty outbox; a slow link takes a
     while to send it, and the lines that come meanwhile may add --sendq more."""
