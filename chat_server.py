@@ -67,12 +67,14 @@ the core come below in the same order (ChatHandler, ChatRoom, Client):
      (Client._run_writer(), started the first time his socket is full)
      sends it when there is room. If his outbox passes --sendq,
      queue_bytes() marks him too slow, and _send_queued() has the room's
-     drop() disconnect him.
+     drop_too_slow() disconnect him.
   7. When alice leaves, the room's leave() announces "*** alice left the
      chat." once: called by ChatHandler.finish() (end of input, a reset, a
-     time-out), or earlier by /quit (do_quit()), drop() (too slow) or the
-     teacher's remove_by_teacher(); at shutdown, no leave lines are sent
-     (with --redis, the other servers are told: see RedisLink.close()).
+     link that TCP keepalive found dead), or earlier by /quit (do_quit()),
+     drop_too_slow() or the teacher's remove_by_teacher(); at shutdown,
+     no leave lines are sent (with --redis, the other servers are told: see
+     RedisLink.close()). With --redis, a leave on another server comes as
+     an event from Redis (RedisLink.apply()), worded by event_lines().
 
 Licence: MIT (see LICENSE).
 """
@@ -91,8 +93,8 @@ Licence: MIT (see LICENSE).
 #               one longer piece, such as a newcomer's history: see
 #               Client._queue()); what a full socket cannot take, its writer
 #               thread sends later.
-#   notice      a join, leave or rename line: a room event that may go out up
-#               to a tenth of a second late, with others, from the notices thread.
+#   notice      a join, leave or rename line: a room event that may go out a
+#               little late (NOTICES_LATE_SECONDS), in bulk: see Notices.
 
 import sys
 
@@ -271,7 +273,7 @@ class Settings:
 # bytes, cuts them into lines, and calls the room: say(), join(), leave().
 
 TOO_LONG = object()  # read_line()'s stand-in for a line longer than --max-line
-INTERRUPTED = object()  # ...and for telnet's Ctrl+C (IAC IP): goodbye
+INTERRUPTED = object()  # take_bytes()' for telnet's Ctrl+C (IAC IP): read_line() says Bye
 
 
 class NoAnswerInTime(Exception):
@@ -333,7 +335,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.room.tell_console("Closed %s: no %s in time" % (
                 self.client, self.waiting_for.split()[-1]), host=self.client.host)
         except OSError:
-            pass  # reset, or shut down by the room: either way, the client leaves
+            pass  # a reset, or a dead link: either way, the client leaves (finish())
 
     # -- Joining: the name --
 
@@ -422,7 +424,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             self.lines.popleft()
 
     def wait_for_bytes(self, timeout=None):
-        """Wait up to timeout seconds for bytes: b'' at the end, None if none came.
+        """Wait about timeout seconds for bytes: b'' at the end, None if none came.
 
         The input pace may then wait a little longer, before returning them.
         """
@@ -481,7 +483,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         for line in lines:
             self.client.send_line(line)
         if self.client.too_slow:  # its outbox overflowed: the catch-up, or these
-            self.room.drop(self.client, TOO_SLOW)
+            self.room.drop_too_slow(self.client)
 
     def run_command(self, line):
         """Run a /command (see "The students' commands"); its name is not case-sensitive."""
@@ -548,11 +550,12 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._joined = {}  # key (folded name) -> Client, for joined clients
         # The room's lock. It guards _joined and every field from here down
         # to notices (and the notices' fields: see Notices); ChatServer's
-        # _connected and _places_taken; and the room's fields of each Client
+        # _connected, _places_taken and _closing_began; the Redis link's
+        # fields (see RedisLink); and the room's fields of each Client
         # (name, key, looks, joined_at, muted; not notices_seen: see
-        # queue_notices()).
-        # The recorder's queue is only put to under it, to keep the room's
-        # order. Anything else has a lock of its own, or is set once.
+        # queue_notices()). Room events go to the recorder (console and
+        # transcript) under it, so it sees them in the room's order.
+        # Anything else has a lock of its own, or is set once.
         self._lock = threading.Lock()
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._names_in_order = []  # their names, in the same order: "Online now"
@@ -562,9 +565,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
         self._remote_looks = {}  # Redis link: their looks_of() -> their keys
         self._link = None  # Redis link: a RedisLink with --redis (see its section)
-        # Set by close_room(): nothing more is said in the room (no leave
-        # lines either), and join() and each refusal say goodbye instead.
-        self._shutting_down = False
+        # Set by close_room() as it queues "Server is shutting down." for
+        # everyone: nothing more is said in the room (no leave lines either),
+        # and join() and each refusal say goodbye instead.
+        self._said_goodbye = False
         # Join, leave and rename lines wait here, and go out in bulk: see
         # the section "Join and leave lines in bulk", just after the core.
         self.notices = Notices(self)
@@ -613,7 +617,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         """
         if isinstance(lines, str):
             lines = [lines]
-        if self._shutting_down:
+        if self._said_goodbye:
             return []  # everyone has been queued "Server is shutting down.": nothing after it
         if event is not None and self._link is not None and \
                 self._link.takes(event, lines, exclude):
@@ -649,7 +653,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         """
         for client in clients:
             if client.too_slow:
-                self.drop(client, TOO_SLOW)
+                self.drop_too_slow(client)
             else:
                 client.flush()
 
@@ -671,7 +675,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             if problem:
                 return problem
         with self._lock:
-            if self._shutting_down:
+            if self._said_goodbye:
                 return SHUTTING_DOWN  # its name came as the teacher stopped the server
             if self.addresses.ban_left(client.host) > 0:
                 return REMOVED  # kicked while this connection was asking a name
@@ -682,7 +686,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             client.joined_at = time.monotonic()
             client.muted = self.addresses.is_muted(client.host, key) or (
                 self._link is not None and key in self._link.muted_keys)  # Redis link
-            # Notices so far are in its history and its list of who is online.
+            # Notices so far count as given: its list of who is online says
+            # what they said (and the history shows the latest of them).
             client.notices_seen = self.notices.count()
             self._add_client(client)
             # Welcome and history are queued, and the join line handed to
@@ -748,7 +753,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         del self._keys_in_order[place], self._names_in_order[place]
 
     def leave(self, client):
-        """Take client out of the room and tell the others, once, whatever the cause."""
+        """Take client out of the room and tell the others, once, whatever the cause
+        (nothing is said once the room has said goodbye: see close_room())."""
         with self._lock:
             if client.key is None or self._joined.get(client.key) is not client:
                 return  # never joined, or has left already
@@ -757,21 +763,20 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             # A muted student's reason, or anyone's in quiet mode, is not shown.
             reason = "" if client.muted or self._quiet else client.leave_reason
             line = "*** %s left the chat.%s" % (client.name, " (%s)" % reason if reason else "")
-            recipients = [] if self._shutting_down else self._broadcast(
+            recipients = [] if self._said_goodbye else self._broadcast(
                 line, exclude=client,
                 event={"k": "leave", "name": client.name, "reason": reason}, notice=True)
         self._send_queued(recipients)
 
-    def drop(self, client, reason):
-        """Disconnect one client now; the reason goes to the console.
+    def drop_too_slow(self, client):
+        """Disconnect, now, a client whose outbox overflowed; it leaves the room.
 
-        A client dropped as too slow is also told why when it comes back.
+        The console is told, and so is the student when they come back (greet()).
         """
         if not client.claim_drop():
             return  # dropped already
-        self.tell_console("Disconnecting %s: %s" % (client, reason), warning=True)
-        if reason == TOO_SLOW:
-            self.addresses.note_dropped(client.host, client.name)
+        self.tell_console("Disconnecting %s: %s" % (client, TOO_SLOW), warning=True)
+        self.addresses.note_dropped(client.host, client.name)
         self.leave(client)
         client.close_now()
 
@@ -840,7 +845,7 @@ class Client:
         self._nagle = False  # TCP_NODELAY is off for now: see _take_batch()
         self._finishing = False  # closing: no more data is taken (see close_when_sent())
         self._give_up_at = None  # ...and when the writer stops waiting to send the rest
-        self._dropped = False  # the room's drop() has run for this client
+        self._dropped = False  # the room's drop_too_slow() has run for this client
         self.closed = threading.Event()  # set once the socket is shut down
         # Started the first time it is needed (a full socket, or closing):
         # most clients never need one, and a thread costs memory.
@@ -855,7 +860,7 @@ class Client:
 
         Never waits and never touches the socket, so the room may call it
         while holding its lock. An overflowing client is too slow: its outbox
-        is emptied and closed, and the room must drop it. notice: join, leave
+        is emptied and takes nothing more, and the room must drop it. notice: join, leave
         or rename lines only, which may leave a little later (_take_batch()).
         """
         with self._outbox_lock:
@@ -1285,7 +1290,7 @@ class Notices:
             # its own join) may have overflowed its outbox.
             if not client.queue_notices(first, encoded[kind], shared, send=True) \
                     or client.too_slow:
-                self.room.drop(client, TOO_SLOW)
+                self.room.drop_too_slow(client)
         return True
 
 
@@ -2381,8 +2386,8 @@ class ChatServer(ChatRoom):
         # calls server_close(), which needs them.
         self._connected = set()  # every Client with a reader thread, joined or not
         self._places_taken = 0  # connections admitted, with a thread or about to be
-        self._room_closed = False  # close_room() has begun: it runs once
-        self._room_closed_done = threading.Event()  # ...and has ended
+        self._closing_began = False  # close_room() has begun: it runs once
+        self._closing_ended = threading.Event()  # ...and close_room() has ended
         # Not guarded by the room's lock: each of these has a lock of its own
         # (and none of them ever waits for the room's lock: no deadlock).
         self.addresses = Addresses(settings)
@@ -2588,7 +2593,7 @@ class ChatServer(ChatRoom):
 
     def _refusal_for(self, host):
         """Say why a new connection from host may not come in, or count it (lock held)."""
-        if self._shutting_down:
+        if self._said_goodbye:
             return SHUTTING_DOWN
         ban_left = self.addresses.ban_left(host)
         if ban_left > 0:
@@ -2620,7 +2625,7 @@ class ChatServer(ChatRoom):
             self._connected.add(client)
             # Admitted just before close_room() began, and not among those it
             # said goodbye to: its goodbye is said here.
-            too_late = self._shutting_down
+            too_late = self._said_goodbye
             if too_late:
                 client.queue_line("*** " + SHUTTING_DOWN)
         if too_late:
@@ -2798,7 +2803,7 @@ class ChatServer(ChatRoom):
         Read without the room's lock: a signal handler calls it, in the main
         thread, which may hold that lock at the moment (process_request()).
         """
-        return self._room_closed
+        return self._closing_began
 
     def close_room(self):
         """Tell everyone the server is shutting down and close every connection.
@@ -2808,14 +2813,14 @@ class ChatServer(ChatRoom):
         Called again, it waits for the first call to end.
         """
         with self._lock:
-            closing, self._room_closed = self._room_closed, True
+            closing, self._closing_began = self._closing_began, True
         if closing:
-            wait_in_slices(self._room_closed_done.wait, 2 * SHUTDOWN_GRACE_SECONDS + 60)
+            wait_in_slices(self._closing_ended.wait, 2 * SHUTDOWN_GRACE_SECONDS + 60)
             return
         try:
             self._close_room()
         finally:
-            self._room_closed_done.set()
+            self._closing_ended.set()
 
     def _close_room(self):
         """close_room()'s work, done once."""
@@ -2824,7 +2829,7 @@ class ChatServer(ChatRoom):
             # Redis link: what is still on its way through Redis is shown here
             # first; no newcomer sees the room unlinked before the goodbye.
             leaving = self._link.unlink() if self._link is not None else None
-            self._shutting_down = True
+            self._said_goodbye = True
             self.recorder.note("transcript", "=== The server is shutting down. ===")
             everyone = list(self._connected)
             shared = {}
@@ -2862,7 +2867,7 @@ class ChatServer(ChatRoom):
     def server_close(self):
         if self._link is not None:
             self._link.stop()
-        if self._room_closed:
+        if self._closing_began:
             self._refuse_the_backlog()
         super().server_close()
         self.notices.stop()

@@ -247,7 +247,7 @@ def test_student_dropped_as_too_slow_is_told_why_on_return(start_server, connect
     server = start_server()
     slow = joined("slow", server)
     client = next(client for client in server.snapshot()[0] if client.name == "slow")
-    server.drop(client, chat_server.TOO_SLOW)
+    server.drop_too_slow(client)
     slow.expect_closed()
     again = connect(server)
     again.expect_next("*** Welcome to the chat!")

@@ -663,7 +663,7 @@ def test_a_connection_admitted_just_before_the_room_closes_gets_one_goodbye(
 
     def late_register(room, client):
         closing.start()
-        wait_until(lambda: room._shutting_down, message="the room to begin closing")
+        wait_until(lambda: room._said_goodbye, message="the room to begin closing")
         return register(room, client)
 
     monkeypatch.setattr(chat_server.ChatServer, "register", late_register)
@@ -705,7 +705,7 @@ def test_nothing_is_said_in_the_room_after_the_goodbye(server, room):
     shutdown woke it, say) reached some students after "Server is shutting down."."""
     alice, bob = room("alice", "bob")
     with server._lock:
-        server._shutting_down = True  # the moment close_room() has begun
+        server._said_goodbye = True  # the moment close_room() has begun
     bob.send("too late")
     bob.send("/who")
     bob.expect_next("Online now")  # bob's line has been handled
