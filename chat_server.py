@@ -597,8 +597,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             else:
                 for line in lines:
                     self.recorder.note("silenced", (client.name, line))
-                self.notices.catch_up(client)
-                client.queue_line(silenced)
+                self._queue_for(client, silenced)
                 recipients = [client]
         self._send_queued(recipients)
 
@@ -643,6 +642,12 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 data = encoded[client.encode_lines] = client.encode_lines(lines)
             client.queue_bytes(data)
         return recipients if everyone is None else everyone
+
+    def _queue_for(self, client, line):
+        """Queue a line for one client only (lock held), after the waiting
+        notices it lacks: a reply never overtakes a join that came first."""
+        self.notices.catch_up(client)
+        client.queue_line(line)
 
     def _send_queued(self, clients):
         """Send what was queued for clients, and drop any that were too slow.
@@ -1153,9 +1158,9 @@ class Client:
 # a class that joins while thousands are in the room costs the late part of
 # the room one send per NOTICES_LATE_SECONDS, not one per join. It hooks
 # into the core where the room broadcasts (a notice is added, and anything
-# else first catches its clients up), where a client joins (it counts the
-# waiting ones as seen: they are in its history) and leaves, and in
-# Client.queue_notices().
+# else first catches its clients up), queues a line for one client
+# (_queue_for()) or replies (catch_up()), where a client joins (it counts
+# the waiting ones as given) and leaves, and in Client.queue_notices().
 
 
 class Notices:
@@ -2454,8 +2459,7 @@ class ChatServer(ChatRoom):
         if self._link is not None and self._link.hold_private(lines, *hold):
             return []
         for client, line in lines:
-            self.notices.catch_up(client)
-            client.queue_line(line)
+            self._queue_for(client, line)
         return [client for client, _ in lines]
 
     def rename(self, client, new_name):
@@ -2515,8 +2519,7 @@ class ChatServer(ChatRoom):
         """Send client the list of who is online, in the room's order: made when
         queued, a list could name someone whose leave line it follows."""
         with self._lock:
-            self.notices.catch_up(client)
-            client.queue_line(self._online_line())
+            self._queue_for(client, self._online_line())
         self._send_queued([client])
 
     def _wait_for_room_budget(self, client, lines):
@@ -2756,9 +2759,8 @@ class ChatServer(ChatRoom):
             client.muted = muted
             if self._link is not None:  # Redis link: muted on every server
                 self._link.note_muted(client.key, muted)
-            self.notices.catch_up(client)
-            client.queue_line(
-                "*** The teacher has muted you: your messages reach nobody for now."
+            self._queue_for(
+                client, "*** The teacher has muted you: your messages reach nobody for now."
                 if muted else "*** The teacher has unmuted you: you can chat again.")
         self._send_queued([client])
         return True
@@ -3498,7 +3500,7 @@ def describe_who(joined, waiting, elsewhere=()):
 
 def who_notes(client):
     """What the console's /who says of a joined client after its time online."""
-    notes = ["browser"] if client.encode_lines is encode_websocket_lines else []
+    notes = ["browser"] if client.via == "browser" else []
     if client.muted:
         notes.append("muted")
     return ", ".join(notes)
@@ -5075,8 +5077,7 @@ class RedisLink:
             if everything or now >= deadline or self._last_seen.get(server, 0) >= after:
                 for client, line in lines:
                     if self.room._joined.get(client.key) is client:  # not gone meanwhile
-                        self.room.notices.catch_up(client)
-                        client.queue_line(line)
+                        self.room._queue_for(client, line)
                         released.append(client)
                     elif whisper is not None:
                         self._tell_lost(whisper)
@@ -5539,8 +5540,7 @@ class RedisLink:
         self._remote_at_split = dict(self.room._remote)  # see _relink()
         self._set_remote({})
         for client in self.room._joined.values():
-            self.room.notices.catch_up(client)
-            client.queue_line(SPLIT_LINE)
+            self.room._queue_for(client, SPLIT_LINE)
         self.room.recorder.note("console", SPLIT_LINE[4:])
 
     def _show_pending(self):
@@ -5606,9 +5606,8 @@ class RedisLink:
                         self._whispers_sent.pop(event["n"], None)  # owned up to: once
                     sender = self.room._joined.get(fold_name(event["name"]))
                     if sender is not None:
-                        self.room.notices.catch_up(sender)
-                        sender.queue_line("*** Your whisper to %s %s." % (event["to"],
-                                                                          what_happened))
+                        self.room._queue_for(sender, "*** Your whisper to %s %s." % (
+                            event["to"], what_happened))
                         recipients.append(sender)
                 elif event["k"] not in ("reply", "lost", "missed"):  # answers: noted already
                     command = "unmute" if event["k"] == "mute" and not event["on"] \
@@ -5719,8 +5718,7 @@ class RedisLink:
             self._missed_due = time.monotonic() + self.silence_seconds
             clients = list(self.room._joined.values())
             for client in clients:
-                self.room.notices.catch_up(client)
-                client.queue_line(WHOLE_LINE)
+                self.room._queue_for(client, WHOLE_LINE)
             self.room.recorder.note("console", WHOLE_LINE[4:])
             if news:
                 self.room._broadcast(news)  # here only: each server tells its own
@@ -5903,11 +5901,10 @@ class RedisLink:
             if old_key in self._renamed_apart:  # the others know it by its name
                 # before the split: they hear of this rename from that one.
                 self._renamed_apart[key] = self._renamed_apart.pop(old_key)
-            self.room.notices.catch_up(client)
-            client.queue_line("*** While the servers were apart, a student on another "
-                              "server took %s %s: you are now %s." % (
-                                  "a name that looks like" if looks_like else "the name",
-                                  old_name, new_name))
+            self.room._queue_for(client, "*** While the servers were apart, a student on "
+                                 "another server took %s %s: you are now %s." % (
+                                     "a name that looks like" if looks_like else "the name",
+                                     old_name, new_name))
             recipients = self.room._broadcast("*** %s is now %s." % (old_name, new_name),
                                             exclude=client)
         if looks_like:
