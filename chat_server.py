@@ -25,7 +25,7 @@ How it works: three moving parts, at the top of the file in this order.
   * Each client (Client) has an outbox. Under the room's lock a line is only
     queued in every outbox (that fixes the order); after the lock, it is sent
     to each socket without waiting. (Join and leave lines wait a moment
-    longer, to go out in bulk: see Notices, at the end of the core.) What a
+    longer, to go out in bulk: see Notices, right after the core.) What a
     full socket cannot take stays queued, and that client's writer thread
     sends it when there is room. So one student who stops reading cannot
     slow anybody else down: only their own outbox fills up, and past
@@ -37,9 +37,8 @@ Ctrl+C (or /shutdown) runs ChatServer.stop_serving(): everyone is told
 goodbye and the room closes, then serve_forever() returns and main() ends
 (see stop_on_signal(), near the end).
 
-The core ends with the one part that is only there for speed: join and
-leave lines in bulk (Notices, for a big class). After the core come the
-parts that each add one thing: what protects the room (text
+After the core come the parts that each add one thing: join and leave
+lines in bulk (Notices, only there for speed), what protects the room (text
 cleaning, names nobody can fake, limits per connection, per computer and for
 the whole room, the greeting and the password), ChatServer, the students'
 commands, the teacher's console and transcript, the browser page (HTTP and a
@@ -273,7 +272,7 @@ class Settings:
 # bytes, cuts them into lines, and calls the room: say(), join(), leave().
 
 TOO_LONG = object()  # read_line()'s stand-in for a line longer than --max-line
-INTERRUPTED = object()  # take_bytes()' for telnet's Ctrl+C (IAC IP): read_line() says Bye
+INTERRUPTED = object()  # ...and for telnet's Ctrl+C (IAC IP): read_line() says Bye
 
 
 class NoAnswerInTime(Exception):
@@ -299,8 +298,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
         settings = self.room.settings
         self.client = Client(self.request, self.client_address, settings.sendq)
         self.client.renames = RateWindow(settings.nick_rate, 60)
-        self.telnet = TelnetFilter()
-        self.framer = LineFramer(settings.max_line)
+        # How its bytes become lines: a browser's upgrade swaps in WebSocketLines.
+        self.framing = TelnetLines(self.client, settings.max_line)
         self.lines = collections.deque()  # received, not yet handled
         self.flood = FloodLimiter(settings.flood_rate, settings.flood_burst)
         # Every byte is paced too (telnet NOPs, blank lines, over-long
@@ -310,7 +309,6 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.told_flood = False
         self.quitting = False  # set by /quit: chat() reads no more
         self.waiting_for = "a name"  # what a timeout before joining was waiting for
-        self.websocket = None  # a WebSocketLines once a browser has upgraded
         self.lines_read = 0  # a late browser request can only be the first
         enable_keepalive(self.request)
         # Non-blocking, so that whichever thread flushes this client's outbox
@@ -443,30 +441,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
             return data
 
     def take_bytes(self, data):
-        """Take raw bytes from the client: answer telnet, queue complete lines."""
-        if self.websocket is not None:  # a browser: frames, and no telnet filter
-            self.lines.extend(self.websocket.take_bytes(data))
-            return
-        text, answer = self.telnet.feed(data)
-        if answer:
-            self.client.send_bytes(answer)  # refusals of telnet options
-        for line in self.framer.feed(text):
-            self.lines.append(line if line is TOO_LONG else self.clean(line))
-        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
-            self.lines.append(INTERRUPTED)
-
-    def clean(self, raw):
-        """clean_line(), and TOO_LONG if that made it too long for any server.
-
-        Invalid UTF-8 grows as it becomes U+FFFD (one byte, three). Linked
-        servers take a line up to REDIS_TEXT_BYTES (or their --max-line):
-        past that, every one of them, this one too, would drop it.
-        """
-        line = clean_line(raw)
-        if "\ufffd" in line and len(line.encode("utf-8")) > max(
-                self.room.settings.max_line, REDIS_TEXT_BYTES):
-            return TOO_LONG
-        return line
+        """Take raw bytes from the client, and queue the complete lines in them."""
+        self.lines.extend(self.framing.take_bytes(data))  # TelnetLines: see below
 
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
@@ -1145,9 +1121,13 @@ class Client:
                 self.notices_seen = first + count
 
 
-# --- Join and leave lines in bulk: Notices ------------------------------------
-# Adds speed for a big class. Sent at once, like a chat line, each join would
-# cost one send to each of N clients: N*N small packets for a class of N
+# =============================================================================
+# Speed for a big class: join and leave lines in bulk (Notices). Sending
+# each at once, like a chat line, would be as correct; this makes a class of
+# thousands join fast.
+# =============================================================================
+
+# Sent at once, like a chat line, each join would cost one send to each of N clients: N*N small packets for a class of N
 # joining. So join, leave and rename lines (notices) wait in the room's
 # Notices, and its thread gives them out: those that came while it was
 # giving out the last ones go out together, one send per client for a whole
@@ -1308,9 +1288,9 @@ class Notices:
 # (process_request()).
 # =============================================================================
 
-# --- Text helpers: bytes in, clean lines out (no sockets here) ----------------
-# ChatHandler.take_bytes() passes what it reads through TelnetFilter,
-# LineFramer and clean_line(); ChatRoom.join() checks names here.
+# --- Text helpers: bytes in, clean lines out ----------------------------------
+# ChatHandler.take_bytes() passes what it reads to TelnetLines, which uses
+# TelnetFilter, LineFramer and clean_line(); ChatRoom.join() checks names here.
 
 # Telnet commands (RFC 854). A telnet client may send these glued to the
 # front of a line; we remove them and refuse every option.
@@ -1473,6 +1453,45 @@ class LineFramer:
         self._partial.clear()
         self._discarding = True
         return [TOO_LONG]
+
+
+class TelnetLines:
+    """Makes a TCP connection (nc, telnet, PuTTY) a line stream to ChatHandler.
+
+    take_bytes() takes bytes from the socket and returns the client's clean
+    lines: str, TOO_LONG for a line over --max-line, INTERRUPTED for telnet's
+    Ctrl+C. It refuses telnet's options itself. (A browser's WebSocketLines,
+    in "The browser page", does the same for WebSocket frames.)
+    """
+
+    def __init__(self, client, max_line):
+        self.client = client  # for the answers to telnet's options
+        self.max_line = max_line
+        self.telnet = TelnetFilter()
+        self.framer = LineFramer(max_line)
+
+    def take_bytes(self, data):
+        text, answer = self.telnet.feed(data)
+        if answer:
+            self.client.send_bytes(answer)  # refusals of telnet options
+        lines = [line if line is TOO_LONG else self.clean(line)
+                 for line in self.framer.feed(text)]
+        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
+            lines.append(INTERRUPTED)
+        return lines
+
+    def clean(self, raw):
+        """clean_line(), and TOO_LONG if that made it too long for any server.
+
+        Invalid UTF-8 grows as it becomes U+FFFD (one byte, three). Linked
+        servers take a line up to REDIS_TEXT_BYTES (or their --max-line):
+        past that, every one of them, this one too, would drop it.
+        """
+        line = clean_line(raw)
+        if "\ufffd" in line and len(line.encode("utf-8")) > max(
+                self.max_line, REDIS_TEXT_BYTES):
+            return TOO_LONG
+        return line
 
 
 def erase_backspaces(text):
@@ -4006,7 +4025,7 @@ def answer_http(handler, data):
     client.via = "browser"
     client.encode_lines = encode_websocket_lines
     client.closing_bytes = close_frame(CLOSE_NORMAL)  # kicked, /quit, shutdown
-    handler.websocket = WebSocketLines(client, handler.room)
+    handler.framing = WebSocketLines(client, handler.room)  # no telnet filter: frames
     handler.room.tell_console("Upgraded %s to a WebSocket: a browser student" % client,
                               host=client.host)
     if request.rest:  # frames sent right behind the request
@@ -4103,7 +4122,7 @@ def identify_late_request(handler, line):
     first prompt went out; it cannot be answered as HTTP any more, but it
     must never be taken as a password or a name.
     """
-    if handler.lines_read > 1 or handler.websocket is not None:
+    if handler.lines_read > 1 or isinstance(handler.framing, WebSocketLines):
         return False
     if not isinstance(line, str) or not HTTP_REQUEST.match(line):
         return False
