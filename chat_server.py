@@ -2744,20 +2744,6 @@ class ChatServer(ChatRoom):
         self._link.unmute_everywhere(name)
         return True
 
-    def lift_mutes(self, name, client=None):
-        """Forget the mutes of name (and of client's address), and unmute whoever
-        they held; True if there were any."""
-        host, key = (client.host, client.key) if client else (None, None)
-        hosts = self.addresses.unmute(name, host, key)
-        unmuted = bool(hosts)
-        # The student may be back under another name: unmute whoever was
-        # muted only by what was just forgotten.
-        for other in self.snapshot()[0]:
-            if other is client or (other.host in hosts and
-                                   not self.addresses.is_muted(other.host, other.key)):
-                unmuted = self.set_muted(other, False) or unmuted
-        return unmuted
-
     def has_joined(self, client):
         with self._lock:
             return client.key is not None and self._joined.get(client.key) is client
@@ -2974,6 +2960,21 @@ STUDENT_COMMANDS = {
 # shows room events here and hands them to the Transcript, from one thread.
 
 
+def lift_mutes(room, name, client=None):
+    """/unmute's rule: forget the mutes of name (and of client's address), and
+    unmute whoever they held; True if there were any."""
+    host, key = (client.host, client.key) if client else (None, None)
+    hosts = room.addresses.unmute(name, host, key)
+    unmuted = bool(hosts)
+    # The student may be back under another name: unmute whoever was
+    # muted only by what was just forgotten.
+    for other in room.snapshot()[0]:
+        if other is client or (other.host in hosts and
+                               not room.addresses.is_muted(other.host, other.key)):
+            unmuted = room.set_muted(other, False) or unmuted
+    return unmuted
+
+
 class TeacherConsole:
     """Reads the teacher's lines from stdin in a thread and acts on them.
 
@@ -3180,7 +3181,7 @@ class TeacherConsole:
                 self.room.unmute_elsewhere(argument)
                 self.tell(elsewhere)
                 return
-        unmuted = self.room.lift_mutes(argument, client)
+        unmuted = lift_mutes(self.room, argument, client)
         linked = self.room.unmute_elsewhere(argument)  # Redis link: on every server
         self.tell("%s is no longer muted." % argument if unmuted else
                   "%s is not muted here; the other servers are told to unmute them too."
@@ -5748,7 +5749,7 @@ class RedisLink:
         log.info("Linked through Redis again")
         self.room._send_queued(clients)
         for name in lifted:
-            if self.room.lift_mutes(name):
+            if lift_mutes(self.room, name):
                 self.room.tell_console("Another server's teacher unmuted %s while "
                                        "this server was cut off." % name)
 
@@ -6286,7 +6287,7 @@ class RedisLink:
             return
         if event.get("all"):  # to every server: an unmute (see unmute_everywhere())
             if kind == "mute" and not event["on"] and event["s"] != self.server_id and \
-                    self.room.lift_mutes(event["name"]):
+                    lift_mutes(self.room, event["name"]):
                 self.room.tell_console("Another server's teacher unmuted %s." % event["name"])
             return
         if kind == "lost":  # one of ours whispered to someone who had just gone
