@@ -2459,7 +2459,7 @@ class ChatServer(ChatRoom):
                 to = target if target is not None else remote
                 lines = [(client, "*** You whispered to %s: %s" % (to.name, text))]
                 if target is None:  # Redis link: over the other server's channel
-                    self._link.send_private(remote, {"k": "whisper", "name": client.name,
+                    self._link.publish_private(remote, {"k": "whisper", "name": client.name,
                                                      "to": remote.name, "text": text})
                 else:
                     lines.insert(0, (target, "%s whispers: %s" % (client.name, text)))
@@ -2729,7 +2729,7 @@ class ChatServer(ChatRoom):
             student = self._remote.get(fold_name(name))
             if student is None or self._link is None:
                 return None
-            self._link.send_private(student, dict(event, name=student.name))
+            self._link.publish_private(student, dict(event, name=student.name))
         return "Asked the server of %s to %s them." % (student.name, verb)
 
     def unmute_elsewhere(self, name):
@@ -4857,11 +4857,11 @@ class RedisLink:
         # while we were cut off, and the unmute sent then never reached us.
         self._mutes_stored = set()
         # Guarded by the room's lock (the link is part of the room), but for
-        # _outbox, a Queue, which has a lock of its own:
+        # _work, a Queue, which has a lock of its own:
         self.linked = True  # False during a split
         self._next_sequence = 0
         self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
-        self._outbox = queue.Queue(self.outbox_items)  # work for the writer thread
+        self._work = queue.Queue(self.outbox_items)  # work for the writer thread
         self._last_seen = {}  # server id -> highest sequence shown or skipped
         self._last_event = 0  # the number of the last room event we sent
         # Whispers waiting for the room events their sender sent before them
@@ -4897,7 +4897,7 @@ class RedisLink:
         self._missed_due = 0.0  # ...reported as missed from then, if still missing
         self._claimed = {}  # name key this server holds in Redis -> when claimed
         self._unheard = []  # private messages no server heard: sent again at each beat
-        self._writer = None  # the writer's RedisConnection
+        self._redis = None  # the writer's RedisConnection
         self._run_id = None  # Redis's run_id when we last asked: see _redis_restarted()
         self._restart_unsettled = False  # ...it changed, and we have not yet relinked
         self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
@@ -4916,17 +4916,17 @@ class RedisLink:
         """Connect, load the others' students and recent history; raise RedisStartError."""
         where = format_address((self.url.host, self.url.port))
         try:
-            self._writer = RedisConnection(self.url, self.silence_seconds)
+            self._redis = RedisConnection(self.url, self.silence_seconds)
             self._redis_restarted()  # notes which start of Redis this is
             # Before our heartbeat. A server split from Redis, or stood still,
             # has no heartbeat for a while: the lesson key outlives it.
             fresh = not self._scan(self._server_prefix + "*") and \
-                self._writer.call("EXISTS", self._lesson_key) == 0
+                self._redis.call("EXISTS", self._lesson_key) == 0
             if fresh:
                 # No server is linked, nor was lately: a new lesson. What an
                 # earlier class said, its quiet mode and mutes are not for
                 # this one (Redis may keep them for days: Debian's saves them).
-                self._writer.pipeline([("XTRIM", self.stream, "MAXLEN", 0),
+                self._redis.pipeline([("XTRIM", self.stream, "MAXLEN", 0),
                                        ("DEL", self._quiet_key), ("DEL", self._muted_key)])
             # The stream's end first, then the names: a student who joins in
             # between is in the roster and in the stream; a join read twice
@@ -4935,10 +4935,10 @@ class RedisLink:
             self._read_from = stream_position(self._last_id if "-" in self._last_id
                                               else "0-0")
             remote = self._load_roster()
-            quiet = self._writer.call("EXISTS", self._quiet_key) == 1
+            quiet = self._redis.call("EXISTS", self._quiet_key) == 1
             # Subscribed before anyone can join: a whisper to them is heard.
             self._listener = self._subscribe()
-            self._writer.pipeline(self._heartbeat_commands())
+            self._redis.pipeline(self._heartbeat_commands())
         except RedisError as error:
             self._drop_writer()
             raise RedisStartError("Redis at %s refused us: %s" % (where, error))
@@ -5001,7 +5001,7 @@ class RedisLink:
         with self._private_came:
             self._private_came.notify_all()  # a reader waiting at a mark
 
-    # -- The room's hooks: takes() and send_private() are called with the
+    # -- The room's hooks: takes() and publish_private() are called with the
     # room's lock held, and never wait; claim_name() is called without it --
 
     def takes(self, event, lines, exclude):
@@ -5019,7 +5019,7 @@ class RedisLink:
         if event["k"] == "quiet":
             self._quiet_waiting = stamped["n"]  # see _split_locked()
         try:
-            self._outbox.put_nowait(("event", stamped))
+            self._work.put_nowait(("event", stamped))
         except queue.Full:  # Redis takes less than we send: as good as gone
             # Split here, so that what is pending is shown before this event;
             # then it is an event of the split (a /quiet is noted so).
@@ -5040,7 +5040,7 @@ class RedisLink:
             name = self._renamed_apart.pop(fold_name(event["name"]), event["name"])
             self._left_apart[fold_name(name)] = name
 
-    def send_private(self, student, event):
+    def publish_private(self, student, event):
         """Queue a whisper, /kick or /mute for the server of a student elsewhere
         (or an answer to one: see _act_on_private())."""
         if not self.linked and event["k"] in ("lost", "reply") and \
@@ -5080,7 +5080,7 @@ class RedisLink:
 
     def _tell_lost(self, whisper):
         """A whisper from another server found no one here: its sender is told (lock held)."""
-        self.send_private(RemoteStudent(whisper["to"], whisper["s"]),
+        self.publish_private(RemoteStudent(whisper["to"], whisper["s"]),
                           {"k": "lost", "name": whisper["name"], "to": whisper["to"]})
 
     def _release_late(self):
@@ -5158,7 +5158,7 @@ class RedisLink:
 
     def _queue_work(self, item):
         try:
-            self._outbox.put_nowait(item)
+            self._work.put_nowait(item)
         except queue.Full:  # dropped: a split is coming (takes() declares it)
             self._note_console("Redis is too slow: the queue to it is full")
 
@@ -5186,8 +5186,8 @@ class RedisLink:
         next_beat, failing_since, delay = 0.0, None, self.retry_first_seconds
         while not self._stopping.is_set():
             try:
-                if self._writer is None:
-                    self._writer = RedisConnection(self.url, self.silence_seconds)
+                if self._redis is None:
+                    self._redis = RedisConnection(self.url, self.silence_seconds)
                     self._last_beat = time.monotonic(), time.time()
                     if self._redis_restarted():
                         self._restart_unsettled = True  # until all below is done
@@ -5198,7 +5198,7 @@ class RedisLink:
                         self._put_back_room_state()
                         self._restart_unsettled = False
                     failing_since, delay = None, self.retry_first_seconds
-                if self._writer is not None and not self.linked:
+                if self._redis is not None and not self.linked:
                     # Split by the reader, or by a full queue: start afresh.
                     raise socket.timeout("the link was split")
                 if time.monotonic() >= next_beat:
@@ -5237,7 +5237,7 @@ class RedisLink:
         under a second is no split, so nothing else would notice.
         """
         try:
-            info = self._writer.call("INFO", "server")
+            info = self._redis.call("INFO", "server")
         except RedisError:  # INFO may be refused to our user: restarts go unseen
             return False
         match = re.search(rb"\brun_id:(\w+)", info) if isinstance(info, bytes) else None
@@ -5259,25 +5259,25 @@ class RedisLink:
             commands.append(("SET", self._quiet_key, "1"))
         if muted:
             commands.append(("SADD", self._muted_key, *muted))
-        self._writer.pipeline(commands, self.silence_seconds)
+        self._redis.pipeline(commands, self.silence_seconds)
         log.info("Redis started again: put back %s%s", "quiet mode and " if quiet else "",
                  plural(len(muted), "mute"))
 
     def _drop_writer(self):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
 
     def _send_work(self, wait):
         """Send what the room queued, in one pipeline; wait up to wait seconds for it."""
         if not self._in_flight:
             try:
-                self._in_flight = [self._outbox.get(timeout=wait)]
+                self._in_flight = [self._work.get(timeout=wait)]
             except queue.Empty:
                 return
             while len(self._in_flight) < REDIS_READ_EVENTS:
                 try:
-                    self._in_flight.append(self._outbox.get_nowait())
+                    self._in_flight.append(self._work.get_nowait())
                 except queue.Empty:
                     break
         # A private message to a server that has one held (unheard) waits
@@ -5291,7 +5291,7 @@ class RedisLink:
             return
         self._check_not_paused()  # before anything queued while it stood still goes out
         plan = [(item, self._commands_for(item)) for item in self._in_flight]
-        replies = self._writer.pipeline([command for _, commands in plan
+        replies = self._redis.pipeline([command for _, commands in plan
                                          for command in commands], self.silence_seconds)
         self._in_flight = []
         position, releases = 0, []  # keys a refused claim set, to let go after the answers
@@ -5466,7 +5466,7 @@ class RedisLink:
         commands += [("EXPIRE", self._name_prefix + key, self.name_ttl_seconds) for key in keys]
         # Stamped as sent: a Ctrl+Z while the answer is on its way still counts.
         sent = time.monotonic(), time.time()
-        replies = self._writer.pipeline(commands, self.silence_seconds)
+        replies = self._redis.pipeline(commands, self.silence_seconds)
         self._last_beat = sent
         lost = [key for key, kept in zip(keys, replies[len(commands) - len(keys):]) if not kept]
         if lost:  # another server thought we were dead and freed these
@@ -5502,7 +5502,7 @@ class RedisLink:
         if not servers:
             self._missing_since.clear()
             return
-        alive = self._writer.pipeline([("EXISTS", self._server_prefix + server)
+        alive = self._redis.pipeline([("EXISTS", self._server_prefix + server)
                                        for server in servers], self.silence_seconds)
         # Dead only once its heartbeat has been missing for as long again as
         # it lasts: after a Redis restart lost every key, a live server may be
@@ -5522,7 +5522,7 @@ class RedisLink:
         # Each name is freed only if the dead server still holds it: a live
         # server may have claimed it since. One that no one holds (Redis
         # restarted) is freed by the first to ask (see REAP_SCRIPT).
-        won = self._writer.pipeline(
+        won = self._redis.pipeline(
             [("EVAL", REAP_SCRIPT, 2, self._name_prefix + fold_name(student.name),
               "%s%s:%s" % (self._reaped_prefix, student.server, fold_name(student.name)),
               student.server, self.name_ttl_seconds) for student in orphans],
@@ -5544,7 +5544,7 @@ class RedisLink:
         with self.room._lock:
             self._split_locked(reason)
             recipients = list(self.room._joined.values())
-        self._drain_outbox()
+        self._drain_work()
         self.room._send_queued(recipients)
 
     def _split_locked(self, reason):
@@ -5574,12 +5574,12 @@ class RedisLink:
                 self._release_held()
         self._pending.clear()
 
-    def _drain_outbox(self):
+    def _drain_work(self):
         """Forget queued work after a split: its events were shown here already."""
         dropped = []
         while True:
             try:
-                dropped.append(self._outbox.get_nowait())
+                dropped.append(self._work.get_nowait())
             except queue.Empty:
                 break
         self._forget(dropped)
@@ -5588,7 +5588,7 @@ class RedisLink:
         """The writer's part of a split: what it had sent is no more its business."""
         in_flight, self._in_flight = self._in_flight, []
         self._forget(in_flight)
-        self._drain_outbox()
+        self._drain_work()
 
     def _forget(self, items):
         """Work lost to a split: answer claims, keep mutes, own up to private messages.
@@ -5648,7 +5648,7 @@ class RedisLink:
         for key in sorted(set(self._claimed) - local):
             self._release_if_ours(key)  # they left during the split
         self._reclaim(sorted(local))
-        newest = stream_entries(self._writer.call("XREVRANGE", self.stream, "+", "-",
+        newest = stream_entries(self._redis.call("XREVRANGE", self.stream, "+", "-",
                                                   "COUNT", 1))
         # An empty stream that we had read from: Redis forgot the room (it
         # restarted with nothing saved), its quiet mode too, and we are the
@@ -5661,8 +5661,8 @@ class RedisLink:
         # back before us set it since (a server started meanwhile found none).
         forgotten = forgotten or (restarted and not quiet_told)
         remote = self._load_roster()  # after the stream's end: see connect()
-        quiet_elsewhere = self._writer.call("EXISTS", self._quiet_key) == 1
-        muted_in_redis = self._writer.call("SMEMBERS", self._muted_key)
+        quiet_elsewhere = self._redis.call("EXISTS", self._quiet_key) == 1
+        muted_in_redis = self._redis.call("SMEMBERS", self._muted_key)
         # A look-alike of one of ours that joined elsewhere during the split:
         # ours takes a new name, as with the same name (see _reclaim()).
         looks = {look: key for key, student in remote.items() for look in looks_of(student.name)}
@@ -5731,7 +5731,7 @@ class RedisLink:
             lifted = [] if restarted or forgotten else self._mutes_lifted_apart(muted_in_redis)
             answers, self._answers_apart = self._answers_apart, []
             for student, event in answers:
-                self.send_private(student, event)
+                self.publish_private(student, event)
             # Reported once the listener has had time to read what a frozen
             # channel held (see _report_missed()).
             self._missed_marks = missed
@@ -5782,7 +5782,7 @@ class RedisLink:
         self._missed_marks = []
         with self.room._lock:  # the link numbers what it sends under the room's lock
             for server, sequence in missed:
-                self.send_private(RemoteStudent("", server), {"k": "missed", "m": sequence})
+                self.publish_private(RemoteStudent("", server), {"k": "missed", "m": sequence})
 
     def _read_skipped(self, newest, restarted=False):
         """What the split hid from the reader (it goes on from the stream's end).
@@ -5804,7 +5804,7 @@ class RedisLink:
         marks, changed, quiet_told, read = [], {}, False, 0
         first_keys = {}  # (server, a name key now) -> the key of that student's before
         while read < REDIS_STREAM_EVENTS:
-            entries = stream_entries(self._writer.call(
+            entries = stream_entries(self._redis.call(
                 "XRANGE", self.stream, start, newest, "COUNT", REDIS_READ_EVENTS))
             if entries and entries[0][0] == start:
                 entries = entries[1:]  # read already (no "(" before Redis 6.2)
@@ -5872,7 +5872,7 @@ class RedisLink:
     def _release_key_if_ours(self, redis_key):
         # Look and delete in one script, which Redis runs whole: with a GET
         # then a DEL, a name another server claimed in between would be lost.
-        self._writer.call("EVAL", RELEASE_IF_OURS_SCRIPT, 1, redis_key, self.server_id)
+        self._redis.call("EVAL", RELEASE_IF_OURS_SCRIPT, 1, redis_key, self.server_id)
 
     def _reclaim(self, keys, rejoin=False):
         """Claim again the names of our students; rename those taken meanwhile."""
@@ -5881,8 +5881,8 @@ class RedisLink:
                 client = self.room._joined.get(key)
             if client is None:
                 continue
-            if self._holds(self._writer.call("GET", self._name_prefix + key)) or \
-                    self._writer.call("SET", self._name_prefix + key,
+            if self._holds(self._redis.call("GET", self._name_prefix + key)) or \
+                    self._redis.call("SET", self._name_prefix + key,
                                       self._name_value(client.name), "NX", "EX",
                                       self.name_ttl_seconds) is not None:
                 self._claimed[key] = time.monotonic()
@@ -5907,7 +5907,7 @@ class RedisLink:
             with self.room._lock:
                 if self.room._name_taken(key, looks, client):
                     continue  # taken here, or by a look-alike
-            if self._writer.call("SET", self._name_prefix + key, self._name_value(new_name),
+            if self._redis.call("SET", self._name_prefix + key, self._name_value(new_name),
                                  "NX", "EX", self.name_ttl_seconds) is not None:
                 break
         self._claimed[key] = time.monotonic()
@@ -5936,7 +5936,7 @@ class RedisLink:
         """Every key that matches pattern (SCAN, a thousand at a time)."""
         keys, cursor = [], b"0"
         while True:
-            reply = (connection or self._writer).call("SCAN", cursor, "MATCH", pattern,
+            reply = (connection or self._redis).call("SCAN", cursor, "MATCH", pattern,
                                                       "COUNT", 1000)
             if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
                     and all(isinstance(key, bytes) for key in reply[1])
@@ -5950,7 +5950,7 @@ class RedisLink:
     def _load_roster(self):
         """The students on other servers, from the name keys in Redis."""
         keys = self._scan(self._name_prefix + "*")
-        values = self._writer.call("MGET", *keys) if keys else []
+        values = self._redis.call("MGET", *keys) if keys else []
         remote = {}
         for value in values:
             try:
@@ -5971,7 +5971,7 @@ class RedisLink:
         # enough entries do (REDIS_STREAM_EVENTS at most, the whole stream).
         entries, end, shown = [], "+", 0
         while shown < count and len(entries) < REDIS_STREAM_EVENTS:
-            page = stream_entries(self._writer.call("XREVRANGE", self.stream, end, "-",
+            page = stream_entries(self._redis.call("XREVRANGE", self.stream, end, "-",
                                                     "COUNT", count + 1))
             if entries and page and page[0][0] == end:
                 page = page[1:]  # the last one of the page before (no "(" before Redis 6.2)
@@ -6311,7 +6311,7 @@ class RedisLink:
                 if kind == "whisper":
                     self._tell_lost(event)
                 else:
-                    self.send_private(RemoteStudent(name, event["s"]), {
+                    self.publish_private(RemoteStudent(name, event["s"]), {
                         "k": "reply", "name": name,
                         "text": "%s is not on this server any more." % name})
         elif kind == "whisper":
@@ -6332,7 +6332,7 @@ class RedisLink:
             with self.room._lock:  # the link numbers what it sends under the room's lock
                 for text in answers:
                     self.room.recorder.note("console", text)
-                    self.send_private(RemoteStudent(name, event["s"]),
+                    self.publish_private(RemoteStudent(name, event["s"]),
                                       {"k": "reply", "name": name, "text": text})
 
 

@@ -975,7 +975,7 @@ def test_a_whisper_to_a_server_cut_off_that_never_came_is_owned_up_to_at_its_rel
     proxy, a, b, amy, bob = split_rooms
     bob.send("/msg amy are you there?")
     bob.expect("*** You whispered to amy: are you there?")
-    wait_until(lambda: b._link._outbox.empty() and not b._link._in_flight,
+    wait_until(lambda: b._link._work.empty() and not b._link._in_flight,
                message="the whisper and its mark sent")
     proxy.thaw()  # a's connections are cut: what Redis sent into them is gone
     bob.expect("*** Your whisper to amy may not have arrived", timeout=SPLIT_TIMEOUT)
@@ -1011,7 +1011,7 @@ def test_a_leave_sent_at_the_relink_leaves_a_name_claimed_elsewhere_since(
     try:
         proxy.thaw()
         amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)  # a's leave is queued
-        wait_until(lambda: a._link._outbox.empty() and not a._link._in_flight,
+        wait_until(lambda: a._link._work.empty() and not a._link._in_flight,
                    message="a's leave of zoe sent")
         redis = redis_server.connect()
         try:
@@ -1037,7 +1037,7 @@ def test_a_whisper_that_comes_through_after_a_cut_is_not_owned_up_to(
     amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
     bob.send("/msg amy are you there?")
     bob.expect("*** You whispered to amy: are you there?")
-    wait_until(lambda: b._link._outbox.empty() and not b._link._in_flight,
+    wait_until(lambda: b._link._work.empty() and not b._link._in_flight,
                message="the whisper and its mark sent")
     proxy.refusing = False
     amy.expect("bob whispers: are you there?", timeout=SPLIT_TIMEOUT)
@@ -1095,7 +1095,7 @@ def test_a_whisper_held_in_a_frozen_channel_through_a_split_is_not_owned_up_to(
     wait_until(held.is_set, message="a's listener held")
     bob.send("/msg amy are you there?")
     bob.expect("*** You whispered to amy: are you there?")
-    wait_until(lambda: b._link._outbox.empty() and not b._link._in_flight,
+    wait_until(lambda: b._link._work.empty() and not b._link._in_flight,
                message="the whisper and its mark sent")
     proxy.resume()  # the same connections: the channel brings it now
     amy.expect("bob whispers: are you there?", timeout=SPLIT_TIMEOUT)
@@ -1390,10 +1390,10 @@ def test_quiet_mode_that_finds_the_queue_to_redis_full_is_one_for_the_room_after
     amy = join(a, "amy")
     bob = join(b, "bob")
     with a._lock:
-        queue_to_redis, a._link._outbox = a._link._outbox, AlwaysFull()
+        queue_to_redis, a._link._work = a._link._work, AlwaysFull()
     TeacherConsole(a, None).handle_line("/quiet on")
     with a._lock:
-        a._link._outbox = queue_to_redis
+        a._link._work = queue_to_redis
     amy.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
     amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
     bob.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
@@ -1701,7 +1701,7 @@ def test_a_namesake_leaving_another_server_during_a_redis_restart_is_not_taken_f
     wait_until(lambda: c.find("bob") is None, message="c's bob gone")
     redis_server.restart()  # empty
     to_c.refusing = False
-    wait_until(lambda: c._link.linked and c._link._outbox.empty() and not c._link._in_flight,
+    wait_until(lambda: c._link.linked and c._link._work.empty() and not c._link._in_flight,
                timeout=SPLIT_TIMEOUT, message="c back, its leave of bob sent")
     to_a.refusing = False
     alice.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
