@@ -81,13 +81,15 @@ Licence: MIT (see LICENSE).
 # Glossary, the words used everywhere below:
 #   client      one connection, from nc, telnet, PuTTY, --connect or a browser.
 #   address     the computer a client connects from (its IP address, one
-#               spelling: see normal_host); limits, bans and mutes use it.
+#               spelling: see normal_host; a Client's host); limits, bans
+#               and mutes use it. (A Client's address field adds the port.)
 #   name        what a client is called once it has joined; unique, compared
 #               after NFKC normalisation and case folding (its "key").
 #   line        one line of text, as typed; the server ends each it sends
 #               with CR LF.
 #   room event  a join, message, action, rename, announcement or leave: a line
-#               that every joined client sees, in the same order.
+#               that every joined client sees, in the same order. (Between
+#               linked servers, an event is that as data: see ROOM_EVENTS.)
 #   outbox      a client's queue of bytes not yet sent, bounded by --sendq (and
 #               one longer piece, such as a newcomer's history: see
 #               Client._queue()); what a full socket cannot take, its writer
@@ -1889,7 +1891,7 @@ class Addresses:
         self.per_address = settings.per_address
         self.clock = clock
         self._lock = threading.Lock()  # guards every field below
-        self._connected = collections.Counter()  # host -> open connections
+        self._open_from = collections.Counter()  # host -> its connections open now
         self._joins = {}  # host -> FloodLimiter of joins
         self._failures = {}  # host -> [wrong passwords, when it may try again, the last]
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
@@ -1907,9 +1909,9 @@ class Addresses:
         with self._lock:
             if self.clock() >= self._next_sweep:
                 self._forget_the_past()
-            if self.per_address and self._connected[host] >= self.per_address:
+            if self.per_address and self._open_from[host] >= self.per_address:
                 return False
-            self._connected[host] += 1
+            self._open_from[host] += 1
             return True
 
     def _forget_the_past(self):
@@ -1940,9 +1942,9 @@ class Addresses:
 
     def disconnect(self, host):
         with self._lock:
-            self._connected[host] -= 1
-            if self._connected[host] <= 0:
-                del self._connected[host]
+            self._open_from[host] -= 1
+            if self._open_from[host] <= 0:
+                del self._open_from[host]
 
     def text_delay(self, host, size):
         """Take size bytes of student text from host; return how long it must wait.
@@ -2659,7 +2661,7 @@ class ChatServer(ChatRoom):
             self._connected.discard(client)
         self._free_place(client.host)
 
-    def connection_count(self):
+    def places_taken(self):
         """How many connections are open (admitted, not yet finished), joined or not."""
         with self._lock:
             return self._places_taken

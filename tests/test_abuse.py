@@ -173,7 +173,7 @@ def test_connections_past_per_address_are_refused_before_a_thread(start_server, 
                 if line.startswith("Accepted new client: 127.0.0.2")]
     assert len(accepted) == 2  # the third never got a thread
     first.close()
-    wait_until(lambda: server.connection_count() == 2, message="the first one to be gone")
+    wait_until(lambda: server.places_taken() == 2, message="the first one to be gone")
     computer(2, server).expect("What is your name?")  # a place is free again
 
 
@@ -252,7 +252,7 @@ def test_a_computer_that_connects_very_often_is_counted_on_the_console_not_shown
         computer(2, server).close()  # "Accepted new client", then "Closed connection"
     computer(3, server)  # another student, in the middle of it
     expect_console(caplog, "Accepted new client: 127.0.0.3")
-    wait_until(lambda: server.connection_count() == 1, message="the 30 to be closed")
+    wait_until(lambda: server.places_taken() == 1, message="the 30 to be closed")
     wait_until(lambda: sum(connection_lines_from("127.0.0.2", caplog)) == 60,
                message="every line shown or counted")
     shown, counted = connection_lines_from("127.0.0.2", caplog)
@@ -426,7 +426,7 @@ def ipv6_server(start_server_at, **settings):
         pytest.skip("no IPv6 loopback here: %s" % error)
     probe.expect("What is your name?")  # admitted, so counted until it is gone
     probe.close()
-    wait_until(lambda: server.connection_count() == 0, message="the probe to be gone")
+    wait_until(lambda: server.places_taken() == 0, message="the probe to be gone")
     return server
 
 
@@ -438,7 +438,7 @@ def test_kicked_over_ipv4_cannot_rejoin_over_ipv6_loopback(start_server_at):
     try:
         console.handle_line("/kick bob")
         bob.expect_closed()
-        wait_until(lambda: server.connection_count() == 0, message="bob gone")
+        wait_until(lambda: server.places_taken() == 0, message="bob gone")
         again = ChatClient(("::1", port))
         assert read_until_closed(again) == [
             "*** You were removed by the teacher. Try again in 5 minutes."]
@@ -501,7 +501,7 @@ def test_join_spam_from_one_address_waits_and_is_told_so(start_server, computer,
         assert not any("Many people joined" in line for line in bot.seen)
         bot.send("/quit")
         bot.expect_closed()
-        wait_until(lambda: server.connection_count() == 0, message="the bot gone")
+        wait_until(lambda: server.places_taken() == 0, message="the bot gone")
     late = computer(2, server)
     late.send("late")
     told = late.expect("*** Many people joined")
@@ -775,7 +775,7 @@ def test_wrong_passwords_past_the_free_ones_make_the_address_wait(
     assert server.addresses.password_wait("127.0.0.2") == 0  # two were free
     # Closed on the client's side a moment before the server counts them gone:
     # a third connection sooner is one too many from that computer.
-    wait_until(lambda: server.connection_count() == 0, message="the guessers to be gone")
+    wait_until(lambda: server.places_taken() == 0, message="the guessers to be gone")
     third = computer(2, server)
     third.expect("Password?")
     third.send("guess")

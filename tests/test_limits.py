@@ -222,7 +222,7 @@ def test_flooder_kicked_while_held_back_sends_nothing_more(start_server, room):
     bob.expect_next("*** You are sending lines too fast")  # "flood 1" is held back now
     TeacherConsole(server, None).handle_line("/kick bob")
     alice.expect_next("*** bob left the chat.")
-    wait_until(lambda: server.connection_count() == 2, message="bob's reader to finish")
+    wait_until(lambda: server.places_taken() == 2, message="bob's reader to finish")
     alice.expect_nothing_before(carol)
 
 
@@ -252,7 +252,7 @@ def test_slow_reader_whose_writer_is_stuck_is_dropped_at_once(start_server, room
     alice.expect_next("bob says: yyy")
     alice.expect_next(SLOW_LEFT)
     # Closed by the server at once, although slow has not read a byte more.
-    wait_until(lambda: server.connection_count() == 2, message="the slow connection to close")
+    wait_until(lambda: server.places_taken() == 2, message="the slow connection to close")
     # The console line goes through the recorder thread: it may come a moment later.
     line = expect_console(caplog, "Disconnecting slow (127.0.0.1:")
     assert line.endswith(": too slow to keep up"), line
@@ -275,7 +275,7 @@ def test_shutdown_closes_a_stalled_connection_within_two_seconds(
     server.close_room()  # what Ctrl+C does, before the process exits
     took = time.monotonic() - started
     alice.expect_next("*** Server is shutting down.")
-    wait_until(lambda: server.connection_count() == 0, message="every connection to close")
+    wait_until(lambda: server.places_taken() == 0, message="every connection to close")
     read_until_closed(stalled)
     assert took < 2 * chat_server.SHUTDOWN_GRACE_SECONDS + 0.5, "took %.1f s" % took
 
@@ -544,7 +544,7 @@ def test_shutdown_ends_as_soon_as_every_connection_has_closed(server, room, monk
     started = time.monotonic()
     server.close_room()
     took = time.monotonic() - started
-    assert server.connection_count() == 0
+    assert server.places_taken() == 0
     assert took < 1.5, "took %.2f s" % took
     alice.expect_next("*** Server is shutting down.")
 
@@ -749,7 +749,7 @@ def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, j
     extra = connect(server)
     assert extra.expect_closed() == ["*** The room is full (2 connected). Try again later."]
     waiting.close()
-    wait_until(lambda: server.connection_count() == 1, message="the place to be freed")
+    wait_until(lambda: server.places_taken() == 1, message="the place to be freed")
     joined("bob", server)
     alice.expect_next("bob joined")
 

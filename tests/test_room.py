@@ -119,7 +119,7 @@ def test_leave_is_announced_once_for_each_abrupt_reset(joined, server, room):
         client.reset()
     leaves = [alice.expect_next(" left the chat.") for _ in names]
     assert sorted(leaves) == sorted("*** %s left the chat." % n for n in names)
-    wait_until(lambda: server.connection_count() == 2, message="resets to be cleaned up")
+    wait_until(lambda: server.places_taken() == 2, message="resets to be cleaned up")
     alice.expect_nothing_before(frank)
 
 
@@ -146,7 +146,7 @@ def test_connect_and_disconnect_cycles_leave_no_client_or_thread_behind(room, co
             client.close()
         else:
             client.reset()
-    wait_until(lambda: server.connection_count() == 2, message="all connections closed")
+    wait_until(lambda: server.places_taken() == 2, message="all connections closed")
     wait_until(lambda: threading.active_count() <= threads_before,
                message="threads to finish (%d before)" % threads_before)
     events = [alice.expect_next(" the chat.") for _ in range(200)]
