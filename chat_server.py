@@ -354,9 +354,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             line = self.read_line(deadline)
             if line is None:
                 return False
-            if line is not TOO_LONG and says_nothing(line):
-                self.skip_blank_lines()
-            hold_back_flood(self)
+            hold_back_flood(self, blank=line is not TOO_LONG and says_nothing(line))
             if line is TOO_LONG:
                 problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
             elif not line.strip():
@@ -383,9 +381,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             if line is None or self.client.closed.is_set():
                 return
             blank = line is not TOO_LONG and says_nothing(line)
-            if blank:
-                self.skip_blank_lines()
-            hold_back_flood(self)  # every line, even blank or too long, is paced
+            hold_back_flood(self, blank)  # every line, even blank or too long, is paced
             if line is TOO_LONG:
                 self.reply("*** That line was longer than %d bytes and was not sent."
                            % self.room.settings.max_line)
@@ -415,18 +411,6 @@ class ChatHandler(socketserver.StreamRequestHandler):
             return None
         # A browser's request that came after the greeting (see "The browser page").
         return None if identify_late_request(self, line) else line
-
-    def skip_blank_lines(self):
-        """Drop the blank lines that wait right behind a blank one.
-
-        Each line is paced (hold_back_flood()), blank ones too, or a flood
-        of them would cost the server a step each; but a run of them,
-        which says nothing, is paced as one. Else a student who sent
-        thousands of blank lines and closed would stay in the room for as
-        many fifths of a second. (Real lines are all paced, and all sent.)
-        """
-        while self.lines and isinstance(self.lines[0], str) and says_nothing(self.lines[0]):
-            self.lines.popleft()
 
     def wait_for_bytes(self, timeout=None):
         """Wait about timeout seconds for bytes: b'' at the end, None if none came.
@@ -1842,8 +1826,17 @@ class RateWindow:
 # and ask_name() call hold_back_flood(), handle_line() calls more_messages().
 
 
-def hold_back_flood(handler):
-    """Delay this client's next line if it is sending too fast."""
+def hold_back_flood(handler, blank=False):
+    """Delay this client's next line if it is sending too fast.
+
+    blank: the line says nothing (says_nothing()). The blank lines right
+    behind it are dropped, so that a run of them is paced as one line: else
+    a student who sent thousands and closed would stay in the room for as
+    many fifths of a second. (Real lines are all paced, and all sent.)
+    """
+    while blank and handler.lines and isinstance(handler.lines[0], str) and \
+            says_nothing(handler.lines[0]):
+        handler.lines.popleft()
     delay = handler.flood.delay_for()
     if delay <= 0:
         handler.told_flood = False  # it slowed down: warn again next time
