@@ -103,7 +103,15 @@ if sys.version_info < (3, 9):  # checked first: older ones fail at the imports
     sys.exit("chat_server.py needs Python 3.9 or newer; this is Python %d.%d."
              % tuple(sys.version_info[:2]))
 
-import argparse  # noqa: E402  (after the version check)
+import signal  # noqa: E402  (after the version check)
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # A Ctrl+C while the server starts (before serve() sets its handlers:
+    # stop_on_signal()) ends it as the OS would, with no traceback. (The
+    # line client catches KeyboardInterrupt itself: main() puts it back.)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import argparse  # noqa: E402
 import base64
 import binascii
 import bisect
@@ -122,7 +130,6 @@ import queue
 import re
 import selectors
 import shlex
-import signal
 import socket
 import socketserver
 import struct
@@ -237,7 +244,10 @@ EXIT_OK = 0
 EXIT_STARTUP_ERROR = 2  # also argparse's status for a bad flag
 EXIT_CONNECT_FAILED = 1
 EXIT_INTERRUPTED = 130  # a second Ctrl+C during the shutdown: 128 + SIGINT
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl+C, a service manager's stop
+# Ctrl+C, a service manager's stop, and (not on Windows) the terminal closing:
+# each says goodbye to everyone. Under nohup the last is ignored, and stays so.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + (
+    (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 log = logging.getLogger("chat_server")
 
@@ -6761,12 +6771,23 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.connect:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # set at the top
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # it ends quietly
         return run_line_client(args.connect)
     stop_logging = configure_logging()
     try:
         return serve(args, argv)
     finally:
         stop_logging()
+
+
+def handle_stop_signals(handler):
+    """Set handler for each of STOP_SIGNALS, but SIGHUP if it was ignored when
+    we started: nohup does that, so that the server outlives its terminal."""
+    for stop_signal in STOP_SIGNALS:
+        if stop_signal in (signal.SIGINT, signal.SIGTERM) or \
+                signal.getsignal(stop_signal) is not signal.SIG_IGN:
+            signal.signal(stop_signal, handler)
 
 
 def stop_on_signal(server):
@@ -6781,8 +6802,7 @@ def stop_on_signal(server):
     def handler(signum, frame):
         if server.is_closing():  # /shutdown began it: this is a second stop
             exit_at_once(signum, frame)
-        for stop_signal in STOP_SIGNALS:
-            signal.signal(stop_signal, exit_at_once)
+        handle_stop_signals(exit_at_once)
         threading.Thread(target=server.stop_serving, name="shutdown", daemon=True).start()
 
     return handler
@@ -6847,16 +6867,14 @@ def serve(args, argv):
         if stdin.isatty() and not in_background(stdin):
             log.info("Type here to announce to everyone; /help lists your commands.")
         TeacherConsole(server, stdin).start()
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, stop_on_signal(server))
+    handle_stop_signals(stop_on_signal(server))
     try:
         server.serve_forever(SHUTDOWN_POLL_SECONDS)  # returns after stop_serving()
     except KeyboardInterrupt:
         pass  # a Ctrl+C before the handler was in place
     finally:
         # From here on, a second Ctrl+C means "stop now", not a traceback.
-        for stop_signal in STOP_SIGNALS:
-            signal.signal(stop_signal, exit_at_once)
+        handle_stop_signals(exit_at_once)
         server.close_room()  # done already by stop_serving(), unless interrupted
         server.server_close()
         if transcript is not None:

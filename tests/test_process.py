@@ -245,6 +245,67 @@ def test_sigterm_shuts_down_in_good_order():
     assert status == 0
 
 
+def joined_alone(server):
+    """alice, joined to a server started with --max-clients 1; the main thread
+    has finished starting her thread (see test_sigterm_shuts_down_in_good_order())."""
+    alice = server.join("alice")
+    latecomer = server.client()
+    latecomer.send("bob")
+    assert "room is full" in latecomer.expect_closed()[0]
+    return alice
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+def test_closing_the_terminal_tells_everyone_goodbye():
+    """SIGHUP: the teacher closed the terminal window, or their SSH session ended."""
+    with server_process("--max-clients", "1") as server:
+        alice = joined_alone(server)
+        server.process.send_signal(signal.SIGHUP)
+        status = server.process.wait(TIMEOUT)
+        alice.expect_next("*** Server is shutting down.")
+        alice.close()
+    assert status == 0
+
+
+NOHUP_LAUNCHER = (
+    "import runpy, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+def test_under_nohup_the_server_outlives_its_terminal():
+    with server_process("--max-clients", "2", launcher=NOHUP_LAUNCHER) as server:
+        alice = server.join("alice")
+        server.process.send_signal(signal.SIGHUP)
+        server.join("bob")  # the room still admits, and tells alice
+        alice.expect_next("*** bob joined the chat.")
+        assert server.process.poll() is None
+
+
+# Presses Ctrl+C while chat_server.py imports its modules (at "import ipaddress").
+CTRL_C_AT_START_LAUNCHER = (
+    "import os, runpy, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "class CtrlC:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'ipaddress':\n"
+    "            os.kill(os.getpid(), signal.SIGINT)\n"
+    "sys.meta_path.insert(0, CtrlC())\n"
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+@POSIX_SIGNALS
+def test_ctrl_c_while_the_server_starts_shows_no_traceback():
+    process = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_AT_START_LAUNCHER, SERVER_SCRIPT, "--port", "0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.communicate(timeout=TIMEOUT)[0].decode("utf-8", "replace")
+    assert process.returncode == -signal.SIGINT  # ended by it, as the OS ends a program
+    assert "Traceback" not in output, output
+
+
 def test_server_with_stdin_at_eof_keeps_serving():
     with server_process() as server:  # stdin is /dev/null
         alice = server.client()
