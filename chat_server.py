@@ -1629,11 +1629,14 @@ SCRIPT_MIXES = [{"CHINESE", "HIRAGANA", "KATAKANA"}, {"CHINESE", "HANGUL"}]
 
 # Letters that look like a Latin letter, and the letter they look like. The
 # standard library has no Unicode confusables table; this short one covers
-# the look-alikes of Latin, Greek and Cyrillic that a keyboard can type.
+# the look-alikes of Latin, Greek, Cyrillic and Armenian that a keyboard can
+# type, and two modifier letters drawn as _ and . (ˍ, ꞏ).
 LOOK_ALIKES = str.maketrans({
     "а": "a", "в": "b", "е": "e", "ё": "e", "і": "i", "ј": "j", "к": "k", "м": "m",
     "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s",
-    "ԁ": "d", "һ": "h", "ӏ": "l", "ԛ": "q", "ԝ": "w", "ь": "b",
+    "ԁ": "d", "һ": "h", "ӏ": "l", "ԛ": "q", "ԝ": "w", "ь": "b", "г": "r",
+    "օ": "o", "ս": "u", "հ": "h", "ո": "n", "ց": "g", "զ": "q", "ա": "w",
+    "ˍ": "_", "ꞏ": ".",
     "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o",
     "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ω": "w",
     "ı": "i", "ȷ": "j", "ɑ": "a", "ɡ": "g", "ʟ": "l", "ɪ": "i", "ᴀ": "a", "ʙ": "b",
@@ -1670,12 +1673,32 @@ def name_problem(name):
     if len(scripts) > 1 and not any(scripts <= mix for mix in SCRIPT_MIXES):
         return "Write a name in one alphabet (this one mixes %s)." % " and ".join(
             sorted(script.title() for script in scripts))
-    # Digits are taken off both after the skeleton ("r00t" is root) and
-    # before it (else "teacher1" would read as "teacherl").
-    if NAME_DECORATIONS.sub("", skeleton(name)) in RESERVED_SKELETONS or \
-            skeleton(NAME_DECORATIONS.sub("", name)) in RESERVED_SKELETONS:
+    if is_reserved(name):
         return "The name %s is reserved." % name
+    if is_ip_address(name):  # "127.0.0.9 says: ..." would have the teacher ban 127.0.0.9
+        return "A name may not be an address."
     return None
+
+
+def is_reserved(name):
+    """True if name reads as one of RESERVED_NAMES, however decorated.
+
+    Accents are taken off, and all but the letters a to z: "teachér",
+    "teacher_", "teacherˍ". Digits are taken off both after the skeleton
+    ("r00t" is root) and before it (else "teacher1" would read as "teacherl").
+    """
+    bare = "".join(character for character in unicodedata.normalize("NFD", name)
+                   if unicodedata.category(character)[0] != "M")
+    return any(re.sub("[^a-z]", "", form) in RESERVED_NAMES
+               for form in (skeleton(bare), skeleton(NAME_DECORATIONS.sub("", bare))))
+
+
+def is_ip_address(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def name_scripts(name):
@@ -1739,7 +1762,6 @@ def looks_of(name):
     return ("folded", skeleton(name)), ("as typed", as_typed.replace("rn", "m").replace("vv", "w"))
 
 
-RESERVED_SKELETONS = frozenset(skeleton(name) for name in RESERVED_NAMES)
 
 
 # --- Limits: per connection, per computer, for the whole room -----------------

@@ -1075,7 +1075,9 @@ def test_a_capital_i_looks_like_a_small_l_and_nothing_else(room, connect):
                                   "te\u0430cher", "\u1d1beacher", "teache\u027e",
                                   "r\u09e6\u09e6t", "ADMIN", "teacher1", "Teacher_0",
                                   "1teacher", "admin01", "server-1",
-                                  "\ua4d4\ua4f0\ua4ee\ua4da\ua4e7\ua4f0\ua4e3"], ids=ascii)
+                                  "\ua4d4\ua4f0\ua4ee\ua4da\ua4e7\ua4f0\ua4e3",
+                                  "teacher\u02cd", "teacher\ua78f", "teach\u00e9r",
+                                  "\u0442\u0435\u0430\u0441\u04bb\u0435\u0433"], ids=ascii)
 def test_decorated_forms_of_teacher_are_refused(connect, name):
     line = ask_name(connect(), name)
     assert "reserved" in line or ONE_ALPHABET in line, line

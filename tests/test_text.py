@@ -209,9 +209,10 @@ def test_valid_names_are_accepted(name):
         ("\u0301accent", "only letters"),
         ("Teacher", "reserved"),
         ("ＡＤＭＩＮ", "reserved"),
+        ("127.0.0.9", "not be an address"),
     ],
     ids=["empty", "21 characters", "space", "punctuation", "symbol",
-         "starts with a mark", "reserved", "reserved in full width"],
+         "starts with a mark", "reserved", "reserved in full width", "an IP address"],
 )
 def test_invalid_names_are_refused_with_a_reason(name, reason):
     assert reason in name_problem(name)
@@ -231,6 +232,13 @@ def test_names_that_differ_in_case_fold_to_one_key_when_folding_undoes_normalisa
 @pytest.mark.parametrize("name, look_alike", [("mary", "rnary"), ("wendy", "vvendy")])
 def test_letters_that_together_look_like_another_letter_share_a_skeleton(name, look_alike):
     """rn looks like m and vv like w in most terminal fonts: both cannot be online."""
+    assert skeleton(look_alike) == skeleton(name)
+
+
+@pytest.mark.parametrize("name, look_alike", [("hugo", "\u0570\u057d\u0581\u0585"),
+                                              ("boris", "bo\u0433is")],
+                         ids=["Armenian", "Cyrillic ge"])
+def test_armenian_and_cyrillic_letters_drawn_as_latin_ones_share_a_skeleton(name, look_alike):
     assert skeleton(look_alike) == skeleton(name)
 
 
