@@ -3622,6 +3622,8 @@ HTTP_HEAD_MAX_LINES = 100  # header lines in one request
 HTTP_HEAD_TIMEOUT_SECONDS = 10.0  # fixed: --name-timeout 0 does not lift it
 HTTP_SEND_SECONDS = 30.0  # to send this file (100 KiB) over a poor Wi-Fi link
 WEBSOCKET_PATH = "/chat"  # where the page opens its WebSocket
+PAGE_LINES_KEPT = 1000  # the page forgets older lines: laying out the log (each
+#                         new line does) costs a browser about 1 ms per 1000
 WEBSOCKET_MIN_MESSAGE_BYTES = 64 * 1024  # see websocket_message_limit()
 SOURCE_FILE_NAME = "chat_server.py"  # GET /chat_server.py downloads this file
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
@@ -4194,7 +4196,9 @@ h1 { font-size: 1.15rem; margin: 0; }
 #status { margin: 0; color: var(--muted); flex: 1; }
 #status.gone { color: var(--alert); font-weight: bold; }
 a { color: var(--accent); }
-#log { flex: 1; overflow-y: auto; padding: 0.5rem 0.75rem; line-height: 1.4;
+/* overflow-anchor: the script keeps a reader's place itself, in every browser */
+#log { flex: 1; overflow-y: auto; overflow-anchor: none; padding: 0.5rem 0.75rem;
+  line-height: 1.4;
   overflow-wrap: anywhere; white-space: pre-wrap; }
 #log div { padding: 0.05rem 0; }
 #log .server { color: var(--server); background: var(--server-bg);
@@ -4229,13 +4233,22 @@ function nearBottom() {
   return log.scrollHeight - log.scrollTop - log.clientHeight < 48;
 }
 
-function show(text, kind) {
+// Adds [text, kind] pairs to the log: one layout and one scroll for them all.
+function show(lines) {
   const follow = nearBottom();
-  const line = document.createElement("div");
-  line.className = kind;
-  line.textContent = text;  // text only: never parsed as HTML
-  log.appendChild(line);
-  if (follow) log.scrollTop = log.scrollHeight;  // unless the student scrolled up
+  for (const [text, kind] of lines) {
+    const line = document.createElement("div");
+    line.className = kind;
+    line.textContent = text;  // text only: never parsed as HTML
+    log.appendChild(line);
+  }
+  let removed = 0;  // the height of the oldest lines, forgotten
+  while (log.childElementCount > PAGE_LINES_KEPT) {
+    if (!follow) removed += log.firstElementChild.getBoundingClientRect().height;
+    log.firstElementChild.remove();
+  }
+  if (follow) log.scrollTop = log.scrollHeight;  // unless the student scrolled up:
+  else if (removed) log.scrollTop -= removed;  // then what they read stays put
 }
 
 function askingPassword(on) {
@@ -4247,12 +4260,14 @@ function received(event) {
   // Each message carries one or more whole lines, each ended by CR LF.
   const lines = String(event.data).split("\\r\\n");
   lines.pop();
+  const shown = [];
   for (const text of lines) {
     const fromServer = text.startsWith("*** ");
-    show(text, fromServer ? "server" : "said");
+    shown.push([text, fromServer ? "server" : "said"]);
     // Only the server's own question: a teacher's line may end in "Password?".
     if (fromServer) askingPassword(text === "*** This room has a password. Password?");
   }
+  show(shown);
 }
 
 function disconnected() {
@@ -4260,7 +4275,7 @@ function disconnected() {
   socket = null;
   status.textContent = "Disconnected";
   status.className = "gone";
-  show("*** Disconnected from the chat.", "server");
+  show([["*** Disconnected from the chat.", "server"]]);
   form.hidden = true;
   again.hidden = false;
   document.getElementById("rejoin").focus();
@@ -4287,13 +4302,13 @@ form.addEventListener("submit", (event) => {
   if (socket === null || socket.readyState !== WebSocket.OPEN) return;
   const text = input.value;
   socket.send(text);
-  show(input.type === "password" ? "\\u2022".repeat(8) : text, "mine");
+  show([[input.type === "password" ? "\\u2022".repeat(8) : text, "mine"]]);
   input.value = "";
   askingPassword(false);
 });
 document.getElementById("rejoin").addEventListener("click", join);
 join();
-""".replace("WEBSOCKET_PATH", WEBSOCKET_PATH)
+""".replace("WEBSOCKET_PATH", WEBSOCKET_PATH).replace("PAGE_LINES_KEPT", str(PAGE_LINES_KEPT))
 
 PAGE_TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
