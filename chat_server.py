@@ -207,7 +207,8 @@ RECORDER_PAUSE_SECONDS = 0.005  # woken by a room event, the recorder first wait
 #   this long: the thread that spoke sends to everyone meanwhile, without the
 #   recorder taking turns with it at the interpreter (Python threads take turns:
 #   see "Why not let a writer thread..." in the README). Measured: a fifth off
-#   the time a line takes to reach 30 students; a console line is 5 ms late.
+#   the time a line takes to reach 30 students; a console line is 5 ms late
+#   (about 16 ms on Windows before Python 3.11, whose sleeps are coarser).
 CONSOLE_ENDS_PER_SECOND = 3  # more Ctrl+Ds than this: the terminal is gone
 CONSOLE_FOREGROUND_CHECK_SECONDS = 0.5  # how often a backgrounded console looks
 HELD_BACK_REPORT_SECONDS = 10.0  # the console counts a muted student's lines
@@ -955,19 +956,21 @@ class Client:
         except OSError:
             return len(data)  # the peer is gone; its reader sees that and leaves
 
-    def close_when_sent(self):
+    def close_when_sent(self, give_up_after=SHUTDOWN_GRACE_SECONDS):
         """Take no more data; send what is queued, then close (never under a lock).
 
-        A reader that takes nothing (a suspended nc) is closed anyway, after
-        SHUTDOWN_GRACE_SECONDS: else a kicked student who stopped reading
-        would hold their place, and a thread, for as long as they like.
+        What is still unsent give_up_after seconds from now is dropped (the
+        soonest such time counts, if called again): else a kicked student
+        whose nc is suspended would hold their place, and a thread, for as
+        long as they like. A download waits longer (send_http_answer()).
         """
+        give_up_at = time.monotonic() + give_up_after
         with self._outbox_lock:
             if self.closing_bytes and not self._finishing:
                 self._outbox.append(self.closing_bytes)
                 self._outbox_bytes += len(self.closing_bytes)
-            if self._give_up_at is None:
-                self._give_up_at = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+            if self._give_up_at is None or give_up_at < self._give_up_at:
+                self._give_up_at = give_up_at
             self._finishing = True
         self.flush()
         with self._outbox_lock:
@@ -1128,8 +1131,8 @@ class Client:
 # thousands join fast.
 # =============================================================================
 
-# Sent at once, like a chat line, each join would cost one send to each of N clients: N*N small packets for a class of N
-# joining. So join, leave and rename lines (notices) wait in the room's
+# Sent at once, like a chat line, each join would cost one send to each of N
+# clients: N*N small packets for a class of N joining. So join, leave and rename lines (notices) wait in the room's
 # Notices, and its thread gives them out: those that came while it was
 # giving out the last ones go out together, one send per client for a whole
 # burst. A round that new notices interrupt starts again from the top: the
@@ -1693,12 +1696,17 @@ def is_reserved(name):
                for form in (skeleton(bare), skeleton(NAME_DECORATIONS.sub("", bare))))
 
 
-def is_ip_address(text):
+def is_ip_address(name):
+    """True if name reads as an IP address: 10.0.0.9, but also l0.O.0.9 or １０.０.０.９."""
+    text = ascii_digits(unicodedata.normalize("NFKC", name)).translate(DIGIT_LOOK_ALIKES)
     try:
         ipaddress.ip_address(text)
     except ValueError:
         return False
     return True
+
+
+DIGIT_LOOK_ALIKES = str.maketrans("lIoO", "1100")
 
 
 def name_scripts(name):
@@ -1760,8 +1768,6 @@ def looks_of(name):
     text = ascii_digits(unicodedata.normalize("NFKC", name))
     as_typed = text.translate(CAPITAL_I_AS_L).translate(LOOK_ALIKES)
     return ("folded", skeleton(name)), ("as typed", as_typed.replace("rn", "m").replace("vv", "w"))
-
-
 
 
 # --- Limits: per connection, per computer, for the whole room -----------------
@@ -3620,7 +3626,7 @@ HTTP_HEAD_MAX_BYTES = 16 * 1024  # a real browser's request head is under 2 KiB
 HTTP_LINE_MAX_BYTES = 8 * 1024  # one header line (long cookies, say)
 HTTP_HEAD_MAX_LINES = 100  # header lines in one request
 HTTP_HEAD_TIMEOUT_SECONDS = 10.0  # fixed: --name-timeout 0 does not lift it
-HTTP_SEND_SECONDS = 30.0  # to send this file (100 KiB) over a poor Wi-Fi link
+HTTP_SEND_SECONDS = 30.0  # to send this file (about 320 KiB) over a poor Wi-Fi link
 WEBSOCKET_PATH = "/chat"  # where the page opens its WebSocket
 PAGE_LINES_KEPT = 1000  # the page forgets older lines: laying out the log (each
 #                         new line does) costs a browser about 1 ms per 1000
@@ -4093,7 +4099,7 @@ def send_http_answer(client, answer):
     # --sendq, which is meant for chat lines piling up for a slow reader.
     client.sendq_bytes = max(client.sendq_bytes, len(answer))
     client.send_bytes(answer)
-    client.close_when_sent()
+    client.close_when_sent(HTTP_SEND_SECONDS)
     client.wait_closed(HTTP_SEND_SECONDS)  # ends early at shutdown
 
 
@@ -4233,7 +4239,9 @@ function nearBottom() {
   return log.scrollHeight - log.scrollTop - log.clientHeight < 48;
 }
 
-// Adds [text, kind] pairs to the log: one layout and one scroll for them all.
+let owed = 0;  // the part of a scroll the browser rounded off: added to the next
+
+// Adds [text, kind] pairs to the log, then scrolls once for them all.
 function show(lines) {
   const follow = nearBottom();
   for (const [text, kind] of lines) {
@@ -4242,13 +4250,18 @@ function show(lines) {
     line.textContent = text;  // text only: never parsed as HTML
     log.appendChild(line);
   }
-  let removed = 0;  // the height of the oldest lines, forgotten
-  while (log.childElementCount > PAGE_LINES_KEPT) {
-    if (!follow) removed += log.firstElementChild.getBoundingClientRect().height;
-    log.firstElementChild.remove();
+  const extra = log.childElementCount - PAGE_LINES_KEPT;
+  if (extra > 0) {  // the oldest lines go; a student scrolled up keeps their place
+    const kept = log.children[extra];
+    const before = follow ? 0 : kept.getBoundingClientRect().top;
+    while (log.firstElementChild !== kept) log.firstElementChild.remove();
+    if (!follow) {
+      const wanted = log.scrollTop + kept.getBoundingClientRect().top - before + owed;
+      log.scrollTop = wanted;
+      owed = wanted - log.scrollTop;
+    }
   }
-  if (follow) log.scrollTop = log.scrollHeight;  // unless the student scrolled up:
-  else if (removed) log.scrollTop -= removed;  // then what they read stays put
+  if (follow) log.scrollTop = log.scrollHeight;  // unless the student scrolled up
 }
 
 function askingPassword(on) {
@@ -4415,7 +4428,7 @@ REDIS_NAME_TTL_SECONDS = 60  # longer than a heartbeat: the reaper, not expiry, 
 REDIS_LESSON_GAP_SECONDS = 300  # a room no server has beaten in for this long (or
 #                                 whose last server stopped) begins a new lesson
 REDIS_STREAM_EVENTS = 10000  # events kept in the stream (XADD MAXLEN ~)
-REDIS_OUTBOX_ITEMS = 10000  # work queued for Redis; full means Redis is too slow
+REDIS_WORK_ITEMS = 10000  # work queued for Redis; full means Redis is too slow
 REDIS_READ_EVENTS = 100  # events taken in one XREAD (each at most ~20 KB)
 REDIS_MAX_BULK_BYTES = 1024 * 1024  # the longest string we accept from Redis
 REDIS_MAX_ARRAY_ITEMS = 100000  # the most items in one array from Redis
@@ -4879,7 +4892,7 @@ class RedisLink:
     heartbeat_ttl_seconds = REDIS_HEARTBEAT_TTL_SECONDS
     name_ttl_seconds = REDIS_NAME_TTL_SECONDS
     looks_seconds = REDIS_LOOKS_SECONDS
-    outbox_items = REDIS_OUTBOX_ITEMS
+    work_items = REDIS_WORK_ITEMS
 
     def __init__(self, room, url):
         self.room = room
@@ -4895,6 +4908,7 @@ class RedisLink:
         self._reaped_prefix = prefix + "reaped:"  # a dead server's leaves announced (_reap())
         self._quiet_key = prefix + "quiet"
         self._muted_key = prefix + "muted"  # a set of the name keys muted anywhere
+        self._unmuted_key = prefix + "unmuted"  # ...and of those unmuted since (_relink())
         self._lesson_key = prefix + "lesson"  # kept alive by every server's heartbeat
         # Name keys muted in Redis, as this server last heard (note_muted(),
         # and each claim of a name): a muted student who reconnects to
@@ -4913,7 +4927,7 @@ class RedisLink:
         self.linked = True  # False during a split
         self._next_sequence = 0
         self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
-        self._work = queue.Queue(self.outbox_items)  # work for the writer thread
+        self._work = queue.Queue(self.work_items)  # work for the writer thread
         self._last_seen = {}  # server id -> highest sequence shown or skipped
         self._last_event = 0  # the number of the last room event we sent
         # Whispers waiting for the room events their sender sent before them
@@ -4979,7 +4993,8 @@ class RedisLink:
                 # earlier class said, its quiet mode and mutes are not for
                 # this one (Redis may keep them for days: Debian's saves them).
                 self._redis.pipeline([("XTRIM", self.stream, "MAXLEN", 0),
-                                       ("DEL", self._quiet_key), ("DEL", self._muted_key)])
+                                       ("DEL", self._quiet_key), ("DEL", self._muted_key),
+                                       ("DEL", self._unmuted_key)])
             # The stream's end first, then the names: a student who joins in
             # between is in the roster and in the stream; a join read twice
             # is shown once, a join missed would leave them unknown.
@@ -4992,10 +5007,10 @@ class RedisLink:
             self._listener = self._subscribe()
             self._redis.pipeline(self._heartbeat_commands())
         except RedisError as error:
-            self._drop_writer()
+            self._close_redis()
             raise RedisStartError("Redis at %s refused us: %s" % (where, error))
         except OSError as error:
-            self._drop_writer()
+            self._close_redis()
             raise RedisStartError("Cannot reach Redis at %s: %s. Is redis-server running?"
                                   % (where, getattr(error, "strerror", None) or error))
         with self.room._lock:
@@ -5096,7 +5111,7 @@ class RedisLink:
         """Queue a whisper, /kick or /mute for the server of a student elsewhere
         (or an answer to one: see _act_on_private())."""
         if not self.linked and event["k"] in ("lost", "reply") and \
-                len(self._answers_apart) < REDIS_OUTBOX_ITEMS:
+                len(self._answers_apart) < REDIS_WORK_ITEMS:
             # The listener heard a message before the writer relinked: the
             # answer goes at the relink (its asker is still waiting for it).
             self._answers_apart.append((student, event))
@@ -5264,7 +5279,7 @@ class RedisLink:
                 # what was in flight is sent again (read twice, shown once).
                 # Silence, or a link down for long, is.
                 failing_since = failing_since or time.monotonic()
-                self._drop_writer()
+                self._close_redis()
                 if isinstance(error, (socket.timeout, RedisError)) or \
                         time.monotonic() - failing_since > self.silence_seconds:
                     self.split(error)
@@ -5276,7 +5291,7 @@ class RedisLink:
                 if self._stopping.is_set():
                     break
                 log.error("Redis writer: %r", error)
-                self._drop_writer()
+                self._close_redis()
                 self.split(error)
                 self._forget_in_flight()
 
@@ -5315,7 +5330,7 @@ class RedisLink:
         log.info("Redis started again: put back %s%s", "quiet mode and " if quiet else "",
                  plural(len(muted), "mute"))
 
-    def _drop_writer(self):
+    def _close_redis(self):
         if self._redis is not None:
             self._redis.close()
             self._redis = None
@@ -5464,8 +5479,9 @@ class RedisLink:
                 event = dict(event, after_id=self._last_added[1])
             return [("PUBLISH", item[1], json.dumps(event, ensure_ascii=False))]
         if kind == "mute":  # as wanted now, not as when it was queued
-            return [("SADD" if self._mutes_wanted.get(item[1]) else "SREM",
-                     self._muted_key, item[1])]
+            if self._mutes_wanted.get(item[1]):
+                return [("SADD", self._muted_key, item[1]), ("SREM", self._unmuted_key, item[1])]
+            return [("SREM", self._muted_key, item[1]), ("SADD", self._unmuted_key, item[1])]
         # "claim": the value says which server holds the name; and is it muted?
         # Then its looks, held a moment: a look-alike given on another server
         # at the same time (before either join is back from the stream) is refused.
@@ -5714,7 +5730,8 @@ class RedisLink:
         forgotten = forgotten or (restarted and not quiet_told)
         remote = self._load_roster()  # after the stream's end: see connect()
         quiet_elsewhere = self._redis.call("EXISTS", self._quiet_key) == 1
-        muted_in_redis = self._redis.call("SMEMBERS", self._muted_key)
+        muted_in_redis, unmuted_in_redis = self._redis.pipeline(
+            [("SMEMBERS", self._muted_key), ("SMEMBERS", self._unmuted_key)])
         # A look-alike of one of ours that joined elsewhere during the split:
         # ours takes a new name, as with the same name (see _reclaim()).
         looks = {look: key for key, student in remote.items() for look in looks_of(student.name)}
@@ -5780,7 +5797,8 @@ class RedisLink:
             unmutes, self._unmutes_apart = self._unmutes_apart, set()
             for name in sorted(unmutes):
                 self._send_unmute_to_all(name)
-            lifted = [] if restarted or forgotten else self._mutes_lifted_apart(muted_in_redis)
+            lifted = [] if restarted or forgotten else self._mutes_lifted_apart(
+                muted_in_redis, unmuted_in_redis)
             answers, self._answers_apart = self._answers_apart, []
             for student, event in answers:
                 self.publish_private(student, event)
@@ -5805,17 +5823,21 @@ class RedisLink:
                 self.room.tell_console("Another server's teacher unmuted %s while "
                                        "this server was cut off." % name)
 
-    def _mutes_lifted_apart(self, muted_in_redis):
-        """The names whose mutes we hold that Redis no longer lists (lock held).
+    def _mutes_lifted_apart(self, muted_in_redis, unmuted_in_redis):
+        """The names whose mutes we hold that were lifted elsewhere during the
+        split (lock held): forgotten here too.
 
-        Someone unmuted them elsewhere during the split: forgotten here too.
+        Lifted means Redis lists them as unmuted, and no more as muted: a
+        muted set that is merely gone (a new lesson begun by a server that
+        restarted meanwhile) lifts nothing.
         """
-        if not isinstance(muted_in_redis, list):
-            return []
-        stored_now = {key.decode("utf-8", "replace") for key in muted_in_redis
-                      if isinstance(key, bytes)}
+        def keys(reply):
+            return {key.decode("utf-8", "replace") for key in reply
+                    if isinstance(key, bytes)} if isinstance(reply, list) else set()
+
+        unmuted = keys(unmuted_in_redis) - keys(muted_in_redis)
         lifted = sorted(key for key in self._mutes_stored
-                        if self._mutes_wanted.get(key) and key not in stored_now)
+                        if self._mutes_wanted.get(key) and key in unmuted)
         names = []
         for key in lifted:
             self._mutes_wanted[key] = False
@@ -6820,11 +6842,16 @@ def main(argv=None):
 
 def handle_stop_signals(handler):
     """Set handler for each of STOP_SIGNALS, but SIGHUP if it was ignored when
-    we started: nohup does that, so that the server outlives its terminal."""
+    we started: nohup does that, so that the server outlives its terminal.
+
+    During the shutdown (handler is exit_at_once), SIGHUP is ignored: the
+    terminal closing just after a Ctrl+C must not cut the goodbye short.
+    """
     for stop_signal in STOP_SIGNALS:
-        if stop_signal in (signal.SIGINT, signal.SIGTERM) or \
-                signal.getsignal(stop_signal) is not signal.SIG_IGN:
+        if stop_signal in (signal.SIGINT, signal.SIGTERM):
             signal.signal(stop_signal, handler)
+        elif signal.getsignal(stop_signal) is not signal.SIG_IGN:
+            signal.signal(stop_signal, signal.SIG_IGN if handler is exit_at_once else handler)
 
 
 def stop_on_signal(server):
@@ -6908,7 +6935,7 @@ def serve(args, argv):
     try:
         server.serve_forever(SHUTDOWN_POLL_SECONDS)  # returns after stop_serving()
     except KeyboardInterrupt:
-        pass  # a Ctrl+C before the handler was in place
+        pass  # a Ctrl+C before the handler was in place (main() called, not run as a script)
     finally:
         # From here on, a second Ctrl+C means "stop now", not a traceback.
         handle_stop_signals(exit_at_once)

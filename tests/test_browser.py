@@ -639,6 +639,34 @@ def test_source_file_downloads_whole_even_past_a_small_sendq(start_server):
     assert len(body) == len(open(chat_server.__file__, "rb").read())
 
 
+def test_source_file_downloads_whole_to_a_slow_reader(start_server, monkeypatch):
+    """A download may take a while (HTTP_SEND_SECONDS): closing after it is sent
+    must not give up as soon as after a goodbye line (SHUTDOWN_GRACE_SECONDS)."""
+    monkeypatch.setattr(chat_server, "SHUTDOWN_GRACE_SECONDS", 0.05)
+    keepalive = chat_server.enable_keepalive
+
+    def small_send_buffer(sock):  # the server's side of a slow link holds little
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        keepalive(sock)
+
+    monkeypatch.setattr(chat_server, "enable_keepalive", small_send_buffer)
+    server = start_server()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow link
+        sock.settimeout(TIMEOUT)
+        sock.connect(server.server_address)
+        sock.sendall(b"GET /chat_server.py HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        received = []
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                break
+            received.append(data)
+            time.sleep(0.002)  # reads slowly: the pace is what this test is about
+    body = b"".join(received).split(b"\r\n\r\n", 1)[1]
+    assert body == open(chat_server.__file__, "rb").read()
+
+
 class ChunkedReads:
     """Feeds read_request_head(): recv() returns the given chunks, then None (a timeout)."""
 

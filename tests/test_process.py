@@ -267,6 +267,29 @@ def test_closing_the_terminal_tells_everyone_goodbye():
     assert status == 0
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+def test_closing_the_terminal_during_the_goodbye_does_not_cut_it_short():
+    """Ctrl+C, then the window is closed at once: a stalled client keeps the
+    goodbye going for a moment, and the SIGHUP lands in it."""
+    with server_process("--flood-rate", "0", "--sendq", "100000000", "--max-line", "100000",
+                        launcher=CTRL_C_LAUNCHER) as server:
+        alice = server.join("alice")
+        stalled = server.client(rcvbuf=4096)
+        stalled.send("stalled")  # joins, then never reads
+        alice.expect_next("stalled joined")
+        for _ in range(80):  # 8 MB: the stalled client's socket buffers fill up
+            alice.send("z" * 100_000)
+        server.expect_log("alice says: z")
+        server.process.send_signal(signal.SIGINT)
+        server.expect_log("Shutting down")
+        server.process.send_signal(signal.SIGHUP)
+        status = server.process.wait(TIMEOUT)
+        stderr = server.stderr_text()
+        stalled.close()
+    assert status == 0, stderr
+    assert "Stopped at once" not in stderr
+
+
 NOHUP_LAUNCHER = (
     "import runpy, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
     "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"

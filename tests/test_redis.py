@@ -888,7 +888,7 @@ def test_a_silent_redis_splits_the_room_and_the_local_room_goes_on(
 @redis
 def test_a_stuck_redis_never_stalls_the_local_room(linked, join, proxies, monkeypatch):
     monkeypatch.setattr(chat_server.RedisLink, "silence_seconds", 30.0)  # no split by time
-    monkeypatch.setattr(chat_server.RedisLink, "outbox_items", 5)
+    monkeypatch.setattr(chat_server.RedisLink, "work_items", 5)
     proxy = proxies()
     a = linked(via=proxy)
     alice, amy = join(a, "alice"), join(a, "amy")
@@ -1866,7 +1866,8 @@ def test_a_mute_put_back_after_a_split_sends_the_state_wanted_now(linked):
     link = linked()._link
     link.note_muted("amy", True)
     link.note_muted("amy", False)
-    assert link._commands_for(("mute", "amy")) == [("SREM", "class:muted", "amy")]
+    assert link._commands_for(("mute", "amy")) == [("SREM", "class:muted", "amy"),
+                                                  ("SADD", "class:unmuted", "amy")]
 
 
 @redis
@@ -2008,6 +2009,30 @@ def test_an_unmute_typed_while_the_students_server_is_cut_off_reaches_it_at_the_
     proxy.thaw()
     sam.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
     sam.expect("The teacher has unmuted you", timeout=SPLIT_TIMEOUT)
+
+
+@redis
+def test_a_mute_gone_from_redis_with_no_unmute_stays_at_the_relink(
+        linked, join, proxies, quick_split):
+    """Redis's muted names can go without anyone typing /unmute (a server that
+    started a new lesson meanwhile cleared them): the mute held here stays."""
+    proxy = proxies()
+    a, b = linked(), linked(via=proxy)
+    sam = join(b, "sam")
+    TeacherConsole(a, None).handle_line("/mute sam")  # b holds the mute
+    sam.expect("The teacher has muted you")
+    wait_until(lambda: "sam" in b._link._mutes_stored, message="b to store the mute")
+    proxy.freeze()
+    sam.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    redis = chat_server.RedisConnection(a._link.url)
+    try:
+        redis.call("DEL", a._link._muted_key)
+    finally:
+        redis.close()
+    proxy.thaw()
+    sam.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    sam.send("still muted?")
+    sam.expect("*** Not sent: the teacher has muted you.")
 
 
 @redis

@@ -210,9 +210,12 @@ def test_valid_names_are_accepted(name):
         ("Teacher", "reserved"),
         ("ＡＤＭＩＮ", "reserved"),
         ("127.0.0.9", "not be an address"),
+        ("l0.O.0.9", "not be an address"),
+        ("\uff11\uff10.\uff10.\uff10.\uff19", "not be an address"),
     ],
     ids=["empty", "21 characters", "space", "punctuation", "symbol",
-         "starts with a mark", "reserved", "reserved in full width", "an IP address"],
+         "starts with a mark", "reserved", "reserved in full width", "an IP address",
+         "an IP address in look-alike letters", "an IP address in full width"],
 )
 def test_invalid_names_are_refused_with_a_reason(name, reason):
     assert reason in name_problem(name)
