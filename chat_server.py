@@ -1696,6 +1696,9 @@ def is_reserved(name):
                for form in (skeleton(bare), skeleton(NAME_DECORATIONS.sub("", bare))))
 
 
+DIGIT_LOOK_ALIKES = str.maketrans("lIoO", "1100")  # for is_ip_address()
+
+
 def is_ip_address(name):
     """True if name reads as an IP address: 10.0.0.9, but also l0.O.0.9 or １０.０.０.９."""
     text = ascii_digits(unicodedata.normalize("NFKC", name)).translate(DIGIT_LOOK_ALIKES)
@@ -1704,9 +1707,6 @@ def is_ip_address(name):
     except ValueError:
         return False
     return True
-
-
-DIGIT_LOOK_ALIKES = str.maketrans("lIoO", "1100")
 
 
 def name_scripts(name):

@@ -262,9 +262,9 @@ def test_log_follows_new_lines_unless_the_student_scrolled_up(start_server, open
     assert tab.evaluate("document.getElementById('log').scrollTop") == 0
 
 
-def test_the_page_keeps_only_its_newest_lines(start_server, open_tab, joined):
-    """Each new line makes the browser lay out the log again: one that grew
-    for a whole lesson would fall further and further behind."""
+@pytest.fixture
+def full_page(start_server, open_tab, joined):
+    """(server, bob, tab): alice's page has been sent 100 lines more than it keeps."""
     server = start_server(flood_rate=0)
     bob = joined("bob", server)
     tab = open_tab(server)
@@ -273,6 +273,13 @@ def test_the_page_keeps_only_its_newest_lines(start_server, open_tab, joined):
     for number in range(chat_server.PAGE_LINES_KEPT + 100):
         bob.send("line %d" % number)
     tab.wait_for_line("line %d" % (chat_server.PAGE_LINES_KEPT + 99))
+    return server, bob, tab
+
+
+def test_the_page_keeps_only_its_newest_lines(full_page):
+    """Each new line makes the browser lay out the log again: one that grew
+    for a whole lesson would fall further and further behind."""
+    server, bob, tab = full_page
     assert tab.evaluate("document.getElementById('log').childElementCount") == \
         chat_server.PAGE_LINES_KEPT
     assert tab.log_lines()[0][1] == "bob says: line 100"  # the oldest kept
@@ -282,16 +289,8 @@ TOP_LINE = ("(l => Array.from(l.children).find(d => d.getBoundingClientRect().to
             "l.getBoundingClientRect().top).textContent)(document.getElementById('log'))")
 
 
-def test_a_student_scrolled_up_keeps_their_place_as_old_lines_go(start_server, open_tab,
-                                                                   joined):
-    server = start_server(flood_rate=0)
-    bob = joined("bob", server)
-    tab = open_tab(server)
-    tab.type_line("alice")
-    bob.expect("alice joined")
-    for number in range(chat_server.PAGE_LINES_KEPT + 100):
-        bob.send("line %d" % number)
-    tab.wait_for_line("line %d" % (chat_server.PAGE_LINES_KEPT + 99))
+def test_a_student_scrolled_up_keeps_their_place_as_old_lines_go(full_page):
+    server, bob, tab = full_page
     tab.evaluate("document.getElementById('log').children[500].scrollIntoView()")
     reading = tab.evaluate(TOP_LINE)
     teacher = chat_server.TeacherConsole(server, None)

@@ -1992,19 +1992,27 @@ def test_an_unmute_typed_during_a_split_reaches_the_other_servers_at_the_relink(
     sam.expect("The teacher has unmuted you", timeout=SPLIT_TIMEOUT)
 
 
-@redis
-def test_an_unmute_typed_while_the_students_server_is_cut_off_reaches_it_at_the_relink(
-        linked, join, proxies, quick_split):
-    """The unmute goes out by pub/sub, which keeps nothing for a server cut off:
-    at the relink, that server sees the mute gone from Redis, and lifts its own."""
+@pytest.fixture
+def muted_and_cut_off(linked, join, proxies, quick_split):
+    """(proxy, a, b, sam): a's teacher muted sam, of b (b holds the mute, and
+    Redis too); then b was cut off, and sam told so."""
     proxy = proxies()
     a, b = linked(), linked(via=proxy)
     sam = join(b, "sam")
-    TeacherConsole(a, None).handle_line("/mute sam")  # b holds the mute
+    TeacherConsole(a, None).handle_line("/mute sam")
     sam.expect("The teacher has muted you")
     wait_until(lambda: "sam" in b._link._mutes_stored, message="b to store the mute")
     proxy.freeze()
     sam.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    return proxy, a, b, sam
+
+
+@redis
+def test_an_unmute_typed_while_the_students_server_is_cut_off_reaches_it_at_the_relink(
+        muted_and_cut_off):
+    """The unmute goes out by pub/sub, which keeps nothing for a server cut off:
+    at the relink, that server finds it unmuted in Redis, and lifts its own."""
+    proxy, a, b, sam = muted_and_cut_off
     TeacherConsole(a, None).handle_line("/unmute sam")  # b hears nothing of it
     proxy.thaw()
     sam.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
@@ -2012,18 +2020,10 @@ def test_an_unmute_typed_while_the_students_server_is_cut_off_reaches_it_at_the_
 
 
 @redis
-def test_a_mute_gone_from_redis_with_no_unmute_stays_at_the_relink(
-        linked, join, proxies, quick_split):
+def test_a_mute_gone_from_redis_with_no_unmute_stays_at_the_relink(muted_and_cut_off):
     """Redis's muted names can go without anyone typing /unmute (a server that
     started a new lesson meanwhile cleared them): the mute held here stays."""
-    proxy = proxies()
-    a, b = linked(), linked(via=proxy)
-    sam = join(b, "sam")
-    TeacherConsole(a, None).handle_line("/mute sam")  # b holds the mute
-    sam.expect("The teacher has muted you")
-    wait_until(lambda: "sam" in b._link._mutes_stored, message="b to store the mute")
-    proxy.freeze()
-    sam.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy, a, b, sam = muted_and_cut_off
     redis = chat_server.RedisConnection(a._link.url)
     try:
         redis.call("DEL", a._link._muted_key)
