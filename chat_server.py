@@ -191,6 +191,8 @@ PASSWORD_FAILURES_KEPT_SECONDS = 24 * 60 * 60.0  # wrong passwords are forgotten
 JOINS_PER_MINUTE = 3  # joins from one address (times --per-address) in a
 #                        minute; the first ones are instant, so a student whose
 #                        Wi-Fi dropped is back at once
+DOWNLOADS_PER_MINUTE = 2  # of chat_server.py from one address (times --per-address):
+#                           more would only load the lab's network (it is 320 KiB)
 INPUT_BYTES_PER_SECOND = 16 * 1024  # what one connection may send: ten times a
 INPUT_BURST_BYTES = 64 * 1024  # fast typist, and a pasted page at once
 MAX_QUIT_REASON_CHARS = 60  # a reason, not a speech
@@ -1929,6 +1931,7 @@ class Addresses:
         self._lock = threading.Lock()  # guards every field below
         self._open_from = collections.Counter()  # host -> its connections open now
         self._joins = {}  # host -> FloodLimiter of joins
+        self._downloads = {}  # host -> FloodLimiter of downloads of this file
         self._failures = {}  # host -> [wrong passwords, when it may try again, the last]
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
         self._mutes = {}  # (host, key or None for everyone there) -> name muted
@@ -1960,9 +1963,10 @@ class Addresses:
         """
         now = self.clock()
         self._next_sweep = now + ADDRESSES_SWEEP_SECONDS
-        for host, joins in list(self._joins.items()):
-            if joins.is_full():
-                del self._joins[host]
+        for buckets in (self._joins, self._downloads):
+            for host, bucket in list(buckets.items()):
+                if bucket.is_full():
+                    del buckets[host]
         for host, (_, until, last) in list(self._failures.items()):
             if now - max(until, last) > PASSWORD_FAILURES_KEPT_SECONDS:
                 del self._failures[host]
@@ -2027,6 +2031,18 @@ class Addresses:
                 allowed = JOINS_PER_MINUTE * self.per_address
                 joins = self._joins[host] = FloodLimiter(allowed / 60, allowed, self.clock)
             return joins.delay_for()
+
+    def may_download(self, host):
+        """Take one download of chat_server.py from host; False if it had its share."""
+        if not self.per_address:
+            return True
+        with self._lock:
+            downloads = self._downloads.get(host)
+            if downloads is None:
+                allowed = DOWNLOADS_PER_MINUTE * self.per_address
+                downloads = self._downloads[host] = FloodLimiter(allowed / 60, allowed,
+                                                                 self.clock)
+            return downloads.take_if_free()
 
     def password_wait(self, host):
         """Seconds before host may try a password again (0: it may now)."""
@@ -3970,7 +3986,7 @@ def read_request_head(recv, data):
 HTTP_REASONS = {
     101: "Switching Protocols", 200: "OK", 400: "Bad Request", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    426: "Upgrade Required", 431: "Request Header Fields Too Large",
+    426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 503: "Service Unavailable",
 }
 # Sent with every answer: no caching, no guessing of types, no Referer to
@@ -4052,6 +4068,10 @@ def answer_http(handler, data):
     try:
         request = read_request_head(lambda timeout: recv_unpaced(handler, timeout), data)
         answer, upgraded = route_request(request)
+        if request.path == "/" + SOURCE_FILE_NAME and \
+                not handler.room.addresses.may_download(client.host):
+            raise BadRequest(429, "too many downloads of %s from %s: try again in a minute"
+                             % (SOURCE_FILE_NAME, client.host))
     except BadRequest as refusal:
         handler.room.tell_console("Closed %s: %s" % (client, refusal.reason), host=client.host)
         if refusal.status:

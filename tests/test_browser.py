@@ -667,6 +667,23 @@ def test_source_file_downloads_whole_to_a_slow_reader(start_server, monkeypatch)
     assert body == open(chat_server.__file__, "rb").read()
 
 
+def test_one_computer_downloading_the_file_again_and_again_is_told_to_wait(start_server):
+    """Each download is 320 KiB: a loop of them would only load the lab's network."""
+    server = start_server(per_address=1)  # DOWNLOADS_PER_MINUTE, times 1
+    for _ in range(chat_server.DOWNLOADS_PER_MINUTE):
+        assert get(server, "/chat_server.py")[0] == "HTTP/1.1 200 OK"
+    status, _, body = get(server, "/chat_server.py")
+    assert status == "HTTP/1.1 429 Too Many Requests"
+    assert b"try again in a minute" in body
+    assert get(server, "/")[0] == "HTTP/1.1 200 OK"  # the page itself is not limited
+
+
+def test_in_shared_machine_mode_downloads_are_not_counted(start_server):
+    server = start_server(per_address=0)
+    for _ in range(chat_server.DOWNLOADS_PER_MINUTE + 1):
+        assert get(server, "/chat_server.py")[0] == "HTTP/1.1 200 OK"
+
+
 class ChunkedReads:
     """Feeds read_request_head(): recv() returns the given chunks, then None (a timeout)."""
 
