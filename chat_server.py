@@ -51,7 +51,8 @@ the core come below in the same order (ChatHandler, ChatRoom, Client):
   1. ChatHandler.handle() is alice's reader thread: after ask_name() has
      joined her to the room, chat() reads her lines until she leaves.
   2. read_line() waits for bytes (wait_for_bytes(), a recv() on her socket)
-     and take_bytes() cuts them into clean lines: b"hi\r\n" becomes "hi".
+     and take_bytes() cuts them into clean lines: b"hi\r\n" becomes "hi"
+     (TelnetLines does the cutting and cleaning: see "Text helpers").
   3. handle_line() sees a message, not a /command, and calls the room's
      ChatRoom.say().
   4. say() calls _speak(), which takes the room's lock; _broadcast() queues
