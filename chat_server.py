@@ -1682,7 +1682,7 @@ def name_problem(name):
     if is_reserved(name):
         return "The name %s is reserved." % name
     if is_ip_address(name):  # "127.0.0.9 says: ..." would have the teacher ban 127.0.0.9
-        return "A name may not be an address."
+        return "A name may not be, or look like, an address."
     return None
 
 
@@ -3054,7 +3054,9 @@ class TeacherConsole:
             self.read_lines()
         except Exception as error:  # a thread's top level: log it, never a traceback
             log.error("Console stopped: %r", error)
-        log.info("Console input has ended: the chat goes on. Ctrl+C stops the server.")
+        # Under nohup, or in a service, no Ctrl+C reaches it: kill (SIGTERM) does the same.
+        log.info("Console input has ended: the chat goes on. Ctrl+C (or kill %d) stops "
+                 "the server.", os.getpid())
 
     def read_lines(self):
         """Read until a pipe or file ends; at a terminal, Ctrl+D is not the end."""
