@@ -679,7 +679,12 @@ def bare_hop(port, entries=300, per_second=50):
         readers[-1][1].start()
     with socket.create_connection(("127.0.0.1", port), 10) as writer:
         writer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        time.sleep(0.2)  # the readers are blocked in XREAD by now (a pause, not a sync)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until both readers are blocked in XREAD
+            writer.sendall(command("INFO", "clients"))
+            if b"blocked_clients:2" in writer.recv(65536):
+                break
+            time.sleep(0.01)
         for index in range(entries + 1):
             text = b"~end" if index == entries else b"~L %d" % time.monotonic_ns()
             writer.sendall(command("XADD", stream, "*", "e", text))
