@@ -1380,8 +1380,11 @@ def test_a_signal_taken_by_another_thread_still_ends_the_main_threads_wait_at_on
     def interrupt(signum, frame):
         raise Interrupted
 
+    # The main thread waits on never, and the exception lands in that wait:
+    # it may leave never's lock taken, so nothing touches never after it.
     never = threading.Event()
-    other = threading.Thread(target=never.wait, args=(TIMEOUT,), daemon=True)
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, args=(TIMEOUT,), daemon=True)
     other.start()
     previous = signal.signal(signal.SIGUSR1, interrupt)
     try:
@@ -1392,5 +1395,5 @@ def test_a_signal_taken_by_another_thread_still_ends_the_main_threads_wait_at_on
         took = time.monotonic() - started
     finally:
         signal.signal(signal.SIGUSR1, previous)
-        never.set()
+        release.set()
     assert took < 1.0, "the handler waited %.2f s for the main thread's wait" % took
