@@ -4942,7 +4942,7 @@ class RedisLink:
         # put back after a split cannot swap a mute and an unmute.
         self._mutes_wanted = {}
         # ...and those of them that Redis was seen to hold (SADD answered): if
-        # one is gone from Redis at a relink, a teacher elsewhere lifted it
+        # Redis lists one as unmuted at a relink, a teacher elsewhere lifted it
         # while we were cut off, and the unmute sent then never reached us.
         self._mutes_stored = set()
         # Guarded by the room's lock (the link is part of the room), but for
