@@ -675,6 +675,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             # Notices so far count as given: its list of who is online says
             # what they said (and the history shows the latest of them).
             client.notices_seen = self.notices.count()
+            if self._link is not None:  # Redis link: so do our events still on their way
+                self._link.welcomed(client)
             self._add_client(client)
             # Welcome and history are queued, and the join line handed to
             # Notices, in one critical section: the newcomer sees each room
@@ -1189,14 +1191,17 @@ class Notices:
 
     def add(self, lines, exclude):
         """Put join, leave or rename lines on the waiting list (lock held)."""
-        if exclude is not None:
-            # Not for the student they are about, who is given those before
-            # them, and counts these as seen.
-            self.catch_up(exclude)
-            exclude.skip_notices(self.count(), len(lines))
+        if exclude is not None:  # not for the student they are about
+            self.skip(exclude, len(lines))
         self.lines.extend(lines)
         self._added_at.extend([time.monotonic()] * len(lines))
         self.added.set()
+
+    def skip(self, client, count):
+        """Count the next count notices as given to client, who is given those
+        before them now (lock held): it knows of them already."""
+        self.catch_up(client)
+        client.skip_notices(self.count(), count)
 
     def catch_up(self, client, shared=None):
         """Queue for one joined client the notices it has not been given (lock held).
@@ -4949,7 +4954,10 @@ class RedisLink:
         # _work, a Queue, which has a lock of its own:
         self.linked = True  # False during a split
         self._next_sequence = 0
-        self._pending = {}  # sequence -> (lines, exclude): sent, not yet read back
+        self._pending = {}  # sequence -> (lines, exclude, notice): sent, not yet read back
+        # Newcomers whose welcome counted our events up to a sequence (the
+        # list of who is online has them): each is not told of those again.
+        self._welcomed = {}  # client -> the last sequence stamped before it joined
         self._work = queue.Queue(self.work_items)  # work for the writer thread
         self._last_seen = {}  # server id -> highest sequence shown or skipped
         self._last_event = 0  # the number of the last room event we sent
@@ -5115,7 +5123,7 @@ class RedisLink:
             # then it is an event of the split (a /quiet is noted so).
             self._split_locked("Redis is too slow: the queue to it is full")
             return self.takes(event, lines, exclude)
-        self._pending[stamped["n"]] = (lines, exclude)
+        self._pending[stamped["n"]] = (lines, exclude, is_notice(event))
         self._last_event = stamped["n"]
         return True
 
@@ -5657,13 +5665,33 @@ class RedisLink:
     def _show_pending(self):
         """Show here, once, our events that have not come back from Redis (lock held);
         a whisper held for one of them right after it."""
-        for sequence, (lines, exclude) in sorted(self._pending.items()):
-            if lines:
-                self.room._broadcast(lines, exclude)
+        for sequence in sorted(self._pending):
+            self._show_own(sequence)
             self._last_seen[self.server_id] = sequence  # shown
             if self._held:
                 self._release_held()
-        self._pending.clear()
+        self._welcomed.clear()
+
+    def welcomed(self, client):
+        """A newcomer's welcome counted our events so far (room's lock held)."""
+        if self._pending:
+            self._welcomed[client] = self._next_sequence
+
+    def _show_own(self, sequence):
+        """Show one of our events that was waiting for its turn (room's lock held);
+        return who it was queued for.
+
+        A newcomer who joined after it was sent is not told of a join, leave
+        or rename again: the list of who is online it was given counted it.
+        """
+        lines, exclude, notice = self._pending.pop(sequence)
+        if not lines:
+            return []
+        if notice:
+            for client, last_counted in self._welcomed.items():
+                if last_counted >= sequence and client is not exclude:
+                    self.room.notices.skip(client, len(lines))
+        return self.room._broadcast(lines, exclude, notice=notice)
 
     def _drain_work(self):
         """Forget queued work after a split: its events were shown here already."""
@@ -6225,11 +6253,13 @@ class RedisLink:
         """One of our own events is back: show it now (room's lock held)."""
         sequence = event["n"]
         if sequence in self._pending:
-            lines, exclude = self._pending.pop(sequence)
             if event["k"] == "quiet":
                 self._set_quiet(event["on"])
-            return self.room._broadcast(lines, exclude, notice=is_notice(event)) \
-                if lines else []
+            shown = self._show_own(sequence)
+            for client in [client for client, last_counted in self._welcomed.items()
+                           if last_counted < sequence]:
+                del self._welcomed[client]  # nothing it counted is still to come
+            return shown
         if event["k"] == "leave" and "of" in event:
             return self._apply_other(event)  # a leave we announced for a dead server
         return []  # a leave or rename told to the others at a relink: shown here already

@@ -299,10 +299,10 @@ def read_messages(client, count):
     return messages
 
 
-def lines_until(client, text):
+def lines_until(client, text, timeout=None):
     """Every line client reads up to and including the one containing text."""
     start = len(client.seen)
-    client.expect(text)
+    client.expect(text, timeout)
     return client.seen[start:]
 
 
@@ -389,6 +389,57 @@ def test_a_newcomer_sees_the_history_of_every_server(linked, two_rooms):
         assert "*** Online now (3): alice, bob, carol" in history
     finally:
         carol.close()
+
+
+def leaves_of(name):
+    """For hold_back_stream(): the leave of name."""
+    return lambda event: event["k"] == "leave" and event["name"] == name
+
+
+@redis
+def test_a_newcomer_listing_someone_whose_join_is_still_on_its_way_is_not_told_again(
+        linked, join):
+    a = linked()
+    let_through = hold_back_stream(a, joins_of("bob"))
+    bob = join(a, "bob", settle=False)  # bob's join has not come back from Redis
+    carol = join(a, "carol", settle=False)
+    assert carol.seen[-1] == "*** Online now (2): bob, carol"
+    let_through.set()
+    bob.send("now")
+    assert "*** bob joined the chat." not in lines_until(carol, "bob says: now")
+
+
+@redis
+def test_a_split_does_not_tell_a_newcomer_of_a_join_its_list_counted(
+        linked, join, proxies, quick_split):
+    proxy = proxies()
+    a = linked(via=proxy)
+    let_through = hold_back_stream(a, joins_of("bob"))
+    bob = join(a, "bob", settle=False)
+    carol = join(a, "carol", settle=False)
+    assert carol.seen[-1] == "*** Online now (2): bob, carol"
+    proxy.freeze()  # the join is shown here at the split, not when it comes back
+    assert "*** bob joined the chat." not in lines_until(
+        carol, chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    bob.send("now")
+    assert "*** bob joined the chat." not in lines_until(carol, "bob says: now")
+    let_through.set()
+
+
+@redis
+def test_a_newcomer_not_listing_someone_whose_leave_is_still_on_its_way_is_not_told(
+        linked, join):
+    a = linked()
+    alice, bob = join(a, "alice"), join(a, "bob")
+    let_through = hold_back_stream(a, leaves_of("bob"))
+    bob.send("/quit")
+    wait_until(lambda: "bob" not in a.who(), message="bob gone here")
+    carol = join(a, "carol", settle=False)
+    assert carol.seen[-1] == "*** Online now (2): alice, carol"
+    let_through.set()
+    alice.expect("*** bob left the chat.")
+    alice.send("now")
+    assert "*** bob left the chat." not in lines_until(carol, "alice says: now")
 
 
 @redis
