@@ -2744,10 +2744,14 @@ class ChatServer(ChatRoom):
             else:
                 self.recorder.note("connection", (host, kind, text))
 
-    def note_teacher(self, text):
-        """Write what the teacher did to the transcript, in the room's order."""
+    def note_teacher(self, text, elsewhere=False):
+        """Write what the teacher did to the transcript, in the room's order.
+
+        elsewhere: a teacher at another linked server's console (Redis link).
+        """
         with self._lock:
-            self.recorder.note("transcript", "[teacher] " + text)
+            self.recorder.note("transcript", "[teacher%s] %s" % (
+                " at another server" if elsewhere else "", text))
 
     def announce(self, text):
         """Send the teacher's announcement to everyone."""
@@ -2790,6 +2794,9 @@ class ChatServer(ChatRoom):
             if student is None or self._link is None:
                 return None
             self._link.publish_private(student, dict(event, name=student.name))
+            reason = event.get("reason")
+            self.recorder.note("transcript", "[teacher] asked the server of %s to %s them%s"
+                               % (student.name, verb, ": " + reason if reason else ""))
         return "Asked the server of %s to %s them." % (student.name, verb)
 
     def unmute_elsewhere(self, name):
@@ -3117,6 +3124,10 @@ class TeacherConsole:
         """Answer the teacher, in order with the room events on the console."""
         self.room.tell_console(text)
 
+    def noted(self, text):
+        """Write what the teacher did to the transcript."""
+        self.room.note_teacher(text, elsewhere=self.for_another_server)
+
     def do_help(self, argument):
         self.tell("Console commands (any other line is announced to everyone):")
         for line in describe_commands(self.COMMANDS):
@@ -3141,7 +3152,7 @@ class TeacherConsole:
             ban += " Also closed %s from it that had not joined." % plural(
                 waiting, "connection")
         self.tell("Kicked %s; %s" % (client.name, ban))
-        self.room.note_teacher("kicked %s%s" % (client.name, ": " + reason if reason else ""))
+        self.noted("kicked %s%s" % (client.name, ": " + reason if reason else ""))
 
     def not_here(self, name, event, verb):
         """The reply for a name not online here: passed on if it is elsewhere (Redis)."""
@@ -3226,7 +3237,7 @@ class TeacherConsole:
         self.tell("%s is muted, also after reconnecting from %s%s." % (
             client.name, client.host, " under that name (others share the address)"
             if shared else ", under any name"))
-        self.room.note_teacher("muted %s" % client.name)
+        self.noted("muted %s" % client.name)
 
     def do_unmute(self, argument):
         if not argument:
@@ -3249,7 +3260,7 @@ class TeacherConsole:
                   "%s is not muted here; the other servers are told to unmute them too."
                   % argument if linked else "%s is not muted." % argument)
         if unmuted:
-            self.room.note_teacher("unmuted %s" % argument)
+            self.noted("unmuted %s" % argument)
 
     def do_quiet(self, argument):
         if argument.lower() not in ("on", "off"):
@@ -4966,6 +4977,7 @@ class RedisLink:
         # the whisper from another server, or None).
         self._held = []
         self._remote_at_split = {}  # the students elsewhere when the last split began
+        self._renames_untold = []  # see _rename_taken()
         self._left_apart = {}  # key -> name: our students who left during a split
         self._renamed_apart = {}  # key now -> name before the split: renamed during it
         self._unmutes_apart = set()  # names unmuted here during a split
@@ -5660,7 +5672,7 @@ class RedisLink:
         self._set_remote({})
         for client in self.room._joined.values():
             self.room._queue_for(client, SPLIT_LINE)
-        self.room.recorder.note("console", SPLIT_LINE[4:])
+        self.room.recorder.note("room", SPLIT_LINE)  # the transcript too
 
     def _show_pending(self):
         """Show here, once, our events that have not come back from Redis (lock held);
@@ -5860,7 +5872,10 @@ class RedisLink:
             clients = list(self.room._joined.values())
             for client in clients:
                 self.room._queue_for(client, WHOLE_LINE)
-            self.room.recorder.note("console", WHOLE_LINE[4:])
+            self.room.recorder.note("room", WHOLE_LINE)
+            untold, self._renames_untold = self._renames_untold, []
+            for told in untold:
+                self._tell_renamed(*told)
             if news:
                 self.room._broadcast(news)  # here only: each server tells its own
             for client in clients:
@@ -6046,16 +6061,27 @@ class RedisLink:
             if old_key in self._renamed_apart:  # the others know it by its name
                 # before the split: they hear of this rename from that one.
                 self._renamed_apart[key] = self._renamed_apart.pop(old_key)
-            self.room._queue_for(client, "*** While the servers were apart, a student on "
-                                 "another server took %s %s: you are now %s." % (
-                                     "a name that looks like" if looks_like else "the name",
-                                     old_name, new_name))
-            recipients = self.room._broadcast("*** %s is now %s." % (old_name, new_name),
-                                            exclude=client)
+            told = (client, "*** While the servers were apart, a student on another "
+                    "server took %s %s: you are now %s." % (
+                        "a name that looks like" if looks_like else "the name",
+                        old_name, new_name), "*** %s is now %s." % (old_name, new_name))
+            if self.linked:
+                recipients = self._tell_renamed(*told)
+            else:  # relinking: told after the news that the room is whole again
+                self._renames_untold.append(told)
+                recipients = []
         if looks_like:
             self._release_if_ours(old_key)  # ours, but its look-alike is online elsewhere
         log.info("%s was taken on another server: renamed %s", old_name, new_name)
         self.room._send_queued(recipients + [client])
+
+    def _tell_renamed(self, client, personal, shown):
+        """Tell a student renamed by _rename_taken(), and its room (lock held);
+        return who to send to."""
+        if self.room._joined.get(client.key) is not client:
+            return []  # left since
+        self.room._queue_for(client, personal)
+        return self.room._broadcast(shown, exclude=client) + [client]
 
     def _scan(self, pattern, connection=None):
         """Every key that matches pattern (SCAN, a thousand at a time)."""
@@ -6444,8 +6470,9 @@ class RedisLink:
         elif kind == "whisper":
             self.room._send_queued([client])
         else:  # the teacher there acts here, as if at our console
-            self.room.tell_console("Another server's teacher: /%s %s" % (
-                "kick" if kind == "kick" else "mute" if event["on"] else "unmute", name))
+            self.room.tell_console("Another server's teacher: /%s %s%s" % (
+                "kick" if kind == "kick" else "mute" if event["on"] else "unmute", name,
+                " " + event["reason"] if event.get("reason") else ""))
             console = TeacherConsole(self.room, None)
             console.for_another_server = True
             answers = []

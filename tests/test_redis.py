@@ -711,6 +711,7 @@ def test_the_teacher_kicks_a_student_on_another_server(caplog, two_rooms):
     a, b, alice, bob = two_rooms
     TeacherConsole(a, None).handle_line("/kick bob too loud")
     expect_console(caplog, "Asked the server of bob to kick them.")
+    expect_console(caplog, "Another server's teacher: /kick bob too loud")  # b's console
     bob.expect("removed you from the chat: too loud")
     bob.expect_closed()
     alice.expect("*** bob left the chat.")
@@ -806,6 +807,36 @@ def test_each_servers_transcript_records_the_whole_room(transcripts, linked, joi
 def read_text(path):
     with open(path, encoding="utf-8") as reader:
         return reader.read()
+
+
+def wait_in_transcript(transcript, *texts):
+    wait_until(lambda: all(text in read_text(transcript.path) for text in texts),
+               message="%r in %s" % (texts, transcript.path))
+
+
+@redis
+def test_a_kick_from_another_servers_console_is_in_both_transcripts(
+        transcripts, linked, join):
+    a, b = linked(transcript=transcripts[0]), linked(transcript=transcripts[1])
+    join(a, "alice")
+    bob = join(b, "bob")
+    TeacherConsole(a, None).handle_line("/kick bob too loud")
+    bob.expect_closed()
+    wait_in_transcript(transcripts[0], "[teacher] asked the server of bob to kick them: too loud")
+    wait_in_transcript(transcripts[1], "[teacher at another server] kicked bob: too loud")
+
+
+@redis
+def test_a_split_and_the_relink_are_in_the_transcript(transcripts, linked, join, proxies,
+                                                       quick_split):
+    proxy = proxies()
+    a = linked(via=proxy, transcript=transcripts[0])
+    amy = join(a, "amy")
+    proxy.freeze()
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy.thaw()
+    amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    wait_in_transcript(transcripts[0], chat_server.SPLIT_LINE, chat_server.WHOLE_LINE)
 
 
 @redis
@@ -1222,6 +1253,18 @@ def test_a_name_taken_during_a_split_and_renamed_at_the_relink_leaves_no_ghost(s
     bob.expect("*** amy is now bob.2.", timeout=SPLIT_TIMEOUT)
     wait_until(lambda: [student.name for student in b.snapshot()[2]] == ["bob.2"],
                message="b to list bob.2 alone elsewhere")
+
+
+@redis
+def test_a_student_renamed_at_a_relink_is_told_after_the_room_is_whole_again(
+        split_rooms, join):
+    proxy, a, b, amy, bob = split_rooms
+    cal = join(a, "cal", settle=False)
+    amy.send("/nick bob")
+    cal.expect("*** amy is now bob.")
+    proxy.thaw()
+    assert chat_server.WHOLE_LINE in lines_until(amy, "you are now bob.2", SPLIT_TIMEOUT)
+    assert chat_server.WHOLE_LINE in lines_until(cal, "*** bob is now bob.2.", SPLIT_TIMEOUT)
 
 
 @redis
