@@ -2694,6 +2694,18 @@ class ChatServer(ChatRoom):
             self._everyone_gone.notify_all()
         self.addresses.disconnect(host)
 
+    def finish_request(self, request, client_address):
+        """Run one connection's handler, its whole life in its thread; then
+        free its place, however it ended."""
+        try:
+            super().finish_request(request, client_address)
+        except OSError:
+            # Reset before setup() was done (macOS then refuses socket
+            # options, EINVAL): nothing to say, but its place is given back.
+            pass
+        finally:
+            self._free_place(normal_host(client_address[0]))
+
     def handle_error(self, request, client_address):
         # One line, not socketserver's traceback on the teacher's console.
         error = sys.exc_info()[1]
@@ -2714,10 +2726,9 @@ class ChatServer(ChatRoom):
             client.close_when_sent()  # its reader then sees the end, and finishes
 
     def unregister(self, client):
-        """Forget a finished connection and free its place."""
+        """Forget a finished connection (finish_request() then frees its place)."""
         with self._lock:
             self._connected.discard(client)
-        self._free_place(client.host)
 
     def places_taken(self):
         """How many connections are open (admitted, not yet finished), joined or not."""

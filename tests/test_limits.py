@@ -1,5 +1,6 @@
 """SPEC's limits over real sockets: names, password, timeouts, flood, slow readers, room size."""
 
+import errno
 import socket
 import threading
 import time
@@ -752,6 +753,23 @@ def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, j
     wait_until(lambda: server.places_taken() == 1, message="the place to be freed")
     joined("bob", server)
     alice.expect_next("bob joined")
+
+
+
+def test_a_connection_whose_socket_options_fail_gives_its_place_back(
+        start_server, connect, joined, monkeypatch):
+    """macOS refuses socket options (EINVAL) on a connection reset before its
+    thread set them up: the place must not stay taken."""
+    server = start_server(max_clients=1)
+
+    def reset_already(sock):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(chat_server, "enable_keepalive", reset_already)
+    connect(server).expect_closed()
+    wait_until(lambda: server.places_taken() == 0, message="the place to be freed")
+    monkeypatch.undo()
+    joined("alice", server)
 
 
 # --- History ---
