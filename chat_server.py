@@ -1544,7 +1544,12 @@ def trim_accents(text):
         return text  # the usual line: nothing to look at letter by letter
     kept, run = [], 0
     for character in text:
-        run = run + 1 if unicodedata.category(character)[0] == "M" else 0
+        category = unicodedata.category(character)
+        if category[0] == "M":
+            run += 1
+        elif category != "Cf" and not INVISIBLE_CHARACTERS.match(character):
+            run = 0  # a new letter (a joiner, drawn as nothing, is none: marks
+            #          after it stack on the same letter)
         if run <= MAX_MARKS_PER_LETTER:
             kept.append(character)
     return "".join(kept)

@@ -4,6 +4,7 @@ import random
 import socket
 import sys
 import threading
+import unicodedata
 
 import pytest
 
@@ -281,6 +282,17 @@ def test_a_letter_keeps_at_most_three_accents_in_what_others_see(room, sent, see
     stacked = "Z" + "\u0301\u0336" * 100 + "algo, Vie\u0323\u0302t Nam"  # Vietnamese: two
     bob.send(sent.replace("Zalgo", stacked))
     alice.expect_next(seen.replace("Zalgo", "Z\u0301\u0336\u0301algo, Vie\u0323\u0302t Nam"))
+
+
+@pytest.mark.parametrize("joiner", ["\u2060", "\u200d", "\u200b", "\u3164"],
+                         ids=["word joiner", "zero-width joiner", "zero-width space",
+                              "hangul filler"])
+def test_accents_split_by_characters_drawn_as_nothing_still_count_on_one_letter(
+        room, joiner):
+    alice, bob = room("alice", "bob")
+    bob.send("Z" + ("\u0301\u0302\u0303" + joiner) * 100 + "algo")
+    line = alice.expect_next("bob says: Z")
+    assert sum(unicodedata.category(character)[0] == "M" for character in line) == 3
 
 
 def test_a_new_name_with_too_many_accents_is_refused_not_trimmed(room):
