@@ -670,7 +670,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
                 return problem
             client.name, client.key, client.looks = name, key, looks
             client.joined_at = time.monotonic()
-            client.muted = self.addresses.is_muted(client.host, key) or (
+            client.muted = self.addresses.is_muted(client.host, key, self._keys_from) or (
                 self._link is not None and key in self._link.muted_keys)  # Redis link
             # Notices so far count as given: its list of who is online says
             # what they said (and the history shows the latest of them).
@@ -1946,6 +1946,7 @@ class Addresses:
         self._failures = {}  # host -> [wrong passwords, when it may try again, the last]
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
         self._mutes = {}  # (host, key or None for everyone there) -> name muted
+        self._sharers = {}  # the same -> keys of the others joined from host then
         self._dropped = {}  # host -> the name dropped there as too slow, oldest first
         self._pages = {}  # host -> time.monotonic() it was last sent the chat page
         self._texts = {}  # host -> FloodLimiter in bytes: its share of --room-rate
@@ -2123,10 +2124,14 @@ class Addresses:
             return sorted("%s (%s)" % (host, name) for host, (end, name) in self._bans.items()
                           if end > now)
 
-    def mute(self, host, key, name):
-        """Mute a name at host (key), or everyone at host (key None)."""
+    def mute(self, host, key, name, others=()):
+        """Mute a name at host (key), or everyone at host (key None).
+
+        others: for a name, the keys of the others joined from host then.
+        """
         with self._lock:
             self._mutes[(host, key)] = name
+            self._sharers[(host, key)] = frozenset(others)
 
     def unmute(self, name, host=None, key=None):
         """Forget the mutes of that name (and of host, if given); return their hosts."""
@@ -2135,13 +2140,27 @@ class Addresses:
             found = [mute for mute, muted_name in self._mutes.items()
                      if fold_name(muted_name) == folded or mute in ((host, key), (host, None))]
             for mute in found:
-                del self._mutes[mute]
+                del self._mutes[mute], self._sharers[mute]
         return {mute_host for mute_host, _ in found}
 
-    def is_muted(self, host, key):
-        """True if the teacher muted this name at host, or everyone at host."""
+    def is_muted(self, host, key, keys_online_from=None):
+        """True if the teacher muted this name at host, or everyone at host.
+
+        keys_online_from(host): the keys joined from there now, if the
+        newcomer is to be looked at as a whole: a name muted where others
+        shared the address, gone now, is taken to be back as any name that
+        none of those others had (else a student with a second name online
+        would shake off every mute by rejoining under a third).
+        """
         with self._lock:
-            return (host, None) in self._mutes or (host, key) in self._mutes
+            if (host, None) in self._mutes or (host, key) in self._mutes:
+                return True
+            gone = [(muted_key, others) for (muted_host, muted_key), others
+                    in self._sharers.items() if muted_host == host and key not in others]
+            if not gone or keys_online_from is None:
+                return False
+            online = keys_online_from(host)
+            return any(muted_key not in online for muted_key, _ in gone)
 
 
 def normal_host(host):
@@ -2793,6 +2812,10 @@ class ChatServer(ChatRoom):
                     return client
             return None
 
+    def _keys_from(self, host):
+        """The keys of the clients joined from host (lock held): see is_muted()."""
+        return {key for key, client in self._joined.items() if client.host == host}
+
     def connections_from(self, host):
         """(joined clients, connections not joined yet) from one address."""
         with self._lock:
@@ -3246,13 +3269,18 @@ class TeacherConsole:
                       "%s is muted already." % client.name)
             return
         # A mute follows the student: by address when they are alone on it
-        # (any name, any reconnection), by address and name when it is shared.
-        shared = len(self.room.connections_from(client.host)[0]) > 1
-        self.room.addresses.mute(client.host, client.key if shared else None, client.name)
+        # (any name, any reconnection); when it is shared, by address and
+        # name, and once they are gone, any name but those of the others
+        # there now (see is_muted()).
+        others = [other for other in self.room.connections_from(client.host)[0]
+                  if other is not client]
+        self.room.addresses.mute(client.host, client.key if others else None, client.name,
+                                 [other.key for other in others])
         self.room.set_muted(client, True)
         self.tell("%s is muted, also after reconnecting from %s%s." % (
-            client.name, client.host, " under that name (others share the address)"
-            if shared else ", under any name"))
+            client.name, client.host, " under that name; once gone, under any name but %s's"
+            " (who shares the address)" % list_names(sorted(other.name for other in others))
+            if others else ", under any name"))
         self.noted("muted %s" % client.name)
 
     def do_unmute(self, argument):

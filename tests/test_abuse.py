@@ -992,6 +992,42 @@ def test_unmute_by_the_muted_name_reaches_the_student_under_a_new_name(server, c
     alice.expect_next("robert says: thanks")
 
 
+def test_a_muted_name_gone_from_a_shared_address_is_muted_under_a_new_name_from_it(
+        server, computer, crowd, console, caplog):
+    """A student with a second name online must not shake off a mute by rejoining
+    under a third; the classmate who shared the computer stays free."""
+    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
+    console.handle_line("/mute bob")
+    expect_console(caplog, "under any name but carol's (who shares the address)")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    bobby = computer(2, server).join("bobby")
+    alice.expect_next("*** bobby joined the chat.")
+    bobby.send("still here")
+    bobby.expect_next("*** Not sent: the teacher has muted you.")
+    carol.close()
+    alice.expect_next("*** carol left the chat.")
+    carol = computer(2, server).join("carol")
+    alice.expect_next("*** carol joined the chat.")
+    carol.send("back again")
+    alice.expect_next("carol says: back again")
+
+
+def test_two_names_muted_at_one_computer_leave_no_name_there_free(server, computer, crowd,
+                                                                  console):
+    alice, bully, quiet = crowd(server, (3, "alice"), (2, "bully"), (2, "quietone"))
+    console.handle_line("/mute bully")
+    console.handle_line("/mute quietone")
+    quiet.expect_next("*** The teacher has muted you")
+    bully.close()
+    quiet.close()
+    alice.expect_next("*** bully left the chat.")
+    alice.expect_next("*** quietone left the chat.")
+    third = computer(2, server).join("bully2")
+    third.send("still talking")
+    third.expect_next("*** Not sent: the teacher has muted you.")
+
+
 def test_mute_on_a_shared_address_follows_the_name_only(server, computer, crowd, console):
     alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
     console.handle_line("/mute bob")
