@@ -328,6 +328,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.input_pace = FloodLimiter(
             INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
         self.told_flood = False
+        self.told_whispers = False  # see do_msg()
         self.quitting = False  # set by /quit: chat() reads no more
         self.waiting_for = "a name"  # what a timeout before joining was waiting for
         self.lines_read = 0  # a late browser request can only be the first
@@ -1943,6 +1944,8 @@ class Addresses:
         self._open_from = collections.Counter()  # host -> its connections open now
         self._joins = {}  # host -> FloodLimiter of joins
         self._downloads = {}  # host -> FloodLimiter of downloads of this file
+        self._whispers = {}  # host -> FloodLimiter of private messages, all connections'
+        self._whisper_pace = (settings.flood_rate, settings.flood_burst)
         self._failures = {}  # host -> [wrong passwords, when it may try again, the last]
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
         self._mutes = {}  # (host, key or None for everyone there) -> name muted
@@ -1975,7 +1978,7 @@ class Addresses:
         """
         now = self.clock()
         self._next_sweep = now + ADDRESSES_SWEEP_SECONDS
-        for buckets in (self._joins, self._downloads):
+        for buckets in (self._joins, self._downloads, self._whispers):
             for host, bucket in list(buckets.items()):
                 if bucket.is_full():
                     del buckets[host]
@@ -2011,6 +2014,22 @@ class Addresses:
             if texts is None:
                 texts = self._texts[host] = FloodLimiter(self._text_rate, self._text_burst)
             return texts.delay_for(size)
+
+    def whisper_delay(self, host):
+        """Take one private message from host; return how long it must wait.
+
+        All its connections share one pace, the flood limit's: else eight
+        connections could bury one classmate under forty lines a second,
+        unseen by the teacher. None with --per-address 0 or --flood-rate 0.
+        """
+        rate, burst = self._whisper_pace
+        if not self.per_address or rate <= 0:
+            return 0.0
+        with self._lock:
+            whispers = self._whispers.get(host)
+            if whispers is None:
+                whispers = self._whispers[host] = FloodLimiter(rate, burst, self.clock)
+            return whispers.delay_for()
 
     def page_sent(self, host):
         """Note that host was sent the chat page (see may_be_spare())."""
@@ -3034,6 +3053,18 @@ def do_msg(handler, argument):
     if not name or says_nothing(text):
         handler.reply("*** Usage: /msg NAME TEXT")
         return
+    delay = handler.room.addresses.whisper_delay(handler.client.host)
+    if delay > 0:
+        if not handler.told_whispers:
+            handler.told_whispers = True
+            handler.reply("*** Your computer is sending private messages too fast: they "
+                          "will go out more slowly. Nothing is lost.")
+            handler.room.tell_console("Slowing down private messages from %s (this one "
+                                      "to %s)" % (handler.client, name),
+                                      host=handler.client.host)
+        handler.client.sleep(delay)  # this connection's next lines wait, in order
+    else:
+        handler.told_whispers = False
     problem = handler.room.whisper(handler.client, name, text.strip())
     if problem:
         handler.reply("*** " + problem)

@@ -992,6 +992,33 @@ def test_unmute_by_the_muted_name_reaches_the_student_under_a_new_name(server, c
     alice.expect_next("robert says: thanks")
 
 
+def test_private_messages_from_one_computer_share_one_pace(start_server, crowd, caplog):
+    """Eight connections at the flood limit each would bury one classmate's page
+    under forty private lines a second, which the teacher never sees."""
+    server = start_server(flood_rate=0.5, flood_burst=2)  # a token each 2 s, 2 at once
+    alice, w1, w2, w3 = crowd(server, (3, "alice"), (2, "w1"), (2, "w2"), (2, "w3"))
+    w1.send("/msg alice one")
+    alice.expect_next("w1 whispers: one")
+    w2.send("/msg alice two")
+    alice.expect_next("w2 whispers: two")
+    w3.send("/msg alice three")  # its own connection's first line, but its computer's third
+    w3.expect_next("*** Your computer is sending private messages too fast")
+    expect_console(caplog, "Slowing down private messages from w3 (127.0.0.2")
+    alice.expect_next("w3 whispers: three")  # late, not lost
+
+
+def test_private_messages_from_another_computer_keep_their_own_pace(start_server, crowd):
+    server = start_server(flood_rate=0.5, flood_burst=2)
+    alice, w1, w2, bob = crowd(server, (3, "alice"), (2, "w1"), (2, "w2"), (4, "bob"))
+    w1.send("/msg alice one\n/msg alice two")
+    alice.expect_next("w1 whispers: one")
+    alice.expect_next("w1 whispers: two")
+    w2.send("/msg alice three")
+    w2.expect_next("*** Your computer is sending private messages too fast")
+    bob.send("/msg alice hi")
+    bob.expect_next("*** You whispered to alice: hi")  # not told to slow down first
+
+
 def test_a_muted_name_gone_from_a_shared_address_is_muted_under_a_new_name_from_it(
         server, computer, crowd, console, caplog):
     """A student with a second name online must not shake off a mute by rejoining
@@ -1020,8 +1047,8 @@ def test_two_names_muted_at_one_computer_leave_no_name_there_free(server, comput
     console.handle_line("/mute quietone")
     quiet.expect_next("*** The teacher has muted you")
     bully.close()
-    quiet.close()
     alice.expect_next("*** bully left the chat.")
+    quiet.close()
     alice.expect_next("*** quietone left the chat.")
     third = computer(2, server).join("bully2")
     third.send("still talking")
