@@ -4832,10 +4832,20 @@ def redis_url_flag(text):
         port = parts.port or REDIS_PORT
     except ValueError:
         raise argparse.ArgumentTypeError("%r has a bad port" % text)
+    if is_ip_address(parts.hostname) and not is_loopback_host(parts.hostname):
+        try:
+            ipaddress.ip_address(parts.hostname)
+        except ValueError:  # 127.0.0.l: a letter where a digit should be
+            raise argparse.ArgumentTypeError(
+                "%r is not an address: is a letter standing for a digit?" % parts.hostname)
     room = parts.path.lstrip("/") or REDIS_ROOM
     if not ROOM_NAME.fullmatch(room):
         raise argparse.ArgumentTypeError("the room %r may use only letters, digits, _ . -"
                                          % room)
+    if parts.username and parts.password is None:
+        # Redis URLs put a user name before the colon, a password after it.
+        raise argparse.ArgumentTypeError(
+            "give the Redis password after a colon: redis://:PASSWORD@%s" % parts.hostname)
     password = urllib.parse.unquote(parts.password or "")
     username = urllib.parse.unquote(parts.username or "")
     if not password and not is_loopback_host(parts.hostname):
@@ -4844,6 +4854,18 @@ def redis_url_flag(text):
             "Redis at %s is not on this computer: give its password "
             "(redis://:PASSWORD@%s) or use one on 127.0.0.1" % (parts.hostname, parts.hostname))
     return RedisURL(parts.hostname, port, username, password, room)
+
+
+def redis_refusal(error):
+    """Redis's refusal of our password, said for a teacher (else its own words)."""
+    text = str(error)
+    if text.startswith("NOAUTH"):
+        return "it wants a password (--redis redis://:PASSWORD@HOST)"
+    if text.startswith("WRONGPASS"):
+        return "the password in --redis is wrong"
+    if "without any password configured" in text:
+        return "it has no password: leave the password out of --redis"
+    return text
 
 
 def is_loopback_host(host):
@@ -5104,8 +5126,8 @@ class RedisLink:
             self._redis_restarted()  # notes which start of Redis this is
             # Before our heartbeat. A server split from Redis, or stood still,
             # has no heartbeat for a while: the lesson key outlives it.
-            fresh = not self._scan(self._server_prefix + "*") and \
-                self._redis.call("EXISTS", self._lesson_key) == 0
+            servers = self._scan(self._server_prefix + "*")
+            fresh = not servers and self._redis.call("EXISTS", self._lesson_key) == 0
             if fresh:
                 # No server is linked, nor was lately: a new lesson. What an
                 # earlier class said, its quiet mode and mutes are not for
@@ -5121,12 +5143,20 @@ class RedisLink:
                                               else "0-0")
             remote = self._load_roster()
             quiet = self._redis.call("EXISTS", self._quiet_key) == 1
+            # A room alone may be a typo: the rooms other servers are in.
+            rooms = [] if servers else sorted(
+                {key.decode("utf-8", "replace").rpartition(":server:")[0]
+                 for key in self._scan("*:server:*")})
             # Subscribed before anyone can join: a whisper to them is heard.
             self._listener = self._subscribe()
             self._redis.pipeline(self._heartbeat_commands())
         except RedisError as error:
             self._close_redis()
-            raise RedisStartError("Redis at %s refused us: %s" % (where, error))
+            raise RedisStartError("Redis at %s refused us: %s" % (where, redis_refusal(error)))
+        except RedisProtocolError as error:
+            self._close_redis()
+            raise RedisStartError("What answers at %s is not Redis (%s): is the port right?"
+                                  % (where, error))
         except OSError as error:
             self._close_redis()
             raise RedisStartError("Cannot reach Redis at %s: %s. Is redis-server running?"
@@ -5138,6 +5168,12 @@ class RedisLink:
         # Two lines, so that the banner fits an 80-column terminal.
         log.info("Linked through Redis at %s, room %s.", where, self.url.room)
         log.info("This server's name among the linked ones: %s.", self.server_id)
+        if servers:
+            log.info("In the room already: %s, with %s.", plural(len(servers), "other server"),
+                     plural(len(remote), "student"))
+        else:
+            log.info("No other server is in room %s yet.%s", self.url.room,
+                     " Other rooms on this Redis: %s." % ", ".join(rooms) if rooms else "")
         if fresh:
             log.info("The first server in the room: a new lesson (earlier chat let go).")
 

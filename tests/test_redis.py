@@ -9,6 +9,7 @@ network between a server and Redis to freeze or cut the link.
 import argparse
 import json
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -105,6 +106,48 @@ def test_a_redis_url_gives_host_port_password_and_room():
 def test_a_bad_or_unprotected_redis_url_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError):
         chat_server.redis_url_flag(text)
+
+
+@pytest.mark.parametrize("text, told", [
+    ("redis://secret@127.0.0.1/lab", "give the Redis password after a colon: "
+                                     "redis://:PASSWORD@127.0.0.1"),
+    ("redis://:pw@127.0.0.l/lab", "'127.0.0.l' is not an address: is a letter standing "
+                                  "for a digit?"),
+], ids=["password without its colon", "a letter for a digit"])
+def test_a_redis_url_mistake_is_named(text, told):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(told)):
+        chat_server.redis_url_flag(text)
+
+
+@pytest.mark.parametrize("refusal, told", [
+    ("NOAUTH Authentication required.", "it wants a password (--redis redis://:PASSWORD@HOST)"),
+    ("WRONGPASS invalid username-password pair or user is disabled.",
+     "the password in --redis is wrong"),
+    ("ERR AUTH <password> called without any password configured for the default user. "
+     "Are you sure your configuration is correct?",
+     "it has no password: leave the password out of --redis"),
+    ("ERR something else", "ERR something else"),
+])
+def test_redis_refusing_our_password_is_said_in_plain_words(refusal, told):
+    assert chat_server.redis_refusal(RedisError(refusal)) == told
+
+
+def test_something_else_than_redis_at_the_redis_port_is_one_line_and_exit_2():
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered = threading.Thread(target=lambda: listener.accept()[0].sendall(
+        b"HTTP/1.1 400 Bad Request\r\n\r\n"), daemon=True)
+    answered.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, SERVER_SCRIPT, "--port", "0", "--redis",
+             "redis://127.0.0.1:%d/lab" % listener.getsockname()[1]],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2)
+    finally:
+        listener.close()
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "is not Redis" in lines[0] and "is the port right?" in lines[0], \
+        lines
 
 
 def test_a_redis_elsewhere_is_accepted_with_a_password():
@@ -929,7 +972,22 @@ def test_a_wrong_redis_password_at_start_is_one_line_and_exit_2():
         protected.stop()
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and "refused us: WRONGPASS" in lines[0], lines
+    assert len(lines) == 1 and "refused us: the password in --redis is wrong" in lines[0], \
+        lines
+
+
+@redis
+def test_the_start_says_who_is_in_the_room_and_names_the_other_rooms(
+        redis_server, start_server, fast_link, clients, caplog):
+    """A typo in the room name makes a room of its own: the start says so."""
+    start_server(redis=redis_server.settings_url(room="Lesson"))
+    expect_console(caplog, "No other server is in room Lesson yet.")
+    lesson = start_server(redis=redis_server.settings_url(room="lesson"))
+    expect_console(caplog, "No other server is in room lesson yet. Other rooms on this "
+                           "Redis: Lesson.")
+    clients.append(joined_on(lesson, "alice"))
+    start_server(redis=redis_server.settings_url(room="lesson"))
+    expect_console(caplog, "In the room already: 1 other server, with 1 student.")
 
 
 @redis
