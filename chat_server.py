@@ -3346,7 +3346,10 @@ class TeacherConsole:
             self.tell("Quiet mode is already %s." % argument.lower())
 
     def do_who(self, argument):
-        for line in describe_who(*self.room.snapshot()):
+        joined, waiting, elsewhere = self.room.snapshot()
+        link = self.room._link
+        muted = (link.muted_anywhere() if link is not None and elsewhere else None) or ()
+        for line in describe_who(joined, waiting, elsewhere, muted):
             self.tell(line)
 
     def do_shutdown(self, argument):
@@ -3643,16 +3646,18 @@ def open_without_waiting(path, flags):
     return os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
 
 
-def describe_who(joined, waiting, elsewhere=()):
+def describe_who(joined, waiting, elsewhere=(), muted_elsewhere=()):
     """The console's /who: a table of the joined, then who has not joined yet.
 
-    elsewhere: students on other servers (Redis link), in the same table.
+    elsewhere: students on other servers (Redis link), in the same table;
+    muted_elsewhere: the keys of those muted.
     """
     now = time.monotonic()
     rows = [(client.name, "%s:%s" % (client.host, client.address[1]),
              describe_duration(now - client.joined_at), who_notes(client))
             for client in joined]
-    rows += [(student.name, "another server (%s)" % student.server, "", "")
+    rows += [(student.name, "another server (%s)" % student.server, "",
+              "muted" if fold_name(student.name) in muted_elsewhere else "")
              for student in elsewhere]
     lines = ["%s online%s, %s not joined yet." % (
         len(joined), ", %d on other servers" % len(elsewhere) if elsewhere else "",
@@ -5349,6 +5354,18 @@ class RedisLink:
             return None
         return claimed  # why not, with the name as its holder wrote it
 
+    def muted_anywhere(self):
+        """The name keys muted on any server, as Redis holds them; None during
+        a split. Called without the room's lock: it waits for the writer."""
+        if not self.linked:
+            return None
+        answer = queue.Queue(1)
+        self._queue_work(("muted", answer))
+        try:
+            return answer.get(timeout=self.silence_seconds + 1)
+        except queue.Empty:
+            return None
+
     def unmute_everywhere(self, name):
         """Tell every server to forget its mutes of name, whoever holds one.
 
@@ -5549,6 +5566,10 @@ class RedisLink:
             elif item[0] == "publish" and len(item) > 3 and item[2]["k"] == "whisper":
                 with self.room._lock:  # sent again, and heard at last: no report of
                     self._whispers_sent.pop(item[2]["n"], None)  # it missed is true now
+            elif item[0] == "muted":
+                reply = replies[position]
+                item[1].put({key.decode("utf-8", "replace") for key in reply
+                             if isinstance(key, bytes)} if isinstance(reply, list) else set())
             elif item[0] == "mute":
                 with self.room._lock:
                     if commands[0][0] == "SADD" and self._mutes_wanted.get(item[1]):
@@ -5632,6 +5653,8 @@ class RedisLink:
                 # Where its room event is in the stream, at most (see _act_on_private()).
                 event = dict(event, after_id=self._last_added[1])
             return [("PUBLISH", item[1], json.dumps(event, ensure_ascii=False))]
+        if kind == "muted":  # the console's /who asks
+            return [("SMEMBERS", self._muted_key)]
         if kind == "mute":  # as wanted now, not as when it was queued
             if self._mutes_wanted.get(item[1]):
                 return [("SADD", self._muted_key, item[1]), ("SREM", self._unmuted_key, item[1])]
@@ -5845,6 +5868,8 @@ class RedisLink:
                 apart.append(item[1])  # told again at the relink
             elif item[0] == "claim":
                 item[3].put(None)  # no answer: the room decides alone
+            elif item[0] == "muted":
+                item[1].put(None)
             elif item[0] == "mute":
                 self._queue_work(item)  # sent once the link is back
             elif item[0] == "publish":

@@ -799,6 +799,23 @@ def test_the_teacher_mutes_a_student_on_another_server(linked, join, caplog):
 
 
 @redis
+def test_the_teachers_who_shows_a_student_muted_on_another_server_as_muted(
+        linked, join, caplog):
+    a, b = linked(), linked()
+    join(a, "alice")
+    bob, bea = join(b, "bob"), join(b, "bea")
+    TeacherConsole(a, None).handle_line("/mute bob")
+    bob.expect("The teacher has muted you")
+
+    def only_bob_shown_muted():
+        rows = {line.split()[0]: line for line in console_who(a, caplog)
+                if line.startswith(("bob ", "bea "))}
+        return rows["bob"].endswith(" muted") and not rows["bea"].endswith(" muted")
+
+    wait_until(only_bob_shown_muted, message="bob, not bea, shown muted on a's /who")
+
+
+@redis
 def test_quiet_mode_from_one_server_silences_students_on_another(two_rooms):
     a, b, alice, bob = two_rooms
     a.set_quiet(True)
