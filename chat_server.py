@@ -4598,7 +4598,7 @@ end
 return 0
 """
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
-SERVER_ID = re.compile(r"[0-9a-f]{8,32}")
+SERVER_ID = re.compile(r"(?:[a-z0-9][a-z0-9-]{0,40}-)?[0-9a-f]{8,32}")  # see server_id()
 RESP_INTEGER = re.compile(rb"-?[0-9]{1,19}")
 STREAM_ID = re.compile(rb"[0-9]{1,20}-[0-9]{1,20}")
 
@@ -4861,6 +4861,15 @@ def redis_url_flag(text):
     return RedisURL(parts.hostname, port, username, password, room)
 
 
+def server_id(host_name, port):
+    """A new name for this server among the linked ones: where it runs, so that
+    a teacher knows which lab is meant, and a random part, new at each start
+    (else a server started again would take the place of one it never was)."""
+    computer = unicodedata.normalize("NFKD", host_name.split(".")[0]).encode("ascii", "ignore")
+    place = re.sub(r"[^a-z0-9]+", "-", computer.decode().lower()).strip("-")[:24] or "server"
+    return "%s-%d-%s" % (place, port, os.urandom(4).hex())
+
+
 def redis_refusal(error):
     """Redis's refusal of our password, said for a teacher (else its own words)."""
     text = str(error)
@@ -5038,7 +5047,7 @@ class RedisLink:
     def __init__(self, room, url):
         self.room = room
         self.url = url
-        self.server_id = os.urandom(8).hex()
+        self.server_id = server_id(socket.gethostname(), room.server_address[1])
         prefix = url.room + ":"
         self.stream = prefix + "events"
         self.channel = prefix + "to:" + self.server_id

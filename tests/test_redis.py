@@ -352,6 +352,23 @@ def lines_until(client, text, timeout=None):
 redis = pytest.mark.redis  # on each test that needs redis-server
 
 
+def test_a_servers_name_among_the_linked_ones_says_where_it_runs():
+    first = chat_server.server_id("LAB-PC_17.school.local", 1337)
+    assert first.startswith("lab-pc-17-1337-") and chat_server.SERVER_ID.fullmatch(first)
+    assert chat_server.server_id("LAB-PC_17.school.local", 1337) != first  # new at each start
+    assert chat_server.SERVER_ID.fullmatch(chat_server.server_id("\u00c9cole \u2603", 80))
+
+
+@redis
+def test_the_teachers_who_names_the_server_of_a_student_elsewhere(linked, join, caplog):
+    a, b = linked(), linked()
+    join(a, "alice")
+    join(b, "bob")
+    row = next(line for line in console_who(a, caplog) if line.startswith("bob "))
+    place = chat_server.server_id(socket.gethostname(), b.server_address[1])[:-8]
+    assert "another server (%s" % place in row
+
+
 @redis
 def test_a_message_reaches_students_on_the_other_server(two_rooms):
     a, b, alice, bob = two_rooms
