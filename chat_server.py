@@ -2550,6 +2550,9 @@ class ChatServer(ChatRoom):
             target = self._joined.get(fold_name(name))
             remote = self._remote.get(fold_name(name))  # Redis link: on another server?
             if target is None and remote is None:
+                if self._link is not None and self._link.out_of_reach(fold_name(name)):
+                    return ("%s is on another server, out of reach for now: try again "
+                            "once the room is whole." % name)
                 return "No one called %s is online. Type /who to see who is." % name
             if target is client:
                 return "That is you: /msg is for someone else."
@@ -2841,6 +2844,15 @@ class ChatServer(ChatRoom):
             everyone = [client for client in self._connected if client.host == host]
         joined = [client for client in everyone if self.has_joined(client)]
         return joined, [client for client in everyone if client not in joined]
+
+    def out_of_reach(self, name):
+        """Redis link: what to tell the teacher about a student on a server cut
+        off now (see RedisLink.out_of_reach()), or None."""
+        with self._lock:
+            if self._link is None or not self._link.out_of_reach(fold_name(name)):
+                return None
+        return ("%s is on another server, out of reach for now (the servers are apart): "
+                "try again once the room is whole." % name)
 
     def ask_other_server(self, name, event, verb):
         """Redis link: pass /kick or /mute on to the server of a student elsewhere.
@@ -3202,6 +3214,10 @@ class TeacherConsole:
         self.tell("Console commands (any other line is announced to everyone):")
         for line in describe_commands(self.COMMANDS):
             self.tell("  " + line)
+        if self.room._link is not None:
+            self.tell("Linked through Redis: /kick, /mute, /unmute, /quiet, /who and "
+                      "announcements reach every server; bans, /unban and /shutdown are "
+                      "for this server only.")
 
     def do_kick(self, argument):
         name, _, reason = argument.partition(" ")
@@ -3227,6 +3243,7 @@ class TeacherConsole:
     def not_here(self, name, event, verb):
         """The reply for a name not online here: passed on if it is elsewhere (Redis)."""
         return (self.room.ask_other_server(name, event, verb)
+                or self.room.out_of_reach(name)
                 or "No one called %s is online." % name)
 
     def ban_after_kick(self, client, others):
@@ -3273,10 +3290,12 @@ class TeacherConsole:
             self.room.remove_by_teacher(client, "*** The teacher removed everyone at "
                                         "your computer from the chat.")
         waiting = self.close_waiting(host, joined)
-        self.tell("Disconnected %s and %s from %s; %s" % (
+        self.tell("Disconnected %s and %s from %s; %s%s" % (
             plural(len(joined), "student"), plural(waiting, "connection"), host,
             "banned for %s." % describe_minutes(minutes) if minutes > 0
-            else "no ban (--ban-minutes is 0)."))
+            else "no ban (--ban-minutes is 0).",
+            " (On this server only: each linked server bans at its own console.)"
+            if self.room._link else ""))
         self.room.note_teacher("banned %s" % host)
 
     def do_unban(self, argument):
@@ -3286,7 +3305,9 @@ class TeacherConsole:
         host = self.room.addresses.unban(argument)
         if host is None:
             banned = ", ".join(self.room.addresses.banned()) or "none"
-            self.tell("No ban matches %s. Banned now: %s." % (argument, banned))
+            self.tell("No ban matches %s. Banned now: %s.%s" % (
+                argument, banned, " (Bans are per server: a student kicked from another "
+                "server is let back in at its console.)" if self.room._link else ""))
             return
         self.tell("%s may join again." % host)
         self.room.note_teacher("unbanned %s" % host)
@@ -5362,6 +5383,11 @@ class RedisLink:
         if claimed is True or claimed is None:  # None: a split; the room decides alone
             return None
         return claimed  # why not, with the name as its holder wrote it
+
+    def out_of_reach(self, key):
+        """True if key was a student on another server when this split began
+        (room's lock held)."""
+        return not self.linked and key in self._remote_at_split
 
     def muted_anywhere(self):
         """The name keys muted on any server, as Redis holds them; None during

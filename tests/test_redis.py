@@ -1987,6 +1987,37 @@ def test_a_whisper_heard_before_its_server_relinked_is_still_answered(
 
 
 @redis
+def test_a_whisper_to_a_student_cut_off_by_a_split_says_they_are_out_of_reach(split_rooms):
+    proxy, a, b, amy, bob = split_rooms
+    amy.send("/msg bob are you there")
+    amy.expect_next("*** bob is on another server, out of reach for now: try again once "
+                    "the room is whole.")
+    amy.send("/msg nobody hello")
+    amy.expect_next("*** No one called nobody is online.")
+
+
+@redis
+def test_a_kick_of_a_student_cut_off_by_a_split_says_they_are_out_of_reach(
+        split_rooms, caplog):
+    proxy, a, b, amy, bob = split_rooms
+    TeacherConsole(a, None).handle_line("/kick bob")
+    expect_console(caplog, "bob is on another server, out of reach for now")
+
+
+@redis
+def test_the_linked_consoles_help_ban_and_unban_say_bans_are_per_server(linked, caplog):
+    a = linked()
+    console = TeacherConsole(a, None)
+    console.handle_line("/help")
+    expect_console(caplog, "bans, /unban and /shutdown are for this server only.")
+    console.handle_line("/ban 127.0.0.9")
+    expect_console(caplog, "(On this server only: each linked server bans at its own console.)")
+    console.handle_line("/unban ada")
+    expect_console(caplog, "(Bans are per server: a student kicked from another server is "
+                           "let back in at its console.)")
+
+
+@redis
 def test_a_whisper_lost_to_a_split_is_owned_up_to(linked, join, proxies, quick_split):
     proxy = proxies()
     a, b = linked(via=proxy), linked()
