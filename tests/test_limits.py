@@ -241,6 +241,18 @@ def test_flooder_does_not_slow_the_others(start_server, room):
 SLOW_LEFT = "*** slow left the chat."
 
 
+def test_a_student_who_never_reads_the_answers_to_their_commands_is_dropped(
+        start_server, joined, caplog):
+    """Replies fill an outbox too: nobody else's line need come to find it full."""
+    server = start_server(flood_rate=0, sendq=4096)
+    alice = joined("alice", server)
+    slow = joined("slow", server, rcvbuf=4096)  # then never reads
+    alice.expect_next("slow joined")
+    slow.send_raw(b"/help\r\n" * 20000)  # megabytes of answers
+    alice.expect_next(SLOW_LEFT)
+    expect_console(caplog, "Disconnecting slow (127.0.0.1:")
+
+
 def test_slow_reader_whose_writer_is_stuck_is_dropped_at_once(start_server, room, joined, caplog):
     """The drop comes while the slow client's writer waits on its full socket."""
     server = start_server(flood_rate=0, sendq=64 * 1024, max_line=BIG_LINE_BYTES)

@@ -406,6 +406,30 @@ def test_a_name_is_unique_across_servers(linked, join):
 
 
 @redis
+def test_two_students_giving_one_name_at_once_on_one_server_are_not_both_let_in(
+        linked, clients):
+    """Redis says the name is this server's for both claims: the room checks again."""
+    a = linked()
+    real_claim, first_asked, second_in = a._link.claim_name, threading.Event(), \
+        threading.Event()
+
+    def claim_name(name, key, own=None):
+        if not first_asked.is_set():
+            first_asked.set()
+            second_in.wait(TIMEOUT)  # the first claim is answered after the second join
+        return real_claim(name, key, own)
+
+    a._link.claim_name = claim_name
+    first = ChatClient(a.server_address)
+    clients.append(first)
+    first.send("alice")
+    assert first_asked.wait(TIMEOUT)
+    clients.append(joined_on(a, "alice"))
+    second_in.set()
+    first.expect("*** The name alice is taken.")
+
+
+@redis
 def test_a_name_is_free_on_every_server_once_its_student_leaves(join, two_rooms):
     a, b, alice, bob = two_rooms
     alice.send("/quit")
@@ -820,7 +844,8 @@ def test_the_teachers_who_shows_a_student_muted_on_another_server_as_muted(
         linked, join, caplog):
     a, b = linked(), linked()
     join(a, "alice")
-    bob, bea = join(b, "bob"), join(b, "bea")
+    bob = join(b, "bob")
+    join(b, "bea")
     TeacherConsole(a, None).handle_line("/mute bob")
     bob.expect("The teacher has muted you")
 

@@ -295,6 +295,14 @@ def test_accents_split_by_characters_drawn_as_nothing_still_count_on_one_letter(
     assert sum(unicodedata.category(character)[0] == "M" for character in line) == 3
 
 
+def test_a_name_typed_with_separate_accents_is_shown_composed(room, joined):
+    alice, = room("alice")
+    bob = joined("Jose\u0301")  # e, then a combining acute: what some keyboards send
+    alice.expect_next("*** Jos\u00e9 joined the chat.")
+    bob.send("hola")
+    alice.expect_next("Jos\u00e9 says: hola")
+
+
 def test_a_new_name_with_too_many_accents_is_refused_not_trimmed(room):
     alice, bob = room("alice", "bob")
     bob.send("/nick b" + "\u0301" * 5)
