@@ -2160,6 +2160,12 @@ class Addresses:
                      if fold_name(muted_name) == folded or mute in ((host, key), (host, None))]
             for mute in found:
                 del self._mutes[mute], self._sharers[mute]
+            # Someone caught by another name's mute there (see is_muted())
+            # is let go for good: else they would be muted again at their
+            # next join.
+            for (muted_host, muted_key), others in self._sharers.items():
+                if muted_host == host and muted_key is not None and key is not None:
+                    self._sharers[(muted_host, muted_key)] = others | {key}
         return {mute_host for mute_host, _ in found}
 
     def is_muted(self, host, key, keys_online_from=None):
@@ -2176,8 +2182,8 @@ class Addresses:
                 return True
             gone = [(muted_key, others) for (muted_host, muted_key), others
                     in self._sharers.items() if muted_host == host and key not in others]
-            if not gone or keys_online_from is None:
-                return False
+            if not gone or keys_online_from is None or not self.per_address:
+                return False  # (with --per-address 0 one address is the whole class)
             online = keys_online_from(host)
             return any(muted_key not in online for muted_key, _ in gone)
 
@@ -2745,10 +2751,10 @@ class ChatServer(ChatRoom):
         free its place, however it ended."""
         try:
             super().finish_request(request, client_address)
-        except OSError:
+        except OSError as error:
             # Reset before setup() was done (macOS then refuses socket
             # options, EINVAL): nothing to say, but its place is given back.
-            pass
+            log.debug("%s was gone before its setup: %r", format_address(client_address), error)
         finally:
             self._free_place(normal_host(client_address[0]))
 
@@ -3117,9 +3123,13 @@ def lift_mutes(room, name, client=None):
     unmuted = bool(hosts)
     # The student may be back under another name: unmute whoever was
     # muted only by what was just forgotten.
-    for other in room.snapshot()[0]:
-        if other is client or (other.host in hosts and
-                               not room.addresses.is_muted(other.host, other.key)):
+    joined = room.snapshot()[0]
+    keys_from = collections.defaultdict(set)
+    for other in joined:
+        keys_from[other.host].add(other.key)
+    for other in joined:
+        if other is client or (other.host in hosts and not room.addresses.is_muted(
+                other.host, other.key, keys_from.__getitem__)):
             unmuted = room.set_muted(other, False) or unmuted
     return unmuted
 
@@ -3330,8 +3340,9 @@ class TeacherConsole:
                                  [other.key for other in others])
         self.room.set_muted(client, True)
         self.tell("%s is muted, also after reconnecting from %s%s." % (
-            client.name, client.host, " under that name; once gone, under any name but %s's"
-            " (who shares the address)" % list_names(sorted(other.name for other in others))
+            client.name, client.host, " under that name; once gone, under any name but "
+            "%s (%s the address)" % (list_names(sorted(other.name + "'s" for other in others)),
+                                     "who shares" if len(others) == 1 else "who share")
             if others else ", under any name"))
         self.noted("muted %s" % client.name)
 
@@ -4582,6 +4593,7 @@ REDIS_LOOKS_SECONDS = 5  # a joining name's looks are held this long: by then it
 #   has come through the stream to every server, and each refuses a look-alike itself
 REDIS_UNHEARD_SECONDS = 10.0  # a whisper no server heard is sent again this long: a
 # listener that reconnects (backing off up to REDIS_RETRY_MAX_SECONDS) hears it
+ROOMS_NAMED = 5  # a server alone in its room names this many rooms others are in
 # Messages in one "say" event: a sender's batch is the lines of one read
 # (see more_messages()), and each line takes at least one byte.
 REDIS_MAX_EVENT_TEXTS = 2 * RECV_BYTES
@@ -4871,7 +4883,8 @@ def redis_url_flag(text):
     if parts.username and parts.password is None:
         # Redis URLs put a user name before the colon, a password after it.
         raise argparse.ArgumentTypeError(
-            "give the Redis password after a colon: redis://:PASSWORD@%s" % parts.hostname)
+            "give the Redis password after a colon: redis://:PASSWORD@%s (a Redis user "
+            "without one: redis://USER:@%s)" % (parts.hostname, parts.hostname))
     password = urllib.parse.unquote(parts.password or "")
     username = urllib.parse.unquote(parts.username or "")
     if not password and not is_loopback_host(parts.hostname):
@@ -5180,8 +5193,9 @@ class RedisLink:
             quiet = self._redis.call("EXISTS", self._quiet_key) == 1
             # A room alone may be a typo: the rooms other servers are in.
             rooms = [] if servers else sorted(
-                {key.decode("utf-8", "replace").rpartition(":server:")[0]
-                 for key in self._scan("*:server:*")})
+                {room for room in (key.decode("ascii", "replace").rpartition(":server:")[0]
+                                   for key in self._scan("*:server:*"))
+                 if ROOM_NAME.fullmatch(room)})[:ROOMS_NAMED]
             # Subscribed before anyone can join: a whisper to them is heard.
             self._listener = self._subscribe()
             self._redis.pipeline(self._heartbeat_commands())
@@ -5837,6 +5851,9 @@ class RedisLink:
             self._quiet_set_alone = True
         self._show_pending()
         self._release_held(everything=True)
+        untold, self._renames_untold = self._renames_untold, []  # a relink that failed
+        for told in untold:
+            self._tell_renamed(*told)
         self._remote_at_split = dict(self.room._remote)  # see _relink()
         self._set_remote({})
         for client in self.room._joined.values():
@@ -6232,7 +6249,7 @@ class RedisLink:
             if old_key in self._renamed_apart:  # the others know it by its name
                 # before the split: they hear of this rename from that one.
                 self._renamed_apart[key] = self._renamed_apart.pop(old_key)
-            told = (client, "*** While the servers were apart, a student on another "
+            told = (client, key, "*** While the servers were apart, a student on another "
                     "server took %s %s: you are now %s." % (
                         "a name that looks like" if looks_like else "the name",
                         old_name, new_name), "*** %s is now %s." % (old_name, new_name))
@@ -6246,11 +6263,11 @@ class RedisLink:
         log.info("%s was taken on another server: renamed %s", old_name, new_name)
         self.room._send_queued(recipients + [client])
 
-    def _tell_renamed(self, client, personal, shown):
-        """Tell a student renamed by _rename_taken(), and its room (lock held);
-        return who to send to."""
-        if self.room._joined.get(client.key) is not client:
-            return []  # left since
+    def _tell_renamed(self, client, key, personal, shown):
+        """Tell a student renamed by _rename_taken() (to the name of key), and
+        its room (lock held); return who to send to."""
+        if self.room._joined.get(key) is not client:
+            return []  # left, or took another name, since
         self.room._queue_for(client, personal)
         return self.room._broadcast(shown, exclude=client) + [client]
 

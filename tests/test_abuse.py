@@ -995,7 +995,8 @@ def test_unmute_by_the_muted_name_reaches_the_student_under_a_new_name(server, c
 def test_private_messages_from_one_computer_share_one_pace(start_server, crowd, caplog):
     """Eight connections at the flood limit each would bury one classmate's page
     under forty private lines a second, which the teacher never sees."""
-    server = start_server(flood_rate=0.5, flood_burst=2)  # a token each 2 s, 2 at once
+    server = start_server(flood_rate=0.5, flood_burst=2)  # 2 at once, then one each 2 s
+    server.addresses.clock = lambda: 0.0  # the computer's allowance does not refill
     alice, w1, w2, w3 = crowd(server, (3, "alice"), (2, "w1"), (2, "w2"), (2, "w3"))
     w1.send("/msg alice one")
     alice.expect_next("w1 whispers: one")
@@ -1009,12 +1010,12 @@ def test_private_messages_from_one_computer_share_one_pace(start_server, crowd, 
 
 def test_private_messages_from_another_computer_keep_their_own_pace(start_server, crowd):
     server = start_server(flood_rate=0.5, flood_burst=2)
+    server.addresses.clock = lambda: 0.0  # allowances do not refill
     alice, w1, w2, bob = crowd(server, (3, "alice"), (2, "w1"), (2, "w2"), (4, "bob"))
-    w1.send("/msg alice one\n/msg alice two")
+    w1.send("/msg alice one")
     alice.expect_next("w1 whispers: one")
-    alice.expect_next("w1 whispers: two")
-    w2.send("/msg alice three")
-    w2.expect_next("*** Your computer is sending private messages too fast")
+    w2.send("/msg alice two")
+    alice.expect_next("w2 whispers: two")  # computer 2 has used its allowance
     bob.send("/msg alice hi")
     bob.expect_next("*** You whispered to alice: hi")  # not told to slow down first
 
@@ -1038,6 +1039,38 @@ def test_a_muted_name_gone_from_a_shared_address_is_muted_under_a_new_name_from_
     alice.expect_next("*** carol joined the chat.")
     carol.send("back again")
     alice.expect_next("carol says: back again")
+
+
+def test_unmuting_a_student_taken_for_a_muted_name_lets_them_go_for_good(
+        server, computer, crowd, console):
+    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
+    console.handle_line("/mute bob")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    dave = computer(2, server).join("dave")
+    alice.expect_next("*** dave joined the chat.")
+    console.handle_line("/unmute dave")
+    dave.expect_next("*** The teacher has unmuted you")
+    dave.close()
+    alice.expect_next("*** dave left the chat.")
+    dave = computer(2, server).join("dave")
+    alice.expect_next("*** dave joined the chat.")
+    dave.send("free")
+    alice.expect_next("dave says: free")
+
+
+def test_with_no_per_address_rules_a_muted_name_gone_mutes_no_other_name(
+        start_server, crowd):
+    server = start_server(per_address=0)  # the whole class behind one address
+    alice, bob = crowd(server, (2, "alice"), (2, "bob"))
+    TeacherConsole(server, None).handle_line("/mute bob")
+    bob.expect_next("*** The teacher has muted you")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    carol = crowd(server, (2, "carol"))[0]
+    alice.expect_next("*** carol joined the chat.")
+    carol.send("hello")
+    alice.expect_next("carol says: hello")
 
 
 def test_two_names_muted_at_one_computer_leave_no_name_there_free(server, computer, crowd,

@@ -767,7 +767,6 @@ def test_full_room_refuses_a_newcomer_and_keeps_serving(start_server, connect, j
     alice.expect_next("bob joined")
 
 
-
 def test_a_connection_whose_socket_options_fail_gives_its_place_back(
         start_server, connect, joined, monkeypatch):
     """macOS refuses socket options (EINVAL) on a connection reset before its
