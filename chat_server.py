@@ -48,8 +48,9 @@ adds and where the core calls it.
 
 The life of one line, "hi" typed by alice, step by step; the three parts of
 the core come below in the same order (ChatHandler, ChatRoom, Client):
-  1. ChatHandler.handle() is alice's reader thread: after ask_name() has
-     joined her to the room, chat() reads her lines until she leaves.
+  1. ChatHandler.handle() is alice's reader thread: once ask_name() has
+     joined her to the room (see "Before joining"), chat() reads her lines
+     until she leaves.
   2. read_line() waits for bytes (wait_for_bytes(), a recv() on her socket)
      and take_bytes() cuts them into clean lines: b"hi\r\n" becomes "hi"
      (TelnetLines does the cutting and cleaning: see "Text helpers").
@@ -348,7 +349,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         timeout = self.room.settings.name_timeout
         deadline = time.monotonic() + timeout if timeout > 0 else None
         try:
-            if greet(self) and check_password(self, deadline) and self.ask_name(deadline):
+            if greet(self) and check_password(self, deadline) and ask_name(self, deadline):
                 self.chat()
         except NoAnswerInTime:
             self.reply("*** You did not give %s in time. Goodbye." % self.waiting_for)
@@ -356,36 +357,6 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 self.client, self.waiting_for.split()[-1]), host=self.client.host)
         except OSError:
             pass  # a reset, or a dead link: either way, the client leaves (finish())
-
-    # -- Joining: the name --
-
-    def ask_name(self, deadline):
-        """Ask for a name until one is free and valid, then join. False: gone."""
-        question = "What is your name?"
-        self.waiting_for = "a name"
-        self.reply("*** " + question)
-        paced = False
-        while True:
-            line = self.read_line(deadline)
-            if line is None:
-                return False
-            hold_back_flood(self, blank=line is not TOO_LONG and says_nothing(line))
-            if line is TOO_LONG:
-                problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
-            elif not line.strip():
-                problem = ""
-            else:
-                if not paced:
-                    paced = wait_to_join(self)
-                problem = self.room.join(self.client, line.strip())
-                if problem is None:
-                    return True
-                if problem is SHUTTING_DOWN:
-                    return False  # close_room() said goodbye to every connection
-                if problem is REMOVED:
-                    self.reply("*** %s Goodbye." % problem)
-                    return False
-            self.reply("*** %s%s" % (problem + " " if problem else "", question))
 
     # -- A line's way in: read, cut into lines, hand to the room --
 
@@ -1296,7 +1267,7 @@ class Notices:
 # What protects the room: clean text, names nobody can fake, limits, the
 # greeting and the password, refusals. The core calls them where a client
 # arrives (ChatHandler.setup() and handle()), reads (take_bytes(), chat(),
-# handle_line()), asks a name (ask_name()), joins (ChatRoom.join()) and
+# handle_line()), joins (ChatRoom.join()) and
 # speaks (_speak()), and where ChatServer admits a connection
 # (process_request()).
 # =============================================================================
@@ -2206,9 +2177,10 @@ def normal_host(host):
     return str(address)
 
 
-# --- Before joining: the greeting, the password, the pace of joins ------------
-# ChatHandler.handle() calls greet() and check_password() before it asks a
-# name; ask_name() calls wait_to_join() once, before the first try to join.
+# --- Before joining: the greeting, the password, the name --------------------
+# ChatHandler.handle() calls greet(), check_password() and ask_name(), which
+# joins the client to the room (ChatRoom.join()); it calls wait_to_join()
+# once, before the first try to join.
 
 
 def greet(handler):
@@ -2277,6 +2249,35 @@ def check_password(handler, deadline):
     addresses.password_failed(handler.client.host)
     handler.reply("*** Wrong password. Goodbye.")
     return False
+
+
+def ask_name(handler, deadline):
+    """Ask for a name until one is free and valid, then join. False: gone."""
+    question = "What is your name?"
+    handler.waiting_for = "a name"
+    handler.reply("*** " + question)
+    paced = False
+    while True:
+        line = handler.read_line(deadline)
+        if line is None:
+            return False
+        hold_back_flood(handler, blank=line is not TOO_LONG and says_nothing(line))
+        if line is TOO_LONG:
+            problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
+        elif not line.strip():
+            problem = ""
+        else:
+            if not paced:
+                paced = wait_to_join(handler)
+            problem = handler.room.join(handler.client, line.strip())
+            if problem is None:
+                return True
+            if problem is SHUTTING_DOWN:
+                return False  # close_room() said goodbye to every connection
+            if problem is REMOVED:
+                handler.reply("*** %s Goodbye." % problem)
+                return False
+        handler.reply("*** %s%s" % (problem + " " if problem else "", question))
 
 
 def wait_to_join(handler):

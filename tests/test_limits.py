@@ -689,8 +689,7 @@ def test_a_connection_admitted_just_before_the_room_closes_gets_one_goodbye(
 def test_a_name_given_as_the_shutdown_begins_gets_one_goodbye_and_does_not_join(
         server, connect, monkeypatch):
     refused = threading.Event()
-    real_ask, real_close_when_sent = chat_server.ChatHandler.ask_name, \
-        chat_server.Client.close_when_sent
+    real_ask, real_close_when_sent = chat_server.ask_name, chat_server.Client.close_when_sent
 
     def ask_name(handler, *args):
         answer = real_ask(handler, *args)
@@ -703,7 +702,7 @@ def test_a_name_given_as_the_shutdown_begins_gets_one_goodbye_and_does_not_join(
             assert refused.wait(TIMEOUT), "the name was not handled"
         return real_close_when_sent(client)
 
-    monkeypatch.setattr(chat_server.ChatHandler, "ask_name", ask_name)
+    monkeypatch.setattr(chat_server, "ask_name", ask_name)
     monkeypatch.setattr(chat_server.Client, "close_when_sent", close_when_sent)
     newcomer = connect()
     newcomer.expect("What is your name?")
