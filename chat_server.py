@@ -424,9 +424,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
         if is_plain_message(line):
-            self.room.say(self.client, trim_accents(line), *more_messages(self))
+            self.room.say(self.client, student_text(line), *more_messages(self))
         elif line.lstrip().startswith("//"):
-            self.room.say(self.client, trim_accents(line.lstrip()[1:]))  # "//text": "/text"
+            self.room.say(self.client, student_text(line.lstrip()[1:]))  # "//text": "/text"
         else:
             self.run_command(line)
 
@@ -446,7 +446,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         elif command is do_nick:
             command(self, argument)  # a name is checked as typed, as at the join
         else:
-            command(self, trim_accents(argument))  # others see it: as a message
+            command(self, student_text(argument))  # others see it: as a message
 
     # -- Leaving --
 
@@ -472,6 +472,7 @@ TOO_SLOW = "too slow to keep up"
 NAME_TAKEN = "The name %s is taken."
 LOOKS_TAKEN = "That name looks too much like %s, who is online."
 REMOVED = "You were removed by the teacher."
+MUTED_LINE = "*** The teacher has muted you: your messages reach nobody for now."
 SHUTTING_DOWN = "Server is shutting down."  # the goodbye; once close_room() has
 #                                            begun, join() and each refusal say it too
 
@@ -619,10 +620,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
 
     def join(self, client, name):
         """Add a client to the room as name; return why not, or None."""
+        name = unicodedata.normalize("NFC", name)  # checked as it will be shown
         problem = name_problem(name)
         if problem:
             return problem
-        name = unicodedata.normalize("NFC", name)
         key, looks = fold_name(name), looks_of(name)
         with self._lock:  # before claiming it in Redis: a look-alike is refused here
             problem = self._name_taken(key, looks, client)
@@ -669,6 +670,10 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         lines.append(self._online_line())
         if self._link is not None and not self._link.linked:  # Redis link, split now
             lines.append(SPLIT_LINE)
+        if client.muted:  # told now, not at their first line; and so is the teacher
+            lines.append(MUTED_LINE)
+            self.recorder.note("console", "%s joined muted (/unmute %s lifts it)."
+                               % (client.name, client.name))
         return lines
 
     def _online_line(self):
@@ -1553,6 +1558,15 @@ def defuse_server_marker(text):
     return "".join(pieces)[:-1]
 
 
+def student_text(text):
+    """What the others are shown of a student's message, action, whisper or reason.
+
+    Accents are trimmed first: trimming a mark that stood between two
+    asterisks could make "***" show after the check.
+    """
+    return defuse_server_marker(trim_accents(text))
+
+
 def says_nothing(text):
     """True for a line that shows as nothing: spaces, invisible characters, and
     marks or format characters with no letter to sit on (HIDDEN_CATEGORIES)."""
@@ -1890,7 +1904,7 @@ def more_messages(handler):
         if not handler.flood.take_if_free():
             break  # this one must wait: hold_back_flood() will pace it
         if not says_nothing(line):
-            texts.append(trim_accents(defuse_server_marker(line.rstrip())))
+            texts.append(student_text(line.rstrip()))
         handler.lines.popleft()
     return texts
 
@@ -2596,10 +2610,10 @@ class ChatServer(ChatRoom):
 
     def rename(self, client, new_name):
         """Rename client and tell everyone; return why not, or None."""
+        new_name = unicodedata.normalize("NFC", new_name)  # checked as it will be shown
         problem = name_problem(new_name)
         if problem:
             return problem
-        new_name = unicodedata.normalize("NFC", new_name)
         if new_name == client.name:
             return "You are already called %s." % new_name
         key, looks = fold_name(new_name), looks_of(new_name)
@@ -2908,9 +2922,8 @@ class ChatServer(ChatRoom):
             client.muted = muted
             if self._link is not None:  # Redis link: muted on every server
                 self._link.note_muted(client.key, muted)
-            self._queue_for(
-                client, "*** The teacher has muted you: your messages reach nobody for now."
-                if muted else "*** The teacher has unmuted you: you can chat again.")
+            self._queue_for(client, MUTED_LINE if muted else
+                            "*** The teacher has unmuted you: you can chat again.")
         self._send_queued([client])
         return True
 
@@ -3340,11 +3353,13 @@ class TeacherConsole:
         self.room.addresses.mute(client.host, client.key if others else None, client.name,
                                  [other.key for other in others])
         self.room.set_muted(client, True)
-        self.tell("%s is muted, also after reconnecting from %s%s." % (
+        self.tell("%s is muted, also after reconnecting from %s%s%s." % (
             client.name, client.host, " under that name; once gone, under any name but "
             "%s (%s the address)" % (list_names(sorted(other.name + "'s" for other in others)),
                                      "who shares" if len(others) == 1 else "who share")
-            if others else ", under any name"))
+            if others else ", under any name",
+            "; and the name %s on every linked server" % client.name
+            if self.room._link is not None else ""))
         self.noted("muted %s" % client.name)
 
     def do_unmute(self, argument):
@@ -5021,6 +5036,21 @@ def check_field(event, field, check, max_line):
         raise BadEvent("a bad %s: %s" % (field, repr(value)[:80]))
 
 
+def event_origin(data):
+    """(server, sequence) of an event that failed check_event(), if it says so."""
+    try:
+        event = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(event, dict):
+        return None
+    server, sequence = event.get("s"), event.get("n")
+    if isinstance(server, str) and SERVER_ID.fullmatch(server) and type(sequence) is int \
+            and sequence >= 0:
+        return server, sequence
+    return None
+
+
 def is_clean_text(text, max_line, may_be_empty=False):
     """True if text is what a server could let a student send (at most max_line bytes)."""
     if not isinstance(text, str) or not (text.strip() or may_be_empty):
@@ -6405,6 +6435,11 @@ class RedisLink:
                 events.append(self._entry_event(fields))
             except BadEvent as error:
                 log.warning("Dropped a bad event from Redis: %s", error)
+                origin = event_origin(fields[1]) if isinstance(fields, list) and \
+                    len(fields) == 2 and isinstance(fields[1], bytes) else None
+                if origin is not None and origin[0] == self.server_id:
+                    with self.room._lock:  # ours, refused: never to be shown, even at a split
+                        self._pending.pop(origin[1], None)
         if events:
             self.apply(events)
 
@@ -6592,6 +6627,12 @@ class RedisLink:
                 event = check_event(message[2], PRIVATE_EVENTS, self.room.settings.max_line)
             except BadEvent as error:
                 log.warning("Dropped a bad message from Redis: %s", error)
+                origin = event_origin(message[2])
+                if origin is not None and message[1] == self.channel.encode("utf-8"):
+                    with self._private_came:  # a mark waits for it no more
+                        if origin[1] > self._private_seen.get(origin[0], 0):
+                            self._private_seen[origin[0]] = origin[1]
+                        self._private_came.notify_all()
                 return
             if message[1] != self.channel.encode("utf-8"):
                 self._act_on_private(event)  # to all servers: no mark waits for it

@@ -965,12 +965,15 @@ def muted_and_back_as_robert(server, crowd, console):
     bob.close()
     alice.expect_next("*** bob left the chat.")
     robert = crowd(server, (2, "robert"))[0]
+    robert.expect_next(chat_server.MUTED_LINE)  # told at once
     alice.expect_next("*** robert joined the chat.")
     return alice, robert
 
 
-def test_mute_of_a_student_alone_on_an_address_follows_any_name(server, crowd, console):
+def test_mute_of_a_student_alone_on_an_address_follows_any_name(server, crowd, console,
+                                                                caplog):
     alice, robert = muted_and_back_as_robert(server, crowd, console)
+    expect_console(caplog, "robert joined muted (/unmute robert lifts it).")
     robert.send("I am new here")
     robert.expect_next("*** Not sent: the teacher has muted you.")
     console.handle_line("/unmute robert")
@@ -1030,6 +1033,7 @@ def test_a_muted_name_gone_from_a_shared_address_is_muted_under_a_new_name_from_
     bob.close()
     alice.expect_next("*** bob left the chat.")
     bobby = computer(2, server).join("bobby")
+    bobby.expect_next(chat_server.MUTED_LINE)
     alice.expect_next("*** bobby joined the chat.")
     bobby.send("still here")
     bobby.expect_next("*** Not sent: the teacher has muted you.")
@@ -1048,6 +1052,7 @@ def test_unmuting_a_student_taken_for_a_muted_name_lets_them_go_for_good(
     bob.close()
     alice.expect_next("*** bob left the chat.")
     dave = computer(2, server).join("dave")
+    dave.expect_next(chat_server.MUTED_LINE)
     alice.expect_next("*** dave joined the chat.")
     console.handle_line("/unmute dave")
     dave.expect_next("*** The teacher has unmuted you")
@@ -1084,6 +1089,7 @@ def test_two_names_muted_at_one_computer_leave_no_name_there_free(server, comput
     quiet.close()
     alice.expect_next("*** quietone left the chat.")
     third = computer(2, server).join("bully2")
+    third.expect_next(chat_server.MUTED_LINE)
     third.send("still talking")
     third.expect_next("*** Not sent: the teacher has muted you.")
 
@@ -1097,6 +1103,7 @@ def test_mute_on_a_shared_address_follows_the_name_only(server, computer, crowd,
     bob.close()
     alice.expect_next("*** bob left the chat.")
     bob = computer(2, server).join("bob")
+    bob.expect_next(chat_server.MUTED_LINE)  # told at once
     alice.expect_next("*** bob joined the chat.")
     bob.send("me again")
     bob.expect_next("*** Not sent: the teacher has muted you.")

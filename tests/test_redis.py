@@ -869,6 +869,23 @@ def test_the_teachers_who_shows_a_student_muted_on_another_server_as_muted(
 
 
 @redis
+def test_a_name_muted_on_one_server_is_told_muted_at_once_on_another_and_so_is_its_teacher(
+        linked, join, caplog):
+    """A mute follows the name: whoever comes under it is told at once, not when
+    they first speak, and so is that server's teacher, who can lift it."""
+    a, b = linked(), linked()
+    hanna = join(a, "hanna")
+    TeacherConsole(a, None).handle_line("/mute hanna")
+    expect_console(caplog, "; and the name hanna on every linked server.")
+    hanna.expect("The teacher has muted you")
+    hanna.close()
+    wait_until(lambda: "hanna" not in b.who(), message="hanna gone from b")
+    again = join(b, "hanna")
+    again.expect_next(chat_server.MUTED_LINE)
+    expect_console(caplog, "hanna joined muted (/unmute hanna lifts it).")
+
+
+@redis
 def test_quiet_mode_from_one_server_silences_students_on_another(two_rooms):
     a, b, alice, bob = two_rooms
     a.set_quiet(True)
@@ -981,6 +998,50 @@ def test_a_bad_event_in_redis_is_logged_and_dropped(linked, join, redis_server, 
     wait_until(lambda: sum("Dropped a bad event" in r.getMessage() or
                            "Dropped a message" in r.getMessage()
                            for r in caplog.records) == 3, message="three drops logged")
+
+
+@redis
+def test_our_own_event_refused_on_its_way_back_is_never_shown_even_at_a_split(
+        linked, join, proxies, quick_split, caplog):
+    """Else it would wait among the events on their way for good, and come out,
+    late and out of order, at the next split."""
+    proxy = proxies()
+    a = linked(via=proxy)
+    alice, bob = join(a, "alice"), join(a, "bob")
+    real_xadd = a._link._xadd
+
+    def xadd(event):  # spoiled in Redis, as a rogue writer there could
+        if event.get("texts") == ["spoiled"]:
+            event = dict(event, texts=["\x1b[2J spoiled"])
+        return real_xadd(event)
+
+    a._link._xadd = xadd
+    alice.send("spoiled")
+    expect_console(caplog, "Dropped a bad event from Redis")
+    wait_until(lambda: not a._link._pending, message="the refused event forgotten")
+    proxy.freeze()
+    bob.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    alice.send("after")
+    bob.expect_next("alice says: after")
+
+
+@redis
+def test_a_whisper_refused_on_arrival_holds_back_no_line_after_it(two_rooms, caplog):
+    """Its mark in the stream waits for it no more once the listener has refused it."""
+    a, b, alice, bob = two_rooms
+    b._link.silence_seconds = 60.0  # how long a mark would wait for it
+    real_commands = a._link._commands_for
+
+    def commands_for(item):  # the whisper spoiled on its way, as a rogue writer could
+        if item[0] == "publish" and item[2].get("text") == "spoiled":
+            item = (item[0], item[1], dict(item[2], text="\x1b[2J spoiled")) + item[3:]
+        return real_commands(item)
+
+    a._link._commands_for = commands_for
+    alice.send("/msg bob spoiled")
+    alice.send("after")
+    bob.expect_next("alice says: after")
+    expect_console(caplog, "Dropped a bad message from Redis")
 
 
 @redis

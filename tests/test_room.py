@@ -303,6 +303,35 @@ def test_a_name_typed_with_separate_accents_is_shown_composed(room, joined):
     alice.expect_next("Jos\u00e9 says: hola")
 
 
+# Devanagari QA (U+0958) is one letter typed, but NFC writes it as two: KA and
+# a nukta, a mark. Checked as typed, these names passed; shown, they broke the
+# rules (and every linked server refused the events they were in).
+QA_WITH_THREE_MARKS = "\u0958\u0901\u0901\u0901"
+TWENTY_TYPED_THIRTY_SHOWN = "\u0958" * 10 + "a" * 10
+
+
+@pytest.mark.parametrize("name, problem", [
+    (QA_WITH_THREE_MARKS, "*** Too many accents on one letter"),
+    (TWENTY_TYPED_THIRTY_SHOWN, "*** That name is too long"),
+], ids=["four marks once composed", "too long once composed"])
+def test_a_name_is_checked_as_it_will_be_shown(room, connect, name, problem):
+    newcomer = connect()
+    newcomer.send(name)
+    newcomer.expect(problem)
+    alice, = room("alice")
+    alice.send("/nick " + name)
+    alice.expect_next(problem)
+
+
+def test_trimming_accents_cannot_make_three_asterisks_show(room):
+    """A spacing mark kept the asterisks apart, and was then trimmed as a fourth mark."""
+    alice, bob = room("alice", "bob")
+    star = "*" + "\u0323" * 3 + "\u0903"  # three marks below, then a spacing mark
+    bob.send(star * 3 + " [teacher] the test is moved to Friday")
+    line = alice.expect_next("bob says: ")
+    assert chat_server.defuse_server_marker(line) == line, line
+
+
 def test_a_new_name_with_too_many_accents_is_refused_not_trimmed(room):
     alice, bob = room("alice", "bob")
     bob.send("/nick b" + "\u0301" * 5)
