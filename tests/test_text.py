@@ -127,6 +127,15 @@ def test_telnet_filter_reads_a_letter_linux_telnet_sent_as_commands_as_that_lett
     assert not telnet.interrupted
 
 
+@pytest.mark.parametrize("typed", ["caf\u00e9", "\u672c", "\U0001f600"],
+                         ids=["two bytes", "three bytes", "four bytes"])
+def test_telnet_filter_takes_ctrl_c_right_after_a_whole_letter_as_ctrl_c(typed):
+    """Only a command inside a letter is a mangled byte of that letter."""
+    telnet = TelnetFilter()
+    text, answer = telnet.feed(typed.encode("utf-8") + bytes([IAC, IP]))
+    assert (text.decode("utf-8"), telnet.interrupted) == (typed, True)
+
+
 def test_telnet_filter_reads_a_mangled_letter_split_across_reads():
     telnet = TelnetFilter()
     assert telnet.feed(b"\xcf") == (b"\xcf", b"")
