@@ -658,6 +658,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             client.queue_bytes(client.encode_lines(self._welcome_lines(client)))
             self._broadcast("*** %s joined the chat." % name, exclude=client,
                           event={"k": "join", "name": name}, notice=True)
+            if client.muted:
+                self.recorder.note("console", "%s joined muted (/unmute %s lifts it)."
+                                   % (name, name))
         self._send_queued([client])
         return None
 
@@ -670,10 +673,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         lines.append(self._online_line())
         if self._link is not None and not self._link.linked:  # Redis link, split now
             lines.append(SPLIT_LINE)
-        if client.muted:  # told now, not at their first line; and so is the teacher
+        if client.muted:  # told now, not at their first line (and the teacher: see join())
             lines.append(MUTED_LINE)
-            self.recorder.note("console", "%s joined muted (/unmute %s lifts it)."
-                               % (client.name, client.name))
         return lines
 
     def _online_line(self):
@@ -1896,10 +1897,16 @@ def more_messages(handler):
     and one send, instead of one of each per line: that is what keeps a
     busy room cheap.
     """
-    texts = []
+    texts, size = [], 0
     while handler.lines:
         line = handler.lines[0]
         if line is TOO_LONG or line is INTERRUPTED or not is_plain_message(line):
+            break
+        # At most what one Redis event may carry (a browser's message may
+        # hold thousands of lines): the rest goes in the next batch. (A
+        # character takes at most 4 bytes.)
+        size += len(line)
+        if len(texts) + 1 >= REDIS_MAX_EVENT_TEXTS or size > REDIS_TEXT_BYTES // 4:
             break
         if not handler.flood.take_if_free():
             break  # this one must wait: hold_back_flood() will pace it
@@ -2895,7 +2902,8 @@ class ChatServer(ChatRoom):
 
         False without a link.
         """
-        if self._link is None:
+        name = unicodedata.normalize("NFC", name)  # as the other servers check it
+        if self._link is None or name_problem(name):
             return False
         with self._lock:  # the link's mutes are guarded by the room's lock
             self._link.note_muted(fold_name(name), False)
@@ -3350,14 +3358,15 @@ class TeacherConsole:
         # there now (see is_muted()).
         others = [other for other in self.room.connections_from(client.host)[0]
                   if other is not client]
-        self.room.addresses.mute(client.host, client.key if others else None, client.name,
+        by_address = not others and self.room.settings.per_address  # (0: a shared address)
+        self.room.addresses.mute(client.host, None if by_address else client.key, client.name,
                                  [other.key for other in others])
         self.room.set_muted(client, True)
         self.tell("%s is muted, also after reconnecting from %s%s%s." % (
             client.name, client.host, " under that name; once gone, under any name but "
             "%s (%s the address)" % (list_names(sorted(other.name + "'s" for other in others)),
                                      "who shares" if len(others) == 1 else "who share")
-            if others else ", under any name",
+            if others else ", under any name" if by_address else " under that name",
             "; and the name %s on every linked server" % client.name
             if self.room._link is not None else ""))
         self.noted("muted %s" % client.name)
@@ -5874,6 +5883,9 @@ class RedisLink:
 
     def _split_locked(self, reason):
         """The room's part of a split (room's lock held); the writer then reconnects."""
+        untold, self._renames_untold = self._renames_untold, []  # a relink that failed
+        for told in untold:
+            self._tell_renamed(*told)
         if not self.linked:
             return
         self.linked = False
@@ -5882,9 +5894,6 @@ class RedisLink:
             self._quiet_set_alone = True
         self._show_pending()
         self._release_held(everything=True)
-        untold, self._renames_untold = self._renames_untold, []  # a relink that failed
-        for told in untold:
-            self._tell_renamed(*told)
         self._remote_at_split = dict(self.room._remote)  # see _relink()
         self._set_remote({})
         for client in self.room._joined.values():
@@ -6440,6 +6449,10 @@ class RedisLink:
                 if origin is not None and origin[0] == self.server_id:
                     with self.room._lock:  # ours, refused: never to be shown, even at a split
                         self._pending.pop(origin[1], None)
+                        if origin[1] > self._last_seen.get(self.server_id, 0):
+                            self._last_seen[self.server_id] = origin[1]
+                        released = self._release_held() if self._held else []
+                    self.room._send_queued(released)
         if events:
             self.apply(events)
 

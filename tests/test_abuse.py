@@ -1064,6 +1064,19 @@ def test_unmuting_a_student_taken_for_a_muted_name_lets_them_go_for_good(
     alice.expect_next("dave says: free")
 
 
+def test_with_no_per_address_rules_a_mute_is_of_the_name_only(start_server, crowd, caplog):
+    server = start_server(per_address=0)  # the whole class behind one address
+    bob, = crowd(server, (2, "bob"))  # alone when muted
+    TeacherConsole(server, None).handle_line("/mute bob")
+    expect_console(caplog, "bob is muted, also after reconnecting from 127.0.0.2 under "
+                           "that name.")
+    carol, = crowd(server, (2, "carol"))
+    bob.expect_next("*** The teacher has muted you")
+    bob.expect_next("*** carol joined the chat.")
+    carol.send("hello")
+    bob.expect_next("carol says: hello")
+
+
 def test_with_no_per_address_rules_a_muted_name_gone_mutes_no_other_name(
         start_server, crowd):
     server = start_server(per_address=0)  # the whole class behind one address

@@ -7,6 +7,7 @@ network between a server and Redis to freeze or cut the link.
 """
 
 import argparse
+import collections
 import json
 import queue
 import re
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -148,6 +150,21 @@ def test_something_else_than_redis_at_the_redis_port_is_one_line_and_exit_2():
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "is not Redis" in lines[0] and "is the port right?" in lines[0], \
         lines
+
+
+@pytest.mark.parametrize("lines", [["a"] * 9000, ["\u672c" * 4000] * 40],
+                         ids=["many lines", "many bytes"])
+def test_a_batch_of_messages_fits_in_one_redis_event(lines):
+    """A browser's one message may hold thousands of lines: every linked server
+    would refuse them all as one event."""
+    handler = types.SimpleNamespace(lines=collections.deque(lines),
+                                    flood=chat_server.FloodLimiter(0, 10))
+    texts = ["first"] + chat_server.more_messages(handler)
+    assert 1 < len(texts) <= chat_server.REDIS_MAX_EVENT_TEXTS
+    chat_server.check_event(json.dumps({"k": "say", "s": "0123456789abcdef", "n": 1,
+                                        "name": "alice", "texts": texts}).encode(),
+                            chat_server.ROOM_EVENTS, 16 * 1024)
+    assert len(handler.lines) == len(lines) - len(texts) + 1  # the rest: the next batch
 
 
 def test_a_redis_elsewhere_is_accepted_with_a_password():
@@ -1020,7 +1037,7 @@ def test_our_own_event_refused_on_its_way_back_is_never_shown_even_at_a_split(
     expect_console(caplog, "Dropped a bad event from Redis")
     wait_until(lambda: not a._link._pending, message="the refused event forgotten")
     proxy.freeze()
-    bob.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    bob.expect_next(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
     alice.send("after")
     bob.expect_next("alice says: after")
 
@@ -1455,6 +1472,40 @@ def test_a_student_renamed_at_a_relink_is_told_after_the_room_is_whole_again(
     proxy.thaw()
     assert chat_server.WHOLE_LINE in lines_until(amy, "you are now bob.2", SPLIT_TIMEOUT)
     assert chat_server.WHOLE_LINE in lines_until(cal, "*** bob is now bob.2.", SPLIT_TIMEOUT)
+
+
+@redis
+def test_a_student_renamed_at_a_relink_that_fails_is_told_at_once(split_rooms, monkeypatch):
+    proxy, a, b, amy, bob = split_rooms
+    amy.send("/nick bob")
+    amy.expect("*** amy is now bob.")
+    real_load, failed = a._link._load_roster, threading.Event()
+
+    def load_roster():  # the link drops again after the names were claimed
+        if not failed.is_set():
+            failed.set()
+            raise socket.timeout("Redis went silent again")
+        return real_load()
+
+    monkeypatch.setattr(a._link, "_load_roster", load_roster)
+    proxy.thaw()
+    told = lines_until(amy, "you are now bob.2", SPLIT_TIMEOUT)
+    assert failed.is_set() and chat_server.WHOLE_LINE not in told
+    amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)  # the next relink
+
+
+@redis
+def test_an_unmute_typed_with_separate_accents_reaches_the_other_servers(two_rooms, join,
+                                                                          caplog):
+    """The name is sent as the other servers check it (NFC), else all refuse it."""
+    a, b, alice, bob = two_rooms
+    jose = join(b, "Jos\u00e9")
+    TeacherConsole(b, None).handle_line("/mute Jos\u00e9")
+    jose.expect("The teacher has muted you")
+    jose.close()
+    wait_until(lambda: "Jos\u00e9" not in a.who(), message="Jose gone")
+    TeacherConsole(a, None).handle_line("/unmute Jose\u0301")
+    expect_console(caplog, "Another server's teacher unmuted Jos\u00e9.")  # b's console
 
 
 @redis
