@@ -1023,15 +1023,21 @@ def test_private_messages_from_another_computer_keep_their_own_pace(start_server
     bob.expect_next("*** You whispered to alice: hi")  # not told to slow down first
 
 
+def muted_and_gone_from_a_shared_computer(server, crowd, console):
+    """bob, sharing 127.0.0.2 with carol, is muted and leaves; return alice, carol."""
+    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
+    console.handle_line("/mute bob")
+    bob.close()
+    alice.expect_next("*** bob left the chat.")
+    return alice, carol
+
+
 def test_a_muted_name_gone_from_a_shared_address_is_muted_under_a_new_name_from_it(
         server, computer, crowd, console, caplog):
     """A student with a second name online must not shake off a mute by rejoining
     under a third; the classmate who shared the computer stays free."""
-    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
-    console.handle_line("/mute bob")
+    alice, carol = muted_and_gone_from_a_shared_computer(server, crowd, console)
     expect_console(caplog, "under any name but carol's (who shares the address)")
-    bob.close()
-    alice.expect_next("*** bob left the chat.")
     bobby = computer(2, server).join("bobby")
     bobby.expect_next(chat_server.MUTED_LINE)
     alice.expect_next("*** bobby joined the chat.")
@@ -1047,10 +1053,7 @@ def test_a_muted_name_gone_from_a_shared_address_is_muted_under_a_new_name_from_
 
 def test_unmuting_a_student_taken_for_a_muted_name_lets_them_go_for_good(
         server, computer, crowd, console):
-    alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
-    console.handle_line("/mute bob")
-    bob.close()
-    alice.expect_next("*** bob left the chat.")
+    alice, carol = muted_and_gone_from_a_shared_computer(server, crowd, console)
     dave = computer(2, server).join("dave")
     dave.expect_next(chat_server.MUTED_LINE)
     alice.expect_next("*** dave joined the chat.")
