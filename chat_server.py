@@ -1938,6 +1938,7 @@ class Addresses:
         self._downloads = {}  # host -> FloodLimiter of downloads of this file
         self._whispers = {}  # host -> FloodLimiter of private messages, all connections'
         self._whisper_pace = (settings.flood_rate, settings.flood_burst)
+        self._whispers_slowed = set()  # hosts whose private messages wait now
         self._failures = {}  # host -> [wrong passwords, when it may try again, the last]
         self._bans = {}  # host -> [time.monotonic() when it ends, name kicked]
         self._mutes = {}  # (host, key or None for everyone there) -> name muted
@@ -1974,6 +1975,7 @@ class Addresses:
             for host, bucket in list(buckets.items()):
                 if bucket.is_full():
                     del buckets[host]
+        self._whispers_slowed &= set(self._whispers)
         for host, (_, until, last) in list(self._failures.items()):
             if now - max(until, last) > PASSWORD_FAILURES_KEPT_SECONDS:
                 del self._failures[host]
@@ -2008,7 +2010,8 @@ class Addresses:
             return texts.delay_for(size)
 
     def whisper_delay(self, host):
-        """Take one private message from host; return how long it must wait.
+        """Take one private message from host: (how long it must wait, True if
+        that is the first wait since host's messages went at once).
 
         All its connections share one pace, the flood limit's: else eight
         connections could bury one classmate under forty lines a second,
@@ -2016,12 +2019,15 @@ class Addresses:
         """
         rate, burst = self._whisper_pace
         if not self.per_address or rate <= 0:
-            return 0.0
+            return 0.0, False
         with self._lock:
             whispers = self._whispers.get(host)
             if whispers is None:
                 whispers = self._whispers[host] = FloodLimiter(rate, burst, self.clock)
-            return whispers.delay_for()
+            delay = whispers.delay_for()
+            first = delay > 0 and host not in self._whispers_slowed
+            (self._whispers_slowed.add if delay > 0 else self._whispers_slowed.discard)(host)
+            return delay, first
 
     def page_sent(self, host):
         """Note that host was sent the chat page (see may_be_spare())."""
@@ -2218,6 +2224,9 @@ def greet(handler):
     if data and looks_like_http(data):
         if not answer_http(handler, data):  # see "The browser page" below
             return False
+    elif data and REDIS_COMMAND.match(data):  # --redis given this port by mistake
+        handler.client.send_bytes(b"-ERR " + NOT_REDIS.encode("ascii") + b"\r\n")
+        return False
     elif data:
         handler.take_bytes(data)  # telnet's options are answered
         if spare:
@@ -2238,6 +2247,9 @@ def greet(handler):
 
 
 PASSWORD_QUESTION = "*** This room has a password. Password?"  # the page knows it too
+# What a Redis client sends first (an array of bulk strings), and our answer.
+REDIS_COMMAND = re.compile(rb"\*[0-9]+\r\n\$")
+NOT_REDIS = "this is a chat server, not Redis"
 
 
 def check_password(handler, deadline):
@@ -3093,15 +3105,17 @@ def do_msg(handler, argument):
     if not name or says_nothing(text):
         handler.reply("*** Usage: /msg NAME TEXT")
         return
-    delay = handler.room.addresses.whisper_delay(handler.client.host)
+    delay, first = handler.room.addresses.whisper_delay(handler.client.host)
+    if first:  # once for the computer, however many connections it has
+        handler.room.tell_console("Slowing down private messages from %s: too many from "
+                                  "its connections together (%s, to %s, was the first)"
+                                  % (handler.client.host, handler.client.name, name),
+                                  host=handler.client.host)
     if delay > 0:
         if not handler.told_whispers:
             handler.told_whispers = True
             handler.reply("*** Your computer is sending private messages too fast: they "
                           "will go out more slowly. Nothing is lost.")
-            handler.room.tell_console("Slowing down private messages from %s (this one "
-                                      "to %s)" % (handler.client, name),
-                                      host=handler.client.host)
         handler.client.sleep(delay)  # this connection's next lines wait, in order
     else:
         handler.told_whispers = False
@@ -3366,7 +3380,8 @@ class TeacherConsole:
             client.name, client.host, " under that name; once gone, under any name but "
             "%s (%s the address)" % (list_names(sorted(other.name + "'s" for other in others)),
                                      "who shares" if len(others) == 1 else "who share")
-            if others else ", under any name" if by_address else " under that name",
+            if others and self.room.settings.per_address
+            else ", under any name" if by_address else " under that name",
             "; and the name %s on every linked server" % client.name
             if self.room._link is not None else ""))
         self.noted("muted %s" % client.name)
@@ -4907,9 +4922,10 @@ def redis_url_flag(text):
                                          % room)
     if parts.username and parts.password is None:
         # Redis URLs put a user name before the colon, a password after it.
+        place = parts.netloc.rpartition("@")[2] + parts.path
         raise argparse.ArgumentTypeError(
             "give the Redis password after a colon: redis://:PASSWORD@%s (a Redis user "
-            "without one: redis://USER:@%s)" % (parts.hostname, parts.hostname))
+            "without one: redis://USER:@%s)" % (place, place))
     password = urllib.parse.unquote(parts.password or "")
     username = urllib.parse.unquote(parts.username or "")
     if not password and not is_loopback_host(parts.hostname):
@@ -4938,6 +4954,8 @@ def redis_refusal(error):
         return "the password in --redis is wrong"
     if "without any password configured" in text:
         return "it has no password: leave the password out of --redis"
+    if NOT_REDIS in text:
+        return "it is a chat server, not Redis: is the port right?"
     return text
 
 

@@ -998,7 +998,7 @@ def test_unmute_by_the_muted_name_reaches_the_student_under_a_new_name(server, c
 def test_private_messages_from_one_computer_share_one_pace(start_server, crowd, caplog):
     """Eight connections at the flood limit each would bury one classmate's page
     under forty private lines a second, which the teacher never sees."""
-    server = start_server(flood_rate=0.5, flood_burst=2)  # 2 at once, then one each 2 s
+    server = start_server(flood_rate=2, flood_burst=2)  # 2 at once, then one each 0.5 s
     server.addresses.clock = lambda: 0.0  # the computer's allowance does not refill
     alice, w1, w2, w3 = crowd(server, (3, "alice"), (2, "w1"), (2, "w2"), (2, "w3"))
     w1.send("/msg alice one")
@@ -1007,8 +1007,13 @@ def test_private_messages_from_one_computer_share_one_pace(start_server, crowd, 
     alice.expect_next("w2 whispers: two")
     w3.send("/msg alice three")  # its own connection's first line, but its computer's third
     w3.expect_next("*** Your computer is sending private messages too fast")
-    expect_console(caplog, "Slowing down private messages from w3 (127.0.0.2")
     alice.expect_next("w3 whispers: three")  # late, not lost
+    w1.send("/msg alice four")
+    w1.expect("*** Your computer is sending private messages too fast")
+    alice.expect_next("w1 whispers: four")
+    assert [line for line in console_lines(caplog) if "Slowing down private" in line] == [
+        "Slowing down private messages from 127.0.0.2: too many from its connections "
+        "together (w3, to alice, was the first)"]  # once for the computer
 
 
 def test_private_messages_from_another_computer_keep_their_own_pace(start_server, crowd):
@@ -1081,11 +1086,13 @@ def test_with_no_per_address_rules_a_mute_is_of_the_name_only(start_server, crow
 
 
 def test_with_no_per_address_rules_a_muted_name_gone_mutes_no_other_name(
-        start_server, crowd):
+        start_server, crowd, caplog):
     server = start_server(per_address=0)  # the whole class behind one address
     alice, bob = crowd(server, (2, "alice"), (2, "bob"))
     TeacherConsole(server, None).handle_line("/mute bob")
     bob.expect_next("*** The teacher has muted you")
+    expect_console(caplog, "bob is muted, also after reconnecting from 127.0.0.2 under that "
+                           "name.")
     bob.close()
     alice.expect_next("*** bob left the chat.")
     carol = crowd(server, (2, "carol"))[0]

@@ -111,8 +111,8 @@ def test_a_bad_or_unprotected_redis_url_is_refused(text):
 
 
 @pytest.mark.parametrize("text, told", [
-    ("redis://secret@127.0.0.1/lab", "give the Redis password after a colon: "
-                                     "redis://:PASSWORD@127.0.0.1"),
+    ("redis://secret@127.0.0.1:7000/lab", "give the Redis password after a colon: "
+                                          "redis://:PASSWORD@127.0.0.1:7000/lab"),
     ("redis://:pw@127.0.0.l/lab", "'127.0.0.l' is not an address: is a letter standing "
                                   "for a digit?"),
 ], ids=["password without its colon", "a letter for a digit"])
@@ -165,6 +165,19 @@ def test_a_batch_of_messages_fits_in_one_redis_event(lines):
                                         "name": "alice", "texts": texts}).encode(),
                             chat_server.ROOM_EVENTS, 16 * 1024)
     assert len(handler.lines) == len(lines) - len(texts) + 1  # the rest: the next batch
+
+
+def test_a_chat_server_given_as_redis_is_named_and_nobody_joins_it(server, caplog):
+    result = subprocess.run(
+        [sys.executable, SERVER_SCRIPT, "--port", "0", "--redis",
+         "redis://127.0.0.1:%d/lab" % server.server_address[1]],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "it is a chat server, not Redis: is the port right?" in lines[0], \
+        lines
+    expect_console(caplog, "Closed connection: 127.0.0.1:")
+    assert not [line for line in console_lines(caplog) if "joined" in line]
 
 
 def test_a_redis_elsewhere_is_accepted_with_a_password():
@@ -962,15 +975,19 @@ def wait_in_transcript(transcript, *texts):
 
 
 @redis
-def test_a_kick_from_another_servers_console_is_in_both_transcripts(
-        transcripts, linked, join):
+@pytest.mark.parametrize("command, asked, done", [
+    ("/kick bob too loud", "asked the server of bob to kick them: too loud",
+     "kicked bob: too loud"),
+    ("/mute bob", "asked the server of bob to mute them", "muted bob"),
+], ids=["kick", "mute"])
+def test_a_kick_or_mute_from_another_servers_console_is_in_both_transcripts(
+        transcripts, linked, join, command, asked, done):
     a, b = linked(transcript=transcripts[0]), linked(transcript=transcripts[1])
     join(a, "alice")
-    bob = join(b, "bob")
-    TeacherConsole(a, None).handle_line("/kick bob too loud")
-    bob.expect_closed()
-    wait_in_transcript(transcripts[0], "[teacher] asked the server of bob to kick them: too loud")
-    wait_in_transcript(transcripts[1], "[teacher at another server] kicked bob: too loud")
+    join(b, "bob")
+    TeacherConsole(a, None).handle_line(command)
+    wait_in_transcript(transcripts[0], "[teacher] " + asked)
+    wait_in_transcript(transcripts[1], "[teacher at another server] " + done)
 
 
 @redis
