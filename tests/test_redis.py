@@ -1192,6 +1192,42 @@ def test_a_silent_redis_splits_the_room_and_the_local_room_goes_on(
 
 
 @redis
+def test_a_line_said_as_the_link_froze_is_not_replayed_elsewhere_after_the_relink(
+        linked, join, proxies, quick_split):
+    """Shown on its own server at the split, it is not sent to the others after it."""
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    alice, amy = join(a, "alice"), join(a, "amy")
+    bob = join(b, "bob")
+    alice.expect("bob joined")
+    proxy.freeze()
+    alice.send("anyone there?")  # sent to Redis, before the split is known...
+    wait_until(lambda: a._link._in_flight, message="the line on its way to Redis")
+    alice.send("hello?")  # ...and queued for it behind that
+    amy.expect(chat_server.SPLIT_LINE, timeout=SPLIT_TIMEOUT)
+    proxy.thaw()
+    alice.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
+    alice.send("back")
+    seen = lines_until(bob, "alice says: back")
+    assert "alice says: anyone there?" not in seen and "alice says: hello?" not in seen
+
+
+@redis
+def test_a_bad_event_in_the_history_a_server_loads_is_logged_and_left_out(
+        redis_server, linked, caplog):
+    linked()  # the lesson has begun: a later server loads its history
+    connection = redis_server.connect()
+    try:
+        connection.call("XADD", "class:events", "*", "e",
+                        event(k="say", name="mallory", texts=["\x1b[2J"]))
+    finally:
+        connection.close()
+    late = linked()
+    expect_console(caplog, "Dropped a bad event from Redis's history")
+    assert "\x1b" not in "".join(late._history)
+
+
+@redis
 def test_a_stuck_redis_never_stalls_the_local_room(linked, join, proxies, monkeypatch):
     monkeypatch.setattr(chat_server.RedisLink, "silence_seconds", 30.0)  # no split by time
     monkeypatch.setattr(chat_server.RedisLink, "work_items", 5)
