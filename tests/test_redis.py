@@ -1167,15 +1167,22 @@ def test_a_linked_server_with_the_right_password_starts(redis_server):
         protected.stop()
 
 
-@redis
-def test_a_silent_redis_splits_the_room_and_the_local_room_goes_on(
-        linked, join, proxies, quick_split):
+def alice_and_amy_behind_a_proxy_bob_direct(linked, join, proxies):
+    """(proxy, a, b, alice, amy, bob): a linked through a proxy, b directly;
+    alice and amy on a have read bob's join on b."""
     proxy = proxies()
     a, b = linked(via=proxy), linked()
     alice, amy = join(a, "alice"), join(a, "amy")
     bob = join(b, "bob")
     for student in (alice, amy):
         student.expect("bob joined")
+    return proxy, a, b, alice, amy, bob
+
+
+@redis
+def test_a_silent_redis_splits_the_room_and_the_local_room_goes_on(
+        linked, join, proxies, quick_split):
+    proxy, a, b, alice, amy, bob = alice_and_amy_behind_a_proxy_bob_direct(linked, join, proxies)
     proxy.freeze()
     alice.send("anyone there?")
     early = lines_until(amy, chat_server.SPLIT_LINE)  # pending events first, then the notice
@@ -1195,11 +1202,7 @@ def test_a_silent_redis_splits_the_room_and_the_local_room_goes_on(
 def test_a_line_said_as_the_link_froze_is_not_replayed_elsewhere_after_the_relink(
         linked, join, proxies, quick_split):
     """Shown on its own server at the split, it is not sent to the others after it."""
-    proxy = proxies()
-    a, b = linked(via=proxy), linked()
-    alice, amy = join(a, "alice"), join(a, "amy")
-    bob = join(b, "bob")
-    alice.expect("bob joined")
+    proxy, a, b, alice, amy, bob = alice_and_amy_behind_a_proxy_bob_direct(linked, join, proxies)
     proxy.freeze()
     alice.send("anyone there?")  # sent to Redis, before the split is known...
     wait_until(lambda: a._link._in_flight, message="the line on its way to Redis")
