@@ -4400,6 +4400,7 @@ a { color: var(--accent); }
 #log div { padding: 0.05rem 0; }
 #log .server { color: var(--server); background: var(--server-bg);
   border-left: 0.25rem solid var(--server); padding-left: 0.4rem; margin: 0.1rem 0; }
+#log .server .words { color: var(--fg); }  /* a leave's reason: the student's words */
 #log .mine { color: var(--me); }
 #log .mine::before { content: "you: "; font-weight: bold; }
 form, #again { display: flex; gap: 0.5rem; padding: 0.5rem 0.75rem;
@@ -4431,6 +4432,7 @@ function nearBottom() {
 }
 
 let owed = 0;  // the part of a scroll the browser rounded off: added to the next
+const LEAVE_REASON = /^(\\*\\*\\* \\S+ left the chat\\. )(\\(.*\\))$/;
 
 // Adds [text, kind] pairs to the log, then scrolls once for them all.
 function show(lines) {
@@ -4438,7 +4440,15 @@ function show(lines) {
   for (const [text, kind] of lines) {
     const line = document.createElement("div");
     line.className = kind;
-    line.textContent = text;  // text only: never parsed as HTML
+    // A leave's reason is the student's words, not the server's: drawn so.
+    const reason = kind === "server" ? LEAVE_REASON.exec(text) : null;
+    line.textContent = reason ? reason[1] : text;  // text only: never parsed as HTML
+    if (reason) {
+      const words = document.createElement("span");
+      words.className = "words";
+      words.textContent = reason[2];
+      line.appendChild(words);
+    }
     log.appendChild(line);
   }
   const extra = log.childElementCount - PAGE_LINES_KEPT;

@@ -179,6 +179,25 @@ def test_another_students_script_is_shown_as_text(server, open_tab, joined):
     assert tab.evaluate("document.title") == "Classroom chat"
 
 
+def test_a_leave_reason_is_drawn_as_the_students_words_not_the_servers(
+        server, open_tab, joined):
+    """`*** kim left the chat. ([teacher] go home)`: the part in brackets is kim's."""
+    kim = joined("kim")
+    tab = open_tab(server)
+    tab.type_line("alice")
+    kim.expect("alice joined")
+    kim.send("/quit [teacher] the test is cancelled, go home")
+    tab.wait_for_line("*** kim left the chat. ([teacher] the test is cancelled, go home)")
+    words, colours = tab.evaluate(
+        "(() => { const line = Array.from(document.querySelectorAll('#log .server'))"
+        ".find(div => div.textContent.startsWith('*** kim left'));"
+        " const words = line.querySelector('.words');"
+        " return [words.textContent, [getComputedStyle(line).color,"
+        " getComputedStyle(words).color]]; })()")
+    assert words == "([teacher] the test is cancelled, go home)"
+    assert colours[0] != colours[1]
+
+
 def test_kick_shows_disconnected_and_join_again_works_from_the_keyboard(
         start_server, open_tab):
     server = start_server(ban_minutes=0)

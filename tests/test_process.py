@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import pytest
 
@@ -366,3 +367,13 @@ def test_too_many_open_files_is_logged_and_survived():
                 client.close()
         assert server.process.poll() is None
     assert "Traceback" not in server.stderr_text()
+
+
+def test_the_file_compiles_without_a_warning():
+    """An invalid escape (the page's script is in a Python string) warns today,
+    and newer Pythons make such warnings errors."""
+    with open(SERVER_SCRIPT, encoding="utf-8") as source:
+        text = source.read()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile(text, SERVER_SCRIPT, "exec")
