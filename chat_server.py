@@ -4870,6 +4870,12 @@ class RedisConnection:
             pass
 
 
+def set_members(reply):
+    """The members of a Redis set (SMEMBERS's reply), as text; none if it is not a list."""
+    return {member.decode("utf-8", "replace") for member in reply
+            if isinstance(member, bytes)} if isinstance(reply, list) else set()
+
+
 def stream_entries(reply):
     """[(id, fields)] from an XRANGE-style reply, its shape checked; ids as str."""
     if not isinstance(reply, list):
@@ -5684,9 +5690,7 @@ class RedisLink:
                 with self.room._lock:  # sent again, and heard at last: no report of
                     self._whispers_sent.pop(item[2]["n"], None)  # it missed is true now
             elif item[0] == "muted":
-                reply = replies[position]
-                item[1].put({key.decode("utf-8", "replace") for key in reply
-                             if isinstance(key, bytes)} if isinstance(reply, list) else set())
+                item[1].put(set_members(replies[position]))
             elif item[0] == "mute":
                 with self.room._lock:
                     if commands[0][0] == "SADD" and self._mutes_wanted.get(item[1]):
@@ -6153,11 +6157,7 @@ class RedisLink:
         muted set that is merely gone (a new lesson begun by a server that
         restarted meanwhile) lifts nothing.
         """
-        def keys(reply):
-            return {key.decode("utf-8", "replace") for key in reply
-                    if isinstance(key, bytes)} if isinstance(reply, list) else set()
-
-        unmuted = keys(unmuted_in_redis) - keys(muted_in_redis)
+        unmuted = set_members(unmuted_in_redis) - set_members(muted_in_redis)
         lifted = sorted(key for key in self._mutes_stored
                         if self._mutes_wanted.get(key) and key in unmuted)
         names = []
