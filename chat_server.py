@@ -17,8 +17,8 @@ How it works: three moving parts, at the top of the file in this order.
   * One reader thread per client (ChatHandler, a StreamRequestHandler) reads
     what that client types, line by line, and asks the room to act on it.
   * The room (ChatRoom, a socketserver.ThreadingTCPServer) owns the dict of
-    joined clients and the lock that protects it. It hands each room event,
-    as one line, to every client, in the same order. (ChatServer, later in
+    joined clients and the lock that protects it. It hands each room event
+    (a line, or a few said at once) to every client, in the same order. (ChatServer, later in
     the file, is the room with everything around it: admitting connections,
     the room operations the teacher's console calls, shutting down. main()
     runs a ChatServer.)
@@ -48,34 +48,39 @@ adds and where the core calls it.
 
 The life of one line, "hi" typed by alice, step by step; the three parts of
 the core come below in the same order (ChatHandler, ChatRoom, Client):
-  1. ChatHandler.handle() is alice's reader thread: once ask_name() has
-     joined her to the room (see "Before joining"), chat() reads her lines
-     until she leaves.
+  1. ChatHandler.handle() is alice's reader thread (socketserver starts one
+     for each connection that ChatServer.process_request() admits): once
+     ask_name() has joined her to the room (see "Before joining"), chat()
+     reads her lines until she leaves.
   2. read_line() waits for bytes (wait_for_bytes(), a recv() on her socket)
      and take_bytes() cuts them into clean lines: b"hi\r\n" becomes "hi"
      (TelnetLines does the cutting and cleaning: see "Text helpers").
-  3. handle_line() sees a message, not a /command, and calls the room's
-     ChatRoom.say().
-  4. say() calls _speak(), which takes the room's lock; _broadcast() queues
-     "alice says: hi" in every other client's outbox (Client.queue_bytes())
-     and in the history. Under the lock, so everyone gets the same order.
+  3. chat() paces her (pace_flood(): see "Limits"), and handle_line()
+     sees a message, not a /command, and calls the room's ChatRoom.say().
+  4. say() calls _speak(), which words it (event_lines()) and takes the
+     room's lock; _broadcast() adds "alice says: hi" to the history, hands
+     it to the recorder (the teacher's console and the transcript: see
+     Recorder), and queues it in every other client's outbox
+     (Client.queue_bytes()). Under the lock, so everyone gets the same order.
      (Join lines still waiting to go out in bulk are queued ahead of it, to
      alice too: see Notices. With --redis, nothing is queued yet: the line
      goes through Redis first, and is queued when it comes back.)
   5. After the lock, _send_queued() calls each client's Client.flush(),
      which sends what its socket takes at once (_send_what_fits()).
   6. If bob's socket is full, the rest waits in his outbox; his writer thread
-     (Client._run_writer(), started the first time his socket is full)
-     sends it when there is room. If his outbox passes --sendq,
+     (Client._run_writer(), started the first time his socket is full, or
+     when he leaves with bytes still queued) sends it when there is room. If his outbox passes --sendq,
      queue_bytes() marks him too slow, and _send_queued() has the room's
      drop_too_slow() disconnect him.
   7. When alice leaves, the room's leave() announces "*** alice left the
-     chat." once: called by ChatHandler.finish() (end of input, a reset, a
-     link that TCP keepalive found dead), or earlier by /quit (do_quit()),
-     drop_too_slow() or the teacher's remove_by_teacher(); at shutdown,
-     no leave lines are sent (with --redis, the other servers are told: see
-     RedisLink.close()). With --redis, a leave on another server comes as
-     an event from Redis (RedisLink.apply()), worded by event_lines().
+     chat." once: called by ChatHandler.finish() (end of input, a browser
+     tab closed, a reset, a link that TCP keepalive found dead), or earlier
+     by /quit and telnet's Ctrl+C (do_quit()), drop_too_slow() or the
+     teacher's remove_by_teacher(); at shutdown, no leave lines are sent
+     (with --redis, the other servers are told: see RedisLink.close()).
+     With --redis, a leave on another server comes as an event from Redis
+     (RedisLink.apply()), worded by the same event_lines(); if that server
+     died, one of the others tells it (RedisLink._reap()).
 
 Licence: MIT (see LICENSE).
 """
@@ -89,8 +94,9 @@ Licence: MIT (see LICENSE).
 #               after NFKC normalisation and case folding (its "key").
 #   line        one line of text, as typed; the server ends each it sends
 #               with CR LF.
-#   room event  a join, message, action, rename, announcement or leave: a line
-#               that every joined client sees, in the same order. (Between
+#   room event  a join, message, action, rename, announcement, quiet on or
+#               off, or leave: a line (or a few) that every joined client
+#               sees, in the same order. (Between
 #               linked servers, an event is that as data: see ROOM_EVENTS.)
 #   outbox      a client's queue of bytes not yet sent, bounded by --sendq (and
 #               one longer piece, such as a newcomer's history: see
@@ -294,7 +300,7 @@ class Settings:
 # bytes, cuts them into lines, and calls the room: say(), join(), leave().
 
 TOO_LONG = object()  # read_line()'s stand-in for a line longer than --max-line
-INTERRUPTED = object()  # ...and for telnet's Ctrl+C (IAC IP): read_line() says Bye
+TELNET_CTRL_C = object()  # ...and for telnet's Ctrl+C (IAC IP): leave, as /quit does
 
 
 class NoAnswerInTime(Exception):
@@ -322,7 +328,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.client.renames = RateWindow(settings.nick_rate, 60)
         # How its bytes become lines: a browser's upgrade swaps in WebSocketLines.
         self.framing = TelnetLines(self.client, settings.max_line)
-        self.lines = collections.deque()  # received, not yet handled
+        self.received = collections.deque()  # lines received, not yet handled
         self.flood = FloodLimiter(settings.flood_rate, settings.flood_burst)
         # Every byte is paced too (telnet NOPs, blank lines, over-long
         # lines): reading simply waits, and TCP makes the sender wait too.
@@ -332,7 +338,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         self.told_whispers = False  # see do_msg()
         self.quitting = False  # set by /quit: chat() reads no more
         self.waiting_for = "a name"  # what a timeout before joining was waiting for
-        self.lines_read = 0  # a late browser request can only be the first
+        self.received_read = 0  # a late browser request can only be the first
         enable_keepalive(self.request)
         # Non-blocking, so that whichever thread flushes this client's outbox
         # (often another student's reader: see ChatRoom._send_queued()) sends
@@ -367,7 +373,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             if line is None or self.client.closed.is_set():
                 return
             blank = line is not TOO_LONG and says_nothing(line)
-            hold_back_flood(self, blank)  # every line, even blank or too long, is paced
+            pace_flood(self, blank)  # every line, even blank or too long, is paced
             if line is TOO_LONG:
                 self.reply("*** That line was longer than %d bytes and was not sent."
                            % self.room.settings.max_line)
@@ -378,22 +384,22 @@ class ChatHandler(socketserver.StreamRequestHandler):
         """Return the client's next line (str or TOO_LONG), or None when it is gone.
 
         Raises NoAnswerInTime if deadline (a time.monotonic() value) passes,
-        even while lines received earlier wait (paced: see hold_back_flood()).
+        even while lines received earlier wait (paced: see pace_flood()).
         """
-        if self.lines and deadline is not None and time.monotonic() >= deadline:
+        if self.received and deadline is not None and time.monotonic() >= deadline:
             raise NoAnswerInTime
-        while not self.lines:
+        while not self.received:
             data = self.wait_for_bytes(None if deadline is None else deadline - time.monotonic())
             if data is None:
                 raise NoAnswerInTime
             if not data:
                 return None
             self.take_bytes(data)
-        self.lines_read += 1
-        line = self.lines.popleft()
-        if line is INTERRUPTED:
-            self.reply("*** Bye.")
-            self.lines.clear()
+        self.received_read += 1
+        line = self.received.popleft()
+        if line is TELNET_CTRL_C:
+            do_quit(self, "")  # see "The students' commands"
+            self.received.clear()
             return None
         # A browser's request that came after the greeting (see "The browser page").
         return None if identify_late_request(self, line) else line
@@ -419,7 +425,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def take_bytes(self, data):
         """Take raw bytes from the client, and queue the complete lines in them."""
-        self.lines.extend(self.framing.take_bytes(data))  # TelnetLines: see below
+        self.received.extend(self.framing.take_bytes(data))  # TelnetLines: see below
 
     def handle_line(self, line):
         """A message, or a command if the line starts with /."""
@@ -432,7 +438,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def reply(self, *lines):
         """Send lines to this client only (after the room's notices before them)."""
-        self.room.catch_up(self.client)
+        self.room.before_reply(self.client)
         for line in lines:
             self.client.send_line(line)
         if self.client.too_slow:  # its outbox overflowed: the catch-up, or these
@@ -451,8 +457,10 @@ class ChatHandler(socketserver.StreamRequestHandler):
     # -- Leaving --
 
     def finish(self):
-        # Every way out comes through here: EOF, reset, /quit, too slow,
-        # kicked, shutdown. leave() says "left the chat." once, at most.
+        # Every way out ends here: end of input, a reset, /quit, too slow,
+        # kicked, shutdown. Most leave the room first (step 7 of the map
+        # at the top); for the others (end of input, a reset), this leave()
+        # is the one that says "left the chat.": it says so once, at most.
         self.room.leave(self.client)
         self.client.close_when_sent()  # e.g. "Bye." is still on its way
         if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
@@ -467,6 +475,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
 # The room's dict of joined clients and its lock. A room event is queued for
 # every client while the lock is held (_broadcast), then sent after it
 # (_send_queued): that gives everyone the same order, and nobody waits.
+# (Join, leave and rename lines are handed to Notices instead, under the
+# same lock, and go out a moment later, in bulk: see just after the core.)
 
 TOO_SLOW = "too slow to keep up"
 NAME_TAKEN = "The name %s is taken."
@@ -475,6 +485,35 @@ REMOVED = "You were removed by the teacher."
 MUTED_LINE = "*** The teacher has muted you: your messages reach nobody for now."
 SHUTTING_DOWN = "Server is shutting down."  # the goodbye; once close_room() has
 #                                            begun, join() and each refusal say it too
+QUIET_ON_LINE = "*** [teacher] Quiet, please: only the teacher speaks for now."
+QUIET_OFF_LINE = "*** [teacher] The chat is open again."
+
+
+# A room event as data, {"k": kind, ...fields}: how the room passes one to
+# the Redis link (see ROOM_EVENTS), and how each is worded, here only.
+def event_lines(event):
+    """The lines a room event shows: the one place that words them.
+
+    The room words its own events with it, and the Redis link those that
+    come from other servers (checked first: see check_event()).
+    """
+    kind = event["k"]
+    if kind == "join":
+        return ["*** %s joined the chat." % event["name"]]
+    if kind == "leave":
+        reason = event.get("reason")
+        return ["*** %s left the chat.%s" % (event["name"], " (%s)" % reason if reason else "")]
+    if kind == "rename":
+        return ["*** %s is now %s." % (event["old"], event["new"])]
+    if kind == "say":
+        return ["%s says: %s" % (event["name"], text) for text in event["texts"]]
+    if kind == "act":
+        return ["* %s %s" % (event["name"], event["text"])]
+    if kind == "announce":
+        return ["*** [teacher] %s" % event["text"]]
+    if kind == "mark":
+        return []  # Redis link: where a whisper stands among its sender's lines
+    return [QUIET_ON_LINE if event["on"] else QUIET_OFF_LINE]  # "quiet"
 
 
 class ChatRoom(socketserver.ThreadingTCPServer):
@@ -483,12 +522,13 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     ChatServer, further down (after what protects the room), is the room the
     program runs: it adds to this core the admission of connections, the
     other room events (whispers, renames), the console's record, the room
-    operations the teacher's console calls, and the shutdown. The core calls
-    seven of its parts: register() and unregister() (every connection,
-    joined or not), _wait_for_room_budget() and _why_silenced() (may this
-    client speak now?), recorder.note() and tell_console() (for the console
-    and the transcript), and addresses (what the room knows about each
-    computer).
+    operations the teacher's console calls, and the shutdown. The core
+    uses eight of its parts, each a line or two where the core calls it:
+    register() and unregister() (every connection, joined or not),
+    _wait_for_room_budget() and _why_silenced() (may this client speak
+    now?), recorder.note() and tell_console() (for the console and the
+    transcript), addresses (what the room knows about each computer) and
+    _keys_from() (the names joined from one computer, for mutes).
     """
 
     # Class attributes that socketserver reads.
@@ -506,8 +546,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         # to notices (and the notices' fields: see Notices); ChatServer's
         # _connected, _places_taken and _closing_began; the Redis link's
         # fields (see RedisLink); and the room's fields of each Client
-        # (name, key, looks, joined_at, muted; not notices_seen: see
-        # queue_notices()). Room events go to the recorder (console and
+        # (name, key, looks, joined_at, muted: changed only under it; not
+        # notices_seen: see queue_notices()). Room events go to the recorder (console and
         # transcript) under it, so it sees them in the room's order.
         # Anything else has a lock of its own, or is set once.
         self._lock = threading.Lock()
@@ -532,19 +572,23 @@ class ChatRoom(socketserver.ThreadingTCPServer):
 
     def say(self, client, *texts):
         """Send one or more messages from client to everyone else."""
-        self._speak(client, ["%s says: %s" % (client.name, text) for text in texts],
-                    {"k": "say", "name": client.name, "texts": list(texts)})
+        self._speak(client, {"k": "say", "texts": list(texts)})
 
     def act(self, client, action):
         """Send an action (/me) from client to everyone else."""
-        self._speak(client, ["* %s %s" % (client.name, action)],
-                    {"k": "act", "name": client.name, "text": action})
+        self._speak(client, {"k": "act", "text": action})
 
-    def _speak(self, client, lines, event=None):
+    def _speak(self, client, event):
+        """Send client's say or act event to everyone else (see event_lines())."""
+        event["name"] = client.name
+        lines = event_lines(event)
         self._wait_for_room_budget(client, lines)
         with self._lock:
             if self._joined.get(client.key) is not client:
                 return  # kicked, or dropped, while these lines were on their way
+            if event["name"] != client.name:  # renamed meanwhile: only a relink
+                event["name"] = client.name  # does that (see RedisLink._rename_taken())
+                lines = event_lines(event)
             silenced = self._why_silenced(client)
             if silenced is None:
                 recipients = self._broadcast(lines, exclude=client, event=event)
@@ -656,8 +700,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             # event exactly once, either in the history or live. As one item,
             # so that it may be longer than --sendq (see Client._queue()).
             client.queue_bytes(client.encode_lines(self._welcome_lines(client)))
-            self._broadcast("*** %s joined the chat." % name, exclude=client,
-                          event={"k": "join", "name": name}, notice=True)
+            event = {"k": "join", "name": name}
+            self._broadcast(event_lines(event), exclude=client, event=event, notice=True)
             if client.muted:
                 self.recorder.note("console", "%s joined muted (/unmute %s lifts it)."
                                    % (name, name))
@@ -728,10 +772,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             self._remove_client(client)
             # A muted student's reason, or anyone's in quiet mode, is not shown.
             reason = "" if client.muted or self._quiet else client.leave_reason
-            line = "*** %s left the chat.%s" % (client.name, " (%s)" % reason if reason else "")
+            event = {"k": "leave", "name": client.name, "reason": reason}
             recipients = [] if self._said_goodbye else self._broadcast(
-                line, exclude=client,
-                event={"k": "leave", "name": client.name, "reason": reason}, notice=True)
+                event_lines(event), exclude=client, event=event, notice=True)
         self._send_queued(recipients)
 
     def drop_too_slow(self, client):
@@ -746,8 +789,9 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self.leave(client)
         client.close_now()
 
-    def catch_up(self, client):
-        """Queue for client the notices it has not been given, before a reply."""
+    def before_reply(self, client):
+        """Queue for client the notices it has not been given (takes the lock):
+        a reply to it comes after them (see ChatHandler.reply())."""
         with self._lock:
             self.notices.catch_up(client)
 
@@ -808,8 +852,8 @@ class Client:
         self._sending = False  # one thread has taken bytes out and is sending them
         self._backlogged = False  # the socket was full: the writer sends until empty
         self._urgent = False  # more than notices are queued: see _take_batch()
-        self._nagle = False  # TCP_NODELAY is off for now: see _take_batch()
-        self._finishing = False  # closing: no more data is taken (see close_when_sent())
+        self._nagle = False  # True while Nagle's algorithm is on: see _take_batch()
+        self._closing = False  # closing, or too slow: it takes no more data (close_when_sent())
         self._give_up_at = None  # ...and when the writer stops waiting to send the rest
         self._dropped = False  # the room's drop_too_slow() has run for this client
         self.closed = threading.Event()  # set once the socket is shut down
@@ -821,34 +865,34 @@ class Client:
         where = format_address(self.address)
         return "%s (%s)" % (self.name, where) if self.name else where
 
-    def queue_bytes(self, data, notice=False):
+    def queue_bytes(self, data):
         """Queue bytes for this client; False if that made the outbox overflow.
 
         Never waits and never touches the socket, so the room may call it
         while holding its lock. An overflowing client is too slow: its outbox
-        is emptied and takes nothing more, and the room must drop it. notice: join, leave
-        or rename lines only, which may leave a little later (_take_batch()).
+        is emptied and takes nothing more, and the room must drop it.
         """
         with self._outbox_lock:
-            return self._queue(data, notice)
+            return self._queue(data)
 
-    def _queue(self, data, notice):
-        """queue_bytes() with this client's lock held."""
-        if self._finishing:
+    def _queue(self, data, can_wait=False):
+        """queue_bytes() with this client's lock held. can_wait: join, leave or
+        rename lines only, which may leave a little later (_take_batch())."""
+        if self._closing:
             return True  # it is being disconnected: nothing more to send
         # Too slow if what waits would pass --sendq, not counting one piece
         # longer than that (a long history, a pasted page): it goes to a
         # reader that keeps up, and while it is sent, --sendq more may wait.
         longer = len(data) if len(data) > self.sendq_bytes else 0
         if self._outbox_bytes + len(data) > self.sendq_bytes + max(self._oversized, longer):
-            self._finishing = self.too_slow = True
+            self._closing = self.too_slow = True
             self._outbox.clear()
             self._writer_needed.notify()
             return False
         self._oversized = max(self._oversized, longer)
         self._outbox.append(data)
         self._outbox_bytes += len(data)
-        self._urgent = self._urgent or not notice
+        self._urgent = self._urgent or not can_wait
         return True
 
     def _count_sent(self, count):
@@ -883,7 +927,7 @@ class Client:
                     # Begun with TCP_NODELAY (it has a chat line): so is its rest.
                     self._urgent = self._urgent or not self._nagle
                     self._backlogged = True  # the socket is full: over to the writer
-                handing_over = self._backlogged or self._finishing
+                handing_over = self._backlogged or self._closing
                 more = bool(self._outbox)  # queued while we were sending
             if handing_over:
                 self._wake_writer()
@@ -912,7 +956,7 @@ class Client:
                 self.close_now()
 
     def send_bytes(self, data):
-        """queue_bytes(), then flush(): never waits; False if too slow.
+        """queue_bytes(), then flush(): never waits; False if this overflowed the outbox.
 
         Never call this while holding the room's lock: it uses the socket.
         """
@@ -949,12 +993,12 @@ class Client:
         """
         give_up_at = time.monotonic() + give_up_after
         with self._outbox_lock:
-            if self.closing_bytes and not self._finishing:
+            if self.closing_bytes and not self._closing:
                 self._outbox.append(self.closing_bytes)
                 self._outbox_bytes += len(self.closing_bytes)
             if self._give_up_at is None or give_up_at < self._give_up_at:
                 self._give_up_at = give_up_at
-            self._finishing = True
+            self._closing = True
         self.flush()
         with self._outbox_lock:
             done = not (self._outbox or self._sending or self._backlogged)
@@ -966,7 +1010,7 @@ class Client:
     def close_now(self):
         """Close now, dropping the outbox: wakes both threads if they are waiting."""
         with self._outbox_lock:
-            self._finishing = True
+            self._closing = True
             self._outbox.clear()
             self._writer_needed.notify()
         self._shut_down_socket()
@@ -986,11 +1030,11 @@ class Client:
     def _next_batch(self):
         """Wait until the writer is needed; return the bytes to send, or None to stop."""
         with self._outbox_lock:
-            while self._sending or not (self._backlogged or self._finishing):
+            while self._sending or not (self._backlogged or self._closing):
                 self._writer_needed.wait()
             if not self._outbox:
                 self._backlogged = False
-                return None if self._finishing else b""
+                return None if self._closing else b""
             return self._take_batch()
 
     def _take_batch(self):
@@ -1060,7 +1104,7 @@ class Client:
     # -- The room's join and leave lines (see Notices, after the core) --
 
     def queue_notices(self, first, encoded, shared=None, send=False):
-        """Queue the room's notices that this client was not given; False if too slow.
+        """Queue the room's notices this client was not given; False if that overflowed.
 
         encoded: the room's waiting join, leave and rename lines, each
         encoded for this client, numbered from first; notices_seen counts
@@ -1087,12 +1131,12 @@ class Client:
                     if data is None:
                         data = shared[self.encode_lines, skip] = b"".join(encoded[skip:])
                 if send and self._nagle and len(data) <= self.sendq_bytes and not (
-                        self._outbox or self._sending or self._backlogged or self._finishing):
+                        self._outbox or self._sending or self._backlogged or self._closing):
                     # The usual case, a big class joining: nothing else is
                     # queued and nobody is sending, so the outbox is skipped
                     # (one lock, one send). Nagle is on: the batch is notices only.
                     self._sending, self._outbox_bytes, batch = True, len(data), data
-                elif not self._queue(data, notice=True):
+                elif not self._queue(data, can_wait=True):
                     return False
             if batch is None:
                 if not send or self._sending or self._backlogged or not self._outbox:
@@ -1126,7 +1170,7 @@ class Client:
 # the room one send per NOTICES_LATE_SECONDS, not one per join. It hooks
 # into the core where the room broadcasts (a notice is added, and anything
 # else first catches its clients up), queues a line for one client
-# (_queue_for()) or replies (catch_up()), where a client joins (it counts
+# (_queue_for()) or replies (before_reply()), where a client joins (it counts
 # the waiting ones as given) and leaves, and in Client.queue_notices().
 
 
@@ -1449,7 +1493,7 @@ class TelnetLines:
     """Makes a TCP connection (nc, telnet, PuTTY) a line stream to ChatHandler.
 
     take_bytes() takes bytes from the socket and returns the client's clean
-    lines: str, TOO_LONG for a line over --max-line, INTERRUPTED for telnet's
+    lines: str, TOO_LONG for a line over --max-line, TELNET_CTRL_C for telnet's
     Ctrl+C. It refuses telnet's options itself. (A browser's WebSocketLines,
     in "The browser page", does the same for WebSocket frames.)
     """
@@ -1466,8 +1510,8 @@ class TelnetLines:
             self.client.send_bytes(answer)  # refusals of telnet options
         lines = [line if line is TOO_LONG else self.clean(line)
                  for line in self.framer.feed(text)]
-        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as with /quit
-            lines.append(INTERRUPTED)
+        if self.telnet.interrupted:  # Ctrl+C in telnet: leave, as /quit does
+            lines.append(TELNET_CTRL_C)
         return lines
 
     def clean(self, raw):
@@ -1607,8 +1651,9 @@ def describe_commands(commands):
 
 
 # --- Names nobody can fake ----------------------------------------------------
-# ChatRoom.join() and rename() refuse a name for which name_problem() has
-# a reason, or whose skeleton() is one a joined student already has.
+# ChatRoom.join() and ChatServer.rename() refuse a name for which
+# name_problem() has a reason, or one of whose looks_of() (its skeleton()
+# and more) is one a student online already has, here or on a linked server.
 
 
 def fold_name(name):
@@ -1861,10 +1906,10 @@ class RateWindow:
 
 
 # ChatHandler's pacing of each connection's lines, with FloodLimiter: chat()
-# and ask_name() call hold_back_flood(), handle_line() calls more_messages().
+# and ask_name() call pace_flood(), handle_line() calls more_messages().
 
 
-def hold_back_flood(handler, blank=False):
+def pace_flood(handler, blank=False):
     """Delay this client's next line if it is sending too fast.
 
     blank: the line says nothing (says_nothing()). The blank lines right
@@ -1872,9 +1917,9 @@ def hold_back_flood(handler, blank=False):
     a student who sent thousands and closed would stay in the room for as
     many fifths of a second. (Real lines are all paced, and all sent.)
     """
-    while blank and handler.lines and isinstance(handler.lines[0], str) and \
-            says_nothing(handler.lines[0]):
-        handler.lines.popleft()
+    while blank and handler.received and isinstance(handler.received[0], str) and \
+            says_nothing(handler.received[0]):
+        handler.received.popleft()
     delay = handler.flood.delay_for()
     if delay <= 0:
         handler.told_flood = False  # it slowed down: warn again next time
@@ -1898,9 +1943,9 @@ def more_messages(handler):
     busy room cheap.
     """
     texts, size = [], 0
-    while handler.lines:
-        line = handler.lines[0]
-        if line is TOO_LONG or line is INTERRUPTED or not is_plain_message(line):
+    while handler.received:
+        line = handler.received[0]
+        if line is TOO_LONG or line is TELNET_CTRL_C or not is_plain_message(line):
             break
         # At most what one Redis event may carry (a browser's message may
         # hold thousands of lines): the rest goes in the next batch. (A
@@ -1909,10 +1954,10 @@ def more_messages(handler):
         if len(texts) + 1 >= REDIS_MAX_EVENT_TEXTS or size > REDIS_TEXT_BYTES // 4:
             break
         if not handler.flood.take_if_free():
-            break  # this one must wait: hold_back_flood() will pace it
+            break  # this one must wait: pace_flood() will pace it
         if not says_nothing(line):
             texts.append(student_text(line.rstrip()))
-        handler.lines.popleft()
+        handler.received.popleft()
     return texts
 
 
@@ -1925,8 +1970,8 @@ class Addresses:
     --per-address 0 (a lab where everyone shares one machine) those limits
     are off; bans and mutes still apply, but the room makes them finer when
     several students share an address (see TeacherConsole.do_kick(), do_mute()).
-    Its own lock guards it; it calls nothing outside, so it may be used
-    while the room's lock is held.
+    Its own lock guards it. It calls nothing outside but the function that
+    is_muted() is given, so it may be used while the room's lock is held.
     """
 
     def __init__(self, settings, clock=time.monotonic):
@@ -2232,7 +2277,7 @@ def greet(handler):
         if spare:
             # Someone who started nc just after this computer loaded the
             # page saw nothing, and pressed Enter: not their name yet.
-            handler.lines.clear()
+            handler.received.clear()
     handler.reply("*** Welcome to the chat!")
     timeout = handler.room.settings.name_timeout
     if timeout > 0:
@@ -2289,19 +2334,20 @@ def ask_name(handler, deadline):
     question = "What is your name?"
     handler.waiting_for = "a name"
     handler.reply("*** " + question)
-    paced = False
+    waited = False  # once per connection, at its first name (wait_to_join())
     while True:
         line = handler.read_line(deadline)
         if line is None:
             return False
-        hold_back_flood(handler, blank=line is not TOO_LONG and says_nothing(line))
+        pace_flood(handler, blank=line is not TOO_LONG and says_nothing(line))
         if line is TOO_LONG:
             problem = "That name is too long: at most %d characters." % MAX_NAME_CHARS
         elif not line.strip():
             problem = ""
         else:
-            if not paced:
-                paced = wait_to_join(handler)
+            if not waited:
+                wait_to_join(handler)
+                waited = True
             problem = handler.room.join(handler.client, line.strip())
             if problem is None:
                 return True
@@ -2320,7 +2366,6 @@ def wait_to_join(handler):
         handler.reply("*** Many people joined from your computer just now: you join "
                       "in %s." % describe_minutes(delay / 60))
         handler.client.sleep(delay)
-    return True
 
 
 # --- Peers that vanish: TCP keepalive ----------------------------------------
@@ -2374,7 +2419,7 @@ class Refuser:
         self._arrivals = queue.SimpleQueue()  # (socket, reason) to take on
         self._thread = None
         self._thread_lock = threading.Lock()  # guards _thread
-        self._finishing = threading.Event()  # the process ends soon: answer all now
+        self._process_ending = threading.Event()  # answer all now
         self._all_answered = threading.Event()  # ...and they have been
 
     def refuse(self, sock, reason):
@@ -2396,7 +2441,7 @@ class Refuser:
             if self._thread is None:
                 return  # never refused anyone
         self._all_answered.clear()
-        self._finishing.set()
+        self._process_ending.set()
         self._arrivals.put(None)  # wakes the thread
         self._all_answered.wait(seconds)
 
@@ -2407,7 +2452,7 @@ class Refuser:
         with selectors.DefaultSelector() as readable:
             while True:
                 self._take_arrivals(pending, readable, block=not pending)
-                if self._finishing.is_set():
+                if self._process_ending.is_set():
                     for sock, state in list(pending.items()):
                         if not state[3]:
                             self._read(sock, pending, readable)  # a request waiting unread
@@ -2540,9 +2585,6 @@ def format_address(address):
 # calls (the rules of /kick, /ban and /mute live in TeacherConsole), and the
 # shutdown.
 
-QUIET_ON_LINE = "*** [teacher] Quiet, please: only the teacher speaks for now."
-QUIET_OFF_LINE = "*** [teacher] The chat is open again."
-
 
 class ChatServer(ChatRoom):
     """The room the program runs: ChatRoom, and all that surrounds it."""
@@ -2656,9 +2698,8 @@ class ChatServer(ChatRoom):
             self._remove_client(client)
             client.name, client.key, client.looks = new_name, key, looks
             self._add_client(client)
-            recipients = self._broadcast("*** %s is now %s." % (old_name, new_name),
-                                       event={"k": "rename", "old": old_name, "new": new_name},
-                                       notice=True)
+            event = {"k": "rename", "old": old_name, "new": new_name}
+            recipients = self._broadcast(event_lines(event), event=event, notice=True)
         self._send_queued(recipients)
         return None
 
@@ -2853,8 +2894,8 @@ class ChatServer(ChatRoom):
     def announce(self, text):
         """Send the teacher's announcement to everyone."""
         with self._lock:
-            recipients = self._broadcast("*** [teacher] %s" % text,
-                                       event={"k": "announce", "text": text})
+            event = {"k": "announce", "text": text}
+            recipients = self._broadcast(event_lines(event), event=event)
         self._send_queued(recipients)
 
     def find(self, name):
@@ -2953,9 +2994,8 @@ class ChatServer(ChatRoom):
             if self._quiet == quiet:
                 return False
             self._quiet = quiet
-            recipients = self._broadcast(
-                QUIET_ON_LINE if quiet else QUIET_OFF_LINE,
-                event={"k": "quiet", "on": quiet})
+            event = {"k": "quiet", "on": quiet}
+            recipients = self._broadcast(event_lines(event), event=event)
         self._send_queued(recipients)
         return True
 
@@ -3491,7 +3531,7 @@ class Recorder:
     def _run(self):
         # Neither call here can wait: log records go to the console's own
         # thread, and the transcript has one too.
-        held_back = HeldBackLines()
+        silenced = SilencedLines()
         connection_lines = ConnectionLines(self.settings)
         idle = True  # nothing was waiting: the next event wakes us (see RECORDER_PAUSE_SECONDS)
         while True:
@@ -3505,14 +3545,14 @@ class Recorder:
                 if idle:
                     time.sleep(RECORDER_PAUSE_SECONDS)  # let the room's sends go first
             if kind == "stop":  # the counts not shown yet are, now
-                held_back.report_if_due(at_end=True)
+                silenced.report_if_due(at_end=True)
                 connection_lines.report_if_due(at_end=True)
                 return
             if kind == "connection":
                 connection_lines.add(*line)
             elif kind:
-                self._record(kind, line, held_back)
-            held_back.report_if_due()
+                self._record(kind, line, silenced)
+            silenced.report_if_due()
             connection_lines.report_if_due()
             with self._lost_lock:
                 lost, self._lost = self._lost, 0
@@ -3521,13 +3561,13 @@ class Recorder:
                             plural(lost, "room event"))
             idle = self._records.empty()
 
-    def _record(self, kind, line, held_back):
+    def _record(self, kind, line, silenced):
         """Show one room event on the console and append it to the transcript."""
         private = kind == "private"
         if private and not self.settings.transcript_private:
             return
         if kind == "silenced":
-            held_back.add(*line)
+            silenced.add(*line)
             return
         if kind == "warning":
             log.warning("%s", line)
@@ -3537,7 +3577,7 @@ class Recorder:
             self._transcript.write(("(private) " if private else "") + line)
 
 
-class HeldBackLines:
+class SilencedLines:
     """What muted students and quiet mode held back, for the console: the
     first line of a while in full, then only how many more came.
 
@@ -4359,7 +4399,7 @@ def identify_late_request(handler, line):
     first prompt went out; it cannot be answered as HTTP any more, but it
     must never be taken as a password or a name.
     """
-    if handler.lines_read > 1 or isinstance(handler.framing, WebSocketLines):
+    if handler.received_read > 1 or isinstance(handler.framing, WebSocketLines):
         return False
     if not isinstance(line, str) or not HTTP_REQUEST.match(line):
         return False
@@ -5105,27 +5145,6 @@ def is_clean_text(text, max_line, may_be_empty=False):
 def is_notice(event):
     """True for a join, leave or rename: lines the room may send a little later."""
     return event["k"] in ("join", "leave", "rename")
-
-
-def event_lines(event):
-    """The lines a checked room event shows, as the room's own methods word them."""
-    kind = event["k"]
-    if kind == "join":
-        return ["*** %s joined the chat." % event["name"]]
-    if kind == "leave":
-        reason = event.get("reason")
-        return ["*** %s left the chat.%s" % (event["name"], " (%s)" % reason if reason else "")]
-    if kind == "rename":
-        return ["*** %s is now %s." % (event["old"], event["new"])]
-    if kind == "say":
-        return ["%s says: %s" % (event["name"], text) for text in event["texts"]]
-    if kind == "act":
-        return ["* %s %s" % (event["name"], event["text"])]
-    if kind == "announce":
-        return ["*** [teacher] %s" % event["text"]]
-    if kind == "mark":
-        return []
-    return [QUIET_ON_LINE if event["on"] else QUIET_OFF_LINE]  # "quiet"
 
 
 SPLIT_LINE = ("*** The other servers are out of reach: for now this room has only "
@@ -6092,18 +6111,19 @@ class RedisLink:
                 new_key = fold_name(changed.get((student.server, key)) or "")
                 if new_key in remote and new_key not in before and \
                         remote[new_key].server == student.server:  # renamed: told so
-                    news.append("*** %s is now %s." % (student.name, remote[new_key].name))
+                    news += event_lines({"k": "rename", "old": student.name,
+                                          "new": remote[new_key].name})
                     renamed.add(new_key)
                 else:
-                    news.append("*** %s left the chat." % student.name)
+                    news += event_lines({"k": "leave", "name": student.name})
             for key, student in sorted(remote.items()):
                 was = before.get(key)
                 if key in renamed:
                     continue
                 if was is None or was.server != student.server:
-                    news.append("*** %s joined the chat." % student.name)
+                    news += event_lines({"k": "join", "name": student.name})
                 elif was.name != student.name:  # only the case changed: the same key
-                    news.append("*** %s is now %s." % (was.name, student.name))
+                    news += event_lines({"k": "rename", "old": was.name, "new": student.name})
             self._set_remote(remote)
             # Ours who left (or took another name) while we were apart: the
             # others still list them.
@@ -6244,7 +6264,7 @@ class RedisLink:
             self.takes({"k": "quiet", "on": quiet}, [], None)  # shown here already
         else:
             self.room._quiet = quiet_elsewhere
-            self.room._broadcast(QUIET_ON_LINE if quiet_elsewhere else QUIET_OFF_LINE)
+            self.room._broadcast(event_lines({"k": "quiet", "on": quiet_elsewhere}))
 
     def _rejoin(self, client):
         """Tell the other servers a student of ours is here (room's lock held).
@@ -6320,7 +6340,7 @@ class RedisLink:
             told = (client, key, "*** While the servers were apart, a student on another "
                     "server took %s %s: you are now %s." % (
                         "a name that looks like" if looks_like else "the name",
-                        old_name, new_name), "*** %s is now %s." % (old_name, new_name))
+                        old_name, new_name), event_lines({"k": "rename", "old": old_name, "new": new_name})[0])
             if self.linked:
                 recipients = self._tell_renamed(*told)
             else:  # relinking: told after the news that the room is whole again

@@ -620,7 +620,7 @@ def test_flood_rate_zero_turns_the_input_budget_off(start_server, room):
                                   b"y" * 100 + b"\r\n"],
                          ids=["blank", "spaces", "too long"])
 def test_lines_that_say_nothing_are_paced_like_messages(start_server, room, junk):
-    """A run of blank lines is paced as one line (see hold_back_flood())."""
+    """A run of blank lines is paced as one line (see pace_flood())."""
     server = start_server(flood_rate=100, flood_burst=5, max_line=64)
     alice, bob = room("alice", "bob", target=server)
     started = time.monotonic()

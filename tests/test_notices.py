@@ -347,7 +347,7 @@ def test_a_student_whose_catch_up_overflowed_its_outbox_is_dropped_by_the_next_r
     gate = server.notices.added  # where stall_notices() holds the thread
     alice_side = server.find("alice")
     alice_side.queue_bytes(b"w" * 200 + b"\r\n")  # as if her socket were full (see above)
-    server.catch_up(alice_side)  # too much for alice's outbox; no send follows
+    server.before_reply(alice_side)  # too much for alice's outbox; no send follows
     assert alice_side.too_slow
     server.notices.added = threading.Event()  # the thread goes on, as after a long round
     server.notices.added.set()

@@ -157,14 +157,14 @@ def test_something_else_than_redis_at_the_redis_port_is_one_line_and_exit_2():
 def test_a_batch_of_messages_fits_in_one_redis_event(lines):
     """A browser's one message may hold thousands of lines: every linked server
     would refuse them all as one event."""
-    handler = types.SimpleNamespace(lines=collections.deque(lines),
+    handler = types.SimpleNamespace(received=collections.deque(lines),
                                     flood=chat_server.FloodLimiter(0, 10))
     texts = ["first"] + chat_server.more_messages(handler)
     assert 1 < len(texts) <= chat_server.REDIS_MAX_EVENT_TEXTS
     chat_server.check_event(json.dumps({"k": "say", "s": "0123456789abcdef", "n": 1,
                                         "name": "alice", "texts": texts}).encode(),
                             chat_server.ROOM_EVENTS, 16 * 1024)
-    assert len(handler.lines) == len(lines) - len(texts) + 1  # the rest: the next batch
+    assert len(handler.received) == len(lines) - len(texts) + 1  # the rest: the next batch
 
 
 def test_a_chat_server_given_as_redis_is_named_and_nobody_joins_it(server, caplog):
