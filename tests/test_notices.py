@@ -292,7 +292,8 @@ def join_before_line(server, name, text, newcomer):
 @pytest.mark.parametrize("how, last_line", [
     ("/kick", "*** The teacher removed you from the chat."),
     ("/quit", "*** Bye."),
-], ids=["kicked", "quits"])
+    ("telnet's Ctrl+C", "*** Bye."),
+], ids=["kicked", "quits", "telnet Ctrl+C"])
 def test_a_student_who_leaves_sees_no_join_line_after_its_last_line(
         server, stall_notices, room, joined, console, how, last_line):
     """A join just before the last line: told before it, or never (not after it)."""
@@ -302,8 +303,10 @@ def test_a_student_who_leaves_sees_no_join_line_after_its_last_line(
     join_before_line(server, "alice", last_line[4:], lambda: joined("carol"))
     if how == "/kick":
         console.handle_line("/kick alice")
-    else:
+    elif how == "/quit":
         alice.send("/quit")
+    else:
+        alice.send_raw(bytes([255, 244]))  # IAC IP
     seen = alice.expect_closed()
     assert seen[-1] == last_line, seen
 

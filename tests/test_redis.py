@@ -2919,3 +2919,25 @@ def test_a_mute_then_unmute_from_another_server_leaves_the_student_unmuted(
     # In the teacher's order: muted, then unmuted (not: unmute ignored, then muted for good).
     bob.expect_next("*** The teacher has muted you")
     bob.expect_next("*** The teacher has unmuted you")
+
+
+def test_a_line_said_as_its_sender_is_renamed_at_a_relink_carries_the_new_name(
+        server, room, monkeypatch):
+    """A relink renames a student (NAME.2) from the link's thread, at any moment:
+    a line said just then is worded with the name the room gives them then."""
+    alice, bob = room("alice", "bob")
+    client = server.find("bob")
+    real_wait = server._wait_for_room_budget
+
+    def renamed_by_the_link_meanwhile(speaker, lines):
+        real_wait(speaker, lines)
+        if speaker is client and speaker.name == "bob":
+            with server._lock:  # as RedisLink._rename_taken() does it
+                server._remove_client(speaker)
+                speaker.name, speaker.key, speaker.looks = (
+                    "bob.2", chat_server.fold_name("bob.2"), chat_server.looks_of("bob.2"))
+                server._add_client(speaker)
+
+    monkeypatch.setattr(server, "_wait_for_room_budget", renamed_by_the_link_meanwhile)
+    bob.send("hello")
+    alice.expect_next("bob.2 says: hello")
