@@ -538,6 +538,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     allow_reuse_address = sys.platform != "win32"
 
     def __init__(self, address, settings):
+        # (ChatServer.__init__() sets self.addresses and self.recorder before
+        # it calls this: see the parts of it the core uses, above.)
         self.settings = settings
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -2035,6 +2037,7 @@ class Addresses:
                 del self._texts[host]
 
     def disconnect(self, host):
+        """One connection from host has closed (see connect())."""
         with self._lock:
             self._open_from[host] -= 1
             if self._open_from[host] <= 0:
