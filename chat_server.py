@@ -13,7 +13,9 @@ Join it, from another terminal or another computer:
     nc 127.0.0.1 1337                      # or: telnet 127.0.0.1 1337
     python chat_server.py --connect 127.0.0.1
 
-How it works: three moving parts, at the top of the file in this order.
+How it works: three moving parts, at the top of the file in this order
+(two threads of the room's help them: the notices thread gives out join,
+leave and rename lines, and the recorder shows the chat on the console).
   * One reader thread per client (ChatHandler, a StreamRequestHandler) reads
     what that client types, line by line, and asks the room to act on it.
   * The room (ChatRoom, a socketserver.ThreadingTCPServer) owns the dict of
@@ -24,8 +26,9 @@ How it works: three moving parts, at the top of the file in this order.
     runs a ChatServer.)
   * Each client (Client) has an outbox. Under the room's lock a line is only
     queued in every outbox (that fixes the order); after the lock, it is sent
-    to each socket without waiting. (Join and leave lines wait a moment
-    longer, to go out in bulk: see Notices, right after the core.) What a
+    to each socket without waiting. (Join, leave and rename lines are given
+    out by the notices thread a moment later, in bulk: see Notices, right
+    after the core.) What a
     full socket cannot take stays queued, and that client's writer thread
     sends it when there is room. So one student who stops reading cannot
     slow anybody else down: only their own outbox fills up, and past
@@ -37,8 +40,9 @@ Ctrl+C (or /shutdown) runs ChatServer.stop_serving(): everyone is told
 goodbye and the room closes, then serve_forever() returns and main() ends
 (see stop_on_signal(), near the end).
 
-After the core come the parts that each add one thing: join and leave
-lines in bulk (Notices, only there for speed), what protects the room (text
+After the core come the parts that each add one thing: join, leave and
+rename lines in bulk (Notices, which gives them out; built for speed, as
+sending each at once would be as correct), what protects the room (text
 cleaning, names nobody can fake, limits per connection, per computer and for
 the whole room, the greeting and the password), ChatServer, the students'
 commands, the teacher's console and transcript, the browser page (HTTP and a
@@ -58,27 +62,29 @@ the core come below in the same order (ChatHandler, ChatRoom, Client):
   3. chat() paces her (pace_flood(): see "Limits"), and handle_line()
      sees a message, not a /command, and calls the room's ChatRoom.say().
   4. say() calls _speak(), which words it (event_lines()) and takes the
-     room's lock; _broadcast() adds "alice says: hi" to the history, hands
-     it to the recorder (the teacher's console and the transcript: see
+     room's lock; _broadcast() adds "alice says: hi" to the history, hands it
+     to the recorder (the teacher's console and the transcript: see
      Recorder), and queues it in every other client's outbox
      (Client.queue_bytes()). Under the lock, so everyone gets the same order.
-     (Join lines still waiting to go out in bulk are queued ahead of it, to
-     alice too: see Notices. With --redis, nothing is queued yet: the line
-     goes through Redis first, and is queued when it comes back.)
+     (Join, leave and rename lines still waiting to go out in bulk are queued
+     ahead of it, to alice too: see Notices. With --redis, nothing is queued
+     yet: the line goes through Redis first, and is queued when it comes
+     back.)
   5. After the lock, _send_queued() calls each client's Client.flush(),
      which sends what its socket takes at once (_send_what_fits()).
   6. If bob's socket is full, the rest waits in his outbox; his writer thread
      (Client._run_writer(), started the first time his socket is full, or
-     when he leaves with bytes still queued) sends it when there is room. If his outbox passes --sendq,
-     queue_bytes() marks him too slow, and _send_queued() has the room's
-     drop_too_slow() disconnect him.
-  7. When alice leaves, the room's leave() announces "*** alice left the
-     chat." once: called by ChatHandler.finish() (end of input, a browser
-     tab closed, a reset, a link that TCP keepalive found dead), or earlier
-     by /quit and telnet's Ctrl+C (do_quit()), drop_too_slow() or the
-     teacher's remove_by_teacher(); at shutdown, no leave lines are sent
-     (with --redis, the other servers are told: see RedisLink.close()).
-     With --redis, a leave on another server comes as an event from Redis
+     when he leaves with bytes still queued) sends it when there is room.
+     If his outbox passes --sendq, queue_bytes() marks him too slow, and
+     _send_queued() has the room's drop_too_slow() disconnect him.
+  7. When alice leaves, the room's leave() takes her out of the dict and
+     hands "*** alice left the chat." to the notices thread, once: called by
+     ChatHandler.finish() (end of input, a browser tab closed, a reset, a
+     link that TCP keepalive found dead), or earlier by /quit and telnet's
+     Ctrl+C (do_quit()), drop_too_slow() or the teacher's
+     remove_by_teacher(); at shutdown, no leave lines are sent (with --redis,
+     the other servers are told: see RedisLink.close()). With --redis, a
+     leave on another server comes as an event from Redis
      (RedisLink.apply()), worded by the same event_lines(); if that server
      died, one of the others tells it (RedisLink._reap()).
 
@@ -96,8 +102,8 @@ Licence: MIT (see LICENSE).
 #               with CR LF.
 #   room event  a join, message, action, rename, announcement, quiet on or
 #               off, or leave: a line (or a few) that every joined client
-#               sees, in the same order. (Between
-#               linked servers, an event is that as data: see ROOM_EVENTS.)
+#               sees, in the same order; as data, {"k": kind, ...}, worded
+#               by event_lines() (and sent so between linked servers).
 #   outbox      a client's queue of bytes not yet sent, bounded by --sendq (and
 #               one longer piece, such as a newcomer's history: see
 #               Client._queue()); what a full socket cannot take, its writer
@@ -163,7 +169,7 @@ FLOOD_BURST_LINES = 10  # a short pasted snippet goes through at once
 NICK_RATE_PER_MINUTE = 3  # enough to fix a typo; too few to confuse the class
 NAME_TIMEOUT_SECONDS = 60.0  # time to type the password and a name
 SENDQ_BYTES = 256 * 1024  # minutes of busy chat for a client that lags
-HISTORY_EVENTS = 20  # about one screen of context for a late joiner
+HISTORY_EVENTS = 20  # lines: about one screen of context for a late joiner
 BAN_MINUTES = 5.0  # long enough to calm down, short enough to forgive
 PER_ADDRESS = 8  # connections from one computer: a terminal, a browser and
 #                  a few reconnects, but not a script holding the room
@@ -299,7 +305,7 @@ class Settings:
 # socketserver starts one for each connection the room admits. It reads
 # bytes, cuts them into lines, and calls the room: say(), join(), leave().
 
-TOO_LONG = object()  # read_line()'s stand-in for a line longer than --max-line
+TOO_LONG = object()  # the framer's stand-in for a line longer than --max-line
 TELNET_CTRL_C = object()  # ...and for telnet's Ctrl+C (IAC IP): leave, as /quit does
 
 
@@ -336,9 +342,9 @@ class ChatHandler(socketserver.StreamRequestHandler):
             INPUT_BYTES_PER_SECOND if settings.flood_rate > 0 else 0, INPUT_BURST_BYTES)
         self.told_flood = False
         self.told_whispers = False  # see do_msg()
-        self.quitting = False  # set by /quit: chat() reads no more
+        self.quitting = False  # set by /quit (and telnet's Ctrl+C): chat() reads no more
         self.waiting_for = "a name"  # what a timeout before joining was waiting for
-        self.received_read = 0  # a late browser request can only be the first
+        self.lines_read = 0  # a late browser request can only be the first
         enable_keepalive(self.request)
         # Non-blocking, so that whichever thread flushes this client's outbox
         # (often another student's reader: see ChatRoom._send_queued()) sends
@@ -381,7 +387,8 @@ class ChatHandler(socketserver.StreamRequestHandler):
                 self.handle_line(defuse_server_marker(line.rstrip()))
 
     def read_line(self, deadline=None):
-        """Return the client's next line (str or TOO_LONG), or None when it is gone.
+        """Return the client's next line (str or TOO_LONG), or None when it is gone
+        or leaving (telnet's Ctrl+C), or its line was a browser's late request.
 
         Raises NoAnswerInTime if deadline (a time.monotonic() value) passes,
         even while lines received earlier wait (paced: see pace_flood()).
@@ -395,7 +402,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
             if not data:
                 return None
             self.take_bytes(data)
-        self.received_read += 1
+        self.lines_read += 1
         line = self.received.popleft()
         if line is TELNET_CTRL_C:
             do_quit(self, "")  # see "The students' commands"
@@ -450,7 +457,7 @@ class ChatHandler(socketserver.StreamRequestHandler):
         if command is None:
             self.reply("*** Unknown command: /%s. Type /help to see the commands." % word)
         elif command is do_nick:
-            command(self, argument)  # a name is checked as typed, as at the join
+            command(self, argument)  # a name: not student_text(), which is for messages
         else:
             command(self, student_text(argument))  # others see it: as a message
 
@@ -458,9 +465,11 @@ class ChatHandler(socketserver.StreamRequestHandler):
 
     def finish(self):
         # Every way out ends here: end of input, a reset, /quit, too slow,
-        # kicked, shutdown. Most leave the room first (step 7 of the map
-        # at the top); for the others (end of input, a reset), this leave()
-        # is the one that says "left the chat.": it says so once, at most.
+        # kicked, shutdown. /quit, telnet's Ctrl+C, too slow and kicked have
+        # left the room already (step 7 of the map at the top), and this
+        # leave() does nothing; at shutdown it takes the client out silently
+        # (the room has said goodbye); at end of input or a reset, it is
+        # this leave() that says "left the chat.", once.
         self.room.leave(self.client)
         self.client.close_when_sent()  # e.g. "Bye." is still on its way
         if not self.client.wait_closed(SHUTDOWN_GRACE_SECONDS):
@@ -483,8 +492,8 @@ NAME_TAKEN = "The name %s is taken."
 LOOKS_TAKEN = "That name looks too much like %s, who is online."
 REMOVED = "You were removed by the teacher."
 MUTED_LINE = "*** The teacher has muted you: your messages reach nobody for now."
-SHUTTING_DOWN = "Server is shutting down."  # the goodbye; once close_room() has
-#                                            begun, join() and each refusal say it too
+SHUTTING_DOWN = "Server is shutting down."  # the goodbye; once it is said, join()
+#                                            returns it, and each refusal says it
 QUIET_ON_LINE = "*** [teacher] Quiet, please: only the teacher speaks for now."
 QUIET_OFF_LINE = "*** [teacher] The chat is open again."
 
@@ -520,8 +529,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
     """The core of the room: the dict of joined clients, its lock, the broadcast.
 
     ChatServer, further down (after what protects the room), is the room the
-    program runs: it adds to this core the admission of connections, the
-    other room events (whispers, renames), the console's record, the room
+    program runs: it adds to this core the admission of connections,
+    whispers and renames, the console's record, the room
     operations the teacher's console calls, and the shutdown. The core
     uses eight of its parts, each a line or two where the core calls it:
     register() and unregister() (every connection, joined or not),
@@ -549,9 +558,12 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         # _connected, _places_taken and _closing_began; the Redis link's
         # fields (see RedisLink); and the room's fields of each Client
         # (name, key, looks, joined_at, muted: changed only under it; not
-        # notices_seen: see queue_notices()). Room events go to the recorder (console and
-        # transcript) under it, so it sees them in the room's order.
-        # Anything else has a lock of its own, or is set once.
+        # notices_seen: see queue_notices()). Room events go to the recorder
+        # (console and transcript) under it, so it sees them in the room's
+        # order. Anything else has a lock of its own, is set once, or is
+        # a client's own, set by its reader thread (leave_reason, and a
+        # browser's encode_lines); muted, _quiet and _closing_began are also
+        # read without it where a stale answer does no harm (each says so).
         self._lock = threading.Lock()
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._names_in_order = []  # their names, in the same order: "Online now"
@@ -699,7 +711,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
             self._add_client(client)
             # Welcome and history are queued, and the join line handed to
             # Notices, in one critical section: the newcomer sees each room
-            # event exactly once, either in the history or live. As one item,
+            # event at most once: in the history, or live. As one item,
             # so that it may be longer than --sendq (see Client._queue()).
             client.queue_bytes(client.encode_lines(self._welcome_lines(client)))
             event = {"k": "join", "name": name}
@@ -750,8 +762,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._joined[client.key] = client
         for look in client.looks:
             self._skeletons[look] = client.key
-        # Kept sorted as it changes: sorting, or even listing the names, at
-        # every join costs a big class dearly.
+        # Kept sorted as it changes: sorting them at every join costs a big
+        # class dearly (a join still lists them once, for "Online now").
         place = bisect.bisect_left(self._keys_in_order, client.key)
         self._keys_in_order.insert(place, client.key)
         self._names_in_order.insert(place, client.name)
@@ -817,7 +829,7 @@ class Client:
     The reader (ChatHandler) is the only code that reads the socket.
 
     Closing: close_when_sent() lets the outbox drain first (a goodbye line),
-    for SHUTDOWN_GRACE_SECONDS at most; close_now() drops it (a stalled
+    for SHUTDOWN_GRACE_SECONDS at most (a download: longer); close_now() drops it (a stalled
     client). Either way, the socket is shut down (doing it twice is
     harmless) and closed is set.
     """
@@ -1005,7 +1017,7 @@ class Client:
         with self._outbox_lock:
             done = not (self._outbox or self._sending or self._backlogged)
         if done and self._writer is None:
-            self._shut_down_socket()  # all sent: no thread needed to close
+            self._shut_down_socket()  # nothing was queued: no thread needed to close
         else:
             self._wake_writer()
 
@@ -1155,23 +1167,23 @@ class Client:
 
 
 # =============================================================================
-# Speed for a big class: join and leave lines in bulk (Notices). Sending
-# each at once, like a chat line, would be as correct; this makes a class of
-# thousands join fast.
+# Speed for a big class: join, leave and rename lines in bulk (Notices).
+# Sending each at once, like a chat line, would be as correct; this makes a
+# class of thousands join fast.
 # =============================================================================
 
 # Sent at once, like a chat line, each join would cost one send to each of N
-# clients: N*N small packets for a class of N joining. So join, leave and rename lines (notices) wait in the room's
-# Notices, and its thread gives them out: those that came while it was
-# giving out the last ones go out together, one send per client for a whole
-# burst. A round that new notices interrupt starts again from the top: the
-# clients it reaches first get each notice at once, and the rest all of
-# theirs in one send, NOTICES_LATE_SECONDS and one round's time later,
-# which nobody notices. Each round costs a send per client it reaches, so
-# a class that joins while thousands are in the room costs the late part of
-# the room one send per NOTICES_LATE_SECONDS, not one per join. It hooks
-# into the core where the room broadcasts (a notice is added, and anything
-# else first catches its clients up), queues a line for one client
+# clients: N*N small packets for a class of N joining. So join, leave and
+# rename lines (notices) wait in the room's Notices, and its thread gives them
+# out: those that came while it was giving out the last ones go out together,
+# one send per client for a whole burst. A round that new notices interrupt
+# starts again from the top: the clients it reaches first get each notice at
+# once, and the rest all of theirs in one send, NOTICES_LATE_SECONDS and one
+# round's time later, which nobody notices. Each round costs a send per client
+# it reaches, so a class that joins while thousands are in the room costs the
+# late part of the room one send per NOTICES_LATE_SECONDS, not one per join.
+# It hooks into the core where the room broadcasts (a notice is added, and
+# anything else first catches its clients up), queues a line for one client
 # (_queue_for()) or replies (before_reply()), where a client joins (it counts
 # the waiting ones as given) and leaves, and in Client.queue_notices().
 
@@ -2549,9 +2561,9 @@ def send_and_close(sock, data):
     sock.close()
 
 
-# --- Wording shared by the room's messages ------------------------------------
-# Small helpers that word waits, counts and addresses, used all over the file
-# (Client's name for the console too).
+# --- Words for waits, counts and addresses ------------------------------------
+# Small helpers used all over the file (Client's name for the console too).
+# Room events are worded by event_lines(), in the core.
 
 
 def describe_minutes(minutes):
@@ -4402,7 +4414,7 @@ def identify_late_request(handler, line):
     first prompt went out; it cannot be answered as HTTP any more, but it
     must never be taken as a password or a name.
     """
-    if handler.received_read > 1 or isinstance(handler.framing, WebSocketLines):
+    if handler.lines_read > 1 or isinstance(handler.framing, WebSocketLines):
         return False
     if not isinstance(line, str) or not HTTP_REQUEST.match(line):
         return False
@@ -6340,10 +6352,11 @@ class RedisLink:
             if old_key in self._renamed_apart:  # the others know it by its name
                 # before the split: they hear of this rename from that one.
                 self._renamed_apart[key] = self._renamed_apart.pop(old_key)
+            shown = event_lines({"k": "rename", "old": old_name, "new": new_name})[0]
             told = (client, key, "*** While the servers were apart, a student on another "
                     "server took %s %s: you are now %s." % (
                         "a name that looks like" if looks_like else "the name",
-                        old_name, new_name), event_lines({"k": "rename", "old": old_name, "new": new_name})[0])
+                        old_name, new_name), shown)
             if self.linked:
                 recipients = self._tell_renamed(*told)
             else:  # relinking: told after the news that the room is whole again

@@ -2938,6 +2938,15 @@ def test_a_line_said_as_its_sender_is_renamed_at_a_relink_carries_the_new_name(
                     "bob.2", chat_server.fold_name("bob.2"), chat_server.looks_of("bob.2"))
                 server._add_client(speaker)
 
+    events = []  # what the Redis link would be handed, as data
+    real_broadcast = server._broadcast
+
+    def broadcast(lines, exclude=None, event=None, notice=False):
+        events.append(event)
+        return real_broadcast(lines, exclude, event, notice)
+
     monkeypatch.setattr(server, "_wait_for_room_budget", renamed_by_the_link_meanwhile)
+    monkeypatch.setattr(server, "_broadcast", broadcast)
     bob.send("hello")
     alice.expect_next("bob.2 says: hello")
+    assert [event["name"] for event in events if event and event["k"] == "say"] == ["bob.2"]
