@@ -5020,11 +5020,11 @@ def redis_refusal(error):
     """Redis's refusal of our password, said for a teacher (else its own words)."""
     text = str(error)
     if text.startswith("NOAUTH"):
-        return "it wants a password (--redis redis://:PASSWORD@HOST)"
+        return "it wants a password (redis://:PASSWORD@HOST, in --redis or CHAT_REDIS)"
     if text.startswith("WRONGPASS"):
-        return "the password in --redis is wrong"
+        return "the password in the Redis URL is wrong"
     if "without any password configured" in text:
-        return "it has no password: leave the password out of --redis"
+        return "it has no password: leave the password out of the Redis URL"
     if NOT_REDIS in text:
         return "it is a chat server, not Redis: is the port right?"
     return text
@@ -7047,7 +7047,7 @@ def parse_args(argv=None):
     add("--transcript-private", action="store_true", help="also show private "
         "messages on the console and in the transcript (default: off)")
     add("--redis", metavar="redis://[:PASSWORD@]HOST[:PORT][/ROOM]", type=redis_url_flag,
-        default=os.environ.get("CHAT_REDIS") or None,
+        default=None,  # None: CHAT_REDIS, or not linked (see below)
         help="link this room to every other server on that Redis and room (port %d, room "
         "%s unless given); or set CHAT_REDIS (default: not linked)" % (REDIS_PORT, REDIS_ROOM))
     add("--connect", metavar="HOST[:PORT]", type=split_host_port,
@@ -7056,6 +7056,11 @@ def parse_args(argv=None):
     if args.password == "":  # typed, so meant: but Enter alone only asks again
         parser.error("argument --password: an empty password could never be typed "
                      "(leave --password out, and CHAT_PASSWORD unset, for no password)")
+    if args.redis is None and os.environ.get("CHAT_REDIS"):  # checked here, so that
+        try:  # a mistake in it is named as CHAT_REDIS, not as --redis
+            args.redis = redis_url_flag(os.environ["CHAT_REDIS"])
+        except argparse.ArgumentTypeError as error:
+            parser.error("CHAT_REDIS: %s" % error)
     if args.password is None:  # an empty CHAT_PASSWORD is one not set
         args.password = os.environ.get("CHAT_PASSWORD", "")
     problem = password_problem(args.password, args.max_line)

@@ -122,12 +122,12 @@ def test_a_redis_url_mistake_is_named(text, told):
 
 
 @pytest.mark.parametrize("refusal, told", [
-    ("NOAUTH Authentication required.", "it wants a password (--redis redis://:PASSWORD@HOST)"),
+    ("NOAUTH Authentication required.", "it wants a password (redis://:PASSWORD@HOST, in --redis or CHAT_REDIS)"),
     ("WRONGPASS invalid username-password pair or user is disabled.",
-     "the password in --redis is wrong"),
+     "the password in the Redis URL is wrong"),
     ("ERR AUTH <password> called without any password configured for the default user. "
      "Are you sure your configuration is correct?",
-     "it has no password: leave the password out of --redis"),
+     "it has no password: leave the password out of the Redis URL"),
     ("ERR something else", "ERR something else"),
 ])
 def test_redis_refusing_our_password_is_said_in_plain_words(refusal, told):
@@ -189,6 +189,19 @@ def test_the_redis_url_and_room_password_may_come_from_the_environment(monkeypat
     monkeypatch.setenv("CHAT_PASSWORD", "owl")
     args = chat_server.parse_args([])
     assert (args.redis.port, args.redis.room, args.password) == (7001, "lab", "owl")
+
+
+def test_a_mistake_in_chat_redis_is_named_as_chat_redis_not_as_the_flag(monkeypatch, capsys):
+    monkeypatch.setenv("CHAT_REDIS", "redis://127.0.0.1:70o1/lab")
+    with pytest.raises(SystemExit) as exit_info:
+        chat_server.parse_args([])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "CHAT_REDIS: " in error and "--redis" not in error, error
+
+
+def test_the_redis_flag_wins_over_chat_redis(monkeypatch):
+    monkeypatch.setenv("CHAT_REDIS", "redis://127.0.0.1:70o1/lab")  # not even read
+    assert chat_server.parse_args(["--redis", "redis://127.0.0.1/physics"]).redis.room == "physics"
 
 
 def event(**fields):
@@ -1137,7 +1150,7 @@ def test_a_wrong_redis_password_at_start_is_one_line_and_exit_2():
         protected.stop()
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and "refused us: the password in --redis is wrong" in lines[0], \
+    assert len(lines) == 1 and "refused us: the password in the Redis URL is wrong" in lines[0], \
         lines
 
 
