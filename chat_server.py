@@ -6791,8 +6791,9 @@ class RedisLink:
             else:
                 console.do_unmute(name)
             with self.room._lock:  # the link numbers what it sends under the room's lock
-                for text in answers:
-                    self.room.recorder.note("console", text)
+                for text in answers:  # its words are for that console ("/unban
+                    # bob at the console of bob's server"): said so here
+                    self.room.recorder.note("console", "Answered that teacher: " + text)
                     self.publish_private(RemoteStudent(name, event["s"]),
                                       {"k": "reply", "name": name, "text": text})
 

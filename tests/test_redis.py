@@ -2295,6 +2295,17 @@ def test_the_answer_to_a_kick_elsewhere_says_where_to_unban(two_rooms, caplog):
 
 
 @redis
+def test_the_kicked_students_own_console_shows_the_answer_as_sent_to_the_other_teacher(
+        two_rooms, caplog):
+    """"/unban bob at the console of bob's server" is that very console: it is
+    shown there as the answer that went to the asking teacher."""
+    a, b, alice, bob = two_rooms
+    TeacherConsole(a, None).handle_line("/kick bob")
+    bob.expect_closed()
+    expect_console(caplog, "Answered that teacher: Kicked bob; 127.0.0.1 may not rejoin")
+
+
+@redis
 def test_a_mute_put_back_after_a_split_sends_the_state_wanted_now(linked):
     """Work put back after a split may go out in another order: a mute then an
     unmute must still leave the name unmuted in Redis."""
