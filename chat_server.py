@@ -567,7 +567,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._keys_in_order = []  # the keys of _joined, sorted, for /who
         self._names_in_order = []  # their names, in the same order: "Online now"
-        self._skeletons = {}  # each of looks_of(name) -> key, so no one passes for another
+        self._looks = {}  # each of looks_of(name) -> its key, so no one passes for another
         self._history = collections.deque(maxlen=self.settings.history)
         self._quiet = False  # only the teacher's announcements go out
         self._remote = {}  # Redis link: key -> RemoteStudent, students on other servers
@@ -747,7 +747,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         """Why no one may take a name now (lock held), or None if it is free."""
         holders = [self._joined.get(key), self._remote.get(key)]  # Redis link: elsewhere too
         for look in looks:
-            holders += [self._joined.get(self._skeletons.get(look)),
+            holders += [self._joined.get(self._looks.get(look)),
                         self._remote.get(self._remote_looks.get(look))]
         holder = next((holder for holder in holders
                        if holder is not None and holder is not client), None)
@@ -761,7 +761,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         """Put a client in the room's dict under its key (lock held)."""
         self._joined[client.key] = client
         for look in client.looks:
-            self._skeletons[look] = client.key
+            self._looks[look] = client.key
         # Kept sorted as it changes: sorting them at every join costs a big
         # class dearly (a join still lists them once, for "Online now").
         place = bisect.bisect_left(self._keys_in_order, client.key)
@@ -772,7 +772,7 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         """Take a client out of the room's dict (lock held)."""
         del self._joined[client.key]
         for look in client.looks:
-            del self._skeletons[look]
+            del self._looks[look]
         place = bisect.bisect_left(self._keys_in_order, client.key)
         del self._keys_in_order[place], self._names_in_order[place]
 
@@ -2925,7 +2925,7 @@ class ChatServer(ChatRoom):
             if client is not None or key in self._remote:
                 return client
             for look in looks_of(name):
-                client = self._joined.get(self._skeletons.get(look))
+                client = self._joined.get(self._looks.get(look))
                 if client is not None:
                     return client
             return None
@@ -6346,7 +6346,7 @@ class RedisLink:
             if self.room._joined.get(client.key) is not client:
                 return  # left meanwhile; the beat frees the name
             self.room._remove_client(client)
-            # Its skeleton too: else a look-alike of the new name could join.
+            # Its looks too: else a look-alike of the new name could join.
             client.name, client.key, client.looks = new_name, key, looks
             self.room._add_client(client)
             if old_key in self._renamed_apart:  # the others know it by its name
