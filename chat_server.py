@@ -1950,7 +1950,8 @@ def pace_flood(handler, blank=False):
 
 
 def more_messages(handler):
-    """Take the plain messages already received that may go out at once.
+    """Take from handler.received the plain messages that may go out at once
+    (each within the flood limit: it spends their tokens), as student texts.
 
     Sending them with the one before costs each recipient one queued item
     and one send, instead of one of each per line: that is what keeps a
