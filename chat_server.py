@@ -2716,6 +2716,15 @@ class ChatServer(ChatRoom):
             self._add_client(client)
             event = {"k": "rename", "old": old_name, "new": new_name}
             recipients = self._broadcast(event_lines(event), event=event, notice=True)
+            # A mute follows the name: a classmate at that computer (or anyone,
+            # with --redis) who takes a muted name takes its mute too.
+            if self.addresses.is_muted(client.host, key) or (
+                    self._link is not None and key in self._link.muted_keys):  # Redis link
+                client.muted = True
+                self._queue_for(client, MUTED_LINE)
+                recipients.append(client)
+                self.recorder.note("console", "%s is now %s, a muted name: muted too "
+                                   "(/unmute %s lifts it)." % (old_name, new_name, new_name))
         self._send_queued(recipients)
         return None
 

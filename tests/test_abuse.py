@@ -1136,6 +1136,22 @@ def test_mute_on_a_shared_address_follows_the_name_only(server, computer, crowd,
     alice.expect_next("dave says: hello")
 
 
+def test_a_classmate_who_takes_a_muted_name_takes_its_mute(
+        server, computer, crowd, console, caplog):
+    """bob is muted and leaves; carol, at his computer, renames herself bob:
+    "bob" must not speak again (a second name was a way round the mute)."""
+    alice, carol = muted_and_gone_from_a_shared_computer(server, crowd, console)
+    carol.send("/nick bob")
+    alice.expect_next("*** carol is now bob.")
+    carol.expect("*** carol is now bob.")  # after bob's leave
+    carol.expect_next(chat_server.MUTED_LINE)
+    expect_console(caplog, "carol is now bob, a muted name: muted too (/unmute bob lifts it).")
+    carol.send("still here")
+    carol.expect_next("*** Not sent: the teacher has muted you.")
+    console.handle_line("sentinel")  # an announcement: alice's next line, not carol's
+    alice.expect_next("*** [teacher] sentinel")
+
+
 # --- Nobody can pass for someone else ---------------------------------------------
 
 def ask_name(client, name):
