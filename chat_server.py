@@ -1377,7 +1377,10 @@ INVISIBLE = (
 INVISIBLE_CHARACTERS = re.compile("[%s]" % INVISIBLE)
 # What shows as an asterisk: "*", the forms NFKC turns into one, and signs
 # drawn alike (asterisk operator, low, heavy and open asterisks, Arabic star).
-ASTERISKS = re.compile("[*\ufe61\uff0a\u2217\u204e\u066d\u2731-\u2733\u273b-\u273d\u274b]")
+ASTERISKS = re.compile("[*\ufe61\uff0a\u2217\u204e\u066d\u229b\u29c6\u2722-\u2725"
+                       "\u2731-\u2733\u273a-\u273d\u2743\u2749-\u274b\ua673"
+                       "\U0001f7af-\U0001f7bf]")
+ASTERISK_GROUPS = str.maketrans({"\u2042": "***", "\u2051": "**"})  # ⁂ is three, ⁑ two
 # Between two asterisks, these still let "***" show: a mark sits on a
 # neighbour (Mn, Me), a format character shows as nothing (Cf).
 HIDDEN_CATEGORIES = ("Mn", "Me", "Cf")
@@ -1600,6 +1603,8 @@ def defuse_server_marker(text):
     full-width and small forms and look-alikes, and with invisible characters
     or marks between them) becomes two.
     """
+    if "\u2042" in text or "\u2051" in text:  # an asterism: three asterisks in one
+        text = text.translate(ASTERISK_GROUPS)
     if len(ASTERISKS.findall(text)) < 3:
         return text  # the usual line: no run of three to look for
     pieces, run, stars = [], [], 0  # run: the asterisks so far, and what is between
@@ -1704,7 +1709,8 @@ LOOK_ALIKES = str.maketrans({
     "ı": "i", "ȷ": "j", "ɑ": "a", "ɡ": "g", "ʟ": "l", "ɪ": "i", "ᴀ": "a", "ʙ": "b",
     "ᴄ": "c", "ᴅ": "d", "ᴇ": "e", "ɢ": "g", "ʜ": "h", "ᴊ": "j", "ᴋ": "k", "ᴍ": "m",
     "ɴ": "n", "ᴏ": "o", "ᴘ": "p", "ʀ": "r", "ꜱ": "s", "ᴛ": "t", "ᴜ": "u", "ᴠ": "v",
-    "ᴡ": "w", "ʏ": "y", "ᴢ": "z", "ǀ": "l", "ɩ": "i", "ɾ": "r", "0": "o", "1": "l",
+    "ᴡ": "w", "ʏ": "y", "ᴢ": "z", "ǀ": "l", "ǁ": "ll", "ɩ": "i", "ɾ": "r", "ĸ": "k",
+    "ꟾ": "l", "0": "o", "1": "l",
     # Lisu and Cherokee letters drawn as Latin capitals (ꓮꓡꓲꓚꓰ, ᎪᏞᎥᏟᎬ: ALICE)
     "ꓐ": "b", "ꓑ": "p", "ꓓ": "d", "ꓔ": "t", "ꓖ": "g", "ꓗ": "k", "ꓙ": "j", "ꓚ": "c",
     "ꓜ": "z", "ꓝ": "f", "ꓟ": "m", "ꓠ": "n", "ꓡ": "l", "ꓢ": "s", "ꓣ": "r", "ꓦ": "v",
@@ -1813,7 +1819,8 @@ def ascii_digits(text):
 # A capital I looks like a small l in most fonts (aIice, alice), but folds to
 # an i; and the Cyrillic and Greek capitals I look just like it.
 CAPITAL_I_AS_L = str.maketrans({"I": "l", "\u0406": "l", "\u0399": "l", "\u04c0": "l",
-                                "\ua4f2": "l"})  # ...and the Lisu I
+                                "\ua4f2": "l",  # ...and the Lisu I, and Latin's
+                                "\u0196": "l", "\ua7ae": "l"})  # capital iota, small capital I
 
 
 def looks_of(name):

@@ -1185,6 +1185,9 @@ ONE_ALPHABET = "Write a name in one alphabet"
     ("\u0430\u04cf\u0456\u0441\u0435", LOOKS_LIKE_ALICE),  # all Cyrillic: аӏісе
     ("a\u01c0ice", LOOKS_LIKE_ALICE),  # Latin letter dental click ǀ
     ("aIice", LOOKS_LIKE_ALICE),  # a capital I for the l
+    ("a\u0196ice", LOOKS_LIKE_ALICE),  # Latin capital iota Ɩ for the l
+    ("a\ua7aeice", LOOKS_LIKE_ALICE),  # Latin small capital I Ɪ for the l
+    ("a\ua7feice", LOOKS_LIKE_ALICE),  # Latin epigraphic I longa ꟾ for the l
     ("\ua4ee\ua4e1\ua4f2\ua4da\ua4f0", LOOKS_LIKE_ALICE),  # Lisu, drawn as ALICE
     ("\u13aa\u13de\u13a5\u13df\u13ac", LOOKS_LIKE_ALICE),  # Cherokee, drawn as ALICE
     ("ALICE", "The name alice is taken."),
@@ -1252,6 +1255,15 @@ def test_a_rename_to_a_look_alike_is_refused(room):
     alice.expect_nothing_before(bob)
 
 
+@pytest.mark.parametrize("online, impostor", [
+    ("bill", "bi\u01c1"),  # Latin letter lateral click ǁ for the ll
+    ("kim", "\u0138im"),  # Latin kra ĸ for the k
+])
+def test_latin_letters_drawn_as_others_share_their_look(online, impostor):
+    assert chat_server.name_problem(impostor) is None  # a real name's letters...
+    assert set(chat_server.looks_of(online)) & set(chat_server.looks_of(impostor))  # ...alike
+
+
 @pytest.mark.parametrize("name", ["田中たろう", "ヤマダ太郎", "金민수", "김민수", "Ωμέγα",
                                   "Зоя_2", "Zoë-Ångström", "Zoe\u0308", "नमस्ते",
                                   "שָׁלוֹם", "สมชาย", "か\u3099"])
@@ -1275,6 +1287,11 @@ def test_real_names_in_one_writing_system_join(joined, name):
     ("*\U00016fe4*\ufff9* format characters", "** format characters"),
     ("\u2217\u2217\u2217 asterisk operators", "** asterisk operators"),
     ("\u2731\u2731\u2731 heavy asterisks", "** heavy asterisks"),
+    ("**\ua673 a Slavonic asterisk", "** a Slavonic asterisk"),
+    ("\u2042 an asterism, three in one", "** an asterism, three in one"),
+    ("\u2051* two in one, and one", "** two in one, and one"),
+    ("\u2722\u273a\u2749 spoked asterisks", "** spoked asterisks"),
+    ("\U0001f7af\U0001f7b5\U0001f7bb geometric asterisks", "** geometric asterisks"),
     ("2*3*4 stays", "2*3*4 stays"),
 ])
 def test_three_asterisks_or_more_become_two(room, text, shown):
