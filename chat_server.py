@@ -1757,8 +1757,25 @@ def is_reserved(name):
     """
     bare = "".join(character for character in unicodedata.normalize("NFD", name)
                    if unicodedata.category(character)[0] != "M")
-    return any(re.sub("[^a-z]", "", form) in RESERVED_NAMES
-               for form in (skeleton(bare), skeleton(NAME_DECORATIONS.sub("", bare))))
+    forms = [skeleton(bare), skeleton(NAME_DECORATIONS.sub("", bare))]
+    forms += [skeleton(word) for word in name_words(bare)]  # "the.teacher", "MrTeacher"
+    return any(re.sub("[^a-z]", "", form) in RESERVED_NAMES for form in forms)
+
+
+def name_words(name):
+    """The words of a name: split at what NAME_DECORATIONS takes off (digits,
+    _ . -), and before a capital that follows a small letter (TheTeacher)."""
+    words, word = [], ""
+    for character in name:
+        if NAME_DECORATIONS.match(character):
+            words.append(word)
+            word = ""
+            continue
+        if character.isupper() and word[-1:].islower():
+            words.append(word)
+            word = ""
+        word += character
+    return [word for word in words + [word] if word]
 
 
 DIGIT_LOOK_ALIKES = str.maketrans("lIoO", "1100")  # for is_ip_address()

@@ -201,7 +201,8 @@ def test_clean_line_leaves_only_safe_text(raw, text):
 # --- Names ---
 
 @pytest.mark.parametrize(
-    "name", ["alice", "Bob_2", "a.b-c", "Zoë", "Ж", "李小龙", "x" * 20, "é", "١٢٣"],
+    "name", ["alice", "Bob_2", "a.b-c", "Zoë", "Ж", "李小龙", "x" * 20, "é", "١٢٣",
+             "observer", "badminton", "Ada.Lovelace"],  # "server" and "admin" inside a word
 )
 def test_valid_names_are_accepted(name):
     assert name_problem(name) is None
@@ -218,12 +219,19 @@ def test_valid_names_are_accepted(name):
         ("\u0301accent", "only letters"),
         ("Teacher", "reserved"),
         ("ＡＤＭＩＮ", "reserved"),
+        ("the.teacher", "reserved"),
+        ("MrTeacher", "reserved"),
+        ("teacher_assistant", "reserved"),
+        ("server.bot", "reserved"),
         ("127.0.0.9", "not be, or look like, an address"),
         ("l0.O.0.9", "not be, or look like, an address"),
         ("\uff11\uff10.\uff10.\uff10.\uff19", "not be, or look like, an address"),
     ],
     ids=["empty", "21 characters", "space", "punctuation", "symbol",
-         "starts with a mark", "reserved", "reserved in full width", "an IP address",
+         "starts with a mark", "reserved", "reserved in full width",
+         "a reserved word after another", "a reserved word after a capital",
+         "a reserved word before another", "a reserved word, then a dot",
+         "an IP address",
          "an IP address in look-alike letters", "an IP address in full width"],
 )
 def test_invalid_names_are_refused_with_a_reason(name, reason):
