@@ -144,6 +144,7 @@ import queue
 import re
 import selectors
 import shlex
+import shutil  # only get_terminal_size(), for the console's width
 import socket
 import socketserver
 import struct
@@ -3852,6 +3853,31 @@ def display_width(text):
                for character in text)
 
 
+def fit_to_terminal(text, columns, indent=" " * 9):
+    """text cut into rows of fewer than columns, each after the first indented.
+
+    A terminal wraps a long line at its right edge, and the next row starts
+    at the left, where a console line starts with its time: a student who
+    pads a line with spaces could make that row look like a line of its own
+    ("09:15:02 bob says: ..."). Cut here, the rest of the line goes on
+    indented instead. (The indent is as wide as the time: "HH:MM:SS ".)
+    """
+    if columns <= len(indent) + 10 or display_width(text) < columns:
+        return text  # (a terminal too narrow for this to help, or a short line)
+    rows = []
+    for line in text.split("\n"):  # the server's own tables (/who) keep their rows
+        row, used = "", 0
+        for character in line:
+            width = display_width(character)
+            if used + width >= columns:
+                rows.append(row)
+                row, used = indent, len(indent)
+            row += character
+            used += width
+        rows.append(row)
+    return "\n".join(rows)
+
+
 def pad(text, width):
     return text + " " * (width - display_width(text))
 
@@ -4486,9 +4512,11 @@ a { color: var(--accent); }
 #log { flex: 1; overflow-y: auto; overflow-anchor: none; padding: 0.5rem 0.75rem;
   line-height: 1.4;
   overflow-wrap: anywhere; white-space: pre-wrap; }
-#log div { padding: 0.05rem 0; }
+/* A hanging indent: a line that wraps goes on indented, so a student who pads
+   a line with spaces cannot make a row of it look like a line of its own. */
+#log div { padding: 0.05rem 0 0.05rem 1.5rem; text-indent: -1.5rem; }
 #log .server { color: var(--server); background: var(--server-bg);
-  border-left: 0.25rem solid var(--server); padding-left: 0.4rem; margin: 0.1rem 0; }
+  border-left: 0.25rem solid var(--server); padding-left: 1.9rem; margin: 0.1rem 0; }
 #log .server .words { color: var(--fg); }  /* a leave's reason: the student's words */
 #log .mine { color: var(--me); }
 #log .mine::before { content: "you: "; font-weight: bold; }
@@ -6969,7 +6997,10 @@ def configure_logging():
     def write_records():
         for record in iter(records.get, None):
             try:
-                sys.stderr.write(formatter.format(record) + "\n")
+                text = formatter.format(record)
+                if sys.stderr.isatty():  # a terminal: no row may pass for a line
+                    text = fit_to_terminal(text, shutil.get_terminal_size().columns)
+                sys.stderr.write(text + "\n")
                 sys.stderr.flush()
             except (OSError, ValueError, AttributeError):
                 pass  # no console at all (pythonw), or it was closed

@@ -198,6 +198,24 @@ def test_a_leave_reason_is_drawn_as_the_students_words_not_the_servers(
     assert colours[0] != colours[1]
 
 
+def test_a_line_padded_to_wrap_goes_on_indented_not_as_a_line_of_its_own(
+        server, open_tab, joined):
+    """Spaces are kept (pasted code needs them): a wrapped row must not pass for a line."""
+    bob = joined("bob")
+    tab = open_tab(server)
+    tab.type_line("alice")
+    bob.expect("alice joined")
+    bob.send("ok" + " " * 400 + "alice says: I did not do the homework")
+    tab.wait_for_line("I did not do the homework")
+    first, last = tab.evaluate(
+        "(() => { const div = Array.from(document.querySelectorAll('#log div'))"
+        ".find(d => d.textContent.includes('the homework'));"
+        " const range = document.createRange(); range.selectNodeContents(div);"
+        " const rows = Array.from(range.getClientRects()).filter(r => r.width > 0);"
+        " return [rows[0].left, rows[rows.length - 1].left]; })()")
+    assert last > first + 8, (first, last)
+
+
 def test_kick_shows_disconnected_and_join_again_works_from_the_keyboard(
         start_server, open_tab):
     server = start_server(ban_minutes=0)

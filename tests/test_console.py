@@ -3,6 +3,7 @@
 import os
 import re
 import select
+import struct
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import warnings
 
 import pytest
 
+import chat_server
 from chat_server import TeacherConsole
 from conftest import (SERVER_SCRIPT, TIMEOUT, ChatClient, console_lines, expect_console,
                       server_process, wait_until)
@@ -356,7 +358,7 @@ def test_console_eof_leaves_the_server_running():
 class Terminal:
     """An interactive bash on a pseudo-terminal, as a teacher's terminal window."""
 
-    def __init__(self):
+    def __init__(self, columns=200):
         pty = pytest.importorskip("pty")
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork() in a process with threads (earlier
@@ -365,6 +367,10 @@ class Terminal:
             self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: an interactive shell with job control
             os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+        # A window 50 rows high and columns wide (a new pty has no size).
+        fcntl = pytest.importorskip("fcntl")
+        termios = pytest.importorskip("termios")
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
         self.output = b""
         self.foreground = False  # a server runs in the foreground
 
@@ -398,12 +404,24 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal():
+def terminal_of():
+    """Open a terminal window columns wide; closed after the test."""
     if sys.platform == "win32":
         pytest.skip("job control is POSIX")
-    opened = Terminal()
-    yield opened
-    opened.close()
+    opened = []
+
+    def open_terminal(columns=200):
+        opened.append(Terminal(columns))
+        return opened[-1]
+
+    yield open_terminal
+    for one in opened:
+        one.close()
+
+
+@pytest.fixture
+def terminal(terminal_of):
+    return terminal_of()
 
 
 def start_in_terminal(terminal, background):
@@ -522,3 +540,40 @@ def test_unwritable_transcript_is_one_clear_line_and_exit_status_2(tmp_path):
     assert finished.returncode == 2
     assert finished.stderr.decode().count("\n") == 1
     assert "Cannot open the transcript" in finished.stderr.decode()
+
+
+# --- A long line on the console ---
+
+
+def test_a_line_padded_to_wrap_goes_on_indented_on_the_console():
+    """A student pads a line so that the terminal's next row reads as a line of
+    its own: "09:15:02 bob says: ..." would frame bob. Rows after the first
+    are indented instead, and none reaches the terminal's edge."""
+    line = "09:15:02 alice says: ok" + " " * 56 + "09:15:02 bob says: this class is garbage"
+    rows = chat_server.fit_to_terminal(line, 80).split("\n")
+    assert len(rows) == 2 and rows[1].startswith(" " * 9 + "09:15:02 bob says:"), rows
+    assert all(chat_server.display_width(row) < 80 for row in rows)
+    assert "".join(row[9:] if number else row for number, row in enumerate(rows)) == line
+
+
+def test_a_wide_letter_counts_two_columns_on_the_console():
+    rows = chat_server.fit_to_terminal("09:15:02 " + "\u672c" * 40, 40).split("\n")
+    assert [chat_server.display_width(row) for row in rows] == [39, 39, 29]
+
+
+def test_short_lines_and_the_servers_own_tables_are_left_as_they_are():
+    assert chat_server.fit_to_terminal("09:15:02 alice says: hi", 80) == \
+        "09:15:02 alice says: hi"
+    table = "09:15:02 Online now (2):\nalice  127.0.0.1  5 min\nbob    127.0.0.2  1 min"
+    assert chat_server.fit_to_terminal(table, 80) == table
+
+
+def test_a_padded_line_goes_on_indented_in_the_teachers_terminal(terminal_of):
+    terminal = terminal_of(columns=80)
+    alice = start_in_terminal(terminal, background=False)
+    mark = len(terminal.output)
+    alice.send("ok" + " " * 66 + "bob says: I am leaving")
+    output = terminal.expect("I am leaving", since=mark)[mark:]
+    assert re.search(rb"\r\n {9,}bob says: I am leaving", output), output
+    assert not re.search(rb"\r\nbob says:", output), output
+    alice.close()

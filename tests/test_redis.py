@@ -1808,8 +1808,8 @@ def test_quiet_mode_that_finds_the_queue_to_redis_full_is_one_for_the_room_after
 
 @redis
 def test_a_name_cut_short_at_the_relink_never_becomes_a_reserved_one(split_rooms, join):
-    """teacher___________xy cut to make room for .2 would read as teacher."""
-    name = "teacher___________xy"
+    """abcdefghij.teacherxy cut to make room for .2 would have teacher as a word."""
+    name = "abcdefghij.teacherxy"
     proxy, a, b, amy, bob = split_rooms
     cut = join(a, name, settle=False)
     join(b, name, settle=False)
