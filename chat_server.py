@@ -176,6 +176,11 @@ PER_ADDRESS = 8  # connections from one computer: a terminal, a browser and
 #                  a few reconnects, but not a script holding the room
 ROOM_BYTES_PER_SECOND = 32 * 1024  # all students' text together: half of what
 #                                    a slow school laptop reads (64 KiB/s)
+COMPUTER_LINES_PER_CONNECTION = 0.25  # one computer's lines, all its connections
+#   together: --flood-rate times a quarter of --per-address, and at least twice
+#   it (as by default): two students at one computer type freely, and one
+#   connection alone meets its own limit first; but eight connections of one
+#   student no longer say forty lines a second
 COMPUTER_SHARE_OF_ROOM = 4  # one computer's text may take at most a quarter of
 #   --room-rate (8 KiB/s: pages of chat), so one student with all their connections
 #   cannot use up the room's budget and hold everyone else's lines back
@@ -2030,6 +2035,10 @@ class Addresses:
         self._sharers = {}  # the same -> keys of the others joined from host then
         self._dropped = {}  # host -> the name dropped there as too slow, oldest first
         self._pages = {}  # host -> time.monotonic() it was last sent the chat page
+        self._lines = {}  # host -> FloodLimiter of its lines, all connections' together
+        times = max(2.0, settings.per_address * COMPUTER_LINES_PER_CONNECTION)
+        self._line_pace = (settings.flood_rate * times, settings.flood_burst * times)
+        self._lines_slowed = set()  # hosts whose lines wait now
         self._texts = {}  # host -> FloodLimiter in bytes: its share of --room-rate
         self._text_rate = settings.room_rate / COMPUTER_SHARE_OF_ROOM \
             if settings.flood_rate > 0 else 0
@@ -2056,11 +2065,12 @@ class Addresses:
         """
         now = self.clock()
         self._next_sweep = now + ADDRESSES_SWEEP_SECONDS
-        for buckets in (self._joins, self._downloads, self._whispers):
+        for buckets in (self._joins, self._downloads, self._whispers, self._lines):
             for host, bucket in list(buckets.items()):
                 if bucket.is_full():
                     del buckets[host]
         self._whispers_slowed &= set(self._whispers)
+        self._lines_slowed &= set(self._lines)
         for host, (_, until, last) in list(self._failures.items()):
             if now - max(until, last) > PASSWORD_FAILURES_KEPT_SECONDS:
                 del self._failures[host]
@@ -2094,6 +2104,26 @@ class Addresses:
             if texts is None:
                 texts = self._texts[host] = FloodLimiter(self._text_rate, self._text_burst)
             return texts.delay_for(size)
+
+    def lines_delay(self, host, count):
+        """Take count lines that host says to the room: (how long they must wait,
+        True if that is the first wait since host's lines went at once).
+
+        Its connections share one pace (see COMPUTER_LINES_PER_CONNECTION):
+        else eight connections, each at the flood limit, could bury the room.
+        None with --per-address 0 or --flood-rate 0.
+        """
+        rate, burst = self._line_pace
+        if not self.per_address or rate <= 0:
+            return 0.0, False
+        with self._lock:
+            lines = self._lines.get(host)
+            if lines is None:
+                lines = self._lines[host] = FloodLimiter(rate, burst, self.clock)
+            delay = lines.delay_for(count)
+            first = delay > 0 and host not in self._lines_slowed
+            (self._lines_slowed.add if delay > 0 else self._lines_slowed.discard)(host)
+            return delay, first
 
     def whisper_delay(self, host):
         """Take one private message from host: (how long it must wait, True if
@@ -2779,20 +2809,35 @@ class ChatServer(ChatRoom):
         self._send_queued([client])
 
     def _wait_for_room_budget(self, client, lines):
-        """Hold a sender back while the room takes in more than --room-rate bytes a second.
+        """Hold a sender back while its computer says too many lines, or the
+        room takes in more than --room-rate bytes a second.
 
         Each reader gets everything everyone says, so without a room-wide
         budget a hundred senders, each within their own flood limit, could
         fill a slow reader's outbox in a second and get them dropped.
         """
-        if not self._room_budget.active or client.muted or self._quiet:
+        if client.muted or self._quiet:
             # muted and _quiet are read without the lock, as a hint only: what
             # is silenced reaches nobody, so it costs the room nothing.
             return
+        # This computer's share first (its lines, then its bytes), and the
+        # room's only after it: one that sends more than its share waits on
+        # its own, and leaves the room's budget to everyone else. Each wait
+        # ends early if the sender is dropped.
+        delay, first = self.addresses.lines_delay(client.host, len(lines))
+        if first:
+            self.tell_console("Slowing down %s: too many lines from its connections "
+                              "together (%s was the first)" % (client.host, client.name),
+                              host=client.host)
+            with self._lock:
+                self._queue_for(client, "*** Your computer is sending lines too fast: "
+                                "they will go out more slowly. Nothing is lost.")
+            self._send_queued([client])
+        if delay > 0:
+            client.sleep(delay)
+        if not self._room_budget.active:
+            return
         size = sum(len(line.encode("utf-8")) + 2 for line in lines)
-        # This computer's share first, and the room's only after it: one that
-        # sends more than its share waits on its own, and leaves the room's
-        # budget to everyone else. Each wait ends early if the sender is dropped.
         delay = self.addresses.text_delay(client.host, size)
         if delay > 0:
             client.sleep(delay)

@@ -1028,6 +1028,40 @@ def test_private_messages_from_another_computer_keep_their_own_pace(start_server
     bob.expect_next("*** You whispered to alice: hi")  # not told to slow down first
 
 
+def test_lines_from_one_computer_share_one_pace(start_server, crowd, caplog):
+    """Eight connections, each at the flood limit, would bury the room under
+    forty lines a second: a computer's connections share twice one's pace."""
+    server = start_server(flood_rate=2, flood_burst=2)  # a computer: 4 at once, then 4/s
+    server.addresses.clock = lambda: 0.0  # the computer's allowance does not refill
+    alice, w1, w2, w3 = crowd(server, (3, "alice"), (2, "w1"), (2, "w2"), (2, "w3"))
+    for sender in (w1, w2):
+        sender.send("one")
+        sender.send("two")
+    for _ in range(4):
+        alice.expect("says:")
+    w3.send("three")  # its own connection's first line, but its computer's fifth
+    w3.expect("*** Your computer is sending lines too fast")  # after w1's and w2's
+    alice.expect_next("w3 says: three")  # late, not lost
+    assert [line for line in console_lines(caplog) if "Slowing down 127" in line] == [
+        "Slowing down 127.0.0.2: too many lines from its connections together "
+        "(w3 was the first)"]
+
+
+def test_lines_from_another_computer_keep_their_own_pace(start_server, crowd):
+    server = start_server(flood_rate=1, flood_burst=1)  # a computer: 2 at once
+    server.addresses.clock = lambda: 0.0
+    alice, w1, w2, bob = crowd(server, (3, "alice"), (2, "w1"), (2, "w2"), (4, "bob"))
+    w1.send("one")
+    alice.expect_next("w1 says: one")
+    w2.send("two")
+    alice.expect_next("w2 says: two")  # computer 2 has used its allowance
+    bob.send("hi")
+    alice.expect_next("bob says: hi")
+    bob.send("/who")
+    bob.expect("*** Online now")
+    assert not [line for line in bob.seen if "Your computer" in line], bob.seen
+
+
 def muted_and_gone_from_a_shared_computer(server, crowd, console):
     """bob, sharing 127.0.0.2 with carol, is muted and leaves; return alice, carol."""
     alice, bob, carol = crowd(server, (3, "alice"), (2, "bob"), (2, "carol"))
