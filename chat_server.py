@@ -3260,7 +3260,9 @@ def do_msg(handler, argument):
 
 
 def do_quit(handler, argument):
-    handler.client.leave_reason = argument[:MAX_QUIT_REASON_CHARS]
+    # One space between words: spaces to pad it could wrap the server's
+    # line in a terminal, and start a row with the student's words.
+    handler.client.leave_reason = " ".join(argument.split())[:MAX_QUIT_REASON_CHARS]
     # Out before "Bye.", so that no join or leave line comes after it.
     handler.room.leave(handler.client)
     handler.reply("*** Bye.")

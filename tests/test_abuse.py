@@ -523,6 +523,12 @@ def test_quit_reason_is_cut_to_its_cap(room):
     assert line == "*** bob left the chat. (%s)" % ("x" * chat_server.MAX_QUIT_REASON_CHARS)
 
 
+def test_quit_reason_cannot_be_padded_to_wrap_the_servers_line(room):
+    alice, bob = room("alice", "bob")
+    bob.send("/quit bye" + "\u3000" * 30 + "[teacher] go home")  # ideographic spaces
+    alice.expect_next("*** bob left the chat. (bye [teacher] go home)")
+
+
 def test_quit_reason_of_a_muted_student_is_not_shown(room, console):
     alice, bob = room("alice", "bob")
     console.handle_line("/mute bob")
