@@ -200,6 +200,9 @@ BROWSER_WAIT_SECONDS = 0.25  # a browser sends its request at once, a person
 #                              needs longer: see greet()
 SPARE_CONNECTION_SECONDS = 5.0  # a connection this soon after its computer got
 #                                 the page may be the browser's spare one
+SHARED_SPARE_SECONDS = 1.0  # ...and with --per-address 0, where the whole class
+#   may be one address: a browser opens its spares as the page loads, and an
+#   nc student who connects within this second sees the welcome only at Enter
 PASSWORD_ANSWER_SECONDS = 1.0  # every password answer, right or wrong, comes
 #                                 after this long: a guesser learns nothing sooner
 PASSWORD_FAILURES_FREE = 3  # wrong passwords an address may give (times
@@ -2160,11 +2163,10 @@ class Addresses:
         just after its computer got the page is greeted only once it sends
         something (see greet()).
         """
-        if not self.per_address:
-            return False  # the whole class may be one address: no telling
+        window = SPARE_CONNECTION_SECONDS if self.per_address else SHARED_SPARE_SECONDS
         with self._lock:
             sent = self._pages.get(host)
-        return sent is not None and self.clock() - sent < SPARE_CONNECTION_SECONDS
+        return sent is not None and self.clock() - sent < window
 
     def join_delay(self, host):
         """Take one join from host; return how many seconds it must wait first."""
@@ -2331,10 +2333,14 @@ def greet(handler):
     # A browser sends its request as soon as it connects; a person takes
     # longer than BROWSER_WAIT_SECONDS to type. Waiting that long before
     # the first prompt lets a browser get a real HTTP answer. A browser's
-    # spare connection waits for its request until the name timeout.
-    spare = handler.room.addresses.may_be_spare(handler.client.host)
-    data = handler.wait_for_bytes(
-        (handler.room.settings.name_timeout or None) if spare else BROWSER_WAIT_SECONDS)
+    # spare connection waits for its request until the name timeout: one
+    # still silent then, from a computer that just got the page. (Asked
+    # after the wait: a browser opens its spares as it asks for the page.)
+    data = handler.wait_for_bytes(BROWSER_WAIT_SECONDS)
+    spare = data is None and handler.room.addresses.may_be_spare(handler.client.host)
+    if spare:
+        timeout = handler.room.settings.name_timeout
+        data = handler.wait_for_bytes(timeout - BROWSER_WAIT_SECONDS if timeout else None)
     if data == b"" or (spare and data is None):
         return False  # gone, or a spare the browser never used: no goodbye
     if data and looks_like_http(data):

@@ -302,10 +302,15 @@ def test_a_spare_connection_never_used_is_closed_at_the_name_timeout_without_a_w
         assert spare.recv(1024) == b""  # closed, with no greeting and no goodbye
 
 
-def test_with_per_address_0_a_connection_after_the_page_is_greeted_at_once(start_server):
-    """The whole class may be one address then: no telling a browser's spare."""
+def test_with_per_address_0_a_connection_a_second_after_the_page_is_greeted_at_once(
+        start_server):
+    """The whole class may be one address then: only a connection in the
+    second after the page (when a browser opens its spares) waits for Enter."""
     server = start_server(per_address=0)
     fetch_the_page(server)
+    assert server.addresses.may_be_spare("127.0.0.1")  # a browser's spare, maybe
+    later = time.monotonic() + chat_server.SHARED_SPARE_SECONDS
+    server.addresses.clock = lambda: later
     assert not server.addresses.may_be_spare("127.0.0.1")
     student = ChatClient(server.server_address)
     student.expect("*** Welcome to the chat!")

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import chat_server
-from conftest import TIMEOUT, find_tool, wait_until
+from conftest import TIMEOUT, console_lines, find_tool, wait_until
 from websocket_client import WebSocketClient
 
 pytestmark = pytest.mark.browser
@@ -196,6 +196,31 @@ def test_a_leave_reason_is_drawn_as_the_students_words_not_the_servers(
         " getComputedStyle(words).color]]; })()")
     assert words == "([teacher] the test is cancelled, go home)"
     assert colours[0] != colours[1]
+
+
+def test_reloads_load_the_page_in_a_lab_that_shares_one_address(
+        start_server, open_tab, caplog):
+    """With --per-address 0 a browser's spare connection, opened as the page
+    loads, must still wait for its request, or the next reload fails."""
+    server = start_server(per_address=0)
+    tab = open_tab(server)
+
+    def loaded_again():
+        return not tab.evaluate("window.beforeReload") and tab.status() == "Connected" \
+            and any("What is your name?" in line for _, line in tab.log_lines())
+
+    for _ in range(4):
+        # A student's pause before pressing Reload: long enough for a spare
+        # connection greeted like nc (after BROWSER_WAIT_SECONDS) to have its prompt.
+        time.sleep(4 * chat_server.BROWSER_WAIT_SECONDS)
+        tab.evaluate("window.beforeReload = true")  # gone with this page
+        tab.call("Page.reload")
+        deadline = time.monotonic() + TIMEOUT
+        while not loaded_again() and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the page
+        assert loaded_again(), (tab.evaluate("document.body && document.body.innerText"),
+                          console_lines(caplog))
+    assert not [line for line in console_lines(caplog) if "came after the first prompt" in line]
 
 
 def test_a_line_padded_to_wrap_goes_on_indented_not_as_a_line_of_its_own(
