@@ -2649,6 +2649,19 @@ def plural(count, word):
     return "%d %s%s" % (count, word, "" if count == 1 else "s")
 
 
+def typed_address(text):
+    """The address (normal_host()) the teacher typed, or None: 10.0.0.5, ::1,
+    or as /who shows a connection, with its port: 10.0.0.5:51234, [::1]:51234."""
+    text = text.strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::\d+)?|([\d.]+):\d+", text)
+    if match:
+        text = match.group(1) or match.group(2)
+    try:
+        return normal_host(str(ipaddress.ip_address(text)))
+    except ValueError:
+        return None
+
+
 def format_address(address):
     """host:port, with brackets around an IPv6 host."""
     host, port = address[:2]
@@ -3465,9 +3478,8 @@ class TeacherConsole:
         return len(waiting)
 
     def do_ban(self, argument):
-        try:
-            host = normal_host(str(ipaddress.ip_address(argument)))
-        except ValueError:
+        host = typed_address(argument)
+        if host is None:
             self.tell("Usage: /ban ADDRESS   (an IP address, as /who shows it)")
             return
         minutes = self.room.settings.ban_minutes
@@ -3491,7 +3503,7 @@ class TeacherConsole:
         if not argument:
             self.tell("Usage: /unban NAME|ADDRESS")
             return
-        host = self.room.addresses.unban(argument)
+        host = self.room.addresses.unban(typed_address(argument) or argument)
         if host is None:
             banned = ", ".join(self.room.addresses.banned()) or "none"
             self.tell("No ban matches %s. Banned now: %s.%s" % (

@@ -924,10 +924,13 @@ def test_ban_disconnects_everyone_at_an_address_and_bans_it(server, computer, cr
     alice.expect_next("dave says: hi")
 
 
-def test_ban_takes_any_spelling_of_an_address(server, joined, console):
-    """::1 is this computer's 127.0.0.1, as /who shows it: the ban finds alice there."""
+@pytest.mark.parametrize("typed", ["::1", "[::1]:51234", "127.0.0.1:51234"],
+                         ids=["IPv6", "IPv6 with a port", "with a port, as /who shows it"])
+def test_ban_takes_any_spelling_of_an_address(server, joined, console, typed):
+    """::1 is this computer's 127.0.0.1; /who shows it with a connection's port,
+    and a teacher copies that: the ban finds alice there."""
     alice = joined("alice")
-    console.handle_line("/ban ::1")
+    console.handle_line("/ban " + typed)
     assert alice.expect_closed() == [
         "*** The teacher removed everyone at your computer from the chat."]
 
@@ -944,7 +947,8 @@ def test_ban_tells_the_teacher_how_many_it_disconnected(server, computer, crowd,
         "5 minutes."
 
 
-@pytest.mark.parametrize("lift", ["bob", "BOB", "127.0.0.2", "::ffff:127.0.0.2"])
+@pytest.mark.parametrize("lift", ["bob", "BOB", "127.0.0.2", "::ffff:127.0.0.2",
+                                  "127.0.0.2:51234"])
 def test_unban_takes_the_name_or_any_spelling_of_the_address(server, computer, console,
                                                              caplog, lift):
     bob = computer(2, server).join("bob")
