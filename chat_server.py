@@ -2675,6 +2675,8 @@ def format_address(address):
 # calls (the rules of /kick, /ban and /mute live in TeacherConsole), and the
 # shutdown.
 
+TOO_MANY_FROM_ONE = "Too many connections from your computer (%d). Close one, then try again."
+
 
 class ChatServer(ChatRoom):
     """The room the program runs: ChatRoom, and all that surrounds it."""
@@ -2695,6 +2697,7 @@ class ChatServer(ChatRoom):
         self._room_budget = ByteBudget(
             settings.room_rate if settings.flood_rate > 0 else 0, settings.sendq // 2)
         self._refuser = Refuser()
+        self._hinted_per_address = False  # see process_request() (its thread only)
         # Room events for the console and the transcript (see Recorder).
         self.recorder = Recorder(settings, transcript)
         super().__init__(address, settings)  # the room's core: it binds the port
@@ -2906,6 +2909,13 @@ class ChatServer(ChatRoom):
         if refusal is not None:
             self.tell_console("Refused %s: %s" % (format_address(client_address), refusal),
                               host=host)
+            if refusal == TOO_MANY_FROM_ONE % self.settings.per_address and \
+                    not self._hinted_per_address:  # a lab behind one address? Once:
+                self._hinted_per_address = True
+                self.tell_console("If several students share that address (one shared "
+                                  "machine, a school proxy), restart the server with "
+                                  "--per-address 0, or a number as big as the class.",
+                                  warning=True)
             self._refuser.refuse(request, refusal)  # it closes the socket
             return
         try:
@@ -2925,8 +2935,7 @@ class ChatServer(ChatRoom):
         if self._places_taken >= self.settings.max_clients:
             return "The room is full (%d connected). Try again later." % self._places_taken
         if not self.addresses.connect(host):
-            return ("Too many connections from your computer (%d). Close one, "
-                    "then try again." % self.settings.per_address)
+            return TOO_MANY_FROM_ONE % self.settings.per_address
         return None
 
     def _free_place(self, host):

@@ -177,6 +177,24 @@ def test_connections_past_per_address_are_refused_before_a_thread(start_server, 
     computer(2, server).expect("What is your name?")  # a place is free again
 
 
+def test_the_console_says_once_what_to_do_for_a_lab_behind_one_address(
+        start_server, computer, caplog):
+    """The 9th student behind a school proxy is told to close a connection they
+    do not have: the teacher, who can fix it, is told how."""
+    server = start_server(per_address=1, max_clients=10)
+    computer(2, server).expect("What is your name?")
+    for _ in range(2):
+        assert read_until_closed(computer(2, server))[-1].startswith("*** Too many connections")
+    expect_console(caplog, "--per-address 0")
+    wait_until(lambda: len([line for line in console_lines(caplog)
+                            if line.startswith("Refused 127.0.0.2")]) == 2,
+               message="both refusals on the console")
+    hints = [line for line in console_lines(caplog) if "--per-address 0" in line]
+    assert hints == ["If several students share that address (one shared machine, a "
+                     "school proxy), restart the server with --per-address 0, or a number "
+                     "as big as the class."]
+
+
 def test_a_refused_client_sees_the_end_at_once_not_after_the_drain_time(
         start_server, computer, monkeypatch):
     """The refuser half-closes after its line: nc ends there, while it still reads."""
