@@ -4346,7 +4346,7 @@ def read_request_head(recv, data):
 HTTP_REASONS = {
     101: "Switching Protocols", 200: "OK", 400: "Bad Request", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    421: "Misdirected Request", 426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 503: "Service Unavailable",
 }
 # Sent with every answer: no caching, no guessing of types, no Referer to
@@ -4427,7 +4427,7 @@ def answer_http(handler, data):
     client = handler.client
     try:
         request = read_request_head(lambda timeout: recv_unpaced(handler, timeout), data)
-        answer, upgraded = route_request(request)
+        answer, upgraded = route_request(request, client.sock.getsockname())
         if request.path == "/" + SOURCE_FILE_NAME and \
                 not handler.room.addresses.may_download(client.host):
             raise BadRequest(429, "too many downloads of %s from %s: try again in a minute"
@@ -4483,8 +4483,12 @@ def send_http_answer(client, answer):
     client.wait_closed(HTTP_SEND_SECONDS)  # ends early at shutdown
 
 
-def route_request(request):
-    """The answer to a request: (bytes, True if they upgrade to a WebSocket)."""
+def route_request(request, reached=None):
+    """The answer to a request: (bytes, True if they upgrade to a WebSocket).
+
+    reached: the (host, port) the browser connected to, for a page asked for
+    by a name this server does not answer to (see host_is_ours()).
+    """
     if request.method != "GET":
         raise BadRequest(405, "method %s" % request.method[:20])
     if request.path == WEBSOCKET_PATH:
@@ -4495,6 +4499,12 @@ def route_request(request):
             raise BadRequest(403, problem)
         return websocket_handshake(request), True
     if request.path == "/":
+        host = request.header("host")
+        if reached is not None and not host_is_ours(host):
+            # Its WebSocket would be refused: say so now, and how to get in.
+            raise BadRequest(421, "This chat server does not answer to the name %s (so "
+                             "that no other web page can reach it). Open http://%s/ "
+                             "instead." % (host[:100], format_address(reached)))
         return page_response(), False
     if request.path == "/" + SOURCE_FILE_NAME:
         return source_response(), False

@@ -150,6 +150,17 @@ def test_other_paths_get_404(server):
     assert headers["x-content-type-options"] == "nosniff"
 
 
+def test_the_page_asked_for_by_a_name_that_is_not_ours_says_to_use_the_address(server):
+    """A school's DNS name: its WebSocket would be refused (DNS rebinding), so
+    the student is told at once what to open instead, not left disconnected."""
+    port = server.server_address[1]
+    request = "GET / HTTP/1.1\r\nHost: chat.lab:%d\r\n\r\n" % port
+    status, _, body = http(server.server_address, request.encode("latin-1"))
+    assert status == "HTTP/1.1 421 Misdirected Request"
+    assert "does not answer to the name chat.lab:%d" % port in body.decode()
+    assert "Open http://127.0.0.1:%d/ instead." % port in body.decode()
+
+
 def test_query_string_does_not_change_the_page(server):
     assert get(server, "/?utm=1")[0] == "HTTP/1.1 200 OK"
 
