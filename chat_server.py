@@ -7071,6 +7071,10 @@ def configure_logging():
         if hasattr(stream, "reconfigure"):  # a Windows console may not be UTF-8
             stream.reconfigure(errors="backslashreplace")
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    try:
+        terminal = sys.stderr.isatty()  # asked once: a log file or a pipe stays one
+    except (AttributeError, ValueError):
+        terminal = False  # no console at all (pythonw)
     records = queue.Queue(LOG_QUEUE_RECORDS)
     root = logging.getLogger()
     root.addHandler(NonBlockingQueueHandler(records))
@@ -7082,7 +7086,7 @@ def configure_logging():
         for record in iter(records.get, None):
             try:
                 text = formatter.format(record)
-                if sys.stderr.isatty():  # a terminal: no row may pass for a line
+                if terminal:  # no row may pass for a line (see fit_to_terminal())
                     text = fit_to_terminal(text, shutil.get_terminal_size().columns)
                 sys.stderr.write(text + "\n")
                 sys.stderr.flush()
