@@ -308,8 +308,13 @@ def test_console_who_shows_who_joined_from_a_browser(browser, room, server, capl
     browser().join("bob")
     chat_server.TeacherConsole(server, None).handle_line("/who")
     expect_console(caplog, "2 online, 0 not joined yet.")
-    rows = {line.split()[0]: line for line in console_lines(caplog)
-            if re.match(r"(alice|bob) +127\.0\.0\.1:", line)}
+
+    def table_rows():  # the table comes after that line: wait for both rows
+        return {line.split()[0]: line for line in console_lines(caplog)
+                if re.match(r"(alice|bob) +127\.0\.0\.1:", line)}
+
+    wait_until(lambda: len(table_rows()) == 2, message="alice's and bob's rows")
+    rows = table_rows()
     assert rows["bob"].endswith(" browser") and not rows["alice"].endswith(" browser")
 
 

@@ -150,10 +150,13 @@ def test_quiet_on_twice_announces_once_and_tells_the_teacher(room, console, capl
 def test_console_who_fits_wide_names_in_columns_and_counts_seconds(room, console, caplog):
     room("李小龍", "alice")
     console.handle_line("/who")
-    expect_console(caplog, "2 online")
-    rows = [line for line in console_lines(caplog)
-            if line.startswith(("NAME", "李小龍", "alice"))]
-    assert len(rows) == 3, rows
+
+    def table():  # the rows come after the "2 online" line: wait for all three
+        return [line for line in console_lines(caplog)
+                if line.startswith(("NAME", "李小龍", "alice"))]
+
+    wait_until(lambda: len(table()) == 3, message="the table's three rows: %r" % table())
+    rows = table()
     # The ADDRESS column starts at the same screen column in every row.
     columns = [chat_server.display_width(row[:row.index("127.0.0.1")]) if "127" in row
                else chat_server.display_width(row[:row.index("ADDRESS")]) for row in rows]
