@@ -2116,17 +2116,8 @@ class Addresses:
         else eight connections, each at the flood limit, could bury the room.
         None with --per-address 0 or --flood-rate 0.
         """
-        rate, burst = self._line_pace
-        if not self.per_address or rate <= 0:
-            return 0.0, False
-        with self._lock:
-            lines = self._lines.get(host)
-            if lines is None:
-                lines = self._lines[host] = FloodLimiter(rate, burst, self.clock)
-            delay = lines.delay_for(count)
-            first = delay > 0 and host not in self._lines_slowed
-            (self._lines_slowed.add if delay > 0 else self._lines_slowed.discard)(host)
-            return delay, first
+        return self._take_shared_pace(self._lines, self._lines_slowed, self._line_pace,
+                                      host, count)
 
     def whisper_delay(self, host):
         """Take one private message from host: (how long it must wait, True if
@@ -2136,16 +2127,23 @@ class Addresses:
         connections could bury one classmate under forty lines a second,
         unseen by the teacher. None with --per-address 0 or --flood-rate 0.
         """
-        rate, burst = self._whisper_pace
+        return self._take_shared_pace(self._whispers, self._whispers_slowed,
+                                      self._whisper_pace, host, 1)
+
+    def _take_shared_pace(self, buckets, slowed, pace, host, count):
+        """Take count from host's bucket in buckets, one pace (rate, burst) for
+        all its connections: (how long to wait, True if that is the first wait
+        since host's went at once, as slowed, a set of hosts, remembers)."""
+        rate, burst = pace
         if not self.per_address or rate <= 0:
             return 0.0, False
         with self._lock:
-            whispers = self._whispers.get(host)
-            if whispers is None:
-                whispers = self._whispers[host] = FloodLimiter(rate, burst, self.clock)
-            delay = whispers.delay_for()
-            first = delay > 0 and host not in self._whispers_slowed
-            (self._whispers_slowed.add if delay > 0 else self._whispers_slowed.discard)(host)
+            bucket = buckets.get(host)
+            if bucket is None:
+                bucket = buckets[host] = FloodLimiter(rate, burst, self.clock)
+            delay = bucket.delay_for(count)
+            first = delay > 0 and host not in slowed
+            (slowed.add if delay > 0 else slowed.discard)(host)
             return delay, first
 
     def page_sent(self, host):
