@@ -144,7 +144,7 @@ import queue
 import re
 import selectors
 import shlex
-import shutil  # only get_terminal_size(), for the console's width
+import shutil  # only get_terminal_size(), for the console's width (a fallback)
 import socket
 import socketserver
 import struct
@@ -1612,10 +1612,11 @@ def defuse_server_marker(text):
     full-width and small forms and look-alikes, and with invisible characters
     or marks between them) becomes two.
     """
+    original = text
     if "\u2042" in text or "\u2051" in text:  # an asterism: three asterisks in one
         text = text.translate(ASTERISK_GROUPS)
     if len(ASTERISKS.findall(text)) < 3:
-        return text  # the usual line: no run of three to look for
+        return original  # the usual line: no run of three to look for
     pieces, run, stars = [], [], 0  # run: the asterisks so far, and what is between
     for character in text + "\n":  # (a line never holds "\n": it ends the last run)
         if ASTERISKS.match(character):
@@ -2716,7 +2717,8 @@ class ChatServer(ChatRoom):
 
     def whisper(self, client, name, text):
         """Send a private message to the client called name; return a problem or None."""
-        self._wait_for_room_budget(client, [text, client.name])  # whispers count too
+        # Its bytes count toward the room's budget; its pace is whisper_delay()'s.
+        self._wait_for_room_budget(client, [text, client.name], room_lines=False)
         with self._lock:
             if self._joined.get(client.key) is not client:
                 return None  # kicked, or dropped, while this line was held back
@@ -2828,7 +2830,7 @@ class ChatServer(ChatRoom):
             self._queue_for(client, self._online_line())
         self._send_queued([client])
 
-    def _wait_for_room_budget(self, client, lines):
+    def _wait_for_room_budget(self, client, lines, room_lines=True):
         """Hold a sender back while its computer says too many lines, or the
         room takes in more than --room-rate bytes a second.
 
@@ -2844,7 +2846,8 @@ class ChatServer(ChatRoom):
         # room's only after it: one that sends more than its share waits on
         # its own, and leaves the room's budget to everyone else. Each wait
         # ends early if the sender is dropped.
-        delay, first = self.addresses.lines_delay(client.host, len(lines))
+        delay, first = self.addresses.lines_delay(client.host, len(lines)) \
+            if room_lines else (0.0, False)
         if first:
             self.tell_console("Slowing down %s: too many lines from its connections "
                               "together (%s was the first)" % (client.host, client.name),
@@ -3288,7 +3291,8 @@ def do_msg(handler, argument):
 def do_quit(handler, argument):
     # One space between words: spaces to pad it could wrap the server's
     # line in a terminal, and start a row with the student's words.
-    handler.client.leave_reason = " ".join(argument.split())[:MAX_QUIT_REASON_CHARS]
+    words = INVISIBLE_CHARACTERS.sub(" ", argument).split()  # fillers too: U+3164
+    handler.client.leave_reason = " ".join(words)[:MAX_QUIT_REASON_CHARS]
     # Out before "Bye.", so that no join or leave line comes after it.
     handler.room.leave(handler.client)
     handler.reply("*** Bye.")
@@ -3925,6 +3929,14 @@ def display_width(text):
                for character in text)
 
 
+def console_columns():
+    """How wide the console (stderr) is, now: the teacher may resize it."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # no stderr, or not a terminal
+        return shutil.get_terminal_size().columns  # $COLUMNS, or 80
+
+
 def fit_to_terminal(text, columns, indent=" " * 9):
     """text cut into rows of fewer than columns, each after the first indented.
 
@@ -4498,11 +4510,15 @@ def route_request(request, reached=None):
         return websocket_handshake(request), True
     if request.path == "/":
         host = request.header("host")
-        if reached is not None and not host_is_ours(host):
+        if reached is not None and host and not host_is_ours(host):
             # Its WebSocket would be refused: say so now, and how to get in.
+            # (The name is the browser's text: printable ASCII only, as the
+            # console shows it too.)
             raise BadRequest(421, "This chat server does not answer to the name %s (so "
                              "that no other web page can reach it). Open http://%s/ "
-                             "instead." % (host[:100], format_address(reached)))
+                             "instead." % (re.sub(r"[^\x21-\x7e]", "?", host[:100]),
+                                           format_address((normal_host(reached[0]).split(
+                                               "%")[0], reached[1]))))
         return page_response(), False
     if request.path == "/" + SOURCE_FILE_NAME:
         return source_response(), False
@@ -7085,7 +7101,7 @@ def configure_logging():
             try:
                 text = formatter.format(record)
                 if terminal:  # no row may pass for a line (see fit_to_terminal())
-                    text = fit_to_terminal(text, shutil.get_terminal_size().columns)
+                    text = fit_to_terminal(text, console_columns())
                 sys.stderr.write(text + "\n")
                 sys.stderr.flush()
             except (OSError, ValueError, AttributeError):

@@ -546,9 +546,11 @@ def test_quit_reason_is_cut_to_its_cap(room):
     assert line == "*** bob left the chat. (%s)" % ("x" * chat_server.MAX_QUIT_REASON_CHARS)
 
 
-def test_quit_reason_cannot_be_padded_to_wrap_the_servers_line(room):
+@pytest.mark.parametrize("filler", ["\u3000", "\u3164", "\u2800"],
+                         ids=["ideographic space", "Hangul filler", "braille blank"])
+def test_quit_reason_cannot_be_padded_to_wrap_the_servers_line(room, filler):
     alice, bob = room("alice", "bob")
-    bob.send("/quit bye" + "\u3000" * 30 + "[teacher] go home")  # ideographic spaces
+    bob.send("/quit bye" + filler * 30 + "[teacher] go home")
     alice.expect_next("*** bob left the chat. (bye [teacher] go home)")
 
 
@@ -1080,6 +1082,24 @@ def test_lines_from_one_computer_share_one_pace(start_server, crowd, caplog):
         "(w3 was the first)"]
 
 
+def test_a_private_message_does_not_count_toward_its_computers_room_lines(
+        start_server, crowd):
+    """Private messages have a pace of their own (see the test above): a /msg
+    must not use up the lines its computer may say to the room."""
+    server = start_server(flood_rate=1, flood_burst=1)  # a computer: 2 room lines at once
+    server.addresses.clock = lambda: 0.0
+    alice, w1, w2 = crowd(server, (3, "alice"), (2, "w1"), (2, "w2"))
+    w1.send("/msg alice psst")
+    alice.expect_next("w1 whispers: psst")
+    w2.send("one")
+    alice.expect_next("w2 says: one")
+    w1.send("two")
+    alice.expect_next("w1 says: two")
+    w2.send("/who")
+    w2.expect("*** Online now")
+    assert not [line for line in w1.seen + w2.seen if "Your computer" in line]
+
+
 def test_lines_from_another_computer_keep_their_own_pace(start_server, crowd):
     server = start_server(flood_rate=1, flood_burst=1)  # a computer: 2 at once
     server.addresses.clock = lambda: 0.0
@@ -1356,6 +1376,7 @@ def test_real_names_in_one_writing_system_join(joined, name):
     ("\u2731\u2731\u2731 heavy asterisks", "** heavy asterisks"),
     ("**\ua673 a Slavonic asterisk", "** a Slavonic asterisk"),
     ("\u2042 an asterism, three in one", "** an asterism, three in one"),
+    ("\u2051 alone stays", "\u2051 alone stays"),
     ("\u2051* two in one, and one", "** two in one, and one"),
     ("\u2722\u273a\u2749 spoked asterisks", "** spoked asterisks"),
     ("\U0001f7af\U0001f7b5\U0001f7bb geometric asterisks", "** geometric asterisks"),

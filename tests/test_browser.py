@@ -161,6 +161,23 @@ def test_the_page_asked_for_by_a_name_that_is_not_ours_says_to_use_the_address(s
     assert "Open http://127.0.0.1:%d/ instead." % port in body.decode()
 
 
+def test_the_named_address_is_one_a_browser_can_open_and_the_name_is_shown_clean():
+    """Served on "::", an IPv4 student reached ::ffff:10.0.0.5; and the Host
+    header is the browser's text, which the console shows too."""
+    request = chat_server.parse_request_head(
+        b"GET / HTTP/1.1\r\nHost: \x1b]0;pwned\x07\x1b[2Jevil\r\n\r\n")
+    with pytest.raises(chat_server.BadRequest) as refused:
+        chat_server.route_request(request, ("::ffff:10.0.0.5", 1337))
+    assert refused.value.status == 421
+    assert "Open http://10.0.0.5:1337/ instead." in refused.value.reason
+    assert "\x1b" not in refused.value.reason and "\x07" not in refused.value.reason
+
+
+def test_a_request_without_a_host_header_still_gets_the_page(server):
+    status, headers, _ = http(server.server_address, b"GET / HTTP/1.0\r\n\r\n")
+    assert status.endswith("200 OK") and headers["content-type"].startswith("text/html")
+
+
 def test_query_string_does_not_change_the_page(server):
     assert get(server, "/?utm=1")[0] == "HTTP/1.1 200 OK"
 
