@@ -265,6 +265,8 @@ FILES_BESIDES_CLIENTS = 64  # the listening socket, the console, the transcript.
 RESERVED_NAMES = frozenset(
     ["admin", "administrator", "moderator", "root", "server", "system", "teacher"]
 )
+RESERVED_WORDS = RESERVED_NAMES - {"root"}  # ...also as a word of a name, but
+#   root, a surname too (Joe.Root), only alone
 
 EXIT_OK = 0
 EXIT_STARTUP_ERROR = 2  # also argparse's status for a bad flag
@@ -1768,20 +1770,23 @@ def is_reserved(name):
     bare = "".join(character for character in unicodedata.normalize("NFD", name)
                    if unicodedata.category(character)[0] != "M")
     forms = [skeleton(bare), skeleton(NAME_DECORATIONS.sub("", bare))]
-    forms += [skeleton(word) for word in name_words(bare)]  # "the.teacher", "MrTeacher"
-    return any(re.sub("[^a-z]", "", form) in RESERVED_NAMES for form in forms)
+    if any(re.sub("[^a-z]", "", form) in RESERVED_NAMES for form in forms):
+        return True
+    words = [re.sub("[^a-z]", "", skeleton(word)) for word in name_words(bare)]
+    return any(word in RESERVED_WORDS for word in words)  # "the.teacher", "MrTeacher"
 
 
 def name_words(name):
     """The words of a name: split at what NAME_DECORATIONS takes off (digits,
-    _ . -), and before a capital that follows a small letter (TheTeacher)."""
+    _ . -), where case changes between two letters (TheTeacher, TEACHERbob)."""
     words, word = [], ""
     for character in name:
         if NAME_DECORATIONS.match(character):
             words.append(word)
             word = ""
             continue
-        if character.isupper() and word[-1:].islower():
+        if (character.isupper() and word[-1:].islower()) or \
+                (character.islower() and len(word) > 1 and word.isupper()):
             words.append(word)
             word = ""
         word += character

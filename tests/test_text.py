@@ -202,7 +202,8 @@ def test_clean_line_leaves_only_safe_text(raw, text):
 
 @pytest.mark.parametrize(
     "name", ["alice", "Bob_2", "a.b-c", "Zoë", "Ж", "李小龙", "x" * 20, "é", "١٢٣",
-             "observer", "badminton", "Ada.Lovelace"],  # "server" and "admin" inside a word
+             "observer", "badminton", "Ada.Lovelace",  # "server", "admin" inside a word
+             "Joe.Root", "JoeRoot"],  # root is reserved alone only: a surname too
 )
 def test_valid_names_are_accepted(name):
     assert name_problem(name) is None
@@ -223,6 +224,7 @@ def test_valid_names_are_accepted(name):
         ("MrTeacher", "reserved"),
         ("teacher_assistant", "reserved"),
         ("server.bot", "reserved"),
+        ("TEACHERbob", "reserved"),
         ("127.0.0.9", "not be, or look like, an address"),
         ("l0.O.0.9", "not be, or look like, an address"),
         ("\uff11\uff10.\uff10.\uff10.\uff19", "not be, or look like, an address"),
@@ -231,6 +233,7 @@ def test_valid_names_are_accepted(name):
          "starts with a mark", "reserved", "reserved in full width",
          "a reserved word after another", "a reserved word after a capital",
          "a reserved word before another", "a reserved word, then a dot",
+         "a reserved word in capitals, then small letters",
          "an IP address",
          "an IP address in look-alike letters", "an IP address in full width"],
 )
