@@ -679,6 +679,8 @@ class ChatRoom(socketserver.ThreadingTCPServer):
         several threads queue lines at once, one send here often carries
         lines that others queued meanwhile.
         """
+        if self._link is not None:  # Redis link: our events to Redis first
+            self._link.send_outbox()
         for client in clients:
             if client.too_slow:
                 self.drop_too_slow(client)
@@ -5030,14 +5032,23 @@ class RespParser:
 
 
 class RedisConnection:
-    """One connection to Redis; every read has a deadline. Not thread-safe:
-    each of the link's threads owns its own."""
+    """One connection to Redis; every wait has a deadline. Not thread-safe:
+    each of the link's threads owns its own (the writer shares its sending:
+    see RedisLink.send_outbox()).
+
+    The socket never blocks: a wait is a poll with a deadline, so that
+    send_now() can hand Redis what its socket takes at once, and no more.
+    """
 
     def __init__(self, url, timeout=REDIS_SILENCE_SECONDS):
         self.url = url
         self.sock = socket.create_connection((url.host, url.port), timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self._ready = OneSocketSelector()
+        self._ready.register(self.sock, selectors.EVENT_READ)
         self.parser = RespParser()
+        self._unsent = b""  # commands queued, not yet taken by the socket
         self.last_heard = time.monotonic()  # when Redis last sent us anything
         try:
             if url.password:
@@ -5048,10 +5059,27 @@ class RedisConnection:
             self.close()
             raise
 
+    def queue(self, commands):
+        """Put commands (tuples of arguments) after those not yet sent."""
+        self._unsent += b"".join(encode_command(*command) for command in commands)
+
+    def send_now(self):
+        """Send what is queued as far as the socket takes it now; never wait.
+        True if all of it went."""
+        if self._unsent:
+            try:
+                sent = self.sock.send(self._unsent)
+            except BlockingIOError:
+                return False
+            self._unsent = self._unsent[sent:]
+        return not self._unsent
+
     def send(self, commands, timeout=REDIS_SILENCE_SECONDS):
-        """Send commands (tuples of arguments) in one write: a pipeline."""
-        self.sock.settimeout(timeout)  # a Redis that takes nothing is stuck too
-        self.sock.sendall(b"".join(encode_command(*command) for command in commands))
+        """Send what is queued, then commands, in one write when it fits (a
+        pipeline); socket.timeout if Redis takes none of it for timeout seconds."""
+        self.queue(commands)
+        while not self.send_now():
+            self._wait(selectors.EVENT_WRITE, timeout)  # a Redis that takes nothing is stuck
 
     def read(self, timeout=REDIS_SILENCE_SECONDS):
         """Read one reply; socket.timeout if none comes within timeout seconds."""
@@ -5060,15 +5088,24 @@ class RedisConnection:
             reply = self.parser.next_reply()
             if reply is not INCOMPLETE:
                 return reply
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("Redis did not answer within %.1f s" % timeout)
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("Redis did not answer within %.1f s" % timeout)
+                self._wait(selectors.EVENT_READ, remaining)
+                continue
             if not data:
                 raise ConnectionError("Redis closed the connection")
             self.last_heard = time.monotonic()
             self.parser.feed(data)
+
+    def _wait(self, event, timeout):
+        """Wait until the socket is readable or writable; socket.timeout after timeout."""
+        self._ready.modify(self.sock, event)
+        if not self._ready.select(timeout):
+            raise socket.timeout("Redis did not answer within %.1f s" % timeout)
 
     def pipeline(self, commands, timeout=REDIS_SILENCE_SECONDS):
         """Send commands at once and return their replies; raise the first error reply."""
@@ -5084,6 +5121,7 @@ class RedisConnection:
         return self.pipeline([args], timeout)[0]
 
     def close(self):
+        self._ready.close()
         try:
             self.sock.close()
         except OSError:
@@ -5380,14 +5418,19 @@ class RedisLink:
         # while we were cut off, and the unmute sent then never reached us.
         self._mutes_stored = set()
         # Guarded by the room's lock (the link is part of the room), but for
-        # _work, a Queue, which has a lock of its own:
+        # _outbox and _work, which need no lock of ours:
         self.linked = True  # False during a split
         self._next_sequence = 0
         self._pending = {}  # sequence -> (lines, exclude, notice): sent, not yet read back
         # Newcomers whose welcome counted our events up to a sequence (the
         # list of who is online has them): each is not told of those again.
         self._welcomed = {}  # client -> the last sequence stamped before it joined
-        self._work = queue.Queue(self.work_items)  # work for the writer thread
+        # Our room events and private messages, in the order they were
+        # stamped: Redis must get them so. The thread that queued one sends
+        # it once it has let go of the room's lock (send_outbox()). A deque:
+        # its appends and pops are thread-safe, so the room never waits here.
+        self._outbox = collections.deque()
+        self._work = queue.Queue(self.work_items)  # the rest, for the writer thread
         self._last_seen = {}  # server id -> highest sequence shown or skipped
         self._last_event = 0  # the number of the last room event we sent
         # Whispers waiting for the room events their sender sent before them
@@ -5427,13 +5470,19 @@ class RedisLink:
         self._redis = None  # the writer's RedisConnection
         self._run_id = None  # Redis's run_id when we last asked: see _redis_restarted()
         self._restart_unsettled = False  # ...it changed, and we have not yet relinked
-        self._in_flight = []  # work sent but not yet answered: sent again on a reconnect
+        # Work taken from _work, or in flight when the connection broke: sent next.
+        self._to_send = collections.deque()
         self._last_added = (0, None)  # (number, stream id) of our last event in the stream
         # The writer's last heartbeat (or connect), by both clocks: a
         # computer's sleep stops time.monotonic() on Linux and macOS.
         self._last_beat = time.monotonic(), time.time()
         self._missing_since = {}  # server id -> when its heartbeat was first missed
         self._listener = None  # the listener's first connection, made by connect()
+        # Held to write on the writer's connection: by the writer, or by a
+        # thread sending the outbox, which never waits for it. It guards
+        # _redis (that connection) and _in_flight:
+        self._send_lock = threading.Lock()
+        self._in_flight = collections.deque()  # (item, its commands), sent: answers to read
         self._stopping = threading.Event()
         self._threads = []
 
@@ -5558,16 +5607,15 @@ class RedisLink:
                 self._quiet_set_alone = True  # see _settle_quiet()
             self._note_apart(event)
             return False
-        stamped = self._stamp(event)
-        if event["k"] == "quiet":
-            self._quiet_waiting = stamped["n"]  # see _split_locked()
-        try:
-            self._work.put_nowait(("event", stamped))
-        except queue.Full:  # Redis takes less than we send: as good as gone
+        if self._outbox_full():  # Redis takes less than we send: as good as gone
             # Split here, so that what is pending is shown before this event;
             # then it is an event of the split (a /quiet is noted so).
             self._split_locked("Redis is too slow: the queue to it is full")
             return self.takes(event, lines, exclude)
+        stamped = self._stamp(event)
+        if event["k"] == "quiet":
+            self._quiet_waiting = stamped["n"]  # see _split_locked()
+        self._outbox.append(("event", stamped))  # sent by the caller: see send_outbox()
         self._pending[stamped["n"]] = (lines, exclude, is_notice(event))
         self._last_event = stamped["n"]
         return True
@@ -5591,16 +5639,23 @@ class RedisLink:
             # The listener heard a message before the writer relinked: the
             # answer goes at the relink (its asker is still waiting for it).
             self._answers_apart.append((student, event))
-        if self.linked:
-            if event["k"] == "whisper":
-                event = dict(event, after=self._last_event)
-            event = self._stamp(event)
-            self._queue_work(("publish", self.url.room + ":to:" + student.server, event))
-            if event["k"] == "whisper":  # so no later line of its sender overtakes it
-                self._queue_work(("event", self._stamp(
-                    {"k": "mark", "to": student.server, "m": event["n"]})))
-                self._whispers_sent[event["n"]] = time.monotonic(), event, student.server
-                forget_old(self._whispers_sent, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
+        if not self.linked:
+            return
+        if event["k"] != "whisper":
+            self._queue_out(("publish", self.url.room + ":to:" + student.server,
+                             self._stamp(event)))
+            return
+        if self._outbox_full():  # dropped, as _queue_out() drops: a split is coming
+            self._note_console("Redis is too slow: the queue to it is full")
+            return
+        event = self._stamp(dict(event, after=self._last_event))
+        # With a mark right after it in the stream, so that no later line of
+        # its sender overtakes it. Sent by the caller: see send_outbox().
+        self._outbox.append(("publish", self.url.room + ":to:" + student.server, event))
+        self._outbox.append(("event", self._stamp(
+            {"k": "mark", "to": student.server, "m": event["n"]})))
+        self._whispers_sent[event["n"]] = time.monotonic(), event, student.server
+        forget_old(self._whispers_sent, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
 
     def hold_private(self, lines, server=None, after=None, whisper=None):
         """Hold whisper lines until the room events sent before them are shown.
@@ -5702,7 +5757,7 @@ class RedisLink:
 
     def _send_unmute_to_all(self, name):
         """Queue the unmute of name for every server (room's lock held)."""
-        self._queue_work(("publish", self.all_channel, self._stamp(
+        self._queue_out(("publish", self.all_channel, self._stamp(
             {"k": "mute", "name": name, "on": False, "all": True})))
 
     def note_muted(self, key, muted):
@@ -5717,10 +5772,24 @@ class RedisLink:
         self._queue_work(("mute", key))
 
     def _queue_work(self, item):
+        """Queue work for the writer: a claim, a mute, or a nudge ("flush")."""
         try:
             self._work.put_nowait(item)
         except queue.Full:  # dropped: a split is coming (takes() declares it)
             self._note_console("Redis is too slow: the queue to it is full")
+
+    def _queue_out(self, item):
+        """Queue a stamped event or private message for Redis, and have the
+        writer send it: for callers that do not call send_outbox() (lock held)."""
+        if self._outbox_full():  # dropped, as _queue_work() drops: a split is coming
+            self._note_console("Redis is too slow: the queue to it is full")
+            return
+        self._outbox.append(item)
+        self._queue_work(("flush",))
+
+    def _outbox_full(self):
+        """Is what waits for Redis's answer (in the outbox, or sent) too much?"""
+        return len(self._outbox) + len(self._in_flight) >= self.work_items
 
     def _note_console(self, text):
         """Tell the console, after the room events queued so far (safe under the lock)."""
@@ -5747,32 +5816,31 @@ class RedisLink:
         while not self._stopping.is_set():
             try:
                 if self._redis is None:
-                    self._redis = RedisConnection(self.url, self.silence_seconds)
-                    self._last_beat = time.monotonic(), time.time()
-                    if self._redis_restarted():
-                        self._restart_unsettled = True  # until all below is done
-                    if not self.linked:
-                        self._relink(self._restart_unsettled)
-                        self._last_beat = time.monotonic(), time.time()
-                    if self._restart_unsettled:
-                        self._put_back_room_state()
-                        self._restart_unsettled = False
+                    with self._send_lock:
+                        self._reconnect()
                     failing_since, delay = None, self.retry_first_seconds
-                if self._redis is not None and not self.linked:
-                    # Split by the reader, or by a full queue: start afresh.
+                else:  # wait for work, or for the next heartbeat
+                    self._take_work(max(0.0, next_beat - time.monotonic()))
+                if not self.linked:
+                    # Split by the reader, or by a full outbox: start afresh.
                     raise socket.timeout("the link was split")
+                self._check_not_paused()  # before anything queued while it stood still goes out
                 if time.monotonic() >= next_beat:
-                    self._beat()
-                    self._send_unheard_again()
-                    self._report_missed()
+                    with self._send_lock:  # no one sends: the answers are the beat's
+                        self._read_answers(self._finish_sending())
+                        self._beat()
+                        self._send_unheard_again()
+                        self._report_missed()
                     next_beat = time.monotonic() + self.heartbeat_seconds
-                self._send_work(max(0.0, next_beat - time.monotonic()))
+                self._send_work()
+                self.send_outbox()  # what the room queued while we held the lock
             except (OSError, RedisError) as error:
                 # A dropped connection that comes back at once is no split:
                 # what was in flight is sent again (read twice, shown once).
                 # Silence, or a link down for long, is.
                 failing_since = failing_since or time.monotonic()
-                self._close_redis()
+                with self._send_lock:
+                    self._close_redis()
                 if isinstance(error, (socket.timeout, RedisError)) or \
                         time.monotonic() - failing_since > self.silence_seconds:
                     self.split(error)
@@ -5784,9 +5852,36 @@ class RedisLink:
                 if self._stopping.is_set():
                     break
                 log.error("Redis writer: %r", error)
-                self._close_redis()
+                with self._send_lock:
+                    self._close_redis()
                 self.split(error)
                 self._forget_in_flight()
+
+    def _reconnect(self):
+        """Connect the writer, and relink if we were split (_send_lock held)."""
+        self._redis = RedisConnection(self.url, self.silence_seconds)
+        self._last_beat = time.monotonic(), time.time()
+        if self._redis_restarted():
+            self._restart_unsettled = True  # until all below is done
+        if not self.linked:
+            self._relink(self._restart_unsettled)
+            self._last_beat = time.monotonic(), time.time()
+        if self._restart_unsettled:
+            self._put_back_room_state()
+            self._restart_unsettled = False
+
+    def _take_work(self, wait):
+        """Wait up to wait seconds for work from the room; take what is queued."""
+        try:
+            items = [self._work.get(timeout=wait)]
+        except queue.Empty:
+            return
+        while len(items) < REDIS_READ_EVENTS:
+            try:
+                items.append(self._work.get_nowait())
+            except queue.Empty:
+                break
+        self._to_send.extend(item for item in items if item[0] != "flush")
 
     def _redis_restarted(self):
         """True if Redis started again since we last asked (writer's connection).
@@ -5824,84 +5919,145 @@ class RedisLink:
                  plural(len(muted), "mute"))
 
     def _close_redis(self):
+        """Close the writer's connection: what was in flight goes again on the
+        next (_send_lock held, or no other thread started yet)."""
         if self._redis is not None:
             self._redis.close()
             self._redis = None
+        self._to_send.extendleft(reversed([item for item, _ in self._in_flight]))
+        self._in_flight.clear()
 
-    def _send_work(self, wait):
-        """Send what the room queued, in one pipeline; wait up to wait seconds for it."""
-        if not self._in_flight:
+    # -- Sending: the outbox by the thread that filled it, the rest by the writer --
+
+    def send_outbox(self):
+        """Send the room's queued events and whispers to Redis, as far as the
+        writer's socket takes them now; never wait. The writer reads the answers.
+
+        Called by the thread that queued them, once it has let go of the
+        room's lock (ChatRoom._send_queued()), as Client.flush() is: the hop
+        to Redis then waits for no other thread to wake. Whoever holds
+        _send_lock sends for everyone, and looks again after letting go.
+        """
+        while self._outbox and self._send_lock.acquire(blocking=False):
             try:
-                self._in_flight = [self._work.get(timeout=wait)]
-            except queue.Empty:
-                return
-            while len(self._in_flight) < REDIS_READ_EVENTS:
-                try:
-                    self._in_flight.append(self._work.get_nowait())
-                except queue.Empty:
-                    break
-        # A private message to a server that has one held (unheard) waits
-        # behind it: the teacher's /mute then /unmute must not swap places.
+                if self._redis is None:
+                    return  # reconnecting: the writer sends them once it has
+                if self._stood_still():
+                    self._queue_work(("flush",))  # the writer splits first: see _beat()
+                    return
+                answers = len(self._in_flight)
+                self._queue_commands(self._outbox)
+                if not self._redis.send_now():
+                    self._queue_work(("flush",))  # Redis is slow: the writer waits for it
+                    return
+                if answers < REDIS_READ_EVENTS <= len(self._in_flight):
+                    self._queue_work(("flush",))  # answers enough to read (else at its beat)
+            except OSError:
+                return  # the writer finds the connection broken, and sends them again
+            finally:
+                self._send_lock.release()
+
+    def _queue_commands(self, items, most=REDIS_READ_EVENTS):
+        """Queue on the writer's connection the commands for up to most of
+        items (a deque, taken from the left) (_send_lock held).
+
+        A private message to a server that has one held (unheard) waits
+        behind it: the teacher's /mute then /unmute must not swap places.
+        """
         held = {item[1] for item in self._unheard}
-        for item in [item for item in self._in_flight
-                     if item[0] == "publish" and item[1] in held and len(item) == 3]:
-            self._in_flight.remove(item)
-            self._hold_unheard(item)
-        if not self._in_flight:
-            return
-        self._check_not_paused()  # before anything queued while it stood still goes out
-        plan = [(item, self._commands_for(item)) for item in self._in_flight]
-        replies = self._redis.pipeline([command for _, commands in plan
-                                         for command in commands], self.silence_seconds)
-        self._in_flight = []
-        position, releases = 0, []  # keys a refused claim set, to let go after the answers
-        for item, commands in plan:
-            if item[0] == "claim":  # replies: SET's, GET's (who holds it), SISMEMBER's,
-                # then SET's and GET's for each look.
-                # Ours already: a claim sent again after a reconnect.
-                claimed = replies[position] is not None or self._holds(replies[position + 1])
-                if replies[position + 2] == 1:
-                    self.muted_keys.add(item[1])  # before the answer: join() reads it
-                else:
-                    self.muted_keys.discard(item[1])
-                looks = replies[position + 3:position + len(commands)]
-                look_alike = self._look_alike(looks, item[1], item[2], item[4])
-                if claimed and look_alike is None:
-                    self._claimed[item[1]] = time.monotonic()
-                    item[3].put(True)
-                    position += len(commands)
-                    continue
-                # Refused: what this claim set goes again (a name that was ours
-                # already goes when no student here has it: see _beat()).
-                releases += [command[1] for command, taken in zip(commands[3::2], looks[0::2])
-                             if taken is not None]
-                if not claimed:
-                    item[3].put(NAME_TAKEN % self._holder_name(replies[position + 1], item[2]))
-                else:
-                    if replies[position] is not None:
-                        releases.append(self._name_prefix + item[1])
-                    else:
-                        self._claimed[item[1]] = time.monotonic()
-                    item[3].put(LOOKS_TAKEN % look_alike)
-            elif item[0] == "publish" and replies[position] == 0:
+        for _ in range(most):
+            try:
+                item = items.popleft()
+            except IndexError:  # no more (or a split took them: _drain_work())
+                break
+            if item[0] == "publish" and item[1] in held and len(item) == 3:
                 self._hold_unheard(item)
-            elif item[0] == "publish" and len(item) > 3 and item[2]["k"] == "whisper":
-                with self.room._lock:  # sent again, and heard at last: no report of
-                    self._whispers_sent.pop(item[2]["n"], None)  # it missed is true now
-            elif item[0] == "muted":
-                item[1].put(set_members(replies[position]))
-            elif item[0] == "mute":
-                with self.room._lock:
-                    if commands[0][0] == "SADD" and self._mutes_wanted.get(item[1]):
-                        self._mutes_stored.add(item[1])
-            elif item[0] == "event" and item[1]["k"] != "mark":
-                if isinstance(replies[position], bytes):  # XADD's answer: the entry's id
-                    self._last_added = item[1]["n"], replies[position].decode("ascii")
-                if self._freed_key(item[1]):
-                    self._claimed.pop(self._freed_key(item[1]), None)
-            position += len(commands)
-        for key in releases:
-            self._release_key_if_ours(key)
+                continue
+            commands = self._commands_for(item)
+            self._redis.queue(commands)
+            self._in_flight.append((item, commands))
+
+    def _send_work(self):
+        """Send the writer's work, then what waits in the outbox, in pipelines;
+        wait if Redis is slow, and read the answers."""
+        while True:
+            with self._send_lock:
+                if self._to_send:
+                    self._queue_commands(self._to_send)
+                else:
+                    self._queue_commands(self._outbox)  # (and send what send_outbox() left)
+                sent = self._finish_sending()
+            self._read_answers(sent)
+            if not self._to_send:
+                return
+
+    def _finish_sending(self):
+        """Send all that is queued on the writer's connection, waiting if Redis is
+        slow; return how many in _in_flight now have all their commands sent
+        (_send_lock held)."""
+        self._redis.send([], self.silence_seconds)
+        return len(self._in_flight)
+
+    def _read_answers(self, count):
+        """Read Redis's answers for the first count in _in_flight, and act on them.
+
+        Only the writer reads; without _send_lock held, the students'
+        threads go on sending meanwhile, and their answers come after.
+        """
+        for _ in range(count):
+            item, commands = self._in_flight[0]
+            replies = [self._redis.read(self.silence_seconds) for _ in commands]
+            for reply in replies:
+                if isinstance(reply, RedisError):
+                    raise reply
+            self._in_flight.popleft()
+            self._answered(item, commands, replies)
+
+    def _answered(self, item, commands, replies):
+        """Act on Redis's answers to one piece of work."""
+        if item[0] == "claim":  # replies: SET's, GET's (who holds it), SISMEMBER's,
+            # then SET's and GET's for each look.
+            # Ours already: a claim sent again after a reconnect.
+            claimed = replies[0] is not None or self._holds(replies[1])
+            if replies[2] == 1:
+                self.muted_keys.add(item[1])  # before the answer: join() reads it
+            else:
+                self.muted_keys.discard(item[1])
+            looks = replies[3:]
+            look_alike = self._look_alike(looks, item[1], item[2], item[4])
+            if claimed and look_alike is None:
+                self._claimed[item[1]] = time.monotonic()
+                item[3].put(True)
+                return
+            # Refused: what this claim set goes again (a name that was ours
+            # already goes when no student here has it: see _beat()).
+            releases = [command[1] for command, taken in zip(commands[3::2], looks[0::2])
+                        if taken is not None]
+            if not claimed:
+                item[3].put(NAME_TAKEN % self._holder_name(replies[1], item[2]))
+            else:
+                if replies[0] is not None:
+                    releases.append(self._name_prefix + item[1])
+                else:
+                    self._claimed[item[1]] = time.monotonic()
+                item[3].put(LOOKS_TAKEN % look_alike)
+            self._to_send.extend(("release", key) for key in releases)
+        elif item[0] == "publish" and replies[0] == 0:
+            self._hold_unheard(item)
+        elif item[0] == "publish" and len(item) > 3 and item[2]["k"] == "whisper":
+            with self.room._lock:  # sent again, and heard at last: no report of
+                self._whispers_sent.pop(item[2]["n"], None)  # it missed is true now
+        elif item[0] == "muted":
+            item[1].put(set_members(replies[0]))
+        elif item[0] == "mute":
+            with self.room._lock:
+                if commands[0][0] == "SADD" and self._mutes_wanted.get(item[1]):
+                    self._mutes_stored.add(item[1])
+        elif item[0] == "event" and item[1]["k"] != "mark":
+            if isinstance(replies[0], bytes):  # XADD's answer: the entry's id
+                self._last_added = item[1]["n"], replies[0].decode("ascii")
+            if self._freed_key(item[1]):
+                self._claimed.pop(self._freed_key(item[1]), None)
 
     def _hold_unheard(self, item):
         """A private message that no server was listening for: keep it for a while.
@@ -5921,10 +6077,7 @@ class RedisLink:
         now = time.monotonic()
         late = [item[2] for item in unheard if item[3] <= now]  # held through a split
         self._own_up(late, "did not arrive: their server was not listening")
-        unheard = [item for item in unheard if item[3] > now]
-        self._in_flight = unheard + self._in_flight
-        if unheard:
-            self._send_work(0)
+        self._to_send.extendleft(reversed([item for item in unheard if item[3] > now]))
 
     def _freed_key(self, event):
         """The name key an event of ours frees in Redis (a leave, a rename), or None."""
@@ -5975,6 +6128,8 @@ class RedisLink:
             return [("PUBLISH", item[1], json.dumps(event, ensure_ascii=False))]
         if kind == "muted":  # the console's /who asks
             return [("SMEMBERS", self._muted_key)]
+        if kind == "release":  # a key a refused claim set
+            return [("EVAL", RELEASE_IF_OURS_SCRIPT, 1, item[1], self.server_id)]
         if kind == "mute":  # as wanted now, not as when it was queued
             if self._mutes_wanted.get(item[1]):
                 return [("SADD", self._muted_key, item[1]), ("SREM", self._unmuted_key, item[1])]
@@ -6055,9 +6210,14 @@ class RedisLink:
         know them. A split and relink claims their names again (renaming one
         that was taken) and rejoins them.
         """
-        still = max(time.monotonic() - self._last_beat[0], time.time() - self._last_beat[1])
-        if still > self.heartbeat_ttl_seconds:
+        still = self._stood_still()
+        if still:
             raise socket.timeout("this server stood still for %.0f seconds" % still)
+
+    def _stood_still(self):
+        """How long this server stood still, if longer than its heartbeat lasts; else 0."""
+        still = max(time.monotonic() - self._last_beat[0], time.time() - self._last_beat[1])
+        return still if still > self.heartbeat_ttl_seconds else 0
 
     def _reap(self):
         """Announce the leave of each student of a server whose heartbeat is long gone."""
@@ -6099,7 +6259,7 @@ class RedisLink:
                 if ours:  # only the server whose DEL freed the name tells everyone
                     self._note_console("Server %s is gone: %s leaves"
                                        % (student.server, student.name))
-                    self._queue_work(("event", self._stamp(
+                    self._queue_out(("event", self._stamp(
                         {"k": "leave", "name": student.name, "of": student.server})))
 
     # -- Splits and relinking --
@@ -6170,12 +6330,17 @@ class RedisLink:
                 dropped.append(self._work.get_nowait())
             except queue.Empty:
                 break
+        while self._outbox:
+            try:
+                dropped.append(self._outbox.popleft())
+            except IndexError:  # taken meanwhile by send_outbox()
+                break
         self._forget(dropped)
 
     def _forget_in_flight(self):
         """The writer's part of a split: what it had sent is no more its business."""
-        in_flight, self._in_flight = self._in_flight, []
-        self._forget(in_flight)
+        dropped, self._to_send = self._to_send, collections.deque()  # and what was in flight
+        self._forget(dropped)
         self._drain_work()
 
     def _forget(self, items):
@@ -6310,12 +6475,12 @@ class RedisLink:
             left, self._left_apart = self._left_apart, {}
             for key, name in sorted(left.items()):
                 if key not in self.room._joined:
-                    self._queue_work(("event", self._stamp({"k": "leave", "name": name})))
+                    self._queue_out(("event", self._stamp({"k": "leave", "name": name})))
             renamed, self._renamed_apart = self._renamed_apart, {}
             for key, old in sorted(renamed.items()):
                 client = self.room._joined.get(key)
                 if client is not None and client.name != old:
-                    self._queue_work(("event", self._stamp(
+                    self._queue_out(("event", self._stamp(
                         {"k": "rename", "old": old, "new": client.name})))
             unmutes, self._unmutes_apart = self._unmutes_apart, set()
             for name in sorted(unmutes):

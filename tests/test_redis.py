@@ -9,7 +9,6 @@ network between a server and Redis to freeze or cut the link.
 import argparse
 import collections
 import json
-import queue
 import re
 import signal
 import socket
@@ -690,6 +689,70 @@ def gate_the_reader(server):
     return parked, release
 
 
+def park_the_writer(server):
+    """Park server's Redis writer thread as it next waits for work, until release
+    is set. Return (parked, release)."""
+    parked, release = threading.Event(), threading.Event()
+    work = server._link._work
+    real_get = work.get
+
+    def get(*args, **kwargs):
+        if not release.is_set():
+            parked.set()
+            release.wait(TIMEOUT)
+        return real_get(*args, **kwargs)
+
+    work.get = get
+    return parked, release
+
+
+@redis
+def test_a_chat_line_goes_to_redis_from_the_thread_that_read_it(linked, join):
+    """No wait for the writer thread to wake: it only reads Redis's answers."""
+    a, b = linked(), linked()
+    alice, bob = join(a, "alice"), join(b, "bob")
+    alice.expect("bob joined")
+    parked, release = park_the_writer(a)
+    try:
+        assert parked.wait(TIMEOUT), "the writer did not park"
+        alice.send("hello")
+        bob.expect_next("alice says: hello")
+        alice.send("/me waves")
+        bob.expect_next("* alice waves")
+    finally:
+        release.set()
+
+
+@redis
+def test_lines_the_socket_to_a_slow_redis_could_not_take_go_later_in_order(
+        linked, join, proxies, monkeypatch):
+    """What send_outbox() leaves unsent, the writer sends after it, waiting for Redis."""
+    monkeypatch.setattr(chat_server.RedisLink, "silence_seconds", 30.0)  # slow, not split
+    monkeypatch.setattr(chat_server.RedisLink, "heartbeat_ttl_seconds", 60)  # nor dead
+    proxy = proxies()
+    a, b = linked(via=proxy), linked()
+    alice, bob = join(a, "alice"), join(b, "bob")
+    alice.expect("bob joined")
+    parked, release = park_the_writer(a)
+    try:
+        assert parked.wait(TIMEOUT), "the writer did not park"
+        with a._link._send_lock:  # small buffers on the way to Redis: they fill at once
+            a._link._redis.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for inside, _ in proxy.pairs:
+            inside.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        proxy.freeze()
+        for number in range(100):
+            alice.send("line %d %s" % (number, "x" * 900))
+        wait_until(lambda: a._link._redis._unsent, message="lines the socket did not take")
+    finally:
+        release.set()
+    proxy.resume()
+    seen = lines_until(bob, "alice says: line 99 ")
+    assert [line.split()[3] for line in seen if line.startswith("alice says: line ")] == [
+        str(number) for number in range(100)]
+    assert chat_server.SPLIT_LINE not in seen
+
+
 @redis
 def test_a_chat_line_after_a_whisper_does_not_overtake_it(linked, join):
     """hello, a whisper, bye: read from the stream in one batch, the whisper still
@@ -746,10 +809,11 @@ def test_a_split_shows_a_held_whisper_between_the_lines_around_it(linked, join):
     alice, bob = join(a, "alice"), join(a, "bob")
     stalled = threading.Event()
 
-    def send_nothing(wait):  # Redis gets nothing from here on
+    def send_nothing():  # Redis gets nothing from here on
         stalled.set()
         a._link._stopping.wait(0.05)
 
+    a._link.send_outbox = lambda: None  # from the students' threads either
     a._link._send_work = send_nothing
     assert stalled.wait(TIMEOUT), "the writer did not stall"  # (done with any real send)
     alice.send("one\n/msg bob psst\ntwo")
@@ -1778,13 +1842,6 @@ def test_quiet_mode_set_as_the_link_is_lost_is_one_for_the_room_after_the_relink
     amy.expect("Not sent: the room is quiet")
 
 
-class AlwaysFull(queue.Queue):
-    """A queue to Redis that takes nothing: as when Redis falls behind a flood."""
-
-    def put_nowait(self, item):
-        raise queue.Full
-
-
 @redis
 def test_quiet_mode_that_finds_the_queue_to_redis_full_is_one_for_the_room_after_the_relink(
         linked, join, quick_split):
@@ -1794,10 +1851,10 @@ def test_quiet_mode_that_finds_the_queue_to_redis_full_is_one_for_the_room_after
     amy = join(a, "amy")
     bob = join(b, "bob")
     with a._lock:
-        queue_to_redis, a._link._work = a._link._work, AlwaysFull()
+        a._link.work_items = 0  # the queue to Redis is full: as when Redis falls behind
     TeacherConsole(a, None).handle_line("/quiet on")
     with a._lock:
-        a._link._work = queue_to_redis
+        del a._link.work_items
     amy.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
     amy.expect(chat_server.WHOLE_LINE, timeout=SPLIT_TIMEOUT)
     bob.expect(chat_server.QUIET_ON_LINE, timeout=SPLIT_TIMEOUT)
