@@ -4818,10 +4818,13 @@ PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'
 #     one that was cut off finds, at its relink, the marks of whispers it
 #     never got, and tells their servers ("missed").
 #     An /unmute goes to every server, on a channel they all listen to.
-#   * Three connections, each owned by one thread: the writer (commands), the
-#     reader (XREAD) and the listener (SUBSCRIBE). None of them ever runs
-#     while the room's lock is held: the room only puts work in a bounded
-#     queue, like a client's outbox.
+#   * Three connections, each read by one thread: the writer (commands), the
+#     reader (XREAD) and the listener (SUBSCRIBE). None is used while the
+#     room's lock is held: the room puts its events in a bounded outbox, as
+#     it does for a client, and the thread that queued them sends them on
+#     the writer's connection once it has let go of the lock, as far as the
+#     socket takes them without waiting (send_outbox()). The writer reads
+#     Redis's answers, and sends the rest if Redis is slow.
 #   * A link lost (or silent for REDIS_SILENCE_SECONDS) is a split: each
 #     server's room goes on with its own students until the link is back.
 #   * Redis restarted, empty (a new run_id): the servers claim their names
@@ -5048,7 +5051,7 @@ class RedisConnection:
         self._ready = OneSocketSelector()
         self._ready.register(self.sock, selectors.EVENT_READ)
         self.parser = RespParser()
-        self._unsent = b""  # commands queued, not yet taken by the socket
+        self._unsent = bytearray()  # commands queued, not yet taken by the socket
         self.last_heard = time.monotonic()  # when Redis last sent us anything
         try:
             if url.password:
@@ -5071,15 +5074,18 @@ class RedisConnection:
                 sent = self.sock.send(self._unsent)
             except BlockingIOError:
                 return False
-            self._unsent = self._unsent[sent:]
+            del self._unsent[:sent]  # (a bytearray drops its head without copying the rest)
         return not self._unsent
 
     def send(self, commands, timeout=REDIS_SILENCE_SECONDS):
         """Send what is queued, then commands, in one write when it fits (a
-        pipeline); socket.timeout if Redis takes none of it for timeout seconds."""
+        pipeline); socket.timeout if Redis has not taken it all in timeout seconds."""
         self.queue(commands)
+        deadline = time.monotonic() + timeout
         while not self.send_now():
-            self._wait(selectors.EVENT_WRITE, timeout)  # a Redis that takes nothing is stuck
+            # A Redis that takes nothing, or too little, is stuck.
+            if not self._wait(selectors.EVENT_WRITE, deadline - time.monotonic()):
+                raise socket.timeout("Redis did not take our commands within %.1f s" % timeout)
 
     def read(self, timeout=REDIS_SILENCE_SECONDS):
         """Read one reply; socket.timeout if none comes within timeout seconds."""
@@ -5091,10 +5097,8 @@ class RedisConnection:
             try:
                 data = self.sock.recv(65536)
             except BlockingIOError:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if not self._wait(selectors.EVENT_READ, deadline - time.monotonic()):
                     raise socket.timeout("Redis did not answer within %.1f s" % timeout)
-                self._wait(selectors.EVENT_READ, remaining)
                 continue
             if not data:
                 raise ConnectionError("Redis closed the connection")
@@ -5102,10 +5106,12 @@ class RedisConnection:
             self.parser.feed(data)
 
     def _wait(self, event, timeout):
-        """Wait until the socket is readable or writable; socket.timeout after timeout."""
+        """Wait up to timeout seconds for the socket to be readable (or
+        writable); False if it is not."""
+        if timeout <= 0:
+            return False
         self._ready.modify(self.sock, event)
-        if not self._ready.select(timeout):
-            raise socket.timeout("Redis did not answer within %.1f s" % timeout)
+        return bool(self._ready.select(timeout))
 
     def pipeline(self, commands, timeout=REDIS_SILENCE_SECONDS):
         """Send commands at once and return their replies; raise the first error reply."""
@@ -5418,19 +5424,21 @@ class RedisLink:
         # while we were cut off, and the unmute sent then never reached us.
         self._mutes_stored = set()
         # Guarded by the room's lock (the link is part of the room), but for
-        # _outbox and _work, which need no lock of ours:
+        # _outbox and _wake, which need no lock of ours:
         self.linked = True  # False during a split
         self._next_sequence = 0
         self._pending = {}  # sequence -> (lines, exclude, notice): sent, not yet read back
         # Newcomers whose welcome counted our events up to a sequence (the
         # list of who is online has them): each is not told of those again.
         self._welcomed = {}  # client -> the last sequence stamped before it joined
-        # Our room events and private messages, in the order they were
-        # stamped: Redis must get them so. The thread that queued one sends
-        # it once it has let go of the room's lock (send_outbox()). A deque:
+        # All that goes to Redis on the writer's connection, in order: our
+        # room events and private messages as they were stamped (the others
+        # skip one that comes after a later one), claims behind the leave of
+        # the same name. Sent by the thread that queued it once it has let
+        # go of the room's lock (send_outbox()), or by the writer. A deque:
         # its appends and pops are thread-safe, so the room never waits here.
         self._outbox = collections.deque()
-        self._work = queue.Queue(self.work_items)  # the rest, for the writer thread
+        self._wake = threading.Event()  # set: the writer has sending or reading to do
         self._last_seen = {}  # server id -> highest sequence shown or skipped
         self._last_event = 0  # the number of the last room event we sent
         # Whispers waiting for the room events their sender sent before them
@@ -5467,11 +5475,8 @@ class RedisLink:
         self._missed_due = 0.0  # ...reported as missed from then, if still missing
         self._claimed = {}  # name key this server holds in Redis -> when claimed
         self._unheard = []  # private messages no server heard: sent again at each beat
-        self._redis = None  # the writer's RedisConnection
         self._run_id = None  # Redis's run_id when we last asked: see _redis_restarted()
         self._restart_unsettled = False  # ...it changed, and we have not yet relinked
-        # Work taken from _work, or in flight when the connection broke: sent next.
-        self._to_send = collections.deque()
         self._last_added = (0, None)  # (number, stream id) of our last event in the stream
         # The writer's last heartbeat (or connect), by both clocks: a
         # computer's sleep stops time.monotonic() on Linux and macOS.
@@ -5479,10 +5484,13 @@ class RedisLink:
         self._missing_since = {}  # server id -> when its heartbeat was first missed
         self._listener = None  # the listener's first connection, made by connect()
         # Held to write on the writer's connection: by the writer, or by a
-        # thread sending the outbox, which never waits for it. It guards
-        # _redis (that connection) and _in_flight:
+        # thread sending the outbox, which never waits for it (the writer's
+        # _unheard and _last_added are read then too). It guards:
         self._send_lock = threading.Lock()
-        self._in_flight = collections.deque()  # (item, its commands), sent: answers to read
+        self._redis = None  # the writer's RedisConnection (None: reconnecting)
+        # (item, its commands) sent, in order, answers not yet read: appended
+        # under _send_lock, taken from the left by the writer alone.
+        self._in_flight = collections.deque()
         self._stopping = threading.Event()
         self._threads = []
 
@@ -5717,7 +5725,7 @@ class RedisLink:
             if not self.linked or key in self.room._joined:
                 return None  # a split, or taken here: the room's own check says so
         answer = queue.Queue(1)
-        self._queue_work(("claim", key, name, answer, own))
+        self._queue_out(("claim", key, name, answer, own))
         try:
             claimed = answer.get(timeout=self.silence_seconds + 1)
         except queue.Empty:
@@ -5737,7 +5745,7 @@ class RedisLink:
         if not self.linked:
             return None
         answer = queue.Queue(1)
-        self._queue_work(("muted", answer))
+        self._queue_out(("muted", answer))
         try:
             return answer.get(timeout=self.silence_seconds + 1)
         except queue.Empty:
@@ -5768,24 +5776,21 @@ class RedisLink:
         else:
             self.muted_keys.discard(key)
         self._mutes_wanted[key] = muted
-        self._mutes_stored.discard(key)  # until Redis answers the SADD (_send_work())
-        self._queue_work(("mute", key))
-
-    def _queue_work(self, item):
-        """Queue work for the writer: a claim, a mute, or a nudge ("flush")."""
-        try:
-            self._work.put_nowait(item)
-        except queue.Full:  # dropped: a split is coming (takes() declares it)
-            self._note_console("Redis is too slow: the queue to it is full")
+        self._mutes_stored.discard(key)  # until Redis answers the SADD (_answered())
+        self._queue_out(("mute", key))
 
     def _queue_out(self, item):
-        """Queue a stamped event or private message for Redis, and have the
-        writer send it: for callers that do not call send_outbox() (lock held)."""
-        if self._outbox_full():  # dropped, as _queue_work() drops: a split is coming
+        """Queue work for Redis, and wake the writer to send it: for callers
+        that do not call send_outbox() (a stamped item: room's lock held)."""
+        if self._outbox_full():  # Redis takes less than we send: a split is coming
             self._note_console("Redis is too slow: the queue to it is full")
+            if item[0] == "claim":  # its asker waits (without the room's lock)
+                item[3].put(None)  # no answer: the room decides alone
+            elif item[0] == "muted":
+                item[1].put(None)
             return
         self._outbox.append(item)
-        self._queue_work(("flush",))
+        self._wake.set()
 
     def _outbox_full(self):
         """Is what waits for Redis's answer (in the outbox, or sent) too much?"""
@@ -5820,7 +5825,8 @@ class RedisLink:
                         self._reconnect()
                     failing_since, delay = None, self.retry_first_seconds
                 else:  # wait for work, or for the next heartbeat
-                    self._take_work(max(0.0, next_beat - time.monotonic()))
+                    self._wake.wait(max(0.0, next_beat - time.monotonic()))
+                    self._wake.clear()  # before looking: what is queued after wakes it again
                 if not self.linked:
                     # Split by the reader, or by a full outbox: start afresh.
                     raise socket.timeout("the link was split")
@@ -5870,19 +5876,6 @@ class RedisLink:
             self._put_back_room_state()
             self._restart_unsettled = False
 
-    def _take_work(self, wait):
-        """Wait up to wait seconds for work from the room; take what is queued."""
-        try:
-            items = [self._work.get(timeout=wait)]
-        except queue.Empty:
-            return
-        while len(items) < REDIS_READ_EVENTS:
-            try:
-                items.append(self._work.get_nowait())
-            except queue.Empty:
-                break
-        self._to_send.extend(item for item in items if item[0] != "flush")
-
     def _redis_restarted(self):
         """True if Redis started again since we last asked (writer's connection).
 
@@ -5920,40 +5913,39 @@ class RedisLink:
 
     def _close_redis(self):
         """Close the writer's connection: what was in flight goes again on the
-        next (_send_lock held, or no other thread started yet)."""
+        next, before anything queued since (_send_lock held, or no other
+        thread started yet)."""
         if self._redis is not None:
             self._redis.close()
             self._redis = None
-        self._to_send.extendleft(reversed([item for item, _ in self._in_flight]))
+        self._outbox.extendleft(reversed([item for item, _ in self._in_flight]))
         self._in_flight.clear()
 
     # -- Sending: the outbox by the thread that filled it, the rest by the writer --
 
     def send_outbox(self):
-        """Send the room's queued events and whispers to Redis, as far as the
-        writer's socket takes them now; never wait. The writer reads the answers.
+        """Send what waits in the outbox to Redis, as far as the writer's
+        socket takes it now; never wait. The writer reads the answers.
 
-        Called by the thread that queued them, once it has let go of the
-        room's lock (ChatRoom._send_queued()), as Client.flush() is: the hop
-        to Redis then waits for no other thread to wake. Whoever holds
+        Called by the thread that queued a room event, once it has let go of
+        the room's lock (ChatRoom._send_queued()), as Client.flush() is: the
+        hop to Redis then waits for no other thread to wake. Whoever holds
         _send_lock sends for everyone, and looks again after letting go.
         """
-        while self._outbox and self._send_lock.acquire(blocking=False):
+        while self._outbox and not self._stopping.is_set() and                 self._send_lock.acquire(blocking=False):
             try:
                 if self._redis is None:
-                    return  # reconnecting: the writer sends them once it has
+                    return  # reconnecting: the writer sends it once it has
                 if self._stood_still():
-                    self._queue_work(("flush",))  # the writer splits first: see _beat()
+                    self._wake.set()  # the writer splits first: see _check_not_paused()
                     return
-                answers = len(self._in_flight)
+                answers_waiting = bool(self._in_flight)
                 self._queue_commands(self._outbox)
-                if not self._redis.send_now():
-                    self._queue_work(("flush",))  # Redis is slow: the writer waits for it
+                if not self._redis.send_now() or not answers_waiting:
+                    self._wake.set()  # to send the rest (Redis is slow), or read the answers
                     return
-                if answers < REDIS_READ_EVENTS <= len(self._in_flight):
-                    self._queue_work(("flush",))  # answers enough to read (else at its beat)
             except OSError:
-                return  # the writer finds the connection broken, and sends them again
+                return  # the writer finds the connection broken, and sends it again
             finally:
                 self._send_lock.release()
 
@@ -5978,18 +5970,15 @@ class RedisLink:
             self._in_flight.append((item, commands))
 
     def _send_work(self):
-        """Send the writer's work, then what waits in the outbox, in pipelines;
-        wait if Redis is slow, and read the answers."""
-        while True:
+        """The writer's turn: send what waits in the outbox (as it is now), in
+        pipelines, waiting if Redis is slow; read the answers."""
+        for _ in range(max(1, -(-len(self._outbox) // REDIS_READ_EVENTS))):
             with self._send_lock:
-                if self._to_send:
-                    self._queue_commands(self._to_send)
-                else:
-                    self._queue_commands(self._outbox)  # (and send what send_outbox() left)
-                sent = self._finish_sending()
-            self._read_answers(sent)
-            if not self._to_send:
-                return
+                self._queue_commands(self._outbox)
+                sent = self._finish_sending()  # and what send_outbox() could not
+            self._read_answers(sent)  # students' threads may send meanwhile
+        if self._in_flight:
+            self._wake.set()  # what they sent: its answers are read next time round
 
     def _finish_sending(self):
         """Send all that is queued on the writer's connection, waiting if Redis is
@@ -6041,7 +6030,7 @@ class RedisLink:
                 else:
                     self._claimed[item[1]] = time.monotonic()
                 item[3].put(LOOKS_TAKEN % look_alike)
-            self._to_send.extend(("release", key) for key in releases)
+            self._outbox.extend(("release", key) for key in releases)
         elif item[0] == "publish" and replies[0] == 0:
             self._hold_unheard(item)
         elif item[0] == "publish" and len(item) > 3 and item[2]["k"] == "whisper":
@@ -6077,7 +6066,7 @@ class RedisLink:
         now = time.monotonic()
         late = [item[2] for item in unheard if item[3] <= now]  # held through a split
         self._own_up(late, "did not arrive: their server was not listening")
-        self._to_send.extendleft(reversed([item for item in unheard if item[3] > now]))
+        self._outbox.extendleft(reversed([item for item in unheard if item[3] > now]))
 
     def _freed_key(self, event):
         """The name key an event of ours frees in Redis (a leave, a rename), or None."""
@@ -6323,14 +6312,10 @@ class RedisLink:
         return self.room._broadcast(lines, exclude, notice=notice)
 
     def _drain_work(self):
-        """Forget queued work after a split: its events were shown here already."""
+        """Forget the work queued for Redis after a split (its events were
+        shown here already), and what was in flight when the connection broke."""
         dropped = []
-        while True:
-            try:
-                dropped.append(self._work.get_nowait())
-            except queue.Empty:
-                break
-        while self._outbox:
+        for _ in range(len(self._outbox)):  # (not what _forget() puts back)
             try:
                 dropped.append(self._outbox.popleft())
             except IndexError:  # taken meanwhile by send_outbox()
@@ -6338,9 +6323,8 @@ class RedisLink:
         self._forget(dropped)
 
     def _forget_in_flight(self):
-        """The writer's part of a split: what it had sent is no more its business."""
-        dropped, self._to_send = self._to_send, collections.deque()  # and what was in flight
-        self._forget(dropped)
+        """The writer's part of a split: what it had sent is no more its business
+        (_close_redis() put it back in the outbox)."""
         self._drain_work()
 
     def _forget(self, items):
@@ -6359,7 +6343,7 @@ class RedisLink:
             elif item[0] == "muted":
                 item[1].put(None)
             elif item[0] == "mute":
-                self._queue_work(item)  # sent once the link is back
+                self._outbox.append(item)  # sent once the link is back
             elif item[0] == "publish":
                 lost.append(item[2])
         if apart:
