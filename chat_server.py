@@ -4856,6 +4856,10 @@ REDIS_LESSON_GAP_SECONDS = 300  # a room no server has beaten in for this long (
 REDIS_STREAM_EVENTS = 10000  # events kept in the stream (XADD MAXLEN ~)
 REDIS_WORK_ITEMS = 10000  # work queued for Redis; full means Redis is too slow
 REDIS_READ_EVENTS = 100  # events taken in one XREAD (each at most ~20 KB)
+# Sent by the students' threads, not yet answered: past this many, the writer
+# sends the rest, in pipelines, between its heartbeats (a slow link to Redis
+# must not hold those back: the other servers would take us for dead).
+REDIS_IN_FLIGHT = 100
 REDIS_MAX_BULK_BYTES = 1024 * 1024  # the longest string we accept from Redis
 REDIS_MAX_ARRAY_ITEMS = 100000  # the most items in one array from Redis
 REDIS_MAX_REPLY_BYTES = 8 * 1024 * 1024  # the longest reply we buffer
@@ -5424,7 +5428,8 @@ class RedisLink:
         # while we were cut off, and the unmute sent then never reached us.
         self._mutes_stored = set()
         # Guarded by the room's lock (the link is part of the room), but for
-        # _outbox and _wake, which need no lock of ours:
+        # _outbox (appended and taken from its left without our locks; put
+        # back at its left only with _send_lock held) and _wake:
         self.linked = True  # False during a split
         self._next_sequence = 0
         self._pending = {}  # sequence -> (lines, exclude, notice): sent, not yet read back
@@ -5474,7 +5479,9 @@ class RedisLink:
         self._missed_marks = []  # (server, sequence) found at the relink: see _relink()
         self._missed_due = 0.0  # ...reported as missed from then, if still missing
         self._claimed = {}  # name key this server holds in Redis -> when claimed
-        self._unheard = []  # private messages no server heard: sent again at each beat
+        # Private messages no server heard: sent again at each beat (_send_lock
+        # held; any sending thread adds to it, the listener reads it).
+        self._unheard = []
         self._run_id = None  # Redis's run_id when we last asked: see _redis_restarted()
         self._restart_unsettled = False  # ...it changed, and we have not yet relinked
         self._last_added = (0, None)  # (number, stream id) of our last event in the stream
@@ -5484,8 +5491,8 @@ class RedisLink:
         self._missing_since = {}  # server id -> when its heartbeat was first missed
         self._listener = None  # the listener's first connection, made by connect()
         # Held to write on the writer's connection: by the writer, or by a
-        # thread sending the outbox, which never waits for it (the writer's
-        # _unheard and _last_added are read then too). It guards:
+        # thread sending the outbox, which never waits for it (and reads the
+        # writer's _last_added then). It guards:
         self._send_lock = threading.Lock()
         self._redis = None  # the writer's RedisConnection (None: reconnecting)
         # (item, its commands) sent, in order, answers not yet read: appended
@@ -5653,7 +5660,7 @@ class RedisLink:
             self._queue_out(("publish", self.url.room + ":to:" + student.server,
                              self._stamp(event)))
             return
-        if self._outbox_full():  # dropped, as _queue_out() drops: a split is coming
+        if self._outbox_full():  # dropped, as _queue_out() drops (see there)
             self._note_console("Redis is too slow: the queue to it is full")
             return
         event = self._stamp(dict(event, after=self._last_event))
@@ -5781,13 +5788,14 @@ class RedisLink:
 
     def _queue_out(self, item):
         """Queue work for Redis, and wake the writer to send it: for callers
-        that do not call send_outbox() (a stamped item: room's lock held)."""
-        if self._outbox_full():  # Redis takes less than we send: a split is coming
+        that do not call send_outbox() (a stamped item: room's lock held).
+
+        When Redis takes less than we send, a private message is dropped (the
+        room's next event splits it: see takes()); the rest is small, and
+        queued all the same, behind what waits.
+        """
+        if item[0] == "publish" and self._outbox_full():
             self._note_console("Redis is too slow: the queue to it is full")
-            if item[0] == "claim":  # its asker waits (without the room's lock)
-                item[3].put(None)  # no answer: the room decides alone
-            elif item[0] == "muted":
-                item[1].put(None)
             return
         self._outbox.append(item)
         self._wake.set()
@@ -5838,8 +5846,7 @@ class RedisLink:
                         self._send_unheard_again()
                         self._report_missed()
                     next_beat = time.monotonic() + self.heartbeat_seconds
-                self._send_work()
-                self.send_outbox()  # what the room queued while we held the lock
+                self._send_work(next_beat)
             except (OSError, RedisError) as error:
                 # A dropped connection that comes back at once is no split:
                 # what was in flight is sent again (read twice, shown once).
@@ -5927,34 +5934,35 @@ class RedisLink:
         """Send what waits in the outbox to Redis, as far as the writer's
         socket takes it now; never wait. The writer reads the answers.
 
-        Called by the thread that queued a room event, once it has let go of
-        the room's lock (ChatRoom._send_queued()), as Client.flush() is: the
-        hop to Redis then waits for no other thread to wake. Whoever holds
-        _send_lock sends for everyone, and looks again after letting go.
+        The room calls it whenever it has let go of its lock with something
+        sent (ChatRoom._send_queued()), as it calls Client.flush(): the thread
+        that queued a room event sends it, and the hop to Redis waits for no
+        other thread to wake. Whoever holds _send_lock sends for everyone; at
+        most REDIS_IN_FLIGHT wait for their answers, the rest for the writer.
         """
-        while self._outbox and not self._stopping.is_set() and                 self._send_lock.acquire(blocking=False):
+        while self._outbox and not self._stopping.is_set():
+            if not self._send_lock.acquire(blocking=False):
+                return  # the holder sends it, or the writer after it
             try:
-                if self._redis is None:
-                    return  # reconnecting: the writer sends it once it has
-                if self._stood_still():
-                    self._wake.set()  # the writer splits first: see _check_not_paused()
-                    return
-                answers_waiting = bool(self._in_flight)
+                if self._redis is None or self._stood_still() or \
+                        len(self._in_flight) >= REDIS_IN_FLIGHT:
+                    return  # reconnecting, or a split to declare, or Redis is slow
                 self._queue_commands(self._outbox)
-                if not self._redis.send_now() or not answers_waiting:
-                    self._wake.set()  # to send the rest (Redis is slow), or read the answers
-                    return
+                if not self._redis.send_now():
+                    return  # the socket is full: the writer waits for it
             except OSError:
-                return  # the writer finds the connection broken, and sends it again
+                return  # the connection broke: the writer reconnects, and sends it again
             finally:
                 self._send_lock.release()
+                self._wake.set()  # the writer reads the answers (and sends the rest)
 
     def _queue_commands(self, items, most=REDIS_READ_EVENTS):
         """Queue on the writer's connection the commands for up to most of
         items (a deque, taken from the left) (_send_lock held).
 
         A private message to a server that has one held (unheard) waits
-        behind it: the teacher's /mute then /unmute must not swap places.
+        behind it, once the writer has read that one's answer: the teacher's
+        /mute then /unmute must not swap places.
         """
         held = {item[1] for item in self._unheard}
         for _ in range(most):
@@ -5969,16 +5977,19 @@ class RedisLink:
             self._redis.queue(commands)
             self._in_flight.append((item, commands))
 
-    def _send_work(self):
+    def _send_work(self, until):
         """The writer's turn: send what waits in the outbox (as it is now), in
-        pipelines, waiting if Redis is slow; read the answers."""
+        pipelines, waiting if Redis is slow, and read the answers; stop when
+        the heartbeat is due (at time.monotonic() until)."""
         for _ in range(max(1, -(-len(self._outbox) // REDIS_READ_EVENTS))):
             with self._send_lock:
                 self._queue_commands(self._outbox)
                 sent = self._finish_sending()  # and what send_outbox() could not
             self._read_answers(sent)  # students' threads may send meanwhile
-        if self._in_flight:
-            self._wake.set()  # what they sent: its answers are read next time round
+            if time.monotonic() >= until:
+                break
+        if self._in_flight or self._outbox:
+            self._wake.set()  # the rest next time round, after the heartbeat if due
 
     def _finish_sending(self):
         """Send all that is queued on the writer's connection, waiting if Redis is
@@ -5990,8 +6001,8 @@ class RedisLink:
     def _read_answers(self, count):
         """Read Redis's answers for the first count in _in_flight, and act on them.
 
-        Only the writer reads; without _send_lock held, the students'
-        threads go on sending meanwhile, and their answers come after.
+        Only the writer reads. Unless it holds _send_lock (for a heartbeat),
+        the students' threads go on sending meanwhile: their answers come after.
         """
         for _ in range(count):
             item, commands = self._in_flight[0]
@@ -6061,8 +6072,11 @@ class RedisLink:
             self._own_up([item[2]], "did not arrive: their server was not listening")
 
     def _send_unheard_again(self):
-        # Sent now, ahead of anything queued since, in the order they were sent.
-        unheard, self._unheard = self._unheard, []
+        """Queue the private messages no server heard again, ahead of all that
+        waits, in the order they were stamped (_send_lock held): a listener
+        drops one older than the last it acted on."""
+        unheard = sorted(self._unheard, key=lambda item: item[2]["n"])
+        self._unheard = []
         now = time.monotonic()
         late = [item[2] for item in unheard if item[3] <= now]  # held through a split
         self._own_up(late, "did not arrive: their server was not listening")
@@ -6312,8 +6326,9 @@ class RedisLink:
         return self.room._broadcast(lines, exclude, notice=notice)
 
     def _drain_work(self):
-        """Forget the work queued for Redis after a split (its events were
-        shown here already), and what was in flight when the connection broke."""
+        """Forget the work queued for Redis after a split: its events were
+        shown here already (and what was in flight when the writer's
+        connection broke is back in the outbox: _close_redis())."""
         dropped = []
         for _ in range(len(self._outbox)):  # (not what _forget() puts back)
             try:
@@ -6328,9 +6343,11 @@ class RedisLink:
         self._drain_work()
 
     def _forget(self, items):
-        """Work lost to a split: answer claims, keep mutes, own up to private messages.
+        """Work lost to a split: answer claims, keep mutes and releases, own up
+        to private messages.
 
-        A mute goes to Redis again after the relink. A whisper, /kick or
+        A mute, or the release of a key a refused claim set, goes to Redis
+        again after the relink. A whisper, /kick or
         /mute for another server may not have reached it: its sender is told
         (an answer to another server's /kick or /mute was noted here already).
         """
@@ -6342,7 +6359,7 @@ class RedisLink:
                 item[3].put(None)  # no answer: the room decides alone
             elif item[0] == "muted":
                 item[1].put(None)
-            elif item[0] == "mute":
+            elif item[0] in ("mute", "release"):
                 self._outbox.append(item)  # sent once the link is back
             elif item[0] == "publish":
                 lost.append(item[2])

@@ -25,6 +25,7 @@ from chat_server import RedisError, RedisProtocolError, RespParser, TeacherConso
 from conftest import (TIMEOUT, SERVER_SCRIPT, ChatClient, console_lines, expect_console,
                       find_tool, server_process, wait_until)
 from redis_helpers import LinkProxy, RedisServer, free_port, redis_env
+from websocket_client import ChatSocket
 
 # Timings short enough for tests; each is a RedisLink class attribute.
 FAST_LINK = {
@@ -689,6 +690,28 @@ def gate_the_reader(server):
     return parked, release
 
 
+@redis
+def test_a_browser_student_and_a_terminal_student_on_two_linked_servers_chat(linked, join):
+    """The page's WebSocket is one more kind of client: linked, it is one room too."""
+    a, b = linked(), linked()
+    bob = join(b, "bob")
+    alice = ChatSocket(*a.server_address[:2])
+    try:
+        alice.join("alice")
+        bob.expect_next("*** alice joined the chat.")
+        alice.send("hello from a browser")
+        bob.expect_next("alice says: hello from a browser")
+        bob.send("hi alice")
+        alice.expect("bob says: hi alice")
+        bob.send("/msg alice psst")
+        alice.expect_next("bob whispers: psst")
+        alice.send("/who")
+        alice.expect_next("*** Online now (2): alice, bob")
+    finally:
+        alice.shutdown()
+    bob.expect("*** alice left the chat.")
+
+
 def park_the_writer(server):
     """Park server's Redis writer thread as it next waits for work, until release
     is set. Return (parked, release)."""
@@ -811,7 +834,7 @@ def test_a_split_shows_a_held_whisper_between_the_lines_around_it(linked, join):
     alice, bob = join(a, "alice"), join(a, "bob")
     stalled = threading.Event()
 
-    def send_nothing():  # Redis gets nothing from here on
+    def send_nothing(until):  # Redis gets nothing from here on
         stalled.set()
         a._link._stopping.wait(0.05)
 
