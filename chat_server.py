@@ -5876,12 +5876,30 @@ class RedisLink:
         self._last_beat = time.monotonic(), time.time()
         if self._redis_restarted():
             self._restart_unsettled = True  # until all below is done
+            self._show_forgotten()
         if not self.linked:
             self._relink(self._restart_unsettled)
             self._last_beat = time.monotonic(), time.time()
         if self._restart_unsettled:
             self._put_back_room_state()
             self._restart_unsettled = False
+
+    def _show_forgotten(self):
+        """Redis started again: show here now our events it had taken (XADD
+        answered) but not yet given back through the stream. It forgot them:
+        shown only at a split, they would come after our later lines. (The
+        other servers never get them, as after a split.) _send_lock held."""
+        with self.room._lock:
+            queued = {item[1]["n"] for item in self._outbox if item[0] == "event"}
+            recipients = []
+            for sequence in sorted(self._pending):  # those answered come first
+                if sequence in queued:
+                    break
+                recipients += self._show_own(sequence)
+                self._last_seen[self.server_id] = sequence
+                if self._held:
+                    recipients += self._release_held()
+        self.room._send_queued(recipients)
 
     def _redis_restarted(self):
         """True if Redis started again since we last asked (writer's connection).

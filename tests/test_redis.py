@@ -2061,6 +2061,32 @@ def test_a_killed_and_restarted_redis_splits_then_rejoins_the_room(
     assert "alone in lab A" not in " ".join(bob.seen)
 
 
+@redis
+def test_a_line_redis_took_then_forgot_in_a_restart_is_shown_in_its_place(
+        linked, join, redis_server):
+    """Redis answered its XADD, then restarted empty before the stream gave it
+    back: the line is shown here before the sender's next one, not at a split."""
+    a, b = linked(), linked()
+    alice, amy = join(a, "alice"), join(a, "amy")
+    join(b, "bob")
+    amy.expect("*** bob joined the chat.")
+    parked, release = gate_the_reader(a)
+    try:
+        assert parked.wait(TIMEOUT), "the reader did not park"
+        alice.send("one")
+        wait_until(lambda: len(a._link._pending) == 1 and not a._link._outbox
+                   and not a._link._in_flight, message="one answered by Redis, not read back")
+        redis_server.restart()  # empty: the stream is gone, with "one" in it
+    finally:
+        release.set()
+    wait_until(lambda: a._link._redis is not None and a._link._run_id is not None
+               and not a._link._restart_unsettled, timeout=SPLIT_TIMEOUT,
+               message="the writer back on the new Redis")
+    alice.send("two")
+    amy.expect_next("alice says: one", timeout=SPLIT_TIMEOUT)
+    amy.expect_next("alice says: two")
+
+
 @pytest.fixture
 def three_rooms_one_held(linked, join, proxies, quick_split, redis_server):
     """(proxy, alice, bob, carol): alice on a, bob on b, carol on c, linked
