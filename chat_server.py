@@ -5656,21 +5656,17 @@ class RedisLink:
             self._answers_apart.append((student, event))
         if not self.linked:
             return
+        channel = self.url.room + ":to:" + student.server
         if event["k"] != "whisper":
-            self._queue_out(("publish", self.url.room + ":to:" + student.server,
-                             self._stamp(event)))
-            return
-        if self._outbox_full():  # dropped, as _queue_out() drops (see there)
-            self._note_console("Redis is too slow: the queue to it is full")
+            self._queue_out(("publish", channel, self._stamp(event)))
             return
         event = self._stamp(dict(event, after=self._last_event))
         # With a mark right after it in the stream, so that no later line of
         # its sender overtakes it. Sent by the caller: see send_outbox().
-        self._outbox.append(("publish", self.url.room + ":to:" + student.server, event))
-        self._outbox.append(("event", self._stamp(
-            {"k": "mark", "to": student.server, "m": event["n"]})))
-        self._whispers_sent[event["n"]] = time.monotonic(), event, student.server
-        forget_old(self._whispers_sent, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
+        if self._queue_out(("publish", channel, event), ("event", self._stamp(
+                {"k": "mark", "to": student.server, "m": event["n"]})), wake=False):
+            self._whispers_sent[event["n"]] = time.monotonic(), event, student.server
+            forget_old(self._whispers_sent, REDIS_MISSED_SECONDS, REDIS_MISSED_WHISPERS)
 
     def hold_private(self, lines, server=None, after=None, whisper=None):
         """Hold whisper lines until the room events sent before them are shown.
@@ -5786,19 +5782,20 @@ class RedisLink:
         self._mutes_stored.discard(key)  # until Redis answers the SADD (_answered())
         self._queue_out(("mute", key))
 
-    def _queue_out(self, item):
-        """Queue work for Redis, and wake the writer to send it: for callers
-        that do not call send_outbox() (a stamped item: room's lock held).
-
-        When Redis takes less than we send, a private message is dropped (the
-        room's next event splits it: see takes()); the rest is small, and
-        queued all the same, behind what waits.
+    def _queue_out(self, *items, wake=True):
+        """Queue work for Redis (stamped items: room's lock held), and wake the
+        writer to send it, unless the caller calls send_outbox(). False if
+        dropped: when Redis takes less than we send, a private message is
+        dropped (the room's next event splits it: see takes()); the rest is
+        small, and queued all the same, behind what waits.
         """
-        if item[0] == "publish" and self._outbox_full():
+        if items[0][0] == "publish" and self._outbox_full():
             self._note_console("Redis is too slow: the queue to it is full")
-            return
-        self._outbox.append(item)
-        self._wake.set()
+            return False
+        self._outbox.extend(items)
+        if wake:
+            self._wake.set()
+        return True
 
     def _outbox_full(self):
         """Is what waits for Redis's answer (in the outbox, or sent) too much?"""
