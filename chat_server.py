@@ -71,7 +71,9 @@ the core come below in the same order (ChatHandler, ChatRoom, Client):
      yet: the line goes through Redis first, and is queued when it comes
      back.)
   5. After the lock, _send_queued() calls each client's Client.flush(),
-     which sends what its socket takes at once (_send_what_fits()).
+     which sends what its socket takes at once (_send_what_fits()). (With
+     --redis, it first sends the line to Redis the same way:
+     RedisLink.send_outbox().)
   6. If bob's socket is full, the rest waits in his outbox; his writer thread
      (Client._run_writer(), started the first time his socket is full, or
      when he leaves with bytes still queued) sends it when there is room.
