@@ -5434,7 +5434,7 @@ class RedisLink:
         # back at its left only with _send_lock held) and _wake:
         self.linked = True  # False during a split
         self._next_sequence = 0
-        self._pending = {}  # sequence -> (lines, exclude, notice): sent, not yet read back
+        self._pending = {}  # sequence -> (lines, exclude, notice, event): sent, not yet back
         # Newcomers whose welcome counted our events up to a sequence (the
         # list of who is online has them): each is not told of those again.
         self._welcomed = {}  # client -> the last sequence stamped before it joined
@@ -5633,7 +5633,7 @@ class RedisLink:
         if event["k"] == "quiet":
             self._quiet_waiting = stamped["n"]  # see _split_locked()
         self._outbox.append(("event", stamped))  # sent by the caller: see send_outbox()
-        self._pending[stamped["n"]] = (lines, exclude, is_notice(event))
+        self._pending[stamped["n"]] = (lines, exclude, is_notice(event), stamped)
         self._last_event = stamped["n"]
         return True
 
@@ -5875,7 +5875,7 @@ class RedisLink:
         self._last_beat = time.monotonic(), time.time()
         if self._redis_restarted():
             self._restart_unsettled = True  # until all below is done
-            self._show_forgotten()
+            self._send_forgotten_again()
         if not self.linked:
             self._relink(self._restart_unsettled)
             self._last_beat = time.monotonic(), time.time()
@@ -5883,22 +5883,18 @@ class RedisLink:
             self._put_back_room_state()
             self._restart_unsettled = False
 
-    def _show_forgotten(self):
-        """Redis started again: show here now our events it had taken (XADD
-        answered) but not yet given back through the stream. It forgot them:
-        shown only at a split, they would come after our later lines. (The
-        other servers never get them, as after a split.) _send_lock held."""
+    def _send_forgotten_again(self):
+        """Redis started again: send again, ahead of all else, our events it
+        had taken (XADD answered) but not yet given back through the stream.
+        If it forgot them, they come back so, in their place, to every
+        server; if it kept them, each server skips the second copy. (Those
+        not answered yet are in the outbox already: _close_redis().)
+        _send_lock held."""
         with self.room._lock:
             queued = {item[1]["n"] for item in self._outbox if item[0] == "event"}
-            recipients = []
-            for sequence in sorted(self._pending):  # those answered come first
-                if sequence in queued:
-                    break
-                recipients += self._show_own(sequence)
-                self._last_seen[self.server_id] = sequence
-                if self._held:
-                    recipients += self._release_held()
-        self.room._send_queued(recipients)
+            taken = [self._pending[sequence][3] for sequence in sorted(self._pending)
+                     if sequence not in queued]
+            self._outbox.extendleft(reversed([("event", event) for event in taken]))
 
     def _redis_restarted(self):
         """True if Redis started again since we last asked (writer's connection).
@@ -6333,7 +6329,7 @@ class RedisLink:
         A newcomer who joined after it was sent is not told of a join, leave
         or rename again: the list of who is online it was given counted it.
         """
-        lines, exclude, notice = self._pending.pop(sequence)
+        lines, exclude, notice, _ = self._pending.pop(sequence)
         if not lines:
             return []
         if notice:
