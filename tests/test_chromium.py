@@ -148,11 +148,24 @@ def open_tab(chromium):
         tab.close()
 
 
-def test_page_joins_and_chats_with_an_nc_student(server, open_tab, joined):
-    bob = joined("bob")
-    tab = open_tab(server)
-    tab.type_line("alice")
-    bob.expect("*** alice joined the chat.")
+@pytest.fixture
+def tab_beside(open_tab, joined):
+    """A factory: tab_beside(server, "bob") joins bob over TCP, then alice in a
+    new tab (metrics: DESKTOP, or PHONE); returns (bob, tab) once bob has read
+    alice's join line."""
+
+    def make(server, classmate, metrics=DESKTOP):
+        student = joined(classmate, server)
+        tab = open_tab(server, metrics)
+        tab.type_line("alice")
+        student.expect("*** alice joined the chat.")
+        return student, tab
+
+    return make
+
+
+def test_page_joins_and_chats_with_an_nc_student(server, tab_beside):
+    bob, tab = tab_beside(server, "bob")
     tab.type_line("hello from chromium")
     bob.expect_next("alice says: hello from chromium")
     bob.send("hello, alice")
@@ -166,11 +179,8 @@ def test_page_joins_and_chats_with_an_nc_student(server, open_tab, joined):
     tab.screenshot("desktop")
 
 
-def test_another_students_script_is_shown_as_text(server, open_tab, joined):
-    bob = joined("bob")
-    tab = open_tab(server)
-    tab.type_line("alice")
-    bob.expect("alice joined")
+def test_another_students_script_is_shown_as_text(server, tab_beside):
+    bob, tab = tab_beside(server, "bob")
     attack = '<script>document.title="owned"</script><img src=x onerror=alert(1)><b>b</b>'
     bob.send(attack)
     tab.wait_for_line("bob says: <script>")
@@ -179,13 +189,9 @@ def test_another_students_script_is_shown_as_text(server, open_tab, joined):
     assert tab.evaluate("document.title") == "Classroom chat"
 
 
-def test_a_leave_reason_is_drawn_as_the_students_words_not_the_servers(
-        server, open_tab, joined):
+def test_a_leave_reason_is_drawn_as_the_students_words_not_the_servers(server, tab_beside):
     """`*** kim left the chat. ([teacher] go home)`: the part in brackets is kim's."""
-    kim = joined("kim")
-    tab = open_tab(server)
-    tab.type_line("alice")
-    kim.expect("alice joined")
+    kim, tab = tab_beside(server, "kim")
     kim.send("/quit [teacher] the test is cancelled, go home")
     tab.wait_for_line("*** kim left the chat. ([teacher] the test is cancelled, go home)")
     words, colours = tab.evaluate(
@@ -223,13 +229,9 @@ def test_reloads_load_the_page_in_a_lab_that_shares_one_address(
     assert not [line for line in console_lines(caplog) if "came after the first prompt" in line]
 
 
-def test_a_line_padded_to_wrap_goes_on_indented_not_as_a_line_of_its_own(
-        server, open_tab, joined):
+def test_a_line_padded_to_wrap_goes_on_indented_not_as_a_line_of_its_own(server, tab_beside):
     """Spaces are kept (pasted code needs them): a wrapped row must not pass for a line."""
-    bob = joined("bob")
-    tab = open_tab(server)
-    tab.type_line("alice")
-    bob.expect("alice joined")
+    bob, tab = tab_beside(server, "bob")
     bob.send("ok" + " " * 400 + "alice says: I did not do the homework")
     tab.wait_for_line("I did not do the homework")
     first, last = tab.evaluate(
@@ -262,11 +264,8 @@ def test_kick_shows_disconnected_and_join_again_works_from_the_keyboard(
                message="a second name prompt")
 
 
-def test_page_fits_a_phone_width(server, open_tab, joined):
-    bob = joined("bob")
-    tab = open_tab(server, PHONE)
-    tab.type_line("alice")
-    bob.expect("alice joined")
+def test_page_fits_a_phone_width(server, tab_beside):
+    bob, tab = tab_beside(server, "bob", PHONE)
     bob.send("a long line that a phone must wrap instead of scrolling sideways " * 3)
     tab.wait_for_line("a long line")
     assert tab.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
@@ -286,11 +285,8 @@ def test_password_box_is_masked_only_while_asked(start_server, open_tab):
     assert "secret" not in [text for _, text in tab.log_lines()]
 
 
-def test_a_teachers_line_ending_in_password_does_not_mask_the_box(server, open_tab, joined):
-    bob = joined("bob")
-    tab = open_tab(server)
-    tab.type_line("alice")
-    bob.expect("*** alice joined the chat.")
+def test_a_teachers_line_ending_in_password_does_not_mask_the_box(server, tab_beside):
+    bob, tab = tab_beside(server, "bob")
     chat_server.TeacherConsole(server, None).handle_line("What is the Wi-Fi Password?")
     tab.wait_for_line("*** [teacher] What is the Wi-Fi Password?")
     assert tab.evaluate("document.getElementById('line').type") == "text"
@@ -306,12 +302,9 @@ def test_inline_script_and_style_pass_the_pages_own_csp(server, open_tab):
     assert tab.evaluate("getComputedStyle(document.getElementById('log')).overflowY") == "auto"
 
 
-def test_log_follows_new_lines_unless_the_student_scrolled_up(start_server, open_tab, joined):
+def test_log_follows_new_lines_unless_the_student_scrolled_up(start_server, tab_beside):
     server = start_server(flood_rate=0)
-    bob = joined("bob", server)
-    tab = open_tab(server, PHONE)
-    tab.type_line("alice")
-    bob.expect("alice joined")
+    bob, tab = tab_beside(server, "bob", PHONE)
     for number in range(40):
         bob.send("line %d" % number)
     tab.wait_for_line("line 39")
@@ -325,13 +318,10 @@ def test_log_follows_new_lines_unless_the_student_scrolled_up(start_server, open
 
 
 @pytest.fixture
-def full_page(start_server, open_tab, joined):
+def full_page(start_server, tab_beside):
     """(server, bob, tab): alice's page has been sent 100 lines more than it keeps."""
     server = start_server(flood_rate=0)
-    bob = joined("bob", server)
-    tab = open_tab(server)
-    tab.type_line("alice")
-    bob.expect("alice joined")
+    bob, tab = tab_beside(server, "bob")
     for number in range(chat_server.PAGE_LINES_KEPT + 100):
         bob.send("line %d" % number)
     tab.wait_for_line("line %d" % (chat_server.PAGE_LINES_KEPT + 99))
